@@ -413,9 +413,8 @@ impl<V: Copy + Eq + Hash> Node<V> {
     fn visit_prefixes(&self, o: u8, f: &mut impl FnMut(V)) {
         let a = &ANCESTORS[usize::from(o)];
         let mut before = 0usize;
-        for w in 0..4 {
-            let p = self.prefixes[w];
-            let mut hits = p & a[w];
+        for (&p, &ancestors) in self.prefixes.iter().zip(a) {
+            let mut hits = p & ancestors;
             while hits != 0 {
                 let bit = hits.trailing_zeros();
                 let at = before + (p & ((1u64 << bit) - 1)).count_ones() as usize;

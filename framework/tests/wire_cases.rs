@@ -99,6 +99,11 @@ fn golden_publish_bytes() {
         wire::decode(GOLDEN_PUBLISH).unwrap(),
         Some((golden_publish(), GOLDEN_PUBLISH.len()))
     );
+    // The answer shown in the doc's worked example.
+    assert_eq!(
+        wire::encode_to_vec(&Frame::Ack { seq: 1 }).unwrap(),
+        [0, 0, 0, 0x0c, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 1]
+    );
 }
 
 #[test]

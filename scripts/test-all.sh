@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every check Canopy has, in the order a failure is cheapest to see. CI runs exactly this
+# (through .ci/run); so does the README.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "lint (clippy, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "unit, property, integration and doc tests"
+cargo test --workspace --locked
+
+step "benchmarks run end to end (smoke: small sizes, one iteration each)"
+CANOPY_BENCH_SIZES=1000 cargo bench -p canopy-benches --locked --bench name_matching -- --test
+cargo run -q --release --locked -p canopy-benches --bin match-memory -- 1000
+
+step "fuzz target builds"
+(cd framework/fuzz && cargo check --locked -q)
+
+step "demo runs"
+cargo run -q --release --locked -p canopy-examples --example tour > /dev/null
+
+printf '\nall checks passed\n'
