@@ -257,6 +257,19 @@ enum Next<'a, V> {
     Done,
 }
 
+impl<V: Copy + Eq + Hash> Next<'_, V> {
+    /// Reads a word of the next node or leaf so that its cache lines start loading; the
+    /// result only feeds `black_box`.
+    #[inline(always)]
+    fn touch(&self) -> u64 {
+        match self {
+            Next::Node(node) => node.touch(),
+            Next::Leaf(leaf) => leaf.lo,
+            Next::Done => 0,
+        }
+    }
+}
+
 /// Inserts `x` at `i` in an exactly-sized boxed slice (no spare capacity is ever kept).
 fn slice_insert<T>(slice: &mut Box<[T]>, i: usize, x: T) {
     let mut v = std::mem::take(slice).into_vec();
@@ -427,10 +440,23 @@ impl<V: Copy + Eq + Hash> Node<V> {
 
     /// One lookup step: visits the covering filters that end in this node and says where the
     /// name goes next.
+    ///
+    /// The next node or leaf is located and touched *before* the values here are visited, so
+    /// its cache miss — the one that matters at scale — overlaps with that work instead of
+    /// following it.
     #[inline(always)]
     fn step(&self, name: u128, depth: u32, f: &mut impl FnMut(V)) -> Next<'_, V> {
         let o = octet(name, depth);
+        let next = self.next(o);
+        let warm = next.touch();
         self.visit_prefixes(o, f);
+        std::hint::black_box(warm);
+        next
+    }
+
+    /// Where octet `o` leads from this node.
+    #[inline(always)]
+    fn next(&self, o: u8) -> Next<'_, V> {
         if bit_test(&self.node_bits, o) {
             Next::Node(&self.nodes[rank(&self.node_bits, o)])
         } else if bit_test(&self.leaf_bits, o) {
@@ -620,18 +646,19 @@ impl<V: Copy + Eq + Hash> SubscriptionTable<V> {
             while active > 0 {
                 let mut touched = 0u64;
                 for lane in &lanes[..chunk.len()] {
-                    touched ^= match lane {
-                        Next::Node(node) => node.touch(),
-                        Next::Leaf(leaf) => leaf.lo,
-                        Next::Done => 0,
-                    };
+                    touched ^= lane.touch();
                 }
                 std::hint::black_box(touched);
                 active = 0;
                 for (i, lane) in lanes[..chunk.len()].iter_mut().enumerate() {
                     let mut visit = |v| f(offset + i, v);
                     *lane = match *lane {
-                        Next::Node(node) => node.step(keys[i], depth, &mut visit),
+                        // The touch round already started this level's loads.
+                        Next::Node(node) => {
+                            let o = octet(keys[i], depth);
+                            node.visit_prefixes(o, &mut visit);
+                            node.next(o)
+                        }
                         Next::Leaf(leaf) => {
                             if leaf.matches(keys[i]) {
                                 leaf.entry.for_each(&mut visit);
