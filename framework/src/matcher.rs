@@ -234,19 +234,136 @@ impl<V> Leaf<V> {
     }
 }
 
-/// One level of the trie, deciding 8 bits. Child nodes are stored inline in their parent's
-/// `nodes` array, so the bitmaps of the next level arrive with the same memory access that
-/// finds them.
-struct Node<V> {
-    /// Filters ending in this node, by complete-binary-tree index (see the module docs).
-    prefixes: Bits,
-    /// Next octets holding a single leaf.
-    leaf_bits: Bits,
-    /// Next octets leading to a child node. Disjoint from `leaf_bits`.
-    node_bits: Bits,
+/// Most nodes below the hot upper levels have a handful of children; up to this many octets of
+/// each kind are kept as a sorted list inside the node instead of a 256-bit bitmap.
+const SPARSE: usize = 14;
+
+/// A set of next octets, with the rank of each member (how many smaller members there are),
+/// which is its position in the node's array.
+///
+/// Sparse sets live inline in the node, so that a node is one 64-byte cache line; dense sets
+/// (from [`SPARSE`] + 1 members) are a boxed bitmap.
+enum OctetSet {
+    Sparse { len: u8, octets: [u8; SPARSE] },
+    Dense(Box<Bits>),
+}
+
+impl OctetSet {
+    const EMPTY: OctetSet = OctetSet::Sparse { len: 0, octets: [0; SPARSE] };
+
+    /// The rank of `o` if it is a member.
+    #[inline(always)]
+    fn find(&self, o: u8) -> Option<usize> {
+        match self {
+            OctetSet::Sparse { len, octets } => octets[..usize::from(*len)].iter().position(|x| *x == o),
+            OctetSet::Dense(bits) => bit_test(bits, o).then(|| rank(bits, o)),
+        }
+    }
+
+    /// How many members are smaller than `o`.
+    fn rank(&self, o: u8) -> usize {
+        match self {
+            OctetSet::Sparse { len, octets } => octets[..usize::from(*len)].iter().filter(|x| **x < o).count(),
+            OctetSet::Dense(bits) => rank(bits, o),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            OctetSet::Sparse { len, .. } => usize::from(*len),
+            OctetSet::Dense(bits) => bits.iter().map(|w| w.count_ones() as usize).sum(),
+        }
+    }
+
+    /// Adds `o` (not yet a member) and returns its rank.
+    fn insert(&mut self, o: u8) -> usize {
+        let at = self.rank(o);
+        match self {
+            OctetSet::Sparse { len, octets } if usize::from(*len) < SPARSE => {
+                let n = usize::from(*len);
+                octets.copy_within(at..n, at + 1);
+                octets[at] = o;
+                *len += 1;
+            }
+            OctetSet::Sparse { len, octets } => {
+                let mut bits = [0u64; 4];
+                for x in &octets[..usize::from(*len)] {
+                    bit_set(&mut bits, *x);
+                }
+                bit_set(&mut bits, o);
+                *self = OctetSet::Dense(Box::new(bits));
+            }
+            OctetSet::Dense(bits) => bit_set(bits, o),
+        }
+        at
+    }
+
+    /// Removes `o` (a member) at rank `at`.
+    fn remove(&mut self, o: u8, at: usize) {
+        match self {
+            OctetSet::Sparse { len, octets } => {
+                let n = usize::from(*len);
+                octets.copy_within(at + 1..n, at);
+                *len -= 1;
+            }
+            OctetSet::Dense(bits) => {
+                bit_clear(bits, o);
+                // Back to the inline form once well below the threshold (hysteresis avoids
+                // flapping at the boundary).
+                if self.len() <= SPARSE / 2 {
+                    *self = OctetSet::from_iter(self.iter());
+                }
+            }
+        }
+    }
+
+    /// Members in increasing order.
+    fn iter(&self) -> impl Iterator<Item = u8> + '_ {
+        let (sparse, dense) = match self {
+            OctetSet::Sparse { len, octets } => (&octets[..usize::from(*len)], None),
+            OctetSet::Dense(bits) => (&[][..], Some(bits)),
+        };
+        sparse
+            .iter()
+            .copied()
+            .chain(dense.into_iter().flat_map(|bits| (0u8..=255).filter(|o| bit_test(bits, *o))))
+    }
+
+    fn from_iter(members: impl Iterator<Item = u8>) -> Self {
+        let mut set = OctetSet::EMPTY;
+        for o in members {
+            set.insert(o);
+        }
+        set
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            OctetSet::Sparse { .. } => 0,
+            OctetSet::Dense(_) => std::mem::size_of::<Bits>(),
+        }
+    }
+}
+
+/// Filters ending in a node: the complete-binary-tree bitmap (see the module docs) and their
+/// entries, in bitmap order. Boxed, because most nodes below the upper levels have none.
+struct Prefixes<V> {
+    bits: Bits,
     items: Box<[Entry<V>]>,
-    leaves: Box<[Leaf<V>]>,
-    nodes: Box<[Node<V>]>,
+}
+
+/// One level of the trie, deciding 8 bits: exactly one cache line.
+///
+/// Child nodes are stored inline in their parent's `nodes` array, so a lookup reads one line
+/// per level, and with sparse child sets the line holds everything needed to find the next
+/// node or leaf.
+#[repr(align(64))]
+struct Node<V> {
+    prefixes: Option<Box<Prefixes<V>>>,
+    leaf_set: OctetSet,
+    node_set: OctetSet,
+    leaves: ThinVec<Leaf<V>>,
+    nodes: ThinVec<Node<V>>,
 }
 
 /// Where a lookup goes after a node.
@@ -258,19 +375,32 @@ enum Next<'a, V> {
 }
 
 impl<V: Copy + Eq + Hash> Next<'_, V> {
-    /// Reads a word of the next node or leaf so that its cache lines start loading; the
+    /// Reads a word of the next node or leaf so that its cache line starts loading; the
     /// result only feeds `black_box`.
     #[inline(always)]
     fn touch(&self) -> u64 {
         match self {
-            Next::Node(node) => node.touch(),
+            // The header line, and behind it the prefix bitmap when the node has one.
+            Next::Node(node) => node.prefixes.as_ref().map_or(1, |p| p.bits[0]),
             Next::Leaf(leaf) => leaf.lo,
             Next::Done => 0,
         }
     }
 }
 
-/// Inserts `x` at `i` in an exactly-sized boxed slice (no spare capacity is ever kept).
+/// Inserts `x` at `i`, keeping the capacity exact.
+fn vec_insert<T>(v: &mut ThinVec<T>, i: usize, x: T) {
+    v.reserve_exact(1);
+    v.insert(i, x);
+}
+
+/// Removes the element at `i`, keeping the capacity exact.
+fn vec_remove<T>(v: &mut ThinVec<T>, i: usize) -> T {
+    let x = v.remove(i);
+    v.shrink_to_fit();
+    x
+}
+
 fn slice_insert<T>(slice: &mut Box<[T]>, i: usize, x: T) {
     let mut v = std::mem::take(slice).into_vec();
     v.reserve_exact(1);
@@ -285,6 +415,10 @@ fn slice_remove<T>(slice: &mut Box<[T]>, i: usize) -> T {
     x
 }
 
+fn thin_heap_bytes<T>(v: &ThinVec<T>) -> usize {
+    if v.capacity() == 0 { 0 } else { 16 + v.capacity() * std::mem::size_of::<T>() }
+}
+
 /// The bits of in-node prefix `idx` placed at depth `depth` of a key.
 fn prefix_bits(idx: u8, depth: u32) -> u128 {
     let r = 7 - idx.leading_zeros();
@@ -295,17 +429,16 @@ fn prefix_bits(idx: u8, depth: u32) -> u128 {
 impl<V: Copy + Eq + Hash> Node<V> {
     fn empty() -> Self {
         Node {
-            prefixes: [0; 4],
-            leaf_bits: [0; 4],
-            node_bits: [0; 4],
-            items: Box::default(),
-            leaves: Box::default(),
-            nodes: Box::default(),
+            prefixes: None,
+            leaf_set: OctetSet::EMPTY,
+            node_set: OctetSet::EMPTY,
+            leaves: ThinVec::new(),
+            nodes: ThinVec::new(),
         }
     }
 
     fn entries(&self) -> usize {
-        self.items.len() + self.leaves.len() + self.nodes.len()
+        self.prefixes.as_ref().map_or(0, |p| p.items.len()) + self.leaves.len() + self.nodes.len()
     }
 
     /// Places a filter's entry in the subtree of this node at `depth`. Returns true if anything
@@ -316,24 +449,25 @@ impl<V: Copy + Eq + Hash> Node<V> {
         let o = octet(key, depth);
         if len < base + 8 {
             let idx = prefix_index(o, len - base);
-            let at = rank(&self.prefixes, idx);
-            if bit_test(&self.prefixes, idx) {
-                return self.items[at].merge(key, entry, big);
+            let prefixes = self
+                .prefixes
+                .get_or_insert_with(|| Box::new(Prefixes { bits: [0; 4], items: Box::default() }));
+            let at = rank(&prefixes.bits, idx);
+            if bit_test(&prefixes.bits, idx) {
+                return prefixes.items[at].merge(key, entry, big);
             }
-            bit_set(&mut self.prefixes, idx);
-            slice_insert(&mut self.items, at, entry);
+            bit_set(&mut prefixes.bits, idx);
+            slice_insert(&mut prefixes.items, at, entry);
             return true;
         }
-        if bit_test(&self.node_bits, o) {
-            let at = rank(&self.node_bits, o);
+        if let Some(at) = self.node_set.find(o) {
             return self.nodes[at].insert(depth + 1, key, entry, big);
         }
-        let at = rank(&self.leaf_bits, o);
-        if !bit_test(&self.leaf_bits, o) {
-            bit_set(&mut self.leaf_bits, o);
-            slice_insert(&mut self.leaves, at, Leaf::new(key, entry));
+        let Some(at) = self.leaf_set.find(o) else {
+            let at = self.leaf_set.insert(o);
+            vec_insert(&mut self.leaves, at, Leaf::new(key, entry));
             return true;
-        }
+        };
         let leaf = &mut self.leaves[at];
         if u32::from(leaf.entry.len) == len && leaf.key() == key {
             return leaf.entry.merge(key, entry, big);
@@ -342,13 +476,13 @@ impl<V: Copy + Eq + Hash> Node<V> {
         // 128-bit filters reach depth 15's children, and two of those sharing a slot are the
         // same filter, so depth never exceeds 15.
         debug_assert!(depth < 15);
-        let old = slice_remove(&mut self.leaves, at);
-        bit_clear(&mut self.leaf_bits, o);
+        let old = vec_remove(&mut self.leaves, at);
+        self.leaf_set.remove(o, at);
         let mut node = Node::empty();
         node.insert(depth + 1, old.key(), old.entry, big);
         let added = node.insert(depth + 1, key, entry, big);
-        bit_set(&mut self.node_bits, o);
-        slice_insert(&mut self.nodes, rank(&self.node_bits, o), node);
+        let at = self.node_set.insert(o);
+        vec_insert(&mut self.nodes, at, node);
         added
     }
 
@@ -358,22 +492,25 @@ impl<V: Copy + Eq + Hash> Node<V> {
         let o = octet(key, depth);
         if u32::from(len) < base + 8 {
             let idx = prefix_index(o, u32::from(len) - base);
-            if !bit_test(&self.prefixes, idx) {
+            let Some(prefixes) = &mut self.prefixes else { return false };
+            if !bit_test(&prefixes.bits, idx) {
                 return false;
             }
-            let at = rank(&self.prefixes, idx);
-            return match self.items[at].remove(key, v, big) {
+            let at = rank(&prefixes.bits, idx);
+            return match prefixes.items[at].remove(key, v, big) {
                 Removal::Absent => false,
                 Removal::Removed => true,
                 Removal::Emptied => {
-                    bit_clear(&mut self.prefixes, idx);
-                    slice_remove(&mut self.items, at);
+                    bit_clear(&mut prefixes.bits, idx);
+                    slice_remove(&mut prefixes.items, at);
+                    if prefixes.items.is_empty() {
+                        self.prefixes = None;
+                    }
                     true
                 }
             };
         }
-        if bit_test(&self.leaf_bits, o) {
-            let at = rank(&self.leaf_bits, o);
+        if let Some(at) = self.leaf_set.find(o) {
             let leaf = &mut self.leaves[at];
             if leaf.entry.len != len || leaf.key() != key {
                 return false;
@@ -382,16 +519,13 @@ impl<V: Copy + Eq + Hash> Node<V> {
                 Removal::Absent => false,
                 Removal::Removed => true,
                 Removal::Emptied => {
-                    bit_clear(&mut self.leaf_bits, o);
-                    slice_remove(&mut self.leaves, at);
+                    self.leaf_set.remove(o, at);
+                    vec_remove(&mut self.leaves, at);
                     true
                 }
             };
         }
-        if !bit_test(&self.node_bits, o) {
-            return false;
-        }
-        let at = rank(&self.node_bits, o);
+        let Some(at) = self.node_set.find(o) else { return false };
         let removed = self.nodes[at].remove(depth + 1, key, len, v, big);
         if removed {
             self.compact_child(depth, key, o, at);
@@ -405,36 +539,57 @@ impl<V: Copy + Eq + Hash> Node<V> {
         let node = &mut self.nodes[at];
         let lone = match node.entries() {
             0 => None,
-            1 if node.leaves.len() == 1 => Some(slice_remove(&mut node.leaves, 0)),
-            1 if node.items.len() == 1 => {
-                let idx = (1u8..=255).find(|i| bit_test(&node.prefixes, *i)).expect("one prefix");
-                let child_base = 8 * (depth + 1);
-                let key = (key & mask(child_base)) | prefix_bits(idx, depth + 1);
-                Some(Leaf::new(key, slice_remove(&mut node.items, 0)))
-            }
+            1 if node.leaves.len() == 1 => Some(vec_remove(&mut node.leaves, 0)),
+            1 => match node.prefixes.take() {
+                Some(prefixes) if prefixes.items.len() == 1 => {
+                    let idx = (1u8..=255).find(|i| bit_test(&prefixes.bits, *i)).expect("one prefix");
+                    let child_base = 8 * (depth + 1);
+                    let key = (key & mask(child_base)) | prefix_bits(idx, depth + 1);
+                    let entry = prefixes.items.into_vec().pop().expect("one item");
+                    Some(Leaf::new(key, entry))
+                }
+                other => {
+                    node.prefixes = other;
+                    return;
+                }
+            },
             _ => return,
         };
-        slice_remove(&mut self.nodes, at);
-        bit_clear(&mut self.node_bits, o);
+        vec_remove(&mut self.nodes, at);
+        self.node_set.remove(o, at);
         if let Some(leaf) = lone {
-            bit_set(&mut self.leaf_bits, o);
-            slice_insert(&mut self.leaves, rank(&self.leaf_bits, o), leaf);
+            let at = self.leaf_set.insert(o);
+            vec_insert(&mut self.leaves, at, leaf);
         }
     }
 
+    /// Visits the values of every filter in this node that covers octet `o`.
+    ///
+    /// Two passes: the first finds the (at most 8) covering entries and touches their value
+    /// lists, so the loads of all of them are in flight together; the second visits.
     #[inline(always)]
     fn visit_prefixes(&self, o: u8, f: &mut impl FnMut(V)) {
+        let Some(prefixes) = &self.prefixes else { return };
         let a = &ANCESTORS[usize::from(o)];
+        let mut found = [0usize; 8];
+        let mut n = 0;
+        let mut warm = 0usize;
         let mut before = 0usize;
-        for (&p, &ancestors) in self.prefixes.iter().zip(a) {
+        for (&p, &ancestors) in prefixes.bits.iter().zip(a) {
             let mut hits = p & ancestors;
             while hits != 0 {
                 let bit = hits.trailing_zeros();
                 let at = before + (p & ((1u64 << bit) - 1)).count_ones() as usize;
-                self.items[at].for_each(f);
+                warm ^= prefixes.items[at].more.len();
+                found[n] = at;
+                n += 1;
                 hits &= hits - 1;
             }
             before += p.count_ones() as usize;
+        }
+        std::hint::black_box(warm);
+        for at in &found[..n] {
+            prefixes.items[*at].for_each(f);
         }
     }
 
@@ -457,19 +612,13 @@ impl<V: Copy + Eq + Hash> Node<V> {
     /// Where octet `o` leads from this node.
     #[inline(always)]
     fn next(&self, o: u8) -> Next<'_, V> {
-        if bit_test(&self.node_bits, o) {
-            Next::Node(&self.nodes[rank(&self.node_bits, o)])
-        } else if bit_test(&self.leaf_bits, o) {
-            Next::Leaf(&self.leaves[rank(&self.leaf_bits, o)])
+        if let Some(at) = self.node_set.find(o) {
+            Next::Node(&self.nodes[at])
+        } else if let Some(at) = self.leaf_set.find(o) {
+            Next::Leaf(&self.leaves[at])
         } else {
             Next::Done
         }
-    }
-
-    /// Reads a few words spread over the node's header so its cache lines start loading.
-    #[inline(always)]
-    fn touch(&self) -> u64 {
-        self.prefixes[0] ^ self.leaf_bits[0] ^ self.node_bits[3] ^ self.leaves.len() as u64
     }
 
     /// The entry stored for exactly this filter, if any.
@@ -478,42 +627,46 @@ impl<V: Copy + Eq + Hash> Node<V> {
         let o = octet(key, depth);
         if u32::from(len) < base + 8 {
             let idx = prefix_index(o, u32::from(len) - base);
-            return bit_test(&self.prefixes, idx).then(|| &self.items[rank(&self.prefixes, idx)]);
+            let prefixes = self.prefixes.as_ref()?;
+            return bit_test(&prefixes.bits, idx).then(|| &prefixes.items[rank(&prefixes.bits, idx)]);
         }
-        if bit_test(&self.node_bits, o) {
-            return self.nodes[rank(&self.node_bits, o)].find(depth + 1, key, len);
+        if let Some(at) = self.node_set.find(o) {
+            return self.nodes[at].find(depth + 1, key, len);
         }
-        if !bit_test(&self.leaf_bits, o) {
-            return None;
-        }
-        let leaf = &self.leaves[rank(&self.leaf_bits, o)];
+        let leaf = &self.leaves[self.leaf_set.find(o)?];
         (leaf.entry.len == len && leaf.key() == key).then_some(&leaf.entry)
     }
 
     fn heap_bytes(&self) -> usize {
-        std::mem::size_of_val::<[Entry<V>]>(&self.items)
-            + std::mem::size_of_val::<[Leaf<V>]>(&self.leaves)
-            + std::mem::size_of_val::<[Node<V>]>(&self.nodes)
-            + self.items.iter().map(Entry::heap_bytes).sum::<usize>()
+        let prefixes = self.prefixes.as_ref().map_or(0, |p| {
+            std::mem::size_of::<Prefixes<V>>()
+                + std::mem::size_of_val::<[Entry<V>]>(&p.items)
+                + p.items.iter().map(Entry::heap_bytes).sum::<usize>()
+        });
+        prefixes
+            + self.leaf_set.heap_bytes()
+            + self.node_set.heap_bytes()
+            + thin_heap_bytes(&self.leaves)
+            + thin_heap_bytes(&self.nodes)
             + self.leaves.iter().map(|l| l.entry.heap_bytes()).sum::<usize>()
             + self.nodes.iter().map(Node::heap_bytes).sum::<usize>()
     }
 
     fn for_each_entry(&self, depth: u32, path: u128, f: &mut impl FnMut(Filter, V)) {
         let filter = |key: u128, len: u8| Filter::new(Name::new(key), len).expect("len <= 128");
-        let mut items = self.items.iter();
-        for idx in (1u8..=255).filter(|i| bit_test(&self.prefixes, *i)) {
-            let entry = items.next().expect("one item per prefix bit");
-            let filter = filter(path | prefix_bits(idx, depth), entry.len);
-            entry.for_each(&mut |v| f(filter, v));
+        if let Some(prefixes) = &self.prefixes {
+            let mut items = prefixes.items.iter();
+            for idx in (1u8..=255).filter(|i| bit_test(&prefixes.bits, *i)) {
+                let entry = items.next().expect("one item per prefix bit");
+                let filter = filter(path | prefix_bits(idx, depth), entry.len);
+                entry.for_each(&mut |v| f(filter, v));
+            }
         }
         for leaf in self.leaves.iter() {
             let filter = filter(leaf.key(), leaf.entry.len);
             leaf.entry.for_each(&mut |v| f(filter, v));
         }
-        let mut nodes = self.nodes.iter();
-        for o in (0u8..=255).filter(|o| bit_test(&self.node_bits, *o)) {
-            let node = nodes.next().expect("one node per node bit");
+        for (o, node) in self.node_set.iter().zip(self.nodes.iter()) {
             node.for_each_entry(depth + 1, path | (u128::from(o) << (120 - 8 * depth)), f);
         }
     }
@@ -730,7 +883,8 @@ mod tests {
     fn layout_stays_small() {
         assert_eq!(std::mem::size_of::<Leaf<u32>>(), 32);
         assert_eq!(std::mem::size_of::<Entry<u32>>(), 16);
-        assert_eq!(std::mem::size_of::<Node<u32>>(), 144);
+        assert_eq!(std::mem::size_of::<Node<u32>>(), 64);
+        assert_eq!(std::mem::size_of::<OctetSet>(), 16);
     }
 
     #[test]
@@ -768,9 +922,46 @@ mod tests {
         // After the removals, the lone survivor collapses back into one leaf under the root.
         assert_eq!(t.root.leaves.len(), 1);
         assert!(t.root.nodes.is_empty());
+        assert_eq!(t.root.node_set.len(), 0);
         assert!(t.remove(b, 2));
         assert!(t.is_empty());
         assert_eq!(t.root.entries(), 0);
+    }
+
+    #[test]
+    fn child_sets_grow_dense_and_shrink_back() {
+        let mut t = SubscriptionTable::new();
+        let base = 0x4242_0000_0000_0000_0000_0000_0000_0000u128;
+        // 256 /24 filters under one /16: the node at depth 2 sees every octet as a leaf, and
+        // 64-bit filters below some of them make child nodes too.
+        for o in 0..=255u128 {
+            t.insert(Filter::new(Name::new(base | (o << 104)), 24).unwrap(), o as u32);
+            if o % 3 == 0 {
+                let deep = base | (o << 104) | (0xab << 96);
+                t.insert(Filter::new(Name::new(deep), 64).unwrap(), 1000 + o as u32);
+            }
+        }
+        for o in 0..=255u128 {
+            let want: Vec<u32> = if o % 3 == 0 { vec![o as u32, 1000 + o as u32] } else { vec![o as u32] };
+            assert_eq!(matches(&t, base | (o << 104) | (0xab << 96) | 5), want, "octet {o}");
+        }
+        // Remove most of them again: sets go back to the inline form and results stay right.
+        for o in 0..=250u128 {
+            assert!(t.remove(Filter::new(Name::new(base | (o << 104)), 24).unwrap(), o as u32));
+        }
+        for o in 0..=255u128 {
+            let mut want = Vec::new();
+            if o > 250 {
+                want.push(o as u32);
+            }
+            if o % 3 == 0 {
+                want.push(1000 + o as u32);
+            }
+            assert_eq!(matches(&t, base | (o << 104) | (0xab << 96) | 5), want, "octet {o}");
+        }
+        let mut listed = 0;
+        t.for_each(|_, _| listed += 1);
+        assert_eq!(listed, t.len());
     }
 
     #[test]
