@@ -349,7 +349,7 @@ impl OctetSet {
 /// entries, in bitmap order. Boxed, because most nodes below the upper levels have none.
 struct Prefixes<V> {
     bits: Bits,
-    items: Box<[Entry<V>]>,
+    items: ThinVec<Entry<V>>,
 }
 
 /// One level of the trie, deciding 8 bits: exactly one cache line.
@@ -388,30 +388,21 @@ impl<V: Copy + Eq + Hash> Next<'_, V> {
     }
 }
 
-/// Inserts `x` at `i`, keeping the capacity exact.
+/// Inserts `x` at `i`. Arrays grow by a quarter at a time: little slack, and far fewer
+/// reallocations than exact sizing (whose freed blocks fragment the heap).
 fn vec_insert<T>(v: &mut ThinVec<T>, i: usize, x: T) {
-    v.reserve_exact(1);
+    if v.len() == v.capacity() {
+        v.reserve_exact(1 + v.len() / 4);
+    }
     v.insert(i, x);
 }
 
-/// Removes the element at `i`, keeping the capacity exact.
+/// Removes the element at `i`, giving memory back once the array is half empty.
 fn vec_remove<T>(v: &mut ThinVec<T>, i: usize) -> T {
     let x = v.remove(i);
-    v.shrink_to_fit();
-    x
-}
-
-fn slice_insert<T>(slice: &mut Box<[T]>, i: usize, x: T) {
-    let mut v = std::mem::take(slice).into_vec();
-    v.reserve_exact(1);
-    v.insert(i, x);
-    *slice = v.into_boxed_slice();
-}
-
-fn slice_remove<T>(slice: &mut Box<[T]>, i: usize) -> T {
-    let mut v = std::mem::take(slice).into_vec();
-    let x = v.remove(i);
-    *slice = v.into_boxed_slice();
+    if v.len() <= v.capacity() / 2 {
+        v.shrink_to_fit();
+    }
     x
 }
 
@@ -451,13 +442,13 @@ impl<V: Copy + Eq + Hash> Node<V> {
             let idx = prefix_index(o, len - base);
             let prefixes = self
                 .prefixes
-                .get_or_insert_with(|| Box::new(Prefixes { bits: [0; 4], items: Box::default() }));
+                .get_or_insert_with(|| Box::new(Prefixes { bits: [0; 4], items: ThinVec::new() }));
             let at = rank(&prefixes.bits, idx);
             if bit_test(&prefixes.bits, idx) {
                 return prefixes.items[at].merge(key, entry, big);
             }
             bit_set(&mut prefixes.bits, idx);
-            slice_insert(&mut prefixes.items, at, entry);
+            vec_insert(&mut prefixes.items, at, entry);
             return true;
         }
         if let Some(at) = self.node_set.find(o) {
@@ -502,7 +493,7 @@ impl<V: Copy + Eq + Hash> Node<V> {
                 Removal::Removed => true,
                 Removal::Emptied => {
                     bit_clear(&mut prefixes.bits, idx);
-                    slice_remove(&mut prefixes.items, at);
+                    vec_remove(&mut prefixes.items, at);
                     if prefixes.items.is_empty() {
                         self.prefixes = None;
                     }
@@ -545,7 +536,8 @@ impl<V: Copy + Eq + Hash> Node<V> {
                     let idx = (1u8..=255).find(|i| bit_test(&prefixes.bits, *i)).expect("one prefix");
                     let child_base = 8 * (depth + 1);
                     let key = (key & mask(child_base)) | prefix_bits(idx, depth + 1);
-                    let entry = prefixes.items.into_vec().pop().expect("one item");
+                    let mut items = prefixes.items;
+                    let entry = items.pop().expect("one item");
                     Some(Leaf::new(key, entry))
                 }
                 other => {
@@ -640,7 +632,7 @@ impl<V: Copy + Eq + Hash> Node<V> {
     fn heap_bytes(&self) -> usize {
         let prefixes = self.prefixes.as_ref().map_or(0, |p| {
             std::mem::size_of::<Prefixes<V>>()
-                + std::mem::size_of_val::<[Entry<V>]>(&p.items)
+                + thin_heap_bytes(&p.items)
                 + p.items.iter().map(Entry::heap_bytes).sum::<usize>()
         });
         prefixes
