@@ -99,7 +99,7 @@ fn mask(len: u32) -> u128 {
     if len == 0 { 0 } else { u128::MAX << (128 - len) }
 }
 
-/// Above this many values a filter gets a position index (kept off the lookup path, in
+/// When a filter's extra values (beyond the inline first) exceed this, it gets a position index (kept off the lookup path, in
 /// [`BigSets`]), so that adding or removing one of very many subscribers of the same filter —
 /// everyone subscribing to the clock — stays O(1).
 const INDEX_THRESHOLD: usize = 32;
@@ -152,6 +152,10 @@ impl<V: Copy + Eq + Hash> Entry<V> {
         if self.first == v || self.position(key, v, big).is_some() {
             return false;
         }
+        if self.more.len() == self.more.capacity() {
+            // Grow by half: the insert cost stays amortised O(1) for very popular filters.
+            self.more.reserve_exact(1 + self.more.len() / 2);
+        }
         self.more.push(v);
         if let Some(index) = big.get_mut(&(key, self.len)) {
             index.insert(v, self.more.len() - 1);
@@ -190,6 +194,9 @@ impl<V: Copy + Eq + Hash> Entry<V> {
         }
         if self.more.is_empty() {
             self.more = ThinVec::new();
+        } else if self.more.len() <= self.more.capacity() / 4 {
+            // A filter that had many subscribers gives the memory back as they leave.
+            self.more.shrink_to_fit();
         }
         Removal::Removed
     }
@@ -407,7 +414,9 @@ fn vec_remove<T>(v: &mut ThinVec<T>, i: usize) -> T {
 }
 
 fn thin_heap_bytes<T>(v: &ThinVec<T>) -> usize {
-    if v.capacity() == 0 { 0 } else { 16 + v.capacity() * std::mem::size_of::<T>() }
+    // A thin vector's 16-byte header is padded to the element alignment.
+    let header = std::mem::align_of::<T>().max(16);
+    if v.capacity() == 0 { 0 } else { header + v.capacity() * std::mem::size_of::<T>() }
 }
 
 /// The bits of in-node prefix `idx` placed at depth `depth` of a key.
@@ -824,8 +833,9 @@ impl<V: Copy + Eq + Hash> SubscriptionTable<V> {
         self.root.for_each_entry(0, 0, &mut f);
     }
 
-    /// Bytes of heap memory the table owns (excluding allocator overhead), for capacity
-    /// accounting and benchmarks.
+    /// Bytes of heap memory the table owns, for capacity accounting and benchmarks. Exact for
+    /// the trie; approximate (from reported capacities) for the position indexes of filters
+    /// with very many values. Allocator overhead is not included.
     pub fn heap_bytes(&self) -> usize {
         let index_entry = std::mem::size_of::<(V, usize)>() + 1;
         let big: usize = self
