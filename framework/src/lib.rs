@@ -19,14 +19,18 @@
 //! assert_eq!(hits, [1, 2]);
 //! ```
 
+pub mod access;
 pub mod chunk;
 pub mod matcher;
 pub mod name;
+pub mod node;
 pub mod schema;
+pub mod store;
 pub mod wire;
 
 pub use chunk::{Chunk, ChunkError, MAX_CHUNK_DATA};
 pub use matcher::SubscriptionTable;
 pub use name::{Filter, Name, NameError};
 pub use schema::{MESSENGER_LAYOUT, Schema, SchemaError};
+pub use store::{FjallStore, InsertOutcome, MemoryStore, Store, StoreError, StoreStats};
 

@@ -153,6 +153,8 @@ pub enum ErrorCode {
     Unauthenticated,
     /// 13: the relay failed internally.
     Internal,
+    /// 14: the store is full of chunks that outlive this one.
+    StoreFull,
     /// A code this version does not know (from a newer peer).
     Other(u16),
 }
@@ -174,6 +176,7 @@ impl ErrorCode {
             ErrorCode::UnknownSubscription => 11,
             ErrorCode::Unauthenticated => 12,
             ErrorCode::Internal => 13,
+            ErrorCode::StoreFull => 14,
             ErrorCode::Other(code) => code,
         }
     }
@@ -194,6 +197,7 @@ impl ErrorCode {
             11 => ErrorCode::UnknownSubscription,
             12 => ErrorCode::Unauthenticated,
             13 => ErrorCode::Internal,
+            14 => ErrorCode::StoreFull,
             other => ErrorCode::Other(other),
         }
     }
@@ -227,6 +231,7 @@ impl fmt::Display for ErrorCode {
             ErrorCode::UnknownSubscription => "unknown subscription",
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::Internal => "internal error",
+            ErrorCode::StoreFull => "store full",
             ErrorCode::Other(code) => return write!(f, "unknown error code {code}"),
         };
         write!(f, "{text} ({})", self.code())

@@ -50,7 +50,7 @@ fn dense_sets_below_the_root_and_batches() {
     let mut t = SubscriptionTable::new();
     for o in 0..=255u128 {
         t.insert(f(base | o << 112, 16), o as u32);
-        if o % 2 == 0 {
+        if o.is_multiple_of(2) {
             t.insert(f(base | o << 112 | 0x5 << 104, 24), 1000 + o as u32);
         }
     }
@@ -61,7 +61,7 @@ fn dense_sets_below_the_root_and_batches() {
         got[i].sort();
         assert_eq!(got[i], hits(&t, n.to_u128()));
         let o = i as u32;
-        let want: Vec<u32> = if o % 2 == 0 { vec![o, 1000 + o] } else { vec![o] };
+        let want: Vec<u32> = if o.is_multiple_of(2) { vec![o, 1000 + o] } else { vec![o] };
         assert_eq!(got[i], want);
     }
     for o in 0..=252u128 {
@@ -86,7 +86,7 @@ fn deepest_level() {
         t.insert(f(base | o, 128), 1000 + o as u32);
     }
     for o in 0..=255u128 {
-        let mut want: Vec<u32> = (120..=127).filter(|&l| (o >> (128 - l as u32)) == 0).collect();
+        let mut want: Vec<u32> = (120..=127).filter(|&l| (o >> (128 - l)) == 0).collect();
         want.push(1000 + o as u32);
         want.sort();
         assert_eq!(hits(&t, base | o), want);

@@ -352,7 +352,7 @@ fn error_codes() {
     for code in 0..=u16::MAX {
         let parsed = ErrorCode::from(code);
         assert_eq!(u16::from(parsed), code);
-        assert_eq!(matches!(parsed, ErrorCode::Other(_)), !(1..=13).contains(&code), "{code}");
+        assert_eq!(matches!(parsed, ErrorCode::Other(_)), !(1..=14).contains(&code), "{code}");
     }
     assert_eq!(ErrorCode::Conflict.code(), 5);
     assert_eq!(ErrorCode::Internal.code(), 13);

@@ -35,9 +35,9 @@ fn mode_strategy() -> impl Strategy<Value = ReplayMode> {
 
 fn code_strategy() -> impl Strategy<Value = ErrorCode> {
     prop_oneof![
-        (1u16..=13).prop_map(ErrorCode::from),
+        (1u16..=14).prop_map(ErrorCode::from),
         // Codes unknown to this version, which must survive unchanged.
-        prop_oneof![Just(0u16), 14u16..=u16::MAX].prop_map(ErrorCode::Other),
+        prop_oneof![Just(0u16), 15u16..=u16::MAX].prop_map(ErrorCode::Other),
     ]
 }
 

@@ -1,0 +1,834 @@
+//! The routing core of a relay: a sans-IO state machine.
+//!
+//! [`Node`] owns a [`Store`] and a [`SubscriptionTable`], and nothing else: no sockets, tasks
+//! or clocks. Its driver (the `canopy-relay` server, or a test) feeds it link events and
+//! decoded frames with the current time, and takes frames to send from per-link queues. The
+//! same code therefore runs over QUIC in production and deterministically, many relays in one
+//! process, in tests — the way quinn-proto sits under quinn.
+//!
+//! Data flows one way: a frame arrives on a link → the chunk is stored (insert-if-absent) →
+//! matched against the subscriptions → queued to every covering subscriber except on the
+//! arrival link, and forwarded to the parent through the durable outbox.
+//!
+//! # The forwarding contract
+//!
+//! - **Up always**: a chunk newly stored from a client or a child is sent to the parent, via the
+//!   store's durable outbox, until the parent acknowledges it.
+//! - **Down by interest**: a chunk is queued only to subscriptions whose filter covers it. The
+//!   node subscribes upstream with the union of its downstream filters, dropping filters
+//!   covered by a broader one.
+//! - **Never back** to the link it came from.
+//! - **Dedup by name**: an identical chunk already stored is acknowledged and goes no further;
+//!   different bytes at a stored name are a `Conflict`.
+//!
+//! # Flow control
+//!
+//! Every link has a bounded queue. Replays of cached chunks are paced by a cursor and only
+//! refill the queue as the driver drains it. A live delivery that finds its link's queue full
+//! ends that subscription with a `SlowConsumer` error. The subscriber can resubscribe and
+//! recover what it missed from the cache. Memory per link stays bounded.
+//!
+//! # Durability
+//!
+//! Acks for publishes are held until [`Node::flush`] has made the store durable. A driver
+//! calls it once per batch of received frames, so one fsync covers many publishes.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::ControlFlow;
+
+use crate::access::{Access, Grant};
+use crate::store::{InsertOutcome, Store, StoreError};
+use crate::wire::{ErrorCode, Frame, PROTOCOL_VERSION, RelayId, ReplayMode, Role};
+use crate::{Chunk, Filter, Name, SubscriptionTable};
+
+/// A connection, as numbered by the driver. Ids are never reused while the node runs.
+pub type LinkId = u64;
+
+/// Settings of a [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This relay's id, carried in hellos so a cycle in the tree is refused.
+    pub id: RelayId,
+    /// Token presented to the parent.
+    pub parent_token: Option<String>,
+    /// Who may publish and subscribe to what.
+    pub access: Access,
+    /// Bound on each link's outgoing queue, in frames. Live deliveries beyond it end the
+    /// subscription with `SlowConsumer`; replays pause at it.
+    pub max_queue: usize,
+    /// Upstream publishes in flight at once while the outbox drains.
+    pub outbox_window: usize,
+    /// Largest `MostRecent(n)` served; larger requests are capped to it.
+    pub max_most_recent: u32,
+}
+
+impl NodeConfig {
+    /// Defaults for a relay with id `id`: open access, 1024-frame queues.
+    pub fn new(id: RelayId) -> Self {
+        NodeConfig {
+            id,
+            parent_token: None,
+            access: Access::allow_all(),
+            max_queue: 1024,
+            outbox_window: 256,
+            max_most_recent: 10_000,
+        }
+    }
+}
+
+/// Counters a relay exposes (as Prometheus metrics in `canopy-relay`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Chunks received on any link (publishes and deliveries from the parent).
+    pub chunks_in: u64,
+    /// Chunk deliveries queued to subscribers.
+    pub chunks_out: u64,
+    /// Chunks newly stored.
+    pub stored: u64,
+    /// Chunks received that were already stored (identical).
+    pub duplicates: u64,
+    /// Chunks refused because different data was stored at their name.
+    pub conflicts: u64,
+    /// Publishes or subscriptions refused by access rules.
+    pub denied: u64,
+    /// Subscriptions ended because their link's queue overflowed.
+    pub slow_consumers: u64,
+    /// Upstream publishes the parent refused (dropped from the outbox, counted here).
+    pub upstream_rejected: u64,
+    /// Chunks evicted after expiry, by [`Node::tick`].
+    pub evicted_expired: u64,
+}
+
+/// Something the driver must act on besides sending queued frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Close the link once its queued frames (ending with an `Error`) are sent.
+    Close {
+        /// The link to close.
+        link: LinkId,
+        /// Why.
+        code: ErrorCode,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// Downstream, hello not yet received.
+    Pending,
+    /// A client or a child relay.
+    Downstream,
+    /// Our parent, hello not yet received.
+    ParentPending,
+    /// Our parent, hello exchanged.
+    Parent,
+}
+
+/// A downstream subscription.
+struct Sub {
+    filter: Filter,
+    /// Whether it stays for live chunks after the replay (not for `CachedOnly`).
+    live: bool,
+    /// Cached chunks still to send, if the replay is not done.
+    replay: Option<Replay>,
+    /// Live chunks that arrived during the replay, at names it has already passed.
+    held: Vec<Chunk>,
+}
+
+enum Replay {
+    /// Scan the store onwards from this name (inclusive).
+    From(Name),
+    /// A fixed list (for `MostRecent`).
+    List(VecDeque<Chunk>),
+}
+
+struct Link {
+    peer: Peer,
+    grant: Grant,
+    queue: VecDeque<Frame>,
+    subs: HashMap<u64, Sub>,
+}
+
+impl Link {
+    fn new(peer: Peer) -> Self {
+        Link { peer, grant: Grant::default(), queue: VecDeque::new(), subs: HashMap::new() }
+    }
+}
+
+/// The upstream side: our parent link and what we asked of it.
+#[derive(Default)]
+struct Upstream {
+    link: Option<LinkId>,
+    /// Path from our parent to the origin, from the parent's hello.
+    path: Vec<RelayId>,
+    /// Downstream filters that need live chunks from above, with how many subscriptions
+    /// use each.
+    wanted: BTreeMap<Filter, usize>,
+    /// The minimal cover of `wanted` (no filter covered by another) → upstream subscription id.
+    subscribed: BTreeMap<Filter, u64>,
+    next_sub: u64,
+    next_seq: u64,
+    /// Publishes sent and not yet acknowledged: seq → name.
+    inflight: HashMap<u64, Name>,
+    inflight_names: HashSet<Name>,
+}
+
+/// The routing core of one relay. See the [module docs](self).
+pub struct Node<S> {
+    config: NodeConfig,
+    store: S,
+    table: SubscriptionTable<(LinkId, u64)>,
+    links: HashMap<LinkId, Link>,
+    up: Upstream,
+    /// Publishes accepted since the last flush, acknowledged once the store is durable.
+    unacked: Vec<(LinkId, u64)>,
+    events: VecDeque<Event>,
+    metrics: Metrics,
+    has_parent: bool,
+    /// The latest time the driver gave us.
+    now: u64,
+}
+
+impl<S: Store> Node<S> {
+    /// A node with no links. `has_parent` says whether this relay is configured with a
+    /// parent (the origin has none): only then is the outbox kept.
+    pub fn new(config: NodeConfig, store: S, has_parent: bool) -> Self {
+        Node {
+            config,
+            store,
+            table: SubscriptionTable::new(),
+            links: HashMap::new(),
+            up: Upstream::default(),
+            unacked: Vec::new(),
+            events: VecDeque::new(),
+            metrics: Metrics::default(),
+            has_parent,
+            now: 0,
+        }
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics
+    }
+
+    /// The store, for inspection.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Live subscriptions of downstream links.
+    pub fn subscriptions(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Links currently known.
+    pub fn links(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Filters this node holds subscribed upstream (the minimal cover of its downstream
+    /// filters).
+    pub fn upstream_filters(&self) -> Vec<Filter> {
+        self.up.subscribed.keys().copied().collect()
+    }
+
+    /// Our path to the origin: this relay, then the parent's path.
+    pub fn path(&self) -> Vec<RelayId> {
+        std::iter::once(self.config.id).chain(self.up.path.iter().copied()).collect()
+    }
+
+    /// A downstream connection arrived on `link`; its first frame must be a hello.
+    pub fn accept(&mut self, link: LinkId) {
+        self.links.insert(link, Link::new(Peer::Pending));
+    }
+
+    /// The driver connected to the parent on `link`; the node greets it. Once the parent
+    /// answers, upstream subscriptions are renewed and the outbox drains.
+    pub fn connect_parent(&mut self, link: LinkId) {
+        let mut l = Link::new(Peer::ParentPending);
+        l.grant = Grant::all();
+        l.queue.push_back(Frame::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Relay,
+            relay_path: self.path(),
+            token: self.config.parent_token.clone(),
+        });
+        self.links.insert(link, l);
+        self.up.link = Some(link);
+    }
+
+    /// The link is gone (closed by either side, or lost). Its subscriptions end; if it was
+    /// the parent, chunks keep collecting in the outbox until the next [`connect_parent`].
+    ///
+    /// [`connect_parent`]: Self::connect_parent
+    pub fn link_closed(&mut self, link: LinkId) {
+        let Some(l) = self.links.remove(&link) else { return };
+        if self.up.link == Some(link) {
+            self.up.link = None;
+            self.up.inflight.clear();
+            self.up.inflight_names.clear();
+            self.up.subscribed.clear();
+        }
+        for (id, sub) in l.subs {
+            self.drop_sub(link, id, &sub);
+        }
+    }
+
+    /// Up to `max` frames queued for `link`, oldest first, at time `now`. Draining resumes
+    /// paced replays, so call this until it returns nothing or the link cannot take more.
+    pub fn drain(&mut self, link: LinkId, max: usize, now: u64) -> Vec<Frame> {
+        self.now = self.now.max(now);
+        let Some(l) = self.links.get_mut(&link) else { return Vec::new() };
+        let n = max.min(l.queue.len());
+        let frames: Vec<Frame> = l.queue.drain(..n).collect();
+        self.pump(link);
+        frames
+    }
+
+    /// Frames queued for `link`.
+    pub fn queued(&self, link: LinkId) -> usize {
+        self.links.get(&link).map_or(0, |l| l.queue.len())
+    }
+
+    /// Links that have frames queued.
+    pub fn ready_links(&self) -> Vec<LinkId> {
+        let mut ready: Vec<LinkId> =
+            self.links.iter().filter(|(_, l)| !l.queue.is_empty()).map(|(id, _)| *id).collect();
+        ready.sort_unstable();
+        ready
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Makes everything accepted so far durable and releases the acks waiting on it.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if self.unacked.is_empty() {
+            return Ok(());
+        }
+        self.store.sync()?;
+        for (link, seq) in std::mem::take(&mut self.unacked) {
+            if let Some(l) = self.links.get_mut(&link) {
+                l.queue.push_back(Frame::Ack { seq });
+            }
+        }
+        Ok(())
+    }
+
+    /// Periodic work: evicts expired chunks.
+    pub fn tick(&mut self, now: u64) -> Result<(), StoreError> {
+        self.now = self.now.max(now);
+        self.metrics.evicted_expired += self.store.evict_expired(now)?;
+        Ok(())
+    }
+
+    /// Handles one frame received on `link` at time `now` (unix ms).
+    pub fn handle(&mut self, link: LinkId, frame: Frame, now: u64) {
+        self.now = self.now.max(now);
+        let Some(peer) = self.links.get(&link).map(|l| l.peer) else { return };
+        match (peer, frame) {
+            (Peer::Pending, Frame::Hello { version, role, relay_path, token }) => {
+                self.on_downstream_hello(link, version, role, &relay_path, token.as_deref())
+            }
+            (Peer::Pending, _) => self.fail(link, None, ErrorCode::Malformed, "expected hello first"),
+            (Peer::ParentPending, Frame::Hello { version, relay_path, .. }) => {
+                self.on_parent_hello(link, version, relay_path)
+            }
+            (Peer::ParentPending, Frame::Error { code, message, .. }) => {
+                self.fail(link, None, code, &format!("parent refused us: {message}"))
+            }
+            (Peer::ParentPending, _) => self.fail(link, None, ErrorCode::Malformed, "expected hello first"),
+            (_, Frame::Hello { .. }) => self.fail(link, None, ErrorCode::Malformed, "second hello"),
+            (Peer::Downstream, Frame::Subscribe { id, filter, mode }) => {
+                self.on_subscribe(link, id, filter, mode, now)
+            }
+            (Peer::Downstream, Frame::Unsubscribe { id }) => self.on_unsubscribe(link, id),
+            (Peer::Downstream, Frame::Publish { seq, chunk }) => self.on_publish(link, seq, chunk, now),
+            (Peer::Parent, Frame::Deliver { chunk, .. }) => self.on_chunk_from_parent(link, chunk, now),
+            (Peer::Parent, Frame::Ack { seq }) => self.on_upstream_ack(seq, false),
+            (Peer::Parent, Frame::Error { about: Some(seq), code, .. })
+                if self.up.inflight.contains_key(&seq) =>
+            {
+                // The parent will never take this chunk (conflict, expired, denied): drop it
+                // from the outbox rather than retry forever, and count it.
+                let _ = code;
+                self.on_upstream_ack(seq, true)
+            }
+            (Peer::Parent, Frame::ReplayDone { .. } | Frame::Error { .. }) => {}
+            (_, _) => self.fail(link, None, ErrorCode::Malformed, "frame not valid in this direction"),
+        }
+    }
+
+    fn on_downstream_hello(&mut self, link: LinkId, version: u16, role: Role, path: &[RelayId], token: Option<&str>) {
+        if version != PROTOCOL_VERSION {
+            let msg = format!("protocol version {version} is not supported; this relay speaks {PROTOCOL_VERSION}");
+            return self.fail(link, None, ErrorCode::UnsupportedVersion, &msg);
+        }
+        if role == Role::Relay {
+            // A relay's hello names itself first. If it is already on our own path to the
+            // origin, it is our ancestor, and taking it as a child would close a cycle.
+            let Some(child) = path.first() else {
+                return self.fail(link, None, ErrorCode::Malformed, "a relay's hello must name the relay");
+            };
+            if self.path().contains(child) {
+                let msg = format!("relay {child} is on this relay's path to the origin: connecting would make a cycle");
+                return self.fail(link, None, ErrorCode::Cycle, &msg);
+            }
+        }
+        let grant = match self.config.access.grant(token) {
+            Ok(grant) => grant,
+            Err(err) => return self.fail(link, None, ErrorCode::Unauthenticated, &err.to_string()),
+        };
+        let hello =
+            Frame::Hello { version: PROTOCOL_VERSION, role: Role::Relay, relay_path: self.path(), token: None };
+        let l = self.links.get_mut(&link).expect("link exists");
+        l.peer = Peer::Downstream;
+        l.grant = grant;
+        l.queue.push_back(hello);
+    }
+
+    fn on_parent_hello(&mut self, link: LinkId, version: u16, path: Vec<RelayId>) {
+        if version != PROTOCOL_VERSION {
+            let msg = format!("parent speaks protocol version {version}, we speak {PROTOCOL_VERSION}");
+            return self.fail(link, None, ErrorCode::UnsupportedVersion, &msg);
+        }
+        if path.contains(&self.config.id) {
+            return self.fail(link, None, ErrorCode::Cycle, "we are on our parent's path to the origin");
+        }
+        self.up.path = path;
+        self.links.get_mut(&link).expect("link exists").peer = Peer::Parent;
+        // Renew every upstream subscription (the parent replays what we missed), then drain
+        // the outbox.
+        let cover = minimal_cover(self.up.wanted.keys().copied());
+        for filter in cover {
+            self.subscribe_up(filter);
+        }
+        self.refill_outbox();
+    }
+
+    fn on_subscribe(&mut self, link: LinkId, id: u64, filter: Filter, mode: ReplayMode, now: u64) {
+        let l = self.links.get_mut(&link).expect("link exists");
+        if !l.grant.may_subscribe(&filter) {
+            self.metrics.denied += 1;
+            let msg = format!("subscribing to {filter} is not allowed for this token");
+            return self.error(link, Some(id), ErrorCode::SubscribeDenied, &msg);
+        }
+        if let Some(old) = l.subs.remove(&id) {
+            self.drop_sub(link, id, &old);
+        }
+        let replay = match mode {
+            ReplayMode::LiveOnly => None,
+            ReplayMode::CachedAndLive | ReplayMode::CachedOnly => Some(Replay::From(filter.name())),
+            ReplayMode::MostRecent(n) => {
+                let n = n.min(self.config.max_most_recent) as usize;
+                match self.store.scan_last(filter, n, now) {
+                    Ok(list) => Some(Replay::List(list.into())),
+                    Err(err) => return self.error(link, Some(id), ErrorCode::Internal, &err.to_string()),
+                }
+            }
+        };
+        let live = mode != ReplayMode::CachedOnly;
+        let live_only = replay.is_none();
+        let sub = Sub { filter, live, replay, held: Vec::new() };
+        let l = self.links.get_mut(&link).expect("link exists");
+        l.subs.insert(id, sub);
+        if live_only {
+            l.queue.push_back(Frame::ReplayDone { id });
+        }
+        self.table.insert(filter, (link, id));
+        if live {
+            self.want(filter);
+        }
+        self.pump_sub(link, id, now);
+    }
+
+    fn on_unsubscribe(&mut self, link: LinkId, id: u64) {
+        let l = self.links.get_mut(&link).expect("link exists");
+        match l.subs.remove(&id) {
+            Some(sub) => self.drop_sub(link, id, &sub),
+            None => self.error(link, Some(id), ErrorCode::UnknownSubscription, "no such subscription"),
+        }
+    }
+
+    /// Forgets a subscription already taken out of its link.
+    fn drop_sub(&mut self, link: LinkId, id: u64, sub: &Sub) {
+        self.table.remove(sub.filter, (link, id));
+        if sub.live {
+            self.unwant(sub.filter);
+        }
+    }
+
+    fn on_publish(&mut self, link: LinkId, seq: u64, chunk: Chunk, now: u64) {
+        self.metrics.chunks_in += 1;
+        let name = chunk.name();
+        if !self.links[&link].grant.may_publish(name) {
+            self.metrics.denied += 1;
+            let msg = format!("publishing {name} is not allowed for this token");
+            return self.error(link, Some(seq), ErrorCode::PublishDenied, &msg);
+        }
+        if chunk.is_expired(now) {
+            let msg = format!("chunk {name} expired at {} (now {now})", chunk.expiry());
+            return self.error(link, Some(seq), ErrorCode::Expired, &msg);
+        }
+        match self.store.insert(&chunk) {
+            Ok(InsertOutcome::Inserted) => {
+                self.metrics.stored += 1;
+                if self.has_parent {
+                    if let Err(err) = self.store.outbox_push(name) {
+                        return self.error(link, Some(seq), ErrorCode::Internal, &err.to_string());
+                    }
+                    self.send_up(&chunk);
+                }
+                self.deliver(&chunk, Some(link));
+                self.unacked.push((link, seq));
+            }
+            Ok(InsertOutcome::Duplicate) => {
+                self.metrics.duplicates += 1;
+                self.unacked.push((link, seq));
+            }
+            Ok(InsertOutcome::Conflict) => {
+                self.metrics.conflicts += 1;
+                let msg = format!("chunk {name} is already stored with different data; the original is kept");
+                self.error(link, Some(seq), ErrorCode::Conflict, &msg);
+            }
+            Err(err @ StoreError::Full { .. }) => self.error(link, Some(seq), ErrorCode::StoreFull, &err.to_string()),
+            Err(err) => self.error(link, Some(seq), ErrorCode::Internal, &err.to_string()),
+        }
+    }
+
+    fn on_chunk_from_parent(&mut self, link: LinkId, chunk: Chunk, now: u64) {
+        self.metrics.chunks_in += 1;
+        if chunk.is_expired(now) {
+            return;
+        }
+        match self.store.insert(&chunk) {
+            Ok(InsertOutcome::Inserted) => {
+                self.metrics.stored += 1;
+                self.deliver(&chunk, Some(link));
+            }
+            Ok(InsertOutcome::Duplicate) => self.metrics.duplicates += 1,
+            Ok(InsertOutcome::Conflict) => self.metrics.conflicts += 1,
+            // Our cache is full of longer-lived chunks; the chunk still reaches live
+            // subscribers, it just is not cached here.
+            Err(StoreError::Full { .. }) => self.deliver(&chunk, Some(link)),
+            Err(_) => {}
+        }
+    }
+
+    /// Queues a newly stored chunk to every covering subscription not on `except`.
+    fn deliver(&mut self, chunk: &Chunk, except: Option<LinkId>) {
+        let mut targets = Vec::new();
+        self.table.for_each_match(chunk.name(), |(link, id)| {
+            if Some(link) != except {
+                targets.push((link, id));
+            }
+        });
+        let max_queue = self.config.max_queue;
+        for (link, id) in targets {
+            let Some(l) = self.links.get_mut(&link) else { continue };
+            let Some(sub) = l.subs.get_mut(&id) else { continue };
+            let overflow = match &sub.replay {
+                // The replay has not reached this name yet: it will send the chunk from the
+                // store, in order.
+                Some(Replay::From(next)) if chunk.name() >= *next => false,
+                Some(_) => {
+                    sub.held.push(chunk.clone());
+                    sub.held.len() > max_queue
+                }
+                None if l.queue.len() < max_queue => {
+                    l.queue.push_back(Frame::Deliver { id, chunk: chunk.clone() });
+                    self.metrics.chunks_out += 1;
+                    false
+                }
+                None => true,
+            };
+            if overflow {
+                self.slow_consumer(link, id);
+            }
+        }
+    }
+
+    fn slow_consumer(&mut self, link: LinkId, id: u64) {
+        let Some(sub) = self.links.get_mut(&link).and_then(|l| l.subs.remove(&id)) else { return };
+        self.drop_sub(link, id, &sub);
+        self.metrics.slow_consumers += 1;
+        let msg = format!(
+            "subscription {id} to {} fell behind and was ended; resubscribe to recover from the cache",
+            sub.filter
+        );
+        self.error(link, Some(id), ErrorCode::SlowConsumer, &msg);
+    }
+
+    /// Continues paced replays on `link` while its queue has room.
+    fn pump(&mut self, link: LinkId) {
+        let Some(l) = self.links.get(&link) else { return };
+        let mut replaying: Vec<u64> = l.subs.iter().filter(|(_, s)| s.replay.is_some()).map(|(id, _)| *id).collect();
+        replaying.sort_unstable();
+        for id in replaying {
+            self.pump_sub(link, id, self.now);
+        }
+    }
+
+    /// Moves cached chunks of one replaying subscription into its link's queue, up to the
+    /// queue bound; when the replay is complete, sends held live chunks and `ReplayDone`.
+    fn pump_sub(&mut self, link: LinkId, id: u64, now: u64) {
+        let max_queue = self.config.max_queue;
+        let Some(l) = self.links.get_mut(&link) else { return };
+        let Some(sub) = l.subs.get_mut(&id) else { return };
+        let Some(replay) = &mut sub.replay else { return };
+        let room = max_queue.saturating_sub(l.queue.len());
+        let mut sent = 0u64;
+        let done = match replay {
+            Replay::List(list) => {
+                while l.queue.len() < max_queue {
+                    let Some(chunk) = list.pop_front() else { break };
+                    l.queue.push_back(Frame::Deliver { id, chunk });
+                    sent += 1;
+                }
+                list.is_empty()
+            }
+            Replay::From(next) => {
+                let (_, end) = sub.filter.range();
+                let mut batch = Vec::new();
+                let result = self.store.scan_range(*next, end, now, &mut |chunk| {
+                    batch.push(chunk);
+                    if batch.len() >= room { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                });
+                if let Err(err) = result {
+                    let msg = err.to_string();
+                    return self.error(link, Some(id), ErrorCode::Internal, &msg);
+                }
+                // Fewer chunks than asked for: the range is exhausted.
+                let mut finished = batch.len() < room;
+                if let Some(last) = batch.last() {
+                    match last.name().to_u128().checked_add(1) {
+                        Some(after) if last.name() < end => *next = Name::new(after),
+                        _ => finished = true,
+                    }
+                }
+                for chunk in batch {
+                    l.queue.push_back(Frame::Deliver { id, chunk });
+                    sent += 1;
+                }
+                finished
+            }
+        };
+        self.metrics.chunks_out += sent;
+        if !done {
+            return;
+        }
+        sub.replay = None;
+        let mut held = std::mem::take(&mut sub.held);
+        held.sort_by_key(Chunk::name);
+        for chunk in held {
+            l.queue.push_back(Frame::Deliver { id, chunk });
+            self.metrics.chunks_out += 1;
+        }
+        l.queue.push_back(Frame::ReplayDone { id });
+        if !sub.live {
+            let sub = l.subs.remove(&id).expect("present");
+            self.drop_sub(link, id, &sub);
+        }
+    }
+
+    // ----- upstream -----
+
+    /// A downstream filter needs live chunks from above.
+    fn want(&mut self, filter: Filter) {
+        if !self.has_parent {
+            return;
+        }
+        let count = self.up.wanted.entry(filter).or_insert(0);
+        *count += 1;
+        if *count > 1 || self.covered_upstream(&filter) {
+            return;
+        }
+        // `filter` joins the cover and replaces any narrower filters it now covers.
+        let (lo, hi) = filter.range();
+        let narrower: Vec<Filter> = self
+            .up
+            .subscribed
+            .range(Filter::new(lo, 0).expect("len 0")..)
+            .map(|(f, _)| *f)
+            .take_while(|f| f.name() <= hi)
+            .filter(|f| filter.covers(f))
+            .collect();
+        for f in narrower {
+            self.unsubscribe_up(f);
+        }
+        self.subscribe_up(filter);
+    }
+
+    /// A downstream filter no longer needs live chunks.
+    fn unwant(&mut self, filter: Filter) {
+        if !self.has_parent {
+            return;
+        }
+        let Some(count) = self.up.wanted.get_mut(&filter) else { return };
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        self.up.wanted.remove(&filter);
+        if !self.up.subscribed.contains_key(&filter) {
+            return;
+        }
+        self.unsubscribe_up(filter);
+        // The filters it was covering need their own upstream subscriptions again.
+        let (lo, hi) = filter.range();
+        let inside = self
+            .up
+            .wanted
+            .range(Filter::new(lo, 0).expect("len 0")..)
+            .map(|(f, _)| *f)
+            .take_while(|f| f.name() <= hi)
+            .filter(|f| filter.covers(f));
+        for f in minimal_cover(inside) {
+            self.subscribe_up(f);
+        }
+    }
+
+    fn covered_upstream(&self, filter: &Filter) -> bool {
+        // Any covering filter starts at or before `filter` and covers its first name.
+        self.up
+            .subscribed
+            .range(..=*filter)
+            .rev()
+            .any(|(f, _)| f.covers(filter))
+    }
+
+    fn subscribe_up(&mut self, filter: Filter) {
+        self.up.next_sub += 1;
+        let id = self.up.next_sub;
+        self.up.subscribed.insert(filter, id);
+        if let Some(link) = self.parent_ready() {
+            let frame = Frame::Subscribe { id, filter, mode: ReplayMode::CachedAndLive };
+            self.links.get_mut(&link).expect("parent").queue.push_back(frame);
+        }
+    }
+
+    fn unsubscribe_up(&mut self, filter: Filter) {
+        let Some(id) = self.up.subscribed.remove(&filter) else { return };
+        if let Some(link) = self.parent_ready() {
+            self.links.get_mut(&link).expect("parent").queue.push_back(Frame::Unsubscribe { id });
+        }
+    }
+
+    fn parent_ready(&self) -> Option<LinkId> {
+        let link = self.up.link?;
+        (self.links.get(&link)?.peer == Peer::Parent).then_some(link)
+    }
+
+    /// Sends a chunk up now if the window allows; it stays in the outbox either way.
+    fn send_up(&mut self, chunk: &Chunk) {
+        let Some(link) = self.parent_ready() else { return };
+        if self.up.inflight.len() >= self.config.outbox_window {
+            return;
+        }
+        self.up.next_seq += 1;
+        let seq = self.up.next_seq;
+        self.up.inflight.insert(seq, chunk.name());
+        self.up.inflight_names.insert(chunk.name());
+        let frame = Frame::Publish { seq, chunk: chunk.clone() };
+        self.links.get_mut(&link).expect("parent").queue.push_back(frame);
+    }
+
+    fn on_upstream_ack(&mut self, seq: u64, rejected: bool) {
+        let Some(name) = self.up.inflight.remove(&seq) else { return };
+        self.up.inflight_names.remove(&name);
+        if rejected {
+            self.metrics.upstream_rejected += 1;
+        }
+        let _ = self.store.outbox_remove(name);
+        if self.up.inflight.len() <= self.config.outbox_window / 2 {
+            self.refill_outbox();
+        }
+    }
+
+    /// Sends pending outbox entries up to the window.
+    fn refill_outbox(&mut self) {
+        if self.parent_ready().is_none() {
+            return;
+        }
+        let want = self.config.outbox_window.saturating_sub(self.up.inflight.len());
+        if want == 0 {
+            return;
+        }
+        let limit = want + self.up.inflight_names.len();
+        let Ok(pending) = self.store.outbox_pending(limit) else { return };
+        for name in pending {
+            if self.up.inflight.len() >= self.config.outbox_window {
+                break;
+            }
+            if self.up.inflight_names.contains(&name) {
+                continue;
+            }
+            match self.store.get(name) {
+                Ok(Some(chunk)) => self.send_up(&chunk),
+                // Evicted (expired) before it could be sent: nothing left to forward.
+                _ => {
+                    let _ = self.store.outbox_remove(name);
+                }
+            }
+        }
+    }
+
+    // ----- errors -----
+
+    /// Queues an error frame about a publish or subscription; the link stays open.
+    fn error(&mut self, link: LinkId, about: Option<u64>, code: ErrorCode, message: &str) {
+        if let Some(l) = self.links.get_mut(&link) {
+            l.queue.push_back(Frame::Error { code, about, message: message.to_owned() });
+        }
+    }
+
+    /// Queues an error frame and asks the driver to close the link after sending it.
+    fn fail(&mut self, link: LinkId, about: Option<u64>, code: ErrorCode, message: &str) {
+        self.error(link, about, code, message);
+        self.events.push_back(Event::Close { link, code });
+    }
+}
+
+/// The filters of `sorted` (in `Filter` order) not covered by another one of them.
+///
+/// Sorted by (name, length), a covering filter comes before everything it covers, and a
+/// filter covered by an earlier kept one is also covered by the last kept one, so one pass
+/// comparing with the last kept filter suffices.
+fn minimal_cover(sorted: impl IntoIterator<Item = Filter>) -> Vec<Filter> {
+    let mut cover: Vec<Filter> = Vec::new();
+    for f in sorted {
+        if cover.last().is_some_and(|last| last.covers(&f)) {
+            continue;
+        }
+        cover.push(f);
+    }
+    cover
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_cover_drops_covered_filters() {
+        let f = |s: &str| s.parse::<Filter>().unwrap();
+        let mut filters = vec![
+            f("0x0a000000000000000000000000000000/8"),
+            f("0x0a0b0000000000000000000000000000/16"),
+            f("0x0b000000000000000000000000000000/16"),
+            f("0x0b000000000000000000000000000000/24"),
+            f("0x0c000000000000000000000000000000/128"),
+        ];
+        filters.sort();
+        assert_eq!(
+            minimal_cover(filters),
+            vec![
+                f("0x0a000000000000000000000000000000/8"),
+                f("0x0b000000000000000000000000000000/16"),
+                f("0x0c000000000000000000000000000000/128"),
+            ]
+        );
+    }
+}

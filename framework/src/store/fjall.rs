@@ -1,0 +1,467 @@
+//! [`FjallStore`]: the on-disk [`Store`] backend, on the fjall LSM-tree.
+
+use std::fmt;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use ::fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use bytes::Bytes;
+
+use super::{
+    InsertOutcome, Store, StoreError, StoreStats, Victim, plan_capacity_eviction, stored_size,
+};
+use crate::{Chunk, Filter, Name};
+
+/// Keyspace of chunks: key = 16 big-endian name bytes, value = 8-byte BE expiry + data.
+const CHUNKS: &str = "chunks";
+/// Keyspace of the expiry index: key = 8-byte BE expiry + 16-byte name, empty value.
+const EXPIRY: &str = "expiry";
+/// Keyspace of the upstream outbox: key = 16 name bytes, empty value.
+const OUTBOX: &str = "outbox";
+
+/// How many expired chunks one write batch of [`Store::evict_expired`] deletes.
+const EVICT_BATCH: usize = 4096;
+
+/// A [`Store`] on disk, in a fjall database in one directory.
+///
+/// Three keyspaces:
+/// - `chunks`: key = the 16 big-endian name bytes, so a [`Filter`] is one range scan; value =
+///   8-byte big-endian expiry followed by the data.
+/// - `expiry`: key = 8-byte big-endian expiry + 16 name bytes, empty value: chunks in the order
+///   they expire, for expiry and capacity eviction.
+/// - `outbox`: key = 16 name bytes, empty value: the upstream outbox.
+///
+/// An insert writes the chunk, its expiry entry and any capacity evictions in one atomic write
+/// batch. Writes reach the journal's in-process buffer only (the database is opened with
+/// manual journal persistence); [`Store::sync`] makes them durable.
+///
+/// `stats().chunks` and `bytes` are recomputed by scanning the `chunks` keyspace at open
+/// (fine for now; a persisted counter would avoid the scan), `outbox` by scanning the outbox;
+/// the eviction counters start at zero on each open.
+pub struct FjallStore {
+    chunks: Keyspace,
+    expiry: Keyspace,
+    outbox: Keyspace,
+    db: Database,
+    path: PathBuf,
+    stats: StoreStats,
+}
+
+fn backend(context: &str, err: ::fjall::Error) -> StoreError {
+    StoreError::Backend(format!("{context}: {err}"))
+}
+
+fn corrupt(keyspace: &str, key: impl fmt::Display, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        key: format!("{keyspace}/{key}"),
+        reason: reason.into(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(2 + 2 * bytes.len());
+    s.push_str("0x");
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Decodes a 16-byte name key of `keyspace`.
+fn decode_name(keyspace: &str, key: &[u8]) -> Result<Name, StoreError> {
+    <[u8; 16]>::try_from(key)
+        .map(Name::from_bytes)
+        .map_err(|_| {
+            corrupt(
+                keyspace,
+                hex(key),
+                format!("key is {} bytes, not 16", key.len()),
+            )
+        })
+}
+
+fn expiry_key(expiry: u64, name: Name) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..8].copy_from_slice(&expiry.to_be_bytes());
+    key[8..].copy_from_slice(&name.to_bytes());
+    key
+}
+
+fn decode_expiry_key(key: &[u8]) -> Result<(u64, Name), StoreError> {
+    let bad = || {
+        corrupt(
+            EXPIRY,
+            hex(key),
+            format!("key is {} bytes, not 24", key.len()),
+        )
+    };
+    let (expiry, name) = key.split_first_chunk::<8>().ok_or_else(bad)?;
+    let name = <[u8; 16]>::try_from(name).map_err(|_| bad())?;
+    Ok((u64::from_be_bytes(*expiry), Name::from_bytes(name)))
+}
+
+fn encode_value(chunk: &Chunk) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + chunk.data().len());
+    value.extend_from_slice(&chunk.expiry().to_be_bytes());
+    value.extend_from_slice(chunk.data());
+    value
+}
+
+/// Splits a stored chunk value into expiry and data.
+fn split_value(name: Name, value: &[u8]) -> Result<(u64, &[u8]), StoreError> {
+    let (expiry, data) = value.split_first_chunk::<8>().ok_or_else(|| {
+        corrupt(
+            CHUNKS,
+            name,
+            format!(
+                "value is {} bytes, shorter than its 8-byte expiry",
+                value.len()
+            ),
+        )
+    })?;
+    Ok((u64::from_be_bytes(*expiry), data))
+}
+
+fn make_chunk(name: Name, expiry: u64, data: &[u8]) -> Result<Chunk, StoreError> {
+    Chunk::new(name, expiry, Bytes::copy_from_slice(data))
+        .map_err(|e| corrupt(CHUNKS, name, e.to_string()))
+}
+
+/// Decodes one `chunks` record; `None` when it is expired at `now_ms`.
+fn decode_unexpired(key: &[u8], value: &[u8], now_ms: u64) -> Result<Option<Chunk>, StoreError> {
+    let name = decode_name(CHUNKS, key)?;
+    let (expiry, data) = split_value(name, value)?;
+    if now_ms >= expiry {
+        return Ok(None);
+    }
+    make_chunk(name, expiry, data).map(Some)
+}
+
+impl FjallStore {
+    /// Opens (creating if needed) the store in directory `dir`, holding at most `capacity`
+    /// bytes (see [`stored_size`]); [`super::UNLIMITED`] never evicts.
+    ///
+    /// Scans the stored chunks and outbox to recompute the counters. A store reopened with a
+    /// smaller capacity than it holds evicts on the next insert.
+    pub fn open(dir: &Path, capacity: u64) -> Result<Self, StoreError> {
+        let context = |what: &str| format!("{what} {}", dir.display());
+        let db = Database::builder(dir)
+            .manual_journal_persist(true)
+            .open()
+            .map_err(|e| backend(&context("opening database at"), e))?;
+        let keyspace = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(|e| backend(&context(&format!("opening keyspace {name} in")), e))
+        };
+        let chunks = keyspace(CHUNKS)?;
+        let expiry = keyspace(EXPIRY)?;
+        let outbox = keyspace(OUTBOX)?;
+
+        let mut stats = StoreStats {
+            capacity,
+            ..StoreStats::default()
+        };
+        for guard in chunks.iter() {
+            let value_len = guard
+                .size()
+                .map_err(|e| backend(&context("counting chunks in"), e))?;
+            stats.chunks += 1;
+            stats.bytes += 16 + u64::from(value_len);
+        }
+        stats.outbox = outbox
+            .len()
+            .map_err(|e| backend(&context("counting outbox in"), e))? as u64;
+
+        Ok(FjallStore {
+            chunks,
+            expiry,
+            outbox,
+            db,
+            path: dir.to_owned(),
+            stats,
+        })
+    }
+
+    /// The directory the store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the chunk stored at `name` (see [`stored_size`]), without decoding it.
+    fn size_of(&self, name: Name) -> Result<Option<u64>, StoreError> {
+        let size = self
+            .chunks
+            .size_of(name.to_bytes())
+            .map_err(|e| backend(&format!("reading size of chunk {name}"), e))?;
+        Ok(size.map(|len| 16 + u64::from(len)))
+    }
+
+    /// Visits unexpired chunks under `filter`, forwards or backwards.
+    fn for_each(
+        &self,
+        first: Name,
+        last: Name,
+        now_ms: u64,
+        reverse: bool,
+        f: &mut dyn FnMut(Chunk) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        if first > last {
+            return Ok(());
+        }
+        let range = self.chunks.range(first.to_bytes()..=last.to_bytes());
+        let iter: Box<dyn Iterator<Item = ::fjall::Guard>> = if reverse {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
+        for guard in iter {
+            let (key, value) = guard
+                .into_inner()
+                .map_err(|e| backend(&format!("scanning chunks {first}..={last}"), e))?;
+            if let Some(chunk) = decode_unexpired(&key, &value, now_ms)?
+                && f(chunk).is_break()
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for FjallStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FjallStore")
+            .field("path", &self.path)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Store for FjallStore {
+    fn insert(&mut self, chunk: &Chunk) -> Result<InsertOutcome, StoreError> {
+        let name = chunk.name();
+        let key = name.to_bytes();
+        let existing = self
+            .chunks
+            .get(key)
+            .map_err(|e| backend(&format!("reading chunk {name}"), e))?;
+        if let Some(value) = existing {
+            let (expiry, data) = split_value(name, &value)?;
+            return Ok(
+                if expiry == chunk.expiry() && data == chunk.data().as_ref() {
+                    InsertOutcome::Duplicate
+                } else {
+                    InsertOutcome::Conflict
+                },
+            );
+        }
+
+        let candidates = self.expiry.iter().map(|guard| {
+            let key = guard
+                .key()
+                .map_err(|e| backend("scanning expiry index", e))?;
+            let (expiry, name) = decode_expiry_key(&key)?;
+            Ok(Victim {
+                expiry,
+                name,
+                size: self.size_of(name)?,
+            })
+        });
+        let victims = plan_capacity_eviction(&self.stats, chunk, candidates)?;
+
+        let mut batch = self.db.batch();
+        for victim in &victims {
+            batch.remove(&self.chunks, victim.name.to_bytes().as_slice());
+            batch.remove(
+                &self.expiry,
+                expiry_key(victim.expiry, victim.name).as_slice(),
+            );
+        }
+        batch.insert(&self.chunks, key.as_slice(), encode_value(chunk));
+        batch.insert(
+            &self.expiry,
+            expiry_key(chunk.expiry(), name).as_slice(),
+            Vec::new(),
+        );
+        batch
+            .commit()
+            .map_err(|e| backend(&format!("writing chunk {name}"), e))?;
+
+        for size in victims.iter().filter_map(|v| v.size) {
+            self.stats.chunks -= 1;
+            self.stats.bytes -= size;
+            self.stats.evicted_capacity += 1;
+        }
+        self.stats.chunks += 1;
+        self.stats.bytes += stored_size(chunk);
+        Ok(InsertOutcome::Inserted)
+    }
+
+    fn get(&self, name: Name) -> Result<Option<Chunk>, StoreError> {
+        let value = self
+            .chunks
+            .get(name.to_bytes())
+            .map_err(|e| backend(&format!("reading chunk {name}"), e))?;
+        value
+            .map(|value| {
+                let (expiry, data) = split_value(name, &value)?;
+                make_chunk(name, expiry, data)
+            })
+            .transpose()
+    }
+
+    fn scan_range(
+        &self,
+        first: Name,
+        last: Name,
+        now_ms: u64,
+        f: &mut dyn FnMut(Chunk) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        self.for_each(first, last, now_ms, false, f)
+    }
+
+    fn scan_last(&self, filter: Filter, n: usize, now_ms: u64) -> Result<Vec<Chunk>, StoreError> {
+        let mut out = Vec::new();
+        if n == 0 {
+            return Ok(out);
+        }
+        let (first, last) = filter.range();
+        self.for_each(first, last, now_ms, true, &mut |chunk| {
+            out.push(chunk);
+            if out.len() >= n {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        out.reverse();
+        Ok(out)
+    }
+
+    fn evict_expired(&mut self, now_ms: u64) -> Result<u64, StoreError> {
+        let last = expiry_key(now_ms, Name::MAX);
+        let mut evicted = 0;
+        loop {
+            let mut batch = self.db.batch();
+            let (mut chunks, mut bytes, mut seen) = (0u64, 0u64, 0usize);
+            for guard in self.expiry.range(..=last).take(EVICT_BATCH) {
+                let key = guard
+                    .key()
+                    .map_err(|e| backend("scanning expiry index", e))?;
+                let (expiry, name) = decode_expiry_key(&key)?;
+                if let Some(size) = self.size_of(name)? {
+                    chunks += 1;
+                    bytes += size;
+                }
+                batch.remove(&self.chunks, name.to_bytes().as_slice());
+                batch.remove(&self.expiry, expiry_key(expiry, name).as_slice());
+                seen += 1;
+            }
+            if seen == 0 {
+                break;
+            }
+            batch
+                .commit()
+                .map_err(|e| backend("deleting expired chunks", e))?;
+            self.stats.chunks -= chunks;
+            self.stats.bytes -= bytes;
+            self.stats.evicted_expired += chunks;
+            evicted += chunks;
+            if seen < EVICT_BATCH {
+                break;
+            }
+        }
+        Ok(evicted)
+    }
+
+    /// Persists the journal with [`PersistMode::SyncAll`] (`fsync`). `SyncData`
+    /// (`fdatasync`) would save little here: journal appends grow the file, so its size
+    /// metadata must be flushed either way, and `fsync` is the portable guarantee.
+    fn sync(&mut self) -> Result<(), StoreError> {
+        self.db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| backend(&format!("syncing store at {}", self.path.display()), e))
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.stats
+    }
+
+    fn outbox_push(&mut self, name: Name) -> Result<(), StoreError> {
+        let key = name.to_bytes();
+        let context = || format!("adding {name} to the outbox");
+        if !self
+            .outbox
+            .contains_key(key)
+            .map_err(|e| backend(&context(), e))?
+        {
+            self.outbox
+                .insert(key.as_slice(), Vec::new())
+                .map_err(|e| backend(&context(), e))?;
+            self.stats.outbox += 1;
+        }
+        Ok(())
+    }
+
+    fn outbox_remove(&mut self, name: Name) -> Result<bool, StoreError> {
+        let key = name.to_bytes();
+        let context = || format!("removing {name} from the outbox");
+        if !self
+            .outbox
+            .contains_key(key)
+            .map_err(|e| backend(&context(), e))?
+        {
+            return Ok(false);
+        }
+        self.outbox
+            .remove(key.as_slice())
+            .map_err(|e| backend(&context(), e))?;
+        self.stats.outbox -= 1;
+        Ok(true)
+    }
+
+    fn outbox_pending(&self, limit: usize) -> Result<Vec<Name>, StoreError> {
+        self.outbox
+            .iter()
+            .take(limit)
+            .map(|guard| {
+                let key = guard.key().map_err(|e| backend("scanning the outbox", e))?;
+                decode_name(OUTBOX, &key)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_keys_sort_by_expiry_then_name() {
+        let a = expiry_key(1, Name::MAX);
+        let b = expiry_key(2, Name::MIN);
+        assert!(a < b);
+        assert_eq!(decode_expiry_key(&b).unwrap(), (2, Name::MIN));
+        assert!(matches!(
+            decode_expiry_key(&a[..23]),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_values_are_corrupt_not_panics() {
+        let name = Name::new(3);
+        let err = split_value(name, &[1, 2, 3]).unwrap_err();
+        assert!(err.to_string().contains("chunks/0x"), "{err}");
+        let big = vec![0u8; 8 + 1025];
+        let (expiry, data) = split_value(name, &big).unwrap();
+        assert!(matches!(
+            make_chunk(name, expiry, data),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            decode_name(CHUNKS, &[1, 2]),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}
