@@ -1,0 +1,198 @@
+//! The relay's settings: [`RelayConfig`], read by the binary from defaults, a TOML file,
+//! `CANOPY_*` environment variables and command-line flags (in that order of precedence,
+//! later wins), or built directly by code that embeds a relay.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use canopy::Filter;
+use canopy::access::{Access, Grant};
+use canopy::wire::RelayId;
+use serde::{Deserialize, Serialize};
+
+/// Which storage backend holds the relay's chunks and outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The durable fjall store under `<data>/store` (the default).
+    #[default]
+    Fjall,
+    /// An in-memory store: everything is lost when the relay stops. For tests and
+    /// throw-away relays.
+    Memory,
+}
+
+/// One access rule: what a connection presenting `token` may do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// The token a client (or child relay) sends in its `Hello`.
+    pub token: String,
+    /// Filters (`0x<32 hex digits>/<len>`) under which this token may publish.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Filters (`0x<32 hex digits>/<len>`) this token may subscribe to, or narrower ones.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+/// Everything a relay is configured with. Every field has a default, so an empty TOML file
+/// (or `RelayConfig::default()`) is a working loopback relay without a parent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// UDP address the QUIC listener binds. Default `127.0.0.1:4433`; port 0 picks a free
+    /// port (the binary prints `listening on ADDR`).
+    pub listen: SocketAddr,
+    /// Directory for the store, the TLS certificate and key, and the relay id. Default:
+    /// `$XDG_DATA_HOME/canopy-relay`, or `./canopy-data` when `XDG_DATA_HOME` is unset.
+    pub data: PathBuf,
+    /// This relay's 128-bit id in hex (`0x` prefix optional). Default: random on first start,
+    /// then persisted in `<data>/relay-id`.
+    pub id: Option<String>,
+    /// The parent relay, as `HOST:PORT`. None for the origin relay.
+    pub parent: Option<String>,
+    /// PEM file with the certificate (or CA) to trust for the parent, e.g. the parent's
+    /// `<data>/cert.pem`.
+    pub parent_ca: Option<PathBuf>,
+    /// Alternative to `parent_ca`: the SHA-256 fingerprint (hex of the DER, colons allowed)
+    /// of the parent's certificate, pinned.
+    pub parent_fingerprint: Option<String>,
+    /// Token presented to the parent in the `Hello`.
+    pub parent_token: Option<String>,
+    /// Store capacity in bytes; the earliest-expiring chunks are evicted beyond it.
+    /// Default 1 GiB.
+    pub capacity_bytes: u64,
+    /// Storage backend: `fjall` (default, durable) or `memory`.
+    pub store: StoreKind,
+    /// TCP address for the Prometheus endpoint (`GET /metrics`). None disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Access rules. With none, every connection may publish and subscribe everything (a
+    /// warning is logged when the relay listens on a non-loopback address).
+    pub access: Vec<AccessRule>,
+    /// Bound on each link's outgoing queue, in frames. A live subscriber that falls further
+    /// behind gets `SlowConsumer`. Default 1024.
+    pub max_queue: usize,
+    /// How often expired chunks are evicted, in milliseconds. Default 1000.
+    pub evict_interval_ms: u64,
+}
+
+/// The default data directory: `$XDG_DATA_HOME/canopy-relay`, else `./canopy-data`.
+pub fn default_data_dir() -> PathBuf {
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("canopy-relay"),
+        _ => PathBuf::from("./canopy-data"),
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            data: default_data_dir(),
+            id: None,
+            parent: None,
+            parent_ca: None,
+            parent_fingerprint: None,
+            parent_token: None,
+            capacity_bytes: 1 << 30,
+            store: StoreKind::Fjall,
+            metrics_listen: None,
+            access: Vec::new(),
+            max_queue: 1024,
+            evict_interval_ms: 1000,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The access rules as the routing core takes them; fails on a filter that does not
+    /// parse.
+    pub fn access_rules(&self) -> anyhow::Result<Access> {
+        let parse = |token: &str, list: &[String]| -> anyhow::Result<Vec<Filter>> {
+            list.iter()
+                .map(|s| {
+                    s.parse::<Filter>()
+                        .map_err(|e| anyhow::anyhow!("access rule for token {token:?}: filter {s:?}: {e}"))
+                })
+                .collect()
+        };
+        let mut rules = Vec::new();
+        for rule in &self.access {
+            let grant =
+                Grant { publish: parse(&rule.token, &rule.publish)?, subscribe: parse(&rule.token, &rule.subscribe)? };
+            rules.push((rule.token.clone(), grant));
+        }
+        Ok(Access::with_rules(rules))
+    }
+
+    /// Checks settings that serde cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.max_queue == 0 {
+            bail!("max_queue must be at least 1");
+        }
+        if self.evict_interval_ms == 0 {
+            bail!("evict_interval_ms must be at least 1");
+        }
+        if self.parent.is_some() && self.parent_ca.is_none() && self.parent_fingerprint.is_none() {
+            bail!("a parent needs parent_ca (a PEM file to trust) or parent_fingerprint (SHA-256 of its certificate)");
+        }
+        if let Some(id) = &self.id {
+            parse_relay_id(id)?;
+        }
+        self.access_rules()?;
+        Ok(())
+    }
+}
+
+/// Parses a relay id written in hex, with or without `0x`.
+pub fn parse_relay_id(text: &str) -> anyhow::Result<RelayId> {
+    let hex = text.trim();
+    let hex = hex.strip_prefix("0x").unwrap_or(hex);
+    let value = u128::from_str_radix(hex, 16).with_context(|| format!("relay id {text:?} is not 128-bit hex"))?;
+    Ok(RelayId(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_toml_is_default() {
+        let config: RelayConfig = toml_like_default();
+        assert_eq!(config.max_queue, 1024);
+        assert_eq!(config.capacity_bytes, 1 << 30);
+        assert_eq!(config.store, StoreKind::Fjall);
+    }
+
+    fn toml_like_default() -> RelayConfig {
+        RelayConfig::default()
+    }
+
+    #[test]
+    fn relay_ids_parse_with_or_without_prefix() {
+        assert_eq!(parse_relay_id("0x2a").unwrap(), RelayId(42));
+        assert_eq!(parse_relay_id("2A").unwrap(), RelayId(42));
+        assert!(parse_relay_id("xyz").is_err());
+    }
+
+    #[test]
+    fn access_rules_parse_filters() {
+        let config = RelayConfig {
+            access: vec![AccessRule {
+                token: "alice".into(),
+                publish: vec!["0x0a000000000000000000000000000000/8".into()],
+                subscribe: vec!["0x00000000000000000000000000000000/0".into()],
+            }],
+            ..RelayConfig::default()
+        };
+        let access = config.access_rules().unwrap();
+        assert!(!access.is_open());
+        let bad = RelayConfig {
+            access: vec![AccessRule { token: "t".into(), publish: vec!["nope".into()], subscribe: vec![] }],
+            ..RelayConfig::default()
+        };
+        assert!(bad.access_rules().is_err());
+    }
+}

@@ -1,0 +1,425 @@
+//! # canopy-relay
+//!
+//! The Canopy relay server: tokio and quinn driving the sans-IO routing core
+//! ([`canopy::node::Node`]).
+//!
+//! Data flows one way. Each QUIC connection's reader task decodes frames from the control
+//! stream and sends them to the **node actor**, the single task that owns the `Node` and its
+//! store. The actor handles a batch of frames, syncs the store once for the batch (releasing
+//! the acks), and moves the frames the node queued into each link's writer buffer as far as
+//! the writer has room; writer tasks encode them onto the stream. A parent task keeps the
+//! connection to the parent relay up, reconnecting with capped exponential backoff; the node
+//! itself renews subscriptions and drains the durable outbox when it comes back.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use canopy_relay::{Relay, RelayConfig};
+//! let relay = Relay::spawn(RelayConfig {
+//!     listen: "127.0.0.1:0".parse()?,
+//!     data: "/tmp/relay-data".into(),
+//!     ..RelayConfig::default()
+//! })
+//! .await?;
+//! println!("listening on {}, certificate {}", relay.local_addr(), relay.fingerprint());
+//! relay.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! See `docs/relay.md` for configuration and running a tree of relays.
+
+mod actor;
+pub mod config;
+mod link;
+pub mod metrics;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use canopy::node::{LinkId, Metrics, Node, NodeConfig};
+use canopy::wire::RelayId;
+use canopy::{FjallStore, MemoryStore, StoreStats};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::actor::{ActorParts, Stop, ToNode};
+pub use crate::config::{AccessRule, RelayConfig, StoreKind};
+use crate::link::LinkOut;
+use crate::tls::Trust;
+
+/// A snapshot of a relay's counters: the routing core's plus the store's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayMetrics {
+    /// The routing core's counters.
+    pub node: Metrics,
+    /// The store's counters (chunks, bytes, evictions, outbox depth).
+    pub store: StoreStats,
+    /// Live downstream subscriptions.
+    pub subscriptions: usize,
+    /// Open links (clients, children and the parent).
+    pub links: usize,
+}
+
+/// Messages in flight from connection tasks to the node actor at most; readers wait beyond
+/// it, which pushes back on their peers through QUIC flow control.
+const INBOX: usize = 1024;
+
+/// How long an accepted connection may take to open its control stream.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Backoff between attempts to reach the parent.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A connection attempt to the parent gives up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A parent session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(2);
+
+/// The relay server. See [`Relay::spawn`].
+pub struct Relay;
+
+/// State shared by the relay's network tasks.
+struct Shared {
+    to_node: mpsc::Sender<ToNode>,
+    stop: watch::Receiver<Stop>,
+    room: Arc<Notify>,
+    next_link: AtomicU64,
+}
+
+impl Shared {
+    fn link_id(&self) -> LinkId {
+        self.next_link.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A running relay. Dropping it stops the relay abruptly (like [`RelayHandle::kill`], without
+/// waiting); [`RelayHandle::shutdown`] stops it gracefully.
+pub struct RelayHandle {
+    local_addr: SocketAddr,
+    cert_pem: String,
+    cert_path: PathBuf,
+    fingerprint: String,
+    id: RelayId,
+    endpoint: quinn::Endpoint,
+    stop: watch::Sender<Stop>,
+    snapshot: Arc<Mutex<RelayMetrics>>,
+    node_done: Option<oneshot::Receiver<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl Relay {
+    /// Starts a relay: opens the store and TLS identity in `config.data` (creating them on
+    /// first start), binds the QUIC listener, and starts the node actor, the parent link and
+    /// the metrics endpoint as configured. Must be called inside a tokio runtime.
+    pub async fn spawn(config: RelayConfig) -> anyhow::Result<RelayHandle> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data)
+            .with_context(|| format!("creating data directory {}", config.data.display()))?;
+        let id = load_or_create_id(&config.data, config.id.as_deref())?;
+        let identity = tls::load_or_create(&config.data, config.listen)?;
+        if identity.created {
+            tracing::info!(path = %identity.cert_path.display(), "created a self-signed certificate");
+        }
+        let access = config.access_rules()?;
+        if access.is_open() && !config.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %config.listen,
+                "no access rules are configured and the relay listens beyond loopback: anyone who can reach it may publish and subscribe everything"
+            );
+        }
+        let parent_trust = match (&config.parent_ca, &config.parent_fingerprint) {
+            (Some(path), _) => Some(Trust::Pem(
+                std::fs::read_to_string(path).with_context(|| format!("reading parent_ca {}", path.display()))?,
+            )),
+            (None, Some(fp)) => Some(Trust::Fingerprint(fp.clone())),
+            (None, None) => None,
+        };
+        let parent = match (&config.parent, parent_trust) {
+            (Some(parent), Some(trust)) => Some((parent.clone(), tls::client_config(&trust)?)),
+            _ => None,
+        };
+
+        let node_config = NodeConfig {
+            parent_token: config.parent_token.clone(),
+            access,
+            max_queue: config.max_queue,
+            ..NodeConfig::new(id)
+        };
+        let has_parent = parent.is_some();
+        let (to_node, inbox) = mpsc::channel(INBOX);
+        let (stop, stop_rx) = watch::channel(Stop::Running);
+        let room = Arc::new(Notify::new());
+        let snapshot = Arc::new(Mutex::new(RelayMetrics::default()));
+        let parts = ActorParts {
+            inbox,
+            room: room.clone(),
+            stop: stop_rx.clone(),
+            snapshot: snapshot.clone(),
+            evict_interval: Duration::from_millis(config.evict_interval_ms),
+        };
+        let node_done = match config.store {
+            StoreKind::Fjall => {
+                let dir = config.data.join("store");
+                let store = task_ext::block_in_place_or_run(|| FjallStore::open(&dir, config.capacity_bytes))
+                    .with_context(|| format!("opening the store in {}", dir.display()))?;
+                actor::spawn(Node::new(node_config, store, has_parent), parts)?
+            }
+            StoreKind::Memory => {
+                actor::spawn(Node::new(node_config, MemoryStore::new(config.capacity_bytes), has_parent), parts)?
+            }
+        };
+
+        let endpoint = quinn::Endpoint::server(tls::server_config(&identity)?, config.listen)
+            .with_context(|| format!("binding {}", config.listen))?;
+        let local_addr = endpoint.local_addr()?;
+        let shared = Arc::new(Shared { to_node, stop: stop_rx.clone(), room, next_link: AtomicU64::new(1) });
+
+        let mut tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), shared.clone()))];
+        if let Some((parent, client_config)) = parent {
+            tasks.push(tokio::spawn(parent_loop(parent, client_config, shared.clone(), stop_rx.clone())));
+        }
+        let mut metrics_addr = None;
+        if let Some(addr) = config.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+            metrics_addr = Some(listener.local_addr()?);
+            tasks.push(tokio::spawn(metrics::serve(listener, snapshot.clone(), stop_rx.clone())));
+        }
+        tracing::info!(%id, listen = %local_addr, cert = %identity.cert_path.display(), fingerprint = %identity.fingerprint, "relay started");
+        Ok(RelayHandle {
+            local_addr,
+            cert_pem: identity.cert_pem,
+            cert_path: identity.cert_path,
+            fingerprint: identity.fingerprint,
+            id,
+            endpoint,
+            stop,
+            snapshot,
+            node_done: Some(node_done),
+            tasks,
+            metrics_addr,
+        })
+    }
+}
+
+mod task_ext {
+    //! Blocking work inside async code.
+    /// Runs blocking startup work; inside a multi-threaded runtime it tells tokio first.
+    pub(crate) fn block_in_place_or_run<R>(f: impl FnOnce() -> R) -> R {
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+            _ => f(),
+        }
+    }
+}
+
+impl RelayHandle {
+    /// The address the QUIC listener is bound to (the real port when configured with 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The relay's certificate in PEM, for clients and children to trust.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Where the certificate PEM is stored (`<data>/cert.pem`).
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
+
+    /// SHA-256 of the certificate DER, lowercase hex.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The relay's id.
+    pub fn id(&self) -> RelayId {
+        self.id
+    }
+
+    /// The bound address of the metrics endpoint, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The counters as of the node actor's last turn.
+    pub fn metrics(&self) -> RelayMetrics {
+        *self.snapshot.lock().expect("metrics lock")
+    }
+
+    /// Stops gracefully: flushes the store, sends what is queued and closes every link,
+    /// stops listening, and returns once the store is closed and the port released.
+    pub async fn shutdown(mut self) {
+        self.stop_with(Stop::Graceful).await;
+    }
+
+    /// Stops abruptly: no final flush and no goodbyes to peers (everything acknowledged is
+    /// already durable). Returns once the store is closed and the port released.
+    pub async fn kill(mut self) {
+        self.stop_with(Stop::Kill).await;
+    }
+
+    async fn stop_with(&mut self, how: Stop) {
+        let _ = self.stop.send(how);
+        if let Some(done) = self.node_done.take() {
+            let _ = done.await;
+        }
+        if how == Stop::Graceful {
+            // Let writers send the last frames and close their links.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while self.endpoint.open_connections() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+        }
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"relay stopping");
+        for task in self.tasks.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        if self.node_done.is_some() {
+            let _ = self.stop.send(Stop::Kill);
+            self.endpoint.close(quinn::VarInt::from_u32(0), b"relay stopping");
+            for task in &self.tasks {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// The relay id: from the config, else from `<data>/relay-id`, else a new random one
+/// written there.
+fn load_or_create_id(data: &Path, configured: Option<&str>) -> anyhow::Result<RelayId> {
+    if let Some(text) = configured {
+        return config::parse_relay_id(text);
+    }
+    let path = data.join("relay-id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => config::parse_relay_id(&text).with_context(|| format!("reading {}", path.display())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let id = RelayId(rand::random::<u128>());
+            std::fs::write(&path, format!("{id}\n")).with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+        Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(err) = serve_connection(incoming, shared).await {
+                tracing::debug!(%remote, "connection ended: {err:#}");
+            }
+        });
+    }
+}
+
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let conn = incoming.await.context("handshake")?;
+    let (send, recv) = tokio::time::timeout(STREAM_OPEN_TIMEOUT, conn.accept_bi())
+        .await
+        .context("no control stream opened in time")?
+        .context("accepting the control stream")?;
+    let link = shared.link_id();
+    tracing::debug!(link, remote = %conn.remote_address(), "link opened");
+    run_link(link, conn, send, recv, &shared, false, shared.stop.clone()).await
+}
+
+/// Registers a link with the node, runs its writer and reader, and tells the node when it
+/// ends.
+async fn run_link(
+    link: LinkId,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    shared: &Shared,
+    parent: bool,
+    stop: watch::Receiver<Stop>,
+) -> anyhow::Result<()> {
+    let out = LinkOut::new();
+    let msg = if parent {
+        ToNode::ParentConnected { link, out: out.clone() }
+    } else {
+        ToNode::Accepted { link, out: out.clone() }
+    };
+    if shared.to_node.send(msg).await.is_err() {
+        bail!("relay stopping");
+    }
+    let writer = tokio::spawn(link::writer(send, conn.clone(), out.clone(), shared.room.clone()));
+    link::reader(recv, link, shared.to_node.clone(), out.clone(), stop).await;
+    let _ = shared.to_node.send(ToNode::Closed { link }).await;
+    let _ = writer.await;
+    conn.close(quinn::VarInt::from_u32(0), b"closed");
+    Ok(())
+}
+
+async fn parent_loop(parent: String, client_config: quinn::ClientConfig, shared: Arc<Shared>, mut stop: watch::Receiver<Stop>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        match parent_session(&parent, &client_config, &shared).await {
+            Ok(()) => tracing::warn!(%parent, "lost the parent; reconnecting"),
+            Err(err) => tracing::warn!(%parent, "cannot reach the parent: {err:#}"),
+        }
+        if *stop.borrow() != Stop::Running {
+            return;
+        }
+        if started.elapsed() >= STABLE_SESSION {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection to the parent, from connecting until it is lost.
+async fn parent_session(parent: &str, client_config: &quinn::ClientConfig, shared: &Shared) -> anyhow::Result<()> {
+    let addr = tokio::net::lookup_host(parent)
+        .await
+        .with_context(|| format!("resolving {parent}"))?
+        .next()
+        .with_context(|| format!("{parent} resolves to no address"))?;
+    let host = parent.rsplit_once(':').map_or(parent, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let endpoint = quinn::Endpoint::client(bind).context("binding a client socket")?;
+    let mut stop = shared.stop.clone();
+    let result = async {
+        let connecting = endpoint.connect_with(client_config.clone(), addr, host)?;
+        let (conn, send, recv) = tokio::select! {
+            _ = stop.changed() => bail!("relay stopping"),
+            result = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                let conn = connecting.await.context("handshake")?;
+                let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
+                anyhow::Ok((conn, send, recv))
+            }) => result.context("timed out")??,
+        };
+        let link = shared.link_id();
+        run_link(link, conn, send, recv, shared, true, shared.stop.clone()).await
+    }
+    .await;
+    endpoint.close(quinn::VarInt::from_u32(0), b"bye");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    result
+}

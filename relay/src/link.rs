@@ -1,0 +1,170 @@
+//! One QUIC connection's control stream: a reader task that decodes frames and hands them to
+//! the node actor, and a writer task that encodes what the node queued for the link.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use canopy::node::LinkId;
+use canopy::wire::{self, ErrorCode, Frame, FrameDecoder};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::actor::{Stop, ToNode};
+
+/// Frames a writer holds at most before the node stops draining into it; the node's own
+/// per-link queue (`max_queue`) is the real bound.
+pub(crate) const WRITER_CAPACITY: usize = 256;
+
+/// How long a closing link waits for the peer to acknowledge the last frames.
+const LINGER: Duration = Duration::from_secs(3);
+
+#[derive(Default)]
+struct OutState {
+    frames: VecDeque<Frame>,
+    /// Set once the link is closing: the writer sends what is queued, then closes with this
+    /// code. Later frames are dropped.
+    closing: Option<ErrorCode>,
+}
+
+/// The buffer between the node actor and one link's writer task.
+#[derive(Default)]
+pub(crate) struct LinkOut {
+    state: Mutex<OutState>,
+    wake: Notify,
+}
+
+impl LinkOut {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(LinkOut::default())
+    }
+
+    /// How many more frames the writer takes now (0 once closing).
+    pub(crate) fn room(&self) -> usize {
+        let state = self.state.lock().expect("link buffer lock");
+        if state.closing.is_some() { 0 } else { WRITER_CAPACITY.saturating_sub(state.frames.len()) }
+    }
+
+    /// Queues frames for the writer (dropped if the link is closing).
+    pub(crate) fn push(&self, frames: Vec<Frame>) {
+        if frames.is_empty() {
+            return;
+        }
+        let mut state = self.state.lock().expect("link buffer lock");
+        if state.closing.is_some() {
+            return;
+        }
+        state.frames.extend(frames);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Queues the last frames (whatever the room) and asks the writer to close the link after
+    /// sending them. Only the first call counts.
+    pub(crate) fn close(&self, frames: Vec<Frame>, code: ErrorCode) {
+        let mut state = self.state.lock().expect("link buffer lock");
+        if state.closing.is_some() {
+            return;
+        }
+        state.frames.extend(frames);
+        state.closing = Some(code);
+        drop(state);
+        self.wake.notify_one();
+    }
+}
+
+/// The QUIC application close code for a link closed with `code` (0 for a normal end).
+fn close_code(code: ErrorCode) -> quinn::VarInt {
+    quinn::VarInt::from_u32(u32::from(code.code()))
+}
+
+/// A normal close, with no error.
+pub(crate) const NORMAL: ErrorCode = ErrorCode::Other(0);
+
+/// Encodes and writes frames from `out` until the link closes; then finishes the stream,
+/// waits (bounded) for the peer to acknowledge it, and closes the connection.
+pub(crate) async fn writer(mut send: quinn::SendStream, conn: quinn::Connection, out: Arc<LinkOut>, room: Arc<Notify>) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let code = loop {
+        let (batch, closing) = {
+            let mut state = out.state.lock().expect("link buffer lock");
+            (std::mem::take(&mut state.frames), state.closing)
+        };
+        if batch.is_empty() {
+            if let Some(code) = closing {
+                break code;
+            }
+            tokio::select! {
+                () = out.wake.notified() => continue,
+                _ = conn.closed() => return,
+            }
+        }
+        buf.clear();
+        for frame in &batch {
+            if let Err(err) = wire::encode(frame, &mut buf) {
+                tracing::error!(%err, ?frame, "a frame could not be encoded; dropped");
+            }
+        }
+        // The node may drain more into the buffer now.
+        room.notify_one();
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+    };
+    let _ = send.finish();
+    let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+    let reason = if code == NORMAL { "closed".to_owned() } else { code.to_string() };
+    conn.close(close_code(code), reason.as_bytes());
+}
+
+/// Reads the control stream of `link`, handing whole frames to the node, until the stream
+/// ends, fails or carries bytes that do not decode (answered with an `Error` and a close).
+pub(crate) async fn reader(
+    mut recv: quinn::RecvStream,
+    link: LinkId,
+    to_node: mpsc::Sender<ToNode>,
+    out: Arc<LinkOut>,
+    mut stop: watch::Receiver<Stop>,
+) {
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::select! {
+            _ = stop.changed() => {
+                out.close(Vec::new(), NORMAL);
+                return;
+            }
+            read = recv.read(&mut buf) => read,
+        };
+        match read {
+            Ok(Some(n)) => {
+                decoder.extend(&buf[..n]);
+                let mut frames = Vec::new();
+                let failure = loop {
+                    match decoder.next_frame() {
+                        Ok(Some(frame)) => frames.push(frame),
+                        Ok(None) => break None,
+                        Err(err) => break Some(err),
+                    }
+                };
+                if !frames.is_empty() && to_node.send(ToNode::Frames { link, frames }).await.is_err() {
+                    return;
+                }
+                if let Some(err) = failure {
+                    tracing::info!(link, %err, "closing a link that sent undecodable bytes");
+                    let code = err.error_code();
+                    out.close(vec![Frame::Error { code, about: None, message: err.to_string() }], code);
+                    return;
+                }
+            }
+            Ok(None) => {
+                out.close(Vec::new(), NORMAL);
+                return;
+            }
+            Err(err) => {
+                tracing::debug!(link, %err, "control stream ended");
+                out.close(Vec::new(), NORMAL);
+                return;
+            }
+        }
+    }
+}

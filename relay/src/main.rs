@@ -1,0 +1,170 @@
+//! `canopy-relay`: the Canopy relay server.
+//!
+//! Settings come from built-in defaults, then a TOML file (`--config`), then `CANOPY_*`
+//! environment variables, then command-line flags; later sources win. See `docs/relay.md`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use canopy_relay::{Relay, RelayConfig, StoreKind};
+use clap::Parser;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::Serialize;
+
+/// The Canopy relay server: caches chunks and forwards them along a tree of relays over QUIC.
+///
+/// Settings are merged from defaults, the TOML file given with --config, CANOPY_* environment
+/// variables (CANOPY_LISTEN, CANOPY_DATA, CANOPY_PARENT, ...) and these flags, later winning.
+#[derive(Debug, Parser, Serialize)]
+#[command(name = "canopy-relay", version)]
+struct Cli {
+    /// TOML configuration file (keys as in docs/relay.md).
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+
+    /// UDP address to listen on for QUIC (port 0 picks a free one) [default: 127.0.0.1:4433].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+
+    /// Data directory: store, certificate, key and relay id
+    /// [default: $XDG_DATA_HOME/canopy-relay or ./canopy-data].
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<PathBuf>,
+
+    /// Parent relay as HOST:PORT (none for the origin relay).
+    #[arg(long, value_name = "HOST:PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
+
+    /// PEM file with the certificate to trust for the parent (e.g. its cert.pem).
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_ca: Option<PathBuf>,
+
+    /// SHA-256 fingerprint of the parent's certificate, pinned (instead of --parent-ca).
+    #[arg(long, value_name = "HEX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_fingerprint: Option<String>,
+
+    /// Token to present to the parent.
+    #[arg(long, value_name = "TOKEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_token: Option<String>,
+
+    /// Store capacity in bytes [default: 1073741824].
+    #[arg(long, value_name = "BYTES")]
+    #[serde(rename = "capacity_bytes", skip_serializing_if = "Option::is_none")]
+    capacity: Option<u64>,
+
+    /// Storage backend: fjall (durable, default) or memory.
+    #[arg(long, value_name = "KIND", value_parser = parse_store)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store: Option<StoreKind>,
+
+    /// TCP address for the Prometheus endpoint (GET /metrics); off by default.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(rename = "metrics_listen", skip_serializing_if = "Option::is_none")]
+    metrics: Option<SocketAddr>,
+}
+
+fn parse_store(text: &str) -> Result<StoreKind, String> {
+    match text {
+        "fjall" => Ok(StoreKind::Fjall),
+        "memory" => Ok(StoreKind::Memory),
+        other => Err(format!("unknown store {other:?}: use fjall or memory")),
+    }
+}
+
+/// Config keys that may come from `CANOPY_<KEY>` environment variables.
+const ENV_KEYS: &[&str] = &[
+    "listen",
+    "data",
+    "id",
+    "parent",
+    "parent_ca",
+    "parent_fingerprint",
+    "parent_token",
+    "capacity_bytes",
+    "store",
+    "metrics_listen",
+    "max_queue",
+    "evict_interval_ms",
+];
+
+fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {
+    let mut figment = Figment::from(Serialized::defaults(RelayConfig::default()));
+    if let Some(path) = &cli.config {
+        anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
+        figment = figment.merge(Toml::file(path));
+    }
+    figment = figment.merge(Env::prefixed("CANOPY_").only(ENV_KEYS)).merge(Serialized::defaults(cli));
+    figment.extract().context("reading the configuration")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = load_config(&cli)?;
+    let relay = Relay::spawn(config).await?;
+    // Machine-readable lines on stdout (logs go to stderr).
+    println!("certificate {} sha256 {}", relay.cert_path().display(), relay.fingerprint());
+    println!("listening on {}", relay.local_addr());
+    if let Some(addr) = relay.metrics_addr() {
+        println!("metrics on http://{addr}/metrics");
+    }
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    relay.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result?,
+            _ = term.recv() => {}
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:5000\"\ncapacity_bytes = 42\nstore = \"memory\"\n\n[[access]]\ntoken = \"t\"\npublish = [\"0x00000000000000000000000000000000/0\"]\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from(["canopy-relay", "--config", file.to_str().unwrap(), "--listen", "127.0.0.1:6000"]);
+        let config = load_config(&cli).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(config.capacity_bytes, 42);
+        assert_eq!(config.store, StoreKind::Memory);
+        assert_eq!(config.access.len(), 1);
+        assert_eq!(config.max_queue, 1024);
+    }
+}

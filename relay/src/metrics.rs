@@ -1,0 +1,104 @@
+//! The Prometheus endpoint: a minimal HTTP/1.1 responder for `GET /metrics`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::RelayMetrics;
+use crate::actor::Stop;
+
+/// Renders `m` in the Prometheus text exposition format.
+pub fn render(m: &RelayMetrics) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let n = &m.node;
+    metric("canopy_chunks_in_total", "counter", "Chunks received on any link.", &[("", n.chunks_in)]);
+    metric("canopy_chunks_out_total", "counter", "Chunk deliveries queued to subscribers.", &[("", n.chunks_out)]);
+    metric("canopy_chunks_stored_total", "counter", "Chunks newly stored.", &[("", n.stored)]);
+    metric("canopy_duplicates_total", "counter", "Identical chunks received again.", &[("", n.duplicates)]);
+    metric("canopy_conflicts_total", "counter", "Chunks refused for different data at a stored name.", &[(
+        "",
+        n.conflicts,
+    )]);
+    metric("canopy_evicted_total", "counter", "Chunks evicted from the store, by reason.", &[
+        ("{reason=\"expired\"}", m.store.evicted_expired),
+        ("{reason=\"capacity\"}", m.store.evicted_capacity),
+    ]);
+    metric("canopy_denied_total", "counter", "Publishes or subscriptions refused by access rules.", &[(
+        "", n.denied,
+    )]);
+    metric("canopy_upstream_rejected_total", "counter", "Outbox chunks the parent refused.", &[(
+        "",
+        n.upstream_rejected,
+    )]);
+    metric("canopy_slow_consumers_total", "counter", "Subscriptions ended because their link fell behind.", &[(
+        "",
+        n.slow_consumers,
+    )]);
+    metric("canopy_subscriptions", "gauge", "Live downstream subscriptions.", &[("", m.subscriptions as u64)]);
+    metric("canopy_links", "gauge", "Open links (clients, children and the parent).", &[("", m.links as u64)]);
+    metric("canopy_outbox_depth", "gauge", "Chunks waiting for the parent's acknowledgement.", &[(
+        "",
+        m.store.outbox,
+    )]);
+    metric("canopy_store_bytes", "gauge", "Bytes stored, as counted against capacity.", &[("", m.store.bytes)]);
+    metric("canopy_store_chunks", "gauge", "Chunks stored.", &[("", m.store.chunks)]);
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until the relay stops.
+pub(crate) async fn serve(listener: TcpListener, snapshot: Arc<Mutex<RelayMetrics>>, mut stop: watch::Receiver<Stop>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else { continue };
+                let snapshot = snapshot.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, peer, snapshot)).await;
+                });
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, peer: SocketAddr, snapshot: Arc<Mutex<RelayMetrics>>) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, content_type, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+        let m = *snapshot.lock().expect("metrics lock");
+        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(&m))
+    } else {
+        tracing::debug!(%peer, %line, "metrics: not found");
+        ("404 Not Found", "text/plain; charset=utf-8", "try GET /metrics\n".to_owned())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

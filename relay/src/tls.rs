@@ -1,0 +1,230 @@
+//! TLS for the relay: its self-signed identity, and the QUIC server and client configs.
+//!
+//! Only the `ring` crypto provider is used, and only TLS 1.3 (QUIC requires it).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use canopy::wire::ALPN;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// The relay's certificate and key, as loaded from (or first written to) its data directory.
+#[derive(Debug)]
+pub struct Identity {
+    /// The certificate, DER.
+    pub cert_der: CertificateDer<'static>,
+    /// The private key, DER.
+    pub key_der: PrivateKeyDer<'static>,
+    /// The certificate, PEM (what a child's `parent_ca` trusts).
+    pub cert_pem: String,
+    /// Where the certificate PEM is.
+    pub cert_path: PathBuf,
+    /// SHA-256 of the certificate DER, lowercase hex.
+    pub fingerprint: String,
+    /// Whether this start created the certificate.
+    pub created: bool,
+}
+
+/// SHA-256 of `der`, as lowercase hex without separators.
+pub fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Normalises a fingerprint as an operator may write it (colons, upper case) to lowercase hex.
+fn normalise_fingerprint(text: &str) -> anyhow::Result<String> {
+    let hex: String = text.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect::<String>().to_lowercase();
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("fingerprint {text:?} is not 64 hex digits (SHA-256)");
+    }
+    Ok(hex)
+}
+
+/// Loads `cert.pem`/`key.pem` from `data`, or creates a self-signed pair (SANs `localhost`,
+/// `127.0.0.1` and the listen IP when it is a specific other address) and writes it there.
+pub fn load_or_create(data: &Path, listen: SocketAddr) -> anyhow::Result<Identity> {
+    let cert_path = data.join("cert.pem");
+    let key_path = data.join("key.pem");
+    let created = !cert_path.exists() || !key_path.exists();
+    if created {
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let ip = listen.ip();
+        if !ip.is_unspecified() && ip.to_string() != "127.0.0.1" {
+            names.push(ip.to_string());
+        }
+        let certified = rcgen::generate_simple_self_signed(names).context("generating a self-signed certificate")?;
+        write_private(&key_path, certified.signing_key.serialize_pem().as_bytes())?;
+        std::fs::write(&cert_path, certified.cert.pem())
+            .with_context(|| format!("writing {}", cert_path.display()))?;
+    }
+    let cert_pem =
+        std::fs::read_to_string(&cert_path).with_context(|| format!("reading {}", cert_path.display()))?;
+    let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .with_context(|| format!("parsing certificate {}", cert_path.display()))?;
+    let key_der =
+        PrivateKeyDer::from_pem_file(&key_path).with_context(|| format!("parsing key {}", key_path.display()))?;
+    let fingerprint = fingerprint(&cert_der);
+    Ok(Identity { cert_der, key_der, cert_pem, cert_path, fingerprint, created })
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Keep-alives and idle timeout shared by both directions, so a vanished peer is noticed.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    transport.max_idle_timeout(Some(Duration::from_secs(20).try_into().expect("20 s fits")));
+    Arc::new(transport)
+}
+
+/// The QUIC server config for `identity`, offering ALPN `canopy/1`.
+pub fn server_config(identity: &Identity) -> anyhow::Result<quinn::ServerConfig> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert_der.clone()], identity.key_der.clone_key())
+        .context("building the TLS server config")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC server config")?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// How a client decides to trust the relay it connects to.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// Certificates (or CAs) from PEM text.
+    Pem(String),
+    /// The SHA-256 fingerprint of the end-entity certificate, pinned.
+    Fingerprint(String),
+}
+
+/// A QUIC client config with ALPN `canopy/1` that trusts the given certificate(s).
+pub fn client_config(trust: &Trust) -> anyhow::Result<quinn::ClientConfig> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut tls = match trust {
+        Trust::Pem(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(cert.context("parsing a trusted certificate")?).context("adding a trusted certificate")?;
+            }
+            if roots.is_empty() {
+                bail!("no certificate found in the trusted PEM");
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Fingerprint(fp) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                fingerprint: normalise_fingerprint(fp)?,
+                provider: provider(),
+            }))
+            .with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC client config")?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// Accepts exactly the server certificate whose SHA-256 matches, whatever its names; the
+/// handshake signature is still verified against that certificate's key.
+#[derive(Debug)]
+struct PinnedVerifier {
+    fingerprint: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if fingerprint(end_entity) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_normalise() {
+        let fp = "AB:".repeat(31) + "AB";
+        assert_eq!(normalise_fingerprint(&fp).unwrap(), "ab".repeat(32));
+        assert!(normalise_fingerprint("abc").is_err());
+    }
+
+    #[test]
+    fn identity_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let first = load_or_create(dir.path(), listen).unwrap();
+        assert!(first.created);
+        let second = load_or_create(dir.path(), listen).unwrap();
+        assert!(!second.created);
+        assert_eq!(first.fingerprint, second.fingerprint);
+        assert_eq!(first.fingerprint.len(), 64);
+    }
+}

@@ -1,0 +1,247 @@
+//! `canopy`: publish and subscribe to a Canopy relay from the command line.
+//!
+//! ```text
+//! canopy pub --relay 127.0.0.1:4433 --ca relay.pem [--token T] [--ttl 1h] NAME DATA
+//! canopy sub --relay 127.0.0.1:4433 --fingerprint HEX FILTER [--mode cached|live|both]
+//!            [--count N] [--timeout 5s] [--json]
+//! canopy stat --metrics http://127.0.0.1:9100/metrics
+//! ```
+//!
+//! NAME and FILTER take the hex forms (`0x…`, `0x…/len`, `*`) or the messenger schema form
+//! (`team=5/channel=3`, `origin=1/app=2/*`).
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use base64::Engine;
+use canopy_sdk::{Chunk, Client, ConnectOptions, ReplayMode, Schema, SubEvent, Trust};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "canopy", version, about = "Publish to and subscribe from a Canopy relay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish one chunk; exits 0 once the relay acknowledges it.
+    Pub {
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// How long the chunk lives (e.g. `30s`, `1h`, `7days`).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The chunk name: `0x…` hex or messenger fields (`team=5/channel=3/msg=1`).
+        name: String,
+        /// The chunk data (UTF-8 text, at most 1024 bytes).
+        data: String,
+    },
+    /// Subscribe to a filter and print one line per chunk.
+    Sub {
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// The filter: `0x…/len`, `*`, or leading messenger fields (`origin=1/app=2`).
+        filter: String,
+        /// `cached`: only stored chunks, stop at the end of the replay; `live`: only new
+        /// chunks; `both`: stored then new.
+        #[arg(long, value_enum, default_value_t = Mode::Both)]
+        mode: Mode,
+        /// Stop after this many chunks.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long (e.g. `5s`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Print `{"name": "0x…", "expiry": ms, "data": "<base64>"}` lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a relay's Prometheus metrics (fetched over plain HTTP).
+    Stat {
+        /// The metrics URL, e.g. `http://127.0.0.1:9100/metrics`.
+        #[arg(long)]
+        metrics: String,
+    },
+}
+
+#[derive(Args)]
+struct RelayArgs {
+    /// The relay address, `host:port`.
+    #[arg(long, env = "CANOPY_RELAY")]
+    relay: String,
+    /// PEM file of the CA (or the relay's self-signed certificate) to trust.
+    #[arg(long, conflicts_with = "fingerprint", required_unless_present = "fingerprint")]
+    ca: Option<std::path::PathBuf>,
+    /// Hex SHA-256 of the relay's certificate (DER) to pin.
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// Authentication token.
+    #[arg(long, env = "CANOPY_TOKEN")]
+    token: Option<String>,
+    /// TLS server name to expect in the relay's certificate (with `--ca`).
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Cached,
+    Live,
+    Both,
+}
+
+impl RelayArgs {
+    async fn connect(&self) -> Result<Client> {
+        let trust = match (&self.ca, &self.fingerprint) {
+            (Some(path), _) => Trust::CaPem(
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+            ),
+            (None, Some(fp)) => Trust::Fingerprint(fp.clone()),
+            (None, None) => bail!("give --ca or --fingerprint"),
+        };
+        let mut opts = ConnectOptions::new(&self.relay, trust);
+        opts.token = self.token.clone();
+        opts.server_name = self.server_name.clone();
+        Ok(Client::connect(opts).await?)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("canopy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("canopy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let schema = Schema::messenger();
+    match cli.command {
+        Command::Pub { relay, ttl, name, data } => {
+            let name = schema.parse_name(&name).with_context(|| format!("bad name {name:?}"))?;
+            let expiry = canopy_sdk::now_ms().saturating_add(ttl.as_millis() as u64);
+            let chunk = Chunk::new(name, expiry, data.into_bytes())?;
+            let client = relay.connect().await?;
+            client.publish(chunk).await?;
+            client.close();
+            Ok(())
+        }
+        Command::Sub { relay, filter, mode, count, timeout, json } => {
+            let filter = schema.parse_filter(&filter).with_context(|| format!("bad filter {filter:?}"))?;
+            let mode = match mode {
+                Mode::Cached => ReplayMode::CachedOnly,
+                Mode::Live => ReplayMode::LiveOnly,
+                Mode::Both => ReplayMode::CachedAndLive,
+            };
+            let client = relay.connect().await?;
+            let receive = receive(&client, filter, mode, count, json);
+            let result = match timeout {
+                Some(t) => tokio::time::timeout(t, receive).await.unwrap_or(Ok(())),
+                None => receive.await,
+            };
+            client.close();
+            result
+        }
+        Command::Stat { metrics } => stat(&metrics).await,
+    }
+}
+
+async fn receive(client: &Client, filter: canopy_sdk::Filter, mode: ReplayMode, count: Option<u64>, json: bool) -> Result<()> {
+    if count == Some(0) {
+        return Ok(());
+    }
+    let mut sub = client.subscribe(filter, mode).await?;
+    let mut seen = 0u64;
+    let mut out = std::io::stdout().lock();
+    while let Some(event) = sub.next().await {
+        match event {
+            SubEvent::Chunk(chunk) => {
+                writeln!(out, "{}", render(&chunk, json))?;
+                out.flush()?;
+                seen += 1;
+                if count.is_some_and(|n| seen >= n) {
+                    break;
+                }
+            }
+            SubEvent::ReplayDone if mode == ReplayMode::CachedOnly => break,
+            SubEvent::ReplayDone => {}
+            SubEvent::Error { code, message } => return Err(anyhow!("subscription ended: {code}: {message}")),
+        }
+    }
+    Ok(())
+}
+
+fn render(chunk: &Chunk, json: bool) -> String {
+    if json {
+        serde_json::json!({
+            "name": chunk.name().to_string(),
+            "expiry": chunk.expiry(),
+            "data": base64::engine::general_purpose::STANDARD.encode(chunk.data()),
+        })
+        .to_string()
+    } else {
+        let data = match std::str::from_utf8(chunk.data()) {
+            Ok(text) if !text.chars().any(char::is_control) => text.to_owned(),
+            _ => format!("0x{}", chunk.data().iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        };
+        format!("{} {} {}", chunk.name(), chunk.expiry(), data)
+    }
+}
+
+/// Fetches `http://host:port/path` with a bare HTTP/1.0 GET and prints the metric samples,
+/// aligned, without the `# HELP`/`# TYPE` comments.
+async fn stat(url: &str) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow!("only http:// metrics URLs are supported"))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/metrics"),
+    };
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(host))
+        .await
+        .context("timed out connecting")?
+        .with_context(|| format!("connecting to {host}"))?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .context("timed out reading")??;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| anyhow!("malformed HTTP response"))?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        bail!("metrics endpoint answered {status:?}");
+    }
+    let samples: Vec<(&str, &str)> = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+        .collect();
+    let width = samples.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (key, value) in samples {
+        println!("{key:<width$}  {value}");
+    }
+    Ok(())
+}

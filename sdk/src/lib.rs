@@ -1,0 +1,90 @@
+//! # Canopy client SDK
+//!
+//! Connect to a Canopy relay over QUIC + TLS 1.3, publish immutable [`Chunk`]s and subscribe
+//! to [`Filter`]s over their 128-bit [`Name`]s. The `canopy` command-line tool in this package
+//! is built on it.
+//!
+//! ## Connect
+//!
+//! Trust the relay either through a CA (for a relay with a self-signed certificate, that
+//! certificate itself) in PEM form, or by pinning the SHA-256 fingerprint of its certificate:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use canopy_sdk::{Client, ConnectOptions, Trust};
+//!
+//! let pem = std::fs::read_to_string("relay-cert.pem")?;
+//! let client = Client::connect(ConnectOptions::new("127.0.0.1:4433", Trust::CaPem(pem))).await?;
+//! # let _ = client; Ok(()) }
+//! ```
+//!
+//! ## Publish
+//!
+//! [`Client::publish`] resolves when the relay acknowledges the chunk. The first chunk stored
+//! at a name wins: publishing the identical chunk again succeeds, different data at a stored
+//! name is a [`PublishError::Conflict`].
+//!
+//! ```no_run
+//! # async fn demo(client: canopy_sdk::Client) -> Result<(), Box<dyn std::error::Error>> {
+//! use canopy_sdk::{Chunk, Schema};
+//!
+//! let schema = Schema::messenger();
+//! let name = schema.parse_name("team=5/channel=3/msg=1")?;
+//! let chunk = Chunk::new(name, canopy_sdk::now_ms() + 3_600_000, &b"hello"[..])?;
+//! client.publish(chunk).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Subscribe
+//!
+//! A [`Subscription`] yields the cached chunks in name order, one [`SubEvent::ReplayDone`],
+//! then live chunks. The relay does not send a chunk back to the connection that published
+//! it, so a client does not see its own publishes live (the `Ack` is its confirmation); they
+//! do appear in later replays, e.g. a new subscription's cached chunks.
+//!
+//! ```no_run
+//! # async fn demo(client: canopy_sdk::Client) -> Result<(), Box<dyn std::error::Error>> {
+//! use canopy_sdk::{ReplayMode, Schema, SubEvent};
+//!
+//! let filter = Schema::messenger().parse_filter("origin=0/app=0/path=0/org=0/team=5")?;
+//! let mut sub = client.subscribe(filter, ReplayMode::CachedAndLive).await?;
+//! while let Some(event) = sub.next().await {
+//!     match event {
+//!         SubEvent::Chunk(chunk) => println!("{}: {:?}", chunk.name(), chunk.data()),
+//!         SubEvent::ReplayDone => println!("-- live from here --"),
+//!         SubEvent::Error { code, message } => eprintln!("subscription ended: {code}: {message}"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! ## Reconnect
+//!
+//! One background task per [`Client`] owns the connection. If it drops, the task fails the
+//! publishes still waiting for an answer with [`PublishError::Disconnected`] (re-publishing
+//! the identical chunk is safe), reconnects with capped exponential backoff (100 ms doubling
+//! up to 5 s, forever), sends `Hello` again and re-subscribes every open subscription —
+//! `CachedAndLive` once its first replay had finished (`LiveOnly` ones stay `LiveOnly` and
+//! miss what was published meanwhile) — so the relay replays what was missed. The SDK
+//! remembers which names each subscription already delivered (until they expire) and drops
+//! the repeats: the application sees each chunk, and `ReplayDone`, once.
+//!
+//! ## Back-pressure
+//!
+//! Each subscription buffers at most [`ConnectOptions::subscription_buffer`] events. An
+//! application that stops reading gets the subscription ended with a final
+//! [`SubEvent::Error`] (`SlowConsumer`) rather than unbounded memory growth; subscribing
+//! again is its choice. Publishes are bounded by the application's own concurrency: each
+//! waits for its answer.
+
+mod client;
+mod tls;
+
+pub use client::{
+    Client, ClientError, ConnectOptions, MAX_BACKOFF, MIN_BACKOFF, PublishError, SubEvent, Subscription,
+    now_ms,
+};
+pub use tls::{Trust, fingerprint};
+
+pub use canopy::wire::{ErrorCode, ReplayMode};
+pub use canopy::{Chunk, Filter, MAX_CHUNK_DATA, Name, Schema};

@@ -1,0 +1,185 @@
+//! TLS 1.3 configuration for connecting to a relay: trust a CA (or the relay's self-signed
+//! certificate) from PEM, or pin the relay's certificate by its SHA-256 fingerprint.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+use crate::ClientError;
+
+/// How the client decides to trust the relay's certificate.
+///
+/// ```
+/// use canopy_sdk::Trust;
+/// // A CA (or the relay's own self-signed certificate) in PEM form:
+/// let by_ca = Trust::CaPem("-----BEGIN CERTIFICATE-----\n…".into());
+/// // Or pin the relay certificate: hex SHA-256 of its DER bytes (colons allowed).
+/// let pinned = Trust::Fingerprint("ab12…".into());
+/// # let _ = (by_ca, pinned);
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// One or more PEM certificates used as trust anchors. The relay's certificate chain must
+    /// lead to one of them and name [`ConnectOptions::server_name`](crate::ConnectOptions).
+    CaPem(String),
+    /// The hex SHA-256 of the relay's end-entity certificate (DER). Only that exact
+    /// certificate is accepted, whatever its names or dates; the TLS 1.3 handshake signature
+    /// is still verified, so the relay must hold the matching private key.
+    Fingerprint(String),
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trust::CaPem(pem) => write!(f, "CaPem({} bytes)", pem.len()),
+            Trust::Fingerprint(fp) => write!(f, "Fingerprint({fp})"),
+        }
+    }
+}
+
+/// Hex SHA-256 (lowercase, no separators) of a certificate's DER bytes — the form
+/// [`Trust::Fingerprint`] expects.
+///
+/// ```
+/// let fp = canopy_sdk::fingerprint(b"not really a certificate");
+/// assert_eq!(fp.len(), 64);
+/// ```
+pub fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_fingerprint(text: &str) -> Result<[u8; 32], ClientError> {
+    let hex: String = text.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
+    let bad = || ClientError::Config(format!("fingerprint {text:?} is not 64 hex digits"));
+    if hex.len() != 64 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the rustls client configuration (TLS 1.3 only, ALPN `canopy/1`).
+pub(crate) fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(format!("TLS setup: {e}")))?;
+    let mut config = match trust {
+        Trust::CaPem(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert = cert.map_err(|e| ClientError::Config(format!("CA PEM: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| ClientError::Config(format!("CA certificate: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(ClientError::Config("CA PEM holds no certificate".into()));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Fingerprint(text) => {
+            let expected = parse_fingerprint(text)?;
+            let verifier = PinnedVerifier {
+                expected,
+                algorithms: provider.signature_verification_algorithms,
+            };
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth()
+        }
+    };
+    config.alpn_protocols = vec![canopy::wire::ALPN.to_vec()];
+    Ok(config)
+}
+
+/// Accepts exactly the certificate whose SHA-256 is `expected`, and checks the handshake
+/// signature with it.
+#[derive(Debug)]
+struct PinnedVerifier {
+    expected: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        if got == self.expected {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The configuration only enables TLS 1.3.
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[DistinguishedName]> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_parsing_accepts_colons_and_case() {
+        let fp = fingerprint(b"x");
+        let upper_colons: String = fp
+            .to_uppercase()
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(parse_fingerprint(&fp).unwrap(), parse_fingerprint(&upper_colons).unwrap());
+        assert!(parse_fingerprint("abcd").is_err());
+        assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn empty_ca_pem_is_a_config_error() {
+        assert!(matches!(client_config(&Trust::CaPem(String::new())), Err(ClientError::Config(_))));
+    }
+}

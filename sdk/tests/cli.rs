@@ -1,0 +1,111 @@
+//! The `canopy` binary against an in-process relay.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use base64::Engine;
+use common::*;
+
+/// Runs the built `canopy` binary off the async runtime.
+async fn canopy(args: Vec<String>) -> Output {
+    within(
+        "the canopy binary",
+        tokio::task::spawn_blocking(move || Command::new(env!("CARGO_BIN_EXE_canopy")).args(&args).output()),
+    )
+    .await
+    .unwrap()
+    .expect("canopy runs")
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn cli_pub_then_sub_cached_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let ca = dir.path().join("relay-ca.pem");
+    std::fs::write(&ca, relay.cert_pem()).unwrap();
+    let addr = relay.local_addr().to_string();
+    let ca = ca.to_str().unwrap().to_string();
+
+    let schema = canopy_sdk::Schema::messenger();
+    let by_fields = "team=5/channel=3/msg=2";
+    let hex = schema.with(schema.parse_name(by_fields).unwrap(), "msg", 1).unwrap().to_string();
+    for (name, data) in [(hex.as_str(), "one"), (by_fields, "two")] {
+        let out = canopy(args(&["pub", "--relay", &addr, "--ca", &ca, "--ttl", "1h", name, data])).await;
+        assert!(out.status.success(), "pub failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let out = canopy(args(&[
+        "sub", "--relay", &addr, "--ca", &ca, "origin=0/app=0/path=0/org=0/team=5/channel=3", "--mode", "cached", "--count", "2", "--json",
+        "--timeout", "15s",
+    ]))
+    .await;
+    assert!(out.status.success(), "sub failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    assert_eq!(lines[0]["name"], hex.as_str());
+    assert_eq!(b64.decode(lines[0]["data"].as_str().unwrap()).unwrap(), b"one");
+    assert_eq!(lines[1]["name"], schema.parse_name(by_fields).unwrap().to_string());
+    assert_eq!(b64.decode(lines[1]["data"].as_str().unwrap()).unwrap(), b"two");
+    let expiry = lines[0]["expiry"].as_u64().unwrap();
+    assert!(expiry > canopy_sdk::now_ms() + 3_500_000, "{expiry}");
+
+    // Plain output and the pinned fingerprint; `--mode cached` stops at the end of the replay.
+    let out = canopy(args(&[
+        "sub", "--relay", &addr, "--fingerprint", relay.fingerprint(), "origin=0/app=0/path=0/org=0/team=5/channel=3", "--mode", "cached",
+    ]))
+    .await;
+    assert!(out.status.success(), "sub failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let words: Vec<Vec<&str>> = stdout.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(words.len(), 2, "{stdout}");
+    assert_eq!((words[0][0], words[0][2]), (hex.as_str(), "one"));
+    assert_eq!(words[1][2], "two");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn cli_conflicting_pub_fails_with_the_relay_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.local_addr().to_string();
+    let fp = relay.fingerprint().to_string();
+    let pub_args = |data: &str| args(&["pub", "--relay", &addr, "--fingerprint", &fp, "0x2a", data]);
+    let out = canopy(pub_args("first")).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = canopy(pub_args("second")).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.to_lowercase().contains("conflict"), "{stderr}");
+
+    // A wrong fingerprint fails to connect.
+    let wrong = canopy_sdk::fingerprint(b"nope");
+    let out = canopy(args(&["pub", "--relay", &addr, "--fingerprint", &wrong, "0x2b", "x"])).await;
+    assert!(!out.status.success());
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn cli_stat_prints_the_relays_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = canopy_relay::RelayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        data: dir.path().to_path_buf(),
+        store: canopy_relay::StoreKind::Memory,
+        ..canopy_relay::RelayConfig::default()
+    };
+    let relay = canopy_relay::Relay::spawn(config).await.unwrap();
+    let url = format!("http://{}/metrics", relay.metrics_addr().expect("metrics enabled"));
+    let out = canopy(args(&["stat", "--metrics", &url])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(!stdout.trim().is_empty() && !stdout.contains("# "), "{stdout}");
+    relay.shutdown().await;
+}

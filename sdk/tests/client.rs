@@ -1,0 +1,193 @@
+//! The SDK against real in-process relays over QUIC on 127.0.0.1.
+
+mod common;
+
+use canopy_relay::StoreKind;
+use canopy_sdk::{
+    Client, ClientError, ConnectOptions, ErrorCode, Filter, Name, PublishError, ReplayMode, SubEvent, Trust,
+};
+use common::*;
+
+#[tokio::test]
+async fn publish_then_subscribe_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let subscriber = client(&relay).await;
+    let publisher = client(&relay).await;
+
+    let mut sub = subscriber.subscribe(Filter::ALL, ReplayMode::CachedAndLive).await.unwrap();
+    assert_eq!(next(&mut sub).await, SubEvent::ReplayDone);
+
+    let c = chunk(7, "hello");
+    within("ack", publisher.publish(c.clone())).await.unwrap();
+    assert_eq!(next_chunk(&mut sub).await, c);
+
+    // Many publishes in flight at once, each answered by its own ack.
+    let all: Vec<_> = (100..140).map(|n| chunk(n, "x")).collect();
+    let results = within("acks", futures_join(&publisher, all.clone())).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let mut got = Vec::new();
+    for _ in 0..all.len() {
+        got.push(next_chunk(&mut sub).await);
+    }
+    got.sort_by_key(|c| c.name());
+    assert_eq!(got, all);
+    relay.shutdown().await;
+}
+
+async fn futures_join(client: &Client, chunks: Vec<canopy_sdk::Chunk>) -> Vec<Result<(), PublishError>> {
+    let tasks: Vec<_> = chunks
+        .into_iter()
+        .map(|c| {
+            let client = client.clone();
+            tokio::spawn(async move { client.publish(c).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn late_subscriber_gets_cache_in_name_order_then_replay_done_then_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let publisher = client(&relay).await;
+    for n in [3u128, 1, 2] {
+        within("ack", publisher.publish(chunk(n, &format!("c{n}")))).await.unwrap();
+    }
+    // A chunk outside the filter is not delivered.
+    within("ack", publisher.publish(chunk(1 << 120, "other"))).await.unwrap();
+
+    let subscriber = client(&relay).await;
+    let filter = Filter::new(Name::new(0), 64).unwrap();
+    let mut sub = subscriber.subscribe(filter, ReplayMode::CachedAndLive).await.unwrap();
+    for n in 1..=3u128 {
+        let c = next_chunk(&mut sub).await;
+        assert_eq!((c.name(), c.data().as_ref()), (Name::new(n), format!("c{n}").as_bytes()));
+    }
+    assert_eq!(next(&mut sub).await, SubEvent::ReplayDone);
+    within("ack", publisher.publish(chunk(4, "live"))).await.unwrap();
+    assert_eq!(next_chunk(&mut sub).await.name(), Name::new(4));
+
+    // CachedOnly ends after ReplayDone.
+    let mut cached = subscriber.subscribe(filter, ReplayMode::CachedOnly).await.unwrap();
+    for n in 1..=4u128 {
+        assert_eq!(next_chunk(&mut cached).await.name(), Name::new(n));
+    }
+    assert_eq!(next(&mut cached).await, SubEvent::ReplayDone);
+    assert_eq!(within("end", cached.next()).await, None);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn publish_errors_are_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let client = client(&relay).await;
+    let first = chunk(9, "first");
+    within("ack", client.publish(first.clone())).await.unwrap();
+    // An identical re-publish is acknowledged.
+    within("ack", client.publish(first)).await.unwrap();
+    match within("answer", client.publish(chunk(9, "second"))).await {
+        Err(PublishError::Conflict { name, message }) => {
+            assert_eq!(name, Name::new(9));
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let expired = canopy_sdk::Chunk::new(Name::new(10), 1, &b"old"[..]).unwrap();
+    assert!(matches!(within("answer", client.publish(expired)).await, Err(PublishError::Expired { .. })));
+    // The connection is still fine afterwards.
+    within("ack", client.publish(chunk(11, "ok"))).await.unwrap();
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn pinned_fingerprint_trust() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let opts = ConnectOptions::new(relay.local_addr(), Trust::Fingerprint(relay.fingerprint().to_uppercase()));
+    let client = within("connect", Client::connect(opts)).await.expect("pinned fingerprint accepted");
+    within("ack", client.publish(chunk(1, "pinned"))).await.unwrap();
+
+    let wrong = canopy_sdk::fingerprint(b"some other certificate");
+    let opts = ConnectOptions::new(relay.local_addr(), Trust::Fingerprint(wrong));
+    match within("refusal", Client::connect(opts)).await {
+        Err(ClientError::Connect { .. }) => {}
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+    // A CA that is not the relay's fails too.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = common::relay(other_dir.path()).await;
+    let opts = ConnectOptions::new(relay.local_addr(), Trust::CaPem(other.cert_pem().to_string()));
+    assert!(matches!(within("refusal", Client::connect(opts)).await, Err(ClientError::Connect { .. })));
+    relay.shutdown().await;
+    other.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscription_resumes_after_relay_restart_and_sees_each_chunk_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = relay_at(dir.path(), "127.0.0.1:0".parse().unwrap(), StoreKind::Fjall).await;
+    let addr = first.local_addr();
+    let subscriber = client(&first).await;
+    let mut sub = subscriber.subscribe(Filter::ALL, ReplayMode::CachedAndLive).await.unwrap();
+    assert_eq!(next(&mut sub).await, SubEvent::ReplayDone);
+    {
+        let publisher = client(&first).await;
+        for n in 1..=2u128 {
+            within("ack", publisher.publish(chunk(n, "before"))).await.unwrap();
+            assert_eq!(next_chunk(&mut sub).await.name(), Name::new(n));
+        }
+    }
+    first.shutdown().await;
+
+    // Same port, same data directory (so the same certificate and stored chunks).
+    let second = relay_restart(dir.path(), addr, StoreKind::Fjall).await;
+    let publisher = client(&second).await;
+    within("ack", publisher.publish(chunk(3, "after"))).await.unwrap();
+    // The resubscription replays 1, 2 and 3 in name order; 1 and 2 were already delivered.
+    let c = next_chunk(&mut sub).await;
+    assert_eq!((c.name(), c.data().as_ref()), (Name::new(3), &b"after"[..]));
+    within("ack", publisher.publish(chunk(4, "live"))).await.unwrap();
+    assert_eq!(next_chunk(&mut sub).await.name(), Name::new(4));
+
+    // The subscriber's client has reconnected (it got chunk 3 on the new connection), so it
+    // can publish again. (The relay does not echo a chunk to the connection it came from.)
+    within("ack", subscriber.publish(chunk(5, "from subscriber"))).await.unwrap();
+    within("ack", publisher.publish(chunk(6, "live"))).await.unwrap();
+    assert_eq!(next_chunk(&mut sub).await.name(), Name::new(6));
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_subscription_the_app_does_not_read_ends_as_slow() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let publisher = client(&relay).await;
+    for n in 1..=10u128 {
+        within("ack", publisher.publish(chunk(n, "x"))).await.unwrap();
+    }
+    let mut opts = options(&relay);
+    opts.subscription_buffer = 4;
+    let client = within("connect", Client::connect(opts)).await.unwrap();
+    let mut slow = client.subscribe(Filter::ALL, ReplayMode::CachedAndLive).await.unwrap();
+    // A second subscription on the same connection, opened after the first: once its replay
+    // is done, the first one's replay has been read off the connection too.
+    let mut barrier = client.subscribe(Filter::exact(Name::new(1)), ReplayMode::CachedOnly).await.unwrap();
+    assert_eq!(next_chunk(&mut barrier).await.name(), Name::new(1));
+    assert_eq!(next(&mut barrier).await, SubEvent::ReplayDone);
+
+    for n in 1..=3u128 {
+        assert_eq!(next_chunk(&mut slow).await.name(), Name::new(n));
+    }
+    match next(&mut slow).await {
+        SubEvent::Error { code: ErrorCode::SlowConsumer, message } => assert!(message.contains("local"), "{message}"),
+        other => panic!("expected a slow-consumer error, got {other:?}"),
+    }
+    assert_eq!(within("end", slow.next()).await, None);
+    relay.shutdown().await;
+}
