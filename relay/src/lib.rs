@@ -133,14 +133,14 @@ impl Relay {
             );
         }
         let parent_trust = match (&config.parent_ca, &config.parent_fingerprint) {
-            (Some(path), _) => Some(Trust::Pem(
+            (Some(path), _) => Some(Trust::CaPem(
                 std::fs::read_to_string(path).with_context(|| format!("reading parent_ca {}", path.display()))?,
             )),
             (None, Some(fp)) => Some(Trust::Fingerprint(fp.clone())),
             (None, None) => None,
         };
         let parent = match (&config.parent, parent_trust) {
-            (Some(parent), Some(trust)) => Some((parent.clone(), tls::client_config(&trust)?)),
+            (Some(parent), Some(trust)) => Some((parent.clone(), canopy_sdk::quic_client_config(&trust)?)),
             _ => None,
         };
 

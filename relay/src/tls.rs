@@ -1,20 +1,19 @@
-//! TLS for the relay: its self-signed identity, and the QUIC server and client configs.
+//! TLS for the relay: its self-signed identity and the QUIC server config.
 //!
-//! Only the `ring` crypto provider is used, and only TLS 1.3 (QUIC requires it).
+//! Only the `ring` crypto provider is used, and only TLS 1.3 (QUIC requires it). The client
+//! side — trusting a parent by CA or pinned fingerprint — is the SDK's
+//! [`canopy_sdk::quic_client_config`], since a relay is a client of its parent.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use canopy::wire::ALPN;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The relay's certificate and key, as loaded from (or first written to) its data directory.
 #[derive(Debug)]
@@ -33,19 +32,7 @@ pub struct Identity {
     pub created: bool,
 }
 
-/// SHA-256 of `der`, as lowercase hex without separators.
-pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Normalises a fingerprint as an operator may write it (colons, upper case) to lowercase hex.
-fn normalise_fingerprint(text: &str) -> anyhow::Result<String> {
-    let hex: String = text.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect::<String>().to_lowercase();
-    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        bail!("fingerprint {text:?} is not 64 hex digits (SHA-256)");
-    }
-    Ok(hex)
-}
+pub use canopy_sdk::{Trust, fingerprint};
 
 /// Loads `cert.pem`/`key.pem` from `data`, or creates a self-signed pair (SANs `localhost`,
 /// `127.0.0.1` and the listen IP when it is a specific other address) and writes it there.
@@ -119,102 +106,9 @@ pub fn server_config(identity: &Identity) -> anyhow::Result<quinn::ServerConfig>
     Ok(config)
 }
 
-/// How a client decides to trust the relay it connects to.
-#[derive(Debug, Clone)]
-pub enum Trust {
-    /// Certificates (or CAs) from PEM text.
-    Pem(String),
-    /// The SHA-256 fingerprint of the end-entity certificate, pinned.
-    Fingerprint(String),
-}
-
-/// A QUIC client config with ALPN `canopy/1` that trusts the given certificate(s).
-pub fn client_config(trust: &Trust) -> anyhow::Result<quinn::ClientConfig> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let mut tls = match trust {
-        Trust::Pem(pem) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                roots.add(cert.context("parsing a trusted certificate")?).context("adding a trusted certificate")?;
-            }
-            if roots.is_empty() {
-                bail!("no certificate found in the trusted PEM");
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-        Trust::Fingerprint(fp) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                fingerprint: normalise_fingerprint(fp)?,
-                provider: provider(),
-            }))
-            .with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC client config")?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport());
-    Ok(config)
-}
-
-/// Accepts exactly the server certificate whose SHA-256 matches, whatever its names; the
-/// handshake signature is still verified against that certificate's key.
-#[derive(Debug)]
-struct PinnedVerifier {
-    fingerprint: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if fingerprint(end_entity) == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fingerprints_normalise() {
-        let fp = "AB:".repeat(31) + "AB";
-        assert_eq!(normalise_fingerprint(&fp).unwrap(), "ab".repeat(32));
-        assert!(normalise_fingerprint("abc").is_err());
-    }
 
     #[test]
     fn identity_is_created_once_and_reused() {

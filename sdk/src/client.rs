@@ -512,16 +512,7 @@ struct Connector {
 
 impl Connector {
     fn new(opts: ConnectOptions) -> Result<Self, ClientError> {
-        let tls = crate::tls::client_config(&opts.trust)?;
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| ClientError::Config(format!("QUIC TLS setup: {e}")))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(4)));
-        transport.max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(Duration::from_secs(15)).expect("15 s is a valid idle timeout"),
-        ));
-        config.transport_config(Arc::new(transport));
+        let config = crate::tls::quic_client_config(&opts.trust)?;
         // A dual-stack wildcard socket reaches IPv4 and IPv6 relays; fall back to IPv4 only.
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0u16; 8], 0)))
             .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0u8; 4], 0))))

@@ -84,7 +84,7 @@ pub use client::{
     Client, ClientError, ConnectOptions, MAX_BACKOFF, MIN_BACKOFF, PublishError, SubEvent, Subscription,
     now_ms,
 };
-pub use tls::{Trust, fingerprint};
+pub use tls::{Trust, fingerprint, quic_client_config};
 
 pub use canopy::wire::{ErrorCode, ReplayMode};
 pub use canopy::{Chunk, Filter, MAX_CHUNK_DATA, Name, Schema};

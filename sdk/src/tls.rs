@@ -70,6 +70,31 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The QUIC client configuration for connecting to a relay: TLS 1.3 with ALPN `canopy/1`,
+/// trusting the relay as `trust` says, with keep-alives so a vanished relay is noticed.
+///
+/// [`Client`](crate::Client) uses it; so does a relay connecting to its parent.
+///
+/// ```
+/// use canopy_sdk::{Trust, quic_client_config};
+/// let pinned = Trust::Fingerprint("ab".repeat(32));
+/// assert!(quic_client_config(&pinned).is_ok());
+/// assert!(quic_client_config(&Trust::Fingerprint("nope".into())).is_err());
+/// ```
+pub fn quic_client_config(trust: &Trust) -> Result<quinn::ClientConfig, ClientError> {
+    let tls = client_config(trust)?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Config(format!("QUIC TLS setup: {e}")))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(4)));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(15)).expect("15 s is a valid idle timeout"),
+    ));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
 /// Builds the rustls client configuration (TLS 1.3 only, ALPN `canopy/1`).
 pub(crate) fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
     let provider = provider();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use canopy::wire::{self, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION, ReplayMode, Role};
 use canopy::{Chunk, Filter, Name};
-use canopy_relay::tls::{self, Trust};
+use canopy_sdk::{Trust, quic_client_config};
 use canopy_relay::{Relay, RelayConfig, RelayHandle, StoreKind};
 
 /// Bound on any single wait in the tests.
@@ -101,7 +101,7 @@ pub struct Client {
 impl Client {
     /// Connects and opens the control stream, without sending anything.
     pub async fn connect_raw(relay: &RelayHandle) -> Client {
-        let config = tls::client_config(&Trust::Pem(relay.cert_pem().to_owned())).unwrap();
+        let config = quic_client_config(&Trust::CaPem(relay.cert_pem().to_owned())).unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(config);
         let conn = tokio::time::timeout(WAIT, endpoint.connect(relay.local_addr(), "localhost").unwrap())
@@ -118,7 +118,7 @@ impl Client {
     }
 
     pub async fn connect_with(addr: SocketAddr, cert_pem: &str, token: Option<&str>) -> Client {
-        let config = tls::client_config(&Trust::Pem(cert_pem.to_owned())).unwrap();
+        let config = quic_client_config(&Trust::CaPem(cert_pem.to_owned())).unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(config);
         let conn = tokio::time::timeout(WAIT, endpoint.connect(addr, "localhost").unwrap())
