@@ -19,7 +19,8 @@ cargo run -q --release --locked -p canopy-benches --bin match-memory -- 1000
 step "fuzz target builds"
 (cd framework/fuzz && cargo check --locked -q)
 
-step "demo runs"
+step "demos run"
+cargo run -q --release --locked -p canopy-examples --example tree > /dev/null
 cargo run -q --release --locked -p canopy-examples --example tour > /dev/null
 
 printf '\nall checks passed\n'
