@@ -348,12 +348,9 @@ impl<S: Store> Node<S> {
             (Peer::Downstream, Frame::Publish { seq, chunk }) => self.on_publish(link, seq, chunk, now),
             (Peer::Parent, Frame::Deliver { chunk, .. }) => self.on_chunk_from_parent(link, chunk, now),
             (Peer::Parent, Frame::Ack { seq }) => self.on_upstream_ack(seq, false),
-            (Peer::Parent, Frame::Error { about: Some(seq), code, .. })
-                if self.up.inflight.contains_key(&seq) =>
-            {
+            (Peer::Parent, Frame::Error { about: Some(seq), .. }) if self.up.inflight.contains_key(&seq) => {
                 // The parent will never take this chunk (conflict, expired, denied): drop it
                 // from the outbox rather than retry forever, and count it.
-                let _ = code;
                 self.on_upstream_ack(seq, true)
             }
             (Peer::Parent, Frame::ReplayDone { .. } | Frame::Error { .. }) => {}
