@@ -15,6 +15,12 @@ cargo test --workspace --locked
 step "benchmarks run end to end (smoke: small sizes, one iteration each)"
 CANOPY_BENCH_SIZES=1000 cargo bench -p canopy-benches --locked --bench name_matching -- --test
 cargo run -q --release --locked -p canopy-benches --bin match-memory -- 1000
+# relay-load starts the real relay binary found next to it, so build that first.
+cargo build -q --release --locked -p canopy-relay
+cargo run -q --release --locked -p canopy-benches --bin relay-load -- --connections 50 --subs-per-connection 20 --seconds 2
+# Messaging bench, Canopy only (no Debian packages needed); the full side-by-side run is
+# `bash scripts/install-peers.sh && cargo run --release -p canopy-benches --bin pubsub-bench`.
+cargo run -q --release --locked -p canopy-benches --bin pubsub-bench -- --smoke
 
 step "fuzz target builds"
 (cd framework/fuzz && cargo check --locked -q)

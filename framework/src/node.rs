@@ -186,6 +186,8 @@ pub struct Node<S> {
     has_parent: bool,
     /// The latest time the driver gave us.
     now: u64,
+    /// Links whose queue crossed half its bound since [`Node::take_urgent`] was last called.
+    urgent: Vec<LinkId>,
 }
 
 impl<S: Store> Node<S> {
@@ -203,6 +205,7 @@ impl<S: Store> Node<S> {
             metrics: Metrics::default(),
             has_parent,
             now: 0,
+            urgent: Vec::new(),
         }
     }
 
@@ -288,6 +291,14 @@ impl<S: Store> Node<S> {
     /// Frames queued for `link`.
     pub fn queued(&self, link: LinkId) -> usize {
         self.links.get(&link).map_or(0, |l| l.queue.len())
+    }
+
+    /// Moves into `out` the links whose queue has filled past half its bound since the last
+    /// call. A driver that handles many frames per turn drains these right away, so a reader
+    /// that keeps up is never mistaken for a slow one just because the driver had not yet
+    /// reached the end of its turn.
+    pub fn take_urgent(&mut self, out: &mut Vec<LinkId>) {
+        out.append(&mut self.urgent);
     }
 
     /// Links that have frames queued.
@@ -537,6 +548,9 @@ impl<S: Store> Node<S> {
                 None if l.queue.len() < max_queue => {
                     l.queue.push_back(Frame::Deliver { id, chunk: chunk.clone() });
                     self.metrics.chunks_out += 1;
+                    if l.queue.len() == max_queue.div_ceil(2) {
+                        self.urgent.push(link);
+                    }
                     false
                 }
                 None => true,

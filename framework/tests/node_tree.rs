@@ -614,3 +614,27 @@ fn bad_hellos_are_refused() {
     net.publish(fine, chunk(IN_TEAM, "ok"));
     assert_eq!(net.acks(fine), [1]);
 }
+
+#[test]
+fn a_queue_filling_past_half_its_bound_is_flagged_urgent_once() {
+    let mut config = NodeConfig::new(RelayId(1));
+    config.max_queue = 8;
+    let mut node = Node::new(config, MemoryStore::new(u64::MAX), false);
+    let hello = Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: None };
+    for link in [1, 2] {
+        node.accept(link);
+        node.handle(link, hello.clone(), T0);
+        node.drain(link, usize::MAX, T0);
+    }
+    node.handle(1, Frame::Subscribe { id: 1, filter: Filter::ALL, mode: ReplayMode::LiveOnly }, T0);
+    node.drain(1, usize::MAX, T0);
+    let mut urgent = Vec::new();
+    for n in 0..6u64 {
+        node.handle(2, Frame::Publish { seq: n, chunk: chunk(IN_TEAM + u128::from(n), "x") }, T0);
+        node.take_urgent(&mut urgent);
+        // Crossing half of 8 happens on the fourth delivery, and only then.
+        assert_eq!(urgent, if n >= 3 { vec![1] } else { vec![] }, "after publish {n}");
+    }
+    assert_eq!(node.queued(1), 6);
+    assert_eq!(node.metrics().slow_consumers, 0);
+}

@@ -154,8 +154,20 @@ fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<LinkOut>>,
             outs.insert(link, out);
         }
         ToNode::Frames { link, frames } => {
+            let mut urgent = Vec::new();
             for frame in frames {
                 node.handle(link, frame, now);
+                // A queue filling up mid-turn is handed to its writer now rather than at the
+                // end of the turn, which may be tens of thousands of frames away.
+                node.take_urgent(&mut urgent);
+                for link in urgent.drain(..) {
+                    if let Some(out) = outs.get(&link) {
+                        let room = out.room();
+                        if room > 0 {
+                            out.push(node.drain(link, room, now));
+                        }
+                    }
+                }
             }
         }
         ToNode::Closed { link } => {
