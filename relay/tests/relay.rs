@@ -2,8 +2,8 @@
 
 mod common;
 
-use canopy::Filter;
-use canopy::wire::{ErrorCode, Frame, ReplayMode};
+use canopy::{Chunk, Filter, Name};
+use canopy::wire::{ErrorCode, Frame, ReplayMode, Role};
 use common::*;
 
 /// Names under the team filter `0x0a0b…/16`.
@@ -167,6 +167,33 @@ async fn bad_input_closes_only_the_offending_connection() {
     oversized.send_raw(&[0, 0, 0x10, 0x01]).await;
     assert_eq!(oversized.expect_error().await, (ErrorCode::FrameTooLarge, None));
     oversized.expect_end().await;
+
+    // A chunk over the 1 KiB limit, crafted on the wire (the library refuses to build one):
+    // a valid 1024-byte publish with its data length patched to 1025 and one byte appended.
+    let mut big = Client::connect(&relay).await;
+    let max = Chunk::new(Name::new(TEAM | 11), now_ms() + 60_000, vec![7u8; 1024]).unwrap();
+    let mut bytes = canopy::wire::encode_to_vec(&Frame::Publish { seq: 1, chunk: max }).unwrap();
+    let payload = u32::from_be_bytes(bytes[..4].try_into().unwrap()) + 1;
+    bytes[..4].copy_from_slice(&payload.to_be_bytes());
+    // prefix 4 + tag 4 + seq 8 + name 16 + expiry 8: the data length is at 40..48.
+    assert_eq!(bytes[40..48], 1024u64.to_be_bytes());
+    bytes[40..48].copy_from_slice(&1025u64.to_be_bytes());
+    bytes.push(7);
+    big.send_raw(&bytes).await;
+    match big.recv().await {
+        Some(Frame::Error { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::Malformed);
+            assert!(message.contains("1025 bytes") && message.contains("1024"), "{message}");
+        }
+        other => panic!("expected an error for an oversized chunk, got {other:?}"),
+    }
+    big.expect_end().await;
+
+    // A hello speaking an unknown protocol version.
+    let mut future = Client::connect_raw(&relay).await;
+    future.send(&Frame::Hello { version: 9, role: Role::Client, relay_path: vec![], token: None }).await;
+    assert_eq!(future.expect_error().await, (ErrorCode::UnsupportedVersion, None));
+    future.expect_end().await;
 
     // Everyone else is unaffected.
     let mut publisher = Client::connect(&relay).await;
