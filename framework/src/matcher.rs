@@ -784,8 +784,8 @@ impl<V: Copy + Eq + Hash> SubscriptionTable<V> {
     /// Up to [`BATCH_LANES`] lookups advance in lock-step, one trie level each per round. Each
     /// round first reads one word of every lane's next node or leaf — independent loads the
     /// processor issues together — and only then does the work that depends on them, so the
-    /// cache misses of a batch overlap instead of following one another. This is the form the
-    /// relay uses for a batch of received chunks. Calls for different indices interleave.
+    /// cache misses of a batch overlap instead of following one another. Calls for different
+    /// indices interleave.
     pub fn for_each_match_batch(&self, names: &[Name], mut f: impl FnMut(usize, V)) {
         for (group, chunk) in names.chunks(BATCH_LANES).enumerate() {
             let offset = group * BATCH_LANES;

@@ -440,7 +440,7 @@ fn expired_chunks_are_refused_never_delivered_and_evicted() {
     net.nodes[local].tick(net.now).unwrap();
     assert_eq!(net.stored(local, brief.name()), None);
     assert!(net.delivered(late, 1).is_empty());
-    assert!(net.nodes[local].metrics().evicted_expired >= 1);
+    assert!(net.nodes[local].store().stats().evicted_expired >= 1);
 }
 
 #[test]
