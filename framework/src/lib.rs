@@ -24,6 +24,8 @@ pub mod chunk;
 pub mod matcher;
 pub mod name;
 pub mod node;
+#[cfg(feature = "plugin-host")]
+pub mod plugin;
 pub mod schema;
 pub mod store;
 pub mod wire;

@@ -32,6 +32,8 @@ use crate::{Chunk, Filter, Name};
 mod fjall;
 
 pub use self::fjall::FjallStore;
+#[cfg(feature = "plugin-host")]
+pub use self::fjall::FjallState;
 
 /// Bytes a stored chunk counts against capacity on top of its payload: 16 name bytes plus
 /// 8 expiry bytes.

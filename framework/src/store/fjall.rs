@@ -18,6 +18,9 @@ const CHUNKS: &str = "chunks";
 const EXPIRY: &str = "expiry";
 /// Keyspace of the upstream outbox: key = 16 name bytes, empty value.
 const OUTBOX: &str = "outbox";
+/// Keyspace of plugins' key/value state: key = plugin name, a 0 byte, the plugin's key.
+#[cfg(feature = "plugin-host")]
+const PLUGIN_STATE: &str = "plugin-state";
 
 /// How many expired chunks one write batch of [`Store::evict_expired`] deletes.
 const EVICT_BATCH: usize = 4096;
@@ -185,6 +188,22 @@ impl FjallStore {
     /// The directory the store lives in.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The key/value state of the plugin called `plugin`, in this database: its own
+    /// namespace of the `plugin-state` keyspace. Writes are synced when applied.
+    #[cfg(feature = "plugin-host")]
+    pub fn plugin_state(&self, plugin: &str) -> Result<FjallState, StoreError> {
+        if plugin.is_empty() || plugin.contains('\0') {
+            return Err(StoreError::Backend(format!("plugin name {plugin:?} must be non-empty text without NUL")));
+        }
+        let keyspace = self
+            .db
+            .keyspace(PLUGIN_STATE, KeyspaceCreateOptions::default)
+            .map_err(|e| backend(&format!("opening keyspace {PLUGIN_STATE}"), e))?;
+        let mut prefix = plugin.as_bytes().to_vec();
+        prefix.push(0);
+        Ok(FjallState { db: self.db.clone(), keyspace, prefix })
     }
 
     /// Size of the chunk stored at `name` (see [`stored_size`]), without decoding it.
@@ -429,6 +448,61 @@ impl Store for FjallStore {
                 decode_name(OUTBOX, &key)
             })
             .collect()
+    }
+}
+
+/// One plugin's [`StateStore`](crate::plugin::StateStore) in a [`FjallStore`]'s database
+/// (see [`FjallStore::plugin_state`]).
+#[cfg(feature = "plugin-host")]
+pub struct FjallState {
+    db: Database,
+    keyspace: Keyspace,
+    /// The plugin's name and a 0 byte: every key of this plugin starts with it.
+    prefix: Vec<u8>,
+}
+
+#[cfg(feature = "plugin-host")]
+impl FjallState {
+    fn key(&self, key: &[u8]) -> Vec<u8> {
+        [self.prefix.as_slice(), key].concat()
+    }
+}
+
+#[cfg(feature = "plugin-host")]
+impl crate::plugin::StateStore for FjallState {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = self.keyspace.get(self.key(key)).map_err(|e| backend("reading plugin state", e))?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<crate::plugin::Entry>, StoreError> {
+        let full = self.key(prefix);
+        let iter = self.keyspace.prefix(&full);
+        let after = after.map(|a| self.key(a));
+        let mut out = Vec::new();
+        for guard in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = guard.into_inner().map_err(|e| backend("scanning plugin state", e))?;
+            if after.as_deref().is_some_and(|a| key.as_ref() <= a) {
+                continue;
+            }
+            out.push((key[self.prefix.len()..].to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn apply(&mut self, writes: Vec<crate::plugin::Write>) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for (key, value) in writes {
+            match value {
+                Some(value) => batch.insert(&self.keyspace, self.key(&key), value),
+                None => batch.remove(&self.keyspace, self.key(&key)),
+            }
+        }
+        batch.commit().map_err(|e| backend("writing plugin state", e))?;
+        self.db.persist(PersistMode::SyncAll).map_err(|e| backend("syncing plugin state", e))
     }
 }
 
