@@ -16,14 +16,14 @@ use canopy::{Store, StoreStats};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::RelayMetrics;
-use crate::link::{LinkOut, NORMAL};
+use crate::link::{NORMAL, Outlet};
 
 /// Messages the connection tasks send the node actor.
 pub(crate) enum ToNode {
     /// A downstream connection opened its control stream.
-    Accepted { link: LinkId, out: Arc<LinkOut> },
+    Accepted { link: LinkId, out: Arc<dyn Outlet> },
     /// The parent connection opened its control stream.
-    ParentConnected { link: LinkId, out: Arc<LinkOut> },
+    ParentConnected { link: LinkId, out: Arc<dyn Outlet> },
     /// Frames read on a link, in order.
     Frames { link: LinkId, frames: Vec<Frame> },
     /// The link is gone.
@@ -75,7 +75,7 @@ fn snapshot<S: Store>(node: &Node<S>) -> RelayMetrics {
 }
 
 async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts) {
-    let mut outs: HashMap<LinkId, Arc<LinkOut>> = HashMap::new();
+    let mut outs: HashMap<LinkId, Arc<dyn Outlet>> = HashMap::new();
     let mut tick = tokio::time::interval(parts.evict_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -142,7 +142,7 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts) {
     }
 }
 
-fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<LinkOut>>, msg: ToNode, now: u64) {
+fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet>>, msg: ToNode, now: u64) {
     match msg {
         ToNode::Accepted { link, out } => {
             node.accept(link);

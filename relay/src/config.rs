@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use canopy::Filter;
 use canopy::access::{Access, Grant};
+use canopy::plugin::Limits;
 use canopy::wire::RelayId;
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,66 @@ pub struct AccessRule {
     /// Filters (`0x<32 hex digits>/<len>`) this token may subscribe to, or narrower ones.
     #[serde(default)]
     pub subscribe: Vec<String>,
+}
+
+/// Whether a plugin file is a Wasm component or a native library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    /// A Wasm component of the `canopy:plugin` world, run under the plugin's limits.
+    Wasm,
+    /// A native `cdylib` built with `canopy-plugin`: trusted, unlimited, fastest.
+    Native,
+}
+
+/// One `[[plugin]]` a relay loads at start and runs for as long as it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The plugin file: a `.wasm` component, or a native library (`.so`, `.dylib`, `.dll`).
+    pub file: PathBuf,
+    /// The plugin's name in logs, metrics and its state's namespace. Default: the file's
+    /// stem. Renaming a plugin starts it with empty state.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `wasm` or `native`. Default: `native` for `.so`/`.dylib`/`.dll`, else `wasm`.
+    #[serde(default)]
+    pub kind: Option<PluginKind>,
+    /// The table handed to the plugin's `init`, as JSON.
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// Limits overriding the defaults (deadline 100 ms, memory 64 MiB, no fuel, …).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Directories granted to a Wasm plugin through WASI, each visible under its own path.
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+    /// The token the plugin's link presents, when access rules are configured.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl PluginConfig {
+    /// The plugin's name.
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let stem = self.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            stem.strip_prefix("lib").map(str::to_owned).unwrap_or(stem)
+        })
+    }
+
+    /// The plugin's kind, from the setting or the file's extension.
+    pub fn kind(&self) -> PluginKind {
+        self.kind.unwrap_or_else(|| match self.file.extension().and_then(|e| e.to_str()) {
+            Some("so" | "dylib" | "dll") => PluginKind::Native,
+            _ => PluginKind::Wasm,
+        })
+    }
+
+    /// The configuration text handed to `init`.
+    pub fn config_json(&self) -> String {
+        if self.config.is_null() { "{}".to_owned() } else { self.config.to_string() }
+    }
 }
 
 /// Everything a relay is configured with. Every field has a default, so an empty TOML file
@@ -76,6 +137,11 @@ pub struct RelayConfig {
     pub max_queue: usize,
     /// How often expired chunks are evicted, in milliseconds. Default 1000.
     pub evict_interval_ms: u64,
+    /// Plugins to load, each a `[[plugin]]` table.
+    #[serde(rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
+    /// Where compiled Wasm plugins are cached. Default `<data>/plugin-cache`.
+    pub plugin_cache: Option<PathBuf>,
 }
 
 /// The default data directory: `$XDG_DATA_HOME/canopy-relay`, else `./canopy-data`.
@@ -102,6 +168,8 @@ impl Default for RelayConfig {
             access: Vec::new(),
             max_queue: 1024,
             evict_interval_ms: 1000,
+            plugins: Vec::new(),
+            plugin_cache: None,
         }
     }
 }
@@ -142,6 +210,16 @@ impl RelayConfig {
             parse_relay_id(id)?;
         }
         self.access_rules()?;
+        let mut names = std::collections::HashSet::new();
+        for plugin in &self.plugins {
+            let name = plugin.name();
+            if name.is_empty() || name.contains('\0') {
+                bail!("plugin {} needs a name", plugin.file.display());
+            }
+            if !names.insert(name.clone()) {
+                bail!("two plugins are called {name:?}; give one a different `name`");
+            }
+        }
         Ok(())
     }
 }
@@ -194,5 +272,38 @@ mod tests {
             ..RelayConfig::default()
         };
         assert!(bad.access_rules().is_err());
+    }
+
+    #[test]
+    fn plugins_are_read_from_plugin_tables() {
+        use figment::Figment;
+        use figment::providers::{Format, Serialized, Toml};
+        let toml = r#"
+            [[plugin]]
+            file = "plugins/echo.wasm"
+            [plugin.config]
+            requests = "0x0e010000000000000000000000000000/16"
+            replies = "0x0e020000000000000000000000000000/16"
+            [plugin.limits]
+            deadline_ms = 250
+
+            [[plugin]]
+            file = "/opt/canopy/libaudit.so"
+            name = "audit"
+        "#;
+        let config: RelayConfig =
+            Figment::from(Serialized::defaults(RelayConfig::default())).merge(Toml::string(toml)).extract().unwrap();
+        config.validate().unwrap();
+        let [echo, audit] = config.plugins.as_slice() else { panic!("two plugins") };
+        assert_eq!((echo.name(), echo.kind()), ("echo".to_owned(), PluginKind::Wasm));
+        assert_eq!(echo.limits, Limits { deadline_ms: 250, ..Limits::default() });
+        assert_eq!(
+            echo.config_json(),
+            r#"{"replies":"0x0e020000000000000000000000000000/16","requests":"0x0e010000000000000000000000000000/16"}"#
+        );
+        assert_eq!((audit.name(), audit.kind(), audit.config_json()), ("audit".to_owned(), PluginKind::Native, "{}".into()));
+
+        let twice = RelayConfig { plugins: vec![echo.clone(), echo.clone()], ..RelayConfig::default() };
+        assert!(twice.validate().unwrap_err().to_string().contains("two plugins are called \"echo\""));
     }
 }

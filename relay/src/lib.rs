@@ -31,6 +31,7 @@ mod actor;
 pub mod config;
 mod link;
 pub mod metrics;
+mod plugin;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -42,12 +43,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use canopy::node::{LinkId, Metrics, Node, NodeConfig};
 use canopy::wire::RelayId;
+use canopy::plugin::{MemoryState, StateStore};
 use canopy::{FjallStore, MemoryStore, StoreStats};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::actor::{ActorParts, Stop, ToNode};
-pub use crate::config::{AccessRule, RelayConfig, StoreKind};
+pub use crate::config::{AccessRule, PluginConfig, PluginKind, RelayConfig, StoreKind};
+pub use canopy::plugin::{Limits as PluginLimits, PluginStats};
 use crate::link::LinkOut;
 use crate::tls::Trust;
 
@@ -110,6 +113,7 @@ pub struct RelayHandle {
     node_done: Option<oneshot::Receiver<()>>,
     tasks: Vec<JoinHandle<()>>,
     metrics_addr: Option<SocketAddr>,
+    plugins: Vec<plugin::RunningPlugin>,
 }
 
 impl Relay {
@@ -162,22 +166,52 @@ impl Relay {
             snapshot: snapshot.clone(),
             evict_interval: Duration::from_millis(config.evict_interval_ms),
         };
-        let node_done = match config.store {
-            StoreKind::Fjall => {
-                let dir = config.data.join("store");
-                let store = task_ext::block_in_place_or_run(|| FjallStore::open(&dir, config.capacity_bytes))
-                    .with_context(|| format!("opening the store in {}", dir.display()))?;
-                actor::spawn(Node::new(node_config, store, has_parent), parts)?
+        let shared = Arc::new(Shared { to_node, stop: stop_rx.clone(), room: room.clone(), next_link: AtomicU64::new(1) });
+        let (node_done, plugins) = task_ext::block_in_place_or_run(|| -> anyhow::Result<_> {
+            let mut plugins = Vec::new();
+            let runtime = if config.plugins.is_empty() {
+                None
+            } else {
+                let cache = config.plugin_cache.clone().unwrap_or_else(|| config.data.join("plugin-cache"));
+                Some(plugin::runtime(&config.plugins, &cache)?)
+            };
+            let link_id = || shared.link_id();
+            let mut start_plugins = |state: &dyn Fn(&str) -> anyhow::Result<Box<dyn StateStore>>| -> anyhow::Result<()> {
+                let Some(runtime) = &runtime else { return Ok(()) };
+                let host = plugin::Host { runtime, to_node: shared.to_node.clone(), room: room.clone(), link_id: &link_id };
+                for cfg in &config.plugins {
+                    plugins.push(plugin::start(cfg, state(&cfg.name())?, &host)?);
+                }
+                Ok(())
+            };
+            let done = (|| -> anyhow::Result<_> { Ok(match config.store {
+                StoreKind::Fjall => {
+                    let dir = config.data.join("store");
+                    let store = FjallStore::open(&dir, config.capacity_bytes)
+                        .with_context(|| format!("opening the store in {}", dir.display()))?;
+                    start_plugins(&|name| Ok(Box::new(store.plugin_state(name)?)))?;
+                    actor::spawn(Node::new(node_config, store, has_parent), parts)?
+                }
+                StoreKind::Memory => {
+                    start_plugins(&|_| Ok(Box::new(MemoryState::new())))?;
+                    actor::spawn(Node::new(node_config, MemoryStore::new(config.capacity_bytes), has_parent), parts)?
+                }
+            })})();
+            match done {
+                Ok(done) => Ok((done, plugins)),
+                Err(err) => {
+                    // Plugins that did start stop with the failed start.
+                    for p in &mut plugins {
+                        p.stop();
+                    }
+                    Err(err)
+                }
             }
-            StoreKind::Memory => {
-                actor::spawn(Node::new(node_config, MemoryStore::new(config.capacity_bytes), has_parent), parts)?
-            }
-        };
+        })?;
 
         let endpoint = quinn::Endpoint::server(tls::server_config(&identity)?, config.listen)
             .with_context(|| format!("binding {}", config.listen))?;
         let local_addr = endpoint.local_addr()?;
-        let shared = Arc::new(Shared { to_node, stop: stop_rx.clone(), room, next_link: AtomicU64::new(1) });
 
         let mut tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), shared.clone()))];
         if let Some((parent, client_config)) = parent {
@@ -189,7 +223,8 @@ impl Relay {
                 .await
                 .with_context(|| format!("binding the metrics endpoint {addr}"))?;
             metrics_addr = Some(listener.local_addr()?);
-            tasks.push(tokio::spawn(metrics::serve(listener, snapshot.clone(), stop_rx.clone())));
+            let board = plugins.iter().map(|p| p.stats_handle()).collect();
+            tasks.push(tokio::spawn(metrics::serve(listener, snapshot.clone(), board, stop_rx.clone())));
         }
         tracing::info!(%id, listen = %local_addr, cert = %identity.cert_path.display(), fingerprint = %identity.fingerprint, "relay started");
         Ok(RelayHandle {
@@ -204,6 +239,7 @@ impl Relay {
             node_done: Some(node_done),
             tasks,
             metrics_addr,
+            plugins,
         })
     }
 }
@@ -255,6 +291,18 @@ impl RelayHandle {
         *self.snapshot.lock().expect("metrics lock")
     }
 
+    /// The counters of the plugin called `name`.
+    pub fn plugin_stats(&self, name: &str) -> Option<PluginStats> {
+        self.plugins.iter().find(|p| p.name == name).map(|p| p.stats())
+    }
+
+    /// Runs a command on the plugin called `name` (its `on-command`), returning its answer.
+    /// Fails if there is no such plugin, or it failed or is quarantined.
+    pub async fn plugin_command(&self, name: &str, args: &[&str]) -> anyhow::Result<Result<String, String>> {
+        let plugin = self.plugins.iter().find(|p| p.name == name).with_context(|| format!("no plugin called {name:?}"))?;
+        plugin.command(args.iter().map(|a| (*a).to_owned()).collect()).await
+    }
+
     /// Stops gracefully: flushes the store, sends what is queued and closes every link,
     /// stops listening, and returns once the store is closed and the port released.
     pub async fn shutdown(mut self) {
@@ -269,6 +317,13 @@ impl RelayHandle {
 
     async fn stop_with(&mut self, how: Stop) {
         let _ = self.stop.send(how);
+        let mut plugins = std::mem::take(&mut self.plugins);
+        let _ = tokio::task::spawn_blocking(move || {
+            for p in &mut plugins {
+                p.stop();
+            }
+        })
+        .await;
         if let Some(done) = self.node_done.take() {
             let _ = done.await;
         }
@@ -294,6 +349,9 @@ impl Drop for RelayHandle {
     fn drop(&mut self) {
         if self.node_done.is_some() {
             let _ = self.stop.send(Stop::Kill);
+            for p in &self.plugins {
+                p.signal_stop();
+            }
             self.endpoint.close(quinn::VarInt::from_u32(0), b"relay stopping");
             for task in &self.tasks {
                 task.abort();

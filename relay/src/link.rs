@@ -26,6 +26,29 @@ struct OutState {
     closing: Option<ErrorCode>,
 }
 
+/// Where the node actor puts the frames of one link: a QUIC writer's buffer ([`LinkOut`]) or
+/// a plugin's inbox.
+pub(crate) trait Outlet: Send + Sync {
+    /// How many more frames it takes now (0 once closing).
+    fn room(&self) -> usize;
+    /// Queues frames (dropped if the link is closing).
+    fn push(&self, frames: Vec<Frame>);
+    /// Queues the last frames and closes the link after them. Only the first call counts.
+    fn close(&self, frames: Vec<Frame>, code: ErrorCode);
+}
+
+impl Outlet for LinkOut {
+    fn room(&self) -> usize {
+        LinkOut::room(self)
+    }
+    fn push(&self, frames: Vec<Frame>) {
+        LinkOut::push(self, frames)
+    }
+    fn close(&self, frames: Vec<Frame>, code: ErrorCode) {
+        LinkOut::close(self, frames, code)
+    }
+}
+
 /// The buffer between the node actor and one link's writer task.
 #[derive(Default)]
 pub(crate) struct LinkOut {

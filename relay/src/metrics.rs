@@ -9,11 +9,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use canopy::plugin::PluginStats;
+
 use crate::RelayMetrics;
+use crate::plugin::Board;
 use crate::actor::Stop;
 
-/// Renders `m` in the Prometheus text exposition format.
-pub fn render(m: &RelayMetrics) -> String {
+/// Renders `m` and the plugins' counters in the Prometheus text exposition format.
+pub fn render(m: &RelayMetrics, plugins: &[(String, PluginStats)]) -> String {
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -54,26 +57,52 @@ pub fn render(m: &RelayMetrics) -> String {
     )]);
     metric("canopy_store_bytes", "gauge", "Bytes stored, as counted against capacity.", &[("", m.store.bytes)]);
     metric("canopy_store_chunks", "gauge", "Chunks stored.", &[("", m.store.chunks)]);
+    let per_plugin = |f: fn(&PluginStats) -> u64| -> Vec<(String, u64)> {
+        plugins.iter().map(|(name, s)| (format!("{{plugin=\"{}\"}}", name.escape_default()), f(s))).collect()
+    };
+    let series = [
+        ("canopy_plugin_chunks_in_total", "counter", "Chunks delivered to the plugin.", per_plugin(|s| s.chunks_in)),
+        ("canopy_plugin_chunks_dropped_total", "counter", "Chunks of failed on-chunks calls, not delivered again.", per_plugin(|s| s.chunks_dropped)),
+        ("canopy_plugin_published_total", "counter", "Chunks the plugin published.", per_plugin(|s| s.published)),
+        ("canopy_plugin_failures_total", "counter", "Plugin callbacks that failed (trap, deadline, memory, fuel).", per_plugin(|s| s.failures)),
+        ("canopy_plugin_restarts_total", "counter", "Times the plugin was re-created after a failure.", per_plugin(|s| s.restarts)),
+        ("canopy_plugin_quarantined", "gauge", "1 when the plugin is quarantined after repeated failures.", per_plugin(|s| u64::from(s.quarantined))),
+    ];
+    for (name, kind, help, samples) in &series {
+        let samples: Vec<(&str, u64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(name, kind, help, &samples);
+    }
     out
 }
 
 /// Serves `GET /metrics` on `listener` until the relay stops.
-pub(crate) async fn serve(listener: TcpListener, snapshot: Arc<Mutex<RelayMetrics>>, mut stop: watch::Receiver<Stop>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    snapshot: Arc<Mutex<RelayMetrics>>,
+    board: Board,
+    mut stop: watch::Receiver<Stop>,
+) {
+    let board = Arc::new(board);
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
-                let snapshot = snapshot.clone();
+                let (snapshot, board) = (snapshot.clone(), board.clone());
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, peer, snapshot)).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, peer, snapshot, &board)).await;
                 });
             }
         }
     }
 }
 
-async fn answer(mut stream: TcpStream, peer: SocketAddr, snapshot: Arc<Mutex<RelayMetrics>>) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    snapshot: Arc<Mutex<RelayMetrics>>,
+    board: &Board,
+) -> std::io::Result<()> {
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
@@ -89,7 +118,9 @@ async fn answer(mut stream: TcpStream, peer: SocketAddr, snapshot: Arc<Mutex<Rel
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, content_type, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
         let m = *snapshot.lock().expect("metrics lock");
-        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(&m))
+        let plugins: Vec<(String, PluginStats)> =
+            board.iter().map(|(name, stats)| (name.clone(), *stats.lock().expect("plugin stats lock"))).collect();
+        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(&m, &plugins))
     } else {
         tracing::debug!(%peer, %line, "metrics: not found");
         ("404 Not Found", "text/plain; charset=utf-8", "try GET /metrics\n".to_owned())

@@ -109,7 +109,7 @@ impl Limits {
 }
 
 /// Why a callback failed; the instance is re-created after any of these.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultKind {
     /// It ran past its deadline and was interrupted.
     Deadline,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::core::HostCore;
 use super::state::StateStore;
-use super::{Clock, Effect, Fault, Instance, Limits, PluginError, Template};
+use super::{Clock, Effect, Fault, FaultKind, Instance, Limits, PluginError, Template};
 use crate::{Chunk, Filter};
 
 /// Counters of one supervised plugin.
@@ -22,8 +22,12 @@ pub struct PluginStats {
     pub failures: u64,
     /// Times the instance was re-created after a failure.
     pub restarts: u64,
+    /// Chunks whose `on-chunks` call failed: they are not delivered again.
+    pub chunks_dropped: u64,
     /// Whether the plugin is quarantined.
     pub quarantined: bool,
+    /// What the most recent failure was.
+    pub last_fault: Option<FaultKind>,
 }
 
 /// One plugin under supervision.
@@ -32,10 +36,12 @@ pub struct PluginStats {
 /// ([`Supervisor::fire_timers`] when [`Supervisor::next_timer`] is due) and runs commands,
 /// then carries out [`Supervisor::take_effects`].
 ///
-/// When a callback fails, the instance is torn down, its subscriptions are dropped (as
-/// [`Effect::Unsubscribe`]s) and its timers cancelled, and a fresh instance is initialised from
-/// the same configuration and the same persisted key/value state; its `init` subscribes
-/// again, so it receives the cached chunks it missed. After [`Limits::max_failures`] failures
+/// When a callback fails, the instance is torn down, its timers are cancelled and everything
+/// the failed callback asked for is dropped; a fresh instance is initialised from the same
+/// configuration and the same persisted key/value state. Its subscriptions stay open while
+/// that happens, so it misses nothing that arrives meanwhile: those its `init` asks for again
+/// simply continue, the others are closed. The chunks of a failed `on-chunks` call are not
+/// delivered again (a chunk that crashes the plugin would otherwise crash it forever). After [`Limits::max_failures`] failures
 /// within [`Limits::failure_window_ms`] the plugin is quarantined: it stays down, subscribed to
 /// nothing, until the embedder replaces it.
 pub struct Supervisor {
@@ -47,7 +53,13 @@ pub struct Supervisor {
     /// The state store and clock while no instance holds them (quarantine).
     parked: Option<(Box<dyn StateStore>, Clock)>,
     failures: VecDeque<u64>,
+    /// The filters the embedder has subscribed for the plugin (every `Subscribe` effect not
+    /// yet undone by an `Unsubscribe`).
     subscriptions: BTreeSet<Filter>,
+    /// While re-creating a failed instance: the subscriptions it held, kept open so that no
+    /// chunk arriving meanwhile is missed, and closed only if the new instance does not ask
+    /// for them again.
+    carried: BTreeSet<Filter>,
     /// Pending timers: due time → ids, and id → due time.
     timers: BTreeMap<u64, BTreeSet<u64>>,
     timer_due: BTreeMap<u64, u64>,
@@ -76,6 +88,7 @@ impl Supervisor {
             parked: Some((state, clock)),
             failures: VecDeque::new(),
             subscriptions: BTreeSet::new(),
+            carried: BTreeSet::new(),
             timers: BTreeMap::new(),
             timer_due: BTreeMap::new(),
             effects: Vec::new(),
@@ -136,7 +149,10 @@ impl Supervisor {
             return;
         }
         self.stats.chunks_in += chunks.len() as u64;
-        let _ = self.call(|i| i.on_chunks(chunks));
+        if self.call(|i| i.on_chunks(chunks)).is_err() {
+            self.stats.chunks_dropped += chunks.len() as u64;
+            tracing::warn!(plugin = %self.name, chunks = chunks.len(), "chunks of the failed call are not delivered again");
+        }
     }
 
     /// Fires every timer due at `now` (unix ms), earliest first.
@@ -239,6 +255,7 @@ impl Supervisor {
         let (_, state, clock) = core.into_parts();
         self.parked = Some((state, clock.clone()));
         self.stats.failures += 1;
+        self.stats.last_fault = Some(fault.kind);
         tracing::warn!(plugin = %self.name, kind = ?fault.kind, "plugin failed: {}", fault.message);
         self.last_fault = Some(fault);
 
@@ -247,7 +264,9 @@ impl Supervisor {
         while self.failures.front().is_some_and(|t| now.saturating_sub(*t) > self.limits.failure_window_ms) {
             self.failures.pop_front();
         }
-        self.drop_interest();
+        self.carried.append(&mut self.subscriptions);
+        self.timers.clear();
+        self.timer_due.clear();
         if self.failures.len() >= self.limits.max_failures as usize {
             self.quarantine();
             return;
@@ -269,17 +288,11 @@ impl Supervisor {
         }
     }
 
-    /// Drops the subscriptions and timers of a dead instance.
-    fn drop_interest(&mut self) {
-        for filter in std::mem::take(&mut self.subscriptions) {
-            self.effects.push(Effect::Unsubscribe(filter));
-        }
-        self.timers.clear();
-        self.timer_due.clear();
-    }
-
     fn quarantine(&mut self) {
         self.stats.quarantined = true;
+        for filter in std::mem::take(&mut self.carried) {
+            self.effects.push(Effect::Unsubscribe(filter));
+        }
         tracing::error!(
             plugin = %self.name,
             failures = self.failures.len(),
@@ -301,7 +314,21 @@ impl Supervisor {
         self.instance = Some(instance);
         match result {
             Ok(Ok(())) => {
+                let start = self.effects.len();
                 self.commit();
+                // Subscriptions carried over from the failed instance are open already.
+                let carried = std::mem::take(&mut self.carried);
+                let mut i = start;
+                while i < self.effects.len() {
+                    if matches!(&self.effects[i], Effect::Subscribe(f) if carried.contains(f)) {
+                        self.effects.remove(i);
+                    } else {
+                        i += 1;
+                    }
+                }
+                for filter in carried.difference(&self.subscriptions) {
+                    self.effects.push(Effect::Unsubscribe(*filter));
+                }
                 Ok(())
             }
             Ok(Err(message)) => {

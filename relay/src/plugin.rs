@@ -1,0 +1,348 @@
+//! Plugins loaded from the relay's config, each on a thread of its own, attached to the node
+//! as a local link.
+//!
+//! To the routing core a plugin is one more link: it says `Hello`, subscribes, publishes and
+//! is delivered chunks like any client, under the same access rules and flow control. Its
+//! thread turns the plugin's [`Effect`]s into frames for the node actor and the frames the
+//! node queued for it into batched `on-chunks` calls, fires its timers, and runs commands
+//! sent through [`RelayHandle::plugin_command`](crate::RelayHandle::plugin_command). A plugin
+//! that falls behind gets `SlowConsumer` like any subscriber and resubscribes, catching up
+//! from the cache. Callbacks run off the node's thread, so a slow or stuck plugin never
+//! delays the relay; the supervisor re-creates or quarantines it.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use canopy::node::LinkId;
+use canopy::plugin::{
+    Effect, NativeTemplate, PluginStats, Runtime, RuntimeOptions, StateStore, Supervisor, Template, system_clock,
+};
+use canopy::wire::{ErrorCode, Frame, PROTOCOL_VERSION, ReplayMode, Role};
+use canopy::{Chunk, Filter};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::actor::ToNode;
+use crate::config::{PluginConfig, PluginKind};
+use crate::link::Outlet;
+
+/// Frames a plugin's inbox holds at most before the node stops draining into it.
+const INBOX_CAPACITY: usize = 1024;
+/// Chunks handed to one `on-chunks` call at most.
+const BATCH: usize = 256;
+
+/// A command on its way to a plugin, with where to send the answer.
+type Command = (Vec<String>, oneshot::Sender<anyhow::Result<Result<String, String>>>);
+
+#[derive(Default)]
+struct Inbox {
+    frames: VecDeque<Frame>,
+    commands: VecDeque<Command>,
+    closing: bool,
+    stop: bool,
+}
+
+/// The node's side of a plugin link: frames queued for the plugin, plus its commands.
+pub(crate) struct PluginOut {
+    inbox: Mutex<Inbox>,
+    wake: Condvar,
+    /// Tells the node actor the plugin took frames, so it may drain more.
+    room: Arc<Notify>,
+}
+
+impl PluginOut {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().expect("plugin inbox lock")
+    }
+
+    /// Asks the plugin's thread to stop.
+    pub(crate) fn stop(&self) {
+        self.lock().stop = true;
+        self.wake.notify_one();
+    }
+}
+
+impl Outlet for PluginOut {
+    fn room(&self) -> usize {
+        let inbox = self.lock();
+        if inbox.closing { 0 } else { INBOX_CAPACITY.saturating_sub(inbox.frames.len()) }
+    }
+
+    fn push(&self, frames: Vec<Frame>) {
+        let mut inbox = self.lock();
+        if !inbox.closing && !frames.is_empty() {
+            inbox.frames.extend(frames);
+            drop(inbox);
+            self.wake.notify_one();
+        }
+    }
+
+    fn close(&self, frames: Vec<Frame>, code: ErrorCode) {
+        let mut inbox = self.lock();
+        if inbox.closing {
+            return;
+        }
+        inbox.frames.extend(frames);
+        inbox.closing = true;
+        drop(inbox);
+        tracing::debug!(%code, "plugin link closed by the node");
+        self.wake.notify_one();
+    }
+}
+
+/// A running relay plugin, as the relay handle keeps it.
+pub(crate) struct RunningPlugin {
+    pub name: String,
+    out: Arc<PluginOut>,
+    stats: Arc<Mutex<PluginStats>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningPlugin {
+    pub(crate) fn stats(&self) -> PluginStats {
+        *self.stats.lock().expect("plugin stats lock")
+    }
+
+    /// Runs a command on the plugin's thread.
+    pub(crate) async fn command(&self, args: Vec<String>) -> anyhow::Result<Result<String, String>> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut inbox = self.out.lock();
+            anyhow::ensure!(!inbox.stop && !inbox.closing, "plugin {} has stopped", self.name);
+            inbox.commands.push_back((args, tx));
+        }
+        self.out.wake.notify_one();
+        rx.await.with_context(|| format!("plugin {} stopped before answering", self.name))?
+    }
+
+    /// The shared counters, for the metrics endpoint.
+    pub(crate) fn stats_handle(&self) -> (String, Arc<Mutex<PluginStats>>) {
+        (self.name.clone(), self.stats.clone())
+    }
+
+    /// Asks the thread to stop without waiting.
+    pub(crate) fn signal_stop(&self) {
+        self.out.stop();
+    }
+
+    /// Stops the thread and waits for it (at most one callback deadline plus a little).
+    pub(crate) fn stop(&mut self) {
+        self.out.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What loading plugins needs from the relay.
+pub(crate) struct Host<'a> {
+    pub runtime: &'a Runtime,
+    pub to_node: mpsc::Sender<ToNode>,
+    pub room: Arc<Notify>,
+    pub link_id: &'a dyn Fn() -> LinkId,
+}
+
+/// A runtime for the relay's Wasm plugins, caching compiled code in `cache`.
+pub(crate) fn runtime(plugins: &[PluginConfig], cache: &Path) -> anyhow::Result<Runtime> {
+    let fuel = plugins.iter().any(|p| p.limits.fuel.is_some());
+    Ok(Runtime::new(RuntimeOptions { cache_dir: Some(cache.to_owned()), fuel })?)
+}
+
+/// Loads a plugin, starts it on its own thread and waits for its `init`; a plugin that
+/// cannot load or refuses its configuration stops the relay from starting.
+pub(crate) fn start(config: &PluginConfig, state: Box<dyn StateStore>, host: &Host<'_>) -> anyhow::Result<RunningPlugin> {
+    let name = config.name();
+    let template: Arc<dyn Template> = match config.kind() {
+        PluginKind::Wasm => host.runtime.load_file(&config.file, config.limits, &config.dirs)?,
+        PluginKind::Native => {
+            anyhow::ensure!(config.dirs.is_empty(), "plugin {name}: `dirs` are for Wasm plugins; native code sees everything");
+            NativeTemplate::load(&config.file, config.limits)?
+        }
+    };
+    let out = Arc::new(PluginOut { inbox: Mutex::default(), wake: Condvar::new(), room: host.room.clone() });
+    let stats = Arc::new(Mutex::new(PluginStats::default()));
+    let link = (host.link_id)();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let driver = Driver {
+        name: name.clone(),
+        link,
+        out: out.clone(),
+        to_node: host.to_node.clone(),
+        stats: stats.clone(),
+        token: config.token.clone(),
+        subs: HashMap::new(),
+        next_id: 1,
+        next_seq: 1,
+    };
+    let init = config.config_json();
+    let thread = std::thread::Builder::new().name(format!("plugin-{name}")).spawn(move || {
+        match Supervisor::start(&driver.name, template, &init, state, system_clock()) {
+            Ok(sup) => {
+                let _ = started_tx.send(Ok(()));
+                driver.run(sup);
+            }
+            Err(err) => {
+                let _ = started_tx.send(Err(err));
+            }
+        }
+    })?;
+    match started_rx.recv() {
+        Ok(Ok(())) => {
+            tracing::info!(plugin = %name, file = %config.file.display(), "plugin started");
+            Ok(RunningPlugin { name, out, stats, thread: Some(thread) })
+        }
+        Ok(Err(err)) => Err(err).with_context(|| format!("starting plugin {name}")),
+        Err(_) => anyhow::bail!("plugin {name} stopped while starting"),
+    }
+}
+
+/// The plugin's thread.
+struct Driver {
+    name: String,
+    link: LinkId,
+    out: Arc<PluginOut>,
+    to_node: mpsc::Sender<ToNode>,
+    stats: Arc<Mutex<PluginStats>>,
+    token: Option<String>,
+    /// Subscription id → filter, for the plugin's live subscriptions.
+    subs: HashMap<u64, Filter>,
+    next_id: u64,
+    next_seq: u64,
+}
+
+impl Driver {
+    fn send(&self, frames: Vec<Frame>) -> bool {
+        frames.is_empty() || self.to_node.blocking_send(ToNode::Frames { link: self.link, frames }).is_ok()
+    }
+
+    fn subscribe(&mut self, filter: Filter) -> Frame {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.subs.insert(id, filter);
+        Frame::Subscribe { id, filter, mode: ReplayMode::CachedAndLive }
+    }
+
+    /// Turns the plugin's effects into frames for the node.
+    fn frames(&mut self, effects: Vec<Effect>) -> Vec<Frame> {
+        let mut frames = Vec::with_capacity(effects.len());
+        for effect in effects {
+            match effect {
+                Effect::Publish(chunk) => {
+                    frames.push(Frame::Publish { seq: self.next_seq, chunk });
+                    self.next_seq += 1;
+                }
+                Effect::Subscribe(filter) => {
+                    if !self.subs.values().any(|f| *f == filter) {
+                        frames.push(self.subscribe(filter));
+                    }
+                }
+                Effect::Unsubscribe(filter) => {
+                    let ids: Vec<u64> = self.subs.iter().filter(|(_, f)| **f == filter).map(|(id, _)| *id).collect();
+                    for id in ids {
+                        self.subs.remove(&id);
+                        frames.push(Frame::Unsubscribe { id });
+                    }
+                }
+            }
+        }
+        frames
+    }
+
+    fn run(mut self, mut sup: Supervisor) {
+        let out: Arc<dyn Outlet> = self.out.clone();
+        let hello = Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: Vec::new(), token: self.token.clone() };
+        if self.to_node.blocking_send(ToNode::Accepted { link: self.link, out }).is_err() || !self.send(vec![hello]) {
+            return;
+        }
+        let mut was_quarantined = false;
+        loop {
+            // Counters first: whoever sees the effects may look at them.
+            let stats = sup.stats();
+            *self.stats.lock().expect("plugin stats lock") = stats;
+            if stats.quarantined && !was_quarantined {
+                was_quarantined = true;
+                tracing::error!(plugin = %self.name, "plugin quarantined; its subscriptions are dropped");
+            }
+            let effects = sup.take_effects();
+            let frames = self.frames(effects);
+            if !self.send(frames) {
+                return;
+            }
+
+            let (frames, commands, closing) = match self.wait(sup.next_timer()) {
+                Some(taken) => taken,
+                None => return,
+            };
+            let mut chunks: Vec<Chunk> = Vec::new();
+            let mut resubscribe = Vec::new();
+            for frame in frames {
+                match frame {
+                    Frame::Deliver { id, chunk } if self.subs.contains_key(&id) => chunks.push(chunk),
+                    Frame::Error { code: ErrorCode::SlowConsumer, about: Some(id), .. } => {
+                        if let Some(filter) = self.subs.remove(&id) {
+                            tracing::warn!(plugin = %self.name, %filter, "plugin fell behind; catching up from the cache");
+                            resubscribe.push(self.subscribe(filter));
+                        }
+                    }
+                    Frame::Error { code, about, message } => {
+                        tracing::warn!(plugin = %self.name, %code, ?about, %message, "the relay refused a plugin request");
+                    }
+                    _ => {}
+                }
+            }
+            if !self.send(resubscribe) {
+                return;
+            }
+            for batch in chunks.chunks(BATCH) {
+                sup.on_chunks(batch);
+            }
+            sup.fire_timers(now_ms());
+            for (args, reply) in commands {
+                let answer = sup.command(&args).map_err(anyhow::Error::from);
+                let _ = reply.send(answer);
+            }
+            if closing {
+                tracing::info!(plugin = %self.name, "plugin link closed; plugin stopped");
+                return;
+            }
+        }
+    }
+
+    /// Waits until there are frames or commands, a timer is due, or the plugin must stop
+    /// (`None`). Returns what was taken and whether the link is closing.
+    fn wait(&self, next_timer: Option<u64>) -> Option<(Vec<Frame>, Vec<Command>, bool)> {
+        let mut inbox = self.out.lock();
+        loop {
+            if inbox.stop {
+                return None;
+            }
+            if !inbox.frames.is_empty() || !inbox.commands.is_empty() || inbox.closing {
+                break;
+            }
+            let now = now_ms();
+            let timeout = match next_timer {
+                Some(due) if due <= now => break,
+                Some(due) => Duration::from_millis(due - now),
+                None => Duration::from_secs(3600),
+            };
+            inbox = self.out.wake.wait_timeout(inbox, timeout).expect("plugin inbox lock").0;
+        }
+        let take = inbox.frames.len().min(INBOX_CAPACITY);
+        let frames: Vec<Frame> = inbox.frames.drain(..take).collect();
+        let commands = inbox.commands.drain(..).collect();
+        let closing = inbox.closing && inbox.frames.is_empty();
+        drop(inbox);
+        self.out.room.notify_one();
+        Some((frames, commands, closing))
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::actor::now_ms()
+}
+
+/// Plugin counters by name, for the metrics endpoint.
+pub(crate) type Board = Vec<(String, Arc<Mutex<PluginStats>>)>;
