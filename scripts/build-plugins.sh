@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WASM_PLUGINS=(echo clock hostile)
+WASM_PLUGINS=(echo clock hostile dump)
 NATIVE_PLUGINS=()
 
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use canopy::Filter;
 use canopy::access::{Access, Grant};
-use canopy::plugin::Limits;
+use canopy::plugin::{Limits, PluginKind};
 use canopy::wire::RelayId;
 use serde::{Deserialize, Serialize};
 
@@ -36,16 +36,6 @@ pub struct AccessRule {
     /// Filters (`0x<32 hex digits>/<len>`) this token may subscribe to, or narrower ones.
     #[serde(default)]
     pub subscribe: Vec<String>,
-}
-
-/// Whether a plugin file is a Wasm component or a native library.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PluginKind {
-    /// A Wasm component of the `canopy:plugin` world, run under the plugin's limits.
-    Wasm,
-    /// A native `cdylib` built with `canopy-plugin`: trusted, unlimited, fastest.
-    Native,
 }
 
 /// One `[[plugin]]` a relay loads at start and runs for as long as it runs.
@@ -86,10 +76,7 @@ impl PluginConfig {
 
     /// The plugin's kind, from the setting or the file's extension.
     pub fn kind(&self) -> PluginKind {
-        self.kind.unwrap_or_else(|| match self.file.extension().and_then(|e| e.to_str()) {
-            Some("so" | "dylib" | "dll") => PluginKind::Native,
-            _ => PluginKind::Wasm,
-        })
+        self.kind.unwrap_or_else(|| PluginKind::of(&self.file))
     }
 
     /// The configuration text handed to `init`.

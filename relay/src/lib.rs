@@ -49,8 +49,9 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::actor::{ActorParts, Stop, ToNode};
-pub use crate::config::{AccessRule, PluginConfig, PluginKind, RelayConfig, StoreKind};
-pub use canopy::plugin::{Limits as PluginLimits, PluginStats};
+pub use canopy::plugin::{Limits as PluginLimits, PluginKind, PluginStats};
+
+pub use crate::config::{AccessRule, PluginConfig, RelayConfig, StoreKind};
 use crate::link::LinkOut;
 use crate::tls::Trust;
 

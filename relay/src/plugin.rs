@@ -19,14 +19,14 @@ use std::time::Duration;
 use anyhow::Context;
 use canopy::node::LinkId;
 use canopy::plugin::{
-    Effect, NativeTemplate, PluginStats, Runtime, RuntimeOptions, StateStore, Supervisor, Template, system_clock,
+    Effect, PluginStats, Runtime, RuntimeOptions, StateStore, Supervisor, system_clock,
 };
 use canopy::wire::{ErrorCode, Frame, PROTOCOL_VERSION, ReplayMode, Role};
 use canopy::{Chunk, Filter};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::actor::ToNode;
-use crate::config::{PluginConfig, PluginKind};
+use crate::config::PluginConfig;
 use crate::link::Outlet;
 
 /// Frames a plugin's inbox holds at most before the node stops draining into it.
@@ -155,13 +155,7 @@ pub(crate) fn runtime(plugins: &[PluginConfig], cache: &Path) -> anyhow::Result<
 /// cannot load or refuses its configuration stops the relay from starting.
 pub(crate) fn start(config: &PluginConfig, state: Box<dyn StateStore>, host: &Host<'_>) -> anyhow::Result<RunningPlugin> {
     let name = config.name();
-    let template: Arc<dyn Template> = match config.kind() {
-        PluginKind::Wasm => host.runtime.load_file(&config.file, config.limits, &config.dirs)?,
-        PluginKind::Native => {
-            anyhow::ensure!(config.dirs.is_empty(), "plugin {name}: `dirs` are for Wasm plugins; native code sees everything");
-            NativeTemplate::load(&config.file, config.limits)?
-        }
-    };
+    let template = host.runtime.load_plugin(&config.file, Some(config.kind()), config.limits, &config.dirs)?;
     let out = Arc::new(PluginOut { inbox: Mutex::default(), wake: Condvar::new(), room: host.room.clone() });
     let stats = Arc::new(Mutex::new(PluginStats::default()));
     let link = (host.link_id)();

@@ -78,6 +78,7 @@
 //! waits for its answer.
 
 mod client;
+pub mod tool;
 mod tls;
 
 pub use client::{

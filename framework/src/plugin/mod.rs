@@ -34,6 +34,7 @@ mod state;
 mod supervisor;
 mod wasm;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +46,47 @@ pub use self::state::{Entry, MAX_KEY, MAX_VALUE, MemoryState, StateStore, Write}
 pub use self::supervisor::{PluginStats, Supervisor};
 pub use self::wasm::{Runtime, RuntimeOptions, WasmTemplate};
 use crate::{Chunk, Filter, StoreError};
+
+/// Whether a plugin file is a Wasm component or a native library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    /// A Wasm component of the `canopy:plugin` world, run under its limits.
+    Wasm,
+    /// A native `cdylib` built with `canopy-plugin`: trusted, unlimited, fastest.
+    Native,
+}
+
+impl PluginKind {
+    /// The kind a file's extension suggests: native for `.so`, `.dylib` and `.dll`.
+    pub fn of(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("so" | "dylib" | "dll") => PluginKind::Native,
+            _ => PluginKind::Wasm,
+        }
+    }
+}
+
+impl Runtime {
+    /// Loads a plugin of either kind (`None`: by the file's extension). Directories can only
+    /// be granted to Wasm plugins; native code sees everything anyway.
+    pub fn load_plugin(
+        &self,
+        path: &Path,
+        kind: Option<PluginKind>,
+        limits: Limits,
+        dirs: &[PathBuf],
+    ) -> Result<Arc<dyn Template>, PluginError> {
+        match kind.unwrap_or_else(|| PluginKind::of(path)) {
+            PluginKind::Wasm => Ok(self.load_file(path, limits, dirs)?),
+            PluginKind::Native if !dirs.is_empty() => Err(PluginError::Unsupported(format!(
+                "{}: directories are granted to Wasm plugins only; native code sees the whole file system",
+                path.display()
+            ))),
+            PluginKind::Native => Ok(NativeTemplate::load(path, limits)?),
+        }
+    }
+}
 
 /// What a plugin asked its host to do, in the order it asked.
 #[derive(Debug, Clone, PartialEq, Eq)]

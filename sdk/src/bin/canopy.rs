@@ -5,6 +5,8 @@
 //! canopy sub --relay 127.0.0.1:4433 --fingerprint HEX FILTER [--mode cached|live|both]
 //!            [--count N] [--timeout 5s] [--json]
 //! canopy stat --metrics http://127.0.0.1:9100/metrics
+//! canopy plugin run FILE --relay 127.0.0.1:4433 --ca relay.pem [--dir PATH]... [--config JSON]
+//!            [--state DIR] -- ARGS...
 //! ```
 //!
 //! NAME and FILTER take the hex forms (`0x…`, `0x…/len`, `*`) or the messenger schema form
@@ -16,11 +18,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
+use canopy_sdk::tool::{self, Progress, ToolOptions};
 use canopy_sdk::{Chunk, Client, ConnectOptions, ReplayMode, Schema, SubEvent, Trust};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "canopy", version, about = "Publish to and subscribe from a Canopy relay")]
+#[command(name = "canopy", version, about = "Publish to and subscribe from a Canopy relay, and run plugins against it")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,6 +69,50 @@ enum Command {
         #[arg(long)]
         metrics: String,
     },
+    /// Run plugins as tools.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run a plugin (`.wasm`, or a native library) against a relay: `init` with the
+    /// arguments, deliver the replays of its subscriptions and fire its timers until it
+    /// settles, then print what `on-command ARGS` returns (exit 1 if it is an error).
+    Run {
+        /// The plugin file.
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// Grant the plugin this directory (visible at the same path); repeatable. Nothing
+        /// else of the file system is visible to it.
+        #[arg(long = "dir")]
+        dirs: Vec<std::path::PathBuf>,
+        /// The plugin's configuration, a JSON object (`"args"` is added to it).
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Keep the plugin's key/value state in this directory (default: in memory).
+        #[arg(long)]
+        state: Option<std::path::PathBuf>,
+        /// Where compiled plugins are cached (default: `$XDG_CACHE_HOME/canopy/plugins` or
+        /// `~/.cache/canopy/plugins`).
+        #[arg(long)]
+        cache: Option<std::path::PathBuf>,
+        /// Wall-clock budget of one callback, in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        deadline_ms: u64,
+        /// Memory the plugin may use, in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// Give up after this long (e.g. `30s`, `10m`).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// The plugin's command line.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -96,6 +143,11 @@ enum Mode {
 
 impl RelayArgs {
     async fn connect(&self) -> Result<Client> {
+        self.connect_with(ConnectOptions::new(&self.relay, Trust::Fingerprint(String::new()))).await
+    }
+
+    /// Connects with `base`'s tuning (buffers, timeouts) and these flags' address and trust.
+    async fn connect_with(&self, base: ConnectOptions) -> Result<Client> {
         let trust = match (&self.ca, &self.fingerprint) {
             (Some(path), _) => Trust::CaPem(
                 std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
@@ -103,7 +155,7 @@ impl RelayArgs {
             (None, Some(fp)) => Trust::Fingerprint(fp.clone()),
             (None, None) => bail!("give --ca or --fingerprint"),
         };
-        let mut opts = ConnectOptions::new(&self.relay, trust);
+        let mut opts = ConnectOptions { trust, ..base };
         opts.token = self.token.clone();
         opts.server_name = self.server_name.clone();
         Ok(Client::connect(opts).await?)
@@ -164,6 +216,60 @@ async fn run(cli: Cli) -> Result<()> {
             result
         }
         Command::Stat { metrics } => stat(&metrics).await,
+        Command::Plugin { command: PluginCommand::Run { file, relay, dirs, config, state, cache, deadline_ms, memory_mib, timeout, args } } => {
+            let config = match serde_json::from_str(&config).context("--config must be a JSON object")? {
+                serde_json::Value::Object(map) => map,
+                _ => bail!("--config must be a JSON object"),
+            };
+            let mut options = ToolOptions::new(file, args);
+            options.config = config;
+            options.dirs = dirs;
+            options.state = state;
+            options.cache_dir = cache.or_else(default_cache_dir);
+            options.limits.deadline_ms = deadline_ms;
+            options.limits.memory_bytes = memory_mib << 20;
+            options.timeout = timeout;
+            run_plugin(&relay, options).await
+        }
+    }
+}
+
+/// `$XDG_CACHE_HOME/canopy/plugins`, else `~/.cache/canopy/plugins`.
+fn default_cache_dir() -> Option<std::path::PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if !dir.is_empty() => std::path::PathBuf::from(dir),
+        _ => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+    };
+    Some(base.join("canopy").join("plugins"))
+}
+
+async fn run_plugin(relay: &RelayArgs, options: ToolOptions) -> Result<()> {
+    // A plugin's replays arrive in bursts larger than the default event buffer; the tool
+    // forwards them as fast as they come, so a deep buffer only absorbs the bursts.
+    let mut base = ConnectOptions::new(&relay.relay, Trust::Fingerprint(String::new()));
+    base.subscription_buffer = 1 << 16;
+    let client = relay.connect_with(base).await?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("a valid template"));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let shown = bar.clone();
+    let outcome = tool::run(&client, options, move |p: Progress| {
+        shown.set_message(format!("{} chunks in · {} published · {} refused", p.chunks_in, p.published, p.refused));
+    })
+    .await;
+    bar.finish_and_clear();
+    client.close();
+    let outcome = outcome?;
+    eprintln!(
+        "plugin done: {} chunks in, {} published, {} refused",
+        outcome.chunks_in, outcome.published, outcome.refused
+    );
+    match outcome.answer {
+        Ok(text) => {
+            println!("{text}");
+            Ok(())
+        }
+        Err(text) => Err(anyhow!("{text}")),
     }
 }
 
