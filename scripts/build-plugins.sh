@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WASM_PLUGINS=(echo clock hostile dump)
-NATIVE_PLUGINS=()
+NATIVE_PLUGINS=(echo stale-abi)
 
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     echo "installing the wasm32-wasip2 target" >&2
@@ -20,5 +20,5 @@ cargo build -q --locked --profile plugin --target wasm32-wasip2 "${args[@]}"
 if ((${#NATIVE_PLUGINS[@]})); then
     args=()
     for p in "${NATIVE_PLUGINS[@]}"; do args+=(-p "$p"); done
-    cargo build -q --locked ${1:-} "${args[@]}"
+    cargo build -q --locked ${1:+"$1"} "${args[@]}"
 fi

@@ -179,3 +179,31 @@ async fn hostile_plugins_are_contained_and_everyone_else_keeps_working() {
     }
     relay.shutdown().await;
 }
+
+/// A native plugin library built in this profile's target directory.
+fn native(crate_name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let path = dir.join(format!("{}{}{}", std::env::consts::DLL_PREFIX, crate_name, std::env::consts::DLL_SUFFIX));
+    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh", path.display());
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_plugin_serves_and_one_of_another_abi_is_refused() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let stale = PluginConfig { file: native("stale_abi"), name: Some("stale".into()), ..echo_plugin() };
+    let err = canopy_relay::Relay::spawn(RelayConfig { plugins: vec![stale], ..config(dir.path()) }).await.err().unwrap();
+    let text = format!("{err:#}");
+    assert!(text.contains("ABI version 0") && text.contains("speaks version 1"), "{text}");
+
+    let echo = PluginConfig { file: native("echo"), ..echo_plugin() };
+    let relay = spawn(RelayConfig { plugins: vec![echo], ..config(dir.path()) }).await;
+    let mut client = Client::connect(&relay).await;
+    client.subscribe(1, filter(&hex(REPLIES, 16)), ReplayMode::LiveOnly).await;
+    client.publish_acked(chunk(REQUESTS | 8, "native?")).await;
+    let answer = client.delivered_until(1, REPLIES | 8).await;
+    assert_eq!(answer.last().unwrap().data().as_ref(), b"native?");
+    relay.shutdown().await;
+}
