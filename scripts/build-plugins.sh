@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WASM_PLUGINS=(echo clock hostile dump)
-NATIVE_PLUGINS=(echo stale-abi)
+WASM_PLUGINS=(echo clock hostile dump sink)
+NATIVE_PLUGINS=(echo stale-abi sink)
 
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     echo "installing the wasm32-wasip2 target" >&2

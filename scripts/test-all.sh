@@ -8,12 +8,15 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "lint (clippy, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --locked --target wasm32-wasip2 -p canopy-plugin -p echo -p clock -p hostile -p dump -p sink -- -D warnings
 
 step "unit, property, integration and doc tests"
 cargo test --workspace --locked
 
 step "benchmarks run end to end (smoke: small sizes, one iteration each)"
 CANOPY_BENCH_SIZES=1000 cargo bench -p canopy-benches --locked --bench name_matching -- --test
+bash scripts/build-plugins.sh --release
+cargo bench -p canopy-benches --locked --bench plugin_dispatch -- --test
 cargo run -q --release --locked -p canopy-benches --bin match-memory -- 1000
 # relay-load starts the real relay binary found next to it, so build that first.
 cargo build -q --release --locked -p canopy-relay
