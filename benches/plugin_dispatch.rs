@@ -13,12 +13,15 @@ use canopy::plugin::{Limits, MemoryState, NativeTemplate, Runtime, RuntimeOption
 use canopy::{Chunk, Name};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+/// The Cargo target directory this test binary was built in (`<target>/<profile>/deps/<exe>`),
+/// which also holds the Wasm plugins under `wasm32-wasip2/plugin/`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors().nth(3).unwrap().to_owned()
 }
 
 fn wasm_path() -> PathBuf {
-    let path = root().join("target/wasm32-wasip2/plugin/sink.wasm");
+    let path = target_dir().join("wasm32-wasip2/plugin/sink.wasm");
     assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh --release", path.display());
     path
 }

@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+step "plugins (Wasm for wasm32-wasip2, installing the target if needed; native)"
+bash scripts/build-plugins.sh
+
 step "lint (clippy, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --locked --target wasm32-wasip2 -p canopy-plugin -p echo -p clock -p hostile -p dump -p sink -- -D warnings

@@ -12,11 +12,18 @@ use canopy::plugin::{
 };
 use canopy::{Chunk, Filter, FjallStore, Name};
 
+/// The Cargo target directory this test binary was built in (`<target>/<profile>/deps/<exe>`),
+/// which also holds the Wasm plugins under `wasm32-wasip2/plugin/`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors().nth(3).unwrap().to_owned()
+}
+
 /// A built Wasm plugin.
 fn wasm(name: &str) -> PathBuf {
     let dir = std::env::var_os("CANOPY_PLUGIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/plugin"));
+        .unwrap_or_else(|| target_dir().join("wasm32-wasip2/plugin"));
     let path = dir.join(format!("{name}.wasm"));
     assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh", path.display());
     path

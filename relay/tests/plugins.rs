@@ -18,8 +18,15 @@ const CONTROL: u128 = 0x0b01 << 112;
 const STATUS: u128 = 0x0b02 << 112;
 const OTHERS: u128 = 0x0c00 << 112;
 
+/// The Cargo target directory this test binary was built in (`<target>/<profile>/deps/<exe>`),
+/// which also holds the Wasm plugins under `wasm32-wasip2/plugin/`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors().nth(3).unwrap().to_owned()
+}
+
 fn wasm(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/wasm32-wasip2/plugin/{name}.wasm"));
+    let path = target_dir().join(format!("wasm32-wasip2/plugin/{name}.wasm"));
     assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh", path.display());
     path
 }

@@ -15,8 +15,15 @@ const UNDER: u128 = 0x0d0d << 112;
 const FILTER: &str = "0x0d0d0000000000000000000000000000/16";
 const OUTSIDE: u128 = 0x0d0e << 112;
 
+/// The Cargo target directory this test binary was built in (`<target>/<profile>/deps/<exe>`),
+/// which also holds the Wasm plugins under `wasm32-wasip2/plugin/`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors().nth(3).unwrap().to_owned()
+}
+
 fn wasm(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/wasm32-wasip2/plugin/{name}.wasm"));
+    let path = target_dir().join(format!("wasm32-wasip2/plugin/{name}.wasm"));
     assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh", path.display());
     path
 }
