@@ -80,7 +80,9 @@ async fn publish_all(client: &Client, chunks: &[Chunk]) {
 
 /// Every cached chunk under `filter`, as (name, expiry, data).
 async fn cached(relay: &RelayHandle, filter: Filter) -> BTreeSet<(Name, u64, Vec<u8>)> {
-    let client = client(relay).await;
+    // The replay arrives in bursts larger than the default event buffer.
+    let opts = canopy_sdk::ConnectOptions { subscription_buffer: 1 << 16, ..options(relay) };
+    let client = within("connecting", Client::connect(opts)).await.unwrap();
     let mut sub = client.subscribe(filter, ReplayMode::CachedOnly).await.unwrap();
     let mut seen = BTreeSet::new();
     loop {
