@@ -169,45 +169,27 @@ impl Relay {
         };
         let shared = Arc::new(Shared { to_node, stop: stop_rx.clone(), room: room.clone(), next_link: AtomicU64::new(1) });
         let (node_done, plugins) = task_ext::block_in_place_or_run(|| -> anyhow::Result<_> {
-            let mut plugins = Vec::new();
-            let runtime = if config.plugins.is_empty() {
-                None
-            } else {
-                let cache = config.plugin_cache.clone().unwrap_or_else(|| config.data.join("plugin-cache"));
-                Some(plugin::runtime(&config.plugins, &cache)?)
-            };
-            let link_id = || shared.link_id();
-            let mut start_plugins = |state: &dyn Fn(&str) -> anyhow::Result<Box<dyn StateStore>>| -> anyhow::Result<()> {
-                let Some(runtime) = &runtime else { return Ok(()) };
-                let host = plugin::Host { runtime, to_node: shared.to_node.clone(), room: room.clone(), link_id: &link_id };
-                for cfg in &config.plugins {
-                    plugins.push(plugin::start(cfg, state(&cfg.name())?, &host)?);
-                }
-                Ok(())
-            };
-            let done = (|| -> anyhow::Result<_> { Ok(match config.store {
+            let host = plugin::Host { to_node: shared.to_node.clone(), room: room.clone(), link_id: &|| shared.link_id() };
+            let cache = config.plugin_cache.clone().unwrap_or_else(|| config.data.join("plugin-cache"));
+            // Plugins start before the node actor; what their `init` sends waits in its inbox.
+            Ok(match config.store {
                 StoreKind::Fjall => {
                     let dir = config.data.join("store");
                     let store = FjallStore::open(&dir, config.capacity_bytes)
                         .with_context(|| format!("opening the store in {}", dir.display()))?;
-                    start_plugins(&|name| Ok(Box::new(store.plugin_state(name)?)))?;
-                    actor::spawn(Node::new(node_config, store, has_parent), parts)?
+                    let plugins = plugin::start_all(&config.plugins, &cache, &host, |name| {
+                        Ok(Box::new(store.plugin_state(name)?) as Box<dyn StateStore>)
+                    })?;
+                    (actor::spawn(Node::new(node_config, store, has_parent), parts)?, plugins)
                 }
                 StoreKind::Memory => {
-                    start_plugins(&|_| Ok(Box::new(MemoryState::new())))?;
-                    actor::spawn(Node::new(node_config, MemoryStore::new(config.capacity_bytes), has_parent), parts)?
+                    let plugins = plugin::start_all(&config.plugins, &cache, &host, |_| {
+                        Ok(Box::new(MemoryState::new()) as Box<dyn StateStore>)
+                    })?;
+                    let store = MemoryStore::new(config.capacity_bytes);
+                    (actor::spawn(Node::new(node_config, store, has_parent), parts)?, plugins)
                 }
-            })})();
-            match done {
-                Ok(done) => Ok((done, plugins)),
-                Err(err) => {
-                    // Plugins that did start stop with the failed start.
-                    for p in &mut plugins {
-                        p.stop();
-                    }
-                    Err(err)
-                }
-            }
+            })
         })?;
 
         let endpoint = quinn::Endpoint::server(tls::server_config(&identity)?, config.listen)
@@ -350,9 +332,6 @@ impl Drop for RelayHandle {
     fn drop(&mut self) {
         if self.node_done.is_some() {
             let _ = self.stop.send(Stop::Kill);
-            for p in &self.plugins {
-                p.signal_stop();
-            }
             self.endpoint.close(quinn::VarInt::from_u32(0), b"relay stopping");
             for task in &self.tasks {
                 task.abort();

@@ -25,7 +25,7 @@ use canopy::wire::{ErrorCode, Frame, PROTOCOL_VERSION, ReplayMode, Role};
 use canopy::{Chunk, Filter};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::actor::ToNode;
+use crate::actor::{ToNode, now_ms};
 use crate::config::PluginConfig;
 use crate::link::Outlet;
 
@@ -123,11 +123,6 @@ impl RunningPlugin {
         (self.name.clone(), self.stats.clone())
     }
 
-    /// Asks the thread to stop without waiting.
-    pub(crate) fn signal_stop(&self) {
-        self.out.stop();
-    }
-
     /// Stops the thread and waits for it (at most one callback deadline plus a little).
     pub(crate) fn stop(&mut self) {
         self.out.stop();
@@ -137,25 +132,47 @@ impl RunningPlugin {
     }
 }
 
+/// A plugin whose handle is dropped (the relay stopping, or failing to start) is asked to
+/// stop; [`RunningPlugin::stop`] also waits for it.
+impl Drop for RunningPlugin {
+    fn drop(&mut self) {
+        self.out.stop();
+    }
+}
+
 /// What loading plugins needs from the relay.
 pub(crate) struct Host<'a> {
-    pub runtime: &'a Runtime,
     pub to_node: mpsc::Sender<ToNode>,
     pub room: Arc<Notify>,
     pub link_id: &'a dyn Fn() -> LinkId,
 }
 
-/// A runtime for the relay's Wasm plugins, caching compiled code in `cache`.
-pub(crate) fn runtime(plugins: &[PluginConfig], cache: &Path) -> anyhow::Result<Runtime> {
+/// Loads and starts every configured plugin, in order, with the state `state` gives each
+/// name. Compiled Wasm is cached in `cache`. A plugin that cannot load or refuses its
+/// configuration fails the whole start (those already started are stopped as they drop).
+pub(crate) fn start_all(
+    plugins: &[PluginConfig],
+    cache: &Path,
+    host: &Host<'_>,
+    state: impl Fn(&str) -> anyhow::Result<Box<dyn StateStore>>,
+) -> anyhow::Result<Vec<RunningPlugin>> {
+    if plugins.is_empty() {
+        return Ok(Vec::new());
+    }
     let fuel = plugins.iter().any(|p| p.limits.fuel.is_some());
-    Ok(Runtime::new(RuntimeOptions { cache_dir: Some(cache.to_owned()), fuel })?)
+    let runtime = Runtime::new(RuntimeOptions { cache_dir: Some(cache.to_owned()), fuel })?;
+    plugins.iter().map(|config| start(config, state(&config.name())?, &runtime, host)).collect()
 }
 
-/// Loads a plugin, starts it on its own thread and waits for its `init`; a plugin that
-/// cannot load or refuses its configuration stops the relay from starting.
-pub(crate) fn start(config: &PluginConfig, state: Box<dyn StateStore>, host: &Host<'_>) -> anyhow::Result<RunningPlugin> {
+/// Loads a plugin, starts it on its own thread and waits for its `init`.
+fn start(
+    config: &PluginConfig,
+    state: Box<dyn StateStore>,
+    runtime: &Runtime,
+    host: &Host<'_>,
+) -> anyhow::Result<RunningPlugin> {
     let name = config.name();
-    let template = host.runtime.load_plugin(&config.file, Some(config.kind()), config.limits, &config.dirs)?;
+    let template = runtime.load_plugin(&config.file, Some(config.kind()), config.limits, &config.dirs)?;
     let out = Arc::new(PluginOut { inbox: Mutex::default(), wake: Condvar::new(), room: host.room.clone() });
     let stats = Arc::new(Mutex::new(PluginStats::default()));
     let link = (host.link_id)();
@@ -332,10 +349,6 @@ impl Driver {
         self.out.room.notify_one();
         Some((frames, commands, closing))
     }
-}
-
-fn now_ms() -> u64 {
-    crate::actor::now_ms()
 }
 
 /// Plugin counters by name, for the metrics endpoint.

@@ -379,8 +379,3 @@ impl Run<'_> {
     }
 }
 
-/// A shareable progress callback that does nothing.
-pub fn no_progress() -> impl Fn(Progress) + Send + 'static {
-    |_| {}
-}
-

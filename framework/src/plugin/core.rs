@@ -135,7 +135,7 @@ impl HostCore {
         self.state.discard();
     }
 
-    pub(crate) fn into_parts(self) -> (Arc<str>, Box<dyn StateStore>, Clock) {
-        (self.name, self.state.into_base(), self.clock)
+    pub(crate) fn into_parts(self) -> (Box<dyn StateStore>, Clock) {
+        (self.state.into_base(), self.clock)
     }
 }

@@ -68,7 +68,7 @@ impl Template for NativeTemplate {
     fn instantiate(&self, core: HostCore) -> Result<Box<dyn Instance>, PluginError> {
         let mut core = Box::new(core);
         let api = Box::new(host_api((&mut *core as *mut HostCore).cast()));
-        Ok(Box::new(NativeInstance { vtable: self.vtable, instance: std::ptr::null_mut(), api, core }))
+        Ok(Box::new(NativeInstance { vtable: self.vtable, instance: std::ptr::null_mut(), api, core: Some(core) }))
     }
 }
 
@@ -77,9 +77,10 @@ struct NativeInstance {
     /// The plugin's instance; null before `init` succeeds and after `destroy`.
     instance: *mut c_void,
     /// The table handed to the plugin; `api.ctx` points into `core`. Both are boxed so their
-    /// addresses stay put while the plugin holds them.
+    /// addresses stay put while the plugin holds them. `core` is taken only by `into_core`,
+    /// after the plugin's instance is destroyed.
     api: Box<HostApi>,
-    core: Box<HostCore>,
+    core: Option<Box<HostCore>>,
 }
 
 // SAFETY: the supervisor calls an instance from one thread at a time; the plugin's side
@@ -175,19 +176,13 @@ impl Instance for NativeInstance {
     }
 
     fn core(&mut self) -> &mut HostCore {
-        &mut self.core
+        self.core.as_mut().expect("the core is only taken by into_core")
     }
 
     fn into_core(mut self: Box<Self>) -> HostCore {
         self.destroy();
-        let core = std::mem::replace(&mut self.core, Box::new(placeholder_core()));
-        *core
+        *self.core.take().expect("the core is only taken by into_core")
     }
-}
-
-/// A core for a torn-down instance to drop in place of the real one.
-fn placeholder_core() -> HostCore {
-    HostCore::new("".into(), Box::new(super::MemoryState::new()), Limits::default(), Arc::new(|| 0))
 }
 
 // The host functions the plugin calls. `ctx` is the `HostCore` of the calling instance,

@@ -247,13 +247,10 @@ impl Supervisor {
     /// Records a failure, tears the instance down and boots a new one unless the plugin has
     /// failed too often.
     fn failed(&mut self, fault: Fault) {
-        let Some(instance) = self.instance.take() else {
+        if self.instance.is_none() {
             return;
-        };
-        let mut core = instance.into_core();
-        core.discard();
-        let (_, state, clock) = core.into_parts();
-        self.parked = Some((state, clock.clone()));
+        }
+        let clock = self.park();
         self.stats.failures += 1;
         self.stats.last_fault = Some(fault.kind);
         tracing::warn!(plugin = %self.name, kind = ?fault.kind, "plugin failed: {}", fault.message);
@@ -318,29 +315,23 @@ impl Supervisor {
                 self.commit();
                 // Subscriptions carried over from the failed instance are open already.
                 let carried = std::mem::take(&mut self.carried);
-                let mut i = start;
-                while i < self.effects.len() {
-                    if matches!(&self.effects[i], Effect::Subscribe(f) if carried.contains(f)) {
-                        self.effects.remove(i);
-                    } else {
-                        i += 1;
-                    }
-                }
+                let asked = self.effects.split_off(start);
+                self.effects.extend(
+                    asked.into_iter().filter(|e| !matches!(e, Effect::Subscribe(f) if carried.contains(f))),
+                );
                 for filter in carried.difference(&self.subscriptions) {
                     self.effects.push(Effect::Unsubscribe(*filter));
                 }
                 Ok(())
             }
             Ok(Err(message)) => {
-                let (_, state, clock) = self.park();
-                self.parked = Some((state, clock));
+                self.park();
                 Err(Boot::Refused(message))
             }
             Err(fault) => {
                 if first {
                     // Reported to whoever is starting the plugin rather than retried.
-                    let (_, state, clock) = self.park();
-                    self.parked = Some((state, clock));
+                    self.park();
                     self.stats.failures += 1;
                     return Err(Boot::Fault(fault));
                 }
@@ -350,10 +341,14 @@ impl Supervisor {
         }
     }
 
-    fn park(&mut self) -> (Arc<str>, Box<dyn StateStore>, Clock) {
+    /// Tears the instance down (dropping what its last callback asked for) and keeps its
+    /// state store and clock for the next one; returns the clock.
+    fn park(&mut self) -> Clock {
         let mut core = self.instance.take().expect("an instance to park").into_core();
         core.discard();
-        core.into_parts()
+        let (state, clock) = core.into_parts();
+        self.parked = Some((state, clock.clone()));
+        clock
     }
 }
 
