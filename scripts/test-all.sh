@@ -21,6 +21,8 @@ CANOPY_BENCH_SIZES=1000 cargo bench -p canopy-benches --locked --bench name_matc
 bash scripts/build-plugins.sh --release
 cargo bench -p canopy-benches --locked --bench plugin_dispatch -- --test
 cargo run -q --release --locked -p canopy-benches --bin match-memory -- 1000
+cargo run -q --release --locked -p canopy-benches --bin match-ratio -- 10000 3
+cargo run -q --release --locked -p canopy-benches --bin mem-latency -- 4
 # relay-load starts the real relay binary found next to it, so build that first.
 cargo build -q --release --locked -p canopy-relay
 cargo run -q --release --locked -p canopy-benches --bin relay-load -- --connections 50 --subs-per-connection 20 --seconds 2
