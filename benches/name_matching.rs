@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use canopy::{Name, SubscriptionTable};
 use canopy_benches::baseline::{Matcher, PerLengthHash, PrefixTrie};
-use canopy_benches::workload::{LengthMix, Traffic, lookups, subscriptions};
+use canopy_benches::workload::{LOOKUP_NAMES, LengthMix, Traffic, lookups, subscriptions};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-const LOOKUP_NAMES: usize = 1 << 20;
 const BATCH: usize = 64;
 
 fn sizes() -> Vec<usize> {

@@ -37,6 +37,10 @@ impl LengthMix {
     }
 }
 
+/// How many pre-generated lookup names the matching benches cycle through (a power of two, so
+/// the index wraps with a mask): enough that large tables are not served from cache.
+pub const LOOKUP_NAMES: usize = 1 << 20;
+
 /// How lookup names are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Traffic {

@@ -16,11 +16,7 @@ use std::time::Instant;
 
 use canopy::{Name, SubscriptionTable};
 use canopy_benches::baseline::{Matcher, PrefixTrie};
-use canopy_benches::workload::{LengthMix, Traffic, lookups, subscriptions};
-
-/// Lookup names cycle through this many pre-generated ones (a power of two), so that large
-/// tables are not served from cache.
-const LOOKUP_NAMES: usize = 1 << 20;
+use canopy_benches::workload::{LOOKUP_NAMES, LengthMix, Traffic, lookups, subscriptions};
 
 /// Mean nanoseconds per lookup over `count` names starting at `start`.
 fn time<M: Matcher>(m: &M, names: &[Name], start: usize, count: usize) -> f64 {
