@@ -8,20 +8,22 @@
 //! # How it works
 //!
 //! A multibit trie with a stride of 8 bits, in the style of BART (Balanced Routing Table): a
-//! node at depth `d` decides bits `8d..8d+8` of a name. Each node holds two 256-bit bitmaps:
+//! node at depth `d` decides bits `8d..8d+8` of a name. Each node holds:
 //!
-//! - `prefixes` — the filters that end inside this node (prefix lengths `8d..8d+7`), numbered as
-//!   a complete binary tree (`1` is the empty prefix, `2..4` the one-bit prefixes, …, `128..256`
-//!   the seven-bit ones). For each of the 256 possible next octets a precomputed mask holds the
-//!   indices of all prefixes that contain it, so **one AND yields every covering filter in the
-//!   node**.
-//! - `children` — which next octets lead further down.
+//! - `prefixes` — the filters that end inside this node (prefix lengths `8d..8d+7`) as a
+//!   255-bit set, numbered in pre-order of their binary tree (`0` is the empty prefix, `1..=127`
+//!   those starting with a 0 bit, …). For each of the 256 possible next octets a precomputed
+//!   mask holds the positions of all prefixes that contain it, so **one AND yields every
+//!   covering filter in the node**. Their values share one array in position order, so the
+//!   covering filters' values sit in a few neighbouring cache lines.
+//! - `children` — which next octets lead to a leaf and which to a child node: a short sorted
+//!   list inside the node's own cache line, or bitmaps for the few nodes with many children.
 //!
-//! Values and children live in exactly-sized arrays indexed by the popcount of the bitmap below
-//! the entry, so sparse nodes stay small. Paths are compressed: a filter that is alone below a
-//! node is stored as a leaf holding its full key, and a node is only created when two filters
-//! share a longer path. A lookup of a name under a long filter therefore touches a few hot upper
-//! nodes and about one cold node plus its leaf, instead of one node per 8 bits.
+//! Leaves and child nodes live in exactly-sized arrays indexed by rank, so sparse nodes stay
+//! small. Paths are compressed: a filter that is alone below a node is stored as a leaf holding
+//! its full key, and a node is only created when two filters share a longer path. A lookup of a
+//! name under a long filter therefore touches a few hot upper nodes and about one cold node
+//! plus its leaf — two dependent cache misses — instead of one node per 8 bits.
 //!
 //! [`SubscriptionTable::for_each_match_batch`] walks several names at once, one level per name
 //! per round, so that the memory loads of independent lookups overlap.
@@ -65,22 +67,51 @@ fn count(b: &Bits) -> usize {
     b.iter().map(|x| x.count_ones() as usize).sum()
 }
 
-/// Index of a prefix of `r` bits (0..=7) of octet `o` in the node's complete binary tree.
+/// Position of the in-node prefix made of the first `r` bits (0..=7) of octet `o`, in
+/// pre-order of the node's binary tree of prefixes: the empty prefix is 0, the prefixes
+/// starting with a 0 bit fill 1..=127, those starting with a 1 bit 128..=254.
+///
+/// Pre-order keeps the filters covering one name at increasing positions that crowd together
+/// towards the longer prefixes, and their values, stored in position order, crowd with them.
 #[inline(always)]
-fn prefix_index(o: u8, r: u32) -> u8 {
-    debug_assert!(r < 8);
-    ((1u32 << r) | (u32::from(o) >> (8 - r))) as u8
+const fn slot(o: u8, r: u32) -> u8 {
+    let mut pos = 0u32;
+    let mut k = 0;
+    while k < r {
+        let bit = (o as u32 >> (7 - k)) & 1;
+        // Going right skips the left subtree: the prefixes of lengths k+1..=7 below it.
+        pos += 1 + bit * ((1 << (7 - k)) - 1);
+        k += 1;
+    }
+    pos as u8
 }
 
-/// For each octet, the indices of the 8 in-node prefixes (lengths 0..=7) that contain it.
+/// For each position, the prefix it stands for: its length in bits and its bits as the top of
+/// an octet.
+static PREFIX_AT: [(u8, u8); 255] = {
+    let mut table = [(0u8, 0u8); 255];
+    let mut r = 0;
+    while r < 8 {
+        let mut bits = 0u32;
+        while bits < (1 << r) {
+            let o = if r == 0 { 0 } else { (bits << (8 - r)) as u8 };
+            table[slot(o, r) as usize] = (r as u8, o);
+            bits += 1;
+        }
+        r += 1;
+    }
+    table
+};
+
+/// For each octet, the positions of the 8 in-node prefixes (lengths 0..=7) that contain it.
 static ANCESTORS: [Bits; 256] = {
     let mut table = [[0u64; 4]; 256];
     let mut o = 0;
     while o < 256 {
         let mut r = 0;
         while r < 8 {
-            let idx = (1usize << r) | (o >> (8 - r));
-            table[o][idx >> 6] |= 1 << (idx & 63);
+            let pos = slot(o as u8, r) as usize;
+            table[o][pos >> 6] |= 1 << (pos & 63);
             r += 1;
         }
         o += 1;
@@ -128,6 +159,24 @@ enum Removal {
 impl<V: Copy + Eq + Hash> Entry<V> {
     fn new(len: u8, v: V) -> Self {
         Entry { more: ThinVec::new(), first: v, len }
+    }
+
+    /// An entry holding `values` (at least one) of filter `key`/`len`.
+    fn from_values(key: u128, len: u8, values: &[V], big: &mut BigSets<V>) -> Self {
+        let entry = Entry { more: values[1..].iter().copied().collect(), first: values[0], len };
+        if entry.more.len() > INDEX_THRESHOLD {
+            let index = entry.more.iter().enumerate().map(|(i, v)| (*v, i)).collect();
+            big.insert((key, len), index);
+        }
+        entry
+    }
+
+    fn count(&self) -> usize {
+        1 + self.more.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = V> + '_ {
+        std::iter::once(self.first).chain(self.more.iter().copied())
     }
 
     #[inline(always)]
@@ -241,134 +290,420 @@ impl<V> Leaf<V> {
     }
 }
 
-/// Most nodes below the hot upper levels have a handful of children; up to this many octets of
-/// each kind are kept as a sorted list inside the node instead of a 256-bit bitmap.
-const SPARSE: usize = 14;
+/// Children kept inline in a node, before it switches to bitmaps. Below the hot upper levels
+/// almost every node has fewer (about 14 at a million random filters).
+const INLINE_CHILDREN: usize = 32;
 
-/// A set of next octets, with the rank of each member (how many smaller members there are),
-/// which is its position in the node's array.
-///
-/// Sparse sets live inline in the node, so that a node is one 64-byte cache line; dense sets
-/// (from [`SPARSE`] + 1 members) are a boxed bitmap.
-enum OctetSet {
-    Sparse { len: u8, octets: [u8; SPARSE] },
-    Dense(Box<Bits>),
+/// What a next octet leads to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Leaf,
+    Node,
 }
 
-impl OctetSet {
-    const EMPTY: OctetSet = OctetSet::Sparse { len: 0, octets: [0; SPARSE] };
+/// A node's next octets, each leading to a leaf or a child node, with each child's rank among
+/// the children of its kind: its position in the node's `leaves` or `nodes` array.
+enum Children {
+    /// Up to [`INLINE_CHILDREN`] octets in increasing order; bit `i` of `nodes` is set when
+    /// `octets[i]` leads to a node. Held inside the node's cache line, so that finding the next
+    /// step costs no further memory access.
+    Inline { len: u8, nodes: u32, octets: [u8; INLINE_CHILDREN] },
+    /// One bitmap per kind, for the nodes with more children (the upper levels).
+    Dense(Box<DenseChildren>),
+}
 
-    /// The rank of `o` if it is a member.
+struct DenseChildren {
+    leaves: Bits,
+    nodes: Bits,
+}
+
+/// Index of `o` in the first `len` bytes of `octets`, eight bytes per step: a byte of
+/// `word ^ pattern` is zero where `o` sits, and the lowest flagged byte of the classic
+/// zero-byte test is always a true zero.
+#[inline(always)]
+fn find_octet(octets: &[u8; INLINE_CHILDREN], len: u8, o: u8) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let len = usize::from(len);
+    let pattern = ONES * u64::from(o);
+    for (w, chunk) in octets.chunks_exact(8).enumerate().take(len.div_ceil(8)) {
+        let x = u64::from_le_bytes(chunk.try_into().expect("8 bytes")) ^ pattern;
+        let zeros = x.wrapping_sub(ONES) & !x & HIGHS;
+        if zeros != 0 {
+            let i = 8 * w + (zeros.trailing_zeros() / 8) as usize;
+            // Bytes past `len` are stale; a hit there means `o` is not a member.
+            return (i < len).then_some(i);
+        }
+    }
+    None
+}
+
+impl Children {
+    const EMPTY: Children = Children::Inline { len: 0, nodes: 0, octets: [0; INLINE_CHILDREN] };
+
+    /// The kind of child `o` leads to and its rank among that kind, if `o` is a member.
     #[inline(always)]
-    fn find(&self, o: u8) -> Option<usize> {
+    fn find(&self, o: u8) -> Option<(Kind, usize)> {
         match self {
-            OctetSet::Sparse { len, octets } => octets[..usize::from(*len)].iter().position(|x| *x == o),
-            OctetSet::Dense(bits) => bit_test(bits, o).then(|| rank(bits, o)),
+            Children::Inline { len, nodes, octets } => {
+                let i = find_octet(octets, *len, o)?;
+                let below = (nodes & ((1u32 << i) - 1)).count_ones() as usize;
+                Some(if (nodes >> i) & 1 == 1 { (Kind::Node, below) } else { (Kind::Leaf, i - below) })
+            }
+            Children::Dense(d) => {
+                if bit_test(&d.nodes, o) {
+                    Some((Kind::Node, rank(&d.nodes, o)))
+                } else if bit_test(&d.leaves, o) {
+                    Some((Kind::Leaf, rank(&d.leaves, o)))
+                } else {
+                    None
+                }
+            }
         }
     }
 
-    /// How many members are smaller than `o`.
-    fn rank(&self, o: u8) -> usize {
+    /// Adds `o` (not a member) leading to a child of `kind`; returns its rank among that kind.
+    fn insert(&mut self, o: u8, kind: Kind) -> usize {
+        if let Children::Inline { len, .. } = self
+            && usize::from(*len) == INLINE_CHILDREN
+        {
+            let mut dense = DenseChildren { leaves: [0; 4], nodes: [0; 4] };
+            for (o, kind) in self.iter() {
+                bit_set(if kind == Kind::Node { &mut dense.nodes } else { &mut dense.leaves }, o);
+            }
+            *self = Children::Dense(Box::new(dense));
+        }
         match self {
-            OctetSet::Sparse { len, octets } => octets[..usize::from(*len)].iter().filter(|x| **x < o).count(),
-            OctetSet::Dense(bits) => rank(bits, o),
+            Children::Inline { len, nodes, octets } => {
+                let n = usize::from(*len);
+                let i = octets[..n].iter().take_while(|x| **x < o).count();
+                octets.copy_within(i..n, i + 1);
+                octets[i] = o;
+                *len += 1;
+                // i < 32 here, and bit 31 is free, so the shift loses nothing.
+                let low = (1u32 << i) - 1;
+                *nodes = (*nodes & low) | ((*nodes & !low) << 1) | (u32::from(kind == Kind::Node) << i);
+                let below = (*nodes & low).count_ones() as usize;
+                if kind == Kind::Node { below } else { i - below }
+            }
+            Children::Dense(d) => {
+                let bits = if kind == Kind::Node { &mut d.nodes } else { &mut d.leaves };
+                bit_set(bits, o);
+                rank(bits, o)
+            }
+        }
+    }
+
+    /// Removes member `o`.
+    fn remove(&mut self, o: u8) {
+        match self {
+            Children::Inline { len, nodes, octets } => {
+                let n = usize::from(*len);
+                let i = find_octet(octets, *len, o).expect("a member");
+                octets.copy_within(i + 1..n, i);
+                *len -= 1;
+                let low = (1u32 << i) - 1;
+                *nodes = (*nodes & low) | ((*nodes >> 1) & !low);
+            }
+            Children::Dense(d) => {
+                bit_clear(&mut d.nodes, o);
+                bit_clear(&mut d.leaves, o);
+                // Back inline once well below the threshold (hysteresis avoids flapping).
+                if self.len() <= INLINE_CHILDREN / 2 {
+                    let mut inline = Children::EMPTY;
+                    for (o, kind) in self.iter() {
+                        inline.insert(o, kind);
+                    }
+                    *self = inline;
+                }
+            }
         }
     }
 
     fn len(&self) -> usize {
         match self {
-            OctetSet::Sparse { len, .. } => usize::from(*len),
-            OctetSet::Dense(bits) => bits.iter().map(|w| w.count_ones() as usize).sum(),
+            Children::Inline { len, .. } => usize::from(*len),
+            Children::Dense(d) => d.nodes.iter().chain(&d.leaves).map(|w| w.count_ones() as usize).sum(),
         }
     }
 
-    /// Adds `o` (not yet a member) and returns its rank.
-    fn insert(&mut self, o: u8) -> usize {
-        let at = self.rank(o);
-        match self {
-            OctetSet::Sparse { len, octets } if usize::from(*len) < SPARSE => {
-                let n = usize::from(*len);
-                octets.copy_within(at..n, at + 1);
-                octets[at] = o;
-                *len += 1;
-            }
-            OctetSet::Sparse { len, octets } => {
-                let mut bits = [0u64; 4];
-                for x in &octets[..usize::from(*len)] {
-                    bit_set(&mut bits, *x);
-                }
-                bit_set(&mut bits, o);
-                *self = OctetSet::Dense(Box::new(bits));
-            }
-            OctetSet::Dense(bits) => bit_set(bits, o),
-        }
-        at
-    }
-
-    /// Removes `o` (a member) at rank `at`.
-    fn remove(&mut self, o: u8, at: usize) {
-        match self {
-            OctetSet::Sparse { len, octets } => {
-                let n = usize::from(*len);
-                octets.copy_within(at + 1..n, at);
-                *len -= 1;
-            }
-            OctetSet::Dense(bits) => {
-                bit_clear(bits, o);
-                // Back to the inline form once well below the threshold (hysteresis avoids
-                // flapping at the boundary).
-                if self.len() <= SPARSE / 2 {
-                    *self = OctetSet::from_iter(self.iter());
-                }
-            }
-        }
-    }
-
-    /// Members in increasing order.
-    fn iter(&self) -> impl Iterator<Item = u8> + '_ {
-        let (sparse, dense) = match self {
-            OctetSet::Sparse { len, octets } => (&octets[..usize::from(*len)], None),
-            OctetSet::Dense(bits) => (&[][..], Some(bits)),
+    /// Members and their kinds, in increasing order.
+    fn iter(&self) -> impl Iterator<Item = (u8, Kind)> + '_ {
+        let (inline, dense) = match self {
+            Children::Inline { len, nodes, octets } => (Some((&octets[..usize::from(*len)], *nodes)), None),
+            Children::Dense(d) => (None, Some(d)),
         };
-        sparse
-            .iter()
-            .copied()
-            .chain(dense.into_iter().flat_map(|bits| (0u8..=255).filter(|o| bit_test(bits, *o))))
-    }
-
-    fn from_iter(members: impl Iterator<Item = u8>) -> Self {
-        let mut set = OctetSet::EMPTY;
-        for o in members {
-            set.insert(o);
-        }
-        set
+        let inline = inline.into_iter().flat_map(|(octets, nodes)| {
+            octets.iter().enumerate().map(move |(i, o)| {
+                (*o, if (nodes >> i) & 1 == 1 { Kind::Node } else { Kind::Leaf })
+            })
+        });
+        let dense = dense.into_iter().flat_map(|d| {
+            (0u8..=255).filter_map(move |o| {
+                if bit_test(&d.nodes, o) {
+                    Some((o, Kind::Node))
+                } else {
+                    bit_test(&d.leaves, o).then_some((o, Kind::Leaf))
+                }
+            })
+        });
+        inline.chain(dense)
     }
 
     fn heap_bytes(&self) -> usize {
         match self {
-            OctetSet::Sparse { .. } => 0,
-            OctetSet::Dense(_) => std::mem::size_of::<Bits>(),
+            Children::Inline { .. } => 0,
+            Children::Dense(_) => std::mem::size_of::<DenseChildren>(),
         }
     }
 }
 
-/// Filters ending in a node: the complete-binary-tree bitmap (see the module docs) and their
-/// entries, in bitmap order. Boxed, because most nodes below the upper levels have none.
+/// A filter ending in a node keeps up to this many values in the node's shared pool. One with
+/// more moves them to an [`Entry`] of its own (which grows a position index), so that adding
+/// or removing one of its many subscribers never shifts the pool.
+const POOLED: usize = 64;
+
+/// Set in an `ends` slot whose filter keeps its values in `spills` (its pool range is empty).
+const SPILLED: u16 = 1 << 15;
+
+/// The filters ending in a node and their values. Boxed, because most nodes below the upper
+/// levels have none.
+///
+/// The values of all the node's filters share one array in position order (see [`slot`]), so
+/// the up to eight filters covering a name read a few neighbouring cache lines of one small
+/// array instead of one scattered list each.
 struct Prefixes<V> {
+    /// Positions of the filters present.
     bits: Bits,
-    items: ThinVec<Entry<V>>,
+    /// For each filter present, in position order: where its values end in `values` (they
+    /// start where the previous filter's end), plus [`SPILLED`] if they are in `spills`.
+    /// Pool sizes stay far below `SPILLED`: at most 255 filters of [`POOLED`] values.
+    ends: ThinVec<u16>,
+    values: ThinVec<V>,
+    /// Filters with more than [`POOLED`] values, by position. Rare: a handful of very popular
+    /// filters.
+    spills: ThinVec<(u8, Entry<V>)>,
+}
+
+impl<V: Copy + Eq + Hash> Prefixes<V> {
+    fn new() -> Self {
+        Prefixes { bits: [0; 4], ends: ThinVec::new(), values: ThinVec::new(), spills: ThinVec::new() }
+    }
+
+    /// How many filters are present.
+    fn count(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// The pool range of the filter of rank `at`, and whether it is spilled instead.
+    #[inline(always)]
+    fn range(&self, at: usize) -> (usize, usize, bool) {
+        let start = if at == 0 { 0 } else { usize::from(self.ends[at - 1] & !SPILLED) };
+        let end = self.ends[at];
+        (start, usize::from(end & !SPILLED), end & SPILLED != 0)
+    }
+
+    fn spill(&self, pos: u8) -> &Entry<V> {
+        &self.spills.iter().find(|(p, _)| *p == pos).expect("a spilled filter").1
+    }
+
+    fn grow_ends(&mut self, from: usize, by: usize) {
+        let by = by as u16;
+        self.ends[from..].iter_mut().for_each(|e| *e += by);
+    }
+
+    fn shrink_ends(&mut self, from: usize, by: usize) {
+        let by = by as u16;
+        self.ends[from..].iter_mut().for_each(|e| *e -= by);
+    }
+
+    /// Puts `values` into the pool at `at`, growing it by a quarter at a time.
+    fn pool_insert(&mut self, at: usize, n: usize, values: impl Iterator<Item = V>) {
+        if self.values.len() + n > self.values.capacity() {
+            self.values.reserve_exact(n + self.values.len() / 4);
+        }
+        for (i, v) in values.enumerate() {
+            self.values.insert(at + i, v);
+        }
+    }
+
+    /// Adds the values of `entry` to the filter at position `pos` (filter `key`); true if any
+    /// was new.
+    fn insert(&mut self, pos: u8, key: u128, entry: Entry<V>, big: &mut BigSets<V>) -> bool {
+        let at = rank(&self.bits, pos);
+        if bit_test(&self.bits, pos) {
+            let mut added = false;
+            entry.for_each(&mut |v| added |= self.insert_value(at, pos, key, entry.len, v, big));
+            return added;
+        }
+        bit_set(&mut self.bits, pos);
+        let start = if at == 0 { 0 } else { usize::from(self.ends[at - 1] & !SPILLED) };
+        if entry.count() > POOLED {
+            vec_insert(&mut self.ends, at, start as u16 | SPILLED);
+            self.spills.push((pos, entry));
+        } else {
+            if entry.more.len() > INDEX_THRESHOLD / 2 {
+                // Only spilled filters keep a position index.
+                big.remove(&(key, entry.len));
+            }
+            vec_insert(&mut self.ends, at, start as u16);
+            self.pool_insert(start, entry.count(), entry.values());
+            self.grow_ends(at, entry.count());
+        }
+        true
+    }
+
+    /// Adds `v` to the filter of rank `at` (position `pos`, filter `key`/`len`).
+    fn insert_value(&mut self, at: usize, pos: u8, key: u128, len: u8, v: V, big: &mut BigSets<V>) -> bool {
+        let (start, end, spilled) = self.range(at);
+        if spilled {
+            let entry = &mut self.spills.iter_mut().find(|(p, _)| *p == pos).expect("a spilled filter").1;
+            return entry.insert(key, v, big);
+        }
+        if self.values[start..end].contains(&v) {
+            return false;
+        }
+        if end - start < POOLED {
+            self.pool_insert(end, 1, std::iter::once(v));
+            self.grow_ends(at, 1);
+            return true;
+        }
+        let mut entry = Entry::from_values(key, len, &self.values[start..end], big);
+        entry.insert(key, v, big);
+        self.values.drain(start..end);
+        self.ends[at] = start as u16 | SPILLED;
+        self.shrink_ends(at + 1, POOLED);
+        self.spills.push((pos, entry));
+        true
+    }
+
+    /// Removes `v` from the filter at position `pos` (filter `key`/`len`). `Emptied` means the
+    /// filter is gone (the caller drops the whole set once [`count`](Self::count) is 0).
+    fn remove(&mut self, pos: u8, key: u128, len: u8, v: V, big: &mut BigSets<V>) -> Removal {
+        if !bit_test(&self.bits, pos) {
+            return Removal::Absent;
+        }
+        let at = rank(&self.bits, pos);
+        let (start, end, spilled) = self.range(at);
+        if spilled {
+            let i = self.spills.iter().position(|(p, _)| *p == pos).expect("a spilled filter");
+            match self.spills[i].1.remove(key, v, big) {
+                Removal::Absent => return Removal::Absent,
+                Removal::Removed if self.spills[i].1.count() > POOLED / 2 => return Removal::Removed,
+                Removal::Removed => {
+                    // Few enough to share the pool again.
+                    let (_, entry) = self.spills.swap_remove(i);
+                    big.remove(&(key, len));
+                    self.ends[at] = start as u16;
+                    self.pool_insert(start, entry.count(), entry.values());
+                    self.grow_ends(at, entry.count());
+                    return Removal::Removed;
+                }
+                Removal::Emptied => {
+                    self.spills.swap_remove(i);
+                }
+            }
+        } else {
+            let Some(i) = self.values[start..end].iter().position(|x| *x == v) else {
+                return Removal::Absent;
+            };
+            vec_remove(&mut self.values, start + i);
+            self.shrink_ends(at, 1);
+            if end - start > 1 {
+                return Removal::Removed;
+            }
+        }
+        bit_clear(&mut self.bits, pos);
+        vec_remove(&mut self.ends, at);
+        Removal::Emptied
+    }
+
+    /// Whether the filter at position `pos` (filter `key`) has value `v`.
+    fn contains(&self, pos: u8, key: u128, v: V, big: &BigSets<V>) -> bool {
+        if !bit_test(&self.bits, pos) {
+            return false;
+        }
+        match self.range(rank(&self.bits, pos)) {
+            (_, _, true) => self.spill(pos).contains(key, v, big),
+            (start, end, false) => self.values[start..end].contains(&v),
+        }
+    }
+
+    /// Visits the values of every filter here that covers octet `o`.
+    ///
+    /// Two passes: the first finds the (at most 8) covering filters and touches their values,
+    /// so the loads of all of them are in flight together; the second visits.
+    #[inline(always)]
+    fn visit(&self, o: u8, f: &mut impl FnMut(V)) {
+        let ancestors = &ANCESTORS[usize::from(o)];
+        let mut found = [(0u16, 0u16, 0u8); 8];
+        let mut n = 0;
+        let mut before = 0usize;
+        for (w, (&present, &a)) in self.bits.iter().zip(ancestors).enumerate() {
+            let mut hits = present & a;
+            while hits != 0 {
+                let bit = hits.trailing_zeros();
+                let at = before + (present & ((1u64 << bit) - 1)).count_ones() as usize;
+                let start = if at == 0 { 0 } else { self.ends[at - 1] & !SPILLED };
+                let end = self.ends[at];
+                std::hint::black_box(self.values.get(usize::from(start)).copied());
+                found[n] = (start, end, (64 * w) as u8 + bit as u8);
+                n += 1;
+                hits &= hits - 1;
+            }
+            before += present.count_ones() as usize;
+        }
+        for &(start, end, pos) in &found[..n] {
+            if end & SPILLED == 0 {
+                self.values[usize::from(start)..usize::from(end)].iter().for_each(|v| f(*v));
+            } else {
+                self.spill(pos).for_each(f);
+            }
+        }
+    }
+
+    /// Calls `f(pos, value)` for every value of every filter, in position order.
+    fn for_each(&self, mut f: impl FnMut(u8, V)) {
+        let positions = (0u8..255).filter(|pos| bit_test(&self.bits, *pos));
+        for (at, pos) in positions.enumerate() {
+            match self.range(at) {
+                (_, _, true) => self.spill(pos).for_each(&mut |v| f(pos, v)),
+                (start, end, false) => self.values[start..end].iter().for_each(|v| f(pos, *v)),
+            }
+        }
+    }
+
+    /// Position of the first filter present.
+    fn first_position(&self) -> Option<u8> {
+        (0u8..255).find(|pos| bit_test(&self.bits, *pos))
+    }
+
+    /// The values of the only filter present, as an entry for that filter (`key`/`len`).
+    fn into_only(mut self, key: u128, len: u8, big: &mut BigSets<V>) -> Entry<V> {
+        debug_assert_eq!(self.count(), 1);
+        match self.spills.pop() {
+            Some((_, entry)) => entry,
+            None => Entry::from_values(key, len, &self.values, big),
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + thin_heap_bytes(&self.ends)
+            + thin_heap_bytes(&self.values)
+            + thin_heap_bytes(&self.spills)
+            + self.spills.iter().map(|(_, e)| e.heap_bytes()).sum::<usize>()
+    }
 }
 
 /// One level of the trie, deciding 8 bits: exactly one cache line.
 ///
 /// Child nodes are stored inline in their parent's `nodes` array, so a lookup reads one line
-/// per level, and with sparse child sets the line holds everything needed to find the next
-/// node or leaf.
+/// per level, and the line holds everything needed to find the next node or leaf.
 #[repr(align(64))]
 struct Node<V> {
     prefixes: Option<Box<Prefixes<V>>>,
-    leaf_set: OctetSet,
-    node_set: OctetSet,
+    children: Children,
     leaves: ThinVec<Leaf<V>>,
     nodes: ThinVec<Node<V>>,
 }
@@ -419,26 +754,13 @@ fn thin_heap_bytes<T>(v: &ThinVec<T>) -> usize {
     if v.capacity() == 0 { 0 } else { header + v.capacity() * std::mem::size_of::<T>() }
 }
 
-/// The bits of in-node prefix `idx` placed at depth `depth` of a key.
-fn prefix_bits(idx: u8, depth: u32) -> u128 {
-    let r = 7 - idx.leading_zeros();
-    let bits = u128::from(idx) - (1 << r);
-    if r == 0 { 0 } else { bits << (128 - (8 * depth + r)) }
-}
-
 impl<V: Copy + Eq + Hash> Node<V> {
     fn empty() -> Self {
-        Node {
-            prefixes: None,
-            leaf_set: OctetSet::EMPTY,
-            node_set: OctetSet::EMPTY,
-            leaves: ThinVec::new(),
-            nodes: ThinVec::new(),
-        }
+        Node { prefixes: None, children: Children::EMPTY, leaves: ThinVec::new(), nodes: ThinVec::new() }
     }
 
     fn entries(&self) -> usize {
-        self.prefixes.as_ref().map_or(0, |p| p.items.len()) + self.leaves.len() + self.nodes.len()
+        self.prefixes.as_ref().map_or(0, |p| p.count()) + self.leaves.len() + self.nodes.len()
     }
 
     /// Places a filter's entry in the subtree of this node at `depth`. Returns true if anything
@@ -448,25 +770,17 @@ impl<V: Copy + Eq + Hash> Node<V> {
         let len = u32::from(entry.len);
         let o = octet(key, depth);
         if len < base + 8 {
-            let idx = prefix_index(o, len - base);
-            let prefixes = self
-                .prefixes
-                .get_or_insert_with(|| Box::new(Prefixes { bits: [0; 4], items: ThinVec::new() }));
-            let at = rank(&prefixes.bits, idx);
-            if bit_test(&prefixes.bits, idx) {
-                return prefixes.items[at].merge(key, entry, big);
+            let prefixes = self.prefixes.get_or_insert_with(|| Box::new(Prefixes::new()));
+            return prefixes.insert(slot(o, len - base), key, entry, big);
+        }
+        let at = match self.children.find(o) {
+            Some((Kind::Node, at)) => return self.nodes[at].insert(depth + 1, key, entry, big),
+            None => {
+                let at = self.children.insert(o, Kind::Leaf);
+                vec_insert(&mut self.leaves, at, Leaf::new(key, entry));
+                return true;
             }
-            bit_set(&mut prefixes.bits, idx);
-            vec_insert(&mut prefixes.items, at, entry);
-            return true;
-        }
-        if let Some(at) = self.node_set.find(o) {
-            return self.nodes[at].insert(depth + 1, key, entry, big);
-        }
-        let Some(at) = self.leaf_set.find(o) else {
-            let at = self.leaf_set.insert(o);
-            vec_insert(&mut self.leaves, at, Leaf::new(key, entry));
-            return true;
+            Some((Kind::Leaf, at)) => at,
         };
         let leaf = &mut self.leaves[at];
         if u32::from(leaf.entry.len) == len && leaf.key() == key {
@@ -477,11 +791,11 @@ impl<V: Copy + Eq + Hash> Node<V> {
         // same filter, so depth never exceeds 15.
         debug_assert!(depth < 15);
         let old = vec_remove(&mut self.leaves, at);
-        self.leaf_set.remove(o, at);
+        self.children.remove(o);
         let mut node = Node::empty();
         node.insert(depth + 1, old.key(), old.entry, big);
         let added = node.insert(depth + 1, key, entry, big);
-        let at = self.node_set.insert(o);
+        let at = self.children.insert(o, Kind::Node);
         vec_insert(&mut self.nodes, at, node);
         added
     }
@@ -491,106 +805,76 @@ impl<V: Copy + Eq + Hash> Node<V> {
         let base = 8 * depth;
         let o = octet(key, depth);
         if u32::from(len) < base + 8 {
-            let idx = prefix_index(o, u32::from(len) - base);
             let Some(prefixes) = &mut self.prefixes else { return false };
-            if !bit_test(&prefixes.bits, idx) {
-                return false;
-            }
-            let at = rank(&prefixes.bits, idx);
-            return match prefixes.items[at].remove(key, v, big) {
+            return match prefixes.remove(slot(o, u32::from(len) - base), key, len, v, big) {
                 Removal::Absent => false,
                 Removal::Removed => true,
                 Removal::Emptied => {
-                    bit_clear(&mut prefixes.bits, idx);
-                    vec_remove(&mut prefixes.items, at);
-                    if prefixes.items.is_empty() {
+                    if prefixes.count() == 0 {
                         self.prefixes = None;
                     }
                     true
                 }
             };
         }
-        if let Some(at) = self.leaf_set.find(o) {
-            let leaf = &mut self.leaves[at];
-            if leaf.entry.len != len || leaf.key() != key {
-                return false;
-            }
-            return match leaf.entry.remove(key, v, big) {
-                Removal::Absent => false,
-                Removal::Removed => true,
-                Removal::Emptied => {
-                    self.leaf_set.remove(o, at);
-                    vec_remove(&mut self.leaves, at);
-                    true
+        match self.children.find(o) {
+            None => false,
+            Some((Kind::Leaf, at)) => {
+                let leaf = &mut self.leaves[at];
+                if leaf.entry.len != len || leaf.key() != key {
+                    return false;
                 }
-            };
+                match leaf.entry.remove(key, v, big) {
+                    Removal::Absent => false,
+                    Removal::Removed => true,
+                    Removal::Emptied => {
+                        self.children.remove(o);
+                        vec_remove(&mut self.leaves, at);
+                        true
+                    }
+                }
+            }
+            Some((Kind::Node, at)) => {
+                let removed = self.nodes[at].remove(depth + 1, key, len, v, big);
+                if removed {
+                    self.compact_child(depth, key, o, at, big);
+                }
+                removed
+            }
         }
-        let Some(at) = self.node_set.find(o) else { return false };
-        let removed = self.nodes[at].remove(depth + 1, key, len, v, big);
-        if removed {
-            self.compact_child(depth, key, o, at);
-        }
-        removed
     }
 
     /// Restores path compression below child `o` after a removal: an empty child node goes
     /// away, and a child node left with a single filter becomes a leaf again.
-    fn compact_child(&mut self, depth: u32, key: u128, o: u8, at: usize) {
+    fn compact_child(&mut self, depth: u32, key: u128, o: u8, at: usize, big: &mut BigSets<V>) {
         let node = &mut self.nodes[at];
         let lone = match node.entries() {
             0 => None,
             1 if node.leaves.len() == 1 => Some(vec_remove(&mut node.leaves, 0)),
-            1 => match node.prefixes.take() {
-                Some(prefixes) if prefixes.items.len() == 1 => {
-                    let idx = (1u8..=255).find(|i| bit_test(&prefixes.bits, *i)).expect("one prefix");
-                    let child_base = 8 * (depth + 1);
-                    let key = (key & mask(child_base)) | prefix_bits(idx, depth + 1);
-                    let mut items = prefixes.items;
-                    let entry = items.pop().expect("one item");
-                    Some(Leaf::new(key, entry))
-                }
-                other => {
-                    node.prefixes = other;
-                    return;
-                }
-            },
+            1 if node.nodes.is_empty() => {
+                let prefixes = node.prefixes.take().expect("the one entry is a prefix");
+                let pos = prefixes.first_position().expect("one filter");
+                let (r, bits) = PREFIX_AT[usize::from(pos)];
+                let child = 8 * (depth + 1);
+                let full = (key & mask(child)) | (u128::from(bits) << (120 - child));
+                let entry = prefixes.into_only(full, (child + u32::from(r)) as u8, big);
+                Some(Leaf::new(full, entry))
+            }
             _ => return,
         };
         vec_remove(&mut self.nodes, at);
-        self.node_set.remove(o, at);
+        self.children.remove(o);
         if let Some(leaf) = lone {
-            let at = self.leaf_set.insert(o);
+            let at = self.children.insert(o, Kind::Leaf);
             vec_insert(&mut self.leaves, at, leaf);
         }
     }
 
     /// Visits the values of every filter in this node that covers octet `o`.
-    ///
-    /// Two passes: the first finds the (at most 8) covering entries and touches their value
-    /// lists, so the loads of all of them are in flight together; the second visits.
     #[inline(always)]
     fn visit_prefixes(&self, o: u8, f: &mut impl FnMut(V)) {
-        let Some(prefixes) = &self.prefixes else { return };
-        let a = &ANCESTORS[usize::from(o)];
-        let mut found = [0usize; 8];
-        let mut n = 0;
-        let mut warm = 0usize;
-        let mut before = 0usize;
-        for (&p, &ancestors) in prefixes.bits.iter().zip(a) {
-            let mut hits = p & ancestors;
-            while hits != 0 {
-                let bit = hits.trailing_zeros();
-                let at = before + (p & ((1u64 << bit) - 1)).count_ones() as usize;
-                warm ^= prefixes.items[at].more.len();
-                found[n] = at;
-                n += 1;
-                hits &= hits - 1;
-            }
-            before += p.count_ones() as usize;
-        }
-        std::hint::black_box(warm);
-        for at in &found[..n] {
-            prefixes.items[*at].for_each(f);
+        if let Some(prefixes) = &self.prefixes {
+            prefixes.visit(o, f);
         }
     }
 
@@ -613,40 +897,34 @@ impl<V: Copy + Eq + Hash> Node<V> {
     /// Where octet `o` leads from this node.
     #[inline(always)]
     fn next(&self, o: u8) -> Next<'_, V> {
-        if let Some(at) = self.node_set.find(o) {
-            Next::Node(&self.nodes[at])
-        } else if let Some(at) = self.leaf_set.find(o) {
-            Next::Leaf(&self.leaves[at])
-        } else {
-            Next::Done
+        match self.children.find(o) {
+            Some((Kind::Node, at)) => Next::Node(&self.nodes[at]),
+            Some((Kind::Leaf, at)) => Next::Leaf(&self.leaves[at]),
+            None => Next::Done,
         }
     }
 
-    /// The entry stored for exactly this filter, if any.
-    fn find(&self, depth: u32, key: u128, len: u8) -> Option<&Entry<V>> {
+    /// Whether filter `key`/`len` has value `v`.
+    fn contains(&self, depth: u32, key: u128, len: u8, v: V, big: &BigSets<V>) -> bool {
         let base = 8 * depth;
         let o = octet(key, depth);
         if u32::from(len) < base + 8 {
-            let idx = prefix_index(o, u32::from(len) - base);
-            let prefixes = self.prefixes.as_ref()?;
-            return bit_test(&prefixes.bits, idx).then(|| &prefixes.items[rank(&prefixes.bits, idx)]);
+            let pos = slot(o, u32::from(len) - base);
+            return self.prefixes.as_ref().is_some_and(|p| p.contains(pos, key, v, big));
         }
-        if let Some(at) = self.node_set.find(o) {
-            return self.nodes[at].find(depth + 1, key, len);
+        match self.children.find(o) {
+            Some((Kind::Node, at)) => self.nodes[at].contains(depth + 1, key, len, v, big),
+            Some((Kind::Leaf, at)) => {
+                let leaf = &self.leaves[at];
+                leaf.entry.len == len && leaf.key() == key && leaf.entry.contains(key, v, big)
+            }
+            None => false,
         }
-        let leaf = &self.leaves[self.leaf_set.find(o)?];
-        (leaf.entry.len == len && leaf.key() == key).then_some(&leaf.entry)
     }
 
     fn heap_bytes(&self) -> usize {
-        let prefixes = self.prefixes.as_ref().map_or(0, |p| {
-            std::mem::size_of::<Prefixes<V>>()
-                + thin_heap_bytes(&p.items)
-                + p.items.iter().map(Entry::heap_bytes).sum::<usize>()
-        });
-        prefixes
-            + self.leaf_set.heap_bytes()
-            + self.node_set.heap_bytes()
+        self.prefixes.as_ref().map_or(0, |p| p.heap_bytes())
+            + self.children.heap_bytes()
             + thin_heap_bytes(&self.leaves)
             + thin_heap_bytes(&self.nodes)
             + self.leaves.iter().map(|l| l.entry.heap_bytes()).sum::<usize>()
@@ -654,20 +932,19 @@ impl<V: Copy + Eq + Hash> Node<V> {
     }
 
     fn for_each_entry(&self, depth: u32, path: u128, f: &mut impl FnMut(Filter, V)) {
-        let filter = |key: u128, len: u8| Filter::new(Name::new(key), len).expect("len <= 128");
+        let filter = |key: u128, len: u32| Filter::new(Name::new(key), len as u8).expect("len <= 128");
         if let Some(prefixes) = &self.prefixes {
-            let mut items = prefixes.items.iter();
-            for idx in (1u8..=255).filter(|i| bit_test(&prefixes.bits, *i)) {
-                let entry = items.next().expect("one item per prefix bit");
-                let filter = filter(path | prefix_bits(idx, depth), entry.len);
-                entry.for_each(&mut |v| f(filter, v));
-            }
+            prefixes.for_each(|pos, v| {
+                let (r, bits) = PREFIX_AT[usize::from(pos)];
+                f(filter(path | (u128::from(bits) << (120 - 8 * depth)), 8 * depth + u32::from(r)), v);
+            });
         }
         for leaf in self.leaves.iter() {
-            let filter = filter(leaf.key(), leaf.entry.len);
+            let filter = filter(leaf.key(), u32::from(leaf.entry.len));
             leaf.entry.for_each(&mut |v| f(filter, v));
         }
-        for (o, node) in self.node_set.iter().zip(self.nodes.iter()) {
+        let nodes = self.children.iter().filter(|(_, kind)| *kind == Kind::Node);
+        for ((o, _), node) in nodes.zip(self.nodes.iter()) {
             node.for_each_entry(depth + 1, path | (u128::from(o) << (120 - 8 * depth)), f);
         }
     }
@@ -736,10 +1013,7 @@ impl<V: Copy + Eq + Hash> SubscriptionTable<V> {
 
     /// Whether the pair is present.
     pub fn contains(&self, filter: Filter, value: V) -> bool {
-        let key = filter.name().to_u128();
-        self.root
-            .find(0, key, filter.prefix_len())
-            .is_some_and(|entry| entry.contains(key, value, &self.big))
+        self.root.contains(0, filter.name().to_u128(), filter.prefix_len(), value, &self.big)
     }
 
     /// Number of `(filter, value)` pairs.
@@ -875,10 +1149,56 @@ mod tests {
     #[test]
     fn ancestor_masks_hold_eight_prefixes() {
         for o in 0..=255u8 {
-            assert_eq!(count(&ANCESTORS[usize::from(o)]), 8);
-            assert!(bit_test(&ANCESTORS[usize::from(o)], 1));
-            assert!(bit_test(&ANCESTORS[usize::from(o)], 128 | (o >> 1)));
+            let ancestors = &ANCESTORS[usize::from(o)];
+            assert_eq!(count(ancestors), 8);
+            for r in 0..8 {
+                let pos = slot(o, r);
+                assert!(bit_test(ancestors, pos));
+                let (len, bits) = PREFIX_AT[usize::from(pos)];
+                assert_eq!((u32::from(len), bits), (r, o & !(0xffu8.checked_shr(r).unwrap_or(0))));
+            }
         }
+        // Every position stands for exactly one prefix.
+        let mut seen = [false; 255];
+        for r in 0..8 {
+            for bits in 0..(1u32 << r) {
+                let pos = usize::from(slot((bits << (8 - r)) as u8, r));
+                assert!(!seen[pos]);
+                seen[pos] = true;
+            }
+        }
+    }
+
+    #[test]
+    fn inline_children_find_and_rank() {
+        let mut c = Children::EMPTY;
+        // Every third octet; multiples of 9 lead to nodes.
+        let members: Vec<u8> = (0..=255u8).step_by(3).take(INLINE_CHILDREN).collect();
+        for o in members.iter().rev() {
+            c.insert(*o, if o % 9 == 0 { Kind::Node } else { Kind::Leaf });
+        }
+        assert!(matches!(c, Children::Inline { .. }));
+        let (mut leaves, mut nodes) = (0, 0);
+        for o in 0..=255u8 {
+            let want = members.contains(&o).then(|| {
+                let kind = if o % 9 == 0 { Kind::Node } else { Kind::Leaf };
+                let rank = if kind == Kind::Node { &mut nodes } else { &mut leaves };
+                *rank += 1;
+                (kind, *rank - 1)
+            });
+            assert_eq!(c.find(o), want, "octet {o}");
+        }
+        c.insert(1, Kind::Leaf);
+        assert!(matches!(c, Children::Dense(_)));
+        assert_eq!(c.find(1), Some((Kind::Leaf, 0)));
+        assert_eq!(c.find(9), Some((Kind::Node, 1)));
+        for o in members.iter().skip(5) {
+            c.remove(*o);
+        }
+        assert!(matches!(c, Children::Inline { .. }));
+        assert_eq!(c.iter().map(|(o, _)| o).collect::<Vec<_>>(), [0, 1, 3, 6, 9, 12]);
+        assert_eq!(c.find(12), Some((Kind::Leaf, 3)));
+        assert_eq!(c.find(15), None);
     }
 
     #[test]
@@ -886,7 +1206,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<Leaf<u32>>(), 32);
         assert_eq!(std::mem::size_of::<Entry<u32>>(), 16);
         assert_eq!(std::mem::size_of::<Node<u32>>(), 64);
-        assert_eq!(std::mem::size_of::<OctetSet>(), 16);
+        assert_eq!(std::mem::size_of::<Children>(), 40);
     }
 
     #[test]
@@ -924,7 +1244,7 @@ mod tests {
         // After the removals, the lone survivor collapses back into one leaf under the root.
         assert_eq!(t.root.leaves.len(), 1);
         assert!(t.root.nodes.is_empty());
-        assert_eq!(t.root.node_set.len(), 0);
+        assert_eq!(t.root.children.len(), 1);
         assert!(t.remove(b, 2));
         assert!(t.is_empty());
         assert_eq!(t.root.entries(), 0);
@@ -980,6 +1300,47 @@ mod tests {
         assert!(!t.remove(Filter::ALL, 0));
         assert_eq!(matches(&t, 42), (1..1000).step_by(2).collect::<Vec<_>>());
         assert!(t.contains(Filter::ALL, 999) && !t.contains(Filter::ALL, 998));
+    }
+
+    #[test]
+    fn popular_short_filters_spill_and_return_to_the_pool() {
+        let mut t = SubscriptionTable::new();
+        // Three filters ending in the same depth-1 node; the middle one gets many values.
+        let at = |top: u128, len: u8| Filter::new(Name::new(top << 112), len).unwrap();
+        let (short, popular, long) = (at(0x4280, 9), at(0x4280, 12), at(0x42f0, 15));
+        let name = 0x4288_0000_0000_0000_0000_0000_0000_0000u128;
+        t.insert(short, 1);
+        t.insert(long, 2);
+        let many = 1000..1000 + 3 * POOLED as u32;
+        for v in many.clone() {
+            assert!(t.insert(popular, v));
+            assert!(!t.insert(popular, v));
+        }
+        let mut want: Vec<u32> = many.clone().chain([1]).collect();
+        want.sort_unstable();
+        assert_eq!(matches(&t, name), want);
+        assert_eq!(matches(&t, 0x42f0 << 112), [1, 2]);
+        // Back below half the pool limit, the values return to the shared pool.
+        for v in many.clone().skip(POOLED / 2 - 1) {
+            assert!(t.remove(popular, v));
+            assert!(!t.remove(popular, v));
+        }
+        let mut want: Vec<u32> = many.clone().take(POOLED / 2 - 1).chain([1]).collect();
+        want.sort_unstable();
+        assert_eq!(matches(&t, name), want);
+        assert!(t.contains(popular, 1000) && !t.contains(popular, 1000 + POOLED as u32));
+        assert!(t.big.is_empty(), "pooled filters keep no position index");
+        assert_eq!(matches(&t, 0x42f0 << 112), [1, 2]);
+        // A node whose last filter is a spilled one collapses into a leaf that keeps them all.
+        let (deep, other) = (at(0x7766, 20), at(0x7766, 32));
+        for v in 0..200 {
+            t.insert(deep, v);
+        }
+        t.insert(other, 7);
+        assert!(t.remove(other, 7));
+        assert_eq!(matches(&t, 0x0077_6605 << 104), (0..200).collect::<Vec<_>>());
+        assert_eq!(t.root.children.find(0x77).map(|(kind, _)| kind), Some(Kind::Leaf));
+        assert_eq!(t.len(), 2 + POOLED / 2 - 1 + 200);
     }
 
     #[test]
