@@ -631,8 +631,8 @@ impl<V: Copy + Eq + Hash> Prefixes<V> {
 
     /// Visits the values of every filter here that covers octet `o`.
     ///
-    /// Two passes: the first finds the (at most 8) covering filters and touches their values,
-    /// so the loads of all of them are in flight together; the second visits.
+    /// Two passes: the first finds the (at most 8) covering filters, so that the loads of all
+    /// their values can be in flight together; the second visits.
     #[inline(always)]
     fn visit(&self, o: u8, f: &mut impl FnMut(V)) {
         let ancestors = &ANCESTORS[usize::from(o)];
@@ -646,7 +646,6 @@ impl<V: Copy + Eq + Hash> Prefixes<V> {
                 let at = before + (present & ((1u64 << bit) - 1)).count_ones() as usize;
                 let start = if at == 0 { 0 } else { self.ends[at - 1] & !SPILLED };
                 let end = self.ends[at];
-                std::hint::black_box(self.values.get(usize::from(start)).copied());
                 found[n] = (start, end, (64 * w) as u8 + bit as u8);
                 n += 1;
                 hits &= hits - 1;
@@ -719,11 +718,14 @@ enum Next<'a, V> {
 impl<V: Copy + Eq + Hash> Next<'_, V> {
     /// Reads a word of the next node or leaf so that its cache line starts loading; the
     /// result only feeds `black_box`.
+    ///
+    /// Nothing may branch on the loaded word: the branch would be predicted while the load is
+    /// still in flight, and a misprediction, found only when the line arrives, throws away
+    /// all the work done in its shadow.
     #[inline(always)]
     fn touch(&self) -> u64 {
         match self {
-            // The header line, and behind it the prefix bitmap when the node has one.
-            Next::Node(node) => node.prefixes.as_ref().map_or(1, |p| p.bits[0]),
+            Next::Node(node) => u64::from(node.prefixes.is_some()),
             Next::Leaf(leaf) => leaf.lo,
             Next::Done => 0,
         }
