@@ -503,8 +503,13 @@ impl<V: Copy + Eq + Hash> Prefixes<V> {
         (start, usize::from(end & !SPILLED), end & SPILLED != 0)
     }
 
+    /// Index in `spills` of the spilled filter at position `pos`.
+    fn spill_index(&self, pos: u8) -> usize {
+        self.spills.iter().position(|(p, _)| *p == pos).expect("a spilled filter")
+    }
+
     fn spill(&self, pos: u8) -> &Entry<V> {
-        &self.spills.iter().find(|(p, _)| *p == pos).expect("a spilled filter").1
+        &self.spills[self.spill_index(pos)].1
     }
 
     fn grow_ends(&mut self, from: usize, by: usize) {
@@ -557,8 +562,8 @@ impl<V: Copy + Eq + Hash> Prefixes<V> {
     fn insert_value(&mut self, at: usize, pos: u8, key: u128, len: u8, v: V, big: &mut BigSets<V>) -> bool {
         let (start, end, spilled) = self.range(at);
         if spilled {
-            let entry = &mut self.spills.iter_mut().find(|(p, _)| *p == pos).expect("a spilled filter").1;
-            return entry.insert(key, v, big);
+            let i = self.spill_index(pos);
+            return self.spills[i].1.insert(key, v, big);
         }
         if self.values[start..end].contains(&v) {
             return false;
@@ -586,7 +591,7 @@ impl<V: Copy + Eq + Hash> Prefixes<V> {
         let at = rank(&self.bits, pos);
         let (start, end, spilled) = self.range(at);
         if spilled {
-            let i = self.spills.iter().position(|(p, _)| *p == pos).expect("a spilled filter");
+            let i = self.spill_index(pos);
             match self.spills[i].1.remove(key, v, big) {
                 Removal::Absent => return Removal::Absent,
                 Removal::Removed if self.spills[i].1.count() > POOLED / 2 => return Removal::Removed,
