@@ -5,7 +5,6 @@
 //! Needs `scripts/build-plugins.sh --release` (the Wasm build and the release native build).
 
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,26 +12,8 @@ use canopy::plugin::{Limits, MemoryState, NativeTemplate, Runtime, RuntimeOption
 use canopy::{Chunk, Name};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
-/// The Cargo target directory this test binary was built in (`<target>/<profile>/deps/<exe>`),
-/// which also holds the Wasm plugins under `wasm32-wasip2/plugin/`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.ancestors().nth(3).unwrap().to_owned()
-}
-
-fn wasm_path() -> PathBuf {
-    let path = target_dir().join("wasm32-wasip2/plugin/sink.wasm");
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh --release", path.display());
-    path
-}
-
-fn native_path() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let path = dir.join(format!("{}sink{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh --release", path.display());
-    path
-}
+#[path = "../framework/tests/support/plugin_artifacts.rs"]
+mod plugin_artifacts;
 
 fn start(template: Arc<dyn Template>) -> Supervisor {
     Supervisor::start("sink", template, "{}", Box::new(MemoryState::new()), Arc::new(|| 0)).unwrap()
@@ -45,8 +26,8 @@ fn chunks(n: usize) -> Vec<Chunk> {
 
 fn dispatch(c: &mut Criterion) {
     let runtime = Runtime::new(RuntimeOptions::default()).unwrap();
-    let wasm: Arc<dyn Template> = runtime.load_file(&wasm_path(), Limits::default(), &[]).unwrap();
-    let native: Arc<dyn Template> = NativeTemplate::load(&native_path(), Limits::default()).unwrap();
+    let wasm: Arc<dyn Template> = runtime.load_file(&plugin_artifacts::wasm("sink"), Limits::default(), &[]).unwrap();
+    let native: Arc<dyn Template> = NativeTemplate::load(&plugin_artifacts::native("sink"), Limits::default()).unwrap();
     let one = chunks(1);
     let batch = chunks(64);
 
@@ -74,16 +55,16 @@ fn dispatch(c: &mut Criterion) {
     let cache = tempfile::tempdir().unwrap();
     let options = RuntimeOptions { cache_dir: Some(cache.path().to_owned()), fuel: false };
     let cached = Runtime::new(options).unwrap();
-    cached.load_file(&wasm_path(), Limits::default(), &[]).unwrap();
+    cached.load_file(&plugin_artifacts::wasm("sink"), Limits::default(), &[]).unwrap();
     group.bench_function("wasm/from_disk_cache", |b| {
         b.iter_batched(
             || (),
-            |()| start(cached.load_file(&wasm_path(), Limits::default(), &[]).unwrap()),
+            |()| start(cached.load_file(&plugin_artifacts::wasm("sink"), Limits::default(), &[]).unwrap()),
             BatchSize::PerIteration,
         )
     });
     group.bench_function("wasm/compile_uncached", |b| {
-        b.iter(|| start(runtime.load_file(&wasm_path(), Limits::default(), &[]).unwrap()))
+        b.iter(|| start(runtime.load_file(&plugin_artifacts::wasm("sink"), Limits::default(), &[]).unwrap()))
     });
     group.bench_function("native/from_library", |b| b.iter(|| start(native.clone())));
     group.finish();

@@ -1,25 +1,18 @@
 //! Native plugins: the echo plugin built for the host, and a library built against an older
 //! ABI (both from `plugins/`, built by `scripts/build-plugins.sh`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use canopy::plugin::{Effect, Limits, MemoryState, NativeTemplate, PluginError, Runtime, RuntimeOptions, Supervisor};
 use canopy::{Chunk, Name};
 
-/// A native plugin library built in this profile's target directory.
-fn library(crate_name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> → target/<profile>/lib<name>.so
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let path = dir.join(format!("{}{}{}", std::env::consts::DLL_PREFIX, crate_name, std::env::consts::DLL_SUFFIX));
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh", path.display());
-    path
-}
+#[path = "support/plugin_artifacts.rs"]
+mod plugin_artifacts;
+use plugin_artifacts::native;
 
 #[test]
 fn the_echo_plugin_runs_natively_from_the_same_source() {
-    let echo = NativeTemplate::load(&library("echo"), Limits::default()).unwrap();
+    let echo = NativeTemplate::load(&native("echo"), Limits::default()).unwrap();
     let config = r#"{"requests": "0x01000000000000000000000000000000/16", "replies": "0x02000000000000000000000000000000/16"}"#;
     let mut p =
         Supervisor::start("echo", echo, config, Box::new(MemoryState::new()), Arc::new(|| 1_000)).unwrap();
@@ -30,14 +23,14 @@ fn the_echo_plugin_runs_natively_from_the_same_source() {
     assert_eq!(p.take_effects(), vec![Effect::Publish(reply)]);
     assert_eq!(p.command(&["stats".into()]).unwrap(), Ok("answered 1".into()));
     // The plugin's refusal of a bad configuration crosses the boundary intact.
-    let echo = NativeTemplate::load(&library("echo"), Limits::default()).unwrap();
+    let echo = NativeTemplate::load(&native("echo"), Limits::default()).unwrap();
     let err = Supervisor::start("echo", echo, "{}", Box::new(MemoryState::new()), Arc::new(|| 0)).err().unwrap();
     assert!(matches!(&err, PluginError::Init { message, .. } if message.contains("requests")), "{err}");
 }
 
 #[test]
 fn a_library_built_against_another_abi_version_is_refused_naming_both() {
-    let err = NativeTemplate::load(&library("stale_abi"), Limits::default()).err().expect("refused");
+    let err = NativeTemplate::load(&native("stale_abi"), Limits::default()).err().expect("refused");
     assert!(matches!(err, PluginError::AbiMismatch { found: 0, expected: 1, .. }), "{err}");
     let text = err.to_string();
     assert!(text.contains("ABI version 0") && text.contains("speaks version 1"), "{text}");
@@ -47,7 +40,7 @@ fn a_library_built_against_another_abi_version_is_refused_naming_both() {
 fn the_runtime_picks_the_kind_from_the_extension_and_keeps_dirs_for_wasm() {
     let rt = Runtime::new(RuntimeOptions::default()).unwrap();
     let dir = std::env::temp_dir();
-    let err = rt.load_plugin(&library("echo"), None, Limits::default(), &[dir]).err().unwrap();
+    let err = rt.load_plugin(&native("echo"), None, Limits::default(), &[dir]).err().unwrap();
     assert!(matches!(err, PluginError::Unsupported(_)), "{err}");
-    assert!(rt.load_plugin(&library("echo"), None, Limits::default(), &[]).is_ok());
+    assert!(rt.load_plugin(&native("echo"), None, Limits::default(), &[]).is_ok());
 }

@@ -1,7 +1,6 @@
 //! The plugin host against real guests: the `echo`, `clock` and `hostile` Wasm components
 //! from `plugins/` (built by `scripts/build-plugins.sh`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -12,22 +11,9 @@ use canopy::plugin::{
 };
 use canopy::{Chunk, Filter, FjallStore, Name};
 
-/// The Cargo target directory this test binary was built in (`<target>/<profile>/deps/<exe>`),
-/// which also holds the Wasm plugins under `wasm32-wasip2/plugin/`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.ancestors().nth(3).unwrap().to_owned()
-}
-
-/// A built Wasm plugin.
-fn wasm(name: &str) -> PathBuf {
-    let dir = std::env::var_os("CANOPY_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("wasm32-wasip2/plugin"));
-    let path = dir.join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh", path.display());
-    path
-}
+#[path = "support/plugin_artifacts.rs"]
+mod plugin_artifacts;
+use plugin_artifacts::wasm;
 
 fn runtime() -> Runtime {
     Runtime::new(RuntimeOptions::default()).unwrap()

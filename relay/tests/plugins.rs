@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 
 use canopy::Name;
 use canopy::plugin::FaultKind;
@@ -12,24 +11,15 @@ use canopy_relay::{PluginConfig, PluginLimits, RelayConfig, RelayHandle};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "../../framework/tests/support/plugin_artifacts.rs"]
+mod plugin_artifacts;
+use plugin_artifacts::{native, wasm};
+
 const REQUESTS: u128 = 0x0e01 << 112;
 const REPLIES: u128 = 0x0e02 << 112;
 const CONTROL: u128 = 0x0b01 << 112;
 const STATUS: u128 = 0x0b02 << 112;
 const OTHERS: u128 = 0x0c00 << 112;
-
-/// The Cargo target directory this test binary was built in (`<target>/<profile>/deps/<exe>`),
-/// which also holds the Wasm plugins under `wasm32-wasip2/plugin/`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.ancestors().nth(3).unwrap().to_owned()
-}
-
-fn wasm(name: &str) -> PathBuf {
-    let path = target_dir().join(format!("wasm32-wasip2/plugin/{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh", path.display());
-    path
-}
 
 fn hex(name: u128, len: u8) -> String {
     format!("{}/{len}", Name::new(name))
@@ -185,15 +175,6 @@ async fn hostile_plugins_are_contained_and_everyone_else_keeps_working() {
         assert!(body.lines().any(|l| l == line), "missing {line:?} in\n{body}");
     }
     relay.shutdown().await;
-}
-
-/// A native plugin library built in this profile's target directory.
-fn native(crate_name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let path = dir.join(format!("{}{}{}", std::env::consts::DLL_PREFIX, crate_name, std::env::consts::DLL_SUFFIX));
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh", path.display());
-    path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,29 +4,20 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use canopy_relay::{PluginConfig, PluginLimits, RelayConfig, RelayHandle, StoreKind};
 use canopy_sdk::{Chunk, Client, Filter, Name, ReplayMode, SubEvent};
 use common::*;
 
+#[path = "../../framework/tests/support/plugin_artifacts.rs"]
+mod plugin_artifacts;
+use plugin_artifacts::wasm;
+
 const UNDER: u128 = 0x0d0d << 112;
 const FILTER: &str = "0x0d0d0000000000000000000000000000/16";
 const OUTSIDE: u128 = 0x0d0e << 112;
-
-/// The Cargo target directory this test binary was built in (`<target>/<profile>/deps/<exe>`),
-/// which also holds the Wasm plugins under `wasm32-wasip2/plugin/`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.ancestors().nth(3).unwrap().to_owned()
-}
-
-fn wasm(name: &str) -> PathBuf {
-    let path = target_dir().join(format!("wasm32-wasip2/plugin/{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh", path.display());
-    path
-}
 
 /// Runs the `canopy` binary off the async runtime (bounded: its own `--timeout` is 2 min).
 async fn canopy(mut args: Vec<String>) -> Output {
