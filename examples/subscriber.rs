@@ -23,6 +23,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             match event {
                 SubEvent::Chunk(c) => println!("{}: {}", schema.render(c.name()), String::from_utf8_lossy(c.data())),
                 SubEvent::ReplayDone => println!("-- caught up; live messages follow --"),
+                SubEvent::Gap => println!("-- reconnected: some live messages may be missing --"),
                 SubEvent::Error { code, message } => return eprintln!("ended: {code}: {message}"),
             }
         }

@@ -41,7 +41,7 @@ async fn expect(who: &str, sub: &mut Subscription, schema: &Schema) -> anyhow::R
                 println!("  {who:<6} received {:?}  [{}]", text, schema.render(c.name()));
                 return Ok(());
             }
-            Some(SubEvent::ReplayDone) => continue,
+            Some(SubEvent::ReplayDone | SubEvent::Gap) => continue,
             Some(SubEvent::Error { code, message }) => anyhow::bail!("{who}: {code}: {message}"),
             None => anyhow::bail!("{who}: subscription ended"),
         }

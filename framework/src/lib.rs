@@ -27,6 +27,7 @@ pub mod node;
 #[cfg(feature = "plugin-host")]
 pub mod plugin;
 pub mod schema;
+pub mod session;
 pub mod store;
 pub mod wire;
 
@@ -35,4 +36,3 @@ pub use matcher::SubscriptionTable;
 pub use name::{Filter, Name, NameError};
 pub use schema::{MESSENGER_LAYOUT, Schema, SchemaError};
 pub use store::{FjallStore, InsertOutcome, MemoryStore, Store, StoreError, StoreStats};
-

@@ -23,17 +23,29 @@
 //!
 //! # Flow control
 //!
-//! Every link has a bounded queue. Replays of cached chunks are paced by a cursor and only
-//! refill the queue as the driver drains it. A live delivery that finds its link's queue full
-//! ends that subscription with a `SlowConsumer` error. The subscriber can resubscribe and
-//! recover what it missed from the cache. Memory per link stays bounded.
+//! Two bounds, one per link and one per subscription, keep memory bounded without ever
+//! ending a subscription whose reader keeps up:
+//!
+//! - **Credit per subscription.** A subscriber grants credit in `Subscribe` and in `Credit`
+//!   frames as it consumes; each `Deliver` spends one. A subscription without credit sends
+//!   nothing, so a stalled subscription holds back only itself: acks, errors and the other
+//!   subscriptions on the link keep flowing.
+//! - **A bounded link queue.** Deliveries enter a link's queue only while it holds fewer than
+//!   `max_queue` frames; the driver drains it as the transport takes bytes. Control frames
+//!   (acks, errors, `ReplayDone`) always enter, and the driver stops reading a link whose
+//!   queue is full ([`Node::accepts_input`]), so they stay bounded too.
+//!
+//! Chunks that cannot be sent yet wait in the subscription's **backlog**. Replays of cached
+//! chunks wait in the store instead, paced by a cursor, so a replay of any size costs no
+//! memory. A live chunk that finds the backlog at `max_backlog` ends that subscription with
+//! `SlowConsumer`; the subscriber resubscribes and recovers what it missed from the cache.
 //!
 //! # Durability
 //!
 //! Acks for publishes are held until [`Node::flush`] has made the store durable. A driver
 //! calls it once per batch of received frames, so one fsync covers many publishes.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
 
 use crate::access::{Access, Grant};
@@ -53,9 +65,16 @@ pub struct NodeConfig {
     pub parent_token: Option<String>,
     /// Who may publish and subscribe to what.
     pub access: Access,
-    /// Bound on each link's outgoing queue, in frames. Live deliveries beyond it end the
-    /// subscription with `SlowConsumer`; replays pause at it.
+    /// Bound on each link's outgoing queue, in frames: deliveries wait in their
+    /// subscription's backlog while the queue is this full, and the driver stops reading the
+    /// link ([`Node::accepts_input`]).
     pub max_queue: usize,
+    /// Live chunks one subscription may have waiting (for credit or queue room) before it is
+    /// ended with `SlowConsumer`.
+    pub max_backlog: usize,
+    /// Credit this node grants its parent for each upstream subscription, renewed as it
+    /// stores what arrives.
+    pub upstream_credit: u32,
     /// Upstream publishes in flight at once while the outbox drains.
     pub outbox_window: usize,
     /// Largest `MostRecent(n)` served; larger requests are capped to it.
@@ -70,6 +89,8 @@ impl NodeConfig {
             parent_token: None,
             access: Access::allow_all(),
             max_queue: 1024,
+            max_backlog: 4096,
+            upstream_credit: 4096,
             outbox_window: 256,
             max_most_recent: 10_000,
         }
@@ -91,8 +112,11 @@ pub struct Metrics {
     pub conflicts: u64,
     /// Publishes or subscriptions refused by access rules.
     pub denied: u64,
-    /// Subscriptions ended because their link's queue overflowed.
+    /// Subscriptions ended because their backlog overflowed (the subscriber stopped granting
+    /// credit, or its link stopped draining).
     pub slow_consumers: u64,
+    /// Upstream subscriptions the parent ended (slow consumer) and this node renewed.
+    pub upstream_resubscribed: u64,
     /// Upstream publishes the parent refused (dropped from the outbox, counted here).
     pub upstream_rejected: u64,
 }
@@ -128,8 +152,21 @@ struct Sub {
     live: bool,
     /// Cached chunks still to send, if the replay is not done.
     replay: Option<Replay>,
-    /// Live chunks that arrived during the replay, at names it has already passed.
-    held: Vec<Chunk>,
+    /// Live chunks waiting to be sent, oldest first: during the replay, those at names it has
+    /// already passed; afterwards, those waiting for credit or queue room.
+    backlog: VecDeque<Chunk>,
+    /// Once the replay has finished: how many backlog chunks (held during the replay) go
+    /// before `ReplayDone`.
+    done_after: Option<usize>,
+    /// Deliveries the subscriber has room for.
+    credit: u64,
+}
+
+impl Sub {
+    /// Whether it has anything to send besides live chunks arriving.
+    fn busy(&self) -> bool {
+        self.replay.is_some() || !self.backlog.is_empty() || self.done_after.is_some()
+    }
 }
 
 enum Replay {
@@ -144,12 +181,36 @@ struct Link {
     grant: Grant,
     queue: VecDeque<Frame>,
     subs: HashMap<u64, Sub>,
+    /// Subscriptions with a replay, a backlog or a `ReplayDone` still to send.
+    busy: BTreeSet<u64>,
+    /// Where the next pump starts in `busy`, so every busy subscription gets its turn.
+    rotor: u64,
 }
 
 impl Link {
     fn new(peer: Peer) -> Self {
-        Link { peer, grant: Grant::default(), queue: VecDeque::new(), subs: HashMap::new() }
+        Link {
+            peer,
+            grant: Grant::default(),
+            queue: VecDeque::new(),
+            subs: HashMap::new(),
+            busy: BTreeSet::new(),
+            rotor: 0,
+        }
     }
+}
+
+/// How full one link's buffers are, from [`Node::link_usage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkUsage {
+    /// Frames in the link's queue.
+    pub queued: usize,
+    /// `Deliver` frames among them (at most `max_queue`).
+    pub deliveries: usize,
+    /// The longest subscription backlog on the link (at most `max_backlog`).
+    pub max_backlog: usize,
+    /// Chunks in all the link's backlogs.
+    pub backlog: usize,
 }
 
 /// The upstream side: our parent link and what we asked of it.
@@ -163,7 +224,11 @@ struct Upstream {
     wanted: BTreeMap<Filter, usize>,
     /// The minimal cover of `wanted` (no filter covered by another) → upstream subscription id.
     subscribed: BTreeMap<Filter, u64>,
-    next_sub: u64,
+    /// Upstream subscription id → (its filter, deliveries received since credit was last
+    /// granted).
+    by_id: HashMap<u64, (Filter, u32)>,
+    /// Numbers upstream publishes and subscriptions alike, so an `Error` from the parent
+    /// about a number names exactly one of them.
     next_seq: u64,
     /// Publishes sent and not yet acknowledged: seq → name.
     inflight: HashMap<u64, Name>,
@@ -215,6 +280,17 @@ impl<S: Store> Node<S> {
     /// The store, for inspection.
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// Stops the node and hands back its store, as it is (a driver simulating a crash
+    /// discards what was not synced, then starts a new node on it).
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
+    /// This node's settings.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
     }
 
     /// Live subscriptions of downstream links.
@@ -269,8 +345,13 @@ impl<S: Store> Node<S> {
             self.up.inflight.clear();
             self.up.inflight_names.clear();
             self.up.subscribed.clear();
+            self.up.by_id.clear();
         }
-        for (id, sub) in l.subs {
+        // In id order, so the upstream frames this causes are the same on every run (the
+        // simulator replays a seed exactly).
+        let mut subs: Vec<(u64, Sub)> = l.subs.into_iter().collect();
+        subs.sort_unstable_by_key(|(id, _)| *id);
+        for (id, sub) in subs {
             self.drop_sub(link, id, &sub);
         }
     }
@@ -289,6 +370,38 @@ impl<S: Store> Node<S> {
     /// Frames queued for `link`.
     pub fn queued(&self, link: LinkId) -> usize {
         self.links.get(&link).map_or(0, |l| l.queue.len())
+    }
+
+    /// Whether the driver may hand the node more frames read from `link`: not while a
+    /// downstream link's queue is full, which means its peer is not reading what it is sent.
+    /// Pausing the reader then pushes back on the peer (through the transport's flow control)
+    /// and bounds the acks and errors the node queues for it. The parent is always read: what
+    /// this node sends it is bounded by the outbox window and credit, and pausing both ends of
+    /// a relay link could stall them on each other.
+    pub fn accepts_input(&self, link: LinkId) -> bool {
+        self.links.get(&link).is_some_and(|l| {
+            matches!(l.peer, Peer::Parent | Peer::ParentPending) || l.queue.len() < self.config.max_queue
+        })
+    }
+
+    /// How full `link`'s queue and backlogs are (for metrics and for checking the bounds).
+    pub fn link_usage(&self, link: LinkId) -> Option<LinkUsage> {
+        let l = self.links.get(&link)?;
+        let deliveries = l.queue.iter().filter(|f| matches!(f, Frame::Deliver { .. })).count();
+        let backlogs = l.subs.values().map(|s| s.backlog.len());
+        Some(LinkUsage {
+            queued: l.queue.len(),
+            deliveries,
+            max_backlog: backlogs.clone().max().unwrap_or(0),
+            backlog: backlogs.sum(),
+        })
+    }
+
+    /// The links of this node, in id order.
+    pub fn link_ids(&self) -> Vec<LinkId> {
+        let mut ids: Vec<LinkId> = self.links.keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Moves into `out` the links whose queue has filled past half its bound since the last
@@ -350,17 +463,24 @@ impl<S: Store> Node<S> {
             }
             (Peer::ParentPending, _) => self.fail(link, None, ErrorCode::Malformed, "expected hello first"),
             (_, Frame::Hello { .. }) => self.fail(link, None, ErrorCode::Malformed, "second hello"),
-            (Peer::Downstream, Frame::Subscribe { id, filter, mode }) => {
-                self.on_subscribe(link, id, filter, mode, now)
+            (Peer::Downstream, Frame::Subscribe { id, filter, mode, credit }) => {
+                self.on_subscribe(link, id, filter, mode, credit, now)
             }
+            (Peer::Downstream, Frame::Credit { id, credit }) => self.on_credit(link, id, credit),
             (Peer::Downstream, Frame::Unsubscribe { id }) => self.on_unsubscribe(link, id),
             (Peer::Downstream, Frame::Publish { seq, chunk }) => self.on_publish(link, seq, chunk, now),
-            (Peer::Parent, Frame::Deliver { chunk, .. }) => self.on_chunk_from_parent(link, chunk, now),
+            (Peer::Parent, Frame::Deliver { id, chunk }) => {
+                self.spend_upstream_credit(link, id);
+                self.on_chunk_from_parent(link, chunk, now)
+            }
             (Peer::Parent, Frame::Ack { seq }) => self.on_upstream_ack(seq, false),
             (Peer::Parent, Frame::Error { about: Some(seq), .. }) if self.up.inflight.contains_key(&seq) => {
                 // The parent will never take this chunk (conflict, expired, denied): drop it
                 // from the outbox rather than retry forever, and count it.
                 self.on_upstream_ack(seq, true)
+            }
+            (Peer::Parent, Frame::Error { code, about: Some(id), .. }) if self.up.by_id.contains_key(&id) => {
+                self.on_upstream_sub_error(id, code)
             }
             (Peer::Parent, Frame::ReplayDone { .. } | Frame::Error { .. }) => {}
             (_, _) => self.fail(link, None, ErrorCode::Malformed, "frame not valid in this direction"),
@@ -414,7 +534,7 @@ impl<S: Store> Node<S> {
         self.refill_outbox();
     }
 
-    fn on_subscribe(&mut self, link: LinkId, id: u64, filter: Filter, mode: ReplayMode, now: u64) {
+    fn on_subscribe(&mut self, link: LinkId, id: u64, filter: Filter, mode: ReplayMode, credit: u32, now: u64) {
         let l = self.links.get_mut(&link).expect("link exists");
         if !l.grant.may_subscribe(&filter) {
             self.metrics.denied += 1;
@@ -422,6 +542,7 @@ impl<S: Store> Node<S> {
             return self.error(link, Some(id), ErrorCode::SubscribeDenied, &msg);
         }
         if let Some(old) = l.subs.remove(&id) {
+            l.busy.remove(&id);
             self.drop_sub(link, id, &old);
         }
         let replay = match mode {
@@ -437,21 +558,34 @@ impl<S: Store> Node<S> {
         };
         let live = mode != ReplayMode::CachedOnly;
         let live_only = replay.is_none();
-        let sub = Sub { filter, live, replay, held: Vec::new() };
+        let sub = Sub { filter, live, replay, backlog: VecDeque::new(), done_after: None, credit: credit.into() };
         let l = self.links.get_mut(&link).expect("link exists");
         l.subs.insert(id, sub);
         if live_only {
             l.queue.push_back(Frame::ReplayDone { id });
+        } else {
+            l.busy.insert(id);
         }
         self.table.insert(filter, (link, id));
         if live {
             self.want(filter);
         }
-        self.pump_sub(link, id, now);
+        self.pump_sub(link, id, usize::MAX);
+    }
+
+    fn on_credit(&mut self, link: LinkId, id: u64, credit: u32) {
+        let Some(l) = self.links.get_mut(&link) else { return };
+        // An unknown id is a subscription that ended while the credit was in flight.
+        let Some(sub) = l.subs.get_mut(&id) else { return };
+        sub.credit = sub.credit.saturating_add(credit.into());
+        if l.busy.contains(&id) {
+            self.pump_sub(link, id, usize::MAX);
+        }
     }
 
     fn on_unsubscribe(&mut self, link: LinkId, id: u64) {
         let l = self.links.get_mut(&link).expect("link exists");
+        l.busy.remove(&id);
         match l.subs.remove(&id) {
             Some(sub) => self.drop_sub(link, id, &sub),
             None => self.error(link, Some(id), ErrorCode::UnknownSubscription, "no such subscription"),
@@ -531,114 +665,159 @@ impl<S: Store> Node<S> {
                 targets.push((link, id));
             }
         });
-        let max_queue = self.config.max_queue;
+        let (max_queue, max_backlog) = (self.config.max_queue, self.config.max_backlog);
         for (link, id) in targets {
             let Some(l) = self.links.get_mut(&link) else { continue };
             let Some(sub) = l.subs.get_mut(&id) else { continue };
-            let overflow = match &sub.replay {
+            match &sub.replay {
                 // The replay has not reached this name yet: it will send the chunk from the
                 // store, in order.
-                Some(Replay::From(next)) if chunk.name() >= *next => false,
-                Some(_) => {
-                    sub.held.push(chunk.clone());
-                    sub.held.len() > max_queue
+                Some(Replay::From(next)) if chunk.name() >= *next => continue,
+                // A `CachedOnly` subscription finishing its replay takes nothing live.
+                None if !sub.live => continue,
+                _ => {}
+            }
+            if !sub.busy() && sub.credit > 0 && l.queue.len() < max_queue {
+                // The hot path: nothing waiting ahead of it, and room all the way.
+                sub.credit -= 1;
+                l.queue.push_back(Frame::Deliver { id, chunk: chunk.clone() });
+                self.metrics.chunks_out += 1;
+                if l.queue.len() == max_queue.div_ceil(2) {
+                    self.urgent.push(link);
                 }
-                None if l.queue.len() < max_queue => {
-                    l.queue.push_back(Frame::Deliver { id, chunk: chunk.clone() });
-                    self.metrics.chunks_out += 1;
-                    if l.queue.len() == max_queue.div_ceil(2) {
-                        self.urgent.push(link);
-                    }
-                    false
-                }
-                None => true,
-            };
-            if overflow {
+            } else if sub.backlog.len() < max_backlog {
+                sub.backlog.push_back(chunk.clone());
+                l.busy.insert(id);
+            } else {
                 self.slow_consumer(link, id);
             }
         }
     }
 
     fn slow_consumer(&mut self, link: LinkId, id: u64) {
-        let Some(sub) = self.links.get_mut(&link).and_then(|l| l.subs.remove(&id)) else { return };
+        let Some(l) = self.links.get_mut(&link) else { return };
+        l.busy.remove(&id);
+        let Some(sub) = l.subs.remove(&id) else { return };
         self.drop_sub(link, id, &sub);
         self.metrics.slow_consumers += 1;
         let msg = format!(
-            "subscription {id} to {} fell behind and was ended; resubscribe to recover from the cache",
-            sub.filter
+            "subscription {id} to {} fell {} chunks behind and was ended; resubscribe to recover from the cache",
+            sub.filter,
+            sub.backlog.len()
         );
         self.error(link, Some(id), ErrorCode::SlowConsumer, &msg);
     }
 
-    /// Continues paced replays on `link` while its queue has room.
+    /// Continues the busy subscriptions of `link` (replays and backlogs) while its queue has
+    /// room, giving each a fair share before any takes the rest.
     fn pump(&mut self, link: LinkId) {
-        let Some(l) = self.links.get(&link) else { return };
-        let mut replaying: Vec<u64> = l.subs.iter().filter(|(_, s)| s.replay.is_some()).map(|(id, _)| *id).collect();
-        replaying.sort_unstable();
-        for id in replaying {
-            self.pump_sub(link, id, self.now);
+        let Some(l) = self.links.get_mut(&link) else { return };
+        if l.busy.is_empty() {
+            return;
+        }
+        // Start after the subscription that started last time, wrapping around.
+        let rotor = l.rotor;
+        let mut order: Vec<u64> = l.busy.range(rotor..).chain(l.busy.range(..rotor)).copied().collect();
+        l.rotor = order.first().map_or(0, |id| id.wrapping_add(1));
+        let share = self.config.max_queue.saturating_sub(l.queue.len()).div_ceil(order.len()).max(1);
+        for &id in &order {
+            self.pump_sub(link, id, share);
+        }
+        order.retain(|id| self.links.get(&link).is_some_and(|l| l.busy.contains(id)));
+        for id in order {
+            self.pump_sub(link, id, usize::MAX);
         }
     }
 
-    /// Moves cached chunks of one replaying subscription into its link's queue, up to the
-    /// queue bound; when the replay is complete, sends held live chunks and `ReplayDone`.
-    fn pump_sub(&mut self, link: LinkId, id: u64, now: u64) {
-        let max_queue = self.config.max_queue;
+    /// Moves up to `quota` chunks of one subscription into its link's queue, as far as its
+    /// credit and the queue bound allow: first its replay (cached chunks from the store), then
+    /// its backlog; sends `ReplayDone` once the replay and the chunks held during it are out.
+    fn pump_sub(&mut self, link: LinkId, id: u64, quota: usize) {
+        let (max_queue, now) = (self.config.max_queue, self.now);
         let Some(l) = self.links.get_mut(&link) else { return };
         let Some(sub) = l.subs.get_mut(&id) else { return };
-        let Some(replay) = &mut sub.replay else { return };
-        let room = max_queue.saturating_sub(l.queue.len());
-        let mut sent = 0u64;
-        let done = match replay {
-            Replay::List(list) => {
-                while l.queue.len() < max_queue {
-                    let Some(chunk) = list.pop_front() else { break };
-                    l.queue.push_back(Frame::Deliver { id, chunk });
-                    sent += 1;
-                }
-                list.is_empty()
-            }
-            Replay::From(next) => {
-                let (_, end) = sub.filter.range();
-                let mut batch = Vec::new();
-                let result = self.store.scan_range(*next, end, now, &mut |chunk| {
-                    batch.push(chunk);
-                    if batch.len() >= room { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
-                });
-                if let Err(err) = result {
-                    let msg = err.to_string();
-                    return self.error(link, Some(id), ErrorCode::Internal, &msg);
-                }
-                // Fewer chunks than asked for: the range is exhausted.
-                let mut finished = batch.len() < room;
-                if let Some(last) = batch.last() {
-                    match last.name().to_u128().checked_add(1) {
-                        Some(after) if last.name() < end => *next = Name::new(after),
-                        _ => finished = true,
-                    }
-                }
-                for chunk in batch {
-                    l.queue.push_back(Frame::Deliver { id, chunk });
-                    sent += 1;
-                }
-                finished
-            }
+        let room = |queued: usize, credit: u64, quota: usize| {
+            max_queue.saturating_sub(queued).min(usize::try_from(credit).unwrap_or(usize::MAX)).min(quota)
         };
-        self.metrics.chunks_out += sent;
-        if !done {
-            return;
+        let mut sent = 0usize;
+        let replay_room = room(l.queue.len(), sub.credit, quota);
+        if let Some(replay) = &mut sub.replay {
+            let room = replay_room;
+            let finished = match replay {
+                Replay::List(list) => {
+                    while sent < room {
+                        let Some(chunk) = list.pop_front() else { break };
+                        // Listed when the subscription opened; it may have expired since.
+                        if !chunk.is_expired(now) {
+                            l.queue.push_back(Frame::Deliver { id, chunk });
+                            sent += 1;
+                        }
+                    }
+                    list.is_empty()
+                }
+                Replay::From(next) => {
+                    let (_, end) = sub.filter.range();
+                    // Without room, still look one chunk ahead: an exhausted range finishes
+                    // the replay (and sends `ReplayDone`) even with no credit.
+                    let want = room.max(1);
+                    let mut batch = Vec::new();
+                    let result = self.store.scan_range(*next, end, now, &mut |chunk| {
+                        batch.push(chunk);
+                        if batch.len() >= want { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                    });
+                    if let Err(err) = result {
+                        let msg = err.to_string();
+                        return self.error(link, Some(id), ErrorCode::Internal, &msg);
+                    }
+                    // Fewer chunks than asked for: the range is exhausted.
+                    let mut finished = batch.len() < want;
+                    if room > 0 {
+                        if let Some(last) = batch.last() {
+                            match last.name().to_u128().checked_add(1) {
+                                Some(after) if last.name() < end => *next = Name::new(after),
+                                _ => finished = true,
+                            }
+                        }
+                        for chunk in batch {
+                            l.queue.push_back(Frame::Deliver { id, chunk });
+                            sent += 1;
+                        }
+                    }
+                    finished
+                }
+            };
+            sub.credit -= sent as u64;
+            if !finished {
+                self.metrics.chunks_out += sent as u64;
+                return;
+            }
+            // The chunks held during the replay go next, in name order, then `ReplayDone`.
+            sub.replay = None;
+            sub.backlog.make_contiguous().sort_by_key(Chunk::name);
+            sub.done_after = Some(sub.backlog.len());
         }
-        sub.replay = None;
-        let mut held = std::mem::take(&mut sub.held);
-        held.sort_by_key(Chunk::name);
-        for chunk in held {
+        let room = room(l.queue.len(), sub.credit, quota.saturating_sub(sent));
+        let take = room.min(sub.backlog.len());
+        for chunk in sub.backlog.drain(..take) {
             l.queue.push_back(Frame::Deliver { id, chunk });
-            self.metrics.chunks_out += 1;
         }
-        l.queue.push_back(Frame::ReplayDone { id });
-        if !sub.live {
-            let sub = l.subs.remove(&id).expect("present");
-            self.drop_sub(link, id, &sub);
+        sub.credit -= take as u64;
+        sent += take;
+        self.metrics.chunks_out += sent as u64;
+        if let Some(held) = &mut sub.done_after {
+            *held = held.saturating_sub(take);
+            if *held == 0 {
+                sub.done_after = None;
+                l.queue.push_back(Frame::ReplayDone { id });
+                if !sub.live {
+                    l.busy.remove(&id);
+                    let sub = l.subs.remove(&id).expect("present");
+                    return self.drop_sub(link, id, &sub);
+                }
+            }
+        }
+        if !sub.busy() {
+            l.busy.remove(&id);
         }
     }
 
@@ -709,19 +888,52 @@ impl<S: Store> Node<S> {
     }
 
     fn subscribe_up(&mut self, filter: Filter) {
-        self.up.next_sub += 1;
-        let id = self.up.next_sub;
+        self.up.next_seq += 1;
+        let id = self.up.next_seq;
         self.up.subscribed.insert(filter, id);
         if let Some(link) = self.parent_ready() {
-            let frame = Frame::Subscribe { id, filter, mode: ReplayMode::CachedAndLive };
+            let credit = self.config.upstream_credit;
+            let frame = Frame::Subscribe { id, filter, mode: ReplayMode::CachedAndLive, credit };
             self.links.get_mut(&link).expect("parent").queue.push_back(frame);
+            self.up.by_id.insert(id, (filter, 0));
         }
     }
 
     fn unsubscribe_up(&mut self, filter: Filter) {
         let Some(id) = self.up.subscribed.remove(&filter) else { return };
+        self.up.by_id.remove(&id);
         if let Some(link) = self.parent_ready() {
             self.links.get_mut(&link).expect("parent").queue.push_back(Frame::Unsubscribe { id });
+        }
+    }
+
+    /// Counts a delivery on upstream subscription `id`. The node stores (and fans out) every
+    /// chunk as it arrives, so it hands the credit straight back, half a window at a time.
+    fn spend_upstream_credit(&mut self, link: LinkId, id: u64) {
+        let window = self.config.upstream_credit;
+        let Some((_, used)) = self.up.by_id.get_mut(&id) else { return };
+        *used += 1;
+        if *used >= window.div_ceil(2) {
+            let credit = std::mem::take(used);
+            if let Some(l) = self.links.get_mut(&link) {
+                l.queue.push_back(Frame::Credit { id, credit });
+            }
+        }
+    }
+
+    /// The parent ended upstream subscription `id`. After `SlowConsumer` (this link could not
+    /// take deliveries fast enough) the node subscribes again, and the parent's replay brings
+    /// back what was missed; any other refusal is counted and not retried on this link.
+    fn on_upstream_sub_error(&mut self, id: u64, code: ErrorCode) {
+        let Some((filter, _)) = self.up.by_id.remove(&id) else { return };
+        if self.up.subscribed.get(&filter) != Some(&id) {
+            return;
+        }
+        if code == ErrorCode::SlowConsumer {
+            self.metrics.upstream_resubscribed += 1;
+            self.subscribe_up(filter);
+        } else {
+            self.metrics.upstream_rejected += 1;
         }
     }
 

@@ -39,10 +39,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::{Chunk, Filter};
 
 /// The protocol version this crate speaks, carried in [`Frame::Hello`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The TLS ALPN protocol id for this version of the protocol.
-pub const ALPN: &[u8] = b"canopy/1";
+pub const ALPN: &[u8] = b"canopy/2";
 
 /// The largest frame payload, in bytes, not counting the 4-byte length prefix.
 ///
@@ -268,6 +268,9 @@ pub enum Frame {
         filter: Filter,
         /// Which chunks to replay from the cache.
         mode: ReplayMode,
+        /// How many [`Frame::Deliver`]s the relay may send for this subscription before it
+        /// waits for [`Frame::Credit`]: the subscriber's free buffer space, in chunks.
+        credit: u32,
     },
     /// Tag 2. Closes subscription `id`.
     Unsubscribe {
@@ -309,6 +312,15 @@ pub enum Frame {
         about: Option<u64>,
         /// Human-readable detail.
         message: String,
+    },
+    /// Tag 8. The subscriber has made room for `credit` more [`Frame::Deliver`]s on
+    /// subscription `id` (it consumed that many). Credit adds up; an unknown `id` is ignored,
+    /// since the subscription may have ended while the frame was in flight.
+    Credit {
+        /// The subscription.
+        id: u64,
+        /// How many more deliveries the relay may send.
+        credit: u32,
     },
 }
 
@@ -433,7 +445,7 @@ impl From<DecodeError> for WireError {
 /// ```
 /// use canopy::wire::{check_version, Frame, Role, WireError};
 /// let hello = Frame::Hello { version: 9, role: Role::Client, relay_path: vec![], token: None };
-/// assert_eq!(check_version(&hello), Err(WireError::UnsupportedVersion { got: 9, supported: 1 }));
+/// assert_eq!(check_version(&hello), Err(WireError::UnsupportedVersion { got: 9, supported: 2 }));
 /// ```
 pub fn check_version(frame: &Frame) -> Result<(), WireError> {
     match frame {

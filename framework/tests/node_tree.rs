@@ -117,8 +117,10 @@ impl Net {
         self.settle();
     }
 
+    /// Subscribes with unlimited credit: these tests pace deliveries with `stalled` (the
+    /// link is not drained) rather than with credit.
     fn subscribe(&mut self, client: usize, id: u64, filter: Filter, mode: ReplayMode) {
-        self.send(client, Frame::Subscribe { id, filter, mode });
+        self.send(client, Frame::Subscribe { id, filter, mode, credit: u32::MAX });
     }
 
     fn publish(&mut self, client: usize, chunk: Chunk) -> u64 {
@@ -513,8 +515,7 @@ fn access_rules_refuse_with_errors_naming_the_filter() {
     let mut net = Net::new();
     let team = filter(TEAM);
     let mut config = NodeConfig::new(RelayId(5));
-    config.access =
-        Access::with_rules([("alice".to_owned(), Grant { publish: vec![team], subscribe: vec![team] })]);
+    config.access = Access::with_rules([("alice".to_owned(), Grant { publish: vec![team], subscribe: vec![team] })]);
     let relay = net.relay(config, false);
     let alice = net.client(relay, Some("alice"));
     let seq = net.publish(alice, chunk(IN_OTHER, "nope"));
@@ -541,6 +542,7 @@ fn slow_consumer_is_told_and_recovers_from_the_cache() {
     let mut net = Net::new();
     let mut config = NodeConfig::new(RelayId(9));
     config.max_queue = 8;
+    config.max_backlog = 8;
     let relay = net.relay(config, false);
     let p = net.client(relay, None);
     let slow = net.client(relay, None);
@@ -626,7 +628,7 @@ fn a_queue_filling_past_half_its_bound_is_flagged_urgent_once() {
         node.handle(link, hello.clone(), T0);
         node.drain(link, usize::MAX, T0);
     }
-    node.handle(1, Frame::Subscribe { id: 1, filter: Filter::ALL, mode: ReplayMode::LiveOnly }, T0);
+    node.handle(1, Frame::Subscribe { id: 1, filter: Filter::ALL, mode: ReplayMode::LiveOnly, credit: 100 }, T0);
     node.drain(1, usize::MAX, T0);
     let mut urgent = Vec::new();
     for n in 0..6u64 {
@@ -637,4 +639,94 @@ fn a_queue_filling_past_half_its_bound_is_flagged_urgent_once() {
     }
     assert_eq!(node.queued(1), 6);
     assert_eq!(node.metrics().slow_consumers, 0);
+}
+
+/// A subscription without credit holds back only itself: publishes on the same link are
+/// acknowledged and its other subscription keeps receiving; granting credit releases what
+/// waited, in order; a stall past the backlog bound ends it, and resubscribing recovers.
+#[test]
+fn a_stalled_subscription_holds_back_only_itself() {
+    let mut net = Net::new();
+    let mut config = NodeConfig::new(RelayId(9));
+    config.max_queue = 8;
+    config.max_backlog = 20;
+    let relay = net.relay(config, false);
+    let p = net.client(relay, None);
+    let c = net.client(relay, None);
+    net.send(c, Frame::Subscribe { id: 1, filter: Filter::ALL, mode: ReplayMode::LiveOnly, credit: 0 });
+    net.subscribe(c, 2, Filter::ALL, ReplayMode::LiveOnly);
+    let mut seqs = Vec::new();
+    for n in 0..15u128 {
+        net.publish(p, chunk(IN_TEAM + n, "x"));
+        // The stalled client publishes too, on the same link.
+        seqs.push(net.publish(c, chunk(IN_OTHER + n, "y")));
+    }
+    assert_eq!(net.acks(c), seqs, "acks keep flowing past the stalled subscription");
+    assert_eq!(net.delivered(c, 2).len(), 15, "the other subscription keeps receiving");
+    assert!(net.delivered(c, 1).is_empty());
+    let usage = net.nodes[relay].link_usage(net.clients[c].link).unwrap();
+    assert_eq!(usage.backlog, 15);
+    // Credit releases the backlog in arrival order, then live chunks flow directly.
+    net.send(c, Frame::Credit { id: 1, credit: 100 });
+    let want: Vec<u128> = (0..15).map(|n| IN_TEAM + n).collect();
+    assert_eq!(names(&net.delivered(c, 1)), want);
+    // Stalled past the bound: ended, and only that subscription.
+    net.clients[c].inbox.clear();
+    net.send(c, Frame::Subscribe { id: 3, filter: Filter::ALL, mode: ReplayMode::LiveOnly, credit: 0 });
+    for n in 15..40u128 {
+        net.publish(p, chunk(IN_TEAM + n, "x"));
+    }
+    let errors = net.errors(c);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!((errors[0].0, errors[0].1), (ErrorCode::SlowConsumer, Some(3)));
+    assert_eq!(net.delivered(c, 2).len(), 25);
+    assert!(net.nodes[relay].link_usage(net.clients[c].link).unwrap().max_backlog <= 20);
+    // Resubscribing recovers everything from the cache, paced by credit.
+    net.clients[c].inbox.clear();
+    net.send(c, Frame::Subscribe { id: 4, filter: filter(TEAM), mode: ReplayMode::CachedOnly, credit: 10 });
+    assert_eq!(net.delivered(c, 4).len(), 10);
+    net.send(c, Frame::Credit { id: 4, credit: 1000 });
+    assert_eq!(names(&net.delivered(c, 4)), (0..40).map(|n| IN_TEAM + n).collect::<Vec<_>>());
+    assert!(matches!(net.clients[c].inbox.last(), Some(Frame::ReplayDone { id: 4 })));
+}
+
+/// A replay far larger than every bound arrives whole and in order when the reader grants
+/// credit as it reads, and nothing it holds ever exceeds its window.
+#[test]
+fn a_replay_larger_than_every_bound_arrives_whole_with_credit() {
+    let mut net = Net::new();
+    let mut config = NodeConfig::new(RelayId(9));
+    config.max_queue = 16;
+    config.max_backlog = 16;
+    let relay = net.relay(config, false);
+    let p = net.client(relay, None);
+    for n in 0..5_000u128 {
+        net.publish(p, chunk(IN_TEAM + n, "c"));
+    }
+    let s = net.client(relay, None);
+    let window = 100u32;
+    net.send(s, Frame::Subscribe { id: 1, filter: filter(TEAM), mode: ReplayMode::CachedAndLive, credit: window });
+    let mut got = Vec::new();
+    let mut done = false;
+    while !done {
+        let frames = std::mem::take(&mut net.clients[s].inbox);
+        assert!(!frames.is_empty(), "the replay stalled after {} chunks", got.len());
+        let mut read = 0u32;
+        for frame in frames {
+            match frame {
+                Frame::Deliver { chunk, .. } => {
+                    got.push(chunk.name().to_u128());
+                    read += 1;
+                }
+                Frame::ReplayDone { .. } => done = true,
+                Frame::Hello { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(read <= window, "more deliveries than credit");
+        if read > 0 {
+            net.send(s, Frame::Credit { id: 1, credit: read });
+        }
+    }
+    assert_eq!(got, (0..5_000).map(|n| IN_TEAM + n).collect::<Vec<_>>());
 }

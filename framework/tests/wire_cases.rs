@@ -23,7 +23,7 @@ const GOLDEN_PUBLISH: &[u8] = &[
 const GOLDEN_HELLO: &[u8] = &[
     0x00, 0x00, 0x00, 0x2c, // payload length 44
     0x00, 0x00, 0x00, 0x00, // tag 0 = Hello
-    0x00, 0x01, // version 1
+    0x00, 0x02, // version 2
     0x00, 0x00, 0x00, 0x01, // role: tag 1 = Relay
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, // relay_path: 1 entry
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // RelayId 0xaa, 16 bytes
@@ -40,7 +40,7 @@ fn golden_publish() -> Frame {
 
 fn golden_hello() -> Frame {
     Frame::Hello {
-        version: 1,
+        version: 2,
         role: Role::Relay,
         relay_path: vec![RelayId(0xaa)],
         token: Some("t".to_owned()),
@@ -72,6 +72,7 @@ fn subscribe_payload(name: [u8; 16], len: u8) -> Vec<u8> {
     p.extend_from_slice(&name);
     p.push(len);
     p.extend_from_slice(&[0, 0, 0, 0]); // CachedAndLive
+    p.extend_from_slice(&[0, 0, 4, 0]); // credit 1024
     p
 }
 
@@ -110,7 +111,7 @@ fn golden_publish_bytes() {
 fn golden_hello_bytes() {
     assert_eq!(wire::encode_to_vec(&golden_hello()).unwrap(), GOLDEN_HELLO);
     assert_eq!(wire::decode(GOLDEN_HELLO).unwrap(), Some((golden_hello(), GOLDEN_HELLO.len())));
-    assert_eq!(wire::peek_hello_version(&GOLDEN_HELLO[LEN_PREFIX..]), Some(1));
+    assert_eq!(wire::peek_hello_version(&GOLDEN_HELLO[LEN_PREFIX..]), Some(2));
 }
 
 #[test]
@@ -119,7 +120,7 @@ fn golden_small_frames() {
     let filter: Filter = "0xab000000000000000000000000000000/8".parse().unwrap();
     let cases: Vec<(Frame, Vec<u8>)> = vec![
         (
-            Frame::Subscribe { id: 2, filter, mode: ReplayMode::MostRecent(5) },
+            Frame::Subscribe { id: 2, filter, mode: ReplayMode::MostRecent(5), credit: 1024 },
             [
                 &[0, 0, 0, 1][..],
                 &2u64.to_be_bytes(),
@@ -128,12 +129,17 @@ fn golden_small_frames() {
                 &[8],
                 &[0, 0, 0, 3],
                 &[0, 0, 0, 5],
+                &[0, 0, 4, 0],
             ]
             .concat(),
         ),
         (
-            Frame::Subscribe { id: 2, filter: Filter::ALL, mode: ReplayMode::LiveOnly },
-            [&[0, 0, 0, 1][..], &2u64.to_be_bytes(), &[0; 16], &[0], &[0, 0, 0, 1]].concat(),
+            Frame::Subscribe { id: 2, filter: Filter::ALL, mode: ReplayMode::LiveOnly, credit: 0 },
+            [&[0, 0, 0, 1][..], &2u64.to_be_bytes(), &[0; 16], &[0], &[0, 0, 0, 1], &[0; 4]].concat(),
+        ),
+        (
+            Frame::Credit { id: 9, credit: 512 },
+            [&[0, 0, 0, 8][..], &9u64.to_be_bytes(), &[0, 0, 2, 0]].concat(),
         ),
         (Frame::Unsubscribe { id: 3 }, [&[0, 0, 0, 2][..], &3u64.to_be_bytes()].concat()),
         (Frame::Ack { seq: 4 }, [&[0, 0, 0, 4][..], &4u64.to_be_bytes()].concat()),
@@ -159,8 +165,8 @@ fn golden_small_frames() {
             [&[0, 0, 0, 7][..], &[0x12, 0x34], &[0], &0u64.to_be_bytes()].concat(),
         ),
         (
-            Frame::Hello { version: 1, role: Role::Client, relay_path: vec![], token: None },
-            [&[0, 0, 0, 0][..], &[0, 1], &[0, 0, 0, 0], &0u64.to_be_bytes(), &[0]].concat(),
+            Frame::Hello { version: 2, role: Role::Client, relay_path: vec![], token: None },
+            [&[0, 0, 0, 0][..], &[0, 2], &[0, 0, 0, 0], &0u64.to_be_bytes(), &[0]].concat(),
         ),
     ];
     for (frame, payload) in cases {
@@ -216,7 +222,7 @@ fn frame_at_the_limit_round_trips_and_one_more_byte_is_refused() {
 #[test]
 fn relay_path_limit() {
     let path = |n: usize| Frame::Hello {
-        version: 1,
+        version: 2,
         role: Role::Relay,
         relay_path: (0..n as u128).map(RelayId).collect(),
         token: Some("token".repeat(100)),
@@ -229,26 +235,27 @@ fn relay_path_limit() {
         Err(WireError::PathTooLong { len: 65, max: 64 })
     );
     // Crafted by hand: 65 real entries, and a declared length far beyond the frame.
-    assert_malformed(wire::decode_payload(&hello_payload(1, 65, 65)));
-    assert_malformed(wire::decode_payload(&hello_payload(1, u64::MAX, 1)));
-    assert_eq!(wire::decode_payload(&hello_payload(1, 64, 64)).map(|_| ()), Ok(()));
+    assert_malformed(wire::decode_payload(&hello_payload(2, 65, 65)));
+    assert_malformed(wire::decode_payload(&hello_payload(2, u64::MAX, 1)));
+    assert_eq!(wire::decode_payload(&hello_payload(2, 64, 64)).map(|_| ()), Ok(()));
 }
 
 #[test]
 fn unknown_tags_are_malformed() {
-    // Frame tag 8 does not exist.
-    assert_malformed(wire::decode_payload(&[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0]));
+    // Frame tag 9 does not exist.
+    assert_malformed(wire::decode_payload(&[0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0]));
     assert_malformed(wire::decode_payload(&[0xff, 0xff, 0xff, 0xff]));
     // Role tag 2.
-    let mut hello = hello_payload(1, 0, 0);
+    let mut hello = hello_payload(2, 0, 0);
     hello[9] = 2;
     assert_malformed(wire::decode_payload(&hello));
     // ReplayMode tag 4.
     let mut sub = subscribe_payload([0; 16], 0);
-    *sub.last_mut().unwrap() = 4;
+    let at = sub.len() - 5;
+    sub[at] = 4;
     assert_malformed(wire::decode_payload(&sub));
     // Option tag 2 for the token.
-    let mut hello = hello_payload(1, 0, 0);
+    let mut hello = hello_payload(2, 0, 0);
     *hello.last_mut().unwrap() = 2;
     assert_malformed(wire::decode_payload(&hello));
     // And through the stream decoder.
@@ -258,28 +265,28 @@ fn unknown_tags_are_malformed() {
 #[test]
 fn unknown_version() {
     // Same layout, other version: decodes, and check_version refuses it.
-    let frame = wire::decode_payload(&hello_payload(2, 0, 0)).unwrap();
+    let frame = wire::decode_payload(&hello_payload(3, 0, 0)).unwrap();
     assert_eq!(
         wire::check_version(&frame),
-        Err(WireError::UnsupportedVersion { got: 2, supported: PROTOCOL_VERSION })
+        Err(WireError::UnsupportedVersion { got: 3, supported: PROTOCOL_VERSION })
     );
     assert_eq!(wire::check_version(&golden_hello()), Ok(()));
     assert_eq!(wire::check_version(&Frame::Ack { seq: 1 }), Ok(()));
     // A future hello with a layout this version cannot read still yields the version.
-    let mut future = vec![0, 0, 0, 0, 0, 2, 0xde, 0xad];
+    let mut future = vec![0, 0, 0, 0, 0, 3, 0xde, 0xad];
     assert_eq!(
         wire::decode_payload(&future),
-        Err(WireError::UnsupportedVersion { got: 2, supported: 1 })
+        Err(WireError::UnsupportedVersion { got: 3, supported: 2 })
     );
     future.extend_from_slice(&[0; 64]);
     assert_eq!(
         wire::decode(&framed(&future)),
-        Err(WireError::UnsupportedVersion { got: 2, supported: 1 })
+        Err(WireError::UnsupportedVersion { got: 3, supported: 2 })
     );
-    // A version-1 hello that does not decode is just malformed.
-    assert_malformed(wire::decode_payload(&[0, 0, 0, 0, 0, 1, 0, 0, 0, 7]));
+    // A hello of this version that does not decode is just malformed.
+    assert_malformed(wire::decode_payload(&[0, 0, 0, 0, 0, 2, 0, 0, 0, 7]));
     assert_eq!(
-        WireError::UnsupportedVersion { got: 2, supported: 1 }.error_code(),
+        WireError::UnsupportedVersion { got: 3, supported: 2 }.error_code(),
         ErrorCode::UnsupportedVersion
     );
 }

@@ -56,8 +56,9 @@ fn frame_strategy() -> impl Strategy<Value = Frame> {
                 relay_path,
                 token
             }),
-        (any::<u64>(), filter_strategy(), mode_strategy())
-            .prop_map(|(id, filter, mode)| Frame::Subscribe { id, filter, mode }),
+        (any::<u64>(), filter_strategy(), mode_strategy(), any::<u32>())
+            .prop_map(|(id, filter, mode, credit)| Frame::Subscribe { id, filter, mode, credit }),
+        (any::<u64>(), any::<u32>()).prop_map(|(id, credit)| Frame::Credit { id, credit }),
         any::<u64>().prop_map(|id| Frame::Unsubscribe { id }),
         (any::<u64>(), chunk_strategy()).prop_map(|(seq, chunk)| Frame::Publish { seq, chunk }),
         any::<u64>().prop_map(|seq| Frame::Ack { seq }),

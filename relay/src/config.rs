@@ -119,9 +119,13 @@ pub struct RelayConfig {
     /// Access rules. With none, every connection may publish and subscribe everything (a
     /// warning is logged when the relay listens on a non-loopback address).
     pub access: Vec<AccessRule>,
-    /// Bound on each link's outgoing queue, in frames. A live subscriber that falls further
-    /// behind gets `SlowConsumer`. Default 1024.
+    /// Bound on each link's outgoing queue, in frames. Deliveries beyond it wait in their
+    /// subscription's backlog, and the relay stops reading a link whose queue is full.
+    /// Default 1024.
     pub max_queue: usize,
+    /// Live chunks one subscription may have waiting (for its subscriber's credit, or for its
+    /// link to drain) before the relay ends it with `SlowConsumer`. Default 4096.
+    pub max_backlog: usize,
     /// How often expired chunks are evicted, in milliseconds. Default 1000.
     pub evict_interval_ms: u64,
     /// Plugins to load, each a `[[plugin]]` table.
@@ -154,6 +158,7 @@ impl Default for RelayConfig {
             metrics_listen: None,
             access: Vec::new(),
             max_queue: 1024,
+            max_backlog: 4096,
             evict_interval_ms: 1000,
             plugins: Vec::new(),
             plugin_cache: None,
@@ -186,6 +191,9 @@ impl RelayConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.max_queue == 0 {
             bail!("max_queue must be at least 1");
+        }
+        if self.max_backlog == 0 {
+            bail!("max_backlog must be at least 1");
         }
         if self.evict_interval_ms == 0 {
             bail!("evict_interval_ms must be at least 1");

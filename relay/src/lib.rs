@@ -153,6 +153,7 @@ impl Relay {
             parent_token: config.parent_token.clone(),
             access,
             max_queue: config.max_queue,
+            max_backlog: config.max_backlog,
             ..NodeConfig::new(id)
         };
         let has_parent = parent.is_some();

@@ -54,6 +54,8 @@ impl Outlet for LinkOut {
 pub(crate) struct LinkOut {
     state: Mutex<OutState>,
     wake: Notify,
+    /// Wakes the reader when the writer took frames, freeing room.
+    drained: Notify,
 }
 
 impl LinkOut {
@@ -65,6 +67,13 @@ impl LinkOut {
     pub(crate) fn room(&self) -> usize {
         let state = self.state.lock().expect("link buffer lock");
         if state.closing.is_some() { 0 } else { WRITER_CAPACITY.saturating_sub(state.frames.len()) }
+    }
+
+    /// Whether the writer's buffer is full while the link is open: the peer is not reading
+    /// what it is sent.
+    fn is_full(&self) -> bool {
+        let state = self.state.lock().expect("link buffer lock");
+        state.closing.is_none() && state.frames.len() >= WRITER_CAPACITY
     }
 
     /// Queues frames for the writer (dropped if the link is closing).
@@ -127,8 +136,9 @@ pub(crate) async fn writer(mut send: quinn::SendStream, conn: quinn::Connection,
                 tracing::error!(%err, ?frame, "a frame could not be encoded; dropped");
             }
         }
-        // The node may drain more into the buffer now.
+        // The node may drain more into the buffer now, and the reader read more.
         room.notify_one();
+        out.drained.notify_one();
         if send.write_all(&buf).await.is_err() {
             return;
         }
@@ -151,6 +161,17 @@ pub(crate) async fn reader(
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        // A peer that does not read what it is sent is not read either: its acks and errors
+        // would pile up in the node, so QUIC flow control pushes back on it instead.
+        while out.is_full() {
+            tokio::select! {
+                _ = stop.changed() => {
+                    out.close(Vec::new(), NORMAL);
+                    return;
+                }
+                () = out.drained.notified() => {}
+            }
+        }
         let read = tokio::select! {
             _ = stop.changed() => {
                 out.close(Vec::new(), NORMAL);

@@ -93,6 +93,7 @@ const ENV_KEYS: &[&str] = &[
     "store",
     "metrics_listen",
     "max_queue",
+    "max_backlog",
     "evict_interval_ms",
 ];
 

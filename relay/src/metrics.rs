@@ -45,9 +45,13 @@ pub fn render(m: &RelayMetrics, plugins: &[(String, PluginStats)]) -> String {
         "",
         n.upstream_rejected,
     )]);
-    metric("canopy_slow_consumers_total", "counter", "Subscriptions ended because their link fell behind.", &[(
+    metric("canopy_slow_consumers_total", "counter", "Subscriptions ended because their backlog overflowed (no credit, or a link that did not drain).", &[(
         "",
         n.slow_consumers,
+    )]);
+    metric("canopy_upstream_resubscribed_total", "counter", "Upstream subscriptions the parent ended as slow and this relay renewed.", &[(
+        "",
+        n.upstream_resubscribed,
     )]);
     metric("canopy_subscriptions", "gauge", "Live downstream subscriptions.", &[("", m.subscriptions as u64)]);
     metric("canopy_links", "gauge", "Open links (clients, children and the parent).", &[("", m.links as u64)]);

@@ -33,6 +33,9 @@ use crate::link::Outlet;
 const INBOX_CAPACITY: usize = 1024;
 /// Chunks handed to one `on-chunks` call at most.
 const BATCH: usize = 256;
+/// Each plugin subscription's credit window: deliveries the node may queue ahead of what the
+/// plugin has processed. Credit is returned after each batch is handed to the plugin.
+const WINDOW: u32 = INBOX_CAPACITY as u32;
 
 /// A command on its way to a plugin, with where to send the answer.
 type Command = (Vec<String>, oneshot::Sender<anyhow::Result<Result<String, String>>>);
@@ -233,7 +236,7 @@ impl Driver {
         let id = self.next_id;
         self.next_id += 1;
         self.subs.insert(id, filter);
-        Frame::Subscribe { id, filter, mode: ReplayMode::CachedAndLive }
+        Frame::Subscribe { id, filter, mode: ReplayMode::CachedAndLive, credit: WINDOW }
     }
 
     /// Turns the plugin's effects into frames for the node.
@@ -289,9 +292,13 @@ impl Driver {
             };
             let mut chunks: Vec<Chunk> = Vec::new();
             let mut resubscribe = Vec::new();
+            let mut spent: HashMap<u64, u32> = HashMap::new();
             for frame in frames {
                 match frame {
-                    Frame::Deliver { id, chunk } if self.subs.contains_key(&id) => chunks.push(chunk),
+                    Frame::Deliver { id, chunk } if self.subs.contains_key(&id) => {
+                        *spent.entry(id).or_default() += 1;
+                        chunks.push(chunk);
+                    }
                     Frame::Error { code: ErrorCode::SlowConsumer, about: Some(id), .. } => {
                         if let Some(filter) = self.subs.remove(&id) {
                             tracing::warn!(plugin = %self.name, %filter, "plugin fell behind; catching up from the cache");
@@ -309,6 +316,11 @@ impl Driver {
             }
             for batch in chunks.chunks(BATCH) {
                 sup.on_chunks(batch);
+            }
+            // Processed: the room they took is free again.
+            let credit = spent.into_iter().filter(|(id, _)| self.subs.contains_key(id));
+            if !self.send(credit.map(|(id, credit)| Frame::Credit { id, credit }).collect()) {
+                return;
             }
             sup.fire_timers(now_ms());
             for (args, reply) in commands {

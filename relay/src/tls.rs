@@ -92,7 +92,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
-/// The QUIC server config for `identity`, offering ALPN `canopy/1`.
+/// The QUIC server config for `identity`, offering ALPN `canopy/2`.
 pub fn server_config(identity: &Identity) -> anyhow::Result<quinn::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

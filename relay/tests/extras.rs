@@ -104,7 +104,7 @@ async fn access_rules_are_enforced() {
     alice.publish_acked(chunk(TEAM | 1, "allowed")).await;
     alice.publish(chunk(0x0c << 120, "not allowed")).await;
     assert_eq!(alice.expect_error().await, (ErrorCode::PublishDenied, Some(2)));
-    alice.send(&canopy::wire::Frame::Subscribe { id: 5, filter: canopy::Filter::ALL, mode: ReplayMode::LiveOnly }).await;
+    alice.send(&canopy::wire::Frame::Subscribe { id: 5, filter: canopy::Filter::ALL, mode: ReplayMode::LiveOnly, credit: 8 }).await;
     assert_eq!(alice.expect_error().await, (ErrorCode::SubscribeDenied, Some(5)));
     relay.shutdown().await;
 }

@@ -42,7 +42,7 @@ async fn receive_all(mut client: Client, id: u64, n: usize) -> (Client, HashSet<
 async fn slow_reader_is_dropped_and_recovers(store: StoreKind, window: usize, max_queue: usize) {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let relay = spawn(RelayConfig { max_queue, store, ..config(dir.path()) }).await;
+    let relay = spawn(RelayConfig { max_queue, max_backlog: max_queue, store, ..config(dir.path()) }).await;
     let team = filter(TEAM_FILTER);
 
     let mut slow = Client::connect(&relay).await;

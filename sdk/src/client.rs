@@ -4,18 +4,30 @@
 //! # Architecture
 //!
 //! [`Client::connect`] resolves the address, makes the QUIC + TLS 1.3 connection, opens the
-//! control stream, exchanges `Hello`s and then spawns one **driver task**. The driver owns the
-//! connection:
+//! control stream, exchanges `Hello`s and then spawns one **driver task**. What a client must
+//! remember across connections (open subscriptions, names already delivered, credit, publishes
+//! awaiting an answer) lives in the sans-IO [`ClientSession`] of the core crate, the same code
+//! the deterministic simulator drives; the driver only moves bytes and events:
 //!
-//! - a *reader loop* decodes frames with [`FrameDecoder`] and dispatches them: `Ack`/`Error`
-//!   about a publish `seq` to that publish's waiter (a `seq → oneshot` map, so any number of
-//!   publishes can be in flight), `Deliver`/`ReplayDone`/`Error` about a subscription id to
-//!   that subscription's bounded channel;
-//! - a *writer task* owns the send half of the control stream and writes the frames the driver
-//!   queues on an mpsc channel, so a relay that is slow to read never stops the reader.
+//! - a *reader loop* decodes frames with [`FrameDecoder`] and hands them to the session, then
+//!   routes the session's events: a publish's answer to its waiter (a `seq → oneshot` map, so
+//!   any number of publishes can be in flight), a subscription's events to its channel;
+//! - a *writer task* owns the send half of the control stream and writes the frames the
+//!   session produces, so a relay that is slow to read never stops the reader.
 //!
 //! Publish sequence numbers and subscription ids come from one counter, so an `Error` whose
 //! `about` is a number always names exactly one of them.
+//!
+//! # Flow control
+//!
+//! Each subscription has a window of [`ConnectOptions::subscription_buffer`] chunks. The relay
+//! sends at most that many ahead of what the application has read, and the SDK grants credit
+//! back as [`Subscription::next`] consumes them. A subscription's buffered events therefore
+//! never exceed [`Subscription::buffer_bound`] (see [`Subscription::buffered`]), whatever the
+//! size of a replay, and an application that keeps reading is never cut off. One that stops
+//! reading holds back only that subscription; if it stays stalled while live chunks keep
+//! coming, the relay ends it with `SlowConsumer`, and subscribing again recovers from the
+//! cache.
 //!
 //! # Reconnect
 //!
@@ -35,18 +47,22 @@
 //!    the names it already delivered on each subscription (until they expire) and drops the
 //!    duplicates, so the application sees each chunk once and sees
 //!    [`SubEvent::ReplayDone`] once. A `LiveOnly` subscription does not get the chunks
-//!    published while the client was disconnected.
+//!    published while the client was disconnected; it gets a [`SubEvent::Gap`] instead.
+//!
+//! [`Client::connection_events`] reports each step: [`ConnectionEvent::Disconnected`],
+//! [`ConnectionEvent::Connected`] and [`ConnectionEvent::Resubscribed`].
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use canopy::session::SubEvent;
+use canopy::session::{ClientSession, PublishFailure, SessionEvent};
 use canopy::wire::{self, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION, ReplayMode, Role};
 use canopy::{Chunk, Filter, MAX_CHUNK_DATA, Name};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::Trust;
@@ -76,9 +92,9 @@ pub struct ConnectOptions {
     /// The name the relay's certificate must carry with [`Trust::CaPem`] (the TLS SNI).
     /// Defaults to `localhost`.
     pub server_name: String,
-    /// Capacity of each subscription's event channel (default 1024). A subscription whose
-    /// application falls this many events behind is ended with a
-    /// [`SubEvent::Error`] of code [`ErrorCode::SlowConsumer`].
+    /// Each subscription's window, in chunks (default 1024): the relay sends at most this
+    /// many ahead of what the application has read, so a subscription never buffers more
+    /// (see [`Subscription::buffered`]). Larger windows carry more in flight on long paths.
     pub subscription_buffer: usize,
     /// How long one connection attempt (QUIC + TLS + `Hello` exchange) may take (default
     /// 10 s).
@@ -214,6 +230,13 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    fn from_session(failure: PublishFailure) -> Self {
+        match failure {
+            PublishFailure::Disconnected => PublishError::Disconnected,
+            PublishFailure::Refused { code, message, name, len } => Self::from_relay(name, len, code, message),
+        }
+    }
+
     fn from_relay(name: Name, len: usize, code: ErrorCode, message: String) -> Self {
         match code {
             ErrorCode::ChunkTooLarge => PublishError::TooLarge { len },
@@ -226,44 +249,56 @@ impl PublishError {
     }
 }
 
-/// What a [`Subscription`] yields.
-///
-/// ```
-/// use canopy_sdk::SubEvent;
-/// fn describe(ev: &SubEvent) -> String {
-///     match ev {
-///         SubEvent::Chunk(c) => format!("chunk {}", c.name()),
-///         SubEvent::ReplayDone => "caught up".into(),
-///         SubEvent::Error { code, message } => format!("ended: {code}: {message}"),
-///     }
-/// }
-/// assert_eq!(describe(&SubEvent::ReplayDone), "caught up");
-/// ```
+/// A change in the client's connection, from [`Client::connection_events`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubEvent {
-    /// A matching chunk. Each name is delivered at most once per subscription, even across
-    /// reconnects.
-    Chunk(Chunk),
-    /// Every cached chunk the mode asked for has been delivered; live chunks follow (none for
-    /// [`ReplayMode::CachedOnly`], whose subscription then ends). Delivered once.
-    ReplayDone,
-    /// The subscription ended: refused by the relay (`SubscribeDenied`), dropped by the relay
-    /// for falling behind (`SlowConsumer`), or ended by the SDK because the application did
-    /// not read its events fast enough (`SlowConsumer`, message says "local"). Nothing
-    /// follows; subscribing again is up to the application.
-    Error {
-        /// Why it ended.
-        code: ErrorCode,
-        /// Detail from the relay or the SDK.
-        message: String,
+pub enum ConnectionEvent {
+    /// The connection was lost; the client is reconnecting.
+    Disconnected {
+        /// Why it was lost.
+        reason: String,
+    },
+    /// A new connection is up after a loss (the `Hello`s are exchanged). The first connection
+    /// is not reported: [`Client::connect`] returning says it.
+    Connected,
+    /// The open subscriptions were sent again on the new connection.
+    Resubscribed {
+        /// How many.
+        subscriptions: usize,
     },
 }
 
 enum Command {
-    Publish { chunk: Chunk, reply: oneshot::Sender<Result<(), PublishError>> },
-    Subscribe { id: u64, filter: Filter, mode: ReplayMode, tx: mpsc::Sender<SubEvent> },
-    Unsubscribe { id: u64 },
+    Publish {
+        chunk: Chunk,
+        reply: oneshot::Sender<Result<(), PublishError>>,
+    },
+    Subscribe {
+        id: u64,
+        filter: Filter,
+        mode: ReplayMode,
+        tx: mpsc::UnboundedSender<SubEvent>,
+        shared: Arc<SubShared>,
+    },
+    Unsubscribe {
+        id: u64,
+    },
+    /// The application read this many chunks of subscription `id`.
+    Consumed {
+        id: u64,
+        n: u32,
+    },
     Close,
+}
+
+/// What a [`Subscription`] and the driver both see.
+#[derive(Debug, Default)]
+struct SubShared {
+    /// Events in the channel, not yet read.
+    buffered: AtomicUsize,
+    /// The most ever buffered.
+    peak: AtomicUsize,
+    /// A `Gap` is in the channel, unread: a further gap joins it rather than adding one.
+    gap_unread: AtomicBool,
 }
 
 /// A connection to a relay. Cheap to clone: clones share the connection.
@@ -282,7 +317,9 @@ enum Command {
 pub struct Client {
     cmd: mpsc::UnboundedSender<Command>,
     ids: Arc<AtomicU64>,
-    buffer: usize,
+    buffer: u32,
+    events: broadcast::Sender<ConnectionEvent>,
+    connected: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for Client {
@@ -292,7 +329,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to a relay: QUIC + TLS 1.3 (ALPN `canopy/1`), control stream, `Hello`
+    /// Connects to a relay: QUIC + TLS 1.3 (ALPN `canopy/2`), control stream, `Hello`
     /// exchange. Returns once the relay has answered the `Hello`; later connection losses
     /// are repaired in the background (see the [crate docs](crate#reconnect)).
     ///
@@ -312,16 +349,42 @@ impl Client {
         let session = connector.establish().await?;
         let (cmd, cmd_rx) = mpsc::unbounded_channel();
         let ids = Arc::new(AtomicU64::new(1));
-        let buffer = connector.opts.subscription_buffer.max(2);
+        let buffer = u32::try_from(connector.opts.subscription_buffer.max(1)).unwrap_or(u32::MAX);
+        let (events, _) = broadcast::channel(64);
+        let (connected_tx, connected) = watch::channel(true);
         let driver = Driver {
             connector,
             cmd_rx,
             ids: ids.clone(),
+            session: ClientSession::new(),
             subs: HashMap::new(),
-            pending: HashMap::new(),
+            waiters: HashMap::new(),
+            events: events.clone(),
+            connected: connected_tx,
+            sessions: 0,
         };
         tokio::spawn(driver.run(session));
-        Ok(Client { cmd, ids, buffer })
+        Ok(Client { cmd, ids, buffer, events, connected })
+    }
+
+    /// Connection events from now on: disconnected, connected, resubscribed. A receiver that
+    /// falls more than 64 events behind gets `RecvError::Lagged` and continues.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: canopy_sdk::Client) {
+    /// let mut events = client.connection_events();
+    /// while let Ok(event) = events.recv().await {
+    ///     println!("{event:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn connection_events(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.events.subscribe()
+    }
+
+    /// Whether the client is connected to the relay right now.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
     }
 
     /// Publishes a chunk and waits for the relay's answer: `Ok` on `Ack` (also for an
@@ -346,9 +409,7 @@ impl Client {
             return Err(PublishError::TooLarge { len: chunk.data().len() });
         }
         let (reply, answer) = oneshot::channel();
-        self.cmd
-            .send(Command::Publish { chunk, reply })
-            .map_err(|_| PublishError::Disconnected)?;
+        self.cmd.send(Command::Publish { chunk, reply }).map_err(|_| PublishError::Disconnected)?;
         answer.await.unwrap_or(Err(PublishError::Disconnected))
     }
 
@@ -372,11 +433,13 @@ impl Client {
     /// ```
     pub async fn subscribe(&self, filter: Filter, mode: ReplayMode) -> Result<Subscription, ClientError> {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.buffer);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(SubShared::default());
         self.cmd
-            .send(Command::Subscribe { id, filter, mode, tx })
+            .send(Command::Subscribe { id, filter, mode, tx, shared: shared.clone() })
             .map_err(|_| ClientError::Closed)?;
-        Ok(Subscription { id, rx, cmd: self.cmd.clone() })
+        let window = self.buffer;
+        Ok(Subscription { id, rx, cmd: self.cmd.clone(), shared, window, unreported: 0 })
     }
 
     /// Closes the connection now: pending publishes fail with
@@ -407,11 +470,14 @@ impl Client {
 
 /// An open subscription; read it with [`next`](Subscription::next).
 ///
-/// Events queue in a bounded channel ([`ConnectOptions::subscription_buffer`]). If the
-/// application does not keep up and the channel fills, the SDK ends the subscription with a
-/// final [`SubEvent::Error`] (`SlowConsumer`) instead of growing memory; subscribing again
-/// (e.g. `CachedAndLive` to catch up) is the application's choice. Dropping the subscription
-/// unsubscribes. It keeps the connection alive even if every [`Client`] clone is dropped.
+/// The relay sends at most [`ConnectOptions::subscription_buffer`] chunks ahead of what
+/// [`next`](Self::next) has returned, so the events waiting here stay within
+/// [`buffer_bound`](Self::buffer_bound) however large a replay is, and an application that
+/// keeps reading is never cut off. One that stops reading holds back only this subscription;
+/// if live chunks keep arriving meanwhile, the relay ends it with a final
+/// [`SubEvent::Error`] (`SlowConsumer`), and subscribing again (`CachedAndLive`) recovers from
+/// the cache. Dropping the subscription unsubscribes. It keeps the connection alive even if
+/// every [`Client`] clone is dropped.
 ///
 /// ```no_run
 /// # async fn demo(client: canopy_sdk::Client) -> Result<(), canopy_sdk::ClientError> {
@@ -426,8 +492,12 @@ impl Client {
 #[derive(Debug)]
 pub struct Subscription {
     id: u64,
-    rx: mpsc::Receiver<SubEvent>,
+    rx: mpsc::UnboundedReceiver<SubEvent>,
     cmd: mpsc::UnboundedSender<Command>,
+    shared: Arc<SubShared>,
+    window: u32,
+    /// Chunks read and not yet reported to the driver (reported a quarter window at a time).
+    unreported: u32,
 }
 
 impl std::fmt::Debug for Command {
@@ -436,6 +506,7 @@ impl std::fmt::Debug for Command {
             Command::Publish { chunk, .. } => write!(f, "Publish({})", chunk.name()),
             Command::Subscribe { id, filter, .. } => write!(f, "Subscribe({id}, {filter})"),
             Command::Unsubscribe { id } => write!(f, "Unsubscribe({id})"),
+            Command::Consumed { id, n } => write!(f, "Consumed({id}, {n})"),
             Command::Close => write!(f, "Close"),
         }
     }
@@ -457,7 +528,43 @@ impl Subscription {
     /// # }
     /// ```
     pub async fn next(&mut self) -> Option<SubEvent> {
-        self.rx.recv().await
+        let event = self.rx.recv().await?;
+        self.shared.buffered.fetch_sub(1, Ordering::Relaxed);
+        match event {
+            SubEvent::Chunk(_) => {
+                self.unreported += 1;
+                if self.unreported >= (self.window / 4).max(1) {
+                    let n = std::mem::take(&mut self.unreported);
+                    let _ = self.cmd.send(Command::Consumed { id: self.id, n });
+                }
+            }
+            SubEvent::Gap => self.shared.gap_unread.store(false, Ordering::Relaxed),
+            _ => {}
+        }
+        Some(event)
+    }
+
+    /// Events received for this subscription and not yet returned by [`next`](Self::next).
+    ///
+    /// ```no_run
+    /// # fn demo(sub: canopy_sdk::Subscription) {
+    /// assert!(sub.buffered() <= sub.buffer_bound());
+    /// # }
+    /// ```
+    pub fn buffered(&self) -> usize {
+        self.shared.buffered.load(Ordering::Relaxed)
+    }
+
+    /// The most events this subscription ever had buffered.
+    pub fn peak_buffered(&self) -> usize {
+        self.shared.peak.load(Ordering::Relaxed)
+    }
+
+    /// The most events it can ever buffer: its window of chunks
+    /// ([`ConnectOptions::subscription_buffer`]) plus one each of `ReplayDone`, `Gap` and a
+    /// final `Error`.
+    pub fn buffer_bound(&self) -> usize {
+        self.window as usize + 3
     }
 
     /// The subscription id used on the wire.
@@ -536,9 +643,7 @@ impl Connector {
             .ok_or_else(|| addr_err("no addresses".into()))?;
         // A dual-stack socket needs IPv4 peers in their IPv6-mapped form.
         let addr = match (addr, self.endpoint.local_addr()) {
-            (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => {
-                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-            }
+            (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
             _ => addr,
         };
         let connect_err = |message: String| ClientError::Connect { addr: opts.addr.clone(), message };
@@ -626,66 +731,6 @@ impl Link {
 // ---------------------------------------------------------------------------------------
 // The driver task
 
-struct SubState {
-    filter: Filter,
-    mode: ReplayMode,
-    tx: mpsc::Sender<SubEvent>,
-    /// Whether a `Subscribe` for it ever reached a connection.
-    sent: bool,
-    replay_done: bool,
-    /// Names delivered so far, with their expiry, to drop replays after a reconnect.
-    seen: HashMap<Name, u64>,
-    prune_at: usize,
-}
-
-impl SubState {
-    /// The mode to (re)subscribe with on a fresh connection.
-    fn wire_mode(&self) -> ReplayMode {
-        match self.mode {
-            _ if !self.sent || !self.replay_done => self.mode,
-            ReplayMode::LiveOnly => ReplayMode::LiveOnly,
-            _ => ReplayMode::CachedAndLive,
-        }
-    }
-
-    fn prune_seen(&mut self) {
-        let now = now_ms();
-        self.seen.retain(|_, expiry| *expiry > now);
-        self.prune_at = (self.seen.len() * 2).max(1024);
-    }
-}
-
-/// Why handing an event to the application failed.
-enum Offer {
-    Ok,
-    /// The channel was full: a final `SlowConsumer` error was queued instead.
-    Slow,
-    /// The application dropped the subscription.
-    Gone,
-}
-
-fn offer(tx: &mpsc::Sender<SubEvent>, event: SubEvent) -> Offer {
-    // The driver is the only sender, so the capacity it sees can only grow meanwhile. The
-    // last slot is kept for the final error.
-    if tx.is_closed() {
-        return Offer::Gone;
-    }
-    if tx.capacity() <= 1 {
-        let _ = tx.try_send(SubEvent::Error {
-            code: ErrorCode::SlowConsumer,
-            message: "local: the application did not read this subscription's events fast enough; \
-                      subscribe again to resume"
-                .into(),
-        });
-        return Offer::Slow;
-    }
-    match tx.try_send(event) {
-        Ok(()) => Offer::Ok,
-        Err(mpsc::error::TrySendError::Full(_)) => Offer::Slow,
-        Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
-    }
-}
-
 enum SessionEnd {
     /// The application is gone or closed the client.
     Closed,
@@ -696,13 +741,24 @@ enum SessionEnd {
 /// Where a publish's answer goes.
 type Waiter = oneshot::Sender<Result<(), PublishError>>;
 
+/// The driver's end of one subscription's channel.
+struct SubOut {
+    tx: mpsc::UnboundedSender<SubEvent>,
+    shared: Arc<SubShared>,
+}
+
 struct Driver {
     connector: Connector,
     cmd_rx: mpsc::UnboundedReceiver<Command>,
     ids: Arc<AtomicU64>,
-    subs: HashMap<u64, SubState>,
-    /// seq → (name, data length, waiter).
-    pending: HashMap<u64, (Name, usize, Waiter)>,
+    /// Everything that must survive a reconnect.
+    session: ClientSession,
+    subs: HashMap<u64, SubOut>,
+    waiters: HashMap<u64, Waiter>,
+    events: broadcast::Sender<ConnectionEvent>,
+    connected: watch::Sender<bool>,
+    /// Connections made so far.
+    sessions: u64,
 }
 
 impl Driver {
@@ -712,13 +768,15 @@ impl Driver {
         loop {
             if let Some(s) = session.take() {
                 backoff = MIN_BACKOFF;
-                match self.run_session(s).await {
+                let end = self.run_session(s).await;
+                self.session.disconnected();
+                self.route_events();
+                let _ = self.connected.send(false);
+                match end {
                     SessionEnd::Closed => break,
                     SessionEnd::Lost(reason) => {
                         warn!(relay = %self.connector.opts.addr, "connection lost: {reason}; reconnecting");
-                        for (_, (_, _, waiter)) in self.pending.drain() {
-                            let _ = waiter.send(Err(PublishError::Disconnected));
-                        }
+                        let _ = self.events.send(ConnectionEvent::Disconnected { reason });
                     }
                 }
             }
@@ -749,7 +807,10 @@ impl Driver {
                 out = &mut fut => return Some(out),
                 cmd = self.cmd_rx.recv() => match cmd {
                     None | Some(Command::Close) => return None,
-                    Some(cmd) => self.command(cmd, None),
+                    Some(cmd) => {
+                        self.command(cmd);
+                        self.route_events();
+                    }
                 },
             }
         }
@@ -758,14 +819,17 @@ impl Driver {
     async fn run_session(&mut self, session: Session) -> SessionEnd {
         let Session { link: s, mut recv, mut decoder } = session;
         let mut buf = vec![0u8; 64 * 1024];
-        // (Re-)subscribe everything open.
-        for (&id, sub) in self.subs.iter_mut() {
-            sub.prune_seen();
-            let mode = sub.wire_mode();
-            debug!(id, %sub.filter, ?mode, "subscribing on the new connection");
-            s.send(&Frame::Subscribe { id, filter: sub.filter, mode });
-            sub.sent = true;
+        let subscriptions = self.session.connected(now_ms());
+        let _ = self.connected.send(true);
+        // The first connection is reported by `Client::connect` returning.
+        if self.sessions > 0 {
+            let _ = self.events.send(ConnectionEvent::Connected);
+            let _ = self.events.send(ConnectionEvent::Resubscribed { subscriptions });
         }
+        self.sessions += 1;
+        // `LiveOnly` subscriptions learn of the gap.
+        self.route_events();
+        self.flush(&s);
         let mut last_error = None;
         loop {
             tokio::select! {
@@ -774,7 +838,7 @@ impl Driver {
                         s.conn.close(0u32.into(), b"client closed");
                         return SessionEnd::Closed;
                     }
-                    Some(cmd) => self.command(cmd, Some(&s)),
+                    Some(cmd) => self.command(cmd),
                 },
                 read = recv.read(&mut buf) => {
                     let n = match read {
@@ -783,12 +847,12 @@ impl Driver {
                         Err(e) => return SessionEnd::Lost(last_error.unwrap_or_else(|| e.to_string())),
                     };
                     decoder.extend(&buf[..n]);
+                    let now = now_ms();
                     loop {
                         match decoder.next_frame() {
                             Ok(Some(frame)) => {
-                                if let Some(e) = self.frame(frame, &s) {
-                                    last_error = Some(e);
-                                }
+                                tracing::trace!(?frame, "from relay");
+                                self.session.handle(frame, now);
                             }
                             Ok(None) => break,
                             Err(e) => {
@@ -800,121 +864,76 @@ impl Driver {
                     }
                 }
             }
+            if let Some(e) = self.route_events() {
+                last_error = Some(e);
+            }
+            self.flush(&s);
         }
     }
 
-    /// Handles an application command; `s` is the live session, if any.
-    fn command(&mut self, cmd: Command, s: Option<&Link>) {
+    /// Sends what the session queued.
+    fn flush(&mut self, s: &Link) {
+        while let Some(frame) = self.session.poll_transmit() {
+            s.send(&frame);
+        }
+    }
+
+    /// Hands an application command to the session.
+    fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Publish { chunk, reply } => {
-                let Some(s) = s else {
-                    let _ = reply.send(Err(PublishError::Disconnected));
-                    return;
-                };
                 let seq = self.ids.fetch_add(1, Ordering::Relaxed);
-                self.pending.insert(seq, (chunk.name(), chunk.data().len(), reply));
-                s.send(&Frame::Publish { seq, chunk });
+                self.waiters.insert(seq, reply);
+                self.session.publish(seq, chunk);
             }
-            Command::Subscribe { id, filter, mode, tx } => {
-                let mut sub = SubState {
-                    filter,
-                    mode,
-                    tx,
-                    sent: false,
-                    replay_done: false,
-                    seen: HashMap::new(),
-                    prune_at: 1024,
-                };
-                if let Some(s) = s {
-                    s.send(&Frame::Subscribe { id, filter, mode });
-                    sub.sent = true;
-                }
-                self.subs.insert(id, sub);
+            Command::Subscribe { id, filter, mode, tx, shared } => {
+                let window = u32::try_from(self.connector.opts.subscription_buffer.max(1)).unwrap_or(u32::MAX);
+                self.session.subscribe(id, filter, mode, window);
+                self.subs.insert(id, SubOut { tx, shared });
             }
             Command::Unsubscribe { id } => {
-                if let Some(sub) = self.subs.remove(&id)
-                    && sub.sent
-                    && let Some(s) = s
-                {
-                    s.send(&Frame::Unsubscribe { id });
-                }
+                self.subs.remove(&id);
+                self.session.unsubscribe(id);
             }
+            Command::Consumed { id, n } => self.session.consumed(id, n),
             Command::Close => {}
         }
     }
 
-    /// Ends subscription `id` from the SDK's side, telling the relay.
-    fn drop_sub(&mut self, id: u64, s: &Link) {
-        if self.subs.remove(&id).is_some() {
-            s.send(&Frame::Unsubscribe { id });
-        }
-    }
-
-    /// Dispatches one frame from the relay. Returns a connection-level error message, if it
-    /// was one.
-    fn frame(&mut self, frame: Frame, s: &Link) -> Option<String> {
-        tracing::trace!(?frame, "from relay");
-        match frame {
-            Frame::Ack { seq } => {
-                if let Some((_, _, waiter)) = self.pending.remove(&seq) {
-                    let _ = waiter.send(Ok(()));
-                }
-            }
-            Frame::Deliver { id, chunk } => {
-                let sub = self.subs.get_mut(&id)?;
-                match sub.seen.entry(chunk.name()) {
-                    Entry::Occupied(_) => return None, // already delivered before a reconnect
-                    Entry::Vacant(v) => {
-                        v.insert(chunk.expiry());
+    /// Routes the session's events to waiters and subscriptions. Returns the last
+    /// connection-level error the relay sent, if any.
+    fn route_events(&mut self) -> Option<String> {
+        let mut connection_error = None;
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                SessionEvent::Published { seq, result } => {
+                    if let Some(waiter) = self.waiters.remove(&seq) {
+                        let _ = waiter.send(result.map_err(PublishError::from_session));
                     }
                 }
-                if sub.seen.len() > sub.prune_at {
-                    sub.prune_seen();
-                }
-                match offer(&sub.tx, SubEvent::Chunk(chunk)) {
-                    Offer::Ok => {}
-                    Offer::Slow => {
-                        warn!(id, "subscription ended: the application is not reading it");
-                        self.drop_sub(id, s);
+                SessionEvent::Sub { id, event } => {
+                    let Some(out) = self.subs.get(&id) else { continue };
+                    if event == SubEvent::Gap && out.shared.gap_unread.swap(true, Ordering::Relaxed) {
+                        continue; // joins the gap the application has not read yet
                     }
-                    Offer::Gone => self.drop_sub(id, s),
-                }
-            }
-            Frame::ReplayDone { id } => {
-                let sub = self.subs.get_mut(&id)?;
-                let cached_only = sub.mode == ReplayMode::CachedOnly;
-                if !sub.replay_done {
-                    sub.replay_done = true;
-                    match offer(&sub.tx, SubEvent::ReplayDone) {
-                        Offer::Ok => {}
-                        Offer::Slow | Offer::Gone => {
-                            self.drop_sub(id, s);
-                            return None;
-                        }
+                    let buffered = out.shared.buffered.fetch_add(1, Ordering::Relaxed) + 1;
+                    out.shared.peak.fetch_max(buffered, Ordering::Relaxed);
+                    if out.tx.send(event).is_err() {
+                        // The application dropped the subscription.
+                        self.subs.remove(&id);
+                        self.session.unsubscribe(id);
                     }
                 }
-                if cached_only {
-                    // The relay has closed it; closing the channel ends `next`.
+                SessionEvent::Ended { id } => {
+                    // Dropping the sender ends `next` after the queued events.
                     self.subs.remove(&id);
                 }
-            }
-            Frame::Error { code, about: Some(about), message } => {
-                if let Some((name, len, waiter)) = self.pending.remove(&about) {
-                    let _ = waiter.send(Err(PublishError::from_relay(name, len, code, message)));
-                } else if code == ErrorCode::UnknownSubscription {
-                    debug!(about, "relay: {message}");
-                } else if let Some(sub) = self.subs.remove(&about) {
-                    let _ = sub.tx.try_send(SubEvent::Error { code, message });
-                } else {
-                    debug!(about, %code, "relay error about an unknown seq/id: {message}");
+                SessionEvent::ConnectionError { code, message } => {
+                    warn!(%code, "relay error: {message}");
+                    connection_error = Some(format!("relay error {code}: {message}"));
                 }
             }
-            Frame::Error { code, about: None, message } => {
-                warn!(%code, "relay error: {message}");
-                return Some(format!("relay error {code}: {message}"));
-            }
-            other => warn!("ignoring unexpected frame from the relay: {other:?}"),
         }
-        None
+        connection_error
     }
 }

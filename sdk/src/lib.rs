@@ -52,6 +52,7 @@
 //!     match event {
 //!         SubEvent::Chunk(chunk) => println!("{}: {:?}", chunk.name(), chunk.data()),
 //!         SubEvent::ReplayDone => println!("-- live from here --"),
+//!         SubEvent::Gap => println!("-- reconnected: live chunks may be missing --"),
 //!         SubEvent::Error { code, message } => eprintln!("subscription ended: {code}: {message}"),
 //!     }
 //! }
@@ -64,26 +65,31 @@
 //! publishes still waiting for an answer with [`PublishError::Disconnected`] (re-publishing
 //! the identical chunk is safe), reconnects with capped exponential backoff (100 ms doubling
 //! up to 5 s, forever), sends `Hello` again and re-subscribes every open subscription —
-//! `CachedAndLive` once its first replay had finished (`LiveOnly` ones stay `LiveOnly` and
-//! miss what was published meanwhile) — so the relay replays what was missed. The SDK
+//! `CachedAndLive` once its first replay had finished (`LiveOnly` ones stay `LiveOnly`, miss
+//! what was published meanwhile and get a [`SubEvent::Gap`]) — so the relay replays what was
+//! missed. [`Client::connection_events`] reports each disconnect, connect and resubscribe. The SDK
 //! remembers which names each subscription already delivered (until they expire) and drops
 //! the repeats: the application sees each chunk, and `ReplayDone`, once.
 //!
 //! ## Back-pressure
 //!
-//! Each subscription buffers at most [`ConnectOptions::subscription_buffer`] events. An
-//! application that stops reading gets the subscription ended with a final
-//! [`SubEvent::Error`] (`SlowConsumer`) rather than unbounded memory growth; subscribing
-//! again is its choice. Publishes are bounded by the application's own concurrency: each
-//! waits for its answer.
+//! Each subscription has a credit window of [`ConnectOptions::subscription_buffer`] chunks:
+//! the relay sends no more than the application has room for, and the SDK grants credit back
+//! as [`Subscription::next`] returns chunks. So a replay of any size arrives whole into a
+//! bounded buffer ([`Subscription::buffered`] never exceeds [`Subscription::buffer_bound`]),
+//! and an application that keeps reading is never cut off. One that stops reading holds back
+//! only that subscription; if live chunks keep coming while it is stalled, the relay ends it
+//! with a final [`SubEvent::Error`] (`SlowConsumer`), and subscribing again recovers from the
+//! cache. Publishes are bounded by the application's own concurrency: each waits for its
+//! answer.
 
 mod client;
-pub mod tool;
 mod tls;
+pub mod tool;
 
 pub use client::{
-    Client, ClientError, ConnectOptions, MAX_BACKOFF, MIN_BACKOFF, PublishError, SubEvent, Subscription,
-    now_ms,
+    Client, ClientError, ConnectOptions, ConnectionEvent, MAX_BACKOFF, MIN_BACKOFF, PublishError, SubEvent,
+    Subscription, now_ms,
 };
 pub use tls::{Trust, fingerprint, quic_client_config};
 

@@ -229,6 +229,8 @@ async fn forward(client: Client, filter: Filter, mut sub: crate::Subscription, e
                     let _ = events.send(Event::ReplayDone(filter));
                 }
             }
+            // The subscription is `CachedAndLive`: a reconnect replays what was missed.
+            Some(SubEvent::Gap) => {}
             Some(SubEvent::Error { code: ErrorCode::SlowConsumer, .. }) => {
                 tracing::warn!(%filter, "the plugin fell behind; catching up from the cache");
                 match client.subscribe(filter, ReplayMode::CachedAndLive).await {

@@ -82,6 +82,7 @@ async fn cached(relay: &RelayHandle, filter: Filter) -> BTreeSet<(Name, u64, Vec
                 seen.insert((c.name(), c.expiry(), c.data().to_vec()));
             }
             SubEvent::ReplayDone => return seen,
+            SubEvent::Gap => {}
             SubEvent::Error { code, message } => panic!("{code}: {message}"),
         }
     }

@@ -563,7 +563,7 @@ async fn receive(sub: Sub, mut rec: Recorder, mut stop: watch::Receiver<bool>) -
             tokio::select! {
                 event = sub.next() => match event {
                     Some(SubEvent::Chunk(chunk)) => if rec.on(chunk.data()) { break },
-                    Some(SubEvent::ReplayDone) => {}
+                    Some(SubEvent::ReplayDone | SubEvent::Gap) => {}
                     Some(SubEvent::Error { code, message }) => { rec.got.error = Some(format!("{code}: {message}")); break }
                     None => { rec.got.error = Some("subscription closed".into()); break }
                 },

@@ -355,6 +355,7 @@ async fn read_sub(
             SubEvent::ReplayDone => {
                 confirmed.fetch_add(1, Ordering::Relaxed);
             }
+            SubEvent::Gap => {}
             SubEvent::Chunk(chunk) => {
                 let now_us = base.elapsed().as_micros() as u64;
                 let data = chunk.data();

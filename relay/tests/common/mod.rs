@@ -1,4 +1,4 @@
-//! A minimal raw test client (quinn, ALPN `canopy/1`, one control stream) and helpers to run
+//! A minimal raw test client (quinn, ALPN `canopy/2`, one control stream) and helpers to run
 //! relays in-process. Deliberately independent of the SDK.
 
 #![allow(dead_code, missing_docs)]
@@ -214,7 +214,7 @@ impl Client {
 
     /// Subscribes and returns the replayed chunks once `ReplayDone` arrives.
     pub async fn subscribe(&mut self, id: u64, filter: Filter, mode: ReplayMode) -> Vec<Chunk> {
-        self.send(&Frame::Subscribe { id, filter, mode }).await;
+        self.send(&Frame::Subscribe { id, filter, mode, credit: u32::MAX }).await;
         let mut replayed = Vec::new();
         let mut other = Vec::new();
         loop {

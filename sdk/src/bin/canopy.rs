@@ -292,6 +292,7 @@ async fn receive(client: &Client, filter: canopy_sdk::Filter, mode: ReplayMode, 
             }
             SubEvent::ReplayDone if mode == ReplayMode::CachedOnly => break,
             SubEvent::ReplayDone => {}
+            SubEvent::Gap => eprintln!("warning: reconnected to the relay; chunks published meanwhile may be missing"),
             SubEvent::Error { code, message } => return Err(anyhow!("subscription ended: {code}: {message}")),
         }
     }
