@@ -973,25 +973,35 @@ impl<S: Store> Node<S> {
         if self.parent_ready().is_none() {
             return;
         }
-        let want = self.config.outbox_window.saturating_sub(self.up.inflight.len());
-        if want == 0 {
-            return;
-        }
-        let limit = want + self.up.inflight_names.len();
-        let Ok(pending) = self.store.outbox_pending(limit) else { return };
-        for name in pending {
-            if self.up.inflight.len() >= self.config.outbox_window {
-                break;
+        // Entries whose chunk expired (or was evicted) are dropped on the way; when a page
+        // held some, read on, or the outbox would stall with nothing in flight to restart it.
+        loop {
+            let want = self.config.outbox_window.saturating_sub(self.up.inflight.len());
+            if want == 0 {
+                return;
             }
-            if self.up.inflight_names.contains(&name) {
-                continue;
-            }
-            match self.store.get(name) {
-                Ok(Some(chunk)) => self.send_up(&chunk),
-                // Evicted (expired) before it could be sent: nothing left to forward.
-                _ => {
-                    let _ = self.store.outbox_remove(name);
+            let limit = want + self.up.inflight_names.len();
+            let Ok(pending) = self.store.outbox_pending(limit) else { return };
+            let exhausted = pending.len() < limit;
+            let mut dropped = false;
+            for name in pending {
+                if self.up.inflight.len() >= self.config.outbox_window {
+                    return;
                 }
+                if self.up.inflight_names.contains(&name) {
+                    continue;
+                }
+                match self.store.get(name) {
+                    Ok(Some(chunk)) if !chunk.is_expired(self.now) => self.send_up(&chunk),
+                    // Expired or evicted before it could be sent: nothing left to forward.
+                    _ => {
+                        let _ = self.store.outbox_remove(name);
+                        dropped = true;
+                    }
+                }
+            }
+            if exhausted || !dropped {
+                return;
             }
         }
     }

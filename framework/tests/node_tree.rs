@@ -730,3 +730,50 @@ fn a_replay_larger_than_every_bound_arrives_whole_with_credit() {
     }
     assert_eq!(got, (0..5_000).map(|n| IN_TEAM + n).collect::<Vec<_>>());
 }
+
+/// A conflicting chunk refused by the parent leaves the outbox, and the outbox keeps
+/// draining behind it, even with a window of one.
+#[test]
+fn the_outbox_drains_past_a_conflict() {
+    let mut net = Net::new();
+    let origin = net.relay(NodeConfig::new(RelayId(1)), false);
+    let mut config = NodeConfig::new(RelayId(2));
+    config.outbox_window = 1;
+    let leaf = net.relay(config, true);
+    let at_origin = net.client(origin, None);
+    net.publish(at_origin, chunk(IN_TEAM, "origin's value"));
+    net.isolate(leaf);
+    let at_leaf = net.client(leaf, None);
+    net.publish(at_leaf, chunk(IN_TEAM, "leaf's value"));
+    for n in 1..5u128 {
+        net.publish(at_leaf, chunk(IN_TEAM + n, "more"));
+    }
+    net.connect(leaf, origin);
+    for n in 1..5u128 {
+        assert!(net.stored(origin, Name::new(IN_TEAM + n)).is_some(), "{n} did not reach the origin");
+    }
+    assert_eq!(net.stored(origin, Name::new(IN_TEAM)).unwrap().data().as_ref(), b"origin's value");
+    assert_eq!(net.nodes[leaf].metrics().upstream_rejected, 1);
+    assert_eq!(net.nodes[leaf].store().stats().outbox, 0);
+}
+
+/// Outbox entries whose chunk expired (and was evicted) while the parent was away are
+/// dropped without stalling the ones behind them. (Found by the simulator, seed 187.)
+#[test]
+fn the_outbox_drains_past_expired_entries() {
+    let mut net = Net::new();
+    let origin = net.relay(NodeConfig::new(RelayId(1)), false);
+    let mut config = NodeConfig::new(RelayId(2));
+    config.outbox_window = 1;
+    let leaf = net.relay(config, true);
+    let at_leaf = net.client(leaf, None);
+    for n in 0..3u128 {
+        net.publish(at_leaf, Chunk::new(Name::new(IN_TEAM + n), T0 + 100, &b"short"[..]).unwrap());
+    }
+    net.publish(at_leaf, chunk(IN_TEAM + 3, "long"));
+    net.now = T0 + 200;
+    net.nodes[leaf].tick(net.now).unwrap();
+    net.connect(leaf, origin);
+    assert!(net.stored(origin, Name::new(IN_TEAM + 3)).is_some(), "the outbox stalled behind expired entries");
+    assert_eq!(net.nodes[leaf].store().stats().outbox, 0);
+}

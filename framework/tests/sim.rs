@@ -30,7 +30,10 @@ use rand::{Rng, SeedableRng};
 const T0: u64 = 1_700_000_000_000;
 
 /// Seeds that once failed, replayed on every run (see `docs/reliability.md`).
-const REGRESSION_SEEDS: &[u64] = &[];
+const REGRESSION_SEEDS: &[u64] = &[
+    // The outbox stalled behind entries whose chunk had expired and been evicted.
+    187, 494,
+];
 
 // ---------------------------------------------------------------------------------------
 // Stores that can crash
@@ -647,6 +650,9 @@ impl<S: Crashable> World<S> {
             match event {
                 SessionEvent::Published { seq, result } => {
                     let chunk = client.publishing.remove(&seq).expect("a publish we made");
+                    if self.trace {
+                        eprintln!("[{}] client {c} publish {seq} of {}: {result:?}", self.now - T0, chunk.name());
+                    }
                     match result {
                         Ok(()) => {
                             let relay = client.relay;
@@ -715,6 +721,9 @@ impl<S: Crashable> World<S> {
         }
         let Some(frame) = self.conns[i].to_relay.pop_front() else { return false };
         let now = self.now;
+        if self.trace && std::env::var_os("CANOPY_SIM_FRAMES").is_some() {
+            eprintln!("  conn {i} up to relay {relay}: {frame:?}");
+        }
         // What the simulator needs to know about this frame, seen from outside the node.
         let (name, sub_open) = match &frame {
             Frame::Publish { chunk, .. } | Frame::Deliver { chunk, .. } => (Some(chunk.name()), None),
@@ -763,6 +772,9 @@ impl<S: Crashable> World<S> {
         }
         let Some(frame) = self.conns[i].to_down.pop_front() else { return Ok(false) };
         let now = self.now;
+        if self.trace && std::env::var_os("CANOPY_SIM_FRAMES").is_some() {
+            eprintln!("  conn {i} down: {frame:?}");
+        }
         match self.conns[i].down {
             Side::Child(r, link) => {
                 if let Some(name) = match &frame {
@@ -1091,7 +1103,37 @@ impl<S: Crashable> World<S> {
                 let must = by.iter().any(|&b| subtree(r, b)) || cover.iter().any(|f| f.matches(*name));
                 if must {
                     let got = node.store().get(*name).expect("store reads");
-                    check!(got.is_some(), "relay {r} lacks acked chunk {name} (acked at {by:?})");
+                    if got.is_none() {
+                        let holders: Vec<_> = self
+                            .relays
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, rl)| {
+                                let n = rl.node.as_ref()?;
+                                n.store().get(*name).ok()?.map(|_| (i, n.store().stats().outbox, n.upstream_filters(), n.metrics(), n.store().outbox_pending(100).unwrap()))
+                            })
+                            .collect();
+                        let stuck: Vec<_> = self
+                            .conns
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, c)| c.up && (!c.to_relay.is_empty() || !c.to_down.is_empty()))
+                            .map(|(i, c)| (i, c.to_relay.len(), c.to_down.len()))
+                            .collect();
+                        let queues: Vec<_> = self
+                            .relays
+                            .iter()
+                            .enumerate()
+                            .flat_map(|(i, rl)| {
+                                let n = rl.node.as_ref().unwrap();
+                                n.link_ids().into_iter().map(move |l| (i, l, n.link_usage(l).unwrap().queued, n.accepts_input(l)))
+                            })
+                            .filter(|q| q.2 > 0)
+                            .collect();
+                        return Err(format!(
+                            "relay {r} lacks acked chunk {name} (acked at {by:?}; held by (relay, outbox, upstream filters) {holders:?}; stuck conns {stuck:?}; queues {queues:?})"
+                        ));
+                    }
                 }
             }
             check!(
