@@ -715,10 +715,20 @@ impl<S: Store> Node<S> {
         if l.busy.is_empty() {
             return;
         }
-        // Start after the subscription that started last time, wrapping around.
+        // Start after the subscription that started last time, wrapping around. Those without
+        // credit can send nothing (they resume when `Credit` arrives).
         let rotor = l.rotor;
-        let mut order: Vec<u64> = l.busy.range(rotor..).chain(l.busy.range(..rotor)).copied().collect();
-        l.rotor = order.first().map_or(0, |id| id.wrapping_add(1));
+        let mut order: Vec<u64> = l
+            .busy
+            .range(rotor..)
+            .chain(l.busy.range(..rotor))
+            .copied()
+            .filter(|id| l.subs.get(id).is_some_and(|s| s.credit > 0))
+            .collect();
+        if order.is_empty() {
+            return;
+        }
+        l.rotor = order[0].wrapping_add(1);
         let share = self.config.max_queue.saturating_sub(l.queue.len()).div_ceil(order.len()).max(1);
         for &id in &order {
             self.pump_sub(link, id, share);
