@@ -403,7 +403,9 @@ async fn run_link(
         bail!("relay stopping");
     }
     let writer = tokio::spawn(link::writer(send, conn.clone(), out.clone(), shared.room.clone()));
-    link::reader(recv, link, shared.to_node.clone(), out.clone(), stop).await;
+    // The parent is always read: pausing both ends of a relay link on full writers could
+    // stall them on each other (the routing core bounds what it sends the parent).
+    link::reader(recv, link, shared.to_node.clone(), out.clone(), stop, !parent).await;
     let _ = shared.to_node.send(ToNode::Closed { link }).await;
     let _ = writer.await;
     conn.close(quinn::VarInt::from_u32(0), b"closed");

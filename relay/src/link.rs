@@ -151,19 +151,22 @@ pub(crate) async fn writer(mut send: quinn::SendStream, conn: quinn::Connection,
 
 /// Reads the control stream of `link`, handing whole frames to the node, until the stream
 /// ends, fails or carries bytes that do not decode (answered with an `Error` and a close).
+/// With `pause_when_full` (downstream links), it stops reading while the link's writer buffer
+/// is full, so a peer that does not read is not read either.
 pub(crate) async fn reader(
     mut recv: quinn::RecvStream,
     link: LinkId,
     to_node: mpsc::Sender<ToNode>,
     out: Arc<LinkOut>,
     mut stop: watch::Receiver<Stop>,
+    pause_when_full: bool,
 ) {
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // A peer that does not read what it is sent is not read either: its acks and errors
         // would pile up in the node, so QUIC flow control pushes back on it instead.
-        while out.is_full() {
+        while pause_when_full && out.is_full() {
             tokio::select! {
                 _ = stop.changed() => {
                     out.close(Vec::new(), NORMAL);
