@@ -626,6 +626,18 @@ impl<S: Store> Node<S> {
             }
             Ok(InsertOutcome::Duplicate) => {
                 self.metrics.duplicates += 1;
+                // The copy we hold may have come down from the parent, which delivers before
+                // it syncs and so may since have lost it in a crash. Forwarding this publish
+                // up too (the parent acknowledges duplicates) makes an acknowledged chunk
+                // reach the origin whatever path its first copy took.
+                if self.has_parent {
+                    if let Err(err) = self.store.outbox_push(name) {
+                        return self.error(link, Some(seq), ErrorCode::Internal, &err.to_string());
+                    }
+                    if !self.up.inflight_names.contains(&name) {
+                        self.send_up(&chunk);
+                    }
+                }
                 self.unacked.push((link, seq));
             }
             Ok(InsertOutcome::Conflict) => {
