@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use canopy::node::{LinkId, Metrics, Node, NodeConfig};
+use canopy::node::{LinkId, Metrics, Node, NodeConfig, ParentRefusal};
 use canopy::wire::RelayId;
 use canopy::plugin::{MemoryState, StateStore};
 use canopy::{FjallStore, MemoryStore, StoreStats};
@@ -199,7 +199,14 @@ impl Relay {
 
         let mut tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), shared.clone()))];
         if let Some((parent, client_config)) = parent {
-            tasks.push(tokio::spawn(parent_loop(parent, client_config, shared.clone(), stop_rx.clone())));
+            let refused_backoff = Duration::from_millis(config.parent_refused_backoff_ms);
+            tasks.push(tokio::spawn(parent_loop(
+                parent,
+                client_config,
+                refused_backoff,
+                shared.clone(),
+                stop_rx.clone(),
+            )));
         }
         let mut metrics_addr = None;
         if let Some(addr) = config.metrics_listen {
@@ -412,30 +419,64 @@ async fn run_link(
     Ok(())
 }
 
-async fn parent_loop(parent: String, client_config: quinn::ClientConfig, shared: Arc<Shared>, mut stop: watch::Receiver<Stop>) {
+/// Keeps the parent link up: reconnects with capped exponential backoff after a lost or
+/// failed connection, and after a refusal (a wrong token, a cycle, another protocol
+/// version) waits `refused_backoff`, logging the parent's reason once rather than on every
+/// attempt.
+async fn parent_loop(
+    parent: String,
+    client_config: quinn::ClientConfig,
+    refused_backoff: Duration,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<Stop>,
+) {
     let mut backoff = BACKOFF_MIN;
+    let mut last_refusal: Option<ParentRefusal> = None;
     loop {
         let started = Instant::now();
-        match parent_session(&parent, &client_config, &shared).await {
-            Ok(()) => tracing::warn!(%parent, "lost the parent; reconnecting"),
-            Err(err) => tracing::warn!(%parent, "cannot reach the parent: {err:#}"),
-        }
+        let wait = match parent_session(&parent, &client_config, &shared).await {
+            Ok(Some(refusal)) => {
+                let ParentRefusal { code, message, by_parent } = &refusal;
+                let who = if *by_parent { "the parent refused this relay" } else { "this relay refused the parent" };
+                if last_refusal.as_ref() != Some(&refusal) {
+                    tracing::error!(%parent, %code, "{who}: {message}; trying again every {refused_backoff:?}");
+                } else {
+                    tracing::debug!(%parent, %code, "{who} again: {message}");
+                }
+                last_refusal = Some(refusal);
+                backoff = BACKOFF_MIN;
+                refused_backoff
+            }
+            result => {
+                match result {
+                    Ok(_) => tracing::warn!(%parent, "lost the parent; reconnecting"),
+                    Err(err) => tracing::warn!(%parent, "cannot reach the parent: {err:#}"),
+                }
+                if started.elapsed() >= STABLE_SESSION {
+                    backoff = BACKOFF_MIN;
+                }
+                let wait = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                wait
+            }
+        };
         if *stop.borrow() != Stop::Running {
             return;
         }
-        if started.elapsed() >= STABLE_SESSION {
-            backoff = BACKOFF_MIN;
-        }
         tokio::select! {
             _ = stop.changed() => return,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
-/// One connection to the parent, from connecting until it is lost.
-async fn parent_session(parent: &str, client_config: &quinn::ClientConfig, shared: &Shared) -> anyhow::Result<()> {
+/// One connection to the parent, from connecting until it is lost; `Some` when it ended in a
+/// refusal.
+async fn parent_session(
+    parent: &str,
+    client_config: &quinn::ClientConfig,
+    shared: &Shared,
+) -> anyhow::Result<Option<ParentRefusal>> {
     let addr = tokio::net::lookup_host(parent)
         .await
         .with_context(|| format!("resolving {parent}"))?
@@ -457,7 +498,11 @@ async fn parent_session(parent: &str, client_config: &quinn::ClientConfig, share
             }) => result.context("timed out")??,
         };
         let link = shared.link_id();
-        run_link(link, conn, send, recv, shared, true, shared.stop.clone()).await
+        run_link(link, conn, send, recv, shared, true, shared.stop.clone()).await?;
+        // Asked after `Closed`, so the node has handled every frame of this link.
+        let (reply, refusal) = oneshot::channel();
+        shared.to_node.send(ToNode::ParentEnded { link, reply }).await.context("relay stopping")?;
+        refusal.await.context("relay stopping")
     }
     .await;
     endpoint.close(quinn::VarInt::from_u32(0), b"bye");
