@@ -110,6 +110,30 @@ async fn access_rules_are_enforced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_after_the_udp_port_is_released() {
+    init_tracing();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for round in 0..3 {
+        let parent = spawn(config(dirs[0].path())).await;
+        let child = spawn(child_config(dirs[1].path(), &parent)).await;
+        // Connections of every kind are open when the relays stop: a client on each, and the
+        // child's link to its parent.
+        let mut up = Client::connect(&parent).await;
+        up.subscribe(1, filter(TEAM_FILTER), ReplayMode::LiveOnly).await;
+        let mut down = Client::connect(&child).await;
+        down.publish_acked(chunk(TEAM | (round + 1), "before shutdown")).await;
+        assert_eq!(up.delivered_until(1, TEAM | (round + 1)).await.len(), 1);
+        for relay in [child, parent] {
+            let addr = relay.local_addr();
+            relay.shutdown().await;
+            if let Err(err) = std::net::UdpSocket::bind(addr) {
+                panic!("round {round}: {addr} is still bound after shutdown returned: {err}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_child_says_why_once_and_backs_off() {
     init_tracing();
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
