@@ -14,15 +14,17 @@ pub const NAME_BITS: u8 = 128;
 
 /// A 128-bit name of a chunk.
 ///
-/// Text form is `0x` followed by 32 lowercase hex digits; parsing also accepts fewer digits
-/// (leading zeros implied) and upper case.
+/// Text form is `0x` followed by exactly 32 hex digits (lowercase when printed; parsing also
+/// takes upper case). Parsing refuses fewer digits rather than guess whether they are the
+/// leading or the trailing ones; the error spells out both readings.
 ///
 /// ```
 /// use canopy::Name;
-/// let n: Name = "0x2a".parse().unwrap();
+/// let n: Name = "0x0000000000000000000000000000002a".parse().unwrap();
 /// assert_eq!(n.to_u128(), 42);
 /// assert_eq!(n.to_string(), "0x0000000000000000000000000000002a");
 /// assert_eq!(n.to_bytes()[15], 42);
+/// assert!("0x2a".parse::<Name>().is_err());
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Name(u128);
@@ -85,8 +87,46 @@ pub enum NameError {
     #[error("name {0:?} must start with 0x")]
     MissingPrefix(String),
     /// The text had no hex digits, more than 32, or a non-hex character.
-    #[error("name {0:?} must be 0x followed by 1 to 32 hex digits")]
+    #[error("name {0:?} must be 0x followed by exactly 32 hex digits")]
     BadHex(String),
+    /// A name had fewer than 32 hex digits: whether they are the leading or the trailing
+    /// ones is the writer's to say.
+    #[error(
+        "name {text:?} has {digits} hex digits but needs exactly 32: write {leading} if they are the leading digits, or {trailing} if they are the trailing ones"
+    )]
+    ShortName {
+        /// The text as given.
+        text: String,
+        /// How many hex digits it had.
+        digits: usize,
+        /// The digits read as the leading ones (how a filter's prefix is written).
+        leading: Name,
+        /// The digits read as a number (leading zeros implied).
+        trailing: Name,
+    },
+    /// A filter's name had fewer than 32 hex digits.
+    #[error("filter {text:?} must write its name with exactly 32 hex digits: did you mean {suggestion}?")]
+    ShortFilter {
+        /// The text as given.
+        text: String,
+        /// The filter with the digits read as the leading ones, in full.
+        suggestion: String,
+    },
+    /// A filter's name had bits set below its length, so the text names a range other than
+    /// it seems to.
+    #[error(
+        "filter {text:?} has bits set below its length /{len}: write {keep_digits} to keep every digit, or {keep_len} to keep the length"
+    )]
+    NotCanonical {
+        /// The text as given.
+        text: String,
+        /// The length given.
+        len: u8,
+        /// The shortest filter keeping every set bit of the name.
+        keep_digits: Filter,
+        /// The filter with the given length (the bits below it cleared).
+        keep_len: Filter,
+    },
     /// A filter's prefix length was above 128.
     #[error("filter length {0} is out of range 0..=128")]
     LengthOutOfRange(u32),
@@ -95,20 +135,38 @@ pub enum NameError {
     BadLength(String),
 }
 
+/// Reads `0x` and 1 to 32 hex digits: the value (leading zeros implied) and the number of
+/// digits.
+fn parse_hex(s: &str) -> Result<(u128, usize), NameError> {
+    let hex =
+        s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).ok_or_else(|| NameError::MissingPrefix(s.to_owned()))?;
+    if hex.is_empty() || hex.len() > 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(NameError::BadHex(s.to_owned()));
+    }
+    let value = u128::from_str_radix(hex, 16).map_err(|_| NameError::BadHex(s.to_owned()))?;
+    Ok((value, hex.len()))
+}
+
+/// `digits` hex digits of `value` moved to the top of the 128 bits.
+fn left_aligned(value: u128, digits: usize) -> u128 {
+    // 1 ≤ digits < 32 here, so the shift is below 128.
+    value << (4 * (32 - digits))
+}
+
 impl FromStr for Name {
     type Err = NameError;
 
+    /// Parses `0x` and exactly 32 hex digits.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hex = s
-            .strip_prefix("0x")
-            .or_else(|| s.strip_prefix("0X"))
-            .ok_or_else(|| NameError::MissingPrefix(s.to_owned()))?;
-        if hex.is_empty() || hex.len() > 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(NameError::BadHex(s.to_owned()));
+        match parse_hex(s)? {
+            (value, 32) => Ok(Name(value)),
+            (value, digits) => Err(NameError::ShortName {
+                text: s.to_owned(),
+                digits,
+                leading: Name(left_aligned(value, digits)),
+                trailing: Name(value),
+            }),
         }
-        u128::from_str_radix(hex, 16)
-            .map(Name)
-            .map_err(|_| NameError::BadHex(s.to_owned()))
     }
 }
 
@@ -133,8 +191,11 @@ pub(crate) const fn prefix_mask(len: u8) -> u128 {
 /// A netmask over names: `(name, len)` matches every name whose top `len` bits equal `name`'s.
 ///
 /// Filters are always canonical: the bits of `name` below `len` are zero. `len = 0` matches
-/// everything, `len = 128` exactly one name. Text form is `0x…/len`; a bare name parses as
-/// `/128`.
+/// everything, `len = 128` exactly one name. Text form is `0x`, exactly 32 hex digits, `/len`;
+/// a bare name parses as `/128`. Parsing text never guesses: it refuses a name of fewer digits
+/// (suggesting the digits as the leading ones, `0x0a0b/16` → `0x0a0b0000…0000/16`) and set
+/// bits below the length (suggesting the filter that keeps every digit and the one that
+/// keeps the length). [`Filter::new`] does canonicalise.
 ///
 /// ```
 /// use canopy::{Filter, Name};
@@ -234,19 +295,36 @@ impl fmt::Debug for Filter {
 impl FromStr for Filter {
     type Err = NameError;
 
-    /// Parses `0x…/len` (canonicalising the low bits) or a bare name (`/128`).
+    /// Parses `0x<32 hex digits>/len`, or a bare name (`/128`). Refuses, with a suggestion,
+    /// fewer digits and bits set below `len`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.split_once('/') {
-            None => Ok(Filter::exact(s.parse()?)),
-            Some((name, len)) => {
-                let len: u32 = len.parse().map_err(|_| NameError::BadLength(len.to_owned()))?;
-                let len = u8::try_from(len)
-                    .ok()
-                    .filter(|l| *l <= NAME_BITS)
-                    .ok_or(NameError::LengthOutOfRange(len))?;
-                Filter::new(name.parse()?, len)
-            }
+        let Some((name, len)) = s.split_once('/') else {
+            return Ok(Filter::exact(s.parse()?));
+        };
+        let len: u32 = len.parse().map_err(|_| NameError::BadLength(len.to_owned()))?;
+        let len = u8::try_from(len).ok().filter(|l| *l <= NAME_BITS).ok_or(NameError::LengthOutOfRange(len))?;
+        let (value, digits) = parse_hex(name)?;
+        if digits < 32 && len == NAME_BITS {
+            // One name: no prefix to align, so both readings are offered, as for a name.
+            return Err(name.parse::<Name>().expect_err("fewer than 32 digits"));
         }
+        let value = if digits == 32 { value } else { left_aligned(value, digits) };
+        let keep_len = Filter::new(Name(value), len)?;
+        if digits == 32 && keep_len.name.0 == value {
+            return Ok(keep_len);
+        }
+        // Every set bit kept: the length ends at the lowest set bit (at least `len`).
+        let needed = if value == 0 { 0 } else { (128 - value.trailing_zeros()) as u8 };
+        let keep_digits = Filter { name: Name(value), len: len.max(needed) };
+        if digits < 32 {
+            let suggestion = if keep_digits == keep_len {
+                keep_len.to_string()
+            } else {
+                format!("{keep_digits} (every digit kept) or {keep_len} (the length kept)")
+            };
+            return Err(NameError::ShortFilter { text: s.to_owned(), suggestion });
+        }
+        Err(NameError::NotCanonical { text: s.to_owned(), len, keep_digits, keep_len })
     }
 }
 
@@ -307,8 +385,9 @@ mod tests {
         let f = Filter::new(Name::new(u128::MAX), 4).unwrap();
         assert_eq!(f.name(), Name::new(0xf << 124));
         assert_eq!(Filter::new(Name::MIN, 129), Err(NameError::LengthOutOfRange(129)));
-        assert!(matches!("0x1/300".parse::<Filter>(), Err(NameError::LengthOutOfRange(300))));
-        assert!(matches!("0x1/x".parse::<Filter>(), Err(NameError::BadLength(_))));
+        let one = "0x00000000000000000000000000000001";
+        assert!(matches!(format!("{one}/300").parse::<Filter>(), Err(NameError::LengthOutOfRange(300))));
+        assert!(matches!(format!("{one}/x").parse::<Filter>(), Err(NameError::BadLength(_))));
     }
 
     #[test]
@@ -320,7 +399,7 @@ mod tests {
         assert!(one.matches(Name::new(7)) && !one.matches(Name::new(6)));
         assert_eq!(one.range(), (Name::new(7), Name::new(7)));
         assert!(all.covers(&one) && !one.covers(&all) && one.covers(&one));
-        assert_eq!("0x7".parse::<Filter>().unwrap(), one);
+        assert_eq!("0x00000000000000000000000000000007".parse::<Filter>().unwrap(), one);
         assert_eq!(one.to_string().parse::<Filter>().unwrap(), one);
     }
 
@@ -331,5 +410,53 @@ mod tests {
         let other: Filter = "0xac000000000000000000000000000000/8".parse().unwrap();
         assert!(wide.covers(&narrow) && !narrow.covers(&wide));
         assert!(!wide.covers(&other) && !wide.overlaps(&other));
+    }
+}
+
+#[cfg(test)]
+mod text_form_tests {
+    use super::*;
+
+    const TEAM: &str = "0x0a0b0000000000000000000000000000/16";
+
+    #[test]
+    fn short_filter_text_is_refused_with_the_left_aligned_form() {
+        let err = "0x0a0b/16".parse::<Filter>().unwrap_err();
+        assert!(err.to_string().contains(TEAM), "{err}");
+        assert_eq!(TEAM.parse::<Filter>().unwrap().to_string(), TEAM);
+    }
+
+    #[test]
+    fn bits_below_the_length_are_refused_with_both_readings() {
+        let err = "0x0a0b0000000000000000000000000000/8".parse::<Filter>().unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(TEAM), "{text}");
+        assert!(text.contains("0x0a000000000000000000000000000000/8"), "{text}");
+        // A short form that would be non-canonical even left-aligned suggests both too.
+        let text = "0x0a0b/8".parse::<Filter>().unwrap_err().to_string();
+        assert!(text.contains(TEAM) && text.contains("0x0a000000000000000000000000000000/8"), "{text}");
+        // The API may still canonicalise.
+        assert_eq!(
+            Filter::new(Name::new(0x0a0b << 112), 8).unwrap().to_string(),
+            "0x0a000000000000000000000000000000/8"
+        );
+    }
+
+    #[test]
+    fn names_need_all_32_digits() {
+        let err = "0x2a".parse::<Name>().unwrap_err().to_string();
+        assert!(err.contains("0x0000000000000000000000000000002a"), "{err}");
+        assert!(err.contains("0x2a000000000000000000000000000000"), "{err}");
+        assert!("0x2a".parse::<Filter>().is_err(), "a bare short name is no filter either");
+        assert!("0x0/0".parse::<Filter>().unwrap_err().to_string().contains("0x00000000000000000000000000000000/0"));
+        assert_eq!("0x0000000000000000000000000000002A".parse::<Name>().unwrap(), Name::new(42));
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        for text in ["0x0a0b/16", "0x0a0b0000000000000000000000000000/8", "0x2a", "0x2a/128", "0xzz", "2a"] {
+            let err = text.parse::<Filter>().unwrap_err().to_string();
+            assert!(!err.contains('\n'), "{err}");
+        }
     }
 }

@@ -119,6 +119,22 @@ pub struct Metrics {
     pub upstream_resubscribed: u64,
     /// Upstream publishes the parent refused (dropped from the outbox, counted here).
     pub upstream_rejected: u64,
+    /// Times a parent session ended before it began: the parent refused our hello
+    /// (`Unauthenticated`, `Cycle`, `UnsupportedVersion`, ...), or we refused the parent's.
+    pub parent_refusals: u64,
+    /// The code of the latest of those refusals.
+    pub last_parent_refusal: Option<ErrorCode>,
+}
+
+/// Why a parent session ended before it began; see [`Node::take_parent_refusal`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentRefusal {
+    /// The refusal's code: the parent's `Error` code, or ours when we refused the parent.
+    pub code: ErrorCode,
+    /// The parent's message, or ours.
+    pub message: String,
+    /// Whether the parent refused us (`true`) or we refused the parent's hello (`false`).
+    pub by_parent: bool,
 }
 
 /// Something the driver must act on besides sending queued frames.
@@ -233,6 +249,8 @@ struct Upstream {
     /// Publishes sent and not yet acknowledged: seq → name.
     inflight: HashMap<u64, Name>,
     inflight_names: HashSet<Name>,
+    /// The refusal that ended the parent session on this link, until the driver takes it.
+    refused: Option<(LinkId, ParentRefusal)>,
 }
 
 /// The routing core of one relay. See the [module docs](self).
@@ -420,6 +438,20 @@ impl<S: Store> Node<S> {
         ready
     }
 
+    /// The refusal that ended the parent session on `link`, if it ended that way: the parent
+    /// refused our hello, or we refused the parent's (a cycle, another protocol version).
+    /// Each refusal is handed out once. A driver asks once the link is closed and backs off
+    /// for longer than after a lost connection, since retrying soon would be refused again.
+    pub fn take_parent_refusal(&mut self, link: LinkId) -> Option<ParentRefusal> {
+        match self.up.refused.take() {
+            Some((l, refusal)) if l == link => Some(refusal),
+            other => {
+                self.up.refused = other;
+                None
+            }
+        }
+    }
+
     /// Next event for the driver.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
@@ -459,7 +491,7 @@ impl<S: Store> Node<S> {
                 self.on_parent_hello(link, version, relay_path)
             }
             (Peer::ParentPending, Frame::Error { code, message, .. }) => {
-                self.fail(link, None, code, &format!("parent refused us: {message}"))
+                self.parent_refused(link, ParentRefusal { code, message, by_parent: true })
             }
             (Peer::ParentPending, _) => self.fail(link, None, ErrorCode::Malformed, "expected hello first"),
             (_, Frame::Hello { .. }) => self.fail(link, None, ErrorCode::Malformed, "second hello"),
@@ -517,11 +549,15 @@ impl<S: Store> Node<S> {
 
     fn on_parent_hello(&mut self, link: LinkId, version: u16, path: Vec<RelayId>) {
         if version != PROTOCOL_VERSION {
-            let msg = format!("parent speaks protocol version {version}, we speak {PROTOCOL_VERSION}");
-            return self.fail(link, None, ErrorCode::UnsupportedVersion, &msg);
+            let message = format!("parent speaks protocol version {version}, we speak {PROTOCOL_VERSION}");
+            return self.parent_refused(
+                link,
+                ParentRefusal { code: ErrorCode::UnsupportedVersion, message, by_parent: false },
+            );
         }
         if path.contains(&self.config.id) {
-            return self.fail(link, None, ErrorCode::Cycle, "we are on our parent's path to the origin");
+            let message = "we are on our parent's path to the origin".to_owned();
+            return self.parent_refused(link, ParentRefusal { code: ErrorCode::Cycle, message, by_parent: false });
         }
         self.up.path = path;
         self.links.get_mut(&link).expect("link exists").peer = Peer::Parent;
@@ -1035,6 +1071,19 @@ impl<S: Store> Node<S> {
         if let Some(l) = self.links.get_mut(&link) {
             l.queue.push_back(Frame::Error { code, about, message: message.to_owned() });
         }
+    }
+
+    /// The parent session on `link` ended before it began: counts and records the refusal
+    /// for the driver (see [`take_parent_refusal`](Self::take_parent_refusal)) and closes the
+    /// link.
+    fn parent_refused(&mut self, link: LinkId, refusal: ParentRefusal) {
+        self.metrics.parent_refusals += 1;
+        self.metrics.last_parent_refusal = Some(refusal.code);
+        let message =
+            if refusal.by_parent { format!("parent refused us: {}", refusal.message) } else { refusal.message.clone() };
+        let code = refusal.code;
+        self.up.refused = Some((link, refusal));
+        self.fail(link, None, code, &message);
     }
 
     /// Queues an error frame and asks the driver to close the link after sending it.

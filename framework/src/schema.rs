@@ -524,7 +524,7 @@ impl Schema {
 
     /// Parses `field=value/field=value/…` with the fields in any order; fields not mentioned
     /// are 0. Values are decimal or `0x` hex. Text without `=` is read as a hex [`Name`]
-    /// (`0x…`).
+    /// (`0x` and exactly 32 digits).
     ///
     /// Fails on an unknown field ([`SchemaError::UnknownField`]), a field given twice, a
     /// malformed part or value, or a value that does not fit its field.
@@ -541,7 +541,7 @@ impl Schema {
 
     /// Parses a filter: `field=value/…` naming a leading run of the schema's fields (in any
     /// order), optionally followed by `/*`; or `*` alone for [`Filter::ALL`]; or the hex form
-    /// `0x…/len`.
+    /// `0x<32 hex digits>/len`, which must be canonical (see [`Filter`]'s `FromStr`).
     ///
     /// Fails with [`SchemaError::NotLeadingRun`] naming the field that breaks the run, and
     /// otherwise as [`parse_name`](Self::parse_name) does.

@@ -36,7 +36,7 @@ use bincode::error::{DecodeError, EncodeError};
 use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{Chunk, Filter};
+use crate::{Chunk, Filter, MAX_CHUNK_DATA};
 
 /// The protocol version this crate speaks, carried in [`Frame::Hello`].
 pub const PROTOCOL_VERSION: u16 = 2;
@@ -394,9 +394,20 @@ pub enum WireError {
         additional: usize,
     },
     /// The payload is not a valid frame (bad tag, bad UTF-8, a non-canonical filter, a
-    /// chunk over the size limit, a relay path over the limit, ...).
+    /// delivered chunk over the size limit, a relay path over the limit, ...).
     #[error("malformed frame: {0}")]
     Malformed(String),
+    /// A [`Frame::Publish`] that is well formed except that its chunk carries more than
+    /// [`MAX_CHUNK_DATA`] bytes. Not fatal: the frame's boundary is intact, so the stream
+    /// stays in sync ([`FrameDecoder`] has already skipped the frame); answer
+    /// `Error{ChunkTooLarge, about: seq}` and go on.
+    #[error("publish {seq}: the chunk carries {len} bytes; the limit is {max} bytes", max = MAX_CHUNK_DATA)]
+    ChunkTooLarge {
+        /// The publish's `seq`, for the answer.
+        seq: u64,
+        /// The chunk's data length.
+        len: u64,
+    },
     /// The payload holds a whole frame followed by more bytes.
     #[error("{extra} bytes left over after the frame")]
     TrailingBytes {
@@ -423,10 +434,28 @@ impl WireError {
             WireError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
             WireError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             WireError::Encode(_) => ErrorCode::Internal,
+            WireError::ChunkTooLarge { .. } => ErrorCode::ChunkTooLarge,
             WireError::PathTooLong { .. }
             | WireError::Truncated { .. }
             | WireError::Malformed(_)
             | WireError::TrailingBytes { .. } => ErrorCode::Malformed,
+        }
+    }
+}
+
+impl WireError {
+    /// Whether the stream can no longer be split into frames. Only
+    /// [`WireError::ChunkTooLarge`] is not fatal: its frame is skipped and decoding goes on.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, WireError::ChunkTooLarge { .. })
+    }
+
+    /// The publish `seq` the error is about, for the `about` of the `Error` frame answering
+    /// it; `None` when it concerns the connection.
+    pub fn about(&self) -> Option<u64> {
+        match self {
+            WireError::ChunkTooLarge { seq, .. } => Some(*seq),
+            _ => None,
         }
     }
 }
@@ -522,7 +551,9 @@ pub fn encode_to_vec(frame: &Frame) -> Result<Vec<u8>, WireError> {
 /// Returns `Ok(None)` when `buf` does not yet hold the whole frame, and
 /// `Ok(Some((frame, consumed)))` with the number of bytes (prefix included) the frame took.
 /// A length prefix above [`MAX_FRAME_LEN`] fails at once, without waiting for the payload.
-/// Any error is fatal for the stream: the frame boundary can no longer be trusted.
+/// Every error but [`WireError::ChunkTooLarge`] is fatal for the stream: the frame boundary
+/// can no longer be trusted. After `ChunkTooLarge` the next frame starts `LEN_PREFIX` plus
+/// the length prefix bytes in ([`FrameDecoder`] skips it by itself).
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
     let Some(prefix) = buf.first_chunk::<LEN_PREFIX>() else {
         return Ok(None);
@@ -551,7 +582,10 @@ pub fn decode_payload(payload: &[u8]) -> Result<Frame, WireError> {
     let result = match bincode::serde::decode_from_slice::<Frame, _>(payload, CONFIG) {
         Ok((frame, used)) if used == payload.len() => return Ok(frame),
         Ok((_, used)) => WireError::TrailingBytes { extra: payload.len() - used },
-        Err(err) => WireError::from(err),
+        Err(err) => match oversized_publish(payload) {
+            Some((seq, len)) => return Err(WireError::ChunkTooLarge { seq, len }),
+            None => WireError::from(err),
+        },
     };
     match peek_hello_version(payload) {
         Some(got) if got != PROTOCOL_VERSION => {
@@ -561,13 +595,26 @@ pub fn decode_payload(payload: &[u8]) -> Result<Frame, WireError> {
     }
 }
 
+/// The `seq` and data length of a payload that is a [`Frame::Publish`] in every respect but
+/// a chunk over [`MAX_CHUNK_DATA`] bytes: tag 3, then `seq`, name, expiry, and a data
+/// length that is exactly the rest of the payload.
+fn oversized_publish(payload: &[u8]) -> Option<(u64, u64)> {
+    const HEADER: usize = 4 + 8 + 16 + 8 + 8;
+    let header = payload.first_chunk::<HEADER>()?;
+    let word = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap_or_default());
+    let (tag, seq, len) = (&header[..4], word(4), word(36));
+    let rest = u64::try_from(payload.len() - HEADER).ok()?;
+    (tag == [0, 0, 0, 3] && len == rest && len > MAX_CHUNK_DATA as u64).then_some((seq, len))
+}
+
 /// Reassembles frames from bytes that arrive in arbitrary pieces.
 ///
 /// Push bytes with [`extend`](Self::extend), pop frames with
 /// [`next_frame`](Self::next_frame) until it returns `Ok(None)`. Once `next_frame` has
 /// returned `Ok(None)` the buffer holds less than one frame (at most
-/// `LEN_PREFIX + MAX_FRAME_LEN - 1` bytes). An error is fatal: the stream is out of sync, and
-/// later calls return the same error.
+/// `LEN_PREFIX + MAX_FRAME_LEN - 1` bytes). A [fatal](WireError::is_fatal) error means the
+/// stream is out of sync, and later calls return the same error; after
+/// [`WireError::ChunkTooLarge`] the decoder has skipped that frame and goes on with the next.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: BytesMut,
@@ -586,12 +633,22 @@ impl FrameDecoder {
 
     /// The next whole frame, or `Ok(None)` when more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        match decode(&self.buf)? {
-            Some((frame, consumed)) => {
+        match decode(&self.buf) {
+            Ok(Some((frame, consumed))) => {
                 self.buf.advance(consumed);
                 Ok(Some(frame))
             }
-            None => Ok(None),
+            Ok(None) => Ok(None),
+            Err(err) => {
+                if !err.is_fatal()
+                    && let Some(prefix) = self.buf.first_chunk::<LEN_PREFIX>()
+                {
+                    // `decode` only returns a non-fatal error for a whole frame in the buffer.
+                    let end = LEN_PREFIX + u32::from_be_bytes(*prefix) as usize;
+                    self.buf.advance(end.min(self.buf.len()));
+                }
+                Err(err)
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use canopy::access::{Access, Grant};
-use canopy::node::{Event, LinkId, Node, NodeConfig};
+use canopy::node::{Event, LinkId, Node, NodeConfig, ParentRefusal};
 use canopy::wire::{ErrorCode, Frame, PROTOCOL_VERSION, RelayId, ReplayMode, Role};
 use canopy::{Chunk, Filter, MemoryStore, Name, Store};
 
@@ -584,6 +584,37 @@ fn a_cycle_in_the_tree_is_refused_from_either_side() {
     net.subscribe(sb, 1, Filter::ALL, ReplayMode::LiveOnly);
     net.publish(pa, chunk(IN_TEAM, "still fine"));
     assert_eq!(names(&net.delivered(sb, 1)), [IN_TEAM]);
+}
+
+#[test]
+fn parent_refusals_are_counted_and_handed_to_the_driver_once() {
+    let mut child = Node::new(NodeConfig::new(RelayId(2)), MemoryStore::new(u64::MAX), true);
+    let parent_hello = |version| Frame::Hello { version, role: Role::Relay, relay_path: vec![RelayId(1)], token: None };
+    // The parent refuses our hello.
+    child.connect_parent(7);
+    let message = "token refused".to_owned();
+    child.handle(7, Frame::Error { code: ErrorCode::Unauthenticated, about: None, message: message.clone() }, T0);
+    assert_eq!(child.poll_event(), Some(Event::Close { link: 7, code: ErrorCode::Unauthenticated }));
+    child.link_closed(7);
+    let m = child.metrics();
+    assert_eq!((m.parent_refusals, m.last_parent_refusal), (1, Some(ErrorCode::Unauthenticated)));
+    assert_eq!(child.take_parent_refusal(8), None, "another link's");
+    let want = ParentRefusal { code: ErrorCode::Unauthenticated, message, by_parent: true };
+    assert_eq!(child.take_parent_refusal(7), Some(want));
+    assert_eq!(child.take_parent_refusal(7), None, "handed out once");
+    // We refuse the parent's hello (another protocol version).
+    child.connect_parent(8);
+    child.handle(8, parent_hello(PROTOCOL_VERSION + 1), T0);
+    child.link_closed(8);
+    let refusal = child.take_parent_refusal(8).expect("refused");
+    assert_eq!((refusal.code, refusal.by_parent), (ErrorCode::UnsupportedVersion, false));
+    assert_eq!(child.metrics().parent_refusals, 2);
+    // An accepted session is no refusal.
+    child.connect_parent(9);
+    child.handle(9, parent_hello(PROTOCOL_VERSION), T0);
+    child.link_closed(9);
+    assert_eq!(child.take_parent_refusal(9), None);
+    assert_eq!(child.metrics().parent_refusals, 2);
 }
 
 #[test]

@@ -302,11 +302,33 @@ fn chunk_over_the_limit_is_refused() {
         }
         other => panic!("{other:?}"),
     }
-    assert_malformed(wire::decode_payload(&publish_payload([1; 16], 1025, &[0xab; 1025])));
-    assert!(matches!(
-        wire::decode(&framed(&publish_payload([1; 16], 1025, &[0; 1025]))),
-        Err(WireError::Malformed(_))
-    ));
+    // An oversized chunk in an otherwise intact Publish is its own, non-fatal error about the
+    // publish's seq (7 here), up to the largest payload a frame holds.
+    let too_large = WireError::ChunkTooLarge { seq: 7, len: 1025 };
+    assert_eq!(wire::decode_payload(&publish_payload([1; 16], 1025, &[0xab; 1025])), Err(too_large.clone()));
+    assert_eq!(wire::decode(&framed(&publish_payload([1; 16], 1025, &[0; 1025]))), Err(too_large.clone()));
+    assert!(!too_large.is_fatal());
+    assert_eq!((too_large.error_code(), too_large.about()), (ErrorCode::ChunkTooLarge, Some(7)));
+    let max = MAX_FRAME_LEN - 44;
+    assert_eq!(
+        wire::decode_payload(&publish_payload([1; 16], max as u64, &vec![0; max])),
+        Err(WireError::ChunkTooLarge { seq: 7, len: max as u64 })
+    );
+    // Anywhere else an oversized chunk is malformed: in a Deliver, or with a declared length
+    // that disagrees with the payload.
+    let mut deliver = publish_payload([1; 16], 1025, &[0; 1025]);
+    deliver[3] = 5;
+    assert_malformed(wire::decode_payload(&deliver));
+    assert!(wire::decode_payload(&publish_payload([1; 16], 1025, &[0; 1026])).unwrap_err().is_fatal());
+    assert!(wire::decode_payload(&publish_payload([1; 16], 1025, &[0; 1024])).unwrap_err().is_fatal());
+    // The decoder skips the refused frame and stays in sync.
+    let mut stream = framed(&publish_payload([1; 16], 1025, &[0; 1025]));
+    wire::encode(&Frame::Ack { seq: 8 }, &mut stream).unwrap();
+    let mut decoder = FrameDecoder::new();
+    decoder.extend(&stream);
+    assert_eq!(decoder.next_frame(), Err(too_large));
+    assert_eq!(decoder.next_frame(), Ok(Some(Frame::Ack { seq: 8 })));
+    assert_eq!((decoder.next_frame(), decoder.buffered()), (Ok(None), 0));
     // A declared length beyond the frame limit fails before allocating.
     assert_malformed(wire::decode_payload(&publish_payload([1; 16], u64::MAX, &[0; 8])));
     // A declared length within the limit but beyond the payload is a truncation.

@@ -2,8 +2,8 @@
 //! split, and arbitrary or corrupted bytes never panic and never decode to the original.
 
 use canopy::wire::{
-    self, ErrorCode, Frame, FrameDecoder, LEN_PREFIX, MAX_FRAME_LEN, MAX_RELAY_PATH, RelayId,
-    ReplayMode, Role,
+    self, ErrorCode, Frame, FrameDecoder, LEN_PREFIX, MAX_FRAME_LEN, MAX_RELAY_PATH, RelayId, ReplayMode, Role,
+    WireError,
 };
 use canopy::{Chunk, Filter, MAX_CHUNK_DATA, Name};
 use proptest::collection::vec;
@@ -81,7 +81,14 @@ fn decode_checked(buf: &[u8]) {
     }
     let mut decoder = FrameDecoder::new();
     decoder.extend(buf);
-    while let Ok(Some(_)) = decoder.next_frame() {}
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(_)) => {}
+            // Skipped a refused frame (at least the prefix): go on.
+            Err(err) if !err.is_fatal() => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
     assert!(decoder.buffered() <= buf.len());
 }
 
@@ -109,6 +116,54 @@ proptest! {
         for end in 0..bytes.len() {
             prop_assert_eq!(wire::decode(&bytes[..end]), Ok(None), "prefix of {} bytes", end);
         }
+    }
+
+    #[test]
+    fn oversized_chunks_are_refused_in_sync(
+        before in vec(frame_strategy(), 0..4),
+        after in vec(frame_strategy(), 0..4),
+        seq in any::<u64>(),
+        len in (MAX_CHUNK_DATA + 1)..=(MAX_FRAME_LEN - 44),
+        cuts in vec(any::<prop::sample::Index>(), 0..16),
+    ) {
+        // A Publish whose chunk is too large, framed honestly, between valid frames.
+        let mut stream = Vec::new();
+        for frame in &before {
+            wire::encode(frame, &mut stream).unwrap();
+        }
+        stream.extend_from_slice(&u32::try_from(44 + len).unwrap().to_be_bytes());
+        stream.extend_from_slice(&[0, 0, 0, 3]);
+        stream.extend_from_slice(&seq.to_be_bytes());
+        stream.extend_from_slice(&[0x5a; 16]);
+        stream.extend_from_slice(&u64::MAX.to_be_bytes());
+        stream.extend_from_slice(&(len as u64).to_be_bytes());
+        stream.extend(std::iter::repeat_n(0xab, len));
+        for frame in &after {
+            wire::encode(frame, &mut stream).unwrap();
+        }
+        let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+        cuts.extend([0, stream.len()]);
+        cuts.sort_unstable();
+        let mut decoder = FrameDecoder::new();
+        let mut got = Vec::new();
+        for piece in cuts.windows(2) {
+            decoder.extend(&stream[piece[0]..piece[1]]);
+            loop {
+                match decoder.next_frame() {
+                    Ok(Some(frame)) => got.push(Ok(frame)),
+                    Ok(None) => break,
+                    Err(err) => got.push(Err(err)),
+                }
+            }
+        }
+        let want: Vec<Result<Frame, WireError>> = before
+            .into_iter()
+            .map(Ok)
+            .chain([Err(WireError::ChunkTooLarge { seq, len: len as u64 })])
+            .chain(after.into_iter().map(Ok))
+            .collect();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(decoder.buffered(), 0);
     }
 
     #[test]

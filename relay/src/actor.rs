@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use canopy::node::{Event, LinkId, Node};
+use canopy::node::{Event, LinkId, Node, ParentRefusal};
 use canopy::wire::Frame;
 use canopy::{Store, StoreStats};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -28,6 +28,9 @@ pub(crate) enum ToNode {
     Frames { link: LinkId, frames: Vec<Frame> },
     /// The link is gone.
     Closed { link: LinkId },
+    /// The parent link (already `Closed`) has ended: was it refused? Sent after `Closed`, so
+    /// the node has seen every frame of the link.
+    ParentEnded { link: LinkId, reply: oneshot::Sender<Option<ParentRefusal>> },
 }
 
 /// How the relay is asked to stop.
@@ -175,6 +178,9 @@ fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet
                 out.close(Vec::new(), NORMAL);
             }
             node.link_closed(link);
+        }
+        ToNode::ParentEnded { link, reply } => {
+            let _ = reply.send(node.take_parent_refusal(link));
         }
     }
 }

@@ -128,6 +128,11 @@ pub struct RelayConfig {
     pub max_backlog: usize,
     /// How often expired chunks are evicted, in milliseconds. Default 1000.
     pub evict_interval_ms: u64,
+    /// How long to wait before connecting again after the parent refused this relay (a wrong
+    /// token, a cycle, another protocol version), in milliseconds. Retrying sooner would only
+    /// be refused again; a lost connection is retried within 5 s instead. Default 300000
+    /// (5 minutes).
+    pub parent_refused_backoff_ms: u64,
     /// Plugins to load, each a `[[plugin]]` table.
     #[serde(rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
@@ -160,6 +165,7 @@ impl Default for RelayConfig {
             max_queue: 1024,
             max_backlog: 4096,
             evict_interval_ms: 1000,
+            parent_refused_backoff_ms: 300_000,
             plugins: Vec::new(),
             plugin_cache: None,
         }
@@ -197,6 +203,9 @@ impl RelayConfig {
         }
         if self.evict_interval_ms == 0 {
             bail!("evict_interval_ms must be at least 1");
+        }
+        if self.parent_refused_backoff_ms == 0 {
+            bail!("parent_refused_backoff_ms must be at least 1");
         }
         if self.parent.is_some() && self.parent_ca.is_none() && self.parent_fingerprint.is_none() {
             bail!("a parent needs parent_ca (a PEM file to trust) or parent_fingerprint (SHA-256 of its certificate)");

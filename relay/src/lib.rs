@@ -32,6 +32,7 @@ pub mod config;
 mod link;
 pub mod metrics;
 mod plugin;
+mod socket;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -41,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use canopy::node::{LinkId, Metrics, Node, NodeConfig};
+use canopy::node::{LinkId, Metrics, Node, NodeConfig, ParentRefusal};
 use canopy::wire::RelayId;
 use canopy::plugin::{MemoryState, StateStore};
 use canopy::{FjallStore, MemoryStore, StoreStats};
@@ -82,6 +83,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A parent session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(2);
+/// How long stopping waits for the listener's socket to close before giving up (with an
+/// error logged); in practice it closes within milliseconds of the connections.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The relay server. See [`Relay::spawn`].
 pub struct Relay;
@@ -108,7 +112,10 @@ pub struct RelayHandle {
     cert_path: PathBuf,
     fingerprint: String,
     id: RelayId,
-    endpoint: quinn::Endpoint,
+    /// The listener; taken (dropped) while stopping, so the socket can close.
+    endpoint: Option<quinn::Endpoint>,
+    /// Completes once the listener's UDP socket is closed.
+    socket_released: Option<oneshot::Receiver<()>>,
     stop: watch::Sender<Stop>,
     snapshot: Arc<Mutex<RelayMetrics>>,
     node_done: Option<oneshot::Receiver<()>>,
@@ -193,13 +200,20 @@ impl Relay {
             })
         })?;
 
-        let endpoint = quinn::Endpoint::server(tls::server_config(&identity)?, config.listen)
+        let (endpoint, socket_released) = bind_listener(tls::server_config(&identity)?, config.listen)
             .with_context(|| format!("binding {}", config.listen))?;
         let local_addr = endpoint.local_addr()?;
 
         let mut tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), shared.clone()))];
         if let Some((parent, client_config)) = parent {
-            tasks.push(tokio::spawn(parent_loop(parent, client_config, shared.clone(), stop_rx.clone())));
+            let refused_backoff = Duration::from_millis(config.parent_refused_backoff_ms);
+            tasks.push(tokio::spawn(parent_loop(
+                parent,
+                client_config,
+                refused_backoff,
+                shared.clone(),
+                stop_rx.clone(),
+            )));
         }
         let mut metrics_addr = None;
         if let Some(addr) = config.metrics_listen {
@@ -217,7 +231,8 @@ impl Relay {
             cert_path: identity.cert_path,
             fingerprint: identity.fingerprint,
             id,
-            endpoint,
+            endpoint: Some(endpoint),
+            socket_released: Some(socket_released),
             stop,
             snapshot,
             node_done: Some(node_done),
@@ -226,6 +241,23 @@ impl Relay {
             plugins,
         })
     }
+}
+
+/// Binds the QUIC listener on a socket that signals when it is finally closed.
+fn bind_listener(
+    server_config: quinn::ServerConfig,
+    addr: SocketAddr,
+) -> anyhow::Result<(quinn::Endpoint, oneshot::Receiver<()>)> {
+    let runtime = quinn::default_runtime().context("no async runtime")?;
+    let socket = runtime.wrap_udp_socket(std::net::UdpSocket::bind(addr)?)?;
+    let (socket, released) = socket::ReleasingSocket::new(socket);
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        runtime,
+    )?;
+    Ok((endpoint, released))
 }
 
 mod task_ext {
@@ -288,7 +320,8 @@ impl RelayHandle {
     }
 
     /// Stops gracefully: flushes the store, sends what is queued and closes every link,
-    /// stops listening, and returns once the store is closed and the port released.
+    /// stops listening, and returns once the store is closed and the UDP port released (so
+    /// a new relay, or anything else, can bind it right away).
     pub async fn shutdown(mut self) {
         self.stop_with(Stop::Graceful).await;
     }
@@ -311,21 +344,30 @@ impl RelayHandle {
         if let Some(done) = self.node_done.take() {
             let _ = done.await;
         }
+        let Some(endpoint) = self.endpoint.take() else { return };
         if how == Stop::Graceful {
             // Let writers send the last frames and close their links.
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while self.endpoint.open_connections() > 0 {
+                while endpoint.open_connections() > 0 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             })
             .await;
         }
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"relay stopping");
+        endpoint.close(quinn::VarInt::from_u32(0), b"relay stopping");
         for task in self.tasks.drain(..) {
             task.abort();
             let _ = task.await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+        // The socket closes once the endpoint, its driver and every connection have let go;
+        // connection tasks end soon after the close above.
+        drop(endpoint);
+        if let Some(released) = self.socket_released.take()
+            && tokio::time::timeout(RELEASE_TIMEOUT, released).await.is_err()
+        {
+            tracing::error!(listen = %self.local_addr, "the UDP socket is still open {RELEASE_TIMEOUT:?} after stopping");
+        }
     }
 }
 
@@ -333,7 +375,9 @@ impl Drop for RelayHandle {
     fn drop(&mut self) {
         if self.node_done.is_some() {
             let _ = self.stop.send(Stop::Kill);
-            self.endpoint.close(quinn::VarInt::from_u32(0), b"relay stopping");
+            if let Some(endpoint) = &self.endpoint {
+                endpoint.close(quinn::VarInt::from_u32(0), b"relay stopping");
+            }
             for task in &self.tasks {
                 task.abort();
             }
@@ -412,30 +456,64 @@ async fn run_link(
     Ok(())
 }
 
-async fn parent_loop(parent: String, client_config: quinn::ClientConfig, shared: Arc<Shared>, mut stop: watch::Receiver<Stop>) {
+/// Keeps the parent link up: reconnects with capped exponential backoff after a lost or
+/// failed connection, and after a refusal (a wrong token, a cycle, another protocol
+/// version) waits `refused_backoff`, logging the parent's reason once rather than on every
+/// attempt.
+async fn parent_loop(
+    parent: String,
+    client_config: quinn::ClientConfig,
+    refused_backoff: Duration,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<Stop>,
+) {
     let mut backoff = BACKOFF_MIN;
+    let mut last_refusal: Option<ParentRefusal> = None;
     loop {
         let started = Instant::now();
-        match parent_session(&parent, &client_config, &shared).await {
-            Ok(()) => tracing::warn!(%parent, "lost the parent; reconnecting"),
-            Err(err) => tracing::warn!(%parent, "cannot reach the parent: {err:#}"),
-        }
+        let wait = match parent_session(&parent, &client_config, &shared).await {
+            Ok(Some(refusal)) => {
+                let ParentRefusal { code, message, by_parent } = &refusal;
+                let who = if *by_parent { "the parent refused this relay" } else { "this relay refused the parent" };
+                if last_refusal.as_ref() != Some(&refusal) {
+                    tracing::error!(%parent, %code, "{who}: {message}; trying again every {refused_backoff:?}");
+                } else {
+                    tracing::debug!(%parent, %code, "{who} again: {message}");
+                }
+                last_refusal = Some(refusal);
+                backoff = BACKOFF_MIN;
+                refused_backoff
+            }
+            result => {
+                match result {
+                    Ok(_) => tracing::warn!(%parent, "lost the parent; reconnecting"),
+                    Err(err) => tracing::warn!(%parent, "cannot reach the parent: {err:#}"),
+                }
+                if started.elapsed() >= STABLE_SESSION {
+                    backoff = BACKOFF_MIN;
+                }
+                let wait = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                wait
+            }
+        };
         if *stop.borrow() != Stop::Running {
             return;
         }
-        if started.elapsed() >= STABLE_SESSION {
-            backoff = BACKOFF_MIN;
-        }
         tokio::select! {
             _ = stop.changed() => return,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
-/// One connection to the parent, from connecting until it is lost.
-async fn parent_session(parent: &str, client_config: &quinn::ClientConfig, shared: &Shared) -> anyhow::Result<()> {
+/// One connection to the parent, from connecting until it is lost; `Some` when it ended in a
+/// refusal.
+async fn parent_session(
+    parent: &str,
+    client_config: &quinn::ClientConfig,
+    shared: &Shared,
+) -> anyhow::Result<Option<ParentRefusal>> {
     let addr = tokio::net::lookup_host(parent)
         .await
         .with_context(|| format!("resolving {parent}"))?
@@ -457,7 +535,11 @@ async fn parent_session(parent: &str, client_config: &quinn::ClientConfig, share
             }) => result.context("timed out")??,
         };
         let link = shared.link_id();
-        run_link(link, conn, send, recv, shared, true, shared.stop.clone()).await
+        run_link(link, conn, send, recv, shared, true, shared.stop.clone()).await?;
+        // Asked after `Closed`, so the node has handled every frame of this link.
+        let (reply, refusal) = oneshot::channel();
+        shared.to_node.send(ToNode::ParentEnded { link, reply }).await.context("relay stopping")?;
+        refusal.await.context("relay stopping")
     }
     .await;
     endpoint.close(quinn::VarInt::from_u32(0), b"bye");

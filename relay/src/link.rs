@@ -152,7 +152,9 @@ pub(crate) async fn writer(mut send: quinn::SendStream, conn: quinn::Connection,
 /// Reads the control stream of `link`, handing whole frames to the node, until the stream
 /// ends, fails or carries bytes that do not decode (answered with an `Error` and a close).
 /// With `pause_when_full` (downstream links), it stops reading while the link's writer buffer
-/// is full, so a peer that does not read is not read either.
+/// is full, so a peer that does not read is not read either. A publish whose chunk is over the
+/// size limit in an otherwise intact frame is answered here with
+/// `Error{ChunkTooLarge, about: seq}`, and reading goes on.
 pub(crate) async fn reader(
     mut recv: quinn::RecvStream,
     link: LinkId,
@@ -186,16 +188,29 @@ pub(crate) async fn reader(
             Ok(Some(n)) => {
                 decoder.extend(&buf[..n]);
                 let mut frames = Vec::new();
+                let mut answers = Vec::new();
                 let failure = loop {
                     match decoder.next_frame() {
                         Ok(Some(frame)) => frames.push(frame),
                         Ok(None) => break None,
+                        Err(err) if !err.is_fatal() => {
+                            tracing::debug!(link, %err, "refused a frame; the stream is still in sync");
+                            answers.push(Frame::Error {
+                                code: err.error_code(),
+                                about: err.about(),
+                                message: err.to_string(),
+                            });
+                        }
                         Err(err) => break Some(err),
                     }
                 };
                 if !frames.is_empty() && to_node.send(ToNode::Frames { link, frames }).await.is_err() {
                     return;
                 }
+                // The node never sees these frames, so the answers go straight to the writer;
+                // a peer that floods such frames without reading the answers fills it, and
+                // then is not read either (`pause_when_full`).
+                out.push(answers);
                 if let Some(err) = failure {
                     tracing::info!(link, %err, "closing a link that sent undecodable bytes");
                     let code = err.error_code();

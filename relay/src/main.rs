@@ -95,6 +95,7 @@ const ENV_KEYS: &[&str] = &[
     "max_queue",
     "max_backlog",
     "evict_interval_ms",
+    "parent_refused_backoff_ms",
 ];
 
 fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {

@@ -53,6 +53,18 @@ pub fn render(m: &RelayMetrics, plugins: &[(String, PluginStats)]) -> String {
         "",
         n.upstream_resubscribed,
     )]);
+    metric(
+        "canopy_parent_refusals_total",
+        "counter",
+        "Parent sessions refused before they began (token, cycle, version).",
+        &[("", n.parent_refusals)],
+    );
+    metric(
+        "canopy_parent_last_refusal_code",
+        "gauge",
+        "Error code of the latest parent refusal (12 Unauthenticated, 10 Cycle, 2 UnsupportedVersion, ...); 0 for none.",
+        &[("", n.last_parent_refusal.map_or(0, |code| u64::from(code.code())))],
+    );
     metric("canopy_subscriptions", "gauge", "Live downstream subscriptions.", &[("", m.subscriptions as u64)]);
     metric("canopy_links", "gauge", "Open links (clients, children and the parent).", &[("", m.links as u64)]);
     metric("canopy_outbox_depth", "gauge", "Chunks waiting for the parent's acknowledgement.", &[(

@@ -108,3 +108,64 @@ async fn access_rules_are_enforced() {
     assert_eq!(alice.expect_error().await, (ErrorCode::SubscribeDenied, Some(5)));
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_after_the_udp_port_is_released() {
+    init_tracing();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for round in 0..3 {
+        let parent = spawn(config(dirs[0].path())).await;
+        let child = spawn(child_config(dirs[1].path(), &parent)).await;
+        // Connections of every kind are open when the relays stop: a client on each, and the
+        // child's link to its parent.
+        let mut up = Client::connect(&parent).await;
+        up.subscribe(1, filter(TEAM_FILTER), ReplayMode::LiveOnly).await;
+        let mut down = Client::connect(&child).await;
+        down.publish_acked(chunk(TEAM | (round + 1), "before shutdown")).await;
+        assert_eq!(up.delivered_until(1, TEAM | (round + 1)).await.len(), 1);
+        for relay in [child, parent] {
+            let addr = relay.local_addr();
+            relay.shutdown().await;
+            if let Err(err) = std::net::UdpSocket::bind(addr) {
+                panic!("round {round}: {addr} is still bound after shutdown returned: {err}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_child_says_why_once_and_backs_off() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let parent = spawn(RelayConfig {
+        access: vec![AccessRule { token: "good".into(), publish: vec![TEAM_FILTER.into()], subscribe: vec![] }],
+        ..config(dirs[0].path())
+    })
+    .await;
+    let refused = |dir: &std::path::Path, backoff_ms: Option<u64>| RelayConfig {
+        parent_token: Some("wrong".into()),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        parent_refused_backoff_ms: backoff_ms.unwrap_or(RelayConfig::default().parent_refused_backoff_ms),
+        ..child_config(dir, &parent)
+    };
+    // The child under test keeps the default long backoff after a refusal.
+    let child = spawn(refused(dirs[1].path(), None)).await;
+    eventually("the first refusal", || child.metrics().node.parent_refusals >= 1).await;
+    // A second refused child, configured to retry quickly, measures a window in which the
+    // first one would have retried several times had it kept the 100 ms .. 5 s backoff.
+    let witness = spawn(refused(dirs[2].path(), Some(50))).await;
+    eventually("ten refusals of the quick child", || witness.metrics().node.parent_refusals >= 10).await;
+
+    let m = child.metrics().node;
+    assert_eq!((m.parent_refusals, m.last_parent_refusal), (1, Some(ErrorCode::Unauthenticated)));
+    let body = http_get(child.metrics_addr().unwrap(), "/metrics").await;
+    for line in ["canopy_parent_refusals_total 1", "canopy_parent_last_refusal_code 12"] {
+        assert!(body.lines().any(|l| l == line), "missing {line:?} in\n{body}");
+    }
+    // The refused child still serves its own clients.
+    let mut local = Client::connect(&child).await;
+    local.publish_acked(chunk(TEAM | 1, "kept locally")).await;
+    witness.shutdown().await;
+    child.shutdown().await;
+    parent.shutdown().await;
+}

@@ -170,9 +170,11 @@ async fn bad_input_closes_only_the_offending_connection() {
 
     // A chunk over the 1 KiB limit, crafted on the wire (the library refuses to build one):
     // a valid 1024-byte publish with its data length patched to 1025 and one byte appended.
+    // The frame boundary is intact, so the relay answers about that publish and the
+    // connection stays open: a later publish on it is acknowledged.
     let mut big = Client::connect(&relay).await;
     let max = Chunk::new(Name::new(TEAM | 11), now_ms() + 60_000, vec![7u8; 1024]).unwrap();
-    let mut bytes = canopy::wire::encode_to_vec(&Frame::Publish { seq: 1, chunk: max }).unwrap();
+    let mut bytes = canopy::wire::encode_to_vec(&Frame::Publish { seq: 70, chunk: max }).unwrap();
     let payload = u32::from_be_bytes(bytes[..4].try_into().unwrap()) + 1;
     bytes[..4].copy_from_slice(&payload.to_be_bytes());
     // prefix 4 + tag 4 + seq 8 + name 16 + expiry 8: the data length is at 40..48.
@@ -181,13 +183,14 @@ async fn bad_input_closes_only_the_offending_connection() {
     bytes.push(7);
     big.send_raw(&bytes).await;
     match big.recv().await {
-        Some(Frame::Error { code, message, .. }) => {
-            assert_eq!(code, ErrorCode::Malformed);
+        Some(Frame::Error { code, about, message }) => {
+            assert_eq!((code, about), (ErrorCode::ChunkTooLarge, Some(70)), "{message}");
             assert!(message.contains("1025 bytes") && message.contains("1024"), "{message}");
         }
         other => panic!("expected an error for an oversized chunk, got {other:?}"),
     }
-    big.expect_end().await;
+    big.publish_acked(chunk(TEAM | 12, "after the oversized one")).await;
+    assert_eq!(names(&subscriber.delivered_until(1, TEAM | 12).await), vec![TEAM | 12]);
 
     // A hello speaking an unknown protocol version.
     let mut future = Client::connect_raw(&relay).await;

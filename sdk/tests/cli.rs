@@ -76,7 +76,8 @@ async fn cli_conflicting_pub_fails_with_the_relay_error() {
     let relay = relay(dir.path()).await;
     let addr = relay.local_addr().to_string();
     let fp = relay.fingerprint().to_string();
-    let pub_args = |data: &str| args(&["pub", "--relay", &addr, "--fingerprint", &fp, "0x2a", data]);
+    let pub_args =
+        |data: &str| args(&["pub", "--relay", &addr, "--fingerprint", &fp, "0x0000000000000000000000000000002a", data]);
     let out = canopy(pub_args("first")).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = canopy(pub_args("second")).await;
@@ -86,7 +87,9 @@ async fn cli_conflicting_pub_fails_with_the_relay_error() {
 
     // A wrong fingerprint fails to connect.
     let wrong = canopy_sdk::fingerprint(b"nope");
-    let out = canopy(args(&["pub", "--relay", &addr, "--fingerprint", &wrong, "0x2b", "x"])).await;
+    let out =
+        canopy(args(&["pub", "--relay", &addr, "--fingerprint", &wrong, "0x0000000000000000000000000000002b", "x"]))
+            .await;
     assert!(!out.status.success());
     relay.shutdown().await;
 }
@@ -107,5 +110,38 @@ async fn cli_stat_prints_the_relays_metrics() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(!stdout.trim().is_empty() && !stdout.contains("# "), "{stdout}");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn cli_refuses_filter_and_name_text_it_would_have_to_guess() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.local_addr().to_string();
+    let fp = relay.fingerprint().to_string();
+    let team = "0x0a0b0000000000000000000000000000/16";
+    // (text, what the one-line error must suggest)
+    let cases = [
+        ("sub", "0x0a0b/16", vec![team]),
+        ("sub", "0x0a0b0000000000000000000000000000/8", vec![team, "0x0a000000000000000000000000000000/8"]),
+        ("pub", "0x2a", vec!["0x0000000000000000000000000000002a", "0x2a000000000000000000000000000000"]),
+    ];
+    for (command, text, suggestions) in cases {
+        let mut list = vec![command, "--relay", &addr, "--fingerprint", &fp, text];
+        list.extend(if command == "sub" { ["--mode", "cached"] } else { ["--ttl", "1h"] });
+        if command == "pub" {
+            list.push("data");
+        }
+        let out = canopy(args(&list)).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} {text} was accepted: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        for s in suggestions {
+            assert!(stderr.contains(s), "{command} {text}: {stderr:?} should suggest {s}");
+        }
+    }
+    // The 32-digit forms work.
+    let out = canopy(args(&["sub", "--relay", &addr, "--fingerprint", &fp, team, "--mode", "cached"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     relay.shutdown().await;
 }

@@ -6,7 +6,8 @@ use std::str::FromStr;
 /// The largest payload a chunk may carry, in bytes.
 pub const MAX_CHUNK_DATA: usize = 1024;
 
-/// A 128-bit name, written `0x` followed by up to 32 hex digits.
+/// A 128-bit name, written `0x` followed by exactly 32 hex digits (fewer are refused rather
+/// than guessed at: are they the leading or the trailing ones?).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Name(pub u128);
 
@@ -43,17 +44,29 @@ impl FromStr for Name {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let hex = s
-            .strip_prefix("0x")
-            .or_else(|| s.strip_prefix("0X"))
-            .ok_or_else(|| format!("name {s:?} must start with 0x"))?;
-        if hex.is_empty() || hex.len() > 32 {
-            return Err(format!("name {s:?} must be 0x followed by 1 to 32 hex digits"));
+        match parse_hex(s)? {
+            (value, 32) => Ok(Name(value)),
+            (value, digits) => Err(format!(
+                "name {s:?} has {digits} hex digits but needs exactly 32: write {} if they are the leading digits, or {} if they are the trailing ones",
+                Name(value << (4 * (32 - digits))),
+                Name(value)
+            )),
         }
-        u128::from_str_radix(hex, 16)
-            .map(Name)
-            .map_err(|_| format!("name {s:?} must be 0x followed by 1 to 32 hex digits"))
     }
+}
+
+/// Reads `0x` and 1 to 32 hex digits: the value and the number of digits.
+fn parse_hex(s: &str) -> Result<(u128, usize), String> {
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .ok_or_else(|| format!("name {s:?} must start with 0x"))?;
+    if hex.is_empty() || hex.len() > 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("name {s:?} must be 0x followed by exactly 32 hex digits"));
+    }
+    let value = u128::from_str_radix(hex, 16)
+        .map_err(|_| format!("name {s:?} must be 0x followed by exactly 32 hex digits"))?;
+    Ok((value, hex.len()))
 }
 
 /// Every name whose first `len` bits equal those of `name`; always canonical (the bits of
@@ -119,15 +132,41 @@ impl fmt::Debug for Filter {
 impl FromStr for Filter {
     type Err = String;
 
-    /// Parses `0x…/len`, or a bare name as `/128`.
+    /// Parses `0x<32 hex digits>/len`, or a bare name as `/128`; refuses (suggesting what
+    /// was probably meant) fewer digits, and bits set below `len`, as the host does.
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.split_once('/') {
-            None => Filter::new(s.parse()?, 128),
-            Some((name, len)) => {
-                let len: u8 = len.parse().map_err(|_| format!("filter length {len:?} is not a number in 0..=128"))?;
-                Filter::new(name.parse()?, len)
-            }
+        let Some((name, len)) = s.split_once('/') else {
+            return Filter::new(s.parse()?, 128);
+        };
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 128)
+            .ok_or_else(|| format!("filter length {len:?} is not a number in 0..=128"))?;
+        let (value, digits) = parse_hex(name)?;
+        if digits < 32 && len == 128 {
+            return Err(name.parse::<Name>().expect_err("fewer than 32 digits"));
         }
+        let value = if digits == 32 { value } else { value << (4 * (32 - digits)) };
+        let keep_len = Filter::new(Name(value), len)?;
+        if digits == 32 && keep_len.name.0 == value {
+            return Ok(keep_len);
+        }
+        let needed = if value == 0 { 0 } else { (128 - value.trailing_zeros()) as u8 };
+        let keep_digits = Filter { name: Name(value), len: len.max(needed) };
+        if digits < 32 {
+            let suggestion = if keep_digits == keep_len {
+                keep_len.to_string()
+            } else {
+                format!("{keep_digits} (every digit kept) or {keep_len} (the length kept)")
+            };
+            return Err(format!(
+                "filter {s:?} must write its name with exactly 32 hex digits: did you mean {suggestion}?"
+            ));
+        }
+        Err(format!(
+            "filter {s:?} has bits set below its length /{len}: write {keep_digits} to keep every digit, or {keep_len} to keep the length"
+        ))
     }
 }
 

@@ -9,8 +9,10 @@
 //!            [--state DIR] -- ARGS...
 //! ```
 //!
-//! NAME and FILTER take the hex forms (`0x…`, `0x…/len`, `*`) or the messenger schema form
-//! (`team=5/channel=3`, `origin=1/app=2/*`).
+//! NAME and FILTER take the hex forms (`0x` and exactly 32 hex digits, then `/len` for a
+//! filter; or `*`) or the messenger schema form (`team=5/channel=3`, `origin=1/app=2/*`). Hex
+//! text is never guessed at: fewer digits, or a filter with bits set below its length, is
+//! refused with the intended form suggested.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -38,7 +40,8 @@ enum Command {
         /// How long the chunk lives (e.g. `30s`, `1h`, `7days`).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
-        /// The chunk name: `0x…` hex or messenger fields (`team=5/channel=3/msg=1`).
+        /// The chunk name: `0x` and 32 hex digits, or messenger fields
+        /// (`team=5/channel=3/msg=1`).
         name: String,
         /// The chunk data (UTF-8 text, at most 1024 bytes).
         data: String,
@@ -47,7 +50,8 @@ enum Command {
     Sub {
         #[command(flatten)]
         relay: RelayArgs,
-        /// The filter: `0x…/len`, `*`, or leading messenger fields (`origin=1/app=2`).
+        /// The filter: `0x<32 hex digits>/len`, `*`, or leading messenger fields
+        /// (`origin=1/app=2`).
         filter: String,
         /// `cached`: only stored chunks, stop at the end of the replay; `live`: only new
         /// chunks; `both`: stored then new.
