@@ -63,6 +63,10 @@ pub struct PluginConfig {
     /// The token the plugin's link presents, when access rules are configured.
     #[serde(default)]
     pub token: Option<String>,
+    /// Where chunks the plugin fails on are published as dead letters (`0x…/len`, at most
+    /// /64), or nowhere. See `canopy::plugin::dead_letter` for their form.
+    #[serde(default)]
+    pub dead_letter: Option<Filter>,
 }
 
 impl PluginConfig {
@@ -277,6 +281,7 @@ mod tests {
             [[plugin]]
             file = "/opt/canopy/libaudit.so"
             name = "audit"
+            dead_letter = "0x0dea0000000000000000000000000000/16"
         "#;
         let config: RelayConfig =
             Figment::from(Serialized::defaults(RelayConfig::default())).merge(Toml::string(toml)).extract().unwrap();
@@ -288,7 +293,12 @@ mod tests {
             echo.config_json(),
             r#"{"replies":"0x0e020000000000000000000000000000/16","requests":"0x0e010000000000000000000000000000/16"}"#
         );
-        assert_eq!((audit.name(), audit.kind(), audit.config_json()), ("audit".to_owned(), PluginKind::Native, "{}".into()));
+        assert_eq!(
+            (audit.name(), audit.kind(), audit.config_json()),
+            ("audit".to_owned(), PluginKind::Native, "{}".into())
+        );
+        assert_eq!(echo.dead_letter, None);
+        assert_eq!(audit.dead_letter, Some("0x0dea0000000000000000000000000000/16".parse().unwrap()));
 
         let twice = RelayConfig { plugins: vec![echo.clone(), echo.clone()], ..RelayConfig::default() };
         assert!(twice.validate().unwrap_err().to_string().contains("two plugins are called \"echo\""));
