@@ -142,7 +142,9 @@ fn hostile_plugin() -> PluginConfig {
     PluginConfig {
         file: wasm("hostile"),
         config: serde_json::json!({ "control": hex(CONTROL, 16), "status": hex(STATUS, 16) }),
-        limits: PluginLimits { deadline_ms: 50, memory_bytes: 16 << 20, ..PluginLimits::default() },
+        // The deadline is far above what the allocation bomb needs to hit the memory limit,
+        // even on a loaded machine, so that its fault is `Memory`, never `Deadline`.
+        limits: PluginLimits { deadline_ms: 1000, memory_bytes: 16 << 20, ..PluginLimits::default() },
         ..echo_plugin()
     }
 }
