@@ -175,16 +175,11 @@ impl RunningPlugin {
         self.out.stop();
         let Some(thread) = self.thread.take() else { return };
         let mut mark = WatchMark::default();
-        loop {
-            match self.done.recv_timeout(WATCHDOG_TICK) {
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if self.watch.is_abandoned() || self.watch.overran(&mut mark, Instant::now()) {
-                        self.watch.abandon();
-                        tracing::warn!(plugin = %self.name, "not waiting for the plugin's stuck thread");
-                        return;
-                    }
-                }
-                _ => break,
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = self.done.recv_timeout(WATCHDOG_TICK) {
+            if self.watch.is_abandoned() || self.watch.overran(&mut mark, Instant::now()) {
+                self.watch.abandon();
+                tracing::warn!(plugin = %self.name, "not waiting for the plugin's stuck thread");
+                return;
             }
         }
         let _ = thread.join();
