@@ -307,7 +307,7 @@ fn start(
     let link = (host.link_id)();
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let (done_tx, done) = std::sync::mpsc::channel::<()>();
-    let dead_letter = config.dead_letter;
+    let dead_letter = config.dead_letter_filter()?;
     let driver = Driver {
         name: name.clone(),
         link,

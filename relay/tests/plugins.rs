@@ -277,7 +277,7 @@ async fn poison_chunk(coalesced: bool) {
     let dir = tempfile::tempdir().unwrap();
     let dead = filter(&hex(DEAD, 16));
     let relay = spawn(RelayConfig {
-        plugins: vec![PluginConfig { dead_letter: Some(dead), ..hostile_plugin() }],
+        plugins: vec![PluginConfig { dead_letter: Some(hex(DEAD, 16)), ..hostile_plugin() }],
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..config(dir.path())
     })
