@@ -524,9 +524,10 @@ enum Count {
 }
 
 /// The dead letter for a chunk the plugin failed on: published under `filter`, with
-/// - as name, the filter's prefix and, below it, the leading bits of the SHA-256 of the
-///   poisoned chunk (its name, expiry in big-endian, and data), so the same poisoned chunk
-///   always makes the same dead letter and republishing it is harmless;
+/// - as name, the filter's prefix and, below it, bits of the SHA-256 of the poisoned chunk
+///   (of its name, expiry in big-endian, and data): the last `128 - len` bits of the digest's
+///   first 16 bytes, so the same poisoned chunk always makes the same dead letter and
+///   republishing it is harmless;
 /// - as expiry, the poisoned chunk's;
 /// - as data, the poisoned chunk's name (16 bytes, big-endian) followed by its data, cut to
 ///   the 1024 bytes a chunk holds (the last 16 bytes of a chunk over 1008 bytes are lost).
