@@ -466,7 +466,10 @@ impl Driver {
             }
             sup.fire_timers(now_ms());
             for (args, reply) in commands {
+                // Counters before answers too: whoever gets an answer may look at them.
+                *self.stats.lock().expect("plugin stats lock") = sup.stats();
                 let answer = sup.command(&args).map_err(anyhow::Error::from);
+                *self.stats.lock().expect("plugin stats lock") = sup.stats();
                 let _ = reply.send(answer);
             }
             if closing {
