@@ -35,12 +35,13 @@ use crate::link::Outlet;
 /// Frames a plugin's inbox holds at most before the node stops draining into it.
 const INBOX_CAPACITY: usize = 1024;
 /// Chunks handed to one `on-chunks` call at most.
-pub(crate) const BATCH: usize = 256;
-/// How often the watchdog looks at native plugins' callbacks.
-const WATCHDOG_TICK: Duration = Duration::from_millis(5);
+const BATCH: usize = 256;
 
 /// A command on its way to a plugin, with where to send the answer.
 type Command = (Vec<String>, oneshot::Sender<anyhow::Result<Result<String, String>>>);
+
+/// How often the watchdog looks at native plugins' callbacks.
+const WATCHDOG_TICK: Duration = Duration::from_millis(5);
 
 #[derive(Default)]
 struct Inbox {
@@ -157,7 +158,7 @@ impl RunningPlugin {
         }
     }
 
-    /// Testing aid: the plugin's next `chunks` chunks (at most [`BATCH`]) are handed to it
+    /// Testing aid: the plugin's next `chunks` chunks (at most 256) are handed to it
     /// in one `on-chunks` call, however they arrive.
     pub(crate) fn hold_chunks(&self, chunks: usize) {
         self.out.lock().hold = chunks.min(BATCH);
