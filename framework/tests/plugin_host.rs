@@ -156,7 +156,7 @@ fn a_restart_keeps_the_subscriptions_the_new_instance_asks_for_again() {
     assert_eq!(p.take_effects(), vec![Effect::Subscribe(control)]);
     p.on_chunks(&[Chunk::new(Name::new(0x0a00 << 112), 1, &b"trap"[..]).unwrap()]);
     assert_eq!(p.stats().restarts, 1);
-    assert_eq!(p.stats().chunks_dropped, 1);
+    assert_eq!(p.stats().chunks_poisoned, 1);
     assert_eq!(p.take_effects(), vec![], "the subscription stayed open across the restart");
     assert_eq!(p.subscriptions().copied().collect::<Vec<_>>(), vec![control]);
 }
@@ -267,4 +267,85 @@ fn a_file_that_is_not_a_plugin_is_refused_clearly() {
     assert!(matches!(err, PluginError::Load { .. }), "{err}");
     let err = runtime().load_file(&dir.path().join("missing.wasm"), Limits::default(), &[]).err().unwrap();
     assert!(matches!(err, PluginError::Read { .. }), "{err}");
+}
+
+const CONTROL: &str = r#"{"control": "0x0a000000000000000000000000000000/16"}"#;
+
+fn control(seq: u128, command: &str) -> Chunk {
+    Chunk::new(Name::new(0x0a00 << 112 | seq), 9_000, command.as_bytes().to_vec()).unwrap()
+}
+
+#[test]
+fn a_poison_chunk_in_a_batch_loses_only_itself_and_becomes_a_dead_letter() {
+    let rt = runtime();
+    let mut p = hostile(&rt, Limits::default(), CONTROL, Box::new(MemoryState::new()));
+    let dead = filter("0xdead0000000000000000000000000000/16");
+    p.set_dead_letter(Some(dead)).unwrap();
+    p.take_effects();
+    let poison = control(3, "trap");
+    p.on_chunks(&[control(1, "incr"), control(2, "incr"), poison.clone(), control(4, "incr")]);
+    assert_eq!(ok(&mut p, "get"), "3", "every chunk but the poison one was taken");
+    let stats = p.stats();
+    assert_eq!(stats.chunks_poisoned, 1);
+    assert_eq!(stats.batches_isolated, 1);
+    assert_eq!(stats.chunks_dropped, 0);
+    assert_eq!(stats.failures, 1, "a poison chunk costs one failure, batched or not");
+    assert_eq!(stats.restarts, 2, "once for the batch, once for the poison chunk alone");
+    assert!(p.last_fault().unwrap().message.contains(&poison.name().to_string()), "{:?}", p.last_fault());
+
+    let letter = canopy::plugin::dead_letter(dead, &poison);
+    assert!(dead.matches(letter.name()));
+    assert_eq!(&letter.data()[..16], &poison.name().to_bytes());
+    assert_eq!(&letter.data()[16..], b"trap");
+    assert_eq!(letter.expiry(), poison.expiry());
+    assert_eq!(p.take_effects(), vec![Effect::Publish(letter.clone())]);
+    assert_eq!(canopy::plugin::dead_letter(dead, &poison), letter, "the same poison makes the same dead letter");
+
+    // The same chunk alone costs the same.
+    p.on_chunks(std::slice::from_ref(&poison));
+    let stats = p.stats();
+    assert_eq!((stats.chunks_poisoned, stats.batches_isolated, stats.failures), (2, 1, 2));
+    assert_eq!(p.take_effects(), vec![Effect::Publish(letter)]);
+}
+
+#[test]
+fn a_batch_with_several_poison_chunks_counts_each_once_and_quarantine_drops_the_rest() {
+    let rt = runtime();
+    let limits = Limits { max_failures: 2, ..Limits::default() };
+    let mut p = hostile(&rt, limits, CONTROL, Box::new(MemoryState::new()));
+    p.take_effects();
+    p.on_chunks(&[control(1, "incr"), control(2, "trap"), control(3, "incr"), control(4, "trap"), control(5, "incr")]);
+    let stats = p.stats();
+    assert!(stats.quarantined);
+    assert_eq!((stats.failures, stats.chunks_poisoned, stats.chunks_dropped), (2, 2, 1));
+}
+
+#[test]
+fn dead_letter_filters_longer_than_64_bits_are_refused() {
+    let rt = runtime();
+    let mut p = hostile(&rt, Limits::default(), "{}", Box::new(MemoryState::new()));
+    let err = p.set_dead_letter(Some(filter("0xdead0000000000000000000000000000/72"))).unwrap_err();
+    assert!(err.to_string().contains("/64"), "{err}");
+}
+
+#[test]
+fn with_tool_limits_a_batch_is_isolated_and_the_run_ends_at_the_poison_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    // What `canopy plugin run` uses: the first failure ends the run.
+    let limits = Limits { max_failures: 1, ..Limits::default() };
+    let poison = control(3, "trap");
+    {
+        let store = FjallStore::open(dir.path(), canopy::store::UNLIMITED).unwrap();
+        let mut p = hostile(&rt, limits, CONTROL, Box::new(store.plugin_state("tool").unwrap()));
+        p.on_chunks(&[control(1, "incr"), control(2, "incr"), poison.clone(), control(4, "incr")]);
+        assert!(p.is_quarantined());
+        let fault = p.last_fault().unwrap();
+        assert_eq!(fault.kind, FaultKind::Trap);
+        assert!(fault.message.contains(&format!("on chunk {}", poison.name())), "{}", fault.message);
+        assert_eq!((p.stats().chunks_poisoned, p.stats().chunks_dropped), (1, 1));
+    }
+    let store = FjallStore::open(dir.path(), canopy::store::UNLIMITED).unwrap();
+    let mut p = hostile(&rt, Limits::default(), "{}", Box::new(store.plugin_state("tool").unwrap()));
+    assert_eq!(ok(&mut p, "get"), "2", "the chunks before the poison one were taken");
 }

@@ -63,6 +63,10 @@ pub struct PluginConfig {
     /// The token the plugin's link presents, when access rules are configured.
     #[serde(default)]
     pub token: Option<String>,
+    /// Where chunks the plugin fails on are published as dead letters (`0x…/len`, at most
+    /// /64), or nowhere. See `canopy::plugin::dead_letter` for their form.
+    #[serde(default)]
+    pub dead_letter: Option<String>,
 }
 
 impl PluginConfig {
@@ -77,6 +81,21 @@ impl PluginConfig {
     /// The plugin's kind, from the setting or the file's extension.
     pub fn kind(&self) -> PluginKind {
         self.kind.unwrap_or_else(|| PluginKind::of(&self.file))
+    }
+
+    /// The dead-letter filter, parsed; fails on text that is not a filter of at most /64.
+    pub fn dead_letter_filter(&self) -> anyhow::Result<Option<Filter>> {
+        let Some(text) = &self.dead_letter else { return Ok(None) };
+        let filter: Filter =
+            text.parse().map_err(|e| anyhow::anyhow!("plugin {}: dead_letter {text:?}: {e}", self.name()))?;
+        if filter.prefix_len() > canopy::plugin::MAX_DEAD_LETTER_LEN {
+            bail!(
+                "plugin {}: dead_letter {text:?} is longer than /{}; dead letters need at least 64 bits of their own",
+                self.name(),
+                canopy::plugin::MAX_DEAD_LETTER_LEN
+            );
+        }
+        Ok(Some(filter))
     }
 
     /// The configuration text handed to `init`.
@@ -223,6 +242,7 @@ impl RelayConfig {
             if !names.insert(name.clone()) {
                 bail!("two plugins are called {name:?}; give one a different `name`");
             }
+            plugin.dead_letter_filter()?;
         }
         Ok(())
     }
@@ -294,6 +314,7 @@ mod tests {
             [[plugin]]
             file = "/opt/canopy/libaudit.so"
             name = "audit"
+            dead_letter = "0x0dea0000000000000000000000000000/16"
         "#;
         let config: RelayConfig =
             Figment::from(Serialized::defaults(RelayConfig::default())).merge(Toml::string(toml)).extract().unwrap();
@@ -305,7 +326,14 @@ mod tests {
             echo.config_json(),
             r#"{"replies":"0x0e020000000000000000000000000000/16","requests":"0x0e010000000000000000000000000000/16"}"#
         );
-        assert_eq!((audit.name(), audit.kind(), audit.config_json()), ("audit".to_owned(), PluginKind::Native, "{}".into()));
+        assert_eq!(
+            (audit.name(), audit.kind(), audit.config_json()),
+            ("audit".to_owned(), PluginKind::Native, "{}".into())
+        );
+        assert_eq!(echo.dead_letter, None);
+        assert_eq!(audit.dead_letter_filter().unwrap(), Some("0x0dea0000000000000000000000000000/16".parse().unwrap()));
+        let long = PluginConfig { dead_letter: Some("0x0dea0000000000000000000000000000/72".into()), ..audit.clone() };
+        assert!(long.dead_letter_filter().unwrap_err().to_string().contains("/64"));
 
         let twice = RelayConfig { plugins: vec![echo.clone(), echo.clone()], ..RelayConfig::default() };
         assert!(twice.validate().unwrap_err().to_string().contains("two plugins are called \"echo\""));

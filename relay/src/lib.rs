@@ -205,6 +205,9 @@ impl Relay {
         let local_addr = endpoint.local_addr()?;
 
         let mut tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), shared.clone()))];
+        if let Some(watchdog) = plugin::watchdog(&plugins, shared.to_node.clone()) {
+            tasks.push(tokio::spawn(watchdog));
+        }
         if let Some((parent, client_config)) = parent {
             let refused_backoff = Duration::from_millis(config.parent_refused_backoff_ms);
             tasks.push(tokio::spawn(parent_loop(
@@ -310,6 +313,14 @@ impl RelayHandle {
     /// The counters of the plugin called `name`.
     pub fn plugin_stats(&self, name: &str) -> Option<PluginStats> {
         self.plugins.iter().find(|p| p.name == name).map(|p| p.stats())
+    }
+
+    /// Testing aid: hands the next `chunks` chunks (at most 256) delivered to the plugin called
+    /// `name` to it in one `on-chunks` call, however they arrive, so that a test can make a
+    /// batch of its choosing. Returns false if there is no such plugin.
+    #[doc(hidden)]
+    pub fn plugin_hold_chunks(&self, name: &str, chunks: usize) -> bool {
+        self.plugins.iter().find(|p| p.name == name).map(|p| p.hold_chunks(chunks)).is_some()
     }
 
     /// Runs a command on the plugin called `name` (its `on-command`), returning its answer.

@@ -78,9 +78,11 @@ pub fn render(m: &RelayMetrics, plugins: &[(String, PluginStats)]) -> String {
     };
     let series = [
         ("canopy_plugin_chunks_in_total", "counter", "Chunks delivered to the plugin.", per_plugin(|s| s.chunks_in)),
-        ("canopy_plugin_chunks_dropped_total", "counter", "Chunks of failed on-chunks calls, not delivered again.", per_plugin(|s| s.chunks_dropped)),
+        ("canopy_plugin_chunks_dropped_total", "counter", "Chunks not delivered because the plugin was quarantined first.", per_plugin(|s| s.chunks_dropped)),
+        ("canopy_plugin_chunks_poisoned_total", "counter", "Chunks the plugin failed on alone: dropped, logged, dead-lettered if configured.", per_plugin(|s| s.chunks_poisoned)),
+        ("canopy_plugin_batches_isolated_total", "counter", "Failed on-chunks calls whose chunks were delivered again one per call.", per_plugin(|s| s.batches_isolated)),
         ("canopy_plugin_published_total", "counter", "Chunks the plugin published.", per_plugin(|s| s.published)),
-        ("canopy_plugin_failures_total", "counter", "Plugin callbacks that failed (trap, deadline, memory, fuel).", per_plugin(|s| s.failures)),
+        ("canopy_plugin_failures_total", "counter", "Plugin failures counted toward quarantine (trap, deadline, memory, fuel).", per_plugin(|s| s.failures)),
         ("canopy_plugin_restarts_total", "counter", "Times the plugin was re-created after a failure.", per_plugin(|s| s.restarts)),
         ("canopy_plugin_quarantined", "gauge", "1 when the plugin is quarantined after repeated failures.", per_plugin(|s| u64::from(s.quarantined))),
     ];

@@ -8,18 +8,21 @@
 //! sent through [`RelayHandle::plugin_command`](crate::RelayHandle::plugin_command). A plugin
 //! that falls behind gets `SlowConsumer` like any subscriber and resubscribes, catching up
 //! from the cache. Callbacks run off the node's thread, so a slow or stuck plugin never
-//! delays the relay; the supervisor re-creates or quarantines it.
+//! delays the relay; the supervisor re-creates or quarantines it. Native callbacks cannot be
+//! interrupted: a [`watchdog`] quarantines a native plugin whose callback overruns its
+//! deadline, closes its link and abandons its thread, which shutdown then does not wait for.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use canopy::node::LinkId;
 use canopy::plugin::{
-    Effect, PluginStats, Runtime, RuntimeOptions, StateStore, Supervisor, system_clock,
+    CallWatch, Effect, FaultKind, PluginError, PluginStats, Runtime, RuntimeOptions, StateStore, Supervisor, WatchMark,
+    system_clock,
 };
 use canopy::wire::{ErrorCode, Frame, PROTOCOL_VERSION, ReplayMode, Role};
 use canopy::{Chunk, Filter};
@@ -40,12 +43,19 @@ const WINDOW: u32 = INBOX_CAPACITY as u32;
 /// A command on its way to a plugin, with where to send the answer.
 type Command = (Vec<String>, oneshot::Sender<anyhow::Result<Result<String, String>>>);
 
+/// How often the watchdog looks at native plugins' callbacks.
+const WATCHDOG_TICK: Duration = Duration::from_millis(5);
+
 #[derive(Default)]
 struct Inbox {
     frames: VecDeque<Frame>,
     commands: VecDeque<Command>,
     closing: bool,
     stop: bool,
+    /// Testing aid: hold chunks until this many have arrived, then hand them over in one call.
+    hold: usize,
+    /// The watchdog gave up on the plugin (a native callback overran its deadline).
+    abandoned: bool,
 }
 
 /// The node's side of a plugin link: frames queued for the plugin, plus its commands.
@@ -54,6 +64,8 @@ pub(crate) struct PluginOut {
     wake: Condvar,
     /// Tells the node actor the plugin took frames, so it may drain more.
     room: Arc<Notify>,
+    /// Wakes commands waiting for an answer when the plugin's thread is abandoned.
+    gone: Notify,
 }
 
 impl PluginOut {
@@ -65,6 +77,22 @@ impl PluginOut {
     pub(crate) fn stop(&self) {
         self.lock().stop = true;
         self.wake.notify_one();
+    }
+
+    /// The watchdog gave up on the plugin: nothing more is queued for it, and queued and
+    /// running commands fail.
+    fn abandon(&self, name: &str) {
+        let commands = {
+            let mut inbox = self.lock();
+            inbox.abandoned = true;
+            inbox.closing = true;
+            inbox.frames.clear();
+            std::mem::take(&mut inbox.commands)
+        };
+        for (_, reply) in commands {
+            let _ = reply.send(Err(PluginError::Quarantined(name.to_owned()).into()));
+        }
+        self.gone.notify_waiters();
     }
 }
 
@@ -99,9 +127,13 @@ impl Outlet for PluginOut {
 /// A running relay plugin, as the relay handle keeps it.
 pub(crate) struct RunningPlugin {
     pub name: String,
+    link: LinkId,
     out: Arc<PluginOut>,
     stats: Arc<Mutex<PluginStats>>,
+    watch: Arc<CallWatch>,
     thread: Option<JoinHandle<()>>,
+    /// Disconnected when the plugin's thread ends.
+    done: std::sync::mpsc::Receiver<()>,
 }
 
 impl RunningPlugin {
@@ -112,13 +144,27 @@ impl RunningPlugin {
     /// Runs a command on the plugin's thread.
     pub(crate) async fn command(&self, args: Vec<String>) -> anyhow::Result<Result<String, String>> {
         let (tx, rx) = oneshot::channel();
+        let gone = self.out.gone.notified();
         {
             let mut inbox = self.out.lock();
+            if inbox.abandoned {
+                return Err(PluginError::Quarantined(self.name.clone()).into());
+            }
             anyhow::ensure!(!inbox.stop && !inbox.closing, "plugin {} has stopped", self.name);
             inbox.commands.push_back((args, tx));
         }
         self.out.wake.notify_one();
-        rx.await.with_context(|| format!("plugin {} stopped before answering", self.name))?
+        tokio::select! {
+            answer = rx => answer.with_context(|| format!("plugin {} stopped before answering", self.name))?,
+            // The command may be the one stuck in the plugin: it never answers.
+            () = gone => Err(PluginError::Quarantined(self.name.clone()).into()),
+        }
+    }
+
+    /// Testing aid: the plugin's next `chunks` chunks (at most 256) are handed to it
+    /// in one `on-chunks` call, however they arrive.
+    pub(crate) fn hold_chunks(&self, chunks: usize) {
+        self.out.lock().hold = chunks.min(BATCH);
     }
 
     /// The shared counters, for the metrics endpoint.
@@ -126,12 +172,21 @@ impl RunningPlugin {
         (self.name.clone(), self.stats.clone())
     }
 
-    /// Stops the thread and waits for it (at most one callback deadline plus a little).
+    /// Stops the thread and waits for it (at most one callback deadline plus a little): a
+    /// Wasm callback is interrupted at its deadline, while the thread of a native plugin
+    /// whose callback overruns it is abandoned, never joined.
     pub(crate) fn stop(&mut self) {
         self.out.stop();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        let Some(thread) = self.thread.take() else { return };
+        let mut mark = WatchMark::default();
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = self.done.recv_timeout(WATCHDOG_TICK) {
+            if self.watch.is_abandoned() || self.watch.overran(&mut mark, Instant::now()) {
+                self.watch.abandon();
+                tracing::warn!(plugin = %self.name, "not waiting for the plugin's stuck thread");
+                return;
+            }
         }
+        let _ = thread.join();
     }
 }
 
@@ -141,6 +196,76 @@ impl Drop for RunningPlugin {
     fn drop(&mut self) {
         self.out.stop();
     }
+}
+
+/// A plugin the watchdog looks after.
+struct Watched {
+    name: String,
+    link: LinkId,
+    out: Arc<PluginOut>,
+    stats: Arc<Mutex<PluginStats>>,
+    watch: Arc<CallWatch>,
+    mark: WatchMark,
+}
+
+/// The watchdog of the native plugins among `plugins` (`None` if there are none): every
+/// 5 ms it looks at their callbacks, and when one has been running past its plugin's
+/// deadline, it reports it, quarantines the plugin, closes its link (dropping its
+/// subscriptions), fails its commands and abandons its thread. Native code cannot be
+/// interrupted, so that thread stays stuck for as long as the callback runs.
+pub(crate) fn watchdog(
+    plugins: &[RunningPlugin],
+    to_node: mpsc::Sender<ToNode>,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    let mut watched: Vec<Watched> = plugins
+        .iter()
+        .filter(|p| p.watch.deadline().is_some())
+        .map(|p| Watched {
+            name: p.name.clone(),
+            link: p.link,
+            out: p.out.clone(),
+            stats: p.stats.clone(),
+            watch: p.watch.clone(),
+            mark: WatchMark::default(),
+        })
+        .collect();
+    if watched.is_empty() {
+        return None;
+    }
+    Some(async move {
+        let mut tick = tokio::time::interval(WATCHDOG_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !watched.is_empty() {
+            tick.tick().await;
+            let now = Instant::now();
+            let mut i = 0;
+            while i < watched.len() {
+                let w = &mut watched[i];
+                if !w.watch.overran(&mut w.mark, now) && !w.watch.is_abandoned() {
+                    i += 1;
+                    continue;
+                }
+                let w = watched.swap_remove(i);
+                if !w.watch.abandon() {
+                    continue; // Shutdown gave up on it already.
+                }
+                let deadline_ms = w.watch.deadline().unwrap_or_default().as_millis();
+                tracing::error!(
+                    plugin = %w.name,
+                    deadline_ms,
+                    "a native plugin callback overran its deadline; native code cannot be interrupted, so the plugin is quarantined and its thread abandoned"
+                );
+                {
+                    let mut stats = w.stats.lock().expect("plugin stats lock");
+                    stats.failures += 1;
+                    stats.quarantined = true;
+                    stats.last_fault = Some(FaultKind::Deadline);
+                }
+                w.out.abandon(&w.name);
+                let _ = to_node.send(ToNode::Closed { link: w.link }).await;
+            }
+        }
+    })
 }
 
 /// What loading plugins needs from the relay.
@@ -176,10 +301,17 @@ fn start(
 ) -> anyhow::Result<RunningPlugin> {
     let name = config.name();
     let template = runtime.load_plugin(&config.file, Some(config.kind()), config.limits, &config.dirs)?;
-    let out = Arc::new(PluginOut { inbox: Mutex::default(), wake: Condvar::new(), room: host.room.clone() });
+    let out = Arc::new(PluginOut {
+        inbox: Mutex::default(),
+        wake: Condvar::new(),
+        room: host.room.clone(),
+        gone: Notify::new(),
+    });
     let stats = Arc::new(Mutex::new(PluginStats::default()));
     let link = (host.link_id)();
     let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    let dead_letter = config.dead_letter_filter()?;
     let driver = Driver {
         name: name.clone(),
         link,
@@ -193,9 +325,12 @@ fn start(
     };
     let init = config.config_json();
     let thread = std::thread::Builder::new().name(format!("plugin-{name}")).spawn(move || {
-        match Supervisor::start(&driver.name, template, &init, state, system_clock()) {
+        let _done = done_tx;
+        let started = Supervisor::start(&driver.name, template, &init, state, system_clock())
+            .and_then(|mut sup| sup.set_dead_letter(dead_letter).map(|()| sup));
+        match started {
             Ok(sup) => {
-                let _ = started_tx.send(Ok(()));
+                let _ = started_tx.send(Ok(sup.watch()));
                 driver.run(sup);
             }
             Err(err) => {
@@ -204,9 +339,9 @@ fn start(
         }
     })?;
     match started_rx.recv() {
-        Ok(Ok(())) => {
+        Ok(Ok(watch)) => {
             tracing::info!(plugin = %name, file = %config.file.display(), "plugin started");
-            Ok(RunningPlugin { name, out, stats, thread: Some(thread) })
+            Ok(RunningPlugin { name, link, out, stats, watch, thread: Some(thread), done })
         }
         Ok(Err(err)) => Err(err).with_context(|| format!("starting plugin {name}")),
         Err(_) => anyhow::bail!("plugin {name} stopped while starting"),
@@ -272,7 +407,15 @@ impl Driver {
             return;
         }
         let mut was_quarantined = false;
+        let watch = sup.watch();
+        // Chunks held back while the testing aid `hold` asks for one call of many.
+        let mut held: Vec<Chunk> = Vec::new();
+        let mut hold = 0;
         loop {
+            if watch.is_abandoned() {
+                // The watchdog quarantined the plugin and closed its link meanwhile.
+                return;
+            }
             // Counters first: whoever sees the effects may look at them.
             let stats = sup.stats();
             *self.stats.lock().expect("plugin stats lock") = stats;
@@ -286,10 +429,13 @@ impl Driver {
                 return;
             }
 
-            let (frames, commands, closing) = match self.wait(sup.next_timer()) {
+            let (frames, commands, closing, hold_next) = match self.wait(sup.next_timer()) {
                 Some(taken) => taken,
                 None => return,
             };
+            if hold_next > 0 {
+                hold = hold_next;
+            }
             let mut chunks: Vec<Chunk> = Vec::new();
             let mut resubscribe = Vec::new();
             let mut spent: HashMap<u64, u32> = HashMap::new();
@@ -314,6 +460,15 @@ impl Driver {
             if !self.send(resubscribe) {
                 return;
             }
+            if hold > 0 || !held.is_empty() {
+                held.extend(chunks);
+                if held.len() < hold {
+                    chunks = Vec::new();
+                } else {
+                    chunks = std::mem::take(&mut held);
+                    hold = 0;
+                }
+            }
             for batch in chunks.chunks(BATCH) {
                 sup.on_chunks(batch);
             }
@@ -324,7 +479,10 @@ impl Driver {
             }
             sup.fire_timers(now_ms());
             for (args, reply) in commands {
+                // Counters before answers too: whoever gets an answer may look at them.
+                *self.stats.lock().expect("plugin stats lock") = sup.stats();
                 let answer = sup.command(&args).map_err(anyhow::Error::from);
+                *self.stats.lock().expect("plugin stats lock") = sup.stats();
                 let _ = reply.send(answer);
             }
             if closing {
@@ -335,8 +493,9 @@ impl Driver {
     }
 
     /// Waits until there are frames or commands, a timer is due, or the plugin must stop
-    /// (`None`). Returns what was taken and whether the link is closing.
-    fn wait(&self, next_timer: Option<u64>) -> Option<(Vec<Frame>, Vec<Command>, bool)> {
+    /// (`None`). Returns what was taken, whether the link is closing and how many chunks to
+    /// hold for one call (0: none asked for since the last time).
+    fn wait(&self, next_timer: Option<u64>) -> Option<(Vec<Frame>, Vec<Command>, bool, usize)> {
         let mut inbox = self.out.lock();
         loop {
             if inbox.stop {
@@ -357,9 +516,10 @@ impl Driver {
         let frames: Vec<Frame> = inbox.frames.drain(..take).collect();
         let commands = inbox.commands.drain(..).collect();
         let closing = inbox.closing && inbox.frames.is_empty();
+        let hold = std::mem::take(&mut inbox.hold);
         drop(inbox);
         self.out.room.notify_one();
-        Some((frames, commands, closing))
+        Some((frames, commands, closing, hold))
     }
 }
 

@@ -9,7 +9,12 @@
 //! 3. `on-command(args)`, whose answer is the tool's result; publishes it makes are awaited
 //!    too.
 //!
-//! A failure is not retried in a tool: the first trap ends the run with its reason.
+//! A failure is not retried in a tool (`max_failures` is 1): the first trap ends the run with
+//! its reason. A failed `on-chunks` call of several chunks is first isolated as in a relay:
+//! its chunks are delivered again one per call, so the run ends at the chunk that fails on
+//! its own, naming it, after the chunks before it were taken.
+//!
+//! Granted directories (`--dir`) that do not exist yet are created first.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -17,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use canopy::plugin::{Effect, Limits, MemoryState, PluginError, Runtime, RuntimeOptions, StateStore, Supervisor};
 use canopy::wire::{ErrorCode, ReplayMode};
-use canopy::{Chunk, FjallStore, Filter};
+use canopy::{Chunk, Filter, FjallStore};
 use tokio::sync::mpsc;
 
 use crate::{Client, ClientError, SubEvent, now_ms};
@@ -85,6 +90,14 @@ pub enum ToolError {
     /// The run did not finish in time.
     #[error("the plugin did not finish within {0:?}")]
     Timeout(Duration),
+    /// A granted directory did not exist and could not be created.
+    #[error("creating the granted directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The plugin's thread ended unexpectedly.
     #[error("the plugin thread stopped: {0}")]
     Stopped(String),
@@ -208,7 +221,11 @@ pub async fn run(
         task.abort();
     }
     drop(events_tx);
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    // A plugin thread still busy when the run timed out may be stuck in native code, which
+    // cannot be interrupted: it is abandoned rather than waited for.
+    if !matches!(outcome, Err(ToolError::Timeout(_))) {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     outcome
 }
 
@@ -257,7 +274,14 @@ fn drive(
     requests: &mpsc::UnboundedSender<Request>,
     progress: impl Fn(Progress),
 ) -> Result<ToolOutcome, ToolError> {
-    let runtime = Runtime::new(RuntimeOptions { cache_dir: options.cache_dir.clone(), fuel: options.limits.fuel.is_some() })?;
+    for dir in &options.dirs {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|source| ToolError::Dir { path: dir.clone(), source })?;
+            tracing::info!(dir = %dir.display(), "created the granted directory");
+        }
+    }
+    let runtime =
+        Runtime::new(RuntimeOptions { cache_dir: options.cache_dir.clone(), fuel: options.limits.fuel.is_some() })?;
     let template = runtime.load_plugin(&options.file, None, options.limits, &options.dirs)?;
     let state: Box<dyn StateStore> = match &options.state {
         Some(dir) => {
@@ -272,13 +296,8 @@ fn drive(
     let name = options.file.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
     let mut sup = Supervisor::start(&name, template, &config, state, canopy::plugin::system_clock())?;
 
-    let mut run = Run {
-        requests,
-        subscribed: HashSet::new(),
-        replaying: HashSet::new(),
-        acks: 0,
-        progress: Progress::default(),
-    };
+    let mut run =
+        Run { requests, subscribed: HashSet::new(), replaying: HashSet::new(), acks: 0, progress: Progress::default() };
     run.settle(&mut sup, &mut events, true, &progress)?;
     let answer = sup.command(&options.args)?;
     run.settle(&mut sup, &mut events, false, &progress)?;
@@ -380,4 +399,3 @@ impl Run<'_> {
         }
     }
 }
-

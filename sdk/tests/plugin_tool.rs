@@ -150,7 +150,9 @@ async fn a_plugin_sees_no_directory_it_was_not_granted() {
     let other = dir.path().join("granted");
     std::fs::create_dir(&other).unwrap();
     let target = secret.display().to_string();
-    let out = plugin_run(&relay, dir.path(), &wasm("dump"), &["--dir", &other.display().to_string()], &["undump", &target]).await;
+    let out =
+        plugin_run(&relay, dir.path(), &wasm("dump"), &["--dir", &other.display().to_string()], &["undump", &target])
+            .await;
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("was it granted with --dir?"), "{}", text(&out.stderr));
     relay.shutdown().await;
@@ -171,6 +173,7 @@ async fn the_same_echo_wasm_serves_in_a_relay_and_asks_as_a_tool() {
         limits: PluginLimits::default(),
         dirs: Vec::new(),
         token: None,
+        dead_letter: None,
     };
     let relay = canopy_relay::Relay::spawn(RelayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -182,7 +185,8 @@ async fn the_same_echo_wasm_serves_in_a_relay_and_asks_as_a_tool() {
     .await
     .unwrap();
     let config = config.to_string();
-    let out = plugin_run(&relay, dir.path(), &wasm("echo"), &["--config", &config], &["request", "hello, plugin"]).await;
+    let out =
+        plugin_run(&relay, dir.path(), &wasm("echo"), &["--config", &config], &["request", "hello, plugin"]).await;
     assert!(out.status.success(), "echo tool failed: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "hello, plugin");
     assert_eq!(relay.plugin_command("echo", &["stats"]).await.unwrap(), Ok("answered 1".into()));
@@ -191,5 +195,64 @@ async fn the_same_echo_wasm_serves_in_a_relay_and_asks_as_a_tool() {
     let out = plugin_run(&relay, dir.path(), &wasm("echo"), &["--config", &config], &["bogus"]).await;
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("usage: request TEXT | stats"), "{}", text(&out.stderr));
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dump_creates_its_directory_whether_its_parent_or_itself_is_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(&dir.path().join("relay")).await;
+    let publisher = client(&relay).await;
+    let chunks: Vec<Chunk> = (0..3u128).map(|i| chunk(UNDER | i, "to be dumped")).collect();
+    publish_all(&publisher, &chunks).await;
+    let dump = wasm("dump");
+
+    // The parent is granted: the plugin creates DIR inside it.
+    let parent = dir.path().join("exports");
+    std::fs::create_dir(&parent).unwrap();
+    let inside = parent.join("today").display().to_string();
+    let out =
+        plugin_run(&relay, dir.path(), &dump, &["--dir", &parent.display().to_string()], &["dump", FILTER, &inside])
+            .await;
+    assert!(out.status.success(), "dump into a new directory under the granted one failed: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("dumped 3 chunks under {FILTER} to {inside}"));
+    assert_eq!(std::fs::read_dir(&inside).unwrap().count(), 3);
+
+    // DIR itself is granted but does not exist yet: the tool creates it before granting it.
+    let granted = dir.path().join("fresh").join("export").display().to_string();
+    let out = plugin_run(&relay, dir.path(), &dump, &["--dir", &granted], &["dump", FILTER, &granted]).await;
+    assert!(out.status.success(), "dump into a granted directory that did not exist failed: {}", text(&out.stderr));
+    assert_eq!(std::fs::read_dir(&granted).unwrap().count(), 3);
+
+    // Still refused once it holds something, unless forced.
+    let out = plugin_run(&relay, dir.path(), &dump, &["--dir", &granted], &["dump", FILTER, &granted]).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("not empty"), "{}", text(&out.stderr));
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_run_isolates_a_poison_chunk_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(&dir.path().join("relay")).await;
+    let publisher = client(&relay).await;
+    const CONTROL: u128 = 0x0a0a << 112;
+    let commands = ["incr", "incr", "trap", "incr"];
+    let chunks: Vec<Chunk> = commands.iter().zip(1u128..).map(|(c, i)| chunk(CONTROL | i, c)).collect();
+    for c in &chunks {
+        publisher.publish(c.clone()).await.unwrap();
+    }
+    let hostile = wasm("hostile");
+    let state = dir.path().join("state").display().to_string();
+    let config = serde_json::json!({ "control": "0x0a0a0000000000000000000000000000/16" }).to_string();
+    // The replay reaches the plugin in batches formed by chance; however they fall, the
+    // run ends at the poison chunk, named, after the chunks before it were taken.
+    let out = plugin_run(&relay, dir.path(), &hostile, &["--config", &config, "--state", &state], &["get"]).await;
+    assert!(!out.status.success());
+    let poison = chunks[2].name().to_string();
+    assert!(text(&out.stderr).contains(&format!("on chunk {poison}")), "{}", text(&out.stderr));
+    let out = plugin_run(&relay, dir.path(), &hostile, &["--state", &state], &["get"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "2");
     relay.shutdown().await;
 }

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 pub use self::core::HostCore;
 pub use self::native::NativeTemplate;
 pub use self::state::{Entry, MAX_KEY, MAX_VALUE, MemoryState, StateStore, Write};
-pub use self::supervisor::{PluginStats, Supervisor};
+pub use self::supervisor::{CallWatch, MAX_DEAD_LETTER_LEN, PluginStats, Supervisor, WatchMark, dead_letter};
 pub use self::wasm::{Runtime, RuntimeOptions, WasmTemplate};
 use crate::{Chunk, Filter, StoreError};
 
@@ -112,7 +112,8 @@ pub fn system_clock() -> Clock {
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Wall-clock budget of one callback, in milliseconds; a callback still running then is
-    /// interrupted (Wasm) and the instance re-created.
+    /// interrupted (Wasm) and the instance re-created, or, since native code cannot be
+    /// interrupted, reported by a watchdog and the plugin quarantined ([`CallWatch`]).
     pub deadline_ms: u64,
     /// Linear memory an instance may grow to, in bytes (Wasm).
     pub memory_bytes: u64,
@@ -237,6 +238,11 @@ pub trait Template: Send + Sync {
     fn describe(&self) -> String;
     /// The plugin's limits.
     fn limits(&self) -> Limits;
+    /// Whether a callback still running at its deadline is interrupted (Wasm). Native code
+    /// cannot be: a watchdog quarantines the plugin instead ([`CallWatch`]).
+    fn interruptible(&self) -> bool {
+        true
+    }
     /// Makes a fresh, uninitialised instance around `core`.
     fn instantiate(&self, core: HostCore) -> Result<Box<dyn Instance>, PluginError>;
 }

@@ -1,7 +1,8 @@
 //! The native host: `cdylib` plugins speaking the C ABI of [`canopy_plugin::abi`].
 //!
 //! Native plugins are the operator's trusted code: they run in the relay's address space at
-//! full speed, with no memory limit and no way to interrupt them. Panics are caught on the
+//! full speed, with no memory limit and no way to interrupt them (a watchdog can only give up
+//! on one that overruns its deadline; see [`CallWatch`](super::CallWatch)). Panics are caught on the
 //! plugin's side of the boundary and count as failures, like a Wasm trap.
 #![allow(unsafe_code)]
 
@@ -63,6 +64,10 @@ impl Template for NativeTemplate {
 
     fn limits(&self) -> Limits {
         self.limits
+    }
+
+    fn interruptible(&self) -> bool {
+        false
     }
 
     fn instantiate(&self, core: HostCore) -> Result<Box<dyn Instance>, PluginError> {

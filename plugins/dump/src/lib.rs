@@ -7,7 +7,8 @@
 //!
 //! `dump` writes every chunk under FILTER to `DIR/<name>.chunk`, one file per chunk: the
 //! 8-byte magic `CNPYCHK1`, the 16-byte name, the 8-byte expiry (unix ms, big-endian), then
-//! the data. It refuses a non-empty DIR unless given `--force`. `undump` publishes every
+//! the data. It creates DIR if it does not exist (its parent must be granted, or DIR itself)
+//! and refuses a non-empty DIR unless given `--force`. `undump` publishes every
 //! chunk file in DIR back, skipping expired ones, and reports what it did.
 
 use std::collections::HashSet;
@@ -65,6 +66,11 @@ impl Plugin for Dump {
                 };
                 let filter: Filter = filter.parse()?;
                 let dir = PathBuf::from(dir);
+                if fs::metadata(&dir).is_err() {
+                    fs::create_dir_all(&dir).map_err(|e| {
+                        format!("cannot create {} (was it or its parent granted with --dir?): {e}", dir.display())
+                    })?;
+                }
                 let present = entries(&dir)?;
                 if !present.is_empty() && !force {
                     return Err(format!(

@@ -90,8 +90,8 @@ enum PluginCommand {
         file: std::path::PathBuf,
         #[command(flatten)]
         relay: RelayArgs,
-        /// Grant the plugin this directory (visible at the same path); repeatable. Nothing
-        /// else of the file system is visible to it.
+        /// Grant the plugin this directory (visible at the same path), creating it if it does
+        /// not exist; repeatable. Nothing else of the file system is visible to it.
         #[arg(long = "dir")]
         dirs: Vec<std::path::PathBuf>,
         /// The plugin's configuration, a JSON object (`"args"` is added to it).
