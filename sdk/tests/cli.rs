@@ -145,3 +145,40 @@ async fn cli_refuses_filter_and_name_text_it_would_have_to_guess() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     relay.shutdown().await;
 }
+
+/// The first thing a new user tried: `canopy sub --mode cached` of a 20,000-chunk range. It
+/// used to stop after about 2,300 chunks with `SlowConsumer`, however fast stdout was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_sub_cached_prints_a_20000_chunk_range_whole() {
+    const N: u128 = 20_000;
+    let team: u128 = 0x0a0b << 112;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use canopy::Store;
+        let mut store = canopy::FjallStore::open(&dir.path().join("store"), u64::MAX).unwrap();
+        let expiry = canopy_sdk::now_ms() + 3_600_000;
+        for n in 0..N {
+            let chunk = canopy_sdk::Chunk::new(canopy_sdk::Name::new(team | n), expiry, &b"x"[..]).unwrap();
+            store.insert(&chunk).unwrap();
+        }
+        store.sync().unwrap();
+    }
+    let relay = relay_at(dir.path(), "127.0.0.1:0".parse().unwrap(), canopy_relay::StoreKind::Fjall).await;
+    let ca = dir.path().join("relay-ca.pem");
+    std::fs::write(&ca, relay.cert_pem()).unwrap();
+    let out = canopy(args(&[
+        "sub",
+        "--relay",
+        &relay.local_addr().to_string(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "0x0a0b0000000000000000000000000000/16",
+        "--mode",
+        "cached",
+    ]))
+    .await;
+    assert!(out.status.success(), "sub failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), N as usize);
+    relay.shutdown().await;
+}
