@@ -26,6 +26,9 @@ cargo run -q --release --locked -p canopy-benches --bin mem-latency -- 4
 # relay-load starts the real relay binary found next to it, so build that first.
 cargo build -q --release --locked -p canopy-relay
 cargo run -q --release --locked -p canopy-benches --bin relay-load -- --connections 50 --subs-per-connection 20 --seconds 2
+# Soak (the real run is 10 minutes, see docs/reliability.md): the same relay binary with the
+# echo Wasm plugin (built above), churning connections and subscriptions; about 20 s.
+cargo run -q --release --locked -p canopy-benches --bin soak -- --seconds 15 --sample 5 --connections 50 --churn 5 --sub-period 3 --rate 500
 # Messaging bench, Canopy only (no Debian packages needed); the full side-by-side run is
 # `bash scripts/install-peers.sh && cargo run --release -p canopy-benches --bin pubsub-bench`.
 cargo run -q --release --locked -p canopy-benches --bin pubsub-bench -- --smoke
