@@ -14,6 +14,8 @@
 //!   says so (the relay stops reading such a link);
 //! - no frame is handed over from a link the node has asked to close ([`Event::Close`]), which
 //!   the harness drains and closes when it chooses;
+//! - it flushes at least once every [`FLUSH_EVERY`] frames handed over, as the relay flushes
+//!   once per turn (acks wait for the flush, so they pile up until it);
 //! - the clock mostly moves forward, sometimes jitters back (the node must take the latest).
 //!
 //! Frames are built structurally, from small spaces of names, ids and sequence numbers so that
@@ -30,6 +32,10 @@ use canopy::{Chunk, Filter, MAX_CHUNK_DATA, MemoryStore, Name};
 const SLOTS: usize = 4;
 /// Most operations one input runs (keeps an execution short).
 const MAX_OPS: usize = 512;
+/// Most frames handed to the node between two flushes. The relay flushes once per turn; the
+/// simulator's transport windows are at most 48 frames. The queue bound's 64 frames of slack
+/// cover the acks released by one flush.
+const FLUSH_EVERY: usize = 48;
 /// This node's relay id.
 const SELF_ID: RelayId = RelayId(1);
 
@@ -60,6 +66,8 @@ struct Harness {
     slots: [Option<Slot>; SLOTS],
     next_link: LinkId,
     now: u64,
+    /// Frames handed over since the last flush.
+    unflushed: usize,
 }
 
 impl Harness {
@@ -84,7 +92,7 @@ impl Harness {
         let capacity = if u.ratio(1, 4)? { u.int_in_range(64..=4096)? } else { UNLIMITED };
         let has_parent = u.arbitrary()?;
         let node = Node::new(config.clone(), MemoryStore::new(capacity), has_parent);
-        Ok(Harness { node, config, has_parent, slots: Default::default(), next_link: 1, now: 1_000 })
+        Ok(Harness { node, config, has_parent, slots: Default::default(), next_link: 1, now: 1_000, unflushed: 0 })
     }
 
     fn run(&mut self, u: &mut Unstructured<'_>) -> Result<()> {
@@ -146,7 +154,7 @@ impl Harness {
                     assert!(frames.len() <= max);
                 }
             }
-            5 => self.node.flush().expect("memory stores sync"),
+            5 => self.flush(),
             6 => {
                 let now = self.clock(u)?;
                 self.node.tick(now).expect("memory stores evict");
@@ -172,9 +180,18 @@ impl Harness {
                 let frame = self.frame(u, side)?;
                 let now = self.clock(u)?;
                 self.node.handle(link, frame, now);
+                self.unflushed += 1;
+                if self.unflushed >= FLUSH_EVERY {
+                    self.flush();
+                }
             }
         }
         Ok(())
+    }
+
+    fn flush(&mut self) {
+        self.node.flush().expect("memory stores sync");
+        self.unflushed = 0;
     }
 
     fn fresh_link(&mut self) -> LinkId {
