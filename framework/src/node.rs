@@ -387,8 +387,10 @@ impl<S: Store> Node<S> {
     /// downstream link's queue is full, which means its peer is not reading what it is sent.
     /// Pausing the reader then pushes back on the peer (through the transport's flow control)
     /// and bounds the acks and errors the node queues for it. The parent is always read: what
-    /// this node sends it is bounded by the outbox window and credit, and pausing both ends of
-    /// a relay link could stall them on each other.
+    /// this node sends it is bounded by the outbox window and credit (one `Credit` per
+    /// upstream subscription at most, merged while queued), a `Subscribe` still queued is
+    /// withdrawn rather than followed by its `Unsubscribe`, and answers about numbers not yet
+    /// sent are ignored; pausing both ends of a relay link could stall them on each other.
     pub fn accepts_input(&self, link: LinkId) -> bool {
         self.links.get(&link).is_some_and(|l| {
             matches!(l.peer, Peer::Parent | Peer::ParentPending) || l.queue.len() < self.config.max_queue
