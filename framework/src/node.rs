@@ -251,6 +251,10 @@ struct Upstream {
     inflight_names: HashSet<Name>,
     /// The refusal that ended the parent session on this link, until the driver takes it.
     refused: Option<(LinkId, ParentRefusal)>,
+    /// The highest number of a `Publish` or `Subscribe` the driver has taken from a parent
+    /// link's queue. Numbers are queued in increasing order, so one above this is still in
+    /// the queue: the parent has not seen it, cannot answer it, and can be spared it.
+    sent: u64,
 }
 
 /// The routing core of one relay. See the [module docs](self).
@@ -381,6 +385,13 @@ impl<S: Store> Node<S> {
         let Some(l) = self.links.get_mut(&link) else { return Vec::new() };
         let n = max.min(l.queue.len());
         let frames: Vec<Frame> = l.queue.drain(..n).collect();
+        if self.up.link == Some(link) {
+            for frame in &frames {
+                if let Frame::Publish { seq: n, .. } | Frame::Subscribe { id: n, .. } = frame {
+                    self.up.sent = self.up.sent.max(*n);
+                }
+            }
+        }
         self.pump(link);
         frames
     }
@@ -394,8 +405,10 @@ impl<S: Store> Node<S> {
     /// downstream link's queue is full, which means its peer is not reading what it is sent.
     /// Pausing the reader then pushes back on the peer (through the transport's flow control)
     /// and bounds the acks and errors the node queues for it. The parent is always read: what
-    /// this node sends it is bounded by the outbox window and credit, and pausing both ends of
-    /// a relay link could stall them on each other.
+    /// this node sends it is bounded by the outbox window and credit (one `Credit` per
+    /// upstream subscription at most, merged while queued), a `Subscribe` still queued is
+    /// withdrawn rather than followed by its `Unsubscribe`, and answers about numbers not yet
+    /// sent are ignored; pausing both ends of a relay link could stall them on each other.
     pub fn accepts_input(&self, link: LinkId) -> bool {
         self.links.get(&link).is_some_and(|l| {
             matches!(l.peer, Peer::Parent | Peer::ParentPending) || l.queue.len() < self.config.max_queue
@@ -505,6 +518,11 @@ impl<S: Store> Node<S> {
                 self.spend_upstream_credit(link, id);
                 self.on_chunk_from_parent(link, chunk, now)
             }
+            // An answer about a number still in our queue is not about anything the parent
+            // received: ignored, like an unknown number. Otherwise a parent acking (or ending)
+            // what it was never sent would let the outbox (or resubscriptions) refill the
+            // queue without bound while the link does not drain.
+            (Peer::Parent, Frame::Ack { seq } | Frame::Error { about: Some(seq), .. }) if seq > self.up.sent => {}
             (Peer::Parent, Frame::Ack { seq }) => self.on_upstream_ack(seq, false),
             (Peer::Parent, Frame::Error { about: Some(seq), .. }) if self.up.inflight.contains_key(&seq) => {
                 // The parent will never take this chunk (conflict, expired, denied): drop it
@@ -961,7 +979,19 @@ impl<S: Store> Node<S> {
         let Some(id) = self.up.subscribed.remove(&filter) else { return };
         self.up.by_id.remove(&id);
         if let Some(link) = self.parent_ready() {
-            self.links.get_mut(&link).expect("parent").queue.push_back(Frame::Unsubscribe { id });
+            let queue = &mut self.links.get_mut(&link).expect("parent").queue;
+            // A `Subscribe` the parent has not been sent yet is withdrawn instead: otherwise a
+            // client subscribing and unsubscribing in a loop while the parent link is slow
+            // would grow its queue by two frames a turn, without bound.
+            let queued = (id > self.up.sent)
+                .then(|| queue.iter().position(|f| matches!(f, Frame::Subscribe { id: i, .. } if *i == id)))
+                .flatten();
+            match queued {
+                Some(pos) => {
+                    queue.remove(pos);
+                }
+                None => queue.push_back(Frame::Unsubscribe { id }),
+            }
         }
     }
 
@@ -973,8 +1003,17 @@ impl<S: Store> Node<S> {
         *used += 1;
         if *used >= window.div_ceil(2) {
             let credit = std::mem::take(used);
-            if let Some(l) = self.links.get_mut(&link) {
-                l.queue.push_back(Frame::Credit { id, credit });
+            let Some(l) = self.links.get_mut(&link) else { return };
+            // Credit adds up, so a grant still queued for this subscription takes this one
+            // too: one `Credit` per subscription in the queue at most, however many
+            // deliveries arrive while the parent link does not drain.
+            let queued = l.queue.iter_mut().rev().find_map(|f| match f {
+                Frame::Credit { id: i, credit } if *i == id => Some(credit),
+                _ => None,
+            });
+            match queued {
+                Some(queued) => *queued = queued.saturating_add(credit),
+                None => l.queue.push_back(Frame::Credit { id, credit }),
             }
         }
     }
@@ -1112,6 +1151,99 @@ fn minimal_cover(sorted: impl IntoIterator<Item = Filter>) -> Vec<Filter> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MemoryStore;
+    use crate::store::UNLIMITED;
+
+    const TEN: u128 = 0x0a << 120;
+
+    /// A node with a parent on link 1 (hello exchanged, queue drained) and a client on link 2.
+    fn child_with_client(config: NodeConfig) -> Node<MemoryStore> {
+        let mut node = Node::new(config, MemoryStore::new(UNLIMITED), true);
+        node.connect_parent(1);
+        let hello = |role, relay_path| Frame::Hello { version: PROTOCOL_VERSION, role, relay_path, token: None };
+        node.handle(1, hello(Role::Relay, vec![RelayId(9)]), 0);
+        node.accept(2);
+        node.handle(2, hello(Role::Client, vec![]), 0);
+        node.drain(1, usize::MAX, 0);
+        node.drain(2, usize::MAX, 0);
+        node
+    }
+
+    fn chunk(name: u128) -> Chunk {
+        Chunk::new(Name::new(name), u64::MAX, vec![1]).unwrap()
+    }
+
+    /// Found working out the bounds the `node` fuzz target checks: a client subscribing and
+    /// unsubscribing in a loop grew the parent link's queue by a `Subscribe` and an `Unsubscribe`
+    /// per turn while the parent link was not draining, and the client's own queue stayed empty, so
+    /// nothing paused it.
+    #[test]
+    fn subscription_churn_does_not_grow_the_parent_queue() {
+        let mut node = child_with_client(NodeConfig::new(RelayId(1)));
+        node.handle(2, Frame::Publish { seq: 0, chunk: chunk(TEN) }, 0);
+        node.flush().unwrap();
+        node.drain(2, usize::MAX, 0);
+        let queued = node.queued(1); // the publish, on its way up
+        let filter = Filter::new(Name::new(TEN), 8).unwrap();
+        for _ in 0..1000 {
+            // Credit 0 and a cached chunk in range: nothing is queued for the client either.
+            node.handle(2, Frame::Subscribe { id: 1, filter, mode: ReplayMode::CachedAndLive, credit: 0 }, 0);
+            node.handle(2, Frame::Unsubscribe { id: 1 }, 0);
+        }
+        assert_eq!(node.queued(1), queued);
+        assert_eq!(node.queued(2), 0);
+        // Once a `Subscribe` has been sent, withdrawing it takes an `Unsubscribe`.
+        node.handle(2, Frame::Subscribe { id: 1, filter, mode: ReplayMode::LiveOnly, credit: 0 }, 0);
+        let sent = node.drain(1, usize::MAX, 0);
+        let Some(Frame::Subscribe { id, .. }) = sent.last() else { panic!("{sent:?}") };
+        node.handle(2, Frame::Unsubscribe { id: 1 }, 0);
+        assert_eq!(node.drain(1, usize::MAX, 0), vec![Frame::Unsubscribe { id: *id }]);
+    }
+
+    /// Found working out the bounds the `node` fuzz target checks: deliveries from the parent while
+    /// its link was not draining queued one `Credit` per half window, without bound. Grants still
+    /// queued now merge.
+    #[test]
+    fn credit_grants_merge_while_queued() {
+        let mut config = NodeConfig::new(RelayId(1));
+        config.upstream_credit = 2;
+        let mut node = child_with_client(config);
+        let filter = Filter::new(Name::new(TEN), 8).unwrap();
+        node.handle(2, Frame::Subscribe { id: 1, filter, mode: ReplayMode::LiveOnly, credit: 0 }, 0);
+        let sent = node.drain(1, usize::MAX, 0);
+        let Some(Frame::Subscribe { id, .. }) = sent.last() else { panic!("{sent:?}") };
+        for i in 0..100 {
+            node.handle(1, Frame::Deliver { id: *id, chunk: chunk(TEN + i) }, 0);
+        }
+        assert_eq!(node.drain(1, usize::MAX, 0), vec![Frame::Credit { id: *id, credit: 100 }]);
+    }
+
+    /// Found working out the bounds the `node` fuzz target checks: a parent acknowledging publishes
+    /// it had not been sent yet emptied the in-flight window, and the outbox refilled the undrained
+    /// queue with another window each time, without bound. Such acks are now ignored.
+    #[test]
+    fn acks_for_publishes_not_yet_sent_are_ignored() {
+        let mut config = NodeConfig::new(RelayId(1));
+        config.outbox_window = 2;
+        let mut node = child_with_client(config);
+        for i in 0..10 {
+            node.handle(2, Frame::Publish { seq: i, chunk: chunk(TEN + u128::from(i)) }, 0);
+        }
+        assert_eq!(node.queued(1), 2);
+        for seq in 0..100 {
+            node.handle(1, Frame::Ack { seq }, 0);
+        }
+        assert_eq!(node.queued(1), 2);
+        assert_eq!(node.store().stats().outbox, 10);
+        // Once sent, the acks count and the outbox drains.
+        let sent = node.drain(1, usize::MAX, 0);
+        for frame in sent {
+            let Frame::Publish { seq, .. } = frame else { panic!("{frame:?}") };
+            node.handle(1, Frame::Ack { seq }, 0);
+        }
+        assert_eq!(node.store().stats().outbox, 8);
+        assert_eq!(node.queued(1), 2);
+    }
 
     #[test]
     fn minimal_cover_drops_covered_filters() {

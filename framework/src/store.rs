@@ -32,6 +32,8 @@ use crate::{Chunk, Filter, Name};
 mod fjall;
 
 pub use self::fjall::FjallStore;
+#[doc(hidden)]
+pub use self::fjall::check_record_decoding;
 #[cfg(feature = "plugin-host")]
 pub use self::fjall::FjallState;
 

@@ -140,6 +140,72 @@ fn decode_unexpired(key: &[u8], value: &[u8], now_ms: u64) -> Result<Option<Chun
     make_chunk(name, expiry, data).map(Some)
 }
 
+/// Feeds the record decoders one corrupt record made of arbitrary bytes and checks them: none
+/// panics, a decode that succeeds is canonical (re-encoding gives back exactly the stored
+/// bytes), and one that fails says `Corrupt`.
+///
+/// The harness of the `store_records` fuzz target and of its regression test
+/// (`framework/tests/fuzz_regressions.rs`); not an API. `data` is read as one byte giving the
+/// key's length (modulo 41), the key, 8 bytes of clock (big-endian, zero-padded), and the
+/// rest as the value.
+#[doc(hidden)]
+pub fn check_record_decoding(data: &[u8]) {
+    let (key_len, rest) = data.split_first().map_or((0, data), |(n, rest)| (usize::from(*n) % 41, rest));
+    let (key, rest) = rest.split_at(key_len.min(rest.len()));
+    let (clock, value) = rest.split_at(8.min(rest.len()));
+    let mut now = [0u8; 8];
+    now[..clock.len()].copy_from_slice(clock);
+    let now_ms = u64::from_be_bytes(now);
+    let corrupt_only = |err: StoreError| {
+        assert!(matches!(err, StoreError::Corrupt { .. }), "not `Corrupt`: {err:?}");
+        assert!(!err.to_string().is_empty());
+    };
+
+    // Name keys of the `chunks` and `outbox` keyspaces.
+    for keyspace in [CHUNKS, OUTBOX] {
+        match decode_name(keyspace, key) {
+            Ok(name) => assert_eq!(name.to_bytes().as_slice(), key),
+            Err(err) => {
+                assert_ne!(key.len(), 16, "a 16-byte key is a name");
+                corrupt_only(err);
+            }
+        }
+    }
+    // Keys of the `expiry` index.
+    match decode_expiry_key(key) {
+        Ok((expiry, name)) => assert_eq!(expiry_key(expiry, name).as_slice(), key),
+        Err(err) => {
+            assert_ne!(key.len(), 24, "a 24-byte key is an expiry entry");
+            corrupt_only(err);
+        }
+    }
+    // A `chunks` record as scans read it.
+    match decode_unexpired(key, value, now_ms) {
+        Ok(Some(chunk)) => {
+            assert_eq!(chunk.name().to_bytes().as_slice(), key);
+            assert!(chunk.expiry() > now_ms, "an expired chunk was returned");
+            assert_eq!(encode_value(&chunk), value);
+        }
+        Ok(None) => {
+            let expiry = value.first_chunk::<8>().map(|e| u64::from_be_bytes(*e));
+            assert!(expiry.is_some_and(|e| e <= now_ms), "an unexpired record was skipped");
+        }
+        Err(err) => corrupt_only(err),
+    }
+    // The same value as `get` reads it (no expiry check).
+    let name = Name::new(u128::from_be_bytes(now.repeat(2).try_into().expect("16 bytes")));
+    match split_value(name, value).and_then(|(expiry, data)| make_chunk(name, expiry, data)) {
+        Ok(chunk) => {
+            assert_eq!(chunk.name(), name);
+            assert_eq!(encode_value(&chunk), value);
+        }
+        Err(err) => {
+            assert!(value.len() < 8 || value.len() > 8 + crate::MAX_CHUNK_DATA, "a valid value was refused");
+            corrupt_only(err);
+        }
+    }
+}
+
 impl FjallStore {
     /// Opens (creating if needed) the store in directory `dir`, holding at most `capacity`
     /// bytes (see [`stored_size`]); [`super::UNLIMITED`] never evicts.
