@@ -35,4 +35,6 @@ pub use chunk::{Chunk, ChunkError, MAX_CHUNK_DATA};
 pub use matcher::SubscriptionTable;
 pub use name::{Filter, Name, NameError};
 pub use schema::{MESSENGER_LAYOUT, Schema, SchemaError};
-pub use store::{FjallStore, InsertOutcome, MemoryStore, Store, StoreError, StoreStats};
+#[cfg(not(target_arch = "wasm32"))]
+pub use store::FjallStore;
+pub use store::{InsertOutcome, MemoryStore, Store, StoreError, StoreStats};

@@ -29,9 +29,14 @@ use std::ops::ControlFlow;
 
 use crate::{Chunk, Filter, Name};
 
+// fjall needs a file system and threads; the core's other parts also build for Wasm guests
+// (the messenger's member plugin packs names with the same `Schema`).
+#[cfg(not(target_arch = "wasm32"))]
 mod fjall;
 
+#[cfg(not(target_arch = "wasm32"))]
 pub use self::fjall::FjallStore;
+#[cfg(not(target_arch = "wasm32"))]
 #[doc(hidden)]
 pub use self::fjall::check_record_decoding;
 #[cfg(feature = "plugin-host")]

@@ -1,0 +1,287 @@
+//! The committer: device 0 of every team, run by the `member` plugin for the org's admin.
+//!
+//! It is the only member that commits, so a team's epochs form one line and never fork. It
+//! creates teams, adds devices by hKP, creates channels, and numbers devices: the next
+//! device id lives in the team record and only grows, so ids are never reused even though
+//! MLS reuses the leaf of a removed member.
+
+use std::collections::BTreeMap;
+
+use canopy::Name;
+use openmls::prelude::tls_codec::Serialize as _;
+use openmls::prelude::*;
+
+use crate::engine::{self, Engine, MlsError, mls, record_extensions, record_of};
+use crate::fragment;
+use crate::names::{DEVICE_TEAM, MANAGEMENT_CHANNEL, MAX_TEAM, Org, Path};
+use crate::payload::{Lifetimes, TeamRecord, valid_label};
+use crate::seal::{Backend, Key};
+
+/// A chunk to publish: what the committer and devices hand to the network.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Outgoing {
+    /// Its name.
+    pub name: Name,
+    /// When it expires, unix ms.
+    pub expiry_ms: u64,
+    /// Its data (a fragment).
+    pub data: Vec<u8>,
+}
+
+/// One team, as `teams` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TeamSummary {
+    /// Team id.
+    pub id: u32,
+    /// Team name.
+    pub name: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Devices in the team, the committer included.
+    pub devices: usize,
+}
+
+/// The result of adding a device.
+#[derive(Debug, Clone)]
+pub struct Added {
+    /// The new device's id in the team.
+    pub device: u32,
+    /// The epoch its commit creates.
+    pub epoch: u64,
+    /// The commit and welcome fragments to publish.
+    pub outgoing: Vec<Outgoing>,
+}
+
+const LAST: &[u8] = b"last/";
+
+/// The committer's state.
+pub struct Committer<B: Backend> {
+    engine: Engine<B>,
+    org: Org,
+    /// The last commit (and welcome) of each team, published again on every run until the
+    /// next one replaces it, in case the run that made it ended before the relay took it.
+    last: BTreeMap<u32, Vec<Outgoing>>,
+}
+
+impl<B: Backend> Committer<B> {
+    /// Opens the committer's sealed state.
+    pub fn open(key: Key, backend: B, org: Org) -> Result<Committer<B>, MlsError> {
+        let (engine, contents) = Engine::open(key, backend, "device-0")?;
+        let mut last = BTreeMap::new();
+        for (k, v) in &contents.app {
+            if let Some(team) = k.strip_prefix(LAST).and_then(|t| std::str::from_utf8(t).ok()?.parse::<u32>().ok()) {
+                let out: Vec<Outgoing> = serde_json::from_slice(v).map_err(|e| MlsError::Malformed { what: "state", detail: e.to_string() })?;
+                last.insert(team, out);
+            }
+        }
+        Ok(Committer { engine, org, last })
+    }
+
+    /// The org.
+    pub fn org(&self) -> &Org {
+        &self.org
+    }
+
+    /// What to publish again: the latest commit and welcome of every team.
+    pub fn republish(&self) -> Vec<Outgoing> {
+        self.last.values().flatten().cloned().collect()
+    }
+
+    fn group(&self, team: u32) -> Result<MlsGroup, MlsError> {
+        self.engine.group(&self.org, team)?.ok_or_else(|| MlsError::UnknownTeam(team.to_string()))
+    }
+
+    /// Every team's summary, in id order.
+    pub fn teams(&self) -> Result<Vec<TeamSummary>, MlsError> {
+        let mut out = Vec::new();
+        for team in self.team_ids()? {
+            let group = self.group(team)?;
+            let record = record_of(&group)?;
+            out.push(TeamSummary { id: team, name: record.name, epoch: group.epoch().as_u64(), devices: record.devices.len() });
+        }
+        Ok(out)
+    }
+
+    fn team_ids(&self) -> Result<Vec<u32>, MlsError> {
+        let mut ids = Vec::new();
+        let mut team = DEVICE_TEAM;
+        // Teams are numbered densely from 1, so the first missing group ends the list.
+        while team <= MAX_TEAM && self.engine.group(&self.org, team)?.is_some() {
+            ids.push(team);
+            team += 1;
+        }
+        Ok(ids)
+    }
+
+    /// A team's id, from its id text or its name.
+    pub fn resolve(&self, which: &str) -> Result<u32, MlsError> {
+        let teams = self.teams()?;
+        let found = if !which.is_empty() && which.bytes().all(|b| b.is_ascii_digit()) {
+            teams.iter().find(|t| t.id.to_string() == which)
+        } else {
+            teams.iter().find(|t| t.name == which)
+        };
+        found.map(|t| t.id).ok_or_else(|| MlsError::UnknownTeam(which.to_string()))
+    }
+
+    /// `org init`: creates team 1, which carries the org's device management.
+    pub fn org_init(&mut self) -> Result<(), MlsError> {
+        if self.engine.group(&self.org, DEVICE_TEAM)?.is_some() {
+            return Err(MlsError::BadName(format!("org {} is already initialised", self.org.org())));
+        }
+        self.new_team(DEVICE_TEAM, "devices", Lifetimes::default())
+    }
+
+    /// `team create NAME`: a new team with the committer as device 0. Returns its id.
+    pub fn create_team(&mut self, name: &str, lifetimes: Lifetimes) -> Result<u32, MlsError> {
+        if !valid_label(name) {
+            return Err(MlsError::BadName(format!("{name:?} cannot name a team (not all digits, no '/', 1-64 bytes)")));
+        }
+        let ids = self.team_ids()?;
+        if ids.is_empty() {
+            return Err(MlsError::BadName("the org is not initialised: run `admin org init` first".into()));
+        }
+        if self.teams()?.iter().any(|t| t.name == name) {
+            return Err(MlsError::BadName(format!("a team named {name:?} exists")));
+        }
+        let team = ids.len() as u32 + 1;
+        self.new_team(team, name, lifetimes)?;
+        Ok(team)
+    }
+
+    fn new_team(&mut self, team: u32, name: &str, lifetimes: Lifetimes) -> Result<(), MlsError> {
+        let record = TeamRecord {
+            org: self.org.org(),
+            team,
+            name: name.to_string(),
+            lifetimes,
+            channels: BTreeMap::new(),
+            next_device: 1,
+            devices: [(0, 0)].into(),
+        };
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(engine::CIPHERSUITE)
+            .capabilities(engine::capabilities())
+            .max_past_epochs(engine::MAX_PAST_EPOCHS)
+            .sender_ratchet_configuration(SenderRatchetConfiguration::new(engine::OUT_OF_ORDER_TOLERANCE, engine::MAX_FORWARD_DISTANCE))
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .with_group_context_extensions(record_extensions(&record)?)
+            .build();
+        let e = &mut self.engine;
+        MlsGroup::new_with_group_id(&e.provider, &e.signer, &config, engine::group_id(&self.org, team), e.credential.clone()).map_err(mls)?;
+        e.persist()
+    }
+
+    /// A team's devices: `(device id, leaf index)`, in device order.
+    pub fn devices(&self, team: u32) -> Result<Vec<(u32, u32)>, MlsError> {
+        let record = record_of(&self.group(team)?)?;
+        let mut out: Vec<(u32, u32)> = record.devices.iter().map(|(leaf, dev)| (*dev, *leaf)).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// A team's record.
+    pub fn record(&self, team: u32) -> Result<TeamRecord, MlsError> {
+        record_of(&self.group(team)?)
+    }
+
+    /// `team add TEAM HKP`: verifies that `key_package` hashes to `hkp`, commits its add
+    /// together with the team record that numbers it, and returns the commit and the
+    /// welcome to publish.
+    pub fn add_device(&mut self, team: u32, key_package: &[u8], hkp: &[u8], now_ms: u64) -> Result<Added, MlsError> {
+        let mut group = self.group(team)?;
+        let kp = engine::verify_key_package(self.engine.provider.crypto(), key_package, hkp)?;
+        if group.members().any(|m| m.signature_key == kp.leaf_node().signature_key().as_slice()) {
+            return Err(MlsError::BadName(format!("the device of key package {} is already in team {team}", engine::hex(hkp))));
+        }
+        let mut record = record_of(&group)?;
+        // RFC 9420 §12.1.1: an Add takes the leftmost blank leaf, or extends the tree, which
+        // is the smallest index no member holds.
+        let taken: std::collections::BTreeSet<u32> = group.members().map(|m| m.index.u32()).collect();
+        let leaf = (0..).find(|i| !taken.contains(i)).expect("a free index exists");
+        let device = record.next_device;
+        record.next_device += 1;
+        record.devices.insert(leaf, device);
+        let signature_key = kp.leaf_node().signature_key().as_slice().to_vec();
+        let (commit, welcome) = self.commit(&mut group, vec![kp], &record)?;
+        let placed = group.member_at(LeafNodeIndex::new(leaf)).is_some_and(|m| m.signature_key == signature_key);
+        if !placed {
+            return Err(MlsError::Mls(format!("the new member did not land on leaf {leaf}")));
+        }
+        let epoch = group.epoch().as_u64();
+        let mut outgoing = self.commit_chunks(team, epoch, &commit, record.lifetimes.commit_ms, now_ms)?;
+        let welcome = welcome.ok_or_else(|| MlsError::Mls("an add produced no welcome".into()))?;
+        for (i, data) in fragment::split(Path::Welcome, &welcome)?.into_iter().enumerate() {
+            outgoing.push(Outgoing { name: self.org.welcome(hkp, i as u16), expiry_ms: now_ms + record.lifetimes.welcome_ms, data });
+        }
+        self.remember(team, &outgoing)?;
+        Ok(Added { device, epoch, outgoing })
+    }
+
+    /// `channel create TEAM NAME`: commits the team record with the new channel. Returns the
+    /// channel id, the epoch, and the commit to publish.
+    pub fn create_channel(&mut self, team: u32, name: &str, now_ms: u64) -> Result<(u16, u64, Vec<Outgoing>), MlsError> {
+        if !valid_label(name) {
+            return Err(MlsError::BadName(format!("{name:?} cannot name a channel (not all digits, no '/', 1-64 bytes)")));
+        }
+        let mut group = self.group(team)?;
+        let mut record = record_of(&group)?;
+        if record.channels.values().any(|n| n == name) {
+            return Err(MlsError::BadName(format!("team {team} already has a channel named {name:?}")));
+        }
+        let channel = record.channels.keys().next_back().map_or(MANAGEMENT_CHANNEL + 1, |c| c + 1);
+        if channel > crate::names::MAX_CHANNEL {
+            return Err(MlsError::BadName(format!("team {team} has no channel ids left")));
+        }
+        record.channels.insert(channel, name.to_string());
+        let (commit, _) = self.commit(&mut group, vec![], &record)?;
+        let epoch = group.epoch().as_u64();
+        let outgoing = self.commit_chunks(team, epoch, &commit, record.lifetimes.commit_ms, now_ms)?;
+        self.remember(team, &outgoing)?;
+        Ok((channel, epoch, outgoing))
+    }
+
+    fn commit(&mut self, group: &mut MlsGroup, adds: Vec<KeyPackage>, record: &TeamRecord) -> Result<(Vec<u8>, Option<Vec<u8>>), MlsError> {
+        let e = &mut self.engine;
+        let bundle = group
+            .commit_builder()
+            .propose_adds(adds)
+            .propose_group_context_extensions(record_extensions(record)?)
+            .map_err(mls)?
+            .load_psks(e.provider.storage())
+            .map_err(mls)?
+            .build(e.provider.rand(), e.provider.crypto(), &e.signer, |_| true)
+            .map_err(mls)?
+            .stage_commit(&e.provider)
+            .map_err(mls)?;
+        let commit = bundle.commit().tls_serialize_detached().map_err(mls)?;
+        let welcome = match bundle.to_welcome_msg() {
+            Some(w) => Some(w.tls_serialize_detached().map_err(mls)?),
+            None => None,
+        };
+        group.merge_pending_commit(&e.provider).map_err(mls)?;
+        Ok((commit, welcome))
+    }
+
+    fn commit_chunks(&self, team: u32, epoch: u64, commit: &[u8], ttl: u64, now_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
+        let pieces = fragment::split(Path::Commit, commit)?;
+        if pieces.len() > usize::from(crate::names::MAX_COMMIT_FRAGMENT) + 1 {
+            return Err(MlsError::Fragment(fragment::FragmentError::TooLarge(commit.len())));
+        }
+        pieces
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| Ok(Outgoing { name: self.org.commit(team, epoch, i as u16)?, expiry_ms: now_ms + ttl, data }))
+            .collect()
+    }
+
+    /// Persists the merged group together with what it must publish, in one batch: a crash
+    /// can lose neither without the other.
+    fn remember(&mut self, team: u32, outgoing: &[Outgoing]) -> Result<(), MlsError> {
+        let key = [LAST, team.to_string().as_bytes()].concat();
+        self.engine.vault.put(&key, &serde_json::to_vec(outgoing).expect("serializable"));
+        self.last.insert(team, outgoing.to_vec());
+        self.engine.persist()
+    }
+}

@@ -1,0 +1,222 @@
+//! What the committer and a member device share: the MLS provider whose state is sealed in a
+//! [`Vault`], the device's signing identity, and the group configuration every team uses.
+
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+
+use crate::names::Org;
+use crate::payload::{PayloadError, TEAM_EXTENSION, TeamRecord};
+use crate::seal::{Backend, Contents, Key, SealError, Vault};
+
+/// The one ciphersuite the messenger speaks.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// Past epochs whose secrets a member keeps, so messages sent just before a commit still
+/// decrypt after it (openmls keeps none by default).
+pub const MAX_PAST_EPOCHS: usize = 8;
+/// Messages of one sender that may arrive out of order within an epoch.
+pub const OUT_OF_ORDER_TOLERANCE: u32 = 256;
+/// How far ahead of the last message of a sender a message may be.
+pub const MAX_FORWARD_DISTANCE: u32 = 10_000;
+
+/// Why an MLS operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MlsError {
+    /// Sealed storage failed.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// openmls refused or failed.
+    #[error("MLS: {0}")]
+    Mls(String),
+    /// Bytes that are not the MLS object expected.
+    #[error("malformed {what}: {detail}")]
+    Malformed {
+        /// What was expected.
+        what: &'static str,
+        /// Why it was refused.
+        detail: String,
+    },
+    /// A key package whose hash is not the hKP given.
+    #[error("the key package's hKP is {found}, not {expected}")]
+    HkpMismatch {
+        /// The hKP asked for.
+        expected: String,
+        /// The key package's own.
+        found: String,
+    },
+    /// An unknown team.
+    #[error("unknown team {0}")]
+    UnknownTeam(String),
+    /// An unknown channel.
+    #[error("unknown channel {0}")]
+    UnknownChannel(String),
+    /// A team or channel name that cannot be used.
+    #[error("{0}")]
+    BadName(String),
+    /// The team record in a group is missing or malformed.
+    #[error("team record: {0}")]
+    Record(#[from] PayloadError),
+    /// A name field overflowed.
+    #[error(transparent)]
+    Name(#[from] crate::names::NameError),
+    /// A fragment problem.
+    #[error(transparent)]
+    Fragment(#[from] crate::fragment::FragmentError),
+}
+
+pub(crate) fn mls<E: std::fmt::Display>(e: E) -> MlsError {
+    MlsError::Mls(e.to_string())
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads lowercase or uppercase hex; `None` if it is not hex.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// The MLS group id of `team` in `org`: `canopy-msg` ‖ origin (3 bytes) ‖ org (4) ‖ team (4).
+pub fn group_id(org: &Org, team: u32) -> GroupId {
+    let mut id = b"canopy-msg".to_vec();
+    id.extend_from_slice(&org.origin().to_be_bytes()[1..]);
+    id.extend_from_slice(&org.org().to_be_bytes());
+    id.extend_from_slice(&team.to_be_bytes());
+    GroupId::from_slice(&id)
+}
+
+/// Leaf capabilities: the team record's extension type must be supported by every member.
+pub fn capabilities() -> Capabilities {
+    Capabilities::new(None, Some(&[CIPHERSUITE]), Some(&[ExtensionType::Unknown(TEAM_EXTENSION)]), None, Some(&[CredentialType::Basic]))
+}
+
+/// How every member runs a team's group.
+pub fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .sender_ratchet_configuration(SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAX_FORWARD_DISTANCE))
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .build()
+}
+
+/// The group context extensions carrying `record`.
+pub fn record_extensions(record: &TeamRecord) -> Result<Extensions<GroupContext>, MlsError> {
+    // Required capabilities make every joiner's key package declare support for the record.
+    let required = RequiredCapabilitiesExtension::new(&[ExtensionType::Unknown(TEAM_EXTENSION)], &[], &[CredentialType::Basic]);
+    Extensions::from_vec(vec![
+        Extension::RequiredCapabilities(required),
+        Extension::Unknown(TEAM_EXTENSION, UnknownExtension(record.encode())),
+    ])
+    .map_err(mls)
+}
+
+/// The team record a group carries.
+pub fn record_of(group: &MlsGroup) -> Result<TeamRecord, MlsError> {
+    let ext = group.extensions().unknown(TEAM_EXTENSION).ok_or(MlsError::Malformed { what: "group", detail: "no team record".into() })?;
+    Ok(TeamRecord::decode(&ext.0)?)
+}
+
+/// The MLS state of one device (or of the committer), sealed at rest.
+pub struct Engine<B: Backend> {
+    pub(crate) provider: OpenMlsRustCrypto,
+    pub(crate) vault: Vault<B>,
+    pub(crate) signer: SignatureKeyPair,
+    pub(crate) credential: CredentialWithKey,
+}
+
+const IDENTITY: &[u8] = b"identity";
+
+impl<B: Backend> Engine<B> {
+    /// Opens the state sealed in `backend` with `key`, creating a signing identity labelled
+    /// `label` on first use. Returns the application records too.
+    pub fn open(key: Key, backend: B, label: &str) -> Result<(Engine<B>, Contents), MlsError> {
+        let (mut vault, contents) = Vault::open(key, backend)?;
+        let provider = OpenMlsRustCrypto::default();
+        provider.storage().values.write().expect("openmls storage lock").extend(contents.mls.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let scheme = CIPHERSUITE.signature_algorithm();
+        let (signer, identity) = match contents.app.get(IDENTITY) {
+            Some(public) => {
+                let (identity, public) = split_identity(public)?;
+                let signer = SignatureKeyPair::read(provider.storage(), public, scheme)
+                    .ok_or(MlsError::Malformed { what: "state", detail: "the signing key is missing".into() })?;
+                (signer, identity)
+            }
+            None => {
+                let signer = SignatureKeyPair::new(scheme).map_err(mls)?;
+                signer.store(provider.storage()).map_err(mls)?;
+                let mut record = (label.len() as u16).to_be_bytes().to_vec();
+                record.extend_from_slice(label.as_bytes());
+                record.extend_from_slice(signer.public());
+                vault.put(IDENTITY, &record);
+                vault.stage_mls(provider.storage());
+                vault.commit()?;
+                (signer, label.as_bytes().to_vec())
+            }
+        };
+        let credential = CredentialWithKey { credential: BasicCredential::new(identity).into(), signature_key: signer.to_public_vec().into() };
+        Ok((Engine { provider, vault, signer, credential }, contents))
+    }
+
+    /// The device's public signature key.
+    pub fn public_key(&self) -> &[u8] {
+        self.signer.public()
+    }
+
+    /// Stages the MLS changes of the operation just done and writes them, with whatever
+    /// application records were staged, as one batch.
+    pub fn persist(&mut self) -> Result<(), MlsError> {
+        self.vault.stage_mls(self.provider.storage());
+        Ok(self.vault.commit()?)
+    }
+
+    /// Loads a team's group.
+    pub fn group(&self, org: &Org, team: u32) -> Result<Option<MlsGroup>, MlsError> {
+        MlsGroup::load(self.provider.storage(), &group_id(org, team)).map_err(mls)
+    }
+
+    /// A fresh single-use key package: its serialized form and its hKP.
+    pub fn key_package(&mut self, last_resort: bool) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+        let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
+        if last_resort {
+            builder = builder.mark_as_last_resort();
+        }
+        let bundle = builder.build(CIPHERSUITE, &self.provider, &self.signer, self.credential.clone()).map_err(mls)?;
+        let kp = bundle.key_package();
+        let hkp = kp.hash_ref(self.provider.crypto()).map_err(mls)?.as_slice().to_vec();
+        let bytes = MlsMessageOut::from(kp.clone()).tls_serialize_detached().map_err(mls)?;
+        self.persist()?;
+        Ok((bytes, hkp))
+    }
+}
+
+fn split_identity(record: &[u8]) -> Result<(Vec<u8>, &[u8]), MlsError> {
+    let bad = || MlsError::Malformed { what: "identity record", detail: "truncated".into() };
+    let n = usize::from(u16::from_be_bytes(record.get(..2).ok_or_else(bad)?.try_into().expect("2 bytes")));
+    let label = record.get(2..2 + n).ok_or_else(bad)?.to_vec();
+    Ok((label, record.get(2 + n..).ok_or_else(bad)?))
+}
+
+/// Reads a serialized key package, checks its signature, and checks that its hKP is `hkp`.
+pub fn verify_key_package(crypto: &impl openmls_traits::crypto::OpenMlsCrypto, bytes: &[u8], hkp: &[u8]) -> Result<KeyPackage, MlsError> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Malformed { what: "key package", detail: e.to_string() })?;
+    let kp_in = match msg.extract() {
+        MlsMessageBodyIn::KeyPackage(kp) => kp,
+        _ => return Err(MlsError::Malformed { what: "key package", detail: "another kind of MLS message".into() }),
+    };
+    let kp = kp_in.validate(crypto, ProtocolVersion::Mls10).map_err(|e| MlsError::Malformed { what: "key package", detail: e.to_string() })?;
+    let found = kp.hash_ref(crypto).map_err(mls)?;
+    if found.as_slice() != hkp {
+        return Err(MlsError::HkpMismatch { expected: hex(hkp), found: hex(found.as_slice()) });
+    }
+    if kp.ciphersuite() != CIPHERSUITE {
+        return Err(MlsError::Malformed { what: "key package", detail: format!("ciphersuite {:?}", kp.ciphersuite()) });
+    }
+    Ok(kp)
+}

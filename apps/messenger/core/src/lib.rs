@@ -1,0 +1,28 @@
+//! # The messenger's shared core
+//!
+//! Everything the messenger's **Secure** process and the **`member`** plugin (the org
+//! admin's committer) have in common, written once:
+//! - [`names`]: where every object lives in the 128-bit name space;
+//! - [`fragment`]: objects larger than a chunk, split and reassembled with checks;
+//! - [`payload`]: message payloads and the team record, byte for byte;
+//! - [`seal`]: encryption at rest, over a narrow key/value [`seal::Backend`];
+//! - [`engine`], [`committer`] and [`device`]: MLS (openmls, ciphersuite
+//!   `MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519`) for the committer and for a member
+//!   device.
+//!
+//! It has no network code, and builds for `wasm32-wasip2` as well as the host.
+
+pub mod committer;
+pub mod device;
+pub mod engine;
+pub mod fragment;
+pub mod names;
+pub mod payload;
+pub mod seal;
+
+pub use committer::{Committer, Outgoing};
+pub use device::{Device, Event, Shown};
+pub use engine::MlsError;
+pub use names::Org;
+pub use payload::{Message, MsgRef, TeamRecord};
+pub use seal::{Key, MemoryBackend};

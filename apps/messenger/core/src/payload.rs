@@ -1,0 +1,342 @@
+//! What travels inside MLS: message payloads, and the team record every member holds.
+//!
+//! Both are small hand-written binary formats, documented byte for byte so that another
+//! client can interoperate. Integers are big-endian; a string is its UTF-8 bytes after a
+//! length (`u16` unless said otherwise).
+//!
+//! **Message** (the plaintext of an MLS application message):
+//!
+//! | size | field |
+//! |---|---|
+//! | 1 | version, `1` |
+//! | 1 | kind, `1` (text) |
+//! | 8 | creation time, unix ms |
+//! | 1 | flags: bit 0 `reply_to` present, bit 1 `replaces` present |
+//! | 8 | `reply_to`: device `u32`, msg `u32` (if flagged) |
+//! | 8 | `replaces`: device `u32`, msg `u32` (if flagged) |
+//! | … | the text, UTF-8, to the end (at most [`MAX_TEXT`] bytes) |
+//!
+//! A message id inside a channel is `(device, msg)`: the sending device and the message
+//! number of the message's first fragment. `reply_to` and `replaces` refer to messages of
+//! the same channel.
+//!
+//! **Team record** (the group context extension [`TEAM_EXTENSION`], so every member
+//! holds the same one, authenticated by MLS, from the welcome on):
+//!
+//! | size | field |
+//! |---|---|
+//! | 1 | version, `1` |
+//! | 4 | org |
+//! | 4 | team |
+//! | 2+n | team name |
+//! | 8 ×4 | lifetimes in ms: messages, commits, welcomes, key packages |
+//! | 2 | channel count, then per channel: id `u16`, name |
+//! | 4 | next device id |
+//! | 4 | device count, then per device: leaf index `u32`, device id `u32` |
+
+use std::collections::BTreeMap;
+
+/// The largest text a message carries, in bytes.
+pub const MAX_TEXT: usize = 16 * 1024;
+/// The group context extension type of the [`TeamRecord`] (private-use range).
+pub const TEAM_EXTENSION: u16 = 0xff0a;
+/// Default lifetime of messages and commits: 90 days.
+pub const DEFAULT_MESSAGE_TTL_MS: u64 = 90 * 24 * 3600 * 1000;
+/// Default lifetime of welcomes and key packages: 30 days.
+pub const DEFAULT_JOIN_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Why bytes could not be read as a payload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// Too few bytes.
+    #[error("the payload ends early")]
+    Truncated,
+    /// A version or kind this code does not read.
+    #[error("unsupported payload version {version}, kind {kind}")]
+    Unsupported {
+        /// Version byte.
+        version: u8,
+        /// Kind byte.
+        kind: u8,
+    },
+    /// Text that is not UTF-8.
+    #[error("the text is not UTF-8")]
+    Utf8,
+    /// A text over [`MAX_TEXT`].
+    #[error("the text is {0} bytes; the limit is {MAX_TEXT}")]
+    TooLong(usize),
+    /// Bytes left after the record.
+    #[error("{0} bytes follow the record")]
+    Trailing(usize),
+}
+
+/// A message inside a channel: `(device, msg)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct MsgRef {
+    /// The sending device.
+    pub device: u32,
+    /// The message number of its first fragment.
+    pub msg: u32,
+}
+
+/// A text message, as its sender wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    /// When it was written, unix ms (the sender's clock).
+    pub created_ms: u64,
+    /// The message this one answers.
+    pub reply_to: Option<MsgRef>,
+    /// The message this one edits (honoured only from the same device).
+    pub replaces: Option<MsgRef>,
+    /// The text.
+    pub text: String,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PayloadError> {
+        if self.bytes.len() < n {
+            return Err(PayloadError::Truncated);
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, PayloadError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, PayloadError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, PayloadError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, PayloadError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn string(&mut self) -> Result<String, PayloadError> {
+        let n = self.u16()?;
+        String::from_utf8(self.take(n.into())?.to_vec()).map_err(|_| PayloadError::Utf8)
+    }
+    fn end(&self) -> Result<(), PayloadError> {
+        if self.bytes.is_empty() { Ok(()) } else { Err(PayloadError::Trailing(self.bytes.len())) }
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+impl Message {
+    /// Encodes the message; fails if the text is over [`MAX_TEXT`].
+    pub fn encode(&self) -> Result<Vec<u8>, PayloadError> {
+        if self.text.len() > MAX_TEXT {
+            return Err(PayloadError::TooLong(self.text.len()));
+        }
+        let mut out = Vec::with_capacity(27 + self.text.len());
+        out.extend_from_slice(&[1, 1]);
+        out.extend_from_slice(&self.created_ms.to_be_bytes());
+        out.push(u8::from(self.reply_to.is_some()) | (u8::from(self.replaces.is_some()) << 1));
+        for r in [self.reply_to, self.replaces].into_iter().flatten() {
+            out.extend_from_slice(&r.device.to_be_bytes());
+            out.extend_from_slice(&r.msg.to_be_bytes());
+        }
+        out.extend_from_slice(self.text.as_bytes());
+        Ok(out)
+    }
+
+    /// Decodes a message. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Message, PayloadError> {
+        let mut r = Reader { bytes };
+        let (version, kind) = (r.u8()?, r.u8()?);
+        if (version, kind) != (1, 1) {
+            return Err(PayloadError::Unsupported { version, kind });
+        }
+        let created_ms = r.u64()?;
+        let flags = r.u8()?;
+        let mut refs = [None, None];
+        for (bit, slot) in refs.iter_mut().enumerate() {
+            if flags & (1 << bit) != 0 {
+                *slot = Some(MsgRef { device: r.u32()?, msg: r.u32()? });
+            }
+        }
+        if r.bytes.len() > MAX_TEXT {
+            return Err(PayloadError::TooLong(r.bytes.len()));
+        }
+        let text = String::from_utf8(r.bytes.to_vec()).map_err(|_| PayloadError::Utf8)?;
+        Ok(Message { created_ms, reply_to: refs[0], replaces: refs[1], text })
+    }
+}
+
+/// Lifetimes of what a team publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lifetimes {
+    /// Messages, ms.
+    pub message_ms: u64,
+    /// Commits, ms.
+    pub commit_ms: u64,
+    /// Welcomes, ms.
+    pub welcome_ms: u64,
+    /// Key packages, ms.
+    pub key_package_ms: u64,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Lifetimes {
+            message_ms: DEFAULT_MESSAGE_TTL_MS,
+            commit_ms: DEFAULT_MESSAGE_TTL_MS,
+            welcome_ms: DEFAULT_JOIN_TTL_MS,
+            key_package_ms: DEFAULT_JOIN_TTL_MS,
+        }
+    }
+}
+
+/// What every member of a team knows about it, carried in the group context.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TeamRecord {
+    /// The org.
+    pub org: u32,
+    /// The team.
+    pub team: u32,
+    /// The team's name.
+    pub name: String,
+    /// Lifetimes of what the team publishes.
+    pub lifetimes: Lifetimes,
+    /// Channel id → name.
+    pub channels: BTreeMap<u16, String>,
+    /// The device id the next added device gets: ids are never reused within a team.
+    pub next_device: u32,
+    /// MLS leaf index → device id, for every current member.
+    pub devices: BTreeMap<u32, u32>,
+}
+
+impl TeamRecord {
+    /// Encodes the record.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![1];
+        out.extend_from_slice(&self.org.to_be_bytes());
+        out.extend_from_slice(&self.team.to_be_bytes());
+        put_string(&mut out, &self.name);
+        for v in [self.lifetimes.message_ms, self.lifetimes.commit_ms, self.lifetimes.welcome_ms, self.lifetimes.key_package_ms] {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+        out.extend_from_slice(&(self.channels.len() as u16).to_be_bytes());
+        for (id, name) in &self.channels {
+            out.extend_from_slice(&id.to_be_bytes());
+            put_string(&mut out, name);
+        }
+        out.extend_from_slice(&self.next_device.to_be_bytes());
+        out.extend_from_slice(&(self.devices.len() as u32).to_be_bytes());
+        for (leaf, device) in &self.devices {
+            out.extend_from_slice(&leaf.to_be_bytes());
+            out.extend_from_slice(&device.to_be_bytes());
+        }
+        out
+    }
+
+    /// Decodes a record. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<TeamRecord, PayloadError> {
+        let mut r = Reader { bytes };
+        let version = r.u8()?;
+        if version != 1 {
+            return Err(PayloadError::Unsupported { version, kind: 0 });
+        }
+        let org = r.u32()?;
+        let team = r.u32()?;
+        let name = r.string()?;
+        let lifetimes = Lifetimes { message_ms: r.u64()?, commit_ms: r.u64()?, welcome_ms: r.u64()?, key_package_ms: r.u64()? };
+        let mut channels = BTreeMap::new();
+        for _ in 0..r.u16()? {
+            let id = r.u16()?;
+            channels.insert(id, r.string()?);
+        }
+        let next_device = r.u32()?;
+        let mut devices = BTreeMap::new();
+        let n = r.u32()?;
+        for _ in 0..n {
+            let leaf = r.u32()?;
+            devices.insert(leaf, r.u32()?);
+        }
+        r.end()?;
+        Ok(TeamRecord { org, team, name, lifetimes, channels, next_device, devices })
+    }
+
+    /// The device id of a leaf.
+    pub fn device_of(&self, leaf: u32) -> Option<u32> {
+        self.devices.get(&leaf).copied()
+    }
+
+    /// A channel's id, by id text or name.
+    pub fn channel(&self, which: &str) -> Option<u16> {
+        if !which.is_empty() && which.bytes().all(|b| b.is_ascii_digit()) {
+            let id: u16 = which.parse().ok()?;
+            return self.channels.contains_key(&id).then_some(id);
+        }
+        self.channels.iter().find(|(_, n)| n.as_str() == which).map(|(id, _)| *id)
+    }
+}
+
+/// Whether `name` may name a team or channel: not empty, not all digits, no `/`, at most
+/// 64 bytes, no control characters.
+pub fn valid_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.bytes().all(|b| b.is_ascii_digit())
+        && !name.contains('/')
+        && !name.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let m = Message {
+            created_ms: 1_700_000_000_123,
+            reply_to: Some(MsgRef { device: 3, msg: 9 }),
+            replaces: None,
+            text: "héllo".into(),
+        };
+        assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
+        let long = Message { text: "x".repeat(MAX_TEXT + 1), ..m.clone() };
+        assert_eq!(long.encode(), Err(PayloadError::TooLong(MAX_TEXT + 1)));
+        assert_eq!(Message::decode(&[1]), Err(PayloadError::Truncated));
+        assert!(matches!(Message::decode(&[2, 1]), Err(PayloadError::Unsupported { .. })));
+    }
+
+    #[test]
+    fn team_records_round_trip() {
+        let rec = TeamRecord {
+            org: 7,
+            team: 5,
+            name: "ops".into(),
+            lifetimes: Lifetimes::default(),
+            channels: [(1, "team".to_string()), (2, "general".to_string())].into(),
+            next_device: 3,
+            devices: [(0, 0), (1, 1), (2, 2)].into(),
+        };
+        let bytes = rec.encode();
+        assert_eq!(TeamRecord::decode(&bytes).unwrap(), rec);
+        for cut in 0..bytes.len() {
+            assert!(TeamRecord::decode(&bytes[..cut]).is_err());
+        }
+        assert_eq!(rec.channel("general"), Some(2));
+        assert_eq!(rec.channel("2"), Some(2));
+        assert_eq!(rec.channel("9"), None);
+    }
+
+    #[test]
+    fn labels() {
+        assert!(valid_label("general"));
+        assert!(!valid_label("42"));
+        assert!(!valid_label("a/b"));
+        assert!(!valid_label(""));
+    }
+}

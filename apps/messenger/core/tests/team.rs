@@ -1,0 +1,284 @@
+//! The MLS flows of a team, end to end in one process: the committer and member devices
+//! exchange chunks through a first-write-wins map standing in for the relay tree.
+
+use std::collections::BTreeMap;
+
+use canopy::Name;
+use canopy_msg_core::committer::Committer;
+use canopy_msg_core::device::{Device, Event};
+use canopy_msg_core::fragment::{Assembly, Fragment};
+use canopy_msg_core::names::Path;
+use canopy_msg_core::payload::Lifetimes;
+use canopy_msg_core::{Key, MemoryBackend, Message, Org, Outgoing};
+
+const NOW: u64 = 1_800_000_000_000;
+
+/// The relay tree, reduced to what MLS needs from it: first write wins.
+#[derive(Default)]
+struct Relay {
+    chunks: BTreeMap<Name, Vec<u8>>,
+}
+
+impl Relay {
+    fn publish(&mut self, out: &[Outgoing]) -> Vec<(Name, Vec<u8>)> {
+        for o in out {
+            self.chunks.entry(o.name).or_insert_with(|| o.data.clone());
+        }
+        out.iter().map(|o| (o.name, o.data.clone())).collect()
+    }
+    fn all(&self) -> Vec<(Name, Vec<u8>)> {
+        self.chunks.iter().map(|(n, d)| (*n, d.clone())).collect()
+    }
+    fn object(&self, kind: Path, filter: canopy::Filter) -> Vec<u8> {
+        let mut asm = Assembly::new();
+        for (name, data) in &self.chunks {
+            if filter.matches(*name) {
+                asm.add(Fragment::decode(kind, data).unwrap()).unwrap();
+            }
+        }
+        asm.finish().unwrap().unwrap()
+    }
+}
+
+fn feed(device: &mut Device<MemoryBackend>, chunks: &[(Name, Vec<u8>)]) -> Vec<Event> {
+    device.ingest(chunks.iter().map(|(n, d)| (*n, d.as_slice()))).unwrap()
+}
+
+fn org() -> Org {
+    Org::new("example.com", 7).unwrap()
+}
+
+fn text(t: &str) -> Message {
+    Message { created_ms: NOW, reply_to: None, replaces: None, text: t.into() }
+}
+
+struct World {
+    relay: Relay,
+    admin: Committer<MemoryBackend>,
+    team: u32,
+    channel: u16,
+}
+
+impl World {
+    fn new() -> World {
+        let mut admin = Committer::open(Key::random(), MemoryBackend::default(), org()).unwrap();
+        admin.org_init().unwrap();
+        let team = admin.create_team("ops", Lifetimes::default()).unwrap();
+        assert_eq!(team, 2, "team 1 carries device management");
+        let mut relay = Relay::default();
+        let (channel, epoch, out) = admin.create_channel(team, "general", NOW).unwrap();
+        assert_eq!((channel, epoch), (2, 1), "channel 1 carries team management");
+        relay.publish(&out);
+        World { relay, admin, team, channel }
+    }
+
+    /// A device publishes a key package, the admin adds it by hKP, the device joins.
+    fn join(&mut self, key: Key, backend: MemoryBackend) -> (Device<MemoryBackend>, u32) {
+        let mut device = Device::open(key, backend, org()).unwrap();
+        let (hkp, out) = device.key_package(NOW, 3_600_000).unwrap();
+        self.relay.publish(&out);
+        let kp = self.relay.object(Path::KeyPackage, org().key_package_filter(&hkp));
+        let added = self.admin.add_device(self.team, &kp, &hkp, NOW).unwrap();
+        self.relay.publish(&added.outgoing);
+        let events = feed(&mut device, &self.relay.all());
+        assert!(events.contains(&Event::Joined { team: self.team, device: added.device }), "{events:?}");
+        (device, added.device)
+    }
+}
+
+#[test]
+fn two_devices_join_by_hkp_and_talk_with_a_thread_and_an_edit() {
+    let mut w = World::new();
+    let (mut a, da) = w.join(Key::random(), MemoryBackend::default());
+    let (mut b, db) = w.join(Key::random(), MemoryBackend::default());
+    assert_eq!((da, db), (1, 2));
+    // a catches up on the commit that added b.
+    feed(&mut a, &w.relay.all());
+    let epoch = |d: &Device<MemoryBackend>| d.teams().next().unwrap().2;
+    assert_eq!(epoch(&a), epoch(&b));
+    assert_eq!(a.resolve_channel(w.team, "general").unwrap(), w.channel);
+
+    let (hello, out) = a.send(w.team, w.channel, text("hello"), NOW).unwrap();
+    let chunks = w.relay.publish(&out);
+    let events = feed(&mut b, &chunks);
+    assert_eq!(events, vec![Event::Message { team: w.team, channel: w.channel, id: hello }]);
+
+    let reply = Message { created_ms: NOW + 1, reply_to: Some(hello), ..text("hi a") };
+    let (r1, out) = b.send(w.team, w.channel, reply, NOW).unwrap();
+    let c1 = w.relay.publish(&out);
+    let reply2 = Message { created_ms: NOW + 2, reply_to: Some(r1), ..text("reply to a reply") };
+    let (r2, out) = a.send(w.team, w.channel, reply2, NOW).unwrap();
+    let c2 = w.relay.publish(&out);
+    let edit = Message { created_ms: NOW + 3, replaces: Some(hello), ..text("hello, edited") };
+    let (_, out) = a.send(w.team, w.channel, edit, NOW).unwrap();
+    let c3 = w.relay.publish(&out);
+    feed(&mut a, &c1);
+    feed(&mut b, &[c2, c3].concat());
+
+    let va = a.messages(w.team, w.channel);
+    let vb = b.messages(w.team, w.channel);
+    assert_eq!(va, vb);
+    assert_eq!(va.len(), 3);
+    assert_eq!((va[0].text.as_str(), va[0].edited), ("hello, edited", true));
+    assert_eq!(va[1].reply_to, Some(hello));
+    assert_eq!(va[2].id, r2);
+    assert_eq!(va[2].reply_to, Some(hello), "a reply to a reply attaches to the root");
+
+    // Everything again, in reverse: nothing surfaces twice and nothing breaks.
+    let mut all = w.relay.all();
+    all.reverse();
+    assert!(feed(&mut a, &all).iter().all(|e| !matches!(e, Event::Message { .. } | Event::Rejected { .. })));
+    assert!(feed(&mut b, &all).iter().all(|e| !matches!(e, Event::Message { .. } | Event::Rejected { .. })));
+    assert_eq!(a.messages(w.team, w.channel), va);
+
+    // No plaintext on the relay.
+    for (_, data) in w.relay.all() {
+        assert!(!data.windows(5).any(|x| x == b"hello"));
+    }
+}
+
+#[test]
+fn long_texts_are_fragmented_and_overlong_ones_refused() {
+    let mut w = World::new();
+    let (mut a, _) = w.join(Key::random(), MemoryBackend::default());
+    let (mut b, _) = w.join(Key::random(), MemoryBackend::default());
+    feed(&mut a, &w.relay.all());
+    let long = "ü".repeat(8 * 1024);
+    let (id, out) = a.send(w.team, w.channel, text(&long), NOW).unwrap();
+    assert!(out.len() > 16, "{} fragments", out.len());
+    let mut chunks = w.relay.publish(&out);
+    chunks.reverse();
+    feed(&mut b, &chunks);
+    assert_eq!(b.message(w.team, w.channel, id).unwrap().text, long);
+    // The next message numbers skip the fragments.
+    let (next, _) = a.send(w.team, w.channel, text("short"), NOW).unwrap();
+    assert_eq!(next.msg, id.msg + out.len() as u32);
+    let err = a.send(w.team, w.channel, text(&"x".repeat(16 * 1024 + 1)), NOW).unwrap_err();
+    assert!(err.to_string().contains("limit is 16384"), "{err}");
+}
+
+#[test]
+fn commits_apply_in_epoch_order_and_future_messages_wait_for_theirs() {
+    let mut w = World::new();
+    let (mut a, _) = w.join(Key::random(), MemoryBackend::default());
+    let start = a.teams().next().unwrap().2;
+    // Three more commits a has not seen: two channels and a device.
+    let (_, e1, c1) = w.admin.create_channel(w.team, "random", NOW).unwrap();
+    let (_, e2, c2) = w.admin.create_channel(w.team, "ops-log", NOW).unwrap();
+    let (mut b, _) = w.join(Key::random(), MemoryBackend::default());
+    let e3 = e2 + 1;
+    assert_eq!((e1, e2), (start + 1, start + 2));
+    // b, already at e3, sends; a gets the message before any commit.
+    let (id, out) = b.send(w.team, w.channel, text("from the future"), NOW).unwrap();
+    let events = feed(&mut a, &w.relay.publish(&out));
+    assert!(events.is_empty(), "held, not shown: {events:?}");
+    assert_eq!(a.counters.held, 1);
+    // Then commit e2 alone: a gap.
+    feed(&mut a, &w.relay.publish(&c2));
+    assert_eq!(a.missing_commits(w.team), Some((e1, e1)));
+    assert_eq!(a.teams().next().unwrap().2, start);
+    // Then e3 and e1: all apply, in order, and the held message shows.
+    let commit3: Vec<_> = w.relay.all().into_iter().filter(|(n, _)| *n == org().commit(w.team, e3, 0).unwrap()).collect();
+    let mut events = feed(&mut a, &commit3);
+    events.extend(feed(&mut a, &w.relay.publish(&c1)));
+    let epochs: Vec<u64> = events.iter().filter_map(|e| if let Event::Epoch { epoch, .. } = e { Some(*epoch) } else { None }).collect();
+    assert_eq!(epochs, vec![e1, e2, e3]);
+    assert!(events.contains(&Event::Message { team: w.team, channel: w.channel, id }));
+    assert_eq!(a.missing_commits(w.team), None);
+    assert_eq!(a.resolve_channel(w.team, "ops-log").unwrap(), 4);
+}
+
+#[test]
+fn bad_input_is_refused_counted_and_changes_nothing() {
+    let mut w = World::new();
+    let (mut a, da) = w.join(Key::random(), MemoryBackend::default());
+    let (mut b, _) = w.join(Key::random(), MemoryBackend::default());
+    feed(&mut a, &w.relay.all());
+    let (hello, out) = a.send(w.team, w.channel, text("hello"), NOW).unwrap();
+    let hello_chunks = w.relay.publish(&out);
+    feed(&mut b, &hello_chunks);
+    let before = b.messages(w.team, w.channel);
+
+    // Garbage under the team, and a fragment of the wrong length.
+    let garbage = (org().message(w.team, w.channel, 9, 1).unwrap(), b"\x01\x01garbage".to_vec());
+    let mut short = hello_chunks[0].1.clone();
+    short.pop();
+    let wrong_length = (org().message(w.team, w.channel, 9, 2).unwrap(), short);
+    // An outsider with a group of the same id: signed, but not by a member.
+    let mut outsider = Device::open(Key::random(), MemoryBackend::default(), org()).unwrap();
+    let mut rogue_admin = Committer::open(Key::random(), MemoryBackend::default(), org()).unwrap();
+    rogue_admin.org_init().unwrap();
+    rogue_admin.create_team("ops", Lifetimes::default()).unwrap();
+    let (_, rogue_out) = rogue_admin.create_channel(w.team, "general", NOW).map(|(c, _, o)| (c, o)).unwrap();
+    let (hkp, kp_out) = outsider.key_package(NOW, 1000).unwrap();
+    let mut rogue_relay = Relay::default();
+    rogue_relay.publish(&kp_out);
+    rogue_relay.publish(&rogue_out);
+    let kp = rogue_relay.object(Path::KeyPackage, org().key_package_filter(&hkp));
+    let added = rogue_admin.add_device(w.team, &kp, &hkp, NOW).unwrap();
+    rogue_relay.publish(&added.outgoing);
+    feed(&mut outsider, &rogue_relay.all());
+    let (_, forged) = outsider.send(w.team, w.channel, text("i am not a member"), NOW).unwrap();
+    let forged: Vec<_> = forged.iter().map(|o| (org().message(w.team, w.channel, 7, 1).unwrap(), o.data.clone())).collect();
+    // A forged edit: b tries to replace a's message.
+    let (_, out) = b.send(w.team, w.channel, Message { replaces: Some(hello), ..text("forged edit") }, NOW).unwrap();
+    let forged_edit = w.relay.publish(&out);
+    // b publishes under a's name: the MLS sender is not the device the name says.
+    let (_, out) = b.send(w.team, w.channel, text("posing as a"), NOW).unwrap();
+    let posing = vec![(org().message(w.team, w.channel, da, 50).unwrap(), out[0].data.clone())];
+
+    let mut events = Vec::new();
+    for batch in [vec![garbage], vec![wrong_length], forged, forged_edit, posing] {
+        events.extend(feed(&mut a, &batch));
+    }
+    let reasons: Vec<String> = events.iter().filter_map(|e| if let Event::Rejected { reason, .. } = e { Some(reason.clone()) } else { None }).collect();
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    assert!(reasons[1].contains("must carry"), "{}", reasons[1]);
+    assert!(reasons[3].contains("tried to edit"), "{}", reasons[3]);
+    assert!(reasons[4].contains("under device"), "{}", reasons[4]);
+    assert_eq!(a.counters.rejected, 5);
+    assert_eq!(a.messages(w.team, w.channel), before, "nothing changed");
+    // And a keeps working.
+    let (id, out) = a.send(w.team, w.channel, text("still here"), NOW).unwrap();
+    assert_eq!(id.msg, 51, "a skipped the name b took");
+    feed(&mut b, &w.relay.publish(&out));
+    assert_eq!(b.message(w.team, w.channel, id).unwrap().text, "still here");
+}
+
+#[test]
+fn a_device_restarts_from_its_sealed_state_and_carries_on() {
+    let mut w = World::new();
+    let key = Key::random();
+    let (mut a, _) = w.join(key.clone(), MemoryBackend::default());
+    let (mut b, _) = w.join(Key::random(), MemoryBackend::default());
+    feed(&mut a, &w.relay.all());
+    let (h1, out) = a.send(w.team, w.channel, text("before the crash"), NOW).unwrap();
+    feed(&mut b, &w.relay.publish(&out));
+    let (_, out) = b.send(w.team, w.channel, text("hi"), NOW + 1).unwrap();
+    feed(&mut a, &w.relay.publish(&out));
+    let history = a.messages(w.team, w.channel);
+
+    // "Crash": keep only what a persisted.
+    let backend = {
+        let (state, _) = (a, ());
+        // A device's backend is inside its vault; reopen from a copy of it.
+        state_backend(state)
+    };
+    assert!(Device::open(Key::random(), backend.clone(), org()).is_err(), "a wrong key is refused");
+    let mut a = Device::open(key, backend, org()).unwrap();
+    assert_eq!(a.messages(w.team, w.channel), history);
+    // Replays of everything change nothing; new messages flow both ways in the current epoch.
+    assert!(feed(&mut a, &w.relay.all()).is_empty());
+    let (_, out) = w.admin.create_channel(w.team, "after", NOW).map(|(c, e, o)| ((c, e), o)).unwrap();
+    let commit = w.relay.publish(&out);
+    feed(&mut a, &commit);
+    feed(&mut b, &commit);
+    let (h2, out) = a.send(w.team, w.channel, text("after the crash"), NOW + 2).unwrap();
+    assert!(h2.msg > h1.msg);
+    feed(&mut b, &w.relay.publish(&out));
+    assert_eq!(b.messages(w.team, w.channel).len(), 3);
+}
+
+fn state_backend(device: Device<MemoryBackend>) -> MemoryBackend {
+    device.backend().clone()
+}
