@@ -1,0 +1,239 @@
+//! What the UI and Secure say to each other over `HOME/secure.sock`: one JSON object per
+//! frame, each frame a 4-byte big-endian length and then the bytes, at most [`MAX_FRAME`].
+//!
+//! A connection carries requests and their replies in turn; a `follow` request turns it into
+//! a stream of message replies until the UI hangs up.
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The largest frame either side sends or accepts.
+pub const MAX_FRAME: usize = 4 << 20;
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
+    if bytes.len() > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a frame of {} bytes is over the {MAX_FRAME}-byte limit", bytes.len())));
+    }
+    w.write_all(&(bytes.len() as u32).to_be_bytes())?;
+    w.write_all(&bytes)?;
+    w.flush()
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a frame of {len} bytes is over the {MAX_FRAME}-byte limit")));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    serde_json::from_slice(&buf).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// A request from the UI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Is Secure up? Answered with [`Reply::Pong`].
+    Ping,
+    /// What Secure knows: teams, epochs, gaps, counters.
+    Status,
+    /// A fresh single-use key package; answered with its hKP.
+    KeyPackage,
+    /// The teams this device is in.
+    Teams,
+    /// A team's channels.
+    Channels {
+        /// Team id or name.
+        team: String,
+    },
+    /// Send a text.
+    Send {
+        /// Team id or name.
+        team: String,
+        /// Channel id or name.
+        channel: String,
+        /// The text.
+        text: String,
+        /// The message id (`T/C/D/M`) it answers.
+        reply_to: Option<String>,
+    },
+    /// Replace the text of one of this device's messages.
+    Edit {
+        /// The message id, `T/C/D/M`.
+        id: String,
+        /// The new text.
+        text: String,
+    },
+    /// A channel's messages, as shown.
+    Read {
+        /// Team id or name.
+        team: String,
+        /// Channel id or name.
+        channel: String,
+    },
+    /// Every new or edited message of a channel from now on, as [`Reply::Message`]s.
+    Follow {
+        /// Team id or name.
+        team: String,
+        /// Channel id or name.
+        channel: String,
+    },
+    /// Try to open an `AF_INET` socket from inside Secure and report what happened.
+    SandboxCheck,
+    /// Stop Secure.
+    Stop,
+}
+
+/// One team, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeamLine {
+    /// Team id.
+    pub id: u32,
+    /// Team name.
+    pub name: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// This device's id in the team.
+    pub device: u32,
+}
+
+/// One channel, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelLine {
+    /// Channel id.
+    pub id: u16,
+    /// Channel name.
+    pub name: String,
+}
+
+/// One message, as shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageLine {
+    /// `TEAM/CHANNEL/DEVICE/MSG`.
+    pub id: String,
+    /// Team id.
+    pub team: u32,
+    /// Channel id.
+    pub channel: u16,
+    /// Team name.
+    pub team_name: String,
+    /// Channel name.
+    pub channel_name: String,
+    /// Sending device.
+    pub device: u32,
+    /// When its sender wrote it, unix ms.
+    pub sent_ms: u64,
+    /// The current text, after edits.
+    pub text: String,
+    /// The id of the thread root it answers.
+    pub reply_to: Option<String>,
+    /// Whether it was edited.
+    pub edited: bool,
+}
+
+/// A team's state in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeamStatus {
+    /// Team id.
+    pub id: u32,
+    /// Team name.
+    pub name: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// This device's id.
+    pub device: u32,
+    /// Commits missing before the ones held, `[first, last]`: the team cannot move on until
+    /// they arrive, and if they expired the device must be re-added.
+    pub gap: Option<(u64, u64)>,
+}
+
+/// What `status` reports from Secure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecureStatus {
+    /// Teams.
+    pub teams: Vec<TeamStatus>,
+    /// Key packages published and still waiting for a welcome (hKPs).
+    pub waiting: Vec<String>,
+    /// Whether Secure's link to Network is up.
+    pub network: bool,
+    /// Chunks handed to Network and not acknowledged yet.
+    pub unacknowledged: usize,
+    /// Where Secure's time comes from.
+    pub time_source: String,
+    /// Messages shown since start.
+    pub messages: u64,
+    /// Commits applied since start.
+    pub commits: u64,
+    /// Chunks refused since start (garbage, forgeries, bad fragments).
+    pub rejected: u64,
+    /// Duplicates ignored since start.
+    pub duplicates: u64,
+    /// Messages held for a future epoch since start.
+    pub held: u64,
+    /// Whether the seccomp sandbox is on.
+    pub sandboxed: bool,
+}
+
+/// A reply from Secure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    /// The request failed; `message` is one line for the user.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+    /// Secure is up.
+    Pong,
+    /// Status.
+    Status(SecureStatus),
+    /// A key package was published.
+    KeyPackage {
+        /// Its hKP, lowercase hex.
+        hkp: String,
+    },
+    /// Teams.
+    Teams {
+        /// One per team.
+        teams: Vec<TeamLine>,
+    },
+    /// Channels.
+    Channels {
+        /// One per channel.
+        channels: Vec<ChannelLine>,
+    },
+    /// A message was sent (or edited).
+    Sent {
+        /// Its id.
+        id: String,
+        /// Whether it only reached the local cache so far (the relay is unreachable).
+        queued: bool,
+    },
+    /// A channel's messages.
+    Messages {
+        /// In display order.
+        messages: Vec<MessageLine>,
+    },
+    /// One new or edited message (while following).
+    Message(MessageLine),
+    /// The sandbox check.
+    Sandbox {
+        /// The errno of `socket(AF_INET, …)`, or 0 if it succeeded.
+        errno: i32,
+        /// Its text.
+        error: String,
+    },
+    /// Secure is stopping.
+    Stopping,
+}
