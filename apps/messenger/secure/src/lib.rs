@@ -12,3 +12,7 @@ pub mod proto;
 pub mod sandbox;
 pub mod service;
 pub mod store;
+pub mod link;
+mod run;
+
+pub use run::{Options, RunError, run};

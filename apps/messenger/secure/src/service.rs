@@ -2,8 +2,6 @@
 //! network chunks and says what to publish and what to subscribe to. [`crate::run`] wires it
 //! to the UI socket and to Network.
 
-use std::collections::BTreeSet;
-
 use canopy::{Filter, Name};
 use canopy_msg_core::device::{Device, Event, Shown};
 use canopy_msg_core::engine::hex;
@@ -34,8 +32,8 @@ pub struct Service<B: Backend> {
     pub sandboxed: bool,
     /// Whether the link to Network is up.
     pub network_up: bool,
-    /// Names handed to Network and not acknowledged yet.
-    pub unacknowledged: BTreeSet<Name>,
+    /// Chunks handed to Network and not acknowledged yet (kept up to date by the caller).
+    pub unacknowledged: usize,
     /// Where the time comes from, for `status`.
     pub time_source: String,
 }
@@ -57,7 +55,7 @@ pub fn parse_id(text: &str) -> Option<(u32, u16, MsgRef)> {
 impl<B: Backend> Service<B> {
     /// Wraps an opened device.
     pub fn new(device: Device<B>) -> Self {
-        Service { device, sandboxed: false, network_up: false, unacknowledged: BTreeSet::new(), time_source: "os".into() }
+        Service { device, sandboxed: false, network_up: false, unacknowledged: 0, time_source: "os".into() }
     }
 
     /// The device.
@@ -182,7 +180,6 @@ impl<B: Backend> Service<B> {
 
     fn send(&mut self, team: u32, channel: u16, message: Message, now_ms: u64, fx: &mut Effects) -> Result<Reply, MlsError> {
         let (id, out) = self.device.send(team, channel, message, now_ms)?;
-        self.unacknowledged.extend(out.iter().map(|o| o.name));
         fx.publish = out;
         let shown = self.device.messages(team, channel);
         let target = self.device.stored(team, channel, id).and_then(|s| s.message.replaces).unwrap_or(id);
@@ -196,15 +193,9 @@ impl<B: Backend> Service<B> {
     /// message keeps its place in the device's own history; it is sent again under new
     /// numbers by the caller if it matters (today: counted and logged).
     pub fn refused(&mut self, name: Name) {
-        self.unacknowledged.remove(&name);
         if let Some(canopy_msg_core::names::Parsed::Message { team, channel, msg, .. }) = self.device.org().parse(name) {
             let _ = self.device.skip_taken(team, channel, msg);
         }
-    }
-
-    /// A publish was acknowledged.
-    pub fn acknowledged(&mut self, name: Name) {
-        self.unacknowledged.remove(&name);
     }
 
     /// Takes chunks from Network.
@@ -237,7 +228,7 @@ impl<B: Backend> Service<B> {
                 .collect(),
             waiting: self.device.waiting().map(hex).collect(),
             network: self.network_up,
-            unacknowledged: self.unacknowledged.len(),
+            unacknowledged: self.unacknowledged,
             time_source: self.time_source.clone(),
             messages: c.messages,
             commits: c.commits,

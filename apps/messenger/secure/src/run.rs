@@ -1,0 +1,244 @@
+//! The Secure process: its sockets and threads around a [`Service`].
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use canopy::wire::{ErrorCode, ReplayMode};
+use canopy::{Chunk, Filter};
+use canopy_msg_core::{Device, Key, Org, Outgoing};
+
+use crate::link::{Link, LinkEvent};
+use crate::proto::{self, MessageLine, Reply, Request};
+use crate::service::Service;
+use crate::store::FjallBackend;
+
+/// How to run Secure.
+pub struct Options {
+    /// Where the sealed state lives (a fjall database).
+    pub state: PathBuf,
+    /// The socket the UI connects to.
+    pub ui_socket: PathBuf,
+    /// Network's socket.
+    pub network_socket: PathBuf,
+    /// The key that seals the state.
+    pub key: Key,
+    /// The org.
+    pub org: Org,
+    /// The clock filter, if time comes by subscription.
+    pub clock: Option<Filter>,
+    /// The token presented to Network.
+    pub token: Option<String>,
+}
+
+/// Why Secure could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The state could not be opened (a wrong passphrase says so).
+    #[error(transparent)]
+    State(#[from] canopy_msg_core::MlsError),
+    /// Storage.
+    #[error("{0}")]
+    Storage(String),
+    /// A socket.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The sandbox.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+}
+
+type Shared = Arc<Mutex<Service<FjallBackend>>>;
+
+struct Clock {
+    filter: Option<Filter>,
+    /// Clock time minus OS time, from the latest tick.
+    offset_ms: Mutex<Option<i64>>,
+}
+
+impl Clock {
+    fn now(&self) -> u64 {
+        let os = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        match *self.offset_ms.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(off) => os.saturating_add_signed(off),
+            None => os,
+        }
+    }
+}
+
+struct Followers {
+    list: Mutex<Vec<(u32, u16, UnixStream)>>,
+}
+
+impl Followers {
+    fn send(&self, shown: &[MessageLine]) {
+        if shown.is_empty() {
+            return;
+        }
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain_mut(|(team, channel, stream)| {
+            shown.iter().filter(|m| m.team == *team && m.channel == *channel).all(|m| proto::write_frame(stream, &Reply::Message(m.clone())).is_ok())
+        });
+    }
+}
+
+fn publish(link: &Link, out: Vec<Outgoing>) {
+    for o in out {
+        match Chunk::new(o.name, o.expiry_ms, o.data) {
+            Ok(chunk) => link.publish(chunk),
+            Err(e) => tracing::error!("cannot publish {}: {e}", o.name),
+        }
+    }
+}
+
+/// Runs Secure until a `stop` request.
+pub fn run(opts: Options) -> Result<(), RunError> {
+    let backend = FjallBackend::open(&opts.state).map_err(RunError::Storage)?;
+    let device = Device::open(opts.key, backend, opts.org)?;
+    let service: Shared = Arc::new(Mutex::new(Service::new(device)));
+    let clock = Arc::new(Clock { filter: opts.clock, offset_ms: Mutex::new(None) });
+
+    let _ = std::fs::remove_file(&opts.ui_socket);
+    let listener = UnixListener::bind(&opts.ui_socket)?;
+    std::fs::set_permissions(&opts.ui_socket, std::fs::Permissions::from_mode(0o600))?;
+
+    let (link, events) = Link::start(opts.network_socket.clone(), opts.token.clone());
+    for filter in service.lock().expect("service").filters() {
+        link.subscribe(filter, ReplayMode::CachedAndLive);
+    }
+    if let Some(filter) = clock.filter {
+        link.subscribe(filter, ReplayMode::MostRecent(1));
+    }
+
+    // Every thread that will ever run exists or inherits the filter from here on.
+    crate::sandbox::install()?;
+    service.lock().expect("service").sandboxed = true;
+    tracing::info!("secure up, sandboxed: {}", opts.ui_socket.display());
+
+    let followers = Arc::new(Followers { list: Mutex::new(Vec::new()) });
+    {
+        let (service, link, clock, followers) = (service.clone(), link.clone(), clock.clone(), followers.clone());
+        std::thread::Builder::new().name("network-events".into()).spawn(move || network_events(events, &service, &link, &clock, &followers))?;
+    }
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let (service, link, clock, followers) = (service.clone(), link.clone(), clock.clone(), followers.clone());
+        std::thread::Builder::new().name("ui".into()).spawn(move || ui_connection(conn, &service, &link, &clock, &followers))?;
+    }
+    Ok(())
+}
+
+fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Clock, followers: &Followers) {
+    loop {
+        let request: Request = match proto::read_frame(&mut conn) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                let _ = proto::write_frame(&mut conn, &Reply::Error { message: format!("bad request: {e}") });
+                return;
+            }
+        };
+        let follow = match &request {
+            Request::Follow { team, channel } => Some((team.clone(), channel.clone())),
+            _ => None,
+        };
+        let (reply, fx) = {
+            let mut s = service.lock().unwrap_or_else(|p| p.into_inner());
+            s.network_up = link.is_up();
+            s.unacknowledged = link.unacknowledged();
+            s.handle(request, clock.now())
+        };
+        let joined_filters = !fx.publish.is_empty();
+        publish(link, fx.publish);
+        if joined_filters {
+            // A key package waits for its welcome: subscribe before anyone can answer.
+            for filter in service.lock().unwrap_or_else(|p| p.into_inner()).filters() {
+                link.subscribe(filter, ReplayMode::CachedAndLive);
+            }
+        }
+        followers.send(&fx.shown);
+        if proto::write_frame(&mut conn, &reply).is_err() {
+            return;
+        }
+        if fx.stop {
+            tracing::info!("stopping on request");
+            std::process::exit(0);
+        }
+        if let (Some((team, channel)), Reply::Pong) = (follow, &reply) {
+            let s = service.lock().unwrap_or_else(|p| p.into_inner());
+            let team = s.device().resolve_team(&team).expect("checked by the request");
+            let channel = s.device().resolve_channel(team, &channel).expect("checked by the request");
+            drop(s);
+            if let Ok(stream) = conn.try_clone() {
+                followers.list.lock().unwrap_or_else(|p| p.into_inner()).push((team, channel, stream));
+            }
+            return;
+        }
+    }
+}
+
+fn network_events(events: std::sync::mpsc::Receiver<LinkEvent>, service: &Shared, link: &Link, clock: &Clock, followers: &Followers) {
+    while let Ok(first) = events.recv() {
+        // Take everything already waiting as one batch: one MLS pass, one sealed write.
+        let mut batch = vec![first];
+        while let Ok(more) = events.try_recv() {
+            batch.push(more);
+            if batch.len() >= 4096 {
+                break;
+            }
+        }
+        let mut chunks = Vec::new();
+        let mut consumed: BTreeMap<u64, u32> = BTreeMap::new();
+        for event in batch {
+            match event {
+                LinkEvent::Up => service.lock().unwrap_or_else(|p| p.into_inner()).network_up = true,
+                LinkEvent::Down => service.lock().unwrap_or_else(|p| p.into_inner()).network_up = false,
+                LinkEvent::Chunk { sub, chunk } => {
+                    *consumed.entry(sub).or_default() += 1;
+                    if clock.filter.is_some_and(|f| f.matches(chunk.name())) {
+                        if let Ok(bytes) = <[u8; 8]>::try_from(chunk.data().as_ref()) {
+                            let os = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+                            *clock.offset_ms.lock().unwrap_or_else(|p| p.into_inner()) = Some(u64::from_be_bytes(bytes) as i64 - os);
+                            service.lock().unwrap_or_else(|p| p.into_inner()).time_source = format!("clock {}", clock.filter.expect("set"));
+                        }
+                        continue;
+                    }
+                    chunks.push((chunk.name(), chunk.data().to_vec()));
+                }
+                LinkEvent::Acked(_) => {}
+                LinkEvent::Refused { name, code, message } => {
+                    tracing::warn!(%name, "publish refused: {code:?} {message}");
+                    if code == ErrorCode::Conflict {
+                        service.lock().unwrap_or_else(|p| p.into_inner()).refused(name);
+                    }
+                }
+                LinkEvent::SubscriptionEnded { filter, code } => {
+                    tracing::warn!(%filter, "subscription ended ({code:?}); subscribing again");
+                    link.subscribe(filter, ReplayMode::CachedAndLive);
+                }
+            }
+        }
+        if !chunks.is_empty() {
+            let mut s = service.lock().unwrap_or_else(|p| p.into_inner());
+            let teams_before = s.device().teams().count();
+            match s.ingest(&chunks) {
+                Ok((_, fx)) => {
+                    let filters = (s.device().teams().count() != teams_before).then(|| s.filters());
+                    drop(s);
+                    publish(link, fx.publish);
+                    followers.send(&fx.shown);
+                    for filter in filters.into_iter().flatten() {
+                        link.subscribe(filter, ReplayMode::CachedAndLive);
+                    }
+                }
+                Err(e) => tracing::error!("cannot persist what arrived: {e}"),
+            }
+        }
+        for (sub, n) in consumed {
+            link.consumed(sub, n);
+        }
+    }
+}

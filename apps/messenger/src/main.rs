@@ -1,0 +1,205 @@
+//! `canopy-msg`: the Canopy messenger's command line.
+//!
+//! Every command runs as the device's **UI** process: it sees plaintext but holds no keys,
+//! and talks to the device's **Secure** process over `HOME/secure.sock`. `up` starts Secure
+//! and **Network** in the background; `admin …` runs the org admin's `member` plugin.
+//! See `docs/messenger.md`.
+
+mod admin;
+mod home;
+mod processes;
+mod ui;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::home::{Config, Home};
+
+/// The Canopy messenger.
+#[derive(Parser)]
+#[command(name = "canopy-msg", version, about = "End-to-end encrypted team messaging over Canopy.")]
+struct Cli {
+    /// The device's home directory [default: $CANOPY_MSG_HOME, else the platform data dir].
+    #[arg(long, global = true)]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write this home's configuration. Comes first for every home, admin or device.
+    Init {
+        /// The relay to connect to, HOST:PORT.
+        #[arg(long)]
+        relay: String,
+        /// PEM file with the relay's certificate or its CA.
+        #[arg(long, conflicts_with = "fingerprint", required_unless_present = "fingerprint")]
+        ca: Option<PathBuf>,
+        /// Or the relay certificate's SHA-256 fingerprint (hex), pinned.
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Token presented to the relay.
+        #[arg(long)]
+        token: Option<String>,
+        /// The org's domain (its hash is the origin of every name).
+        #[arg(long)]
+        domain: String,
+        /// The org number.
+        #[arg(long)]
+        org: u32,
+        /// Take the time from this clock filter (published by the `clock` plugin).
+        #[arg(long)]
+        clock: Option<String>,
+    },
+    /// Start this device's Network and Secure processes (idempotent).
+    Up,
+    /// Stop them.
+    Down,
+    /// Processes, relay link, time source, teams, outbox depth and gaps.
+    Status {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Device commands.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// The teams this device is in: `ID NAME epoch=E device=D`.
+    Teams {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A team's channels: `ID NAME`.
+    Channels {
+        /// Team id or name.
+        team: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a message; prints its id.
+    Send {
+        /// TEAM/CHANNEL.
+        target: String,
+        /// The text (at most 16 KiB).
+        text: String,
+        /// The id of the message this answers.
+        #[arg(long)]
+        reply_to: Option<String>,
+    },
+    /// Replace the text of one of this device's messages.
+    Edit {
+        /// The message id, TEAM/CHANNEL/DEVICE/MSG.
+        id: String,
+        /// The new text.
+        text: String,
+    },
+    /// Show a channel.
+    Read {
+        /// TEAM/CHANNEL.
+        target: String,
+        /// One JSON object per message.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new and edited messages.
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: stop after this many new or edited messages.
+        #[arg(long, requires = "follow")]
+        count: Option<usize>,
+        /// With --follow: give up after this long (e.g. 10s), exiting non-zero.
+        #[arg(long, requires = "follow", value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// The org admin's commands (the member plugin; no background processes needed).
+    Admin {
+        /// The member plugin [default: $CANOPY_MSG_MEMBER_PLUGIN, else beside this binary].
+        #[arg(long, global = true)]
+        plugin: Option<PathBuf>,
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
+    /// Runs this device's Network process (started by `up`).
+    #[command(hide = true)]
+    Network,
+    /// Runs this device's Secure process (started by `up`).
+    #[command(hide = true)]
+    Secure,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Publish a fresh single-use key package and print its hKP.
+    KeyPackage,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let background = matches!(cli.command, Command::Network | Command::Secure);
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if background { "info" } else { "error" })))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        // One clear line.
+        eprintln!("canopy-msg: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out += ": ";
+            out += &c;
+        }
+    }
+    out.replace('\n', " ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let home = Home::locate(cli.home)?;
+    match cli.command {
+        Command::Init { relay, ca, fingerprint, token, domain, org, clock } => {
+            canopy_msg_core::Org::new(&domain, org).context("--org")?;
+            if let Some(clock) = &clock {
+                clock.parse::<canopy::Filter>().map_err(|e| anyhow::anyhow!("--clock {clock}: {e}"))?;
+            }
+            std::fs::create_dir_all(&home.dir)?;
+            let ca = match ca {
+                Some(path) => {
+                    let pem = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    let copy = home.path("relay-ca.pem");
+                    std::fs::write(&copy, pem)?;
+                    Some(copy)
+                }
+                None => None,
+            };
+            let key = home.setup_key()?;
+            home.write_config(&Config { relay, ca, fingerprint, token, domain, org, clock, key: key.into() })?;
+            println!("initialised {} (state sealed with a {key})", home.dir.display());
+            Ok(())
+        }
+        Command::Up => processes::up(&home),
+        Command::Down => processes::down(&home),
+        Command::Status { json } => ui::status(&home, json),
+        Command::Device { command: DeviceCommand::KeyPackage } => ui::key_package(&home),
+        Command::Teams { json } => ui::teams(&home, json),
+        Command::Channels { team, json } => ui::channels(&home, &team, json),
+        Command::Send { target, text, reply_to } => ui::send(&home, &target, text, reply_to),
+        Command::Edit { id, text } => ui::edit(&home, id, text),
+        Command::Read { target, json, follow, count, timeout } => ui::read(&home, &target, json, follow, count, timeout),
+        Command::Admin { plugin, command } => admin::run(&home, plugin, command),
+        Command::Network => processes::network(&home),
+        Command::Secure => processes::secure(&home),
+    }
+}

@@ -1,0 +1,237 @@
+//! The UI side of each command: a request to Secure, and its answer printed for people
+//! (one line per item) or scripts (`--json`, one object per line).
+
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use canopy_msg_secure::proto::{self, MessageLine, Reply, Request};
+
+use crate::home::Home;
+
+/// A connection to Secure.
+pub struct Secure {
+    stream: UnixStream,
+}
+
+impl Secure {
+    /// Connects; a clear error if the processes are not running.
+    pub fn connect(home: &Home) -> anyhow::Result<Secure> {
+        home.config()?;
+        let path = home.path("secure.sock");
+        let stream = UnixStream::connect(&path).map_err(|_| anyhow::anyhow!("this device's processes are not running: run `canopy-msg up`"))?;
+        Ok(Secure { stream })
+    }
+
+    /// Sends a request and reads its reply; a Secure error becomes an error.
+    pub fn call(&mut self, request: &Request) -> anyhow::Result<Reply> {
+        proto::write_frame(&mut self.stream, request).context("talking to Secure")?;
+        match proto::read_frame::<Reply>(&mut self.stream).context("talking to Secure")? {
+            Some(Reply::Error { message }) => bail!("{message}"),
+            Some(reply) => Ok(reply),
+            None => bail!("Secure closed the connection"),
+        }
+    }
+
+    /// The next streamed reply, waiting at most `timeout`.
+    pub fn next(&mut self, timeout: Option<Duration>) -> anyhow::Result<Option<Reply>> {
+        self.stream.set_read_timeout(timeout)?;
+        match proto::read_frame::<Reply>(&mut self.stream) {
+            Ok(r) => Ok(r),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn unexpected(reply: Reply) -> anyhow::Error {
+    anyhow::anyhow!("unexpected reply from Secure: {reply:?}")
+}
+
+/// Splits `TEAM/CHANNEL`.
+pub fn target(text: &str) -> anyhow::Result<(String, String)> {
+    match text.split_once('/') {
+        Some((t, c)) if !t.is_empty() && !c.is_empty() && !c.contains('/') => Ok((t.into(), c.into())),
+        _ => bail!("{text:?} is not TEAM/CHANNEL"),
+    }
+}
+
+/// `status`.
+pub fn status(home: &Home, json: bool) -> anyhow::Result<()> {
+    let config = home.config()?;
+    let processes = crate::processes::running(home);
+    let network = crate::processes::network_status(home);
+    let secure = match Secure::connect(home).and_then(|mut s| s.call(&Request::Status)) {
+        Ok(Reply::Status(s)) => Some(s),
+        _ => None,
+    };
+    if json {
+        let v = serde_json::json!({
+            "home": home.dir, "relay": config.relay, "domain": config.domain, "org": config.org,
+            "processes": processes, "network": network, "secure": secure,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("home {}  relay {}  org {} ({})", home.dir.display(), config.relay, config.org, config.domain);
+    for (name, pid) in &processes {
+        println!("{name}: {}", pid.map_or("not running".to_string(), |p| format!("running (pid {p})")));
+    }
+    if let Some(n) = &network {
+        println!(
+            "relay link: {}  outbox: {}  cached chunks: {}",
+            if n.parent_connected { "up" } else { "down" },
+            n.outbox,
+            n.chunks
+        );
+    }
+    match &secure {
+        Some(s) => {
+            println!("time source: {}", s.time_source);
+            println!("sandbox: {}", if s.sandboxed { "on" } else { "OFF" });
+            for t in &s.teams {
+                let gap = match t.gap {
+                    Some((a, b)) => format!("  GAP: commits {a}..={b} missing; if they expired, ask the admin to re-add this device"),
+                    None => String::new(),
+                };
+                println!("team {} {} epoch={} device={}{gap}", t.id, t.name, t.epoch, t.device);
+            }
+            for hkp in &s.waiting {
+                println!("waiting for a welcome for key package {hkp}");
+            }
+            println!(
+                "messages {}  commits {}  refused {}  duplicates {}  held {}  unacknowledged {}",
+                s.messages, s.commits, s.rejected, s.duplicates, s.held, s.unacknowledged
+            );
+        }
+        None => println!("secure: not answering"),
+    }
+    Ok(())
+}
+
+/// `device key-package`.
+pub fn key_package(home: &Home) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::KeyPackage)? {
+        Reply::KeyPackage { hkp } => {
+            println!("{hkp}");
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `teams`.
+pub fn teams(home: &Home, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::Teams)? {
+        Reply::Teams { teams } => {
+            for t in teams {
+                if json {
+                    println!("{}", serde_json::json!({"id": t.id, "name": t.name, "epoch": t.epoch, "device": t.device}));
+                } else {
+                    println!("{} {} epoch={} device={}", t.id, t.name, t.epoch, t.device);
+                }
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `channels TEAM`.
+pub fn channels(home: &Home, team: &str, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::Channels { team: team.into() })? {
+        Reply::Channels { channels } => {
+            for c in channels {
+                if json {
+                    println!("{}", serde_json::json!({"id": c.id, "name": c.name}));
+                } else {
+                    println!("{} {}", c.id, c.name);
+                }
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn sent(home: &Home, reply: Reply) -> anyhow::Result<()> {
+    match reply {
+        Reply::Sent { id, queued } => {
+            println!("{id}");
+            // Network's own report says whether the relay took it yet.
+            let relay_down = crate::processes::network_status(home).is_none_or(|n| !n.parent_connected || n.outbox > 0);
+            if queued || relay_down {
+                eprintln!("queued");
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `send TEAM/CHANNEL TEXT`.
+pub fn send(home: &Home, target_text: &str, text: String, reply_to: Option<String>) -> anyhow::Result<()> {
+    let (team, channel) = target(target_text)?;
+    sent(home, Secure::connect(home)?.call(&Request::Send { team, channel, text, reply_to })?)
+}
+
+/// `edit ID TEXT`.
+pub fn edit(home: &Home, id: String, text: String) -> anyhow::Result<()> {
+    sent(home, Secure::connect(home)?.call(&Request::Edit { id, text })?)
+}
+
+fn print(m: &MessageLine, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(m).expect("serializable"));
+    } else {
+        let thread = m.reply_to.as_deref().map(|r| format!("  ↳ {r}")).unwrap_or_default();
+        let edited = if m.edited { " (edited)" } else { "" };
+        let text = m.text.replace(['\n', '\r'], " ");
+        println!("{} [{}] {}{edited}{thread}", m.id, m.sent_ms, text.chars().filter(|c| !c.is_control()).collect::<String>());
+    }
+}
+
+/// `read TEAM/CHANNEL`.
+pub fn read(home: &Home, target_text: &str, json: bool, follow: bool, count: Option<usize>, timeout: Option<Duration>) -> anyhow::Result<()> {
+    let (team, channel) = target(target_text)?;
+    // Follow first, then read: nothing that arrives in between is missed.
+    let mut stream = if follow {
+        let mut s = Secure::connect(home)?;
+        s.call(&Request::Follow { team: team.clone(), channel: channel.clone() })?;
+        Some(s)
+    } else {
+        None
+    };
+    let messages = match Secure::connect(home)?.call(&Request::Read { team, channel })? {
+        Reply::Messages { messages } => messages,
+        other => return Err(unexpected(other)),
+    };
+    for m in &messages {
+        print(m, json);
+    }
+    let Some(stream) = stream.as_mut() else { return Ok(()) };
+    let mut seen: std::collections::HashSet<(String, String)> = messages.into_iter().map(|m| (m.id, m.text)).collect();
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut printed = 0;
+    while count.is_none_or(|n| printed < n) {
+        let left = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => bail!("timed out after {} with {printed} new messages", humantime::format_duration(timeout.unwrap_or_default())),
+            },
+            None => None,
+        };
+        match stream.next(left)? {
+            Some(Reply::Message(m)) => {
+                if seen.insert((m.id.clone(), m.text.clone())) {
+                    print(&m, json);
+                    printed += 1;
+                }
+            }
+            Some(other) => return Err(unexpected(other)),
+            None if left.is_some() => continue,
+            None => bail!("Secure stopped"),
+        }
+    }
+    Ok(())
+}

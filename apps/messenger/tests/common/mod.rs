@@ -1,0 +1,158 @@
+//! Shared helpers: real relays (in-process, on 127.0.0.1) and real `canopy-msg` processes,
+//! each device in a home of its own.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use canopy_relay::{Relay, RelayConfig, RelayHandle, StoreKind};
+
+#[path = "../../../../framework/tests/support/plugin_artifacts.rs"]
+mod plugin_artifacts;
+
+/// Upper bound for anything awaited.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn logs() {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+}
+
+/// A fjall relay on `listen` with its data in `data`, under `parent` if given.
+pub async fn relay(data: &Path, listen: &str, parent: Option<&RelayHandle>) -> RelayHandle {
+    logs();
+    let mut config = RelayConfig { listen: listen.parse().unwrap(), data: data.to_path_buf(), store: StoreKind::Fjall, ..RelayConfig::default() };
+    if let Some(p) = parent {
+        config.parent = Some(p.local_addr().to_string());
+        config.parent_fingerprint = Some(p.fingerprint().to_string());
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match Relay::spawn(config.clone()).await {
+            Ok(r) => return r,
+            // A relay restarted on its old port may find it held for a moment.
+            Err(e) if format!("{e:#}").contains("binding") && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("relay: {e:#}"),
+        }
+    }
+}
+
+/// The `canopy-msg` binary.
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_canopy-msg"))
+}
+
+/// One home: a device or the admin.
+pub struct Home {
+    /// The home directory.
+    pub dir: PathBuf,
+}
+
+impl Home {
+    /// A home in `root/name`.
+    pub fn new(root: &Path, name: &str) -> Home {
+        Home { dir: root.join(name) }
+    }
+
+    /// Runs `canopy-msg --home DIR args…`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(exe());
+        cmd.arg("--home").arg(&self.dir).args(args);
+        cmd.env("CANOPY_MSG_MEMBER_PLUGIN", plugin_artifacts::wasm("member"));
+        cmd.env_remove("CANOPY_MSG_PASSPHRASE");
+        cmd.output().expect("canopy-msg runs")
+    }
+
+    /// Runs a command that must succeed; returns its stdout, trimmed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "canopy-msg {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "canopy-msg {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// `init` against `relay`.
+    pub fn init(&self, relay: &RelayHandle) {
+        let ca = self.dir.with_extension("ca.pem");
+        std::fs::create_dir_all(self.dir.parent().unwrap()).unwrap();
+        std::fs::write(&ca, relay.cert_pem()).unwrap();
+        self.ok(&["init", "--relay", &relay.local_addr().to_string(), "--ca", ca.to_str().unwrap(), "--domain", "example.com", "--org", "7"]);
+    }
+
+    /// Reads `read TEAM/CHANNEL --json` as JSON values.
+    pub fn read(&self, target: &str) -> Vec<serde_json::Value> {
+        self.ok(&["read", target, "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// Waits until `teams --json` lists `team`.
+    pub fn await_team(&self, team: &str) -> serde_json::Value {
+        let deadline = Instant::now() + WAIT;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let out = self.ok(&["teams", "--json"]);
+            if let Some(t) = out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|t| t["name"] == team || t["id"].to_string() == team) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "{} never joined {team}", self.dir.display());
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until `read` shows a message whose text is `text`.
+    pub fn await_text(&self, target: &str, text: &str) {
+        let deadline = Instant::now() + WAIT;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if self.read(target).iter().any(|m| m["text"] == text) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} never showed {text:?}", self.dir.display());
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if self.dir.join("config.toml").exists() {
+            let _ = Command::new(exe()).arg("--home").arg(&self.dir).arg("down").output();
+        }
+    }
+}
+
+/// Every file under `dir`, recursively.
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The files under `dir` that contain `needle`.
+pub fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    files(dir).into_iter().filter(|p| std::fs::read(p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))).collect()
+}
