@@ -106,11 +106,14 @@ impl Key {
     }
 }
 
+/// Key/value records, as a backend loads them.
+pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Where sealed records are kept: a narrow key/value interface, so the same vault runs over
 /// a file database in Secure and over the plugin key/value store in the member plugin.
 pub trait Backend {
     /// Every record.
-    fn load(&mut self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String>;
+    fn load(&mut self) -> Result<Records, String>;
     /// Writes `puts` and removes `deletes`, all or nothing, durably.
     fn apply(&mut self, puts: Vec<(Vec<u8>, Vec<u8>)>, deletes: Vec<Vec<u8>>) -> Result<(), String>;
 }
