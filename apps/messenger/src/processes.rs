@@ -78,6 +78,9 @@ pub fn up(home: &Home) -> anyhow::Result<()> {
     std::fs::create_dir_all(home.path("logs"))?;
     let mut children = Vec::new();
     if pid_of(home, "network").is_none() {
+        // What a killed Network left behind would look like a live one.
+        let _ = std::fs::remove_file(home.path("network.json"));
+        let _ = std::fs::remove_file(home.path("network.sock"));
         children.push(("network", spawn(home, "network", None)?));
         wait_for(&mut children, || home.path("network.sock").exists() && network_status(home).is_some(), home)?;
     }

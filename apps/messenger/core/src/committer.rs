@@ -190,33 +190,58 @@ impl<B: Backend> Committer<B> {
     /// together with the team record that numbers it, and returns the commit and the
     /// welcome to publish.
     pub fn add_device(&mut self, team: u32, key_package: &[u8], hkp: &[u8], now_ms: u64) -> Result<Added, MlsError> {
+        let mut added = self.add_devices(team, &[(key_package, hkp)], now_ms)?;
+        Ok(added.pop().expect("one device added"))
+    }
+
+    /// Adds several devices in one commit (one epoch): each gets its device id, in order, and
+    /// a welcome of its own. The commit's chunks come with the first device's result.
+    pub fn add_devices(&mut self, team: u32, devices: &[(&[u8], &[u8])], now_ms: u64) -> Result<Vec<Added>, MlsError> {
         let mut group = self.group(team)?;
-        let kp = engine::verify_key_package(self.engine.provider.crypto(), key_package, hkp)?;
-        if group.members().any(|m| m.signature_key == kp.leaf_node().signature_key().as_slice()) {
-            return Err(MlsError::BadName(format!("the device of key package {} is already in team {team}", engine::hex(hkp))));
-        }
         let mut record = record_of(&group)?;
-        // RFC 9420 §12.1.1: an Add takes the leftmost blank leaf, or extends the tree, which
-        // is the smallest index no member holds.
-        let taken: std::collections::BTreeSet<u32> = group.members().map(|m| m.index.u32()).collect();
-        let leaf = (0..).find(|i| !taken.contains(i)).expect("a free index exists");
-        let device = record.next_device;
-        record.next_device += 1;
-        record.devices.insert(leaf, device);
-        let signature_key = kp.leaf_node().signature_key().as_slice().to_vec();
-        let (commit, welcome) = self.commit(&mut group, vec![kp], &record)?;
-        let placed = group.member_at(LeafNodeIndex::new(leaf)).is_some_and(|m| m.signature_key == signature_key);
-        if !placed {
-            return Err(MlsError::Mls(format!("the new member did not land on leaf {leaf}")));
+        let mut taken: std::collections::BTreeSet<u32> = group.members().map(|m| m.index.u32()).collect();
+        let mut kps = Vec::with_capacity(devices.len());
+        let mut placed = Vec::with_capacity(devices.len());
+        for (key_package, hkp) in devices {
+            let kp = engine::verify_key_package(self.engine.provider.crypto(), key_package, hkp)?;
+            let signature_key = kp.leaf_node().signature_key().as_slice().to_vec();
+            if group.members().any(|m| m.signature_key == signature_key) || placed.iter().any(|(_, _, k, _): &(u32, u32, Vec<u8>, &[u8])| *k == signature_key) {
+                return Err(MlsError::BadName(format!("the device of key package {} is already in team {team}", engine::hex(hkp))));
+            }
+            // RFC 9420 §12.1.1: each Add takes the leftmost blank leaf, or extends the tree:
+            // the smallest index no member holds, in proposal order.
+            let leaf = (0..).find(|i| !taken.contains(i)).expect("a free index exists");
+            taken.insert(leaf);
+            let device = record.next_device;
+            record.next_device += 1;
+            record.devices.insert(leaf, device);
+            placed.push((leaf, device, signature_key, *hkp));
+            kps.push(kp);
+        }
+        let (commit, welcome) = self.commit(&mut group, kps, &record)?;
+        for (leaf, _, signature_key, _) in &placed {
+            let ok = group.member_at(LeafNodeIndex::new(*leaf)).is_some_and(|m| m.signature_key == *signature_key);
+            if !ok {
+                return Err(MlsError::Mls(format!("a new member did not land on leaf {leaf}")));
+            }
         }
         let epoch = group.epoch().as_u64();
-        let mut outgoing = self.commit_chunks(team, epoch, &commit, record.lifetimes.commit_ms, now_ms)?;
+        let mut all = self.commit_chunks(team, epoch, &commit, record.lifetimes.commit_ms, now_ms)?;
         let welcome = welcome.ok_or_else(|| MlsError::Mls("an add produced no welcome".into()))?;
-        for (i, data) in fragment::split(Path::Welcome, &welcome)?.into_iter().enumerate() {
-            outgoing.push(Outgoing { name: self.org.welcome(hkp, i as u16), expiry_ms: now_ms + record.lifetimes.welcome_ms, data });
+        let pieces = fragment::split(Path::Welcome, &welcome)?;
+        let mut out = Vec::with_capacity(placed.len());
+        for (i, (_, device, _, hkp)) in placed.iter().enumerate() {
+            // One welcome serves every device added by the commit; each finds it under its
+            // own hKP.
+            let mut outgoing = if i == 0 { std::mem::take(&mut all) } else { Vec::new() };
+            for (f, data) in pieces.iter().enumerate() {
+                outgoing.push(Outgoing { name: self.org.welcome(hkp, f as u16), expiry_ms: now_ms + record.lifetimes.welcome_ms, data: data.clone() });
+            }
+            out.push(Added { device: *device, epoch, outgoing });
         }
-        self.remember(team, &outgoing)?;
-        Ok(Added { device, epoch, outgoing })
+        let remembered: Vec<Outgoing> = out.iter().flat_map(|a| a.outgoing.iter().cloned()).collect();
+        self.remember(team, &remembered)?;
+        Ok(out)
     }
 
     /// `channel create TEAM NAME`: commits the team record with the new channel. Returns the

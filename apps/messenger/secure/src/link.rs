@@ -4,8 +4,10 @@
 //!
 //! One reader thread owns the connection: it connects (again and again, if Network
 //! restarts), exchanges `Hello`s, and hands each frame to the session. Any thread may
-//! publish or subscribe; the session and the socket's write half sit behind one mutex, so
-//! frames go out in order and immediately, with no polling delay.
+//! publish or subscribe; the session sits behind a mutex, and the frames it queues go, in
+//! order and at once, to a writer thread per connection. Nobody writes to the socket while
+//! holding the mutex, so a full socket can never stop the reader (and with it the credit
+//! that would let Network drain).
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -58,7 +60,7 @@ pub enum LinkEvent {
 
 struct Inner {
     session: ClientSession,
-    writer: Option<UnixStream>,
+    writer: Option<Sender<Vec<u8>>>,
     next_id: u64,
     /// Publishes not acknowledged yet, sent again on every new connection (an identical
     /// publish is acknowledged again, so this is safe).
@@ -144,11 +146,9 @@ impl Link {
             }
         }
         if !bytes.is_empty()
-            && let Some(w) = inner.writer.as_mut()
-            && let Err(e) = w.write_all(&bytes)
+            && let Some(w) = inner.writer.as_ref()
         {
-            tracing::warn!("writing to Network: {e}");
-            let _ = w.shutdown(std::net::Shutdown::Both);
+            let _ = w.send(bytes);
         }
         while let Some(event) = inner.session.poll_event() {
             let out = match event {
@@ -217,8 +217,24 @@ impl Link {
             decoder.extend(&buf[..n]);
         }
         {
+            let mut write_half = stream.try_clone().map_err(|e| e.to_string())?;
+            let (tx, rx) = channel::<Vec<u8>>();
+            std::thread::Builder::new()
+                .name("network-writer".into())
+                .spawn(move || {
+                    // Ends when the connection's sender is dropped, or the socket fails (then
+                    // the reader sees the connection end too).
+                    while let Ok(bytes) = rx.recv() {
+                        if let Err(e) = write_half.write_all(&bytes) {
+                            tracing::warn!("writing to Network: {e}");
+                            let _ = write_half.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| e.to_string())?;
             let mut inner = self.lock();
-            inner.writer = Some(stream.try_clone().map_err(|e| e.to_string())?);
+            inner.writer = Some(tx);
             inner.session.connected(now_ms());
             let unacked: Vec<(u64, Chunk)> = inner.unacked.iter().map(|(s, c)| (*s, c.clone())).collect();
             for (seq, chunk) in unacked {

@@ -85,10 +85,18 @@ impl Home {
 
     /// `init` against `relay`.
     pub fn init(&self, relay: &RelayHandle) {
+        self.init_with(relay, &[]);
+    }
+
+    /// `init` against `relay`, with more options.
+    pub fn init_with(&self, relay: &RelayHandle, extra: &[&str]) {
         let ca = self.dir.with_extension("ca.pem");
         std::fs::create_dir_all(self.dir.parent().unwrap()).unwrap();
         std::fs::write(&ca, relay.cert_pem()).unwrap();
-        self.ok(&["init", "--relay", &relay.local_addr().to_string(), "--ca", ca.to_str().unwrap(), "--domain", "example.com", "--org", "7"]);
+        let addr = relay.local_addr().to_string();
+        let mut args = vec!["init", "--relay", &addr, "--ca", ca.to_str().unwrap(), "--domain", "example.com", "--org", "7"];
+        args.extend_from_slice(extra);
+        self.ok(&args);
     }
 
     /// Reads `read TEAM/CHANNEL --json` as JSON values.
@@ -155,4 +163,48 @@ pub fn files(dir: &Path) -> Vec<PathBuf> {
 /// The files under `dir` that contain `needle`.
 pub fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     files(dir).into_iter().filter(|p| std::fs::read(p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))).collect()
+}
+
+/// An org with a team `ops` and a channel `general`, administered from `root/admin`.
+pub fn org(root: &Path, relay: &RelayHandle) -> Home {
+    let admin = Home::new(root, "admin");
+    admin.init(relay);
+    admin.ok(&["admin", "org", "init"]);
+    assert_eq!(admin.ok(&["admin", "team", "create", "ops"]), "2");
+    assert_eq!(admin.ok(&["admin", "channel", "create", "ops", "general"]), "2");
+    admin
+}
+
+/// A device of `name` on `relay`, up, added to `ops` by `admin`.
+pub fn device(root: &Path, name: &str, relay: &RelayHandle, admin: &Home) -> Home {
+    let home = Home::new(root, name);
+    home.init(relay);
+    home.ok(&["up"]);
+    let hkp = home.ok(&["device", "key-package"]);
+    admin.ok(&["admin", "team", "add", "ops", &hkp]);
+    home.await_team("ops");
+    home
+}
+
+/// Waits until every home shows the same epoch of `ops` as the admin.
+pub fn await_epoch(admin: &Home, homes: &[&Home]) {
+    let teams = admin.ok(&["admin", "teams", "--json"]);
+    let epoch = teams.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|t| t["name"] == "ops").unwrap()["epoch"].as_u64().unwrap();
+    let deadline = Instant::now() + WAIT;
+    for h in homes {
+        while h.await_team("ops")["epoch"].as_u64().unwrap() != epoch {
+            assert!(Instant::now() < deadline, "{} never reached epoch {epoch}", h.dir.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The texts a home shows in `ops/general`, in order.
+pub fn texts(home: &Home) -> Vec<String> {
+    home.read("ops/general").iter().map(|m| m["text"].as_str().unwrap().to_string()).collect()
+}
+
+/// Pids of a home's background processes.
+pub fn pids(home: &Home) -> Vec<i32> {
+    ["network", "secure"].iter().filter_map(|n| std::fs::read_to_string(home.dir.join(format!("run/{n}.pid"))).ok()?.trim().parse().ok()).collect()
 }

@@ -1,0 +1,152 @@
+//! The messenger end to end: send → displayed on another device, through one relay and all
+//! three processes of each device (UI protocol → Secure → MLS → Network → relay → Network →
+//! Secure → MLS → UI), with real `canopy-msg` processes.
+//!
+//! ```sh
+//! cargo build --release -p canopy-messenger -p canopy-relay && bash scripts/build-plugins.sh --release
+//! cargo run --release -p canopy-benches --bin msg-latency
+//! ```
+//!
+//! Latency is paced (one message every `--interval-ms`), so queueing does not inflate it;
+//! throughput is a burst of `--burst` messages, timed until the last is shown on the receiver.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use canopy_msg_secure::proto::{self, Reply, Request};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Messenger send → displayed latency and throughput, through real processes.")]
+struct Cli {
+    /// Paced messages for the latency figures.
+    #[arg(long, default_value_t = 500)]
+    messages: usize,
+    /// Pause between paced messages, ms.
+    #[arg(long, default_value_t = 10)]
+    interval_ms: u64,
+    /// Messages in the throughput burst.
+    #[arg(long, default_value_t = 2000)]
+    burst: usize,
+}
+
+fn exe_dir() -> PathBuf {
+    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn msg(home: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let plugin = exe_dir().join("../wasm32-wasip2/plugin/member.wasm");
+    let out = Command::new(exe_dir().join("canopy-msg")).arg("--home").arg(home).args(args).env("CANOPY_MSG_MEMBER_PLUGIN", plugin).output().context("running canopy-msg (build it: cargo build --release -p canopy-messenger)")?;
+    if !out.status.success() {
+        bail!("canopy-msg {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+fn call(s: &mut UnixStream, r: &Request) -> anyhow::Result<Reply> {
+    proto::write_frame(s, r)?;
+    proto::read_frame(s)?.context("Secure hung up")
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let config = canopy_relay::RelayConfig { listen: "127.0.0.1:0".parse()?, data: root.join("relay"), ..canopy_relay::RelayConfig::default() };
+    let relay = canopy_relay::Relay::spawn(config).await?;
+    let ca = root.join("relay.pem");
+    std::fs::write(&ca, relay.cert_pem())?;
+    let addr = relay.local_addr().to_string();
+    let init = |home: &Path| msg(home, &["init", "--relay", &addr, "--ca", ca.to_str().unwrap(), "--domain", "example.com", "--org", "7"]);
+    let (admin, a, b) = (root.join("admin"), root.join("a"), root.join("b"));
+    let result = tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        init(&admin)?;
+        msg(&admin, &["admin", "org", "init"])?;
+        msg(&admin, &["admin", "team", "create", "bench"])?;
+        msg(&admin, &["admin", "channel", "create", "bench", "general"])?;
+        for home in [&a, &b] {
+            init(home)?;
+            msg(home, &["up"])?;
+            let hkp = msg(home, &["device", "key-package"])?;
+            msg(&admin, &["admin", "team", "add", "bench", &hkp])?;
+        }
+        // Both devices at the admin's epoch.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while msg(&a, &["teams"])?.split_whitespace().nth(2) != msg(&b, &["teams"])?.split_whitespace().nth(2) || msg(&a, &["teams"])?.is_empty() {
+            if Instant::now() > deadline {
+                bail!("the devices never reached the same epoch");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut sender = UnixStream::connect(a.join("secure.sock"))?;
+        let mut follower = UnixStream::connect(b.join("secure.sock"))?;
+        match call(&mut follower, &Request::Follow { team: "bench".into(), channel: "general".into() })? {
+            Reply::Pong => {}
+            other => bail!("follow: {other:?}"),
+        }
+        let send = |s: &mut UnixStream, text: String| -> anyhow::Result<String> {
+            match call(s, &Request::Send { team: "bench".into(), channel: "general".into(), text, reply_to: None })? {
+                Reply::Sent { id, .. } => Ok(id),
+                other => bail!("send: {other:?}"),
+            }
+        };
+        let shown = |f: &mut UnixStream| -> anyhow::Result<String> {
+            match proto::read_frame::<Reply>(f)?.context("Secure hung up")? {
+                Reply::Message(m) => Ok(m.id),
+                other => bail!("follow: {other:?}"),
+            }
+        };
+        // Warm-up.
+        for i in 0..20 {
+            let id = send(&mut sender, format!("warm-up {i}"))?;
+            while shown(&mut follower)? != id {}
+        }
+        let mut lat = Vec::with_capacity(cli.messages);
+        for i in 0..cli.messages {
+            let t = Instant::now();
+            let id = send(&mut sender, format!("message {i} of the latency run"))?;
+            while shown(&mut follower)? != id {}
+            lat.push(t.elapsed());
+            std::thread::sleep(Duration::from_millis(cli.interval_ms));
+        }
+        lat.sort();
+        println!(
+            "send → displayed, {} paced messages: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            lat.len(),
+            pct(&lat, 0.5).as_secs_f64() * 1e3,
+            pct(&lat, 0.9).as_secs_f64() * 1e3,
+            pct(&lat, 0.99).as_secs_f64() * 1e3,
+            lat[lat.len() - 1].as_secs_f64() * 1e3
+        );
+        let t = Instant::now();
+        let mut last = String::new();
+        for i in 0..cli.burst {
+            last = send(&mut sender, format!("burst {i}"))?;
+        }
+        let sent = t.elapsed();
+        while shown(&mut follower)? != last {}
+        let all = t.elapsed();
+        println!(
+            "burst of {}: sent in {:.2} s ({:.0}/s), all displayed after {:.2} s ({:.0} messages/s end to end)",
+            cli.burst,
+            sent.as_secs_f64(),
+            cli.burst as f64 / sent.as_secs_f64(),
+            all.as_secs_f64(),
+            cli.burst as f64 / all.as_secs_f64()
+        );
+        for home in [&a, &b] {
+            let _ = msg(home, &["down"]);
+        }
+        Ok(())
+    });
+    relay.shutdown().await;
+    result
+}
