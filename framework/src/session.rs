@@ -26,6 +26,9 @@
 //!   yet consumed therefore never exceed the window, however fast the relay replays, and a
 //!   reader that keeps up is never cut off.
 
+#[cfg(unix)]
+pub mod unix;
+
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 

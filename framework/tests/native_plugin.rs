@@ -1,6 +1,8 @@
 //! Native plugins: the echo plugin built for the host, and a library built against an older
 //! ABI (both from `plugins/`, built by `scripts/build-plugins.sh`).
 
+#![cfg(feature = "plugin-host")]
+
 use std::sync::Arc;
 
 use canopy::plugin::{Effect, Limits, MemoryState, NativeTemplate, PluginError, Runtime, RuntimeOptions, Supervisor};

@@ -1,6 +1,8 @@
 //! The plugin host against real guests: the `echo`, `clock` and `hostile` Wasm components
 //! from `plugins/` (built by `scripts/build-plugins.sh`).
 
+#![cfg(feature = "plugin-host")]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;

@@ -112,6 +112,16 @@ pub struct RelayConfig {
     /// UDP address the QUIC listener binds. Default `127.0.0.1:4433`; port 0 picks a free
     /// port (the binary prints `listening on ADDR`).
     pub listen: SocketAddr,
+    /// Whether to run the QUIC listener at all. Default true. A relay with `false` takes no
+    /// QUIC connections (`listen` is ignored): a leaf that serves only its Unix socket
+    /// (`unix_listen`) and its plugins, and dials its parent. It still has a TLS identity in
+    /// `data`, unused.
+    pub quic_listen: bool,
+    /// A Unix-domain stream socket to accept links on as well, speaking the same protocol
+    /// (same frames and framing as the QUIC control stream, no TLS). The socket file is
+    /// created with mode 0600 (the owner only may connect), replaces a stale socket file left
+    /// by a relay that is gone, and is removed at shutdown. Default none.
+    pub unix_listen: Option<PathBuf>,
     /// Directory for the store, the TLS certificate and key, and the relay id. Default:
     /// `$XDG_DATA_HOME/canopy-relay`, or `./canopy-data` when `XDG_DATA_HOME` is unset.
     pub data: PathBuf,
@@ -171,6 +181,8 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            quic_listen: true,
+            unix_listen: None,
             data: default_data_dir(),
             id: None,
             parent: None,
@@ -231,6 +243,14 @@ impl RelayConfig {
         }
         if let Some(id) = &self.id {
             parse_relay_id(id)?;
+        }
+        if let Some(path) = &self.unix_listen
+            && path.as_os_str().is_empty()
+        {
+            bail!("unix_listen is an empty path");
+        }
+        if !self.quic_listen && self.unix_listen.is_none() && self.plugins.is_empty() {
+            bail!("quic_listen = false needs unix_listen (or a plugin): the relay would serve nothing");
         }
         self.access_rules()?;
         let mut names = std::collections::HashSet::new();

@@ -3,8 +3,8 @@
 //! The Canopy relay server: tokio and quinn driving the sans-IO routing core
 //! ([`canopy::node::Node`]).
 //!
-//! Data flows one way. Each QUIC connection's reader task decodes frames from the control
-//! stream and sends them to the **node actor**, the single task that owns the `Node` and its
+//! Data flows one way. Each link's reader task (a QUIC connection's control stream, or a
+//! connection on the Unix socket, see [`RelayConfig::unix_listen`]) decodes frames and sends them to the **node actor**, the single task that owns the `Node` and its
 //! store. The actor handles a batch of frames, syncs the store once for the batch (releasing
 //! the acks), and moves the frames the node queued into each link's writer buffer as far as
 //! the writer has room; writer tasks encode them onto the stream. A parent task keeps the
@@ -34,10 +34,12 @@ pub mod metrics;
 mod plugin;
 mod socket;
 pub mod tls;
+#[cfg(unix)]
+mod unix;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,7 +55,7 @@ use crate::actor::{ActorParts, Stop, ToNode};
 pub use canopy::plugin::{Limits as PluginLimits, PluginKind, PluginStats};
 
 pub use crate::config::{AccessRule, PluginConfig, RelayConfig, StoreKind};
-use crate::link::LinkOut;
+use crate::link::{LinkOut, LinkSend, QuicSend};
 use crate::tls::Trust;
 
 /// A snapshot of a relay's counters: the routing core's plus the store's.
@@ -107,7 +109,8 @@ impl Shared {
 /// A running relay. Dropping it stops the relay abruptly (like [`RelayHandle::kill`], without
 /// waiting); [`RelayHandle::shutdown`] stops it gracefully.
 pub struct RelayHandle {
-    local_addr: SocketAddr,
+    /// The QUIC listener's address; none with `quic_listen = false`.
+    local_addr: Option<SocketAddr>,
     cert_pem: String,
     cert_path: PathBuf,
     fingerprint: String,
@@ -122,11 +125,17 @@ pub struct RelayHandle {
     tasks: Vec<JoinHandle<()>>,
     metrics_addr: Option<SocketAddr>,
     plugins: Vec<plugin::RunningPlugin>,
+    /// The Unix socket file, removed when dropped.
+    #[cfg(unix)]
+    unix_socket: Option<unix::SocketFile>,
+    /// Connections open on the Unix socket.
+    unix_links: Arc<AtomicUsize>,
 }
 
 impl Relay {
     /// Starts a relay: opens the store and TLS identity in `config.data` (creating them on
-    /// first start), binds the QUIC listener, and starts the node actor, the parent link and
+    /// first start), binds the QUIC listener (unless `quic_listen` is false) and the Unix
+    /// socket (with `unix_listen`), and starts the node actor, the parent link and
     /// the metrics endpoint as configured. Must be called inside a tokio runtime.
     pub async fn spawn(config: RelayConfig) -> anyhow::Result<RelayHandle> {
         config.validate()?;
@@ -138,7 +147,7 @@ impl Relay {
             tracing::info!(path = %identity.cert_path.display(), "created a self-signed certificate");
         }
         let access = config.access_rules()?;
-        if access.is_open() && !config.listen.ip().is_loopback() {
+        if access.is_open() && config.quic_listen && !config.listen.ip().is_loopback() {
             tracing::warn!(
                 listen = %config.listen,
                 "no access rules are configured and the relay listens beyond loopback: anyone who can reach it may publish and subscribe everything"
@@ -200,11 +209,29 @@ impl Relay {
             })
         })?;
 
-        let (endpoint, socket_released) = bind_listener(tls::server_config(&identity)?, config.listen)
-            .with_context(|| format!("binding {}", config.listen))?;
-        let local_addr = endpoint.local_addr()?;
-
-        let mut tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), shared.clone()))];
+        let mut tasks = Vec::new();
+        let (mut endpoint, mut socket_released, mut local_addr) = (None, None, None);
+        if config.quic_listen {
+            let (quic, released) = bind_listener(tls::server_config(&identity)?, config.listen)
+                .with_context(|| format!("binding {}", config.listen))?;
+            local_addr = Some(quic.local_addr()?);
+            tasks.push(tokio::spawn(accept_loop(quic.clone(), shared.clone())));
+            (endpoint, socket_released) = (Some(quic), Some(released));
+        }
+        let unix_links = Arc::new(AtomicUsize::new(0));
+        #[cfg(unix)]
+        let unix_socket = match &config.unix_listen {
+            Some(path) => {
+                let (listener, file) = unix::bind(path)?;
+                tasks.push(tokio::spawn(unix::accept_loop(listener, shared.clone(), unix_links.clone())));
+                Some(file)
+            }
+            None => None,
+        };
+        #[cfg(not(unix))]
+        if config.unix_listen.is_some() {
+            bail!("unix_listen: Unix-domain sockets are not available on this platform");
+        }
         if let Some(watchdog) = plugin::watchdog(&plugins, shared.to_node.clone()) {
             tasks.push(tokio::spawn(watchdog));
         }
@@ -227,21 +254,24 @@ impl Relay {
             let board = plugins.iter().map(|p| p.stats_handle()).collect();
             tasks.push(tokio::spawn(metrics::serve(listener, snapshot.clone(), board, stop_rx.clone())));
         }
-        tracing::info!(%id, listen = %local_addr, cert = %identity.cert_path.display(), fingerprint = %identity.fingerprint, "relay started");
+        tracing::info!(%id, listen = ?local_addr, unix = ?config.unix_listen, cert = %identity.cert_path.display(), fingerprint = %identity.fingerprint, "relay started");
         Ok(RelayHandle {
             local_addr,
             cert_pem: identity.cert_pem,
             cert_path: identity.cert_path,
             fingerprint: identity.fingerprint,
             id,
-            endpoint: Some(endpoint),
-            socket_released: Some(socket_released),
+            endpoint,
+            socket_released,
             stop,
             snapshot,
             node_done: Some(node_done),
             tasks,
             metrics_addr,
             plugins,
+            #[cfg(unix)]
+            unix_socket,
+            unix_links,
         })
     }
 }
@@ -276,8 +306,26 @@ mod task_ext {
 
 impl RelayHandle {
     /// The address the QUIC listener is bound to (the real port when configured with 0).
+    ///
+    /// # Panics
+    ///
+    /// If the relay has no QUIC listener (`quic_listen = false`); see [`quic_addr`](Self::quic_addr).
     pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr.expect("this relay has no QUIC listener (quic_listen = false); use quic_addr()")
+    }
+
+    /// The address the QUIC listener is bound to, or `None` if the relay runs without one
+    /// (`quic_listen = false`).
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// The path of the Unix socket the relay accepts links on (`unix_listen`), if any.
+    pub fn unix_path(&self) -> Option<&Path> {
+        #[cfg(unix)]
+        return self.unix_socket.as_ref().map(unix::SocketFile::path);
+        #[cfg(not(unix))]
+        None
     }
 
     /// The relay's certificate in PEM, for clients and children to trust.
@@ -331,14 +379,16 @@ impl RelayHandle {
     }
 
     /// Stops gracefully: flushes the store, sends what is queued and closes every link,
-    /// stops listening, and returns once the store is closed and the UDP port released (so
-    /// a new relay, or anything else, can bind it right away).
+    /// stops listening, and returns once the store is closed, the UDP port released (so
+    /// a new relay, or anything else, can bind it right away) and the Unix socket file
+    /// removed.
     pub async fn shutdown(mut self) {
         self.stop_with(Stop::Graceful).await;
     }
 
     /// Stops abruptly: no final flush and no goodbyes to peers (everything acknowledged is
-    /// already durable). Returns once the store is closed and the port released.
+    /// already durable). Returns once the store is closed, the port released and the Unix
+    /// socket file removed.
     pub async fn kill(mut self) {
         self.stop_with(Stop::Kill).await;
     }
@@ -355,21 +405,28 @@ impl RelayHandle {
         if let Some(done) = self.node_done.take() {
             let _ = done.await;
         }
-        let Some(endpoint) = self.endpoint.take() else { return };
         if how == Stop::Graceful {
             // Let writers send the last frames and close their links.
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while endpoint.open_connections() > 0 {
+                while self.endpoint.as_ref().is_some_and(|e| e.open_connections() > 0)
+                    || self.unix_links.load(Ordering::Relaxed) > 0
+                {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             })
             .await;
         }
-        endpoint.close(quinn::VarInt::from_u32(0), b"relay stopping");
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.close(quinn::VarInt::from_u32(0), b"relay stopping");
+        }
         for task in self.tasks.drain(..) {
             task.abort();
             let _ = task.await;
         }
+        // The accept loop is gone (and with it the listener): nothing can connect any more.
+        #[cfg(unix)]
+        drop(self.unix_socket.take());
+        let Some(endpoint) = self.endpoint.take() else { return };
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         // The socket closes once the endpoint, its driver and every connection have let go;
         // connection tasks end soon after the close above.
@@ -377,7 +434,7 @@ impl RelayHandle {
         if let Some(released) = self.socket_released.take()
             && tokio::time::timeout(RELEASE_TIMEOUT, released).await.is_err()
         {
-            tracing::error!(listen = %self.local_addr, "the UDP socket is still open {RELEASE_TIMEOUT:?} after stopping");
+            tracing::error!(listen = ?self.local_addr, "the UDP socket is still open {RELEASE_TIMEOUT:?} after stopping");
         }
     }
 }
@@ -393,6 +450,7 @@ impl Drop for RelayHandle {
                 task.abort();
             }
         }
+        // (The Unix socket file, if still there, is removed as its field drops.)
     }
 }
 
@@ -434,20 +492,23 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> any
         .context("accepting the control stream")?;
     let link = shared.link_id();
     tracing::debug!(link, remote = %conn.remote_address(), "link opened");
-    run_link(link, conn, send, recv, &shared, false, shared.stop.clone()).await
+    run_quic_link(link, conn, send, recv, &shared, false, shared.stop.clone()).await
 }
 
 /// Registers a link with the node, runs its writer and reader, and tells the node when it
 /// ends.
-async fn run_link(
+async fn run_link<R, W>(
     link: LinkId,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    recv: R,
+    send: W,
     shared: &Shared,
     parent: bool,
     stop: watch::Receiver<Stop>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: LinkSend,
+{
     let out = LinkOut::new();
     let msg = if parent {
         ToNode::ParentConnected { link, out: out.clone() }
@@ -457,14 +518,28 @@ async fn run_link(
     if shared.to_node.send(msg).await.is_err() {
         bail!("relay stopping");
     }
-    let writer = tokio::spawn(link::writer(send, conn.clone(), out.clone(), shared.room.clone()));
+    let writer = tokio::spawn(link::writer(send, out.clone(), shared.room.clone()));
     // The parent is always read: pausing both ends of a relay link on full writers could
     // stall them on each other (the routing core bounds what it sends the parent).
     link::reader(recv, link, shared.to_node.clone(), out.clone(), stop, !parent).await;
     let _ = shared.to_node.send(ToNode::Closed { link }).await;
     let _ = writer.await;
-    conn.close(quinn::VarInt::from_u32(0), b"closed");
     Ok(())
+}
+
+/// Runs a QUIC link on its control stream, then closes the connection.
+async fn run_quic_link(
+    link: LinkId,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    shared: &Shared,
+    parent: bool,
+    stop: watch::Receiver<Stop>,
+) -> anyhow::Result<()> {
+    let result = run_link(link, recv, QuicSend { send, conn: conn.clone() }, shared, parent, stop).await;
+    conn.close(quinn::VarInt::from_u32(0), b"closed");
+    result
 }
 
 /// Keeps the parent link up: reconnects with capped exponential backoff after a lost or
@@ -546,7 +621,7 @@ async fn parent_session(
             }) => result.context("timed out")??,
         };
         let link = shared.link_id();
-        run_link(link, conn, send, recv, shared, true, shared.stop.clone()).await?;
+        run_quic_link(link, conn, send, recv, shared, true, shared.stop.clone()).await?;
         // Asked after `Closed`, so the node has handled every frame of this link.
         let (reply, refusal) = oneshot::channel();
         shared.to_node.send(ToNode::ParentEnded { link, reply }).await.context("relay stopping")?;

@@ -1,12 +1,22 @@
-//! One QUIC connection's control stream: a reader task that decodes frames and hands them to
-//! the node actor, and a writer task that encodes what the node queued for the link.
+//! One link's byte stream: a reader task that decodes frames and hands them to the node actor,
+//! and a writer task that encodes what the node queued for the link.
+//!
+//! Both are generic over tokio's `AsyncRead`/`AsyncWrite`, so the same code serves a QUIC
+//! connection's control stream ([`QuicSend`] and `quinn::RecvStream`) and a Unix-domain
+//! socket (the halves of a `tokio::net::UnixStream`): same frames, same framing, same size
+//! limit, same flow control.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use canopy::node::LinkId;
 use canopy::wire::{self, ErrorCode, Frame, FrameDecoder};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::actor::{Stop, ToNode};
@@ -112,9 +122,67 @@ fn close_code(code: ErrorCode) -> quinn::VarInt {
 /// A normal close, with no error.
 pub(crate) const NORMAL: ErrorCode = ErrorCode::Other(0);
 
-/// Encodes and writes frames from `out` until the link closes; then finishes the stream,
-/// waits (bounded) for the peer to acknowledge it, and closes the connection.
-pub(crate) async fn writer(mut send: quinn::SendStream, conn: quinn::Connection, out: Arc<LinkOut>, room: Arc<Notify>) {
+/// The sending half of a link's byte stream, as the [`writer`] needs it: the bytes go through
+/// `AsyncWrite`; these say when the connection is gone and how the link ends.
+pub(crate) trait LinkSend: AsyncWrite + Unpin + Send + 'static {
+    /// Completes once the connection is gone, so a writer waiting for frames stops. Never
+    /// completes for a transport whose reader notices the loss instead.
+    fn gone(&self) -> impl Future<Output = ()> + Send + '_;
+    /// Ends the link after its last frame, with `code` ([`NORMAL`] for a normal end).
+    fn finish(self, code: ErrorCode) -> impl Future<Output = ()> + Send;
+}
+
+/// A QUIC control stream's send half, with its connection.
+pub(crate) struct QuicSend {
+    pub(crate) send: quinn::SendStream,
+    pub(crate) conn: quinn::Connection,
+}
+
+impl AsyncWrite for QuicSend {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+    }
+}
+
+impl LinkSend for QuicSend {
+    async fn gone(&self) {
+        self.conn.closed().await;
+    }
+
+    /// Finishes the stream, waits (bounded) for the peer to acknowledge it, and closes the
+    /// connection with `code`.
+    async fn finish(mut self, code: ErrorCode) {
+        let _ = self.send.finish();
+        let _ = tokio::time::timeout(LINGER, self.send.stopped()).await;
+        let reason = if code == NORMAL { "closed".to_owned() } else { code.to_string() };
+        self.conn.close(close_code(code), reason.as_bytes());
+    }
+}
+
+impl LinkSend for tokio::net::unix::OwnedWriteHalf {
+    async fn gone(&self) {
+        // A Unix socket has no connection state apart from its stream: the reader sees the
+        // peer go (end of stream or an error) and closes the link, which wakes the writer.
+        std::future::pending::<()>().await;
+    }
+
+    /// Shuts the socket down for writing: the peer reads what was sent, then the end of the
+    /// stream. (What the kernel holds for the peer outlives our end of the socket, so there
+    /// is nothing to wait for.)
+    async fn finish(mut self, _code: ErrorCode) {
+        let _ = self.shutdown().await;
+    }
+}
+
+/// Encodes and writes frames from `out` until the link closes; then ends the link with
+/// [`LinkSend::finish`].
+pub(crate) async fn writer<W: LinkSend>(mut send: W, out: Arc<LinkOut>, room: Arc<Notify>) {
     let mut buf = Vec::with_capacity(64 * 1024);
     let code = loop {
         let (batch, closing) = {
@@ -127,7 +195,7 @@ pub(crate) async fn writer(mut send: quinn::SendStream, conn: quinn::Connection,
             }
             tokio::select! {
                 () = out.wake.notified() => continue,
-                _ = conn.closed() => return,
+                () = send.gone() => return,
             }
         }
         buf.clear();
@@ -143,20 +211,17 @@ pub(crate) async fn writer(mut send: quinn::SendStream, conn: quinn::Connection,
             return;
         }
     };
-    let _ = send.finish();
-    let _ = tokio::time::timeout(LINGER, send.stopped()).await;
-    let reason = if code == NORMAL { "closed".to_owned() } else { code.to_string() };
-    conn.close(close_code(code), reason.as_bytes());
+    send.finish(code).await;
 }
 
-/// Reads the control stream of `link`, handing whole frames to the node, until the stream
+/// Reads the byte stream of `link` (a QUIC control stream or a Unix socket), handing whole frames to the node, until the stream
 /// ends, fails or carries bytes that do not decode (answered with an `Error` and a close).
 /// With `pause_when_full` (downstream links), it stops reading while the link's writer buffer
 /// is full, so a peer that does not read is not read either. A publish whose chunk is over the
 /// size limit in an otherwise intact frame is answered here with
 /// `Error{ChunkTooLarge, about: seq}`, and reading goes on.
-pub(crate) async fn reader(
-    mut recv: quinn::RecvStream,
+pub(crate) async fn reader<R: AsyncRead + Unpin>(
+    mut recv: R,
     link: LinkId,
     to_node: mpsc::Sender<ToNode>,
     out: Arc<LinkOut>,
@@ -182,10 +247,10 @@ pub(crate) async fn reader(
                 out.close(Vec::new(), NORMAL);
                 return;
             }
-            read = recv.read(&mut buf) => read,
+            read = AsyncReadExt::read(&mut recv, &mut buf) => read,
         };
         match read {
-            Ok(Some(n)) => {
+            Ok(n) if n > 0 => {
                 decoder.extend(&buf[..n]);
                 let mut frames = Vec::new();
                 let mut answers = Vec::new();
@@ -218,12 +283,12 @@ pub(crate) async fn reader(
                     return;
                 }
             }
-            Ok(None) => {
+            Ok(_) => {
                 out.close(Vec::new(), NORMAL);
                 return;
             }
             Err(err) => {
-                tracing::debug!(link, %err, "control stream ended");
+                tracing::debug!(link, %err, "link stream ended");
                 out.close(Vec::new(), NORMAL);
                 return;
             }

@@ -30,6 +30,17 @@ struct Cli {
     #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<SocketAddr>,
 
+    /// Run no QUIC listener (a leaf serving only its Unix socket and plugins); --listen is
+    /// then ignored.
+    #[arg(long)]
+    #[serde(skip)]
+    no_quic: bool,
+
+    /// Also accept links on a Unix-domain socket at PATH (created with mode 0600).
+    #[arg(long, value_name = "PATH")]
+    #[serde(rename = "unix_listen", skip_serializing_if = "Option::is_none")]
+    unix_listen: Option<PathBuf>,
+
     /// Data directory: store, certificate, key and relay id
     /// [default: $XDG_DATA_HOME/canopy-relay or ./canopy-data].
     #[arg(long, value_name = "DIR")]
@@ -83,6 +94,8 @@ fn parse_store(text: &str) -> Result<StoreKind, String> {
 /// Config keys that may come from `CANOPY_<KEY>` environment variables.
 const ENV_KEYS: &[&str] = &[
     "listen",
+    "quic_listen",
+    "unix_listen",
     "data",
     "id",
     "parent",
@@ -105,7 +118,11 @@ fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {
         figment = figment.merge(Toml::file(path));
     }
     figment = figment.merge(Env::prefixed("CANOPY_").only(ENV_KEYS)).merge(Serialized::defaults(cli));
-    figment.extract().context("reading the configuration")
+    let mut config: RelayConfig = figment.extract().context("reading the configuration")?;
+    if cli.no_quic {
+        config.quic_listen = false;
+    }
+    Ok(config)
 }
 
 #[tokio::main]
@@ -121,7 +138,12 @@ async fn main() -> anyhow::Result<()> {
     let relay = Relay::spawn(config).await?;
     // Machine-readable lines on stdout (logs go to stderr).
     println!("certificate {} sha256 {}", relay.cert_path().display(), relay.fingerprint());
-    println!("listening on {}", relay.local_addr());
+    if let Some(addr) = relay.quic_addr() {
+        println!("listening on {addr}");
+    }
+    if let Some(path) = relay.unix_path() {
+        println!("unix socket {}", path.display());
+    }
     if let Some(addr) = relay.metrics_addr() {
         println!("metrics on http://{addr}/metrics");
     }
@@ -168,5 +190,17 @@ mod tests {
         assert_eq!(config.store, StoreKind::Memory);
         assert_eq!(config.access.len(), 1);
         assert_eq!(config.max_queue, 1024);
+        assert!(config.quic_listen);
+        assert_eq!(config.unix_listen, None);
+
+        let cli = Cli::parse_from(["canopy-relay", "--no-quic", "--unix-listen", "/tmp/n.sock"]);
+        let config = load_config(&cli).unwrap();
+        assert!(!config.quic_listen);
+        assert_eq!(config.unix_listen, Some(PathBuf::from("/tmp/n.sock")));
+        std::fs::write(&file, "quic_listen = false\nunix_listen = \"/run/canopy.sock\"\n").unwrap();
+        let cli = Cli::parse_from(["canopy-relay", "--config", file.to_str().unwrap()]);
+        let config = load_config(&cli).unwrap();
+        assert!(!config.quic_listen);
+        assert_eq!(config.unix_listen, Some(PathBuf::from("/run/canopy.sock")));
     }
 }
