@@ -1034,6 +1034,11 @@ impl<S: Store> Node<S> {
         }
     }
 
+    /// Whether a link to the parent is up (its `Hello`s exchanged).
+    pub fn parent_connected(&self) -> bool {
+        self.parent_ready().is_some()
+    }
+
     fn parent_ready(&self) -> Option<LinkId> {
         let link = self.up.link?;
         (self.links.get(&link)?.peer == Peer::Parent).then_some(link)

@@ -74,7 +74,7 @@ pub(crate) fn spawn<S: Store + 'static>(node: Node<S>, parts: ActorParts) -> any
 
 fn snapshot<S: Store>(node: &Node<S>) -> RelayMetrics {
     let store: StoreStats = node.store().stats();
-    RelayMetrics { node: node.metrics(), store, subscriptions: node.subscriptions(), links: node.links() }
+    RelayMetrics { node: node.metrics(), store, subscriptions: node.subscriptions(), links: node.links(), parent_connected: node.parent_connected() }
 }
 
 async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts) {

@@ -69,6 +69,8 @@ pub struct RelayMetrics {
     pub subscriptions: usize,
     /// Open links (clients, children and the parent).
     pub links: usize,
+    /// Whether the link to the parent is up (always false without a parent).
+    pub parent_connected: bool,
 }
 
 /// Messages in flight from connection tasks to the node actor at most; readers wait beyond

@@ -151,7 +151,7 @@ pub fn network(home: &Home) -> anyhow::Result<()> {
         relay.parent_fingerprint = config.fingerprint.clone();
         relay.parent_token = config.token.clone();
         relay.unix_listen = Some(home.path("network.sock"));
-        relay.listen_quic = false;
+        relay.quic_listen = false;
         // A lost parent is retried often: the device wants its messages out as soon as the
         // relay is back.
         relay.parent_refused_backoff_ms = 30_000;
@@ -166,7 +166,7 @@ pub fn network(home: &Home) -> anyhow::Result<()> {
                 _ = tick.tick() => {
                     let m = handle.metrics();
                     let status = NetworkStatus {
-                        parent_connected: handle.parent_connected(),
+                        parent_connected: m.parent_connected,
                         outbox: m.store.outbox,
                         chunks: m.store.chunks,
                         written_ms: canopy_sdk::now_ms(),

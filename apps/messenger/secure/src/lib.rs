@@ -12,7 +12,6 @@ pub mod proto;
 pub mod sandbox;
 pub mod service;
 pub mod store;
-pub mod link;
 mod run;
 
 pub use run::{Options, RunError, run};

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use canopy::session::unix::{Event, UnixClient, UnixOptions};
+use canopy::session::{PublishFailure, SubEvent};
 use canopy::wire::{ErrorCode, ReplayMode};
 use canopy::{Chunk, Filter};
 use canopy_msg_core::{Device, Key, Org, Outgoing};
-
-use crate::link::{Link, LinkEvent};
 use crate::proto::{self, MessageLine, Reply, Request};
 use crate::service::Service;
 use crate::store::FjallBackend;
@@ -85,11 +85,74 @@ impl Followers {
     }
 }
 
-fn publish(link: &Link, out: Vec<Outgoing>) {
-    for o in out {
-        match Chunk::new(o.name, o.expiry_ms, o.data) {
-            Ok(chunk) => link.publish(chunk),
-            Err(e) => tracing::error!("cannot publish {}: {e}", o.name),
+/// Secure's side of the link to Network: the std Unix-socket client, plus what it must
+/// not forget across Network restarts. A publish that failed because the link was down is
+/// kept and sent again when it is back (an identical publish is acknowledged again).
+struct Link {
+    client: UnixClient,
+    state: Mutex<LinkState>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// Publishes sent and not answered: seq → chunk.
+    pending: BTreeMap<u64, Chunk>,
+    /// Publishes to send again once the link is back.
+    retry: Vec<Chunk>,
+    /// Open subscriptions: id → (filter, mode).
+    subs: BTreeMap<u64, (Filter, ReplayMode)>,
+}
+
+impl Link {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, out: Vec<Outgoing>) {
+        for o in out {
+            match Chunk::new(o.name, o.expiry_ms, o.data) {
+                Ok(chunk) => self.publish_chunk(chunk),
+                Err(e) => tracing::error!("cannot publish {}: {e}", o.name),
+            }
+        }
+    }
+
+    fn publish_chunk(&self, chunk: Chunk) {
+        let mut state = self.lock();
+        let seq = self.client.publish(chunk.clone());
+        state.pending.insert(seq, chunk);
+    }
+
+    fn subscribe(&self, filter: Filter, mode: ReplayMode) {
+        let mut state = self.lock();
+        if state.subs.values().any(|s| *s == (filter, mode)) {
+            return;
+        }
+        let id = self.client.subscribe(filter, mode);
+        state.subs.insert(id, (filter, mode));
+    }
+
+    fn unacknowledged(&self) -> usize {
+        let state = self.lock();
+        state.pending.len() + state.retry.len()
+    }
+}
+
+fn connect(opts: &Options) -> UnixClient {
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        let mut o = UnixOptions::new(&opts.network_socket);
+        o.token = opts.token.clone();
+        o.window = 1024;
+        o.min_backoff = std::time::Duration::from_millis(20);
+        o.max_backoff = std::time::Duration::from_millis(500);
+        match UnixClient::connect_with(o) {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::info!("waiting for Network: {e}");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
         }
     }
 }
@@ -97,7 +160,7 @@ fn publish(link: &Link, out: Vec<Outgoing>) {
 /// Runs Secure until a `stop` request.
 pub fn run(opts: Options) -> Result<(), RunError> {
     let backend = FjallBackend::open(&opts.state).map_err(RunError::Storage)?;
-    let device = Device::open(opts.key, backend, opts.org)?;
+    let device = Device::open(opts.key.clone(), backend, opts.org)?;
     let service: Shared = Arc::new(Mutex::new(Service::new(device)));
     let clock = Arc::new(Clock { filter: opts.clock, offset_ms: Mutex::new(None) });
 
@@ -105,7 +168,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     let listener = UnixListener::bind(&opts.ui_socket)?;
     std::fs::set_permissions(&opts.ui_socket, std::fs::Permissions::from_mode(0o600))?;
 
-    let (link, events) = Link::start(opts.network_socket.clone(), opts.token.clone());
+    let link = Arc::new(Link { client: connect(&opts), state: Mutex::new(LinkState::default()) });
     for filter in service.lock().expect("service").filters() {
         link.subscribe(filter, ReplayMode::CachedAndLive);
     }
@@ -121,7 +184,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     let followers = Arc::new(Followers { list: Mutex::new(Vec::new()) });
     {
         let (service, link, clock, followers) = (service.clone(), link.clone(), clock.clone(), followers.clone());
-        std::thread::Builder::new().name("network-events".into()).spawn(move || network_events(events, &service, &link, &clock, &followers))?;
+        std::thread::Builder::new().name("network-events".into()).spawn(move || network_events(&service, &link, &clock, &followers))?;
     }
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
@@ -147,12 +210,12 @@ fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Cl
         };
         let (reply, fx) = {
             let mut s = service.lock().unwrap_or_else(|p| p.into_inner());
-            s.network_up = link.is_up();
+            s.network_up = link.client.is_connected();
             s.unacknowledged = link.unacknowledged();
             s.handle(request, clock.now())
         };
         let joined_filters = !fx.publish.is_empty();
-        publish(link, fx.publish);
+        link.publish(fx.publish);
         if joined_filters {
             // A key package waits for its welcome: subscribe before anyone can answer.
             for filter in service.lock().unwrap_or_else(|p| p.into_inner()).filters() {
@@ -180,24 +243,31 @@ fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Cl
     }
 }
 
-fn network_events(events: std::sync::mpsc::Receiver<LinkEvent>, service: &Shared, link: &Link, clock: &Clock, followers: &Followers) {
-    while let Ok(first) = events.recv() {
+fn network_events(service: &Shared, link: &Link, clock: &Clock, followers: &Followers) {
+    loop {
+        let Some(first) = link.client.next_event(std::time::Duration::from_secs(3600)) else { continue };
         // Take everything already waiting as one batch: one MLS pass, one sealed write.
         let mut batch = vec![first];
-        while let Ok(more) = events.try_recv() {
+        while batch.len() < 4096
+            && let Some(more) = link.client.next_event(std::time::Duration::ZERO)
+        {
             batch.push(more);
-            if batch.len() >= 4096 {
-                break;
-            }
         }
         let mut chunks = Vec::new();
-        let mut consumed: BTreeMap<u64, u32> = BTreeMap::new();
         for event in batch {
             match event {
-                LinkEvent::Up => service.lock().unwrap_or_else(|p| p.into_inner()).network_up = true,
-                LinkEvent::Down => service.lock().unwrap_or_else(|p| p.into_inner()).network_up = false,
-                LinkEvent::Chunk { sub, chunk } => {
-                    *consumed.entry(sub).or_default() += 1;
+                Event::Reconnected { .. } => {
+                    service.lock().unwrap_or_else(|p| p.into_inner()).network_up = true;
+                    let retry = std::mem::take(&mut link.lock().retry);
+                    for chunk in retry {
+                        link.publish_chunk(chunk);
+                    }
+                }
+                Event::Disconnected { reason } => {
+                    tracing::warn!("lost the link to Network: {reason}");
+                    service.lock().unwrap_or_else(|p| p.into_inner()).network_up = false;
+                }
+                Event::Sub { event: SubEvent::Chunk(chunk), .. } => {
                     if clock.filter.is_some_and(|f| f.matches(chunk.name())) {
                         if let Ok(bytes) = <[u8; 8]>::try_from(chunk.data().as_ref()) {
                             let os = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
@@ -208,17 +278,35 @@ fn network_events(events: std::sync::mpsc::Receiver<LinkEvent>, service: &Shared
                     }
                     chunks.push((chunk.name(), chunk.data().to_vec()));
                 }
-                LinkEvent::Acked(_) => {}
-                LinkEvent::Refused { name, code, message } => {
-                    tracing::warn!(%name, "publish refused: {code:?} {message}");
-                    if code == ErrorCode::Conflict {
-                        service.lock().unwrap_or_else(|p| p.into_inner()).refused(name);
+                Event::Sub { id, event: SubEvent::Error { code, message } } => {
+                    let sub = link.lock().subs.remove(&id);
+                    if let Some((filter, mode)) = sub {
+                        tracing::warn!(%filter, "subscription ended ({code:?}: {message}); subscribing again");
+                        link.subscribe(filter, if mode == ReplayMode::LiveOnly { mode } else { ReplayMode::CachedAndLive });
                     }
                 }
-                LinkEvent::SubscriptionEnded { filter, code } => {
-                    tracing::warn!(%filter, "subscription ended ({code:?}); subscribing again");
-                    link.subscribe(filter, ReplayMode::CachedAndLive);
+                Event::Sub { .. } | Event::Ended { .. } => {}
+                Event::Published { seq, result } => {
+                    let chunk = link.lock().pending.remove(&seq);
+                    match (result, chunk) {
+                        (Ok(()), _) | (_, None) => {}
+                        (Err(PublishFailure::Disconnected), Some(chunk)) => {
+                            // Sent again once the link is back (or now, if it already is).
+                            if link.client.is_connected() {
+                                link.publish_chunk(chunk);
+                            } else {
+                                link.lock().retry.push(chunk);
+                            }
+                        }
+                        (Err(PublishFailure::Refused { code, message, name, .. }), Some(_)) => {
+                            tracing::warn!(%name, "publish refused: {code:?} {message}");
+                            if code == ErrorCode::Conflict {
+                                service.lock().unwrap_or_else(|p| p.into_inner()).refused(name);
+                            }
+                        }
+                    }
                 }
+                Event::ConnectionError { code, message } => tracing::warn!("Network: {code:?} {message}"),
             }
         }
         if !chunks.is_empty() {
@@ -228,7 +316,7 @@ fn network_events(events: std::sync::mpsc::Receiver<LinkEvent>, service: &Shared
                 Ok((_, fx)) => {
                     let filters = (s.device().teams().count() != teams_before).then(|| s.filters());
                     drop(s);
-                    publish(link, fx.publish);
+                    link.publish(fx.publish);
                     followers.send(&fx.shown);
                     for filter in filters.into_iter().flatten() {
                         link.subscribe(filter, ReplayMode::CachedAndLive);
@@ -236,9 +324,6 @@ fn network_events(events: std::sync::mpsc::Receiver<LinkEvent>, service: &Shared
                 }
                 Err(e) => tracing::error!("cannot persist what arrived: {e}"),
             }
-        }
-        for (sub, n) in consumed {
-            link.consumed(sub, n);
         }
     }
 }
