@@ -38,10 +38,9 @@ impl Drop for SocketFile {
     fn drop(&mut self) {
         if let Ok(meta) = std::fs::symlink_metadata(&self.path)
             && (meta.dev(), meta.ino()) == self.id
+            && let Err(err) = std::fs::remove_file(&self.path)
         {
-            if let Err(err) = std::fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), %err, "cannot remove the Unix socket");
-            }
+            tracing::warn!(path = %self.path.display(), %err, "cannot remove the Unix socket");
         }
     }
 }
