@@ -98,7 +98,7 @@ async fn garbage_forgeries_and_squatters_are_refused_and_secure_keeps_serving() 
     publish(org.message(2, 2, 2, 7).unwrap(), real.data().to_vec()).await.unwrap();
     // 4. A squatted commit name: the access rules refuse it.
     let commit = publish(org.commit(2, 99, 0).unwrap(), b"squat".to_vec()).await;
-    assert!(matches!(commit, Err(PublishError::Refused { .. })), "{commit:?}");
+    assert!(matches!(commit, Err(PublishError::Denied { .. })), "{commit:?}");
     // 5. A squatted message name: a's next message number, taken first.
     publish(org.message(2, 2, 1, 2).unwrap(), b"\x01\x01squatted".to_vec()).await.unwrap();
 
