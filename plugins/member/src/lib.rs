@@ -238,8 +238,14 @@ impl Member {
                     .into_iter()
                     .map(|t| {
                         if json {
-                            serde_json::json!({ "id": t.id, "name": t.name, "epoch": t.epoch, "devices": t.devices })
-                                .to_string()
+                            // In the documented field order.
+                            format!(
+                                r#"{{"id":{},"name":{},"epoch":{},"devices":{}}}"#,
+                                t.id,
+                                serde_json::Value::from(t.name),
+                                t.epoch,
+                                t.devices
+                            )
                         } else {
                             format!("{} {} epoch={} devices={}", t.id, t.name, t.epoch, t.devices)
                         }

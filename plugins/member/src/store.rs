@@ -386,6 +386,45 @@ mod tests {
     }
 
     #[test]
+    fn a_committer_whose_team_outgrows_a_value_reopens_from_the_pieces() {
+        use canopy_msg_core::payload::Lifetimes;
+        use canopy_msg_core::{Committer, Device, Key, MemoryBackend, Org};
+        let org = Org::new("example.com", 7).unwrap();
+        let key = Key::from_bytes([9; 32]);
+        let mut admin = Committer::open(key.clone(), backend(), org).unwrap();
+        admin.org_init().unwrap();
+        let team = admin.create_team("big", Lifetimes::default()).unwrap();
+        let started = std::time::Instant::now();
+        let mut added = 0;
+        // Until some record (the ratchet tree, the last welcome) needs more than one value.
+        while pieces(admin_backend(&admin)) == 0 {
+            let mut device = Device::open(Key::random(), MemoryBackend::default(), org).unwrap();
+            let (hkp, out) = device.key_package(0, u64::MAX / 2).unwrap();
+            let kp: Vec<u8> = out.iter().flat_map(|o| o.data[canopy_msg_core::fragment::HEADER..].to_vec()).collect();
+            admin.add_device(team, &kp, &hkp, 0).unwrap();
+            added += 1;
+            assert!(added < 2_000, "the state never outgrew a value");
+        }
+        let kv = admin_backend(&admin).kv().clone();
+        let split: Vec<String> = kv
+            .map
+            .iter()
+            .filter(|(k, v)| k[0] == HEAD && v[0] == SPLIT)
+            .map(|(k, _)| String::from_utf8_lossy(&k[1..]).into_owned())
+            .collect();
+        eprintln!("{added} devices added in {:?} before a record was split: {split:?}", started.elapsed());
+        assert!(kv.map.values().all(|v| v.len() <= VALUE_CAP));
+        let again = Committer::open(key, SplitBackend::new(kv), org).unwrap();
+        assert_eq!(again.teams().unwrap(), admin.teams().unwrap());
+        assert_eq!(again.devices(team).unwrap().len(), added + 1);
+        assert_eq!(again.republish(), admin.republish());
+    }
+
+    fn admin_backend(admin: &canopy_msg_core::Committer<SplitBackend<MemoryKv>>) -> &SplitBackend<MemoryKv> {
+        admin.backend()
+    }
+
+    #[test]
     fn the_vault_runs_over_it() {
         use canopy_msg_core::seal::{Key, Vault};
         let key = Key::from_bytes([5; 32]);
