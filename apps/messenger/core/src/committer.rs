@@ -82,6 +82,11 @@ impl<B: Backend> Committer<B> {
         &self.org
     }
 
+    /// Where the sealed state lives.
+    pub fn backend(&self) -> &B {
+        self.engine.vault.backend()
+    }
+
     /// What to publish again: the latest commit and welcome of every team.
     pub fn republish(&self) -> Vec<Outgoing> {
         self.last.values().flatten().cloned().collect()
