@@ -1250,6 +1250,88 @@ mod tests {
         assert_eq!(node.queued(1), 2);
     }
 
+    /// Every per-link and per-subscription entry, everywhere in the node.
+    fn footprint(node: &Node<MemoryStore>) -> [usize; 11] {
+        let (subs, busy) = node.links.values().fold((0, 0), |(s, b), l| (s + l.subs.len(), b + l.busy.len()));
+        [
+            node.links.len(),
+            subs,
+            busy,
+            node.table.len(),
+            node.table.heap_bytes(),
+            node.up.wanted.len(),
+            node.up.subscribed.len(),
+            node.up.by_id.len(),
+            node.up.inflight.len() + node.up.inflight_names.len(),
+            node.unacked.len(),
+            node.events.len() + node.urgent.len(),
+        ]
+    }
+
+    /// The soak's churn in miniature: clients come and go with subscriptions of every mode,
+    /// some overlapping, some stalled without credit, some with queues left undrained when
+    /// their link closes. Once they are gone and the parent has answered, nothing of them is
+    /// left in the node.
+    #[test]
+    fn nothing_of_closed_links_is_left_behind() {
+        let mut config = NodeConfig::new(RelayId(1));
+        config.max_queue = 16;
+        config.max_backlog = 8;
+        let mut node = child_with_client(config);
+        let baseline = footprint(&node);
+        let modes = [ReplayMode::CachedAndLive, ReplayMode::LiveOnly, ReplayMode::CachedOnly, ReplayMode::MostRecent(3)];
+        let hello = Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: None };
+        let mut urgent = Vec::new();
+        let mut seq = 0;
+        for round in 0..50u64 {
+            let links: Vec<LinkId> = (0..20).map(|i| 100 + round * 20 + i).collect();
+            for (i, &link) in links.iter().enumerate() {
+                node.accept(link);
+                node.handle(link, hello.clone(), 0);
+                for id in 0..=(i as u64 % 6) {
+                    let topic = (round + id * 7 + i as u64) % 9;
+                    let len = if id % 3 == 0 { 8 } else { 16 };
+                    let filter = Filter::new(Name::new(TEN | (u128::from(topic) << 112)), len).unwrap();
+                    let mode = modes[(id as usize + i) % modes.len()];
+                    let credit = if i % 4 == 0 { 0 } else { 64 };
+                    node.handle(link, Frame::Subscribe { id, filter, mode, credit }, 0);
+                }
+            }
+            // Publishers among them, so queues, backlogs and slow consumers fill up.
+            for (i, &link) in links.iter().enumerate().take(5) {
+                for _ in 0..20 {
+                    seq += 1;
+                    let name = TEN | (u128::from(seq % 9) << 112) | u128::from(seq);
+                    node.handle(link, Frame::Publish { seq, chunk: chunk(name) }, 0);
+                }
+                node.handle(link, Frame::Unsubscribe { id: i as u64 % 2 }, 0);
+            }
+            node.flush().unwrap();
+            node.take_urgent(&mut urgent);
+            // Half the links drain before they go, half close with full queues.
+            for &link in links.iter().step_by(2) {
+                node.drain(link, usize::MAX, 0);
+            }
+            for link in links {
+                node.link_closed(link);
+            }
+            while node.poll_event().is_some() {}
+            urgent.clear();
+            // The parent takes what went up and answers it.
+            for frame in node.drain(1, usize::MAX, 0) {
+                match frame {
+                    Frame::Publish { seq, .. } => node.handle(1, Frame::Ack { seq }, 0),
+                    Frame::Subscribe { id, .. } => node.handle(1, Frame::ReplayDone { id }, 0),
+                    _ => {}
+                }
+            }
+        }
+        node.take_urgent(&mut urgent);
+        assert!(node.metrics().slow_consumers > 0, "some subscriptions overflowed");
+        assert_eq!(footprint(&node), baseline, "links, subs, busy, table, table heap, wanted, subscribed, by_id, inflight, unacked, events");
+        assert_eq!(node.links[&2].queue.len(), 0);
+    }
+
     #[test]
     fn minimal_cover_drops_covered_filters() {
         let f = |s: &str| s.parse::<Filter>().unwrap();

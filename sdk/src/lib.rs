@@ -89,7 +89,7 @@ pub mod tool;
 
 pub use client::{
     Client, ClientError, ConnectOptions, ConnectionEvent, MAX_BACKOFF, MIN_BACKOFF, PublishError, SubEvent,
-    Subscription, now_ms,
+    Subscription, now_ms, open_endpoints,
 };
 pub use tls::{Trust, fingerprint, quic_client_config};
 

@@ -11,9 +11,10 @@
 //!     [--connections 1000] [--subs-per-connection 100] [--seconds 10] [--rate 2000]
 //! ```
 //!
-//! Every client is its own SDK [`Client`], so its own QUIC endpoint and UDP socket: the run
-//! needs one file descriptor per connection and checks the open-file limit before starting
-//! (raise it with `ulimit -n` if it says so).
+//! Every client is its own SDK [`Client`]; the clients share the SDK's QUIC endpoint (one UDP
+//! socket per runtime), though each one had its own when the figures in `docs/performance.md`
+//! were taken. The run checks the open-file limit before starting (raise it with `ulimit -n`
+//! if it says so).
 //!
 //! Phases:
 //! 1. start the relay; resident set `R0`;

@@ -3,9 +3,9 @@
 //!
 //! What it measures: the relay's `VmRSS` (from `/proc/<pid>/status`) every `--sample`
 //! seconds while, for `--seconds`:
-//! - about `--connections` client connections stay open, each an SDK [`Client`] with its own
-//!   QUIC endpoint, while `--churn` of them per second (on average) close and are replaced by
-//!   new ones;
+//! - about `--connections` client connections stay open, each an SDK [`Client`] (the clients
+//!   share the SDK's QUIC endpoint), while `--churn` of them per second (on average) close and
+//!   are replaced by new ones;
 //! - every connection holds 1..=`--max-subs` subscriptions and, every `--sub-period` seconds
 //!   on average, adds or removes one. Filters: a topic (`/32`, 80%), a group of four topics
 //!   (`/30`, 10%) or a topic of the echo plugin's replies (`/32`, 10%). Modes: `CachedAndLive`

@@ -1,7 +1,7 @@
 //! [`FjallStore`]: the on-disk [`Store`] backend, on the fjall LSM-tree.
 
 use std::fmt;
-use std::ops::ControlFlow;
+use std::ops::{Bound, ControlFlow};
 use std::path::{Path, PathBuf};
 
 use ::fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -24,6 +24,34 @@ const PLUGIN_STATE: &str = "plugin-state";
 
 /// How many expired chunks one write batch of [`Store::evict_expired`] deletes.
 const EVICT_BATCH: usize = 4096;
+
+/// Memtable bound of the `chunks` keyspace. fjall's default is 64 MiB per keyspace, counted as
+/// keys + values + a fixed size per entry, so the heap a memtable takes (skiplist towers,
+/// allocator overhead) is larger still: with four keyspaces, hundreds of megabytes of heap for
+/// a store whose working set may be a few megabytes (20 MiB in the soak, whose relay grew
+/// past 500 MiB), and every journal stays on disk until the slowest keyspace flushes (the
+/// expiry index took minutes to fill its 64 MiB).
+const CHUNKS_MEMTABLE: u64 = 16 * 1024 * 1024;
+/// Memtable bound of the `expiry` index (24-byte keys, no values).
+const EXPIRY_MEMTABLE: u64 = 8 * 1024 * 1024;
+/// Memtable bound of the small keyspaces (outbox, plugin state).
+const SMALL_MEMTABLE: u64 = 4 * 1024 * 1024;
+/// Block cache of the database (fjall's default is 32 MiB).
+const BLOCK_CACHE: u64 = 16 * 1024 * 1024;
+/// Journals kept on disk before fjall flushes the keyspaces that pin the oldest one (its
+/// default is 512 MiB; 64 MiB is its minimum, and it rotates journals at 64 MB).
+const MAX_JOURNALING: u64 = 64 * 1024 * 1024;
+
+/// Options of the keyspace called `name`. fjall persists them when it creates a keyspace, so
+/// they apply to stores created with them; a store created earlier keeps its own.
+fn keyspace_options(name: &str) -> KeyspaceCreateOptions {
+    let memtable = match name {
+        CHUNKS => CHUNKS_MEMTABLE,
+        EXPIRY => EXPIRY_MEMTABLE,
+        _ => SMALL_MEMTABLE,
+    };
+    KeyspaceCreateOptions::default().max_memtable_size(memtable)
+}
 
 /// A [`Store`] on disk, in a fjall database in one directory.
 ///
@@ -48,6 +76,11 @@ pub struct FjallStore {
     db: Database,
     path: PathBuf,
     stats: StoreStats,
+    /// The last `expiry` key [`Store::evict_expired`] deleted: every key up to it is gone, so
+    /// scans of the index start after it rather than walking the tombstones of everything
+    /// evicted since the last compaction. `None` until the first eviction, and again when a
+    /// chunk expiring before it is inserted.
+    evicted_through: Option<[u8; 24]>,
 }
 
 fn backend(context: &str, err: ::fjall::Error) -> StoreError {
@@ -216,10 +249,12 @@ impl FjallStore {
         let context = |what: &str| format!("{what} {}", dir.display());
         let db = Database::builder(dir)
             .manual_journal_persist(true)
+            .cache_size(BLOCK_CACHE)
+            .max_journaling_size(MAX_JOURNALING)
             .open()
             .map_err(|e| backend(&context("opening database at"), e))?;
         let keyspace = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
+            db.keyspace(name, || keyspace_options(name))
                 .map_err(|e| backend(&context(&format!("opening keyspace {name} in")), e))
         };
         let chunks = keyspace(CHUNKS)?;
@@ -248,6 +283,7 @@ impl FjallStore {
             db,
             path: dir.to_owned(),
             stats,
+            evicted_through: None,
         })
     }
 
@@ -265,7 +301,7 @@ impl FjallStore {
         }
         let keyspace = self
             .db
-            .keyspace(PLUGIN_STATE, KeyspaceCreateOptions::default)
+            .keyspace(PLUGIN_STATE, || keyspace_options(PLUGIN_STATE))
             .map_err(|e| backend(&format!("opening keyspace {PLUGIN_STATE}"), e))?;
         let mut prefix = plugin.as_bytes().to_vec();
         prefix.push(0);
@@ -279,6 +315,13 @@ impl FjallStore {
             .size_of(name.to_bytes())
             .map_err(|e| backend(&format!("reading size of chunk {name}"), e))?;
         Ok(size.map(|len| 16 + u64::from(len)))
+    }
+
+    /// The part of the `expiry` index not known to be evicted: after
+    /// [`evicted_through`](Self::evicted_through), or all of it.
+    fn unevicted(&self) -> (Bound<[u8; 24]>, Bound<[u8; 24]>) {
+        let from = self.evicted_through.map_or(Bound::Unbounded, Bound::Excluded);
+        (from, Bound::Unbounded)
     }
 
     /// Visits unexpired chunks under `filter`, forwards or backwards.
@@ -341,7 +384,11 @@ impl Store for FjallStore {
             );
         }
 
-        let candidates = self.expiry.iter().map(|guard| {
+        let new_key = expiry_key(chunk.expiry(), name);
+        if self.evicted_through.is_some_and(|through| new_key <= through) {
+            self.evicted_through = None;
+        }
+        let candidates = self.expiry.range(self.unevicted()).map(|guard| {
             let key = guard
                 .key()
                 .map_err(|e| backend("scanning expiry index", e))?;
@@ -363,11 +410,7 @@ impl Store for FjallStore {
             );
         }
         batch.insert(&self.chunks, key.as_slice(), encode_value(chunk));
-        batch.insert(
-            &self.expiry,
-            expiry_key(chunk.expiry(), name).as_slice(),
-            Vec::new(),
-        );
+        batch.insert(&self.expiry, new_key.as_slice(), Vec::new());
         batch
             .commit()
             .map_err(|e| backend(&format!("writing chunk {name}"), e))?;
@@ -429,7 +472,9 @@ impl Store for FjallStore {
         loop {
             let mut batch = self.db.batch();
             let (mut chunks, mut bytes, mut seen) = (0u64, 0u64, 0usize);
-            for guard in self.expiry.range(..=last).take(EVICT_BATCH) {
+            let mut through = None;
+            let (from, _) = self.unevicted();
+            for guard in self.expiry.range((from, Bound::Included(last))).take(EVICT_BATCH) {
                 let key = guard
                     .key()
                     .map_err(|e| backend("scanning expiry index", e))?;
@@ -440,6 +485,7 @@ impl Store for FjallStore {
                 }
                 batch.remove(&self.chunks, name.to_bytes().as_slice());
                 batch.remove(&self.expiry, expiry_key(expiry, name).as_slice());
+                through = Some(expiry_key(expiry, name));
                 seen += 1;
             }
             if seen == 0 {
@@ -448,6 +494,7 @@ impl Store for FjallStore {
             batch
                 .commit()
                 .map_err(|e| backend("deleting expired chunks", e))?;
+            self.evicted_through = through;
             self.stats.chunks -= chunks;
             self.stats.bytes -= bytes;
             self.stats.evicted_expired += chunks;
@@ -586,6 +633,52 @@ mod tests {
             decode_expiry_key(&a[..23]),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    fn chunk(n: u128, expiry: u64, len: usize) -> Chunk {
+        Chunk::new(Name::new(n), expiry, vec![7u8; len]).unwrap()
+    }
+
+    /// The soak's store held 20 MiB of chunks while fjall's default 64 MiB memtables (one per
+    /// keyspace, never flushed before they filled) kept far more than that in the heap.
+    #[test]
+    fn memtables_stay_small_under_insert_and_evict_churn() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FjallStore::open(dir.path(), crate::store::UNLIMITED).unwrap();
+        // 40 MB through the store, evicted as it goes, as expiring chunks are.
+        for n in 0..80_000u64 {
+            store.insert(&chunk(u128::from(n), 1_000 + n, 480)).unwrap();
+            if n % 1_000 == 999 {
+                store.evict_expired(1_000 + n - 500).unwrap();
+            }
+        }
+        store.sync().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while store.db.outstanding_flushes() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let memtables = store.db.write_buffer_size();
+        assert!(memtables < 32 << 20, "{memtables} bytes in memtables");
+        assert!(store.stats().chunks <= 1_000, "{:?}", store.stats());
+    }
+
+    /// Eviction scans start after the last key evicted; a chunk inserted below that point
+    /// (already expired, which the store does not refuse) is still found and evicted.
+    #[test]
+    fn a_chunk_expiring_before_the_last_eviction_is_still_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FjallStore::open(dir.path(), crate::store::UNLIMITED).unwrap();
+        for n in 0..10_000u64 {
+            store.insert(&chunk(u128::from(n), 100 + n, 8)).unwrap();
+        }
+        assert_eq!(store.evict_expired(100 + 5_000).unwrap(), 5_001);
+        assert!(store.evicted_through.is_some());
+        store.insert(&chunk(1 << 100, 50, 8)).unwrap();
+        assert!(store.evicted_through.is_none(), "the scan starts over");
+        assert_eq!(store.evict_expired(100 + 5_000).unwrap(), 1);
+        assert_eq!(store.evict_expired(100 + 10_000).unwrap(), 4_999);
+        assert_eq!(store.stats().chunks, 0);
+        assert_eq!(store.expiry.iter().count(), 0);
     }
 
     #[test]
