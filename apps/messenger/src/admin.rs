@@ -130,7 +130,9 @@ pub fn run(home: &Home, plugin: Option<PathBuf>, command: AdminCommand) -> anyho
     options.config.insert("org".into(), config.org.into());
     options.config.insert("key".into(), hex(&key.to_bytes()).into());
     options.state = Some(home.path("admin"));
-    options.cache_dir = Some(home.path("plugin-cache"));
+    // Compiling the plugin is the slow part of a first run; several homes on one machine may
+    // share one cache.
+    options.cache_dir = Some(std::env::var_os("CANOPY_MSG_PLUGIN_CACHE").map_or_else(|| home.path("plugin-cache"), PathBuf::from));
     let rt = tokio::runtime::Runtime::new()?;
     let outcome = rt.block_on(async {
         let mut opts = ConnectOptions::new(&config.relay, trust);

@@ -60,6 +60,8 @@ impl Home {
         let mut cmd = Command::new(exe());
         cmd.arg("--home").arg(&self.dir).args(args);
         cmd.env("CANOPY_MSG_MEMBER_PLUGIN", plugin_artifacts::wasm("member"));
+        // One compiled plugin for every test's admin.
+        cmd.env("CANOPY_MSG_PLUGIN_CACHE", plugin_artifacts::target_dir().join("msg-test-plugin-cache"));
         cmd.env_remove("CANOPY_MSG_PASSPHRASE");
         cmd.output().expect("canopy-msg runs")
     }
