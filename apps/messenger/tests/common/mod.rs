@@ -112,7 +112,7 @@ impl Home {
         let mut pause = Duration::from_millis(10);
         loop {
             let out = self.ok(&["teams", "--json"]);
-            if let Some(t) = out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|t| t["name"] == team || t["id"].to_string() == team) {
+            if let Some(t) = out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|t| t["name"] == team || t["id"].as_u64().is_some_and(|id| id.to_string() == team)) {
                 return t;
             }
             assert!(Instant::now() < deadline, "{} never joined {team}", self.dir.display());
