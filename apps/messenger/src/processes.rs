@@ -2,7 +2,6 @@
 //! Secure over `HOME/network.sock`) and Secure.
 
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,9 +28,17 @@ const PROCESSES: [&str; 2] = ["network", "secure"];
 
 fn pid_of(home: &Home, name: &str) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(home.path(&format!("run/{name}.pid"))).ok()?.trim().parse().ok()?;
-    // Signal 0 checks that the process exists without touching it.
-    let alive = Path::new(&format!("/proc/{pid}")).exists();
-    alive.then_some(pid)
+    alive(pid).then_some(pid)
+}
+
+/// Whether `pid` runs: it exists and is not a zombie (a killed process whose parent has not
+/// reaped it yet still has a `/proc` entry).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+        Err(_) => false,
+    }
 }
 
 /// Each background process and its pid, if running.
@@ -127,7 +134,7 @@ pub fn down(home: &Home) -> anyhow::Result<()> {
             // `kill(1)` rather than libc: this crate stays free of unsafe code.
             let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
             let deadline = Instant::now() + Duration::from_secs(20);
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            while alive(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }

@@ -20,6 +20,8 @@ impl Secure {
         home.config()?;
         let path = home.path("secure.sock");
         let stream = UnixStream::connect(&path).map_err(|_| anyhow::anyhow!("this device's processes are not running: run `canopy-msg up`"))?;
+        // A Secure that accepts but never answers must not hang the UI.
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
         Ok(Secure { stream })
     }
 

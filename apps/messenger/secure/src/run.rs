@@ -164,11 +164,12 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     let service: Shared = Arc::new(Mutex::new(Service::new(device)));
     let clock = Arc::new(Clock { filter: opts.clock, offset_ms: Mutex::new(None) });
 
+    // Network first: the UI socket appears only once Secure can serve, so `up` never talks
+    // to a Secure that cannot answer yet.
+    let link = Arc::new(Link { client: connect(&opts), state: Mutex::new(LinkState::default()) });
     let _ = std::fs::remove_file(&opts.ui_socket);
     let listener = UnixListener::bind(&opts.ui_socket)?;
     std::fs::set_permissions(&opts.ui_socket, std::fs::Permissions::from_mode(0o600))?;
-
-    let link = Arc::new(Link { client: connect(&opts), state: Mutex::new(LinkState::default()) });
     for filter in service.lock().expect("service").filters() {
         link.subscribe(filter, ReplayMode::CachedAndLive);
     }
