@@ -258,7 +258,7 @@ impl<K: Kv> Backend for SplitBackend<K> {
                 ));
             }
         }
-        if let Some((key, value)) = puts.iter().find(|(_, v)| v.len() > MAX_RECORD) {
+        if let Some((key, value)) = puts.iter().find(|(_, v)| u32::try_from(v.len()).is_err()) {
             return Err(format!("record {:?} of {} bytes is too large", String::from_utf8_lossy(key), value.len()));
         }
         for key in &deletes {
