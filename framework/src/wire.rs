@@ -621,6 +621,9 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
+    /// The largest buffer kept once every byte has been returned as frames.
+    const KEEP: usize = 16 * 1024;
+
     /// An empty decoder.
     pub fn new() -> Self {
         FrameDecoder::default()
@@ -638,7 +641,14 @@ impl FrameDecoder {
                 self.buf.advance(consumed);
                 Ok(Some(frame))
             }
-            Ok(None) => Ok(None),
+            Ok(None) => {
+                // Drained after a burst: give the burst's buffer back rather than keep it
+                // for the life of the link.
+                if self.buf.is_empty() && self.buf.capacity() > Self::KEEP {
+                    self.buf = BytesMut::new();
+                }
+                Ok(None)
+            }
             Err(err) => {
                 if !err.is_fatal()
                     && let Some(prefix) = self.buf.first_chunk::<LEN_PREFIX>()
@@ -655,5 +665,10 @@ impl FrameDecoder {
     /// Number of buffered bytes not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Bytes of memory the decoder holds for its buffer.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 }

@@ -405,3 +405,29 @@ fn decoder_pops_frames_and_keeps_the_rest() {
     assert_eq!(decoder.next_frame().unwrap(), Some(golden_publish()));
     assert_eq!(decoder.buffered(), 0);
 }
+
+#[test]
+fn decoder_gives_a_bursts_buffer_back_once_drained() {
+    // A burst of frames in one read grows the buffer well past what an idle link should keep.
+    let mut stream = Vec::new();
+    while stream.len() < 64 * 1024 {
+        stream.extend_from_slice(GOLDEN_PUBLISH);
+    }
+    stream.extend_from_slice(&GOLDEN_PUBLISH[..10]);
+    let mut decoder = FrameDecoder::new();
+    decoder.extend(&stream);
+    assert!(decoder.capacity() >= 64 * 1024);
+    let mut frames = 0;
+    while let Some(frame) = decoder.next_frame().unwrap() {
+        assert_eq!(frame, golden_publish());
+        frames += 1;
+    }
+    // A partial frame is still held, and so is the buffer holding it.
+    assert_eq!(decoder.buffered(), 10);
+    assert!(frames > 0);
+    decoder.extend(&GOLDEN_PUBLISH[10..]);
+    assert_eq!(decoder.next_frame().unwrap(), Some(golden_publish()));
+    assert_eq!(decoder.next_frame().unwrap(), None);
+    assert_eq!(decoder.buffered(), 0);
+    assert!(decoder.capacity() <= 16 * 1024, "kept {} bytes", decoder.capacity());
+}
