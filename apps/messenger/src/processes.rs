@@ -70,7 +70,8 @@ fn spawn(home: &Home, name: &str, passphrase: Option<&str>) -> anyhow::Result<st
 
 fn last_log_line(home: &Home, name: &str) -> String {
     let text = std::fs::read_to_string(home.path(&format!("logs/{name}.log"))).unwrap_or_default();
-    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no log").trim().to_string()
+    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no log").trim();
+    line.strip_prefix("canopy-msg: ").unwrap_or(line).to_string()
 }
 
 /// `up`: starts Network, then Secure, and returns once Secure answers.
@@ -84,22 +85,51 @@ pub fn up(home: &Home) -> anyhow::Result<()> {
     std::fs::create_dir_all(home.path("run"))?;
     std::fs::create_dir_all(home.path("logs"))?;
     let mut children = Vec::new();
+    let started = start(home, passphrase.as_deref(), &mut children);
+    if started.is_err() {
+        // All or nothing: a half-started device (a Network whose Secure would not open, say
+        // after a wrong passphrase) would look up to the next `up` and to `status`.
+        stop_started(home, &mut children);
+    }
+    started?;
+    println!("up");
+    Ok(())
+}
+
+/// Stops the processes this `up` started, after it failed.
+fn stop_started(home: &Home, children: &mut [(&str, std::process::Child)]) {
+    for (name, child) in children.iter_mut().rev() {
+        if !matches!(child.try_wait(), Ok(None)) {
+            let _ = std::fs::remove_file(home.path(&format!("run/{name}.pid")));
+            continue;
+        }
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).stderr(Stdio::null()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(home.path(&format!("run/{name}.pid")));
+    }
+}
+
+fn start<'a>(home: &Home, passphrase: Option<&str>, children: &mut Vec<(&'a str, std::process::Child)>) -> anyhow::Result<()> {
     if pid_of(home, "network").is_none() {
         // What a killed Network left behind would look like a live one.
         let _ = std::fs::remove_file(home.path("network.json"));
         let _ = std::fs::remove_file(home.path("network.sock"));
         children.push(("network", spawn(home, "network", None)?));
-        wait_for(&mut children, || home.path("network.sock").exists() && network_status(home).is_some(), home)?;
+        wait_for(children, || home.path("network.sock").exists() && network_status(home).is_some(), home)?;
     }
     if !ping(home) {
         if let Some(pid) = pid_of(home, "secure") {
             // A Secure that does not answer is stuck: replace it.
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
-        children.push(("secure", spawn(home, "secure", passphrase.as_deref())?));
-        wait_for(&mut children, || ping(home), home)?;
+        children.push(("secure", spawn(home, "secure", passphrase)?));
+        wait_for(children, || ping(home), home)?;
     }
-    println!("up");
     Ok(())
 }
 

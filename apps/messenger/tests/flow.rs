@@ -85,11 +85,14 @@ async fn admin_and_two_devices_talk_in_a_thread_with_an_edit() {
         other => panic!("{other:?}"),
     }
 
-    // No plaintext outside Secure and the UI: not in the relay's store, nor in any home.
+    // No plaintext outside Secure and the UI: not in any chunk the relay hands a `/0`
+    // subscriber, not in its store files, nor in any home.
+    let texts = ["hello from a", "hi a, b here", "a reply to the reply", "general"];
+    assert!(common::assert_ciphertext_only(&origin, &texts).await > 10);
     a.ok(&["down"]);
     b.ok(&["down"]);
     origin.shutdown().await;
-    for text in ["hello from a", "hi a, b here", "a reply to the reply", "general"] {
+    for text in texts {
         let found = files_containing(tmp.path(), text);
         assert!(found.is_empty(), "{text:?} found in {found:?}");
     }

@@ -57,12 +57,22 @@ impl Home {
 
     /// Runs `canopy-msg --home DIR args…`.
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with(args, None)
+    }
+
+    /// Runs `canopy-msg --home DIR args…` with `CANOPY_MSG_PASSPHRASE` set to `passphrase`
+    /// (unset when `None`), and no terminal to prompt on.
+    pub fn run_with(&self, args: &[&str], passphrase: Option<&str>) -> Output {
         let mut cmd = Command::new(exe());
+        cmd.stdin(std::process::Stdio::null());
         cmd.arg("--home").arg(&self.dir).args(args);
         cmd.env("CANOPY_MSG_MEMBER_PLUGIN", plugin_artifacts::wasm("member"));
         // One compiled plugin for every test's admin.
         cmd.env("CANOPY_MSG_PLUGIN_CACHE", plugin_artifacts::target_dir().join("msg-test-plugin-cache"));
-        cmd.env_remove("CANOPY_MSG_PASSPHRASE");
+        match passphrase {
+            Some(p) => cmd.env("CANOPY_MSG_PASSPHRASE", p),
+            None => cmd.env_remove("CANOPY_MSG_PASSPHRASE"),
+        };
         cmd.output().expect("canopy-msg runs")
     }
 
@@ -209,4 +219,65 @@ pub fn texts(home: &Home) -> Vec<String> {
 /// Pids of a home's background processes.
 pub fn pids(home: &Home) -> Vec<i32> {
     ["network", "secure"].iter().filter_map(|n| std::fs::read_to_string(home.dir.join(format!("run/{n}.pid"))).ok()?.trim().parse().ok()).collect()
+}
+
+/// An SDK client of `relay`, as any subscriber on the network would be.
+pub async fn client(relay: &RelayHandle) -> canopy_sdk::Client {
+    let trust = canopy_sdk::Trust::CaPem(relay.cert_pem().to_owned());
+    canopy_sdk::Client::connect(canopy_sdk::ConnectOptions::new(relay.local_addr(), trust)).await.expect("client connects")
+}
+
+/// Every chunk `relay` holds, as a `/0` subscription (`CachedOnly`) returns them.
+pub async fn cached(relay: &RelayHandle) -> Vec<canopy_sdk::Chunk> {
+    use canopy_sdk::{Filter, ReplayMode, SubEvent};
+    let client = client(relay).await;
+    let mut sub = client.subscribe(Filter::ALL, ReplayMode::CachedOnly).await.expect("subscribe /0");
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, sub.next()).await.expect("the replay ends") {
+            Some(SubEvent::Chunk(c)) => out.push(c),
+            Some(SubEvent::ReplayDone) | None => break,
+            Some(SubEvent::Gap) => {}
+            Some(SubEvent::Error { code, message }) => panic!("/0 on {}: {code}: {message}", relay.local_addr()),
+        }
+    }
+    client.close();
+    out
+}
+
+/// Asserts that no chunk a `/0` subscription on `relay` returns contains any of `texts`.
+pub async fn assert_ciphertext_only(relay: &RelayHandle, texts: &[&str]) -> usize {
+    let chunks = cached(relay).await;
+    assert!(!chunks.is_empty(), "{} holds nothing", relay.local_addr());
+    for c in &chunks {
+        for t in texts {
+            assert!(!c.data().windows(t.len()).any(|w| w == t.as_bytes()), "{t:?} in chunk {} on {}", c.name(), relay.local_addr());
+        }
+    }
+    chunks.len()
+}
+
+/// `status --json` of a running home.
+pub fn status(home: &Home) -> serde_json::Value {
+    serde_json::from_str(&home.ok(&["status", "--json"])).expect("status is JSON")
+}
+
+/// The `ops` team's entry in `status --json`, once Secure answers.
+pub fn team_status(home: &Home) -> serde_json::Value {
+    let s = status(home);
+    s["secure"]["teams"].as_array().into_iter().flatten().find(|t| t["name"] == "ops").cloned().unwrap_or(serde_json::Value::Null)
+}
+
+/// Polls `check` until it returns `Some`, backing off up to 100 ms, for at most [`WAIT`].
+pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
 }
