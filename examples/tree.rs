@@ -1,10 +1,15 @@
-//! The README's demo: a relay tree on loopback — origin ← cloud ← local — with a messenger
-//! client on each relay, showing chunks cross the tree in both directions, then exiting.
+//! The README's demo: a relay tree on loopback — origin ← cloud ← local — with a client on
+//! each relay, showing chunks cross the tree in both directions; then the messenger on the
+//! same tree (real `canopy-msg` processes), and what the relays' caches hold; then exiting.
 //!
-//! `cargo run --release -p canopy-examples --example tree`
+//! `bash scripts/demo.sh` (which builds `canopy-msg` and the member plugin, then runs
+//! `cargo run --release -p canopy-examples --example tree`)
 //!
-//! Everything runs in this process over real QUIC with TLS 1.3 on 127.0.0.1, each relay with
-//! its own fjall store in a temporary directory.
+//! The relays run in this process over real QUIC with TLS 1.3 on 127.0.0.1, each with its
+//! own fjall store in a temporary directory.
+
+#[path = "tree_messenger.rs"]
+mod messenger;
 
 use std::time::Duration;
 
@@ -88,6 +93,11 @@ async fn main() -> anyhow::Result<()> {
     for c in [alice, bob, carol] {
         c.close();
     }
+
+    let homes = dir.path().join("homes");
+    std::fs::create_dir_all(&homes)?;
+    messenger::run(&homes, [("origin", &origin), ("cloud", &cloud), ("local", &local)]).await?;
+
     for r in [local, cloud, origin] {
         r.shutdown().await;
     }

@@ -37,7 +37,7 @@ step "fuzz target builds"
 (cd framework/fuzz && cargo check --locked -q)
 
 step "demos run"
-cargo run -q --release --locked -p canopy-examples --example tree > /dev/null
+bash scripts/demo.sh > /dev/null
 cargo run -q --release --locked -p canopy-examples --example tour > /dev/null
 
 printf '\nall checks passed\n'
