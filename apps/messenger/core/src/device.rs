@@ -32,8 +32,9 @@ use crate::names::{MAX_MSG, Org, Parsed, Path, hkp54};
 use crate::payload::{Message, MsgRef, TeamRecord};
 use crate::seal::{Backend, Key};
 
-/// The most complete messages held for future epochs, per team; more are dropped and
-/// counted (they come back from the cache on the next resubscribe).
+/// The most complete messages held for future epochs, per team (by default; see
+/// [`Device::set_max_held`]). More are dropped and counted, and once the team has caught up
+/// [`Event::Refetch`] asks for them again from the cache.
 pub const MAX_HELD: usize = 10_000;
 
 /// A message as stored: what its sender wrote, and who sent it.
@@ -86,6 +87,13 @@ pub enum Event {
         /// The message's id (the original's, for an edit).
         id: MsgRef,
     },
+    /// Messages of this team were dropped while too many were held for future epochs, and
+    /// the team has caught up since: fetch its messages again from the cache (what was
+    /// processed already is skipped by name).
+    Refetch {
+        /// Team.
+        team: u32,
+    },
     /// A chunk was refused; it is logged and counted, and nothing else changes.
     Rejected {
         /// Its name.
@@ -127,6 +135,8 @@ struct Team {
     commits: BTreeMap<u64, Assembly>,
     parts: HashMap<Key3, Assembly>,
     held: BTreeMap<u64, Vec<(Name, Key3, Vec<u8>)>>,
+    /// Messages were dropped because too many were held: fetch them again once caught up.
+    overflowed: bool,
     /// Message keys processed or refused: never processed again.
     done: BTreeSet<Key3>,
     history: BTreeMap<u16, BTreeMap<MsgRef, Stored>>,
@@ -142,6 +152,7 @@ pub struct Device<B: Backend> {
     welcomes: HashMap<u64, Assembly>,
     /// What ingest did so far.
     pub counters: Counters,
+    max_held: usize,
 }
 
 fn team_key(team: u32) -> Vec<u8> {
@@ -164,7 +175,7 @@ impl<B: Backend> Device<B> {
     pub fn open(key: Key, backend: B, org: Org) -> Result<Device<B>, MlsError> {
         let (engine, contents) = Engine::open(key, backend, "device")?;
         let bad = |what: &str| MlsError::Malformed { what: "state", detail: what.to_string() };
-        let mut device = Device { engine, org, teams: BTreeMap::new(), waiting: BTreeMap::new(), welcomes: HashMap::new(), counters: Counters::default() };
+        let mut device = Device { engine, org, teams: BTreeMap::new(), waiting: BTreeMap::new(), welcomes: HashMap::new(), counters: Counters::default(), max_held: MAX_HELD };
         for (k, v) in &contents.app {
             let Ok(k) = std::str::from_utf8(k) else { continue };
             if let Some(team) = k.strip_prefix("t/").and_then(|t| t.parse::<u32>().ok()) {
@@ -174,7 +185,7 @@ impl<B: Backend> Device<B> {
                 let epoch = group.epoch().as_u64();
                 device.teams.insert(
                     team,
-                    Team { record, epoch, meta, commits: BTreeMap::new(), parts: HashMap::new(), held: BTreeMap::new(), done: BTreeSet::new(), history: BTreeMap::new() },
+                    Team { record, epoch, meta, commits: BTreeMap::new(), parts: HashMap::new(), held: BTreeMap::new(), overflowed: false, done: BTreeSet::new(), history: BTreeMap::new() },
                 );
             }
         }
@@ -238,6 +249,11 @@ impl<B: Backend> Device<B> {
     pub fn resolve_channel(&self, team: u32, which: &str) -> Result<u16, MlsError> {
         let t = self.teams.get(&team).ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
         t.record.channel(which).ok_or_else(|| MlsError::UnknownChannel(format!("{}/{which}", t.record.name)))
+    }
+
+    /// Sets how many messages a team may hold for future epochs ([`MAX_HELD`] by default).
+    pub fn set_max_held(&mut self, max: usize) {
+        self.max_held = max;
     }
 
     /// Epochs missing before the commits this device holds: `(first, last)` inclusive, if
@@ -472,8 +488,9 @@ impl<B: Backend> Device<B> {
         }
         if epoch > t.epoch {
             let held: usize = t.held.values().map(Vec::len).sum();
-            if held >= MAX_HELD {
+            if held >= self.max_held {
                 self.counters.held_dropped += 1;
+                t.overflowed = true;
                 return;
             }
             self.counters.held += 1;
@@ -567,7 +584,7 @@ impl<B: Backend> Device<B> {
         let epoch = group.epoch().as_u64();
         self.teams.insert(
             team,
-            Team { record, epoch, meta, commits: BTreeMap::new(), parts: HashMap::new(), held: BTreeMap::new(), done: BTreeSet::new(), history: BTreeMap::new() },
+            Team { record, epoch, meta, commits: BTreeMap::new(), parts: HashMap::new(), held: BTreeMap::new(), overflowed: false, done: BTreeSet::new(), history: BTreeMap::new() },
         );
         Ok((team, device))
     }
@@ -579,7 +596,13 @@ impl<B: Backend> Device<B> {
             let next = t.epoch + 1;
             // Commits for epochs already passed are duplicates.
             t.commits.retain(|e, _| *e >= next);
-            let Some(object) = t.commits.get(&next).and_then(Assembly::finish) else { return };
+            let Some(object) = t.commits.get(&next).and_then(Assembly::finish) else {
+                if t.overflowed && t.held.is_empty() {
+                    t.overflowed = false;
+                    events.push(Event::Refetch { team });
+                }
+                return;
+            };
             t.commits.remove(&next);
             let name = self.org.commit(team, next, 0).expect("valid commit name");
             match object.map_err(|e| e.to_string()).and_then(|o| self.apply_commit(team, &o)) {

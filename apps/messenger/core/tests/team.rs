@@ -189,6 +189,39 @@ fn commits_apply_in_epoch_order_and_future_messages_wait_for_theirs() {
 }
 
 #[test]
+fn messages_dropped_while_too_many_were_held_are_fetched_again_once_caught_up() {
+    let mut w = World::new();
+    let (mut a, _) = w.join(Key::random(), MemoryBackend::default());
+    a.set_max_held(2);
+    // A commit a has not seen, and five messages from the epoch after it.
+    let (_, _, c1) = w.admin.create_channel(w.team, "random", NOW).unwrap();
+    let (mut b, _) = w.join(Key::random(), MemoryBackend::default());
+    let mut ids = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let (id, out) = b.send(w.team, w.channel, text(&format!("early {i}")), NOW + i).unwrap();
+        ids.push(id);
+        sent.extend(w.relay.publish(&out));
+    }
+    assert!(feed(&mut a, &sent).is_empty());
+    assert_eq!((a.counters.held, a.counters.held_dropped), (2, 3));
+    // The commits arrive (c1, then b's add): the two held messages show, and a asks for the
+    // rest again.
+    let mut commits = w.relay.publish(&c1);
+    commits.extend(w.relay.all().into_iter().filter(|(n, _)| matches!(org().parse(*n), Some(canopy_msg_core::names::Parsed::Commit { .. }))));
+    let events = feed(&mut a, &commits);
+    let shown = |events: &[Event]| events.iter().filter(|e| matches!(e, Event::Message { .. })).count();
+    assert_eq!(shown(&events), 2, "{events:?}");
+    assert!(events.contains(&Event::Refetch { team: w.team }), "{events:?}");
+    // The replay from the cache: the three dropped ones show, the two shown do not again.
+    let events = feed(&mut a, &sent);
+    assert_eq!(shown(&events), 3, "{events:?}");
+    assert!(!events.contains(&Event::Refetch { team: w.team }));
+    let texts: Vec<String> = a.messages(w.team, w.channel).into_iter().map(|m| m.text).collect();
+    assert_eq!(texts, (0..5).map(|i| format!("early {i}")).collect::<Vec<_>>());
+}
+
+#[test]
 fn bad_input_is_refused_counted_and_changes_nothing() {
     let mut w = World::new();
     let (mut a, da) = w.join(Key::random(), MemoryBackend::default());

@@ -322,6 +322,10 @@ fn network_events(service: &Shared, link: &Link, clock: &Clock, followers: &Foll
                     for filter in filters.into_iter().flatten() {
                         link.subscribe(filter, ReplayMode::CachedAndLive);
                     }
+                    for filter in fx.refetch {
+                        // A one-off replay; it ends by itself after its `ReplayDone`.
+                        link.client.subscribe(filter, ReplayMode::CachedOnly);
+                    }
                 }
                 Err(e) => tracing::error!("cannot persist what arrived: {e}"),
             }

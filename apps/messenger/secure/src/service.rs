@@ -23,6 +23,8 @@ pub struct Effects {
     pub shown: Vec<MessageLine>,
     /// Set when the request was `stop`.
     pub stop: bool,
+    /// Filters to replay once from Network's cache (messages dropped while held).
+    pub refetch: Vec<Filter>,
 }
 
 /// Secure's state: the device's MLS state and history.
@@ -212,6 +214,10 @@ impl<B: Backend> Service<B> {
                 Event::Rejected { name, reason } => tracing::warn!(%name, "refused: {reason}"),
                 Event::Joined { team, device } => tracing::info!(team, device, "joined"),
                 Event::Epoch { team, epoch } => tracing::debug!(team, epoch, "new epoch"),
+                Event::Refetch { team } => {
+                    tracing::info!(team, "fetching the team's messages again: some were dropped while held for future epochs");
+                    fx.refetch.push(self.device.org().team_messages(*team).expect("a joined team fits"));
+                }
             }
         }
         Ok((events, fx))
