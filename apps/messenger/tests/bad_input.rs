@@ -78,6 +78,26 @@ async fn garbage_forgeries_and_squatters_are_refused_and_secure_keeps_serving() 
         let mallory = mallory.clone();
         async move { mallory.publish(Chunk::new(name, expiry, data).unwrap()).await }
     };
+
+    // A hostile member: a device of the team running code of its own (holding its own keys,
+    // publishing with the devices' token), added by hKP like any other.
+    let now = canopy_sdk::now_ms();
+    let mut rogue = canopy_msg_core::Device::open(canopy_msg_core::Key::random(), canopy_msg_core::MemoryBackend::default(), org).unwrap();
+    let (hkp, kp) = rogue.key_package(now, 3_600_000).unwrap();
+    for o in kp {
+        publish(o.name, o.data).await.unwrap();
+    }
+    assert_eq!(admin.ok(&["admin", "team", "add", "ops", &canopy_msg_core::engine::hex(&hkp)]), "3");
+    await_epoch(&admin, &[a, b]);
+    let mut joined = Vec::new();
+    for filter in [org.welcome_filter(&hkp), org.team_commits(2).unwrap(), org.team_messages(2).unwrap()] {
+        let mut sub = mallory.subscribe(filter, canopy::wire::ReplayMode::CachedOnly).await.unwrap();
+        while let Some(canopy_sdk::SubEvent::Chunk(c)) = sub.next().await {
+            joined.push(c);
+        }
+    }
+    let events = rogue.ingest(joined.iter().map(|c| (c.name(), c.data().as_ref()))).unwrap();
+    assert!(events.contains(&canopy_msg_core::Event::Joined { team: 2, device: 3 }), "{events:?}");
     let before = status(b)["rejected"].as_u64().unwrap();
 
     // 1. Garbage under the team's messages.
@@ -106,9 +126,22 @@ async fn garbage_forgeries_and_squatters_are_refused_and_secure_keeps_serving() 
     //    team's group id.
     publish(org.message(2, 2, 9, 20).unwrap(), outsider_message(&org)).await.unwrap();
 
-    // b refuses 1, 2, 3, 5 and 6 (a's next name holds garbage), counts them, and still serves.
+    // 7. A forged edit: the hostile member replaces a's hello with a text of its own.
+    let forged = canopy_msg_core::Message {
+        created_ms: now,
+        reply_to: None,
+        replaces: Some(canopy_msg_core::MsgRef { device: 1, msg: 1 }),
+        text: "forged edit".into(),
+    };
+    let (_, out) = rogue.send(2, 2, forged, now).unwrap();
+    for o in out {
+        publish(o.name, o.data).await.unwrap();
+    }
+
+    // b refuses 1, 2, 3, 5, 6 (a's next name holds garbage) and 7, counts them, and still
+    // serves.
     let deadline = std::time::Instant::now() + common::WAIT;
-    while status(b)["rejected"].as_u64().unwrap() < before + 5 {
+    while status(b)["rejected"].as_u64().unwrap() < before + 6 {
         assert!(std::time::Instant::now() < deadline, "b never counted the refusals: {}", status(b));
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -124,6 +157,7 @@ async fn garbage_forgeries_and_squatters_are_refused_and_secure_keeps_serving() 
     b.await_text("ops/general", "after the squatter");
     assert_eq!(texts(b), ["hello", "after the squatter"]);
     assert_eq!(texts(a), texts(b));
+    assert_eq!(b.read("ops/general")[0]["edited"], false, "the forged edit changed nothing");
     mallory.close();
 }
 
