@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use canopy::session::unix::{ConnectError, Event, PublishError, UnixClient, UnixOptions};
-use canopy::session::{PublishFailure, SubEvent};
+use canopy::session::{PublishFailure, SessionEvent, SubEvent};
 use canopy::wire::{self, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION, ReplayMode, Role};
 use canopy::{Chunk, Name};
 use canopy_relay::{AccessRule, Relay, RelayConfig, RelayHandle};
@@ -68,7 +68,7 @@ fn chunk_names(events: &[Event], id: u64) -> Vec<u128> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::Sub { id: i, event: SubEvent::Chunk(c) } if *i == id => Some(c.name().to_u128()),
+            Event::Session(SessionEvent::Sub { id: i, event: SubEvent::Chunk(c) }) if *i == id => Some(c.name().to_u128()),
             _ => None,
         })
         .collect()
@@ -78,7 +78,7 @@ fn chunk_names(events: &[Event], id: u64) -> Vec<u128> {
 fn delivered_until(client: &UnixClient, id: u64, name: u128) -> Vec<u128> {
     let events = events_until(
         client,
-        |e| matches!(e, Event::Sub { id: i, event: SubEvent::Chunk(c) } if *i == id && c.name() == Name::new(name)),
+        |e| matches!(e, Event::Session(SessionEvent::Sub { id: i, event: SubEvent::Chunk(c) }) if *i == id && c.name() == Name::new(name)),
     );
     chunk_names(&events, id)
 }
@@ -86,7 +86,7 @@ fn delivered_until(client: &UnixClient, id: u64, name: u128) -> Vec<u128> {
 /// Subscribes and returns the replayed names once `ReplayDone` arrives.
 fn subscribe(client: &UnixClient, filter_text: &str, mode: ReplayMode) -> (u64, Vec<u128>) {
     let id = client.subscribe(filter(filter_text), mode);
-    let events = events_until(client, |e| matches!(e, Event::Sub { id: i, event: SubEvent::ReplayDone } if *i == id));
+    let events = events_until(client, |e| matches!(e, Event::Session(SessionEvent::Sub { id: i, event: SubEvent::ReplayDone }) if *i == id));
     (id, chunk_names(&events, id))
 }
 
@@ -161,7 +161,7 @@ fn unix_client_publishes_and_subscribes_cached_and_live() {
 
     // A CachedOnly query ends after its replay.
     let query = subscriber.subscribe(filter(TEAM_FILTER), ReplayMode::CachedOnly);
-    let events = events_until(&subscriber, |e| *e == Event::Ended { id: query });
+    let events = events_until(&subscriber, |e| *e == Event::Session(SessionEvent::Ended { id: query }));
     assert_eq!(chunk_names(&events, query).len(), 42);
     assert_eq!(subscriber.pending_publishes(), 0);
     drop((publisher, subscriber));
@@ -269,7 +269,7 @@ fn unix_client_reconnects_and_resubscribes_after_the_relay_restarts() {
     publish(&other, chunk(TEAM | 2, "while away"));
     let events = events_until(
         &client,
-        |e| matches!(e, Event::Sub { event: SubEvent::Chunk(c), .. } if c.name() == Name::new(TEAM | 2)),
+        |e| matches!(e, Event::Session(SessionEvent::Sub { event: SubEvent::Chunk(c), .. }) if c.name() == Name::new(TEAM | 2)),
     );
     assert!(events.contains(&Event::Reconnected { subscriptions: 1 }), "{events:?}");
     // The replay repeats chunk 1; the session drops it.
@@ -341,11 +341,11 @@ fn a_wrong_token_is_refused_on_the_unix_socket() {
         other => panic!("expected PublishDenied, got {other:?}"),
     }
     let denied = client.subscribe(filter("0x00000000000000000000000000000000/0"), ReplayMode::LiveOnly);
-    let events = events_until(&client, |e| *e == Event::Ended { id: denied });
+    let events = events_until(&client, |e| *e == Event::Session(SessionEvent::Ended { id: denied }));
     assert!(
         matches!(
             &events[..],
-            [.., Event::Sub { event: SubEvent::Error { code: ErrorCode::SubscribeDenied, .. }, .. }, _]
+            [.., Event::Session(SessionEvent::Sub { event: SubEvent::Error { code: ErrorCode::SubscribeDenied, .. }, .. }), _]
         ),
         "{events:?}"
     );

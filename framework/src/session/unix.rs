@@ -38,7 +38,7 @@
 //! ```no_run
 //! use std::time::Duration;
 //! use canopy::session::unix::{Event, UnixClient};
-//! use canopy::session::SubEvent;
+//! use canopy::session::{SessionEvent, SubEvent};
 //! use canopy::wire::ReplayMode;
 //! use canopy::{Chunk, Filter, Name};
 //!
@@ -47,7 +47,7 @@
 //! let chunk = Chunk::new(Name::new(0x0a0b << 112), u64::MAX, &b"hi"[..])?;
 //! client.publish_wait(chunk, Duration::from_secs(5))?;
 //! while let Some(event) = client.next_event(Duration::from_secs(1)) {
-//!     if let Event::Sub { id, event: SubEvent::Chunk(chunk) } = event {
+//!     if let Event::Session(SessionEvent::Sub { id, event: SubEvent::Chunk(chunk) }) = event {
 //!         assert_eq!(id, sub);
 //!         println!("{}: {} bytes", chunk.name(), chunk.data().len());
 //!     }
@@ -148,7 +148,7 @@ pub enum PublishError {
     /// and publishing the identical chunk again is safe.
     #[error("disconnected from the relay before it answered")]
     Disconnected,
-    /// No answer within the timeout; it will come later as an [`Event::Published`] for
+    /// No answer within the timeout; it will come later as a [`SessionEvent::Published`] for
     /// `seq`.
     #[error("no answer from the relay in time (publish {seq})")]
     Timeout {
@@ -169,33 +169,9 @@ impl From<PublishFailure> for PublishError {
 /// What the client tells the application, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The answer to publish `seq` ([`UnixClient::publish`]'s number).
-    Published {
-        /// The publish.
-        seq: u64,
-        /// `Ok` on the relay's `Ack` (also for an identical re-publish).
-        result: Result<(), PublishFailure>,
-    },
-    /// An event of subscription `id`.
-    Sub {
-        /// The subscription ([`UnixClient::subscribe`]'s number).
-        id: u64,
-        /// What happened.
-        event: SubEvent,
-    },
-    /// Subscription `id` has ended (after its last event: an error, or the `ReplayDone` of
-    /// a `CachedOnly` query).
-    Ended {
-        /// The subscription.
-        id: u64,
-    },
-    /// The relay reported an error about the link as a whole; it closes it.
-    ConnectionError {
-        /// The relay's error code.
-        code: ErrorCode,
-        /// The relay's message.
-        message: String,
-    },
+    /// What the session reports: publish answers, subscription events and ends, and the
+    /// relay's errors about the link.
+    Session(SessionEvent),
     /// The link was lost; the client is reconnecting.
     Disconnected {
         /// Why.
@@ -210,12 +186,7 @@ pub enum Event {
 
 impl From<SessionEvent> for Event {
     fn from(event: SessionEvent) -> Self {
-        match event {
-            SessionEvent::Published { seq, result } => Event::Published { seq, result },
-            SessionEvent::Sub { id, event } => Event::Sub { id, event },
-            SessionEvent::Ended { id } => Event::Ended { id },
-            SessionEvent::ConnectionError { code, message } => Event::ConnectionError { code, message },
-        }
+        Event::Session(event)
     }
 }
 
@@ -341,7 +312,7 @@ impl UnixClient {
         self.shared.lock().session.pending_publishes()
     }
 
-    /// Opens a subscription and returns its id; its events come as [`Event::Sub`]. While
+    /// Opens a subscription and returns its id; its events come as [`SessionEvent::Sub`]. While
     /// disconnected it is sent on the next link.
     pub fn subscribe(&self, filter: Filter, mode: ReplayMode) -> u64 {
         let mut state = self.shared.lock();
@@ -355,11 +326,11 @@ impl UnixClient {
     pub fn unsubscribe(&self, id: u64) {
         let mut state = self.shared.lock();
         state.session.unsubscribe(id);
-        state.events.retain(|e| !matches!(e, Event::Sub { id: i, .. } | Event::Ended { id: i } if *i == id));
+        state.events.retain(|e| !matches!(e, Event::Session(SessionEvent::Sub { id: i, .. }) | Event::Session(SessionEvent::Ended { id: i }) if *i == id));
         state.pump();
     }
 
-    /// Publishes `chunk` and returns its number; the answer comes as [`Event::Published`]
+    /// Publishes `chunk` and returns its number; the answer comes as [`SessionEvent::Published`]
     /// with that `seq`. While disconnected it fails at once (with
     /// [`PublishFailure::Disconnected`]).
     pub fn publish(&self, chunk: Chunk) -> u64 {
@@ -388,8 +359,8 @@ impl UnixClient {
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.lock();
         loop {
-            let found = state.events.iter().position(|e| matches!(e, Event::Published { seq: s, .. } if *s == seq));
-            if let Some(Event::Published { result, .. }) = found.and_then(|i| state.events.remove(i)) {
+            let found = state.events.iter().position(|e| matches!(e, Event::Session(SessionEvent::Published { seq: s, .. }) if *s == seq));
+            if let Some(Event::Session(SessionEvent::Published { result, .. })) = found.and_then(|i| state.events.remove(i)) {
                 return Some(result);
             }
             state = self.wait(state, deadline)?;
@@ -403,7 +374,7 @@ impl UnixClient {
         let mut state = self.shared.lock();
         loop {
             if let Some(event) = state.events.pop_front() {
-                if let Event::Sub { id, event: SubEvent::Chunk(_) } = &event {
+                if let Event::Session(SessionEvent::Sub { id, event: SubEvent::Chunk(_) }) = &event {
                     state.session.consumed(*id, 1);
                     state.pump();
                 }

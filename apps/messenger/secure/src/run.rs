@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use canopy::session::unix::{Event, UnixClient, UnixOptions};
-use canopy::session::{PublishFailure, SubEvent};
+use canopy::session::{PublishFailure, SessionEvent, SubEvent};
 use canopy::wire::{ErrorCode, ReplayMode};
 use canopy::{Chunk, Filter};
 use canopy_msg_core::{Device, Key, Org, Outgoing};
@@ -268,7 +268,7 @@ fn network_events(service: &Shared, link: &Link, clock: &Clock, followers: &Foll
                     tracing::warn!("lost the link to Network: {reason}");
                     service.lock().unwrap_or_else(|p| p.into_inner()).network_up = false;
                 }
-                Event::Sub { event: SubEvent::Chunk(chunk), .. } => {
+                Event::Session(SessionEvent::Sub { event: SubEvent::Chunk(chunk), .. }) => {
                     if clock.filter.is_some_and(|f| f.matches(chunk.name())) {
                         if let Ok(bytes) = <[u8; 8]>::try_from(chunk.data().as_ref()) {
                             let os = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
@@ -279,15 +279,15 @@ fn network_events(service: &Shared, link: &Link, clock: &Clock, followers: &Foll
                     }
                     chunks.push((chunk.name(), chunk.data().to_vec()));
                 }
-                Event::Sub { id, event: SubEvent::Error { code, message } } => {
+                Event::Session(SessionEvent::Sub { id, event: SubEvent::Error { code, message } }) => {
                     let sub = link.lock().subs.remove(&id);
                     if let Some((filter, mode)) = sub {
                         tracing::warn!(%filter, "subscription ended ({code:?}: {message}); subscribing again");
                         link.subscribe(filter, if mode == ReplayMode::LiveOnly { mode } else { ReplayMode::CachedAndLive });
                     }
                 }
-                Event::Sub { .. } | Event::Ended { .. } => {}
-                Event::Published { seq, result } => {
+                Event::Session(SessionEvent::Sub { .. }) | Event::Session(SessionEvent::Ended { .. }) => {}
+                Event::Session(SessionEvent::Published { seq, result }) => {
                     let chunk = link.lock().pending.remove(&seq);
                     match (result, chunk) {
                         (Ok(()), _) | (_, None) => {}
@@ -307,7 +307,7 @@ fn network_events(service: &Shared, link: &Link, clock: &Clock, followers: &Foll
                         }
                     }
                 }
-                Event::ConnectionError { code, message } => tracing::warn!("Network: {code:?} {message}"),
+                Event::Session(SessionEvent::ConnectionError { code, message }) => tracing::warn!("Network: {code:?} {message}"),
             }
         }
         if !chunks.is_empty() {
