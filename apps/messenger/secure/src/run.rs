@@ -215,14 +215,12 @@ fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Cl
             s.unacknowledged = link.unacknowledged();
             s.handle(request, clock.now())
         };
-        let joined_filters = !fx.publish.is_empty();
-        link.publish(fx.publish);
-        if joined_filters {
-            // A key package waits for its welcome: subscribe before anyone can answer.
-            for filter in service.lock().unwrap_or_else(|p| p.into_inner()).filters() {
-                link.subscribe(filter, ReplayMode::CachedAndLive);
-            }
+        // A key package's welcome: subscribed before the key package is out, so the
+        // welcome comes live (and from the cache if the link drops in between).
+        for filter in fx.subscribe {
+            link.subscribe(filter, ReplayMode::CachedAndLive);
         }
+        link.publish(fx.publish);
         followers.send(&fx.shown);
         if proto::write_frame(&mut conn, &reply).is_err() {
             return;

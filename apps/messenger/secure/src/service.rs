@@ -25,6 +25,8 @@ pub struct Effects {
     pub stop: bool,
     /// Filters to replay once from Network's cache (messages dropped while held).
     pub refetch: Vec<Filter>,
+    /// New filters to subscribe to (`CachedAndLive`) before publishing `publish`.
+    pub subscribe: Vec<Filter>,
 }
 
 /// Secure's state: the device's MLS state and history.
@@ -119,6 +121,7 @@ impl<B: Backend> Service<B> {
             Request::Status => Reply::Status(self.status()),
             Request::KeyPackage => {
                 let (hkp, out) = self.device.key_package(now_ms, KEY_PACKAGE_TTL_MS)?;
+                fx.subscribe.push(self.device.org().welcome_filter(&hkp));
                 fx.publish = out;
                 Reply::KeyPackage { hkp: hex(&hkp) }
             }
