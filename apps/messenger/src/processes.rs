@@ -114,7 +114,7 @@ fn stop_started(home: &Home, children: &mut [(&str, std::process::Child)]) {
     }
 }
 
-fn start<'a>(home: &Home, passphrase: Option<&str>, children: &mut Vec<(&'a str, std::process::Child)>) -> anyhow::Result<()> {
+fn start(home: &Home, passphrase: Option<&str>, children: &mut Vec<(&str, std::process::Child)>) -> anyhow::Result<()> {
     if pid_of(home, "network").is_none() {
         // What a killed Network left behind would look like a live one.
         let _ = std::fs::remove_file(home.path("network.json"));
