@@ -4,7 +4,7 @@
 //! anyone allowed to subscribe could, to show it holds ciphertext only.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -56,11 +56,18 @@ impl Home {
         Ok(String::from_utf8(stdout)?.trim().to_owned())
     }
 
-    /// `canopy-msg read TARGET --follow --count N`, started now, so that nothing sent from
-    /// here on is missed.
-    fn follow(&self, target: &str, count: usize) -> anyhow::Result<Child> {
-        let count = count.to_string();
-        Ok(self.command(&["read", target, "--follow", "--count", &count, "--timeout", "60s"]).stdout(Stdio::null()).spawn()?)
+    /// Waits until `read TARGET` shows a line containing `text`.
+    fn await_text(&self, target: &str, text: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + WAIT;
+        let mut pause = Duration::from_millis(5);
+        while !self.ok(&["read", target])?.contains(text) {
+            if Instant::now() > deadline {
+                bail!("{} never showed {text:?}", self.name);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+        Ok(())
     }
 
     /// Waits until this device has joined `team`.
@@ -76,15 +83,6 @@ impl Home {
         }
         Ok(())
     }
-}
-
-/// Waits for a `read --follow` to have seen its messages.
-fn done(mut follower: Child, who: &str) -> anyhow::Result<()> {
-    let status = follower.wait()?;
-    if !status.success() {
-        bail!("{who} did not see the messages it waited for");
-    }
-    Ok(())
 }
 
 /// Every chunk a `/0` subscription on `relay` returns.
@@ -138,18 +136,15 @@ pub async fn run(root: &Path, relays: [(&str, &RelayHandle); 3]) -> anyhow::Resu
 
     println!("\n== A threaded, edited conversation in ops/general ==");
     let texts = ["is the 2.0 release out?", "yes, the mirrors are in sync", "is the 2.0.1 release out?"];
-    let bob_sees = bob.follow("ops/general", 1)?;
     let first = alice.ok(&["send", "ops/general", texts[0]])?;
     println!("  alice   send {:?}  -> {first}", texts[0]);
-    done(bob_sees, "bob")?;
-    let alice_sees = alice.follow("ops/general", 1)?;
+    bob.await_text("ops/general", texts[0])?;
     let reply = bob.ok(&["send", "ops/general", texts[1], "--reply-to", &first])?;
     println!("  bob     reply to {first}: {:?}  -> {reply}", texts[1]);
-    done(alice_sees, "alice")?;
-    let bob_sees = bob.follow("ops/general", 1)?;
+    alice.await_text("ops/general", texts[1])?;
     alice.ok(&["edit", &first, texts[2]])?;
     println!("  alice   edit {first}: {:?}", texts[2]);
-    done(bob_sees, "bob")?;
+    bob.await_text("ops/general", texts[2])?;
     for device in [&alice, &bob] {
         println!("  {} reads ops/general:", device.name);
         for line in device.ok(&["read", "ops/general"])?.lines() {
