@@ -103,10 +103,8 @@ fn stop_started(home: &Home, children: &mut [(&str, std::process::Child)]) {
             let _ = std::fs::remove_file(home.path(&format!("run/{name}.pid")));
             continue;
         }
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).stderr(Stdio::null()).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        if let Ok(pid) = i32::try_from(child.id()) {
+            terminate(pid);
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -153,6 +151,16 @@ fn wait_for(children: &mut [(&str, std::process::Child)], ready: impl Fn() -> bo
     }
 }
 
+/// Sends `pid` SIGTERM and waits (up to 20 s) until it has exited or is a zombie.
+fn terminate(pid: i32) {
+    // `kill(1)` rather than libc: this crate stays free of unsafe code.
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).stderr(Stdio::null()).status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `down`: stops Secure (cleanly) and Network.
 pub fn down(home: &Home) -> anyhow::Result<()> {
     home.config()?;
@@ -161,12 +169,7 @@ pub fn down(home: &Home) -> anyhow::Result<()> {
     }
     for name in PROCESSES {
         if let Some(pid) = pid_of(home, name) {
-            // `kill(1)` rather than libc: this crate stays free of unsafe code.
-            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while alive(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            terminate(pid);
         }
         let _ = std::fs::remove_file(home.path(&format!("run/{name}.pid")));
     }

@@ -284,7 +284,7 @@ fn network_events(service: &Shared, link: &Link, clock: &Clock, followers: &Foll
                         link.subscribe(filter, if mode == ReplayMode::LiveOnly { mode } else { ReplayMode::CachedAndLive });
                     }
                 }
-                Event::Session(SessionEvent::Sub { .. }) | Event::Session(SessionEvent::Ended { .. }) => {}
+                Event::Session(SessionEvent::Sub { .. } | SessionEvent::Ended { .. }) => {}
                 Event::Session(SessionEvent::Published { seq, result }) => {
                     let chunk = link.lock().pending.remove(&seq);
                     match (result, chunk) {
