@@ -66,6 +66,9 @@ async fn a_message_sent_while_the_relay_is_down_is_queued_and_delivered_later() 
     await_epoch(&admin, &[&a, &b]);
 
     edge.shutdown().await;
+    // `send` says "queued" once Network knows its relay is gone (until then the message is
+    // just as safe in Network's outbox, but the notice would not be given).
+    common::eventually("a's Network sees the relay down", || (common::status(&a)["network"]["parent_connected"] == false).then_some(()));
     let out = a.run(&["send", "ops/general", "sent while offline"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2/2/1/1");
