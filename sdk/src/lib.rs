@@ -91,7 +91,7 @@ pub use client::{
     Client, ClientError, ConnectOptions, ConnectionEvent, MAX_BACKOFF, MIN_BACKOFF, PublishError, SubEvent,
     Subscription, now_ms, open_endpoints,
 };
-pub use tls::{Trust, fingerprint, quic_client_config};
+pub use tls::{Trust, fingerprint, parse_fingerprint, quic_client_config};
 
 pub use canopy::wire::{ErrorCode, ReplayMode};
 pub use canopy::{Chunk, Filter, MAX_CHUNK_DATA, Name, Schema};

@@ -53,7 +53,9 @@ pub fn fingerprint(der: &[u8]) -> String {
     Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn parse_fingerprint(text: &str) -> Result<[u8; 32], ClientError> {
+/// Reads a certificate fingerprint as [`fingerprint`] prints it: 64 hex digits, either case,
+/// colons and spaces allowed between them.
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], ClientError> {
     let hex: String = text.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
     let bad = || ClientError::Config(format!("fingerprint {text:?} is not 64 hex digits"));
     if hex.len() != 64 || !hex.is_ascii() {

@@ -46,10 +46,21 @@ pub enum OrgCommand {
 /// `admin team …`.
 #[derive(Subcommand)]
 pub enum TeamCommand {
-    /// Create a team; prints its id.
+    /// Create a team; prints its id. Lifetimes are fixed for the team's life, in its record;
+    /// the defaults are in docs/messenger.md.
     Create {
         /// Its name.
         name: String,
+        /// How long the relays keep the team's messages (e.g. `30d`, `12h`).
+        #[arg(long, value_parser = duration_ms)]
+        message_ttl: Option<u64>,
+        /// How long they keep its commits. Shorter than messages only if every device is sure
+        /// to fetch each commit in time: a device that misses one cannot read on.
+        #[arg(long, value_parser = duration_ms)]
+        commit_ttl: Option<u64>,
+        /// How long the welcome of a device added to it waits for that device.
+        #[arg(long, value_parser = duration_ms)]
+        welcome_ttl: Option<u64>,
     },
     /// Add a device by the hKP of its key package; prints its device id.
     Add {
@@ -80,6 +91,28 @@ pub enum ChannelCommand {
     },
 }
 
+/// A duration (`humantime`: `90s`, `12h`, `30d`) in whole milliseconds, at least one second.
+fn duration_ms(text: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    u64::try_from(d.as_millis()).map_err(|_| "too long".into())
+}
+
+/// The member plugin's config entries a command sets beyond the home's.
+fn extra_config(command: &AdminCommand) -> Vec<(&'static str, u64)> {
+    match command {
+        AdminCommand::Team { command: TeamCommand::Create { message_ttl, commit_ttl, welcome_ttl, .. } } => {
+            [("message_ttl_ms", message_ttl), ("commit_ttl_ms", commit_ttl), ("welcome_ttl_ms", welcome_ttl)]
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, (*v)?)))
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 fn args(command: &AdminCommand) -> Vec<String> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let json = |mut v: Vec<String>, j: bool| {
@@ -90,7 +123,7 @@ fn args(command: &AdminCommand) -> Vec<String> {
     };
     match command {
         AdminCommand::Org { command: OrgCommand::Init } => s(&["org", "init"]),
-        AdminCommand::Team { command: TeamCommand::Create { name } } => s(&["team", "create", name]),
+        AdminCommand::Team { command: TeamCommand::Create { name, .. } } => s(&["team", "create", name]),
         AdminCommand::Team { command: TeamCommand::Add { team, hkp } } => s(&["team", "add", team, hkp]),
         AdminCommand::Team { command: TeamCommand::Devices { team, json: j } } => json(s(&["team", "devices", team]), *j),
         AdminCommand::Channel { command: ChannelCommand::Create { team, name } } => s(&["channel", "create", team, name]),
@@ -129,6 +162,9 @@ pub fn run(home: &Home, plugin: Option<PathBuf>, command: AdminCommand) -> anyho
     options.config.insert("domain".into(), config.domain.clone().into());
     options.config.insert("org".into(), config.org.into());
     options.config.insert("key".into(), hex(&key.to_bytes()).into());
+    for (k, v) in extra_config(&command) {
+        options.config.insert(k.into(), v.into());
+    }
     options.state = Some(home.path("admin"));
     // Compiling the plugin is the slow part of a first run; several homes on one machine may
     // share one cache.

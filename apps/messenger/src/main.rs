@@ -171,6 +171,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init { relay, ca, fingerprint, token, domain, org, clock } => {
             canopy_msg_core::Org::new(&domain, org).context("--org")?;
+            if let Some(fp) = &fingerprint {
+                canopy_sdk::parse_fingerprint(fp).context("--fingerprint")?;
+            }
             if let Some(clock) = &clock {
                 clock.parse::<canopy::Filter>().map_err(|e| anyhow::anyhow!("--clock {clock}: {e}"))?;
             }

@@ -31,6 +31,12 @@ async fn a_device_with_a_clock_takes_its_time_from_the_subscription() {
     c.publish(tick).await.unwrap();
 
     assert!(Home::new(root, "bad").run(&["init", "--relay", "127.0.0.1:1", "--fingerprint", "00", "--domain", "example.com", "--org", "7", "--clock", "0xc10c/64"]).status.code() != Some(0));
+    // A pinned fingerprint that is not one is refused at init, in one line, before anything is written.
+    let typo = Home::new(root, "typo");
+    let out = typo.run(&["init", "--relay", "127.0.0.1:1", "--fingerprint", "ab:cd", "--domain", "example.com", "--org", "7"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--fingerprint") && err.contains("64 hex digits") && err.trim().lines().count() == 1, "{err}");
+    assert!(!root.join("typo").join("config.toml").exists());
     let a = Home::new(root, "a");
     a.init_with(&origin, &["--clock", CLOCK]);
     a.ok(&["up"]);
@@ -122,4 +128,54 @@ async fn a_passphrase_seals_the_state_and_a_wrong_one_is_one_clear_line() {
     let err = one_line(&boss.run_with(&["admin", "teams"], Some("not the admin pass")));
     assert!(err.contains("wrong passphrase"), "{err}");
     assert!(boss.run_with(&["admin", "teams"], Some("admin pass")).status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_team_keeps_the_lifetimes_its_admin_gave_it() {
+    common::logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let origin = relay(&root.join("origin"), "127.0.0.1:0", None).await;
+    let admin = org(root, &origin);
+
+    for bad in [["--message-ttl", "10ms"], ["--commit-ttl", "soon"]] {
+        let err = String::from_utf8(admin.run(&["admin", "team", "create", "brief", bad[0], bad[1]]).stderr).unwrap();
+        assert!(err.contains(bad[0]) && err.trim().lines().count() <= 3, "{err}");
+    }
+    let started = now_ms();
+    assert_eq!(admin.ok(&["admin", "team", "create", "brief", "--message-ttl", "2h", "--commit-ttl", "3h", "--welcome-ttl", "90m"]), "3");
+    assert_eq!(admin.ok(&["admin", "channel", "create", "brief", "talk"]), "2");
+    let a = Home::new(root, "a");
+    a.init(&origin);
+    a.ok(&["up"]);
+    let hkp = a.ok(&["device", "key-package"]);
+    admin.ok(&["admin", "team", "add", "brief", &hkp]);
+    a.await_team("brief");
+    a.ok(&["send", "brief/talk", "short-lived"]);
+
+    // What the relay holds of team 3 expires as its record says, counted from when it was made.
+    let org = canopy_msg_core::Org::new("example.com", 7).unwrap();
+    let within = |c: &Chunk, ttl: u64| c.expiry() >= started + ttl && c.expiry() <= now_ms() + ttl;
+    let lifetimes = common::eventually("a's message reaches the relay", || {
+        let chunks = futures_block(common::cached(&origin));
+        let of = |parsed: fn(&canopy_msg_core::names::Parsed) -> bool| -> Vec<Chunk> {
+            chunks.iter().filter(|c| org.parse(c.name()).as_ref().is_some_and(parsed)).cloned().collect()
+        };
+        use canopy_msg_core::names::Parsed;
+        let messages = of(|p| matches!(p, Parsed::Message { team: 3, .. }));
+        let commits = of(|p| matches!(p, Parsed::Commit { team: 3, .. }));
+        let welcomes = of(|p| matches!(p, Parsed::Welcome { .. }));
+        (!messages.is_empty()).then_some((messages, commits, welcomes))
+    });
+    let (messages, commits, welcomes) = lifetimes;
+    assert!(messages.iter().all(|c| within(c, 2 * HOUR)), "messages live 2h");
+    assert!(!commits.is_empty() && commits.iter().all(|c| within(c, 3 * HOUR)), "commits live 3h");
+    // Welcomes of team 3 live 90 minutes; team 2's (from `org`) have the 30-day default.
+    assert!(welcomes.iter().any(|c| within(c, 90 * 60_000)), "a welcome lives 90m");
+    a.ok(&["down"]);
+}
+
+/// Runs a future to completion from synchronous code inside the test's runtime.
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }

@@ -264,7 +264,7 @@ impl Member {
     fn team(&self, which: &str) -> Result<u32, String> {
         match self.committer.resolve(which) {
             Ok(team) => Ok(team),
-            Err(_) if self.committer.teams().map_err(error)?.is_empty() => Err(self.not_initialised()),
+            Err(_) if !self.committer.initialised() => Err(self.not_initialised()),
             Err(e) => Err(error(e)),
         }
     }

@@ -414,7 +414,7 @@ mod tests {
             .collect();
         eprintln!("{added} devices added in {:?} before a record was split: {split:?}", started.elapsed());
         assert!(kv.map.values().all(|v| v.len() <= VALUE_CAP));
-        let again = Committer::open(key, SplitBackend::new(kv), org).unwrap();
+        let mut again = Committer::open(key, SplitBackend::new(kv), org).unwrap();
         assert_eq!(again.teams().unwrap(), admin.teams().unwrap());
         assert_eq!(again.devices(team).unwrap().len(), added + 1);
         assert_eq!(again.republish(), admin.republish());

@@ -53,6 +53,9 @@ pub struct Added {
 }
 
 const LAST: &[u8] = b"last/";
+/// A team's name, by id: the index that lets `resolve` and `create_team` run without
+/// loading every group, which grew an add's cost with the number of teams.
+const NAME: &[u8] = b"name/";
 
 /// The committer's state.
 pub struct Committer<B: Backend> {
@@ -61,20 +64,45 @@ pub struct Committer<B: Backend> {
     /// The last commit (and welcome) of each team, published again on every run until the
     /// next one replaces it, in case the run that made it ended before the relay took it.
     last: BTreeMap<u32, Vec<Outgoing>>,
+    /// Every team's name, by id (teams are numbered densely from [`DEVICE_TEAM`]).
+    names: BTreeMap<u32, String>,
 }
 
 impl<B: Backend> Committer<B> {
     /// Opens the committer's sealed state.
     pub fn open(key: Key, backend: B, org: Org) -> Result<Committer<B>, MlsError> {
         let (engine, contents) = Engine::open(key, backend, "device-0")?;
+        let team_of = |k: &[u8], prefix: &[u8]| k.strip_prefix(prefix).and_then(|t| std::str::from_utf8(t).ok()?.parse::<u32>().ok());
+        let bad = |e: String| MlsError::Malformed { what: "state", detail: e };
         let mut last = BTreeMap::new();
+        let mut names = BTreeMap::new();
         for (k, v) in &contents.app {
-            if let Some(team) = k.strip_prefix(LAST).and_then(|t| std::str::from_utf8(t).ok()?.parse::<u32>().ok()) {
-                let out: Vec<Outgoing> = serde_json::from_slice(v).map_err(|e| MlsError::Malformed { what: "state", detail: e.to_string() })?;
+            if let Some(team) = team_of(k, LAST) {
+                let out: Vec<Outgoing> = serde_json::from_slice(v).map_err(|e| bad(e.to_string()))?;
                 last.insert(team, out);
+            } else if let Some(team) = team_of(k, NAME) {
+                names.insert(team, String::from_utf8(v.clone()).map_err(|e| bad(e.to_string()))?);
             }
         }
-        Ok(Committer { engine, org, last })
+        let mut committer = Committer { engine, org, last, names };
+        if committer.names.is_empty() {
+            committer.index_names()?;
+        }
+        Ok(committer)
+    }
+
+    /// Builds the name index from the groups themselves, for state written before the
+    /// index existed (an org with no teams finds none, and writes nothing).
+    fn index_names(&mut self) -> Result<(), MlsError> {
+        let mut team = DEVICE_TEAM;
+        while team <= MAX_TEAM {
+            let Some(group) = self.engine.group(&self.org, team)? else { break };
+            let name = record_of(group)?.name;
+            self.engine.vault.put(&name_key(team), name.as_bytes());
+            self.names.insert(team, name);
+            team += 1;
+        }
+        self.engine.persist()
     }
 
     /// The org.
@@ -92,46 +120,44 @@ impl<B: Backend> Committer<B> {
         self.last.values().flatten().cloned().collect()
     }
 
-    fn group(&self, team: u32) -> Result<MlsGroup, MlsError> {
+    fn group(&mut self, team: u32) -> Result<&MlsGroup, MlsError> {
         self.engine.group(&self.org, team)?.ok_or_else(|| MlsError::UnknownTeam(team.to_string()))
     }
 
+    fn take_group(&mut self, team: u32) -> Result<MlsGroup, MlsError> {
+        self.engine.take_group(&self.org, team)?.ok_or_else(|| MlsError::UnknownTeam(team.to_string()))
+    }
+
     /// Every team's summary, in id order.
-    pub fn teams(&self) -> Result<Vec<TeamSummary>, MlsError> {
+    pub fn teams(&mut self) -> Result<Vec<TeamSummary>, MlsError> {
         let mut out = Vec::new();
-        for team in self.team_ids()? {
+        let ids: Vec<u32> = self.names.keys().copied().collect();
+        for team in ids {
             let group = self.group(team)?;
-            let record = record_of(&group)?;
+            let record = record_of(group)?;
             out.push(TeamSummary { id: team, name: record.name, epoch: group.epoch().as_u64(), devices: record.devices.len() });
         }
         Ok(out)
     }
 
-    fn team_ids(&self) -> Result<Vec<u32>, MlsError> {
-        let mut ids = Vec::new();
-        let mut team = DEVICE_TEAM;
-        // Teams are numbered densely from 1, so the first missing group ends the list.
-        while team <= MAX_TEAM && self.engine.group(&self.org, team)?.is_some() {
-            ids.push(team);
-            team += 1;
-        }
-        Ok(ids)
+    /// Whether `org init` has run.
+    pub fn initialised(&self) -> bool {
+        self.names.contains_key(&DEVICE_TEAM)
     }
 
     /// A team's id, from its id text or its name.
     pub fn resolve(&self, which: &str) -> Result<u32, MlsError> {
-        let teams = self.teams()?;
-        let found = if !which.is_empty() && which.bytes().all(|b| b.is_ascii_digit()) {
-            teams.iter().find(|t| t.id.to_string() == which)
-        } else {
-            teams.iter().find(|t| t.name == which)
-        };
-        found.map(|t| t.id).ok_or_else(|| MlsError::UnknownTeam(which.to_string()))
+        let numeric = !which.is_empty() && which.bytes().all(|b| b.is_ascii_digit());
+        self.names
+            .iter()
+            .find(|(id, name)| if numeric { id.to_string() == which } else { *name == which })
+            .map(|(id, _)| *id)
+            .ok_or_else(|| MlsError::UnknownTeam(which.to_string()))
     }
 
     /// `org init`: creates team 1, which carries the org's device management.
     pub fn org_init(&mut self) -> Result<(), MlsError> {
-        if self.engine.group(&self.org, DEVICE_TEAM)?.is_some() {
+        if self.initialised() {
             return Err(MlsError::BadName(format!("org {} is already initialised", self.org.org())));
         }
         self.new_team(DEVICE_TEAM, "devices", Lifetimes::default())
@@ -142,14 +168,16 @@ impl<B: Backend> Committer<B> {
         if !valid_label(name) {
             return Err(MlsError::BadName(format!("{name:?} cannot name a team (not all digits, no '/', 1-64 bytes)")));
         }
-        let ids = self.team_ids()?;
-        if ids.is_empty() {
+        if !self.initialised() {
             return Err(MlsError::BadName("the org is not initialised: run `admin org init` first".into()));
         }
-        if self.teams()?.iter().any(|t| t.name == name) {
+        if self.names.values().any(|n| n == name) {
             return Err(MlsError::BadName(format!("a team named {name:?} exists")));
         }
-        let team = ids.len() as u32 + 1;
+        let team = self.names.keys().next_back().map_or(DEVICE_TEAM, |t| t + 1);
+        if team > MAX_TEAM {
+            return Err(MlsError::BadName(format!("org {} has no team ids left", self.org.org())));
+        }
         self.new_team(team, name, lifetimes)?;
         Ok(team)
     }
@@ -174,21 +202,24 @@ impl<B: Backend> Committer<B> {
             .with_group_context_extensions(record_extensions(&record)?)
             .build();
         let e = &mut self.engine;
-        MlsGroup::new_with_group_id(&e.provider, &e.signer, &config, engine::group_id(&self.org, team), e.credential.clone()).map_err(mls)?;
+        let group = MlsGroup::new_with_group_id(&e.provider, &e.signer, &config, engine::group_id(&self.org, team), e.credential.clone()).map_err(mls)?;
+        e.keep_group(group);
+        e.vault.put(&name_key(team), name.as_bytes());
+        self.names.insert(team, name.to_string());
         e.persist()
     }
 
     /// A team's devices: `(device id, leaf index)`, in device order.
-    pub fn devices(&self, team: u32) -> Result<Vec<(u32, u32)>, MlsError> {
-        let record = record_of(&self.group(team)?)?;
+    pub fn devices(&mut self, team: u32) -> Result<Vec<(u32, u32)>, MlsError> {
+        let record = record_of(self.group(team)?)?;
         let mut out: Vec<(u32, u32)> = record.devices.iter().map(|(leaf, dev)| (*dev, *leaf)).collect();
         out.sort();
         Ok(out)
     }
 
     /// A team's record.
-    pub fn record(&self, team: u32) -> Result<TeamRecord, MlsError> {
-        record_of(&self.group(team)?)
+    pub fn record(&mut self, team: u32) -> Result<TeamRecord, MlsError> {
+        record_of(self.group(team)?)
     }
 
     /// `team add TEAM HKP`: verifies that `key_package` hashes to `hkp`, commits its add
@@ -202,7 +233,7 @@ impl<B: Backend> Committer<B> {
     /// Adds several devices in one commit (one epoch): each gets its device id, in order, and
     /// a welcome of its own. The commit's chunks come with the first device's result.
     pub fn add_devices(&mut self, team: u32, devices: &[(&[u8], &[u8])], now_ms: u64) -> Result<Vec<Added>, MlsError> {
-        let mut group = self.group(team)?;
+        let mut group = self.take_group(team)?;
         let mut record = record_of(&group)?;
         let mut taken: std::collections::BTreeSet<u32> = group.members().map(|m| m.index.u32()).collect();
         let mut kps = Vec::with_capacity(devices.len());
@@ -231,6 +262,7 @@ impl<B: Backend> Committer<B> {
             }
         }
         let epoch = group.epoch().as_u64();
+        self.engine.keep_group(group);
         let mut all = self.commit_chunks(team, epoch, &commit, record.lifetimes.commit_ms, now_ms)?;
         let welcome = welcome.ok_or_else(|| MlsError::Mls("an add produced no welcome".into()))?;
         let pieces = fragment::split(Path::Welcome, &welcome)?;
@@ -255,7 +287,7 @@ impl<B: Backend> Committer<B> {
         if !valid_label(name) {
             return Err(MlsError::BadName(format!("{name:?} cannot name a channel (not all digits, no '/', 1-64 bytes)")));
         }
-        let mut group = self.group(team)?;
+        let mut group = self.take_group(team)?;
         let mut record = record_of(&group)?;
         if record.channels.values().any(|n| n == name) {
             return Err(MlsError::BadName(format!("team {team} already has a channel named {name:?}")));
@@ -267,6 +299,7 @@ impl<B: Backend> Committer<B> {
         record.channels.insert(channel, name.to_string());
         let (commit, _) = self.commit(&mut group, vec![], &record)?;
         let epoch = group.epoch().as_u64();
+        self.engine.keep_group(group);
         let outgoing = self.commit_chunks(team, epoch, &commit, record.lifetimes.commit_ms, now_ms)?;
         self.remember(team, &outgoing)?;
         Ok((channel, epoch, outgoing))
@@ -314,4 +347,8 @@ impl<B: Backend> Committer<B> {
         self.last.insert(team, outgoing.to_vec());
         self.engine.persist()
     }
+}
+
+fn name_key(team: u32) -> Vec<u8> {
+    [NAME, team.to_string().as_bytes()].concat()
 }

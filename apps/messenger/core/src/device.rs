@@ -287,8 +287,9 @@ impl<B: Backend> Device<B> {
         if !t.record.channels.contains_key(&channel) && channel != crate::names::MANAGEMENT_CHANNEL {
             return Err(MlsError::UnknownChannel(format!("{}/{channel}", t.record.name)));
         }
-        let mut group = self.engine.group(&self.org, team)?.ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
+        let mut group = self.engine.take_group(&self.org, team)?.ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
         let out = group.create_message(&self.engine.provider, &self.engine.signer, &payload).map_err(mls)?;
+        self.engine.keep_group(group);
         let bytes = out.tls_serialize_detached().map_err(mls)?;
         let pieces = fragment::split(Path::Message, &bytes)?;
         let first = *t.meta.next_msg.get(&channel).unwrap_or(&1);
@@ -514,8 +515,9 @@ impl<B: Backend> Device<B> {
     }
 
     fn decrypt(&mut self, team: u32, key: Key3, protocol: ProtocolMessage) -> Result<Option<Stored>, String> {
-        let mut group = self.engine.group(&self.org, team).map_err(|e| e.to_string())?.ok_or("no group")?;
+        let mut group = self.engine.take_group(&self.org, team).map_err(|e| e.to_string())?.ok_or("no group")?;
         let processed = group.process_message(&self.engine.provider, protocol).map_err(|e| format!("cannot decrypt: {e}"))?;
+        self.engine.keep_group(group);
         let Sender::Member(leaf) = *processed.sender() else { return Err("not sent by a member".into()) };
         let t = &self.teams[&team];
         let sender = t.record.device_of(leaf.u32()).ok_or("sent from a leaf with no device id")?;
@@ -582,6 +584,7 @@ impl<B: Backend> Device<B> {
         let meta = TeamMeta { device, next_msg: BTreeMap::new() };
         self.engine.vault.put(&team_key(team), &serde_json::to_vec(&meta).expect("serializable"));
         let epoch = group.epoch().as_u64();
+        self.engine.keep_group(group);
         self.teams.insert(
             team,
             Team { record, epoch, meta, commits: BTreeMap::new(), parts: HashMap::new(), held: BTreeMap::new(), overflowed: false, done: BTreeSet::new(), history: BTreeMap::new() },
@@ -625,7 +628,7 @@ impl<B: Backend> Device<B> {
 
     fn apply_commit(&mut self, team: u32, object: &[u8]) -> Result<(), String> {
         let protocol = MlsMessageIn::tls_deserialize_exact(object).ok().and_then(|m| m.try_into_protocol_message().ok()).ok_or("not an MLS protocol message")?;
-        let mut group = self.engine.group(&self.org, team).map_err(|e| e.to_string())?.ok_or("no group")?;
+        let mut group = self.engine.take_group(&self.org, team).map_err(|e| e.to_string())?.ok_or("no group")?;
         let t = &self.teams[&team];
         let processed = group.process_message(&self.engine.provider, protocol).map_err(|e| e.to_string())?;
         let Sender::Member(leaf) = *processed.sender() else { return Err("not sent by a member".into()) };
@@ -640,6 +643,7 @@ impl<B: Backend> Device<B> {
         let t = self.teams.get_mut(&team).expect("team exists");
         t.record = record;
         t.epoch = group.epoch().as_u64();
+        self.engine.keep_group(group);
         Ok(())
     }
 }

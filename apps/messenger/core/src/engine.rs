@@ -5,6 +5,7 @@ use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
+use std::collections::HashMap;
 
 use crate::names::Org;
 use crate::payload::{PayloadError, TEAM_EXTENSION, TeamRecord};
@@ -129,6 +130,11 @@ pub struct Engine<B: Backend> {
     pub(crate) vault: Vault<B>,
     pub(crate) signer: SignatureKeyPair,
     pub(crate) credential: CredentialWithKey,
+    /// Groups already loaded, by group id. openmls writes every change through to the
+    /// provider's storage, so a group here is what loading it again would give, as long as
+    /// only operations that succeeded put it back (see [`Engine::take_group`]). Loading
+    /// means decoding the group's JSON from storage, which was most of a message's cost.
+    groups: HashMap<Vec<u8>, MlsGroup>,
 }
 
 const IDENTITY: &[u8] = b"identity";
@@ -161,7 +167,7 @@ impl<B: Backend> Engine<B> {
             }
         };
         let credential = CredentialWithKey { credential: BasicCredential::new(identity).into(), signature_key: signer.to_public_vec().into() };
-        Ok((Engine { provider, vault, signer, credential }, contents))
+        Ok((Engine { provider, vault, signer, credential, groups: HashMap::new() }, contents))
     }
 
     /// The device's public signature key.
@@ -176,9 +182,31 @@ impl<B: Backend> Engine<B> {
         Ok(self.vault.commit()?)
     }
 
-    /// Loads a team's group.
-    pub fn group(&self, org: &Org, team: u32) -> Result<Option<MlsGroup>, MlsError> {
-        MlsGroup::load(self.provider.storage(), &group_id(org, team)).map_err(mls)
+    /// A team's group, to read.
+    pub fn group(&mut self, org: &Org, team: u32) -> Result<Option<&MlsGroup>, MlsError> {
+        let id = group_id(org, team);
+        if !self.groups.contains_key(id.as_slice()) {
+            let Some(group) = MlsGroup::load(self.provider.storage(), &id).map_err(mls)? else { return Ok(None) };
+            self.groups.insert(id.to_vec(), group);
+        }
+        Ok(self.groups.get(id.as_slice()))
+    }
+
+    /// Takes a team's group out, to change it. Give it back with [`Engine::keep_group`] once
+    /// the openmls operation on it has succeeded. A group not given back (the operation
+    /// failed, and may have left the object and the storage apart) is loaded again from
+    /// storage next time, as if it had never been cached.
+    pub fn take_group(&mut self, org: &Org, team: u32) -> Result<Option<MlsGroup>, MlsError> {
+        let id = group_id(org, team);
+        match self.groups.remove(id.as_slice()) {
+            Some(group) => Ok(Some(group)),
+            None => MlsGroup::load(self.provider.storage(), &id).map_err(mls),
+        }
+    }
+
+    /// Gives back a group taken with [`Engine::take_group`], or made or joined just now.
+    pub fn keep_group(&mut self, group: MlsGroup) {
+        self.groups.insert(group.group_id().to_vec(), group);
     }
 
     /// A fresh single-use key package: its serialized form and its hKP.

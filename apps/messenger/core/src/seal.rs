@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use openmls_memory_storage::MemoryStorage;
-use sha2::{Digest, Sha256};
 
 /// Why sealed state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -147,8 +146,10 @@ const APP_PREFIX: &[u8] = b"a/";
 pub struct Vault<B: Backend> {
     key: Key,
     backend: B,
-    /// SHA-256 of every MLS entry as last written, to find what an operation changed.
-    mls_saved: HashMap<Vec<u8>, [u8; 32]>,
+    /// Every MLS entry as last written, to find what an operation changed. A copy, not a
+    /// digest: comparing bytes costs a memcmp where hashing every entry after every
+    /// operation cost a SHA-256 pass over the whole state, and a copy cannot collide.
+    mls_saved: HashMap<Vec<u8>, Vec<u8>>,
     puts: Vec<(Vec<u8>, Vec<u8>)>,
     deletes: Vec<Vec<u8>>,
 }
@@ -184,7 +185,7 @@ impl<B: Backend> Vault<B> {
             }
             let value = key.open(&k, &v).ok_or_else(|| SealError::Damaged(String::from_utf8_lossy(&k).into_owned()))?;
             if let Some(rest) = k.strip_prefix(MLS_PREFIX) {
-                mls_saved.insert(rest.to_vec(), Sha256::digest(&value).into());
+                mls_saved.insert(rest.to_vec(), value.clone());
                 contents.mls.insert(rest.to_vec(), value);
             } else if let Some(rest) = k.strip_prefix(APP_PREFIX) {
                 contents.app.insert(rest.to_vec(), value);
@@ -197,11 +198,10 @@ impl<B: Backend> Vault<B> {
     pub fn stage_mls(&mut self, storage: &MemoryStorage) {
         let values = storage.values.read().expect("openmls storage lock");
         for (k, v) in values.iter() {
-            let hash: [u8; 32] = Sha256::digest(v).into();
-            if self.mls_saved.get(k) != Some(&hash) {
+            if self.mls_saved.get(k) != Some(v) {
                 let key = [MLS_PREFIX, k].concat();
                 self.puts.push((key.clone(), self.key.seal(&key, v)));
-                self.mls_saved.insert(k.clone(), hash);
+                self.mls_saved.insert(k.clone(), v.clone());
             }
         }
         let gone: Vec<Vec<u8>> = self.mls_saved.keys().filter(|k| !values.contains_key(*k)).cloned().collect();

@@ -315,3 +315,34 @@ fn a_device_restarts_from_its_sealed_state_and_carries_on() {
 fn state_backend(device: Device<MemoryBackend>) -> MemoryBackend {
     device.backend().clone()
 }
+
+#[test]
+fn the_committer_resolves_teams_by_name_after_a_restart_and_from_state_without_the_index() {
+    let key = Key::random();
+    let mut admin = Committer::open(key.clone(), MemoryBackend::default(), org()).unwrap();
+    assert!(!admin.initialised());
+    assert!(admin.create_team("ops", Lifetimes::default()).unwrap_err().to_string().contains("not initialised"));
+    admin.org_init().unwrap();
+    let ops = admin.create_team("ops", Lifetimes::default()).unwrap();
+    let dev = admin.create_team("dev", Lifetimes::default()).unwrap();
+    assert_eq!((ops, dev), (2, 3));
+    assert!(admin.create_team("ops", Lifetimes::default()).unwrap_err().to_string().contains("exists"));
+    admin.create_channel(dev, "general", NOW).unwrap();
+
+    let backend = admin.backend().clone();
+    let again = Committer::open(key.clone(), backend.clone(), org()).unwrap();
+    assert_eq!((again.resolve("dev").unwrap(), again.resolve("2").unwrap()), (dev, ops));
+    assert!(again.resolve("qa").is_err() && again.resolve("9").is_err());
+
+    // State written before the name index existed: the committer rebuilds it from the groups.
+    let index = |b: &MemoryBackend| b.records.keys().filter(|k| k.starts_with(b"a/name/")).count();
+    assert_eq!(index(&backend), 3);
+    let mut old = backend.clone();
+    old.records.retain(|k, _| !k.starts_with(b"a/name/"));
+    let mut migrated = Committer::open(key, old, org()).unwrap();
+    assert_eq!(index(migrated.backend()), 3, "the index was written back");
+    assert_eq!(migrated.resolve("dev").unwrap(), dev);
+    assert_eq!(migrated.create_team("qa", Lifetimes::default()).unwrap(), 4);
+    let mut admin = admin;
+    assert_eq!(migrated.teams().unwrap()[..3], admin.teams().unwrap()[..]);
+}
