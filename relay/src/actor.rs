@@ -121,8 +121,12 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts) {
                 }
             }
         }
-        // One sync for the whole batch releases every ack waiting on it. On failure the
-        // acks stay held and the next turn tries again.
+        // Deliveries leave before the sync, so no subscriber (and not the parent) waits for
+        // this relay's disk. Acks wait for it: one sync for the whole batch releases every
+        // ack held on it, so a publisher still hears of a publish only once it is durable, and
+        // a crash before the sync loses only chunks whose publishers were never acked and so
+        // send them again. On failure the acks stay held and the next turn tries again.
+        push_ready(&mut node, &outs);
         if let Err(err) = node.flush() {
             tracing::error!(%err, "syncing the store failed; acks are held");
         }
@@ -134,14 +138,20 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts) {
             }
             node.link_closed(link);
         }
-        for link in node.ready_links() {
-            let Some(out) = outs.get(&link) else { continue };
-            let room = out.room();
-            if room > 0 {
-                out.push(node.drain(link, room, now));
-            }
-        }
+        push_ready(&mut node, &outs);
         *parts.snapshot.lock().expect("metrics lock") = snapshot(&node);
+    }
+}
+
+/// Hands each link with frames waiting as many as its outlet has room for.
+fn push_ready<S: Store>(node: &mut Node<S>, outs: &HashMap<LinkId, Arc<dyn Outlet>>) {
+    let now = now_ms();
+    for link in node.ready_links() {
+        let Some(out) = outs.get(&link) else { continue };
+        let room = out.room();
+        if room > 0 {
+            out.push(node.drain(link, room, now));
+        }
     }
 }
 
@@ -182,5 +192,127 @@ fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet
         ToNode::ParentEnded { link, reply } => {
             let _ = reply.send(node.take_parent_refusal(link));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::ControlFlow;
+    use std::sync::mpsc as std_mpsc;
+
+    use canopy::node::NodeConfig;
+    use canopy::store::UNLIMITED;
+    use canopy::wire::{ErrorCode, PROTOCOL_VERSION, RelayId, ReplayMode, Role};
+    use canopy::{Chunk, Filter, InsertOutcome, MemoryStore, Name, StoreError};
+
+    use super::*;
+
+    /// A memory store whose `sync` reports that it started, then waits for the test's go.
+    struct GatedSync {
+        inner: MemoryStore,
+        started: std_mpsc::Sender<()>,
+        go: std_mpsc::Receiver<()>,
+    }
+
+    impl Store for GatedSync {
+        fn insert(&mut self, chunk: &Chunk) -> Result<InsertOutcome, StoreError> {
+            self.inner.insert(chunk)
+        }
+        fn get(&self, name: Name) -> Result<Option<Chunk>, StoreError> {
+            self.inner.get(name)
+        }
+        fn scan_range(&self, first: Name, last: Name, now_ms: u64, f: &mut dyn FnMut(Chunk) -> ControlFlow<()>) -> Result<(), StoreError> {
+            self.inner.scan_range(first, last, now_ms, f)
+        }
+        fn scan_last(&self, filter: Filter, n: usize, now_ms: u64) -> Result<Vec<Chunk>, StoreError> {
+            self.inner.scan_last(filter, n, now_ms)
+        }
+        fn evict_expired(&mut self, now_ms: u64) -> Result<u64, StoreError> {
+            self.inner.evict_expired(now_ms)
+        }
+        fn sync(&mut self) -> Result<(), StoreError> {
+            let _ = self.started.send(());
+            let _ = self.go.recv();
+            self.inner.sync()
+        }
+        fn stats(&self) -> StoreStats {
+            self.inner.stats()
+        }
+        fn outbox_push(&mut self, name: Name) -> Result<(), StoreError> {
+            self.inner.outbox_push(name)
+        }
+        fn outbox_remove(&mut self, name: Name) -> Result<bool, StoreError> {
+            self.inner.outbox_remove(name)
+        }
+        fn outbox_pending(&self, limit: usize) -> Result<Vec<Name>, StoreError> {
+            self.inner.outbox_pending(limit)
+        }
+    }
+
+    /// An outlet that hands every frame to the test.
+    struct Tap(std_mpsc::Sender<Frame>);
+
+    impl Outlet for Tap {
+        fn room(&self) -> usize {
+            1024
+        }
+        fn push(&self, frames: Vec<Frame>) {
+            frames.into_iter().for_each(|f| drop(self.0.send(f)));
+        }
+        fn close(&self, frames: Vec<Frame>, _: ErrorCode) {
+            self.push(frames);
+        }
+    }
+
+    fn next(rx: &std_mpsc::Receiver<Frame>, what: &str, mut want: impl FnMut(&Frame) -> bool) -> Frame {
+        loop {
+            let frame = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("no {what}"));
+            if want(&frame) {
+                return frame;
+            }
+        }
+    }
+
+    #[test]
+    fn subscribers_get_a_chunk_while_its_sync_is_still_running_and_the_ack_waits_for_it() {
+        let (started_tx, started) = std_mpsc::channel();
+        let (go, go_rx) = std_mpsc::channel();
+        let store = GatedSync { inner: MemoryStore::new(UNLIMITED), started: started_tx, go: go_rx };
+        let node = Node::new(NodeConfig::new(RelayId(1)), store, false);
+        let (inbox_tx, inbox) = mpsc::channel(64);
+        let (stop_tx, stop) = watch::channel(Stop::Running);
+        let parts = ActorParts {
+            inbox,
+            room: Arc::new(Notify::new()),
+            stop,
+            snapshot: Arc::new(Mutex::new(RelayMetrics::default())),
+            evict_interval: Duration::from_secs(3600),
+        };
+        let done = spawn(node, parts).unwrap();
+
+        let hello = || Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: None };
+        let (sub_tx, sub) = std_mpsc::channel();
+        let (pub_tx, publisher) = std_mpsc::channel();
+        let send = |msg| inbox_tx.blocking_send(msg).unwrap();
+        send(ToNode::Accepted { link: 1, out: Arc::new(Tap(sub_tx)) });
+        send(ToNode::Frames { link: 1, frames: vec![hello(), Frame::Subscribe { id: 7, filter: Filter::ALL, mode: ReplayMode::LiveOnly, credit: 100 }] });
+        next(&sub, "hello", |f| matches!(f, Frame::Hello { .. }));
+        send(ToNode::Accepted { link: 2, out: Arc::new(Tap(pub_tx)) });
+        let chunk = Chunk::new(Name::new(42), now_ms() + 60_000, b"hot".to_vec()).unwrap();
+        send(ToNode::Frames { link: 2, frames: vec![hello(), Frame::Publish { seq: 1, chunk: chunk.clone() }] });
+
+        // The sync has started and is held: the subscriber has the chunk already, the
+        // publisher has no ack yet.
+        started.recv_timeout(Duration::from_secs(10)).expect("the publish is synced");
+        let delivered = next(&sub, "delivery", |f| matches!(f, Frame::Deliver { .. }));
+        assert!(matches!(delivered, Frame::Deliver { id: 7, chunk: c } if c == chunk));
+        next(&publisher, "hello", |f| matches!(f, Frame::Hello { .. }));
+        assert!(publisher.recv_timeout(Duration::from_millis(100)).is_err(), "no ack before the sync ends");
+        go.send(()).unwrap();
+        assert!(matches!(next(&publisher, "ack", |_| true), Frame::Ack { seq: 1 }));
+
+        stop_tx.send(Stop::Kill).unwrap();
+        drop(inbox_tx);
+        done.blocking_recv().unwrap();
     }
 }

@@ -60,6 +60,11 @@ impl Runtime {
         config.concurrency_support(false);
         config.epoch_interruption(true);
         config.consume_fuel(options.fuel);
+        // `CANOPY_WASM_PROFILE=perfmap` writes /tmp/perf-PID.map, so `perf report` can name
+        // the plugins' JIT-compiled functions (otherwise they show as bare addresses).
+        if std::env::var_os("CANOPY_WASM_PROFILE").is_some_and(|v| v == "perfmap") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| load_error("engine", e))?;
         let weak = engine.weak();
         std::thread::Builder::new()

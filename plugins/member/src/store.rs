@@ -269,6 +269,12 @@ impl<K: Kv> Backend for SplitBackend<K> {
         }
         Ok(())
     }
+
+    /// Nothing to do here: the host commits a plugin's key/value writes, durably, when the
+    /// callback that made them returns.
+    fn sync(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

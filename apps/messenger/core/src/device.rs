@@ -181,7 +181,7 @@ impl<B: Backend> Device<B> {
             if let Some(team) = k.strip_prefix("t/").and_then(|t| t.parse::<u32>().ok()) {
                 let meta: TeamMeta = serde_json::from_slice(v).map_err(|_| bad("team"))?;
                 let group = device.engine.group(&device.org, team)?.ok_or_else(|| bad("a team without its group"))?;
-                let record = record_of(&group)?;
+                let record = record_of(group)?;
                 let epoch = group.epoch().as_u64();
                 device.teams.insert(
                     team,
@@ -340,37 +340,22 @@ impl<B: Backend> Device<B> {
                 }
             }
         }
-        let root = |mut r: MsgRef| {
-            // Threads are one level deep: follow reply_to to the message that has none.
-            for _ in 0..64 {
-                match history.get(&r).and_then(|s| s.message.reply_to) {
-                    Some(up) if up != r => r = up,
-                    _ => break,
-                }
-            }
-            r
-        };
-        let mut shown: Vec<Shown> = history
-            .values()
-            .filter(|s| s.message.replaces.is_none())
-            .map(|s| {
-                let edit = edits.get(&s.id);
-                Shown {
-                    id: s.id,
-                    sent_ms: s.message.created_ms,
-                    text: edit.map_or(&s.message.text, |e| &e.message.text).clone(),
-                    reply_to: s.message.reply_to.map(root),
-                    edited: edit.is_some(),
-                }
-            })
-            .collect();
+        let mut shown: Vec<Shown> =
+            history.values().filter(|s| s.message.replaces.is_none()).map(|s| show(history, s, edits.get(&s.id).copied())).collect();
         shown.sort_by_key(|s| (s.sent_ms, s.id));
         shown
     }
 
-    /// One message as shown, edits applied.
+    /// One message as shown, edits applied: what [`Device::messages`] has for it, without
+    /// building the whole channel (a follower gets each message as it arrives).
     pub fn message(&self, team: u32, channel: u16, id: MsgRef) -> Option<Shown> {
-        self.messages(team, channel).into_iter().find(|s| s.id == id)
+        let history = self.teams.get(&team)?.history.get(&channel)?;
+        let s = history.get(&id).filter(|s| s.message.replaces.is_none())?;
+        let edit = history
+            .values()
+            .filter(|e| e.message.replaces == Some(id) && e.id.device == id.device)
+            .max_by_key(|e| (e.message.created_ms, e.id));
+        Some(show(history, s, edit))
     }
 
     /// The original of a message, as stored (to check who may edit it).
@@ -381,7 +366,10 @@ impl<B: Backend> Device<B> {
     /// Takes a batch of chunks from the network. Messages go before commits, so what was
     /// sent in an epoch is read in that epoch where it can be; then commits are applied in
     /// epoch order, each releasing the messages held for its epoch. Everything changed is
-    /// persisted as one batch at the end.
+    /// written as one batch at the end, but not yet durably: call [`Device::sync`] before
+    /// anything beyond showing the messages depends on it. A crash before then loses the
+    /// batch whole, and the chunks arrive again from the relay: the MLS state written last
+    /// still holds the keys to read them.
     pub fn ingest<'a>(&mut self, chunks: impl IntoIterator<Item = (Name, &'a [u8])>) -> Result<Vec<Event>, MlsError> {
         let mut events = Vec::new();
         let mut commits = Vec::new();
@@ -413,8 +401,14 @@ impl<B: Backend> Device<B> {
         for team in touched {
             self.advance(team, &mut events);
         }
-        self.engine.persist()?;
+        self.engine.write()?;
         Ok(events)
+    }
+
+    /// Makes what [`Device::ingest`] wrote durable. (Every other change is durable when its
+    /// call returns.)
+    pub fn sync(&mut self) -> Result<(), MlsError> {
+        self.engine.sync()
     }
 
     fn reject(&mut self, name: Name, reason: String, events: &mut Vec<Event>) {
@@ -646,4 +640,27 @@ impl<B: Backend> Device<B> {
         self.engine.keep_group(group);
         Ok(())
     }
+}
+
+/// A stored message as shown, with its latest edit (if any) applied.
+fn show(history: &BTreeMap<MsgRef, Stored>, s: &Stored, edit: Option<&Stored>) -> Shown {
+    Shown {
+        id: s.id,
+        sent_ms: s.message.created_ms,
+        text: edit.map_or(&s.message.text, |e| &e.message.text).clone(),
+        reply_to: s.message.reply_to.map(|r| thread_root(history, r)),
+        edited: edit.is_some(),
+    }
+}
+
+/// The message a reply's thread hangs from: threads are one level deep, so follow reply_to to
+/// the message that has none (at most 64 steps, against loops).
+fn thread_root(history: &BTreeMap<MsgRef, Stored>, mut r: MsgRef) -> MsgRef {
+    for _ in 0..64 {
+        match history.get(&r).and_then(|s| s.message.reply_to) {
+            Some(up) if up != r => r = up,
+            _ => break,
+        }
+    }
+    r
 }

@@ -182,6 +182,18 @@ impl<B: Backend> Engine<B> {
         Ok(self.vault.commit()?)
     }
 
+    /// As [`persist`](Self::persist), but not yet durably: see [`Vault::write`].
+    pub fn write(&mut self) -> Result<(), MlsError> {
+        self.vault.stage_mls(self.provider.storage());
+        self.vault.write()?;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&mut self) -> Result<(), MlsError> {
+        Ok(self.vault.sync()?)
+    }
+
     /// A team's group, to read.
     pub fn group(&mut self, org: &Org, team: u32) -> Result<Option<&MlsGroup>, MlsError> {
         let id = group_id(org, team);

@@ -113,8 +113,12 @@ pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
 pub trait Backend {
     /// Every record.
     fn load(&mut self) -> Result<Records, String>;
-    /// Writes `puts` and removes `deletes`, all or nothing, durably.
+    /// Writes `puts` and removes `deletes`, all or nothing, in order after every earlier
+    /// batch. Durable only once [`sync`](Backend::sync) returns.
     fn apply(&mut self, puts: Vec<(Vec<u8>, Vec<u8>)>, deletes: Vec<Vec<u8>>) -> Result<(), String>;
+    /// Makes every batch applied so far durable (a backend whose batches are durable as
+    /// they are applied does nothing).
+    fn sync(&mut self) -> Result<(), String>;
 }
 
 /// A backend in memory, for tests and tools.
@@ -135,6 +139,9 @@ impl Backend for MemoryBackend {
         self.records.extend(puts);
         Ok(())
     }
+    fn sync(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 const CHECK_KEY: &[u8] = b"vault-check";
@@ -152,6 +159,8 @@ pub struct Vault<B: Backend> {
     mls_saved: HashMap<Vec<u8>, Vec<u8>>,
     puts: Vec<(Vec<u8>, Vec<u8>)>,
     deletes: Vec<Vec<u8>>,
+    /// Batches written since the last sync.
+    unsynced: bool,
 }
 
 /// What a vault held when it was opened.
@@ -191,7 +200,7 @@ impl<B: Backend> Vault<B> {
                 contents.app.insert(rest.to_vec(), value);
             }
         }
-        Ok((Vault { key, backend, mls_saved, puts: Vec::new(), deletes: Vec::new() }, contents))
+        Ok((Vault { key, backend, mls_saved, puts: Vec::new(), deletes: Vec::new(), unsynced: false }, contents))
     }
 
     /// Stages every change to the MLS entries since the last commit.
@@ -223,14 +232,34 @@ impl<B: Backend> Vault<B> {
         self.deletes.push([APP_PREFIX, key].concat());
     }
 
-    /// Writes everything staged as one batch.
+    /// Writes everything staged as one batch, durably.
     pub fn commit(&mut self) -> Result<(), SealError> {
+        if self.write()? {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything staged as one batch, not yet durably: a crash before the next
+    /// [`sync`](Self::sync) may lose it, never only part of it. Says whether there was
+    /// anything to write.
+    pub fn write(&mut self) -> Result<bool, SealError> {
         if self.puts.is_empty() && self.deletes.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let puts = std::mem::take(&mut self.puts);
         let deletes = std::mem::take(&mut self.deletes);
-        self.backend.apply(puts, deletes).map_err(SealError::Backend)
+        self.backend.apply(puts, deletes).map_err(SealError::Backend)?;
+        self.unsynced = true;
+        Ok(true)
+    }
+
+    /// Makes every batch written so far durable.
+    pub fn sync(&mut self) -> Result<(), SealError> {
+        if std::mem::take(&mut self.unsynced) {
+            self.backend.sync().map_err(SealError::Backend)?;
+        }
+        Ok(())
     }
 
     /// Drops everything staged since the last commit. MLS entries already staged are

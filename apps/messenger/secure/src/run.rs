@@ -313,10 +313,15 @@ fn network_events(service: &Shared, link: &Link, clock: &Clock, followers: &Foll
             let teams_before = s.device().teams().count();
             match s.ingest(&chunks) {
                 Ok((_, fx)) => {
+                    // Shown before the sync: a crash in between loses only what the relay
+                    // sends again, so the reader need not wait for the disk.
+                    followers.send(&fx.shown);
+                    if let Err(e) = s.sync() {
+                        tracing::error!("cannot persist what arrived: {e}");
+                    }
                     let filters = (s.device().teams().count() != teams_before).then(|| s.filters());
                     drop(s);
                     link.publish(fx.publish);
-                    followers.send(&fx.shown);
                     for filter in filters.into_iter().flatten() {
                         link.subscribe(filter, ReplayMode::CachedAndLive);
                     }

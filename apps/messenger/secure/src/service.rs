@@ -186,10 +186,9 @@ impl<B: Backend> Service<B> {
     fn send(&mut self, team: u32, channel: u16, message: Message, now_ms: u64, fx: &mut Effects) -> Result<Reply, MlsError> {
         let (id, out) = self.device.send(team, channel, message, now_ms)?;
         fx.publish = out;
-        let shown = self.device.messages(team, channel);
         let target = self.device.stored(team, channel, id).and_then(|s| s.message.replaces).unwrap_or(id);
-        if let Some(s) = shown.iter().find(|s| s.id == target) {
-            fx.shown.push(self.line(team, channel, s));
+        if let Some(s) = self.device.message(team, channel, target) {
+            fx.shown.push(self.line(team, channel, &s));
         }
         Ok(Reply::Sent { id: id_text(team, channel, id), queued: !self.network_up })
     }
@@ -203,7 +202,8 @@ impl<B: Backend> Service<B> {
         }
     }
 
-    /// Takes chunks from Network.
+    /// Takes chunks from Network. What changed is written, not yet durable: show it, then
+    /// [`Service::sync`].
     pub fn ingest(&mut self, chunks: &[(Name, Vec<u8>)]) -> Result<(Vec<Event>, Effects), MlsError> {
         let events = self.device.ingest(chunks.iter().map(|(n, d)| (*n, d.as_slice())))?;
         let mut fx = Effects::default();
@@ -224,6 +224,11 @@ impl<B: Backend> Service<B> {
             }
         }
         Ok((events, fx))
+    }
+
+    /// Makes what [`Service::ingest`] took durable.
+    pub fn sync(&mut self) -> Result<(), MlsError> {
+        self.device.sync()
     }
 
     /// Secure's status.

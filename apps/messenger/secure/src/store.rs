@@ -1,4 +1,5 @@
-//! Secure's sealed records on disk: a fjall keyspace whose batches are atomic and durable.
+//! Secure's sealed records on disk: a fjall keyspace whose batches are atomic, and durable
+//! once synced.
 
 use std::path::Path;
 
@@ -37,7 +38,10 @@ impl Backend for FjallBackend {
         for (k, v) in puts {
             batch.insert(&self.records, k, v);
         }
-        batch.commit().map_err(|e| e.to_string())?;
+        batch.commit().map_err(|e| e.to_string())
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
         self.db.persist(fjall::PersistMode::SyncAll).map_err(|e| e.to_string())
     }
 }
