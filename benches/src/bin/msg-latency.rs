@@ -50,6 +50,19 @@ fn msg(home: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
+/// Runs `canopy-msg down` for each home when dropped.
+struct Down(Vec<PathBuf>);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        for home in &self.0 {
+            if home.join("config.toml").exists() {
+                let _ = msg(home, &["down"]);
+            }
+        }
+    }
+}
+
 fn call(s: &mut UnixStream, r: &Request) -> anyhow::Result<Reply> {
     proto::write_frame(s, r)?;
     proto::read_frame(s)?.context("Secure hung up")
@@ -76,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
     let addr = relay.local_addr().to_string();
     let init = |home: &Path| msg(home, &["init", "--relay", &addr, "--ca", ca.to_str().unwrap(), "--domain", "example.com", "--org", "7"]);
     let (admin, a, b) = (root.join("admin"), root.join("a"), root.join("b"));
+    // Stops both devices' processes however the run ends (an error or a panic included),
+    // so none outlives the bench.
+    let _down = Down(vec![a.clone(), b.clone()]);
     let result = tokio::task::block_in_place(|| -> anyhow::Result<()> {
         init(&admin)?;
         msg(&admin, &["admin", "org", "init"])?;
@@ -166,9 +182,6 @@ async fn main() -> anyhow::Result<()> {
             all.as_secs_f64(),
             cli.burst as f64 / all.as_secs_f64()
         );
-        for home in [&a, &b] {
-            let _ = msg(home, &["down"]);
-        }
         Ok(())
     });
     relay.shutdown().await;
