@@ -104,7 +104,8 @@ fn duration_ms(text: &str) -> Result<u64, String> {
 fn extra_config(command: &AdminCommand) -> Vec<(&'static str, u64)> {
     match command {
         AdminCommand::Team { command: TeamCommand::Create { message_ttl, commit_ttl, welcome_ttl, .. } } => {
-            [("message_ttl_ms", message_ttl), ("commit_ttl_ms", commit_ttl), ("welcome_ttl_ms", welcome_ttl)]
+            use canopy_msg_core::committer::config::{COMMIT_TTL_MS, MESSAGE_TTL_MS, WELCOME_TTL_MS};
+            [(MESSAGE_TTL_MS, message_ttl), (COMMIT_TTL_MS, commit_ttl), (WELCOME_TTL_MS, welcome_ttl)]
                 .into_iter()
                 .filter_map(|(k, v)| Some((k, (*v)?)))
                 .collect()
@@ -159,9 +160,7 @@ pub fn run(home: &Home, plugin: Option<PathBuf>, command: AdminCommand) -> anyho
         (None, None) => bail!("the config names neither a CA nor a fingerprint for the relay"),
     };
     let mut options = canopy_sdk::tool::ToolOptions::new(file, args);
-    options.config.insert("domain".into(), config.domain.clone().into());
-    options.config.insert("org".into(), config.org.into());
-    options.config.insert("key".into(), hex(&key.to_bytes()).into());
+    options.config = canopy_msg_core::committer::config::base(&config.domain, config.org, &hex(&key.to_bytes()));
     for (k, v) in extra_config(&command) {
         options.config.insert(k.into(), v.into());
     }

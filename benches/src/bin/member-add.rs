@@ -74,8 +74,7 @@ async fn main() -> anyhow::Result<()> {
     let cache = tmp.path().join("plugin-cache");
     let run = |args: Vec<String>| {
         let mut options = ToolOptions::new(&wasm, args);
-        let config = serde_json::json!({ "domain": "example.com", "org": 7, "key": key });
-        options.config = config.as_object().expect("an object").clone();
+        options.config = canopy_msg_core::committer::config::base("example.com", 7, &key);
         options.state = Some(state.clone());
         options.cache_dir = Some(cache.clone());
         options.timeout = Duration::from_secs(600);

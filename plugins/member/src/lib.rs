@@ -34,6 +34,7 @@ pub mod store;
 use std::collections::BTreeMap;
 
 use canopy_msg_core::committer::Committer;
+use canopy_msg_core::committer::config as keys;
 use canopy_msg_core::engine::{hex, unhex};
 use canopy_msg_core::fragment::{Assembly, Fragment};
 use canopy_msg_core::names::Path;
@@ -89,15 +90,15 @@ fn error(e: MlsError) -> String {
 fn lifetimes(config: &Config) -> Result<Lifetimes, String> {
     let d = Lifetimes::default();
     Ok(Lifetimes {
-        message_ms: config.u64_or("message_ttl_ms", d.message_ms)?,
-        commit_ms: config.u64_or("commit_ttl_ms", d.commit_ms)?,
-        welcome_ms: config.u64_or("welcome_ttl_ms", d.welcome_ms)?,
-        key_package_ms: config.u64_or("key_package_ttl_ms", d.key_package_ms)?,
+        message_ms: config.u64_or(keys::MESSAGE_TTL_MS, d.message_ms)?,
+        commit_ms: config.u64_or(keys::COMMIT_TTL_MS, d.commit_ms)?,
+        welcome_ms: config.u64_or(keys::WELCOME_TTL_MS, d.welcome_ms)?,
+        key_package_ms: config.u64_or(keys::KEY_PACKAGE_TTL_MS, d.key_package_ms)?,
     })
 }
 
 fn state_key(config: &Config) -> Result<Key, String> {
-    let text = config.str("key")?;
+    let text = config.str(keys::KEY)?;
     let bytes: [u8; 32] = unhex(text)
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| "config \"key\" must be 64 hex digits (the 32-byte state key)".to_string())?;
@@ -125,8 +126,8 @@ fn json_flag(rest: &[&str], usage: &str) -> Result<bool, String> {
 
 impl Plugin for Member {
     fn init(config: Config) -> Result<Self, String> {
-        let domain = config.str("domain")?;
-        let org_number = config.get("org").and_then(|v| v.as_u64()).ok_or("config needs \"org\", a whole number")?;
+        let domain = config.str(keys::DOMAIN)?;
+        let org_number = config.get(keys::ORG).and_then(|v| v.as_u64()).ok_or("config needs \"org\", a whole number")?;
         let org = u32::try_from(org_number).ok().and_then(|o| Org::new(domain, o).ok()).ok_or_else(|| {
             format!("org {org_number} does not fit (the largest is {})", canopy_msg_core::names::MAX_ORG)
         })?;

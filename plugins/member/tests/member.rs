@@ -52,8 +52,7 @@ impl Admin {
     async fn run_with_key(&self, relay: &RelayHandle, key: &str, args: &[&str]) -> Result<ToolOutcome, String> {
         let client = client(relay).await;
         let mut options = ToolOptions::new(&self.wasm, args.iter().map(|s| s.to_string()).collect());
-        let config = serde_json::json!({ "domain": DOMAIN, "org": ORG, "key": key });
-        options.config = config.as_object().unwrap().clone();
+        options.config = canopy_msg_core::committer::config::base(DOMAIN, ORG, key);
         options.state = Some(self.state.clone());
         options.cache_dir = Some(self.cache.clone());
         // The first run compiles the plugin (≈ 1.8 MB of Wasm), slow on a loaded machine.

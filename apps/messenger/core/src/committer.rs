@@ -352,3 +352,33 @@ impl<B: Backend> Committer<B> {
 fn name_key(team: u32) -> Vec<u8> {
     [NAME, team.to_string().as_bytes()].concat()
 }
+
+/// The `member` plugin's configuration keys: what a tool run (`canopy-msg admin`, `canopy
+/// plugin run`) or a relay's `[[plugin]]` table gives the committer. One place, so the
+/// plugin that reads them and the tools that write them cannot drift apart.
+pub mod config {
+    /// The org's DNS domain (its hash is the names' origin field).
+    pub const DOMAIN: &str = "domain";
+    /// The org number.
+    pub const ORG: &str = "org";
+    /// The key the committer's state is sealed with: 64 hex digits.
+    pub const KEY: &str = "key";
+    /// Lifetime of a new team's messages, ms.
+    pub const MESSAGE_TTL_MS: &str = "message_ttl_ms";
+    /// Lifetime of a new team's commits, ms.
+    pub const COMMIT_TTL_MS: &str = "commit_ttl_ms";
+    /// Lifetime of a new team's welcomes, ms.
+    pub const WELCOME_TTL_MS: &str = "welcome_ttl_ms";
+    /// Lifetime of a new team's key packages, ms.
+    pub const KEY_PACKAGE_TTL_MS: &str = "key_package_ttl_ms";
+
+    /// The config every run needs: the org, and the state key as hex text (given as text, so
+    /// a test can pass a malformed one).
+    pub fn base(domain: &str, org: u32, key_hex: &str) -> serde_json::Map<String, serde_json::Value> {
+        let mut map = serde_json::Map::new();
+        map.insert(DOMAIN.into(), domain.into());
+        map.insert(ORG.into(), org.into());
+        map.insert(KEY.into(), key_hex.into());
+        map
+    }
+}
