@@ -234,10 +234,9 @@ impl<B: Backend> Vault<B> {
 
     /// Writes everything staged as one batch, durably.
     pub fn commit(&mut self) -> Result<(), SealError> {
-        if self.write()? {
-            self.sync()?;
-        }
-        Ok(())
+        self.write()?;
+        // Also syncs a batch an earlier `write` left unsynced, even if this one was empty.
+        self.sync()
     }
 
     /// Writes everything staged as one batch, not yet durably: a crash before the next
@@ -256,8 +255,10 @@ impl<B: Backend> Vault<B> {
 
     /// Makes every batch written so far durable.
     pub fn sync(&mut self) -> Result<(), SealError> {
-        if std::mem::take(&mut self.unsynced) {
+        if self.unsynced {
+            // Cleared only once the sync succeeded, so a failed one is tried again.
             self.backend.sync().map_err(SealError::Backend)?;
+            self.unsynced = false;
         }
         Ok(())
     }
@@ -292,6 +293,49 @@ mod tests {
         assert_eq!(key.open(b"a", &sealed).unwrap(), b"secret");
         assert_eq!(key.open(b"b", &sealed), None);
         assert_eq!(Key::random().open(b"a", &sealed), None);
+    }
+
+    /// A memory backend that counts syncs and fails the first `failing` of them.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemoryBackend,
+        failing: usize,
+        synced: usize,
+    }
+
+    impl Backend for Flaky {
+        fn load(&mut self) -> Result<Records, String> {
+            self.inner.load()
+        }
+        fn apply(&mut self, puts: Vec<(Vec<u8>, Vec<u8>)>, deletes: Vec<Vec<u8>>) -> Result<(), String> {
+            self.inner.apply(puts, deletes)
+        }
+        fn sync(&mut self) -> Result<(), String> {
+            if self.failing > 0 {
+                self.failing -= 1;
+                return Err("disk gone".into());
+            }
+            self.synced += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_written_batch_is_synced_later_and_a_failed_sync_is_tried_again() {
+        let (mut vault, _) = Vault::open(Key::random(), Flaky { failing: 1, ..Flaky::default() }).unwrap();
+        vault.put(b"received", b"1");
+        assert!(vault.write().unwrap());
+        assert_eq!(vault.backend().synced, 0, "write does not sync");
+        assert!(vault.sync().is_err());
+        vault.sync().unwrap();
+        assert_eq!(vault.backend().synced, 1, "the failed sync was tried again");
+        vault.sync().unwrap();
+        assert_eq!(vault.backend().synced, 1, "nothing left to sync");
+        // A commit with nothing staged still syncs what an earlier write left unsynced.
+        vault.put(b"received", b"2");
+        vault.write().unwrap();
+        vault.commit().unwrap();
+        assert_eq!(vault.backend().synced, 2);
     }
 
     #[test]

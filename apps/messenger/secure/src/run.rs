@@ -313,14 +313,16 @@ fn network_events(service: &Shared, link: &Link, clock: &Clock, followers: &Foll
             let teams_before = s.device().teams().count();
             match s.ingest(&chunks) {
                 Ok((_, fx)) => {
-                    // Shown before the sync: a crash in between loses only what the relay
-                    // sends again, so the reader need not wait for the disk.
-                    followers.send(&fx.shown);
-                    if let Err(e) = s.sync() {
-                        tracing::error!("cannot persist what arrived: {e}");
-                    }
                     let filters = (s.device().teams().count() != teams_before).then(|| s.filters());
                     drop(s);
+                    // Shown before the sync: a crash in between loses only what the relay
+                    // sends again, so the reader need not wait for the disk. Outside the
+                    // service lock, so a follower that stops reading holds up only itself.
+                    // (A send in between syncs this batch with its own.)
+                    followers.send(&fx.shown);
+                    if let Err(e) = service.lock().unwrap_or_else(|p| p.into_inner()).sync() {
+                        tracing::error!("cannot persist what arrived: {e}");
+                    }
                     link.publish(fx.publish);
                     for filter in filters.into_iter().flatten() {
                         link.subscribe(filter, ReplayMode::CachedAndLive);
