@@ -126,6 +126,8 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts) {
         // ack held on it, so a publisher still hears of a publish only once it is durable, and
         // a crash before the sync loses only chunks whose publishers were never acked and so
         // send them again. On failure the acks stay held and the next turn tries again.
+        // The metrics go first, so whoever has seen a delivery sees it counted too.
+        *parts.snapshot.lock().expect("metrics lock") = snapshot(&node);
         push_ready(&mut node, &outs);
         if let Err(err) = node.flush() {
             tracing::error!(%err, "syncing the store failed; acks are held");

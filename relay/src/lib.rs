@@ -355,7 +355,8 @@ impl RelayHandle {
         self.metrics_addr
     }
 
-    /// The counters as of the node actor's last turn.
+    /// The counters as of the node actor's last turn. They are published before the turn's
+    /// deliveries and acks leave, so a chunk anyone has received or had acked is counted.
     pub fn metrics(&self) -> RelayMetrics {
         *self.snapshot.lock().expect("metrics lock")
     }
