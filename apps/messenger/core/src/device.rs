@@ -16,7 +16,11 @@
 //! - **Future epochs.** A message from an epoch the device has not reached is held, then
 //!   processed when its commit is applied.
 //! - **Authorship.** Only device 0 may commit. A message's MLS sender must be the device its
-//!   name says; an edit counts only from the device that wrote the original.
+//!   name says; an edit counts only from a device of the user who wrote the original.
+//! - **Users.** Every leaf's credential must carry a valid binding to its user
+//!   ([`crate::identity`]): checked for every member of a welcome and every leaf a commit
+//!   adds or updates, before it is accepted. A message carries its sender's user from then
+//!   on, and a blocked user's messages are neither shown nor kept.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -26,7 +30,9 @@ use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::*;
 
 use crate::committer::Outgoing;
+use crate::contacts::{Contact, ContactError, Contacts};
 use crate::engine::{self, Engine, MlsError, hex, join_config, mls, record_of};
+use crate::identity::{self, UserId};
 use crate::fragment::{self, Assembly, Fragment};
 use crate::names::{MAX_MSG, Org, Parsed, Path, hkp54};
 use crate::payload::{Message, MsgRef, TeamRecord};
@@ -44,6 +50,9 @@ pub struct Stored {
     pub id: MsgRef,
     /// The message.
     pub message: Message,
+    /// The sending device's user (unknown for devices of part 1, which had no users).
+    #[serde(default)]
+    pub user: Option<UserId>,
 }
 
 /// A message as shown: edits applied, replies attached to their thread's root.
@@ -59,6 +68,8 @@ pub struct Shown {
     pub reply_to: Option<MsgRef>,
     /// Whether an edit replaced the text.
     pub edited: bool,
+    /// The sending device's user, if known.
+    pub user: Option<UserId>,
 }
 
 /// Something an ingest did that the caller shows or acts on.
@@ -118,6 +129,8 @@ pub struct Counters {
     pub held: u64,
     /// Messages dropped because too many were held.
     pub held_dropped: u64,
+    /// Messages from blocked users, dropped unread.
+    pub blocked: u64,
 }
 
 type Key3 = (u16, u32, u32);
@@ -153,6 +166,18 @@ pub struct Device<B: Backend> {
     /// What ingest did so far.
     pub counters: Counters,
     max_held: usize,
+    contacts: Contacts,
+}
+
+/// One member of a team, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Its device id in the team.
+    pub device: u32,
+    /// Its user, if its credential carries one.
+    pub user: Option<UserId>,
+    /// Whether it is this device.
+    pub me: bool,
 }
 
 fn team_key(team: u32) -> Vec<u8> {
@@ -163,6 +188,9 @@ fn msg_key(team: u32, k: Key3) -> Vec<u8> {
 }
 fn done_key(team: u32, k: Key3) -> Vec<u8> {
     format!("d/{team}/{}/{}/{}", k.0, k.1, k.2).into_bytes()
+}
+fn contact_key(user: &UserId) -> Vec<u8> {
+    format!("c/{user}").into_bytes()
 }
 fn parse_key3(rest: &str) -> Option<(u32, Key3)> {
     let mut it = rest.split('/').map(|p| p.parse::<u32>().ok());
@@ -175,7 +203,7 @@ impl<B: Backend> Device<B> {
     pub fn open(key: Key, backend: B, org: Org) -> Result<Device<B>, MlsError> {
         let (engine, contents) = Engine::open(key, backend, "device")?;
         let bad = |what: &str| MlsError::Malformed { what: "state", detail: what.to_string() };
-        let mut device = Device { engine, org, teams: BTreeMap::new(), waiting: BTreeMap::new(), welcomes: HashMap::new(), counters: Counters::default(), max_held: MAX_HELD };
+        let mut device = Device { engine, org, teams: BTreeMap::new(), waiting: BTreeMap::new(), welcomes: HashMap::new(), counters: Counters::default(), max_held: MAX_HELD, contacts: Contacts::default() };
         for (k, v) in &contents.app {
             let Ok(k) = std::str::from_utf8(k) else { continue };
             if let Some(team) = k.strip_prefix("t/").and_then(|t| t.parse::<u32>().ok()) {
@@ -205,6 +233,9 @@ impl<B: Backend> Device<B> {
                 }
             } else if let Some(hkp) = k.strip_prefix("w/").and_then(engine::unhex) {
                 device.waiting.insert(hkp54(&hkp), hkp);
+            } else if let Some(user) = k.strip_prefix("c/").and_then(UserId::parse) {
+                let contact: Contact = serde_json::from_slice(v).map_err(|_| bad("contact"))?;
+                device.contacts.set(user, contact);
             }
         }
         Ok(device)
@@ -223,6 +254,76 @@ impl<B: Backend> Device<B> {
     /// The device's public signature key.
     pub fn public_key(&self) -> &[u8] {
         self.engine.public_key()
+    }
+
+    /// The user this device belongs to.
+    pub fn user_id(&self) -> UserId {
+        self.engine.user_id()
+    }
+
+    /// The user's public identity key.
+    pub fn user_key(&self) -> &[u8] {
+        self.engine.user_key()
+    }
+
+    /// The device's contacts.
+    pub fn contacts(&self) -> &Contacts {
+        &self.contacts
+    }
+
+    /// The user `which` stands for: a user id, or a contact name.
+    pub fn resolve_user(&self, which: &str) -> Result<UserId, MlsError> {
+        Ok(self.contacts.resolve(which)?)
+    }
+
+    fn set_contact(&mut self, user: UserId, contact: Contact) -> Result<Contact, MlsError> {
+        if contact.is_empty() {
+            self.engine.vault.delete(&contact_key(&user));
+        } else {
+            self.engine.vault.put(&contact_key(&user), &serde_json::to_vec(&contact).expect("serializable"));
+        }
+        self.engine.persist()?;
+        self.contacts.set(user, contact.clone());
+        Ok(contact)
+    }
+
+    /// `contact add USER NAME` (and `contact rename`): gives `user` the local name `name`.
+    pub fn name_contact(&mut self, user: UserId, name: &str) -> Result<Contact, MlsError> {
+        let contact = self.contacts.named(user, name)?;
+        self.set_contact(user, contact)
+    }
+
+    /// `contact remove USER`: forgets the name (a block stays).
+    pub fn unname_contact(&mut self, user: UserId) -> Result<Contact, MlsError> {
+        let contact = Contact { name: None, ..self.contacts.get(&user).cloned().unwrap_or_default() };
+        self.set_contact(user, contact)
+    }
+
+    /// `block USER` / `unblock USER`. A blocked user's messages that arrive while the block
+    /// lasts are dropped unread; what was kept before is hidden until the block is lifted.
+    pub fn set_blocked(&mut self, user: UserId, blocked: bool) -> Result<Contact, MlsError> {
+        if user == self.user_id() {
+            return Err(ContactError::Yourself.into());
+        }
+        let contact = Contact { blocked, ..self.contacts.get(&user).cloned().unwrap_or_default() };
+        self.set_contact(user, contact)
+    }
+
+    /// A team's members: device id, user, and whether it is this device.
+    pub fn members(&mut self, team: u32) -> Result<Vec<Member>, MlsError> {
+        let record = self.teams.get(&team).map(|t| t.record.clone()).ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
+        let org = self.org;
+        let group = self.engine.group(&org, team)?.ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
+        let own = group.own_leaf_index().u32();
+        let mut out: Vec<Member> = group
+            .members()
+            .filter_map(|m| {
+                let device = record.device_of(m.index.u32())?;
+                Some(Member { device, user: identity::claimed_user(&m.credential), me: m.index.u32() == own })
+            })
+            .collect();
+        out.sort_by_key(|m| m.device);
+        Ok(out)
     }
 
     /// The teams this device is in: `(team, record, epoch, own device id)`.
@@ -305,7 +406,7 @@ impl<B: Backend> Device<B> {
         let id = MsgRef { device: t.meta.device, msg: first };
         t.meta.next_msg.insert(channel, first + count);
         let key = (channel, id.device, id.msg);
-        let stored = Stored { id, message };
+        let stored = Stored { id, message, user: Some(self.engine.user_id()) };
         t.done.insert(key);
         self.engine.vault.put(&msg_key(team, key), &serde_json::to_vec(&stored).expect("serializable"));
         self.engine.vault.put(&team_key(team), &serde_json::to_vec(&t.meta).expect("serializable"));
@@ -335,13 +436,16 @@ impl<B: Backend> Device<B> {
         for s in history.values() {
             if let Some(target) = s.message.replaces {
                 let later = |old: &&Stored| (old.message.created_ms, old.id) < (s.message.created_ms, s.id);
-                if target.device == s.id.device && edits.get(&target).is_none_or(later) {
+                if history.get(&target).is_some_and(|original| may_edit(original, s)) && edits.get(&target).is_none_or(later) {
                     edits.insert(target, s);
                 }
             }
         }
-        let mut shown: Vec<Shown> =
-            history.values().filter(|s| s.message.replaces.is_none()).map(|s| show(history, s, edits.get(&s.id).copied())).collect();
+        let mut shown: Vec<Shown> = history
+            .values()
+            .filter(|s| s.message.replaces.is_none() && !self.hidden(s))
+            .map(|s| show(history, s, edits.get(&s.id).copied()))
+            .collect();
         shown.sort_by_key(|s| (s.sent_ms, s.id));
         shown
     }
@@ -350,12 +454,16 @@ impl<B: Backend> Device<B> {
     /// building the whole channel (a follower gets each message as it arrives).
     pub fn message(&self, team: u32, channel: u16, id: MsgRef) -> Option<Shown> {
         let history = self.teams.get(&team)?.history.get(&channel)?;
-        let s = history.get(&id).filter(|s| s.message.replaces.is_none())?;
+        let s = history.get(&id).filter(|s| s.message.replaces.is_none() && !self.hidden(s))?;
         let edit = history
             .values()
-            .filter(|e| e.message.replaces == Some(id) && e.id.device == id.device)
+            .filter(|e| e.message.replaces == Some(id) && may_edit(s, e))
             .max_by_key(|e| (e.message.created_ms, e.id));
         Some(show(history, s, edit))
+    }
+
+    fn hidden(&self, s: &Stored) -> bool {
+        s.user.is_some_and(|u| self.contacts.is_blocked(&u))
     }
 
     /// The original of a message, as stored (to check who may edit it).
@@ -495,6 +603,10 @@ impl<B: Backend> Device<B> {
         let result = self.decrypt(team, key, protocol);
         self.mark_done(team, key);
         match result {
+            Ok(Some(stored)) if stored.user.is_some_and(|u| self.contacts.is_blocked(&u)) => {
+                // Never shown, not even after an unblock: dropped unread, and counted.
+                self.counters.blocked += 1;
+            }
             Ok(Some(stored)) => {
                 let t = self.teams.get_mut(&team).expect("team exists");
                 let id = stored.message.replaces.unwrap_or(stored.id);
@@ -515,18 +627,24 @@ impl<B: Backend> Device<B> {
         let Sender::Member(leaf) = *processed.sender() else { return Err("not sent by a member".into()) };
         let t = &self.teams[&team];
         let sender = t.record.device_of(leaf.u32()).ok_or("sent from a leaf with no device id")?;
+        // The leaf's binding was checked when it joined.
+        let user = identity::claimed_user(processed.credential());
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
                 if sender != key.1 {
                     return Err(format!("device {sender} sent a message under device {}'s name", key.1));
                 }
                 let message = Message::decode(&app.into_bytes()).map_err(|e| format!("payload: {e}"))?;
-                if let Some(target) = message.replaces
-                    && target.device != sender
+                let stored = Stored { id: MsgRef { device: key.1, msg: key.2 }, message, user };
+                // An edit counts only from the original's user. If the original has not
+                // arrived yet, that is decided when the channel is shown (`may_edit`).
+                if let Some(target) = stored.message.replaces
+                    && let Some(original) = t.history.get(&key.0).and_then(|h| h.get(&target))
+                    && !may_edit(original, &stored)
                 {
-                    return Err(format!("device {sender} tried to edit device {}'s message {}", target.device, target.msg));
+                    return Err(format!("device {sender} tried to edit device {}'s message {}, of another user", target.device, target.msg));
                 }
-                Ok(Some(Stored { id: MsgRef { device: key.1, msg: key.2 }, message }))
+                Ok(Some(stored))
             }
             // Our own message echoed back: dedup by name normally catches it first.
             ProcessedMessageContent::OwnPrivateMessage => Ok(None),
@@ -563,9 +681,12 @@ impl<B: Backend> Device<B> {
             MlsMessageBodyIn::Welcome(w) => w,
             _ => return Err("not a welcome".into()),
         };
-        let group = StagedWelcome::new_from_welcome(&self.engine.provider, &join_config(), welcome, None)
-            .and_then(|staged| staged.into_group(&self.engine.provider))
-            .map_err(|e| e.to_string())?;
+        let staged = StagedWelcome::new_from_welcome(&self.engine.provider, &join_config(), welcome, None).map_err(|e| e.to_string())?;
+        for m in staged.members() {
+            identity::check(self.engine.provider.crypto(), &m.credential, m.signature_key.as_slice())
+                .map_err(|e| format!("member at leaf {}: {e}", m.index.u32()))?;
+        }
+        let group = staged.into_group(&self.engine.provider).map_err(|e| e.to_string())?;
         let record = record_of(&group).map_err(|e| e.to_string())?;
         let team = record.team;
         if record.org != self.org.org() || group.group_id() != &engine::group_id(&self.org, team) {
@@ -632,6 +753,7 @@ impl<B: Backend> Device<B> {
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err("not a commit".into());
         };
+        check_leaves(self.engine.provider.crypto(), &staged)?;
         group.merge_staged_commit(&self.engine.provider, *staged).map_err(|e| e.to_string())?;
         let record = record_of(&group).map_err(|e| e.to_string())?;
         let t = self.teams.get_mut(&team).expect("team exists");
@@ -642,9 +764,36 @@ impl<B: Backend> Device<B> {
     }
 }
 
+/// Checks the binding of every leaf a staged commit brings in or changes: its adds, its
+/// updates, and the committer's own path.
+fn check_leaves(crypto: &impl openmls_traits::crypto::OpenMlsCrypto, staged: &StagedCommit) -> Result<(), String> {
+    let mut leaves: Vec<&LeafNode> = staged.update_path_leaf_node().into_iter().collect();
+    for p in staged.queued_proposals() {
+        match p.proposal() {
+            Proposal::Add(add) => leaves.push(add.key_package().leaf_node()),
+            Proposal::Update(update) => leaves.push(update.leaf_node()),
+            _ => {}
+        }
+    }
+    for leaf in leaves {
+        identity::check(crypto, leaf.credential(), leaf.signature_key().as_slice()).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Whether `edit` may replace the text of `original`: it comes from a device of the same
+/// user, or (for devices without users) from the same device.
+fn may_edit(original: &Stored, edit: &Stored) -> bool {
+    match (original.user, edit.user) {
+        (Some(a), Some(b)) => a == b,
+        _ => original.id.device == edit.id.device,
+    }
+}
+
 /// A stored message as shown, with its latest edit (if any) applied.
 fn show(history: &BTreeMap<MsgRef, Stored>, s: &Stored, edit: Option<&Stored>) -> Shown {
     Shown {
+        user: s.user,
         id: s.id,
         sent_ms: s.message.created_ms,
         text: edit.map_or(&s.message.text, |e| &e.message.text).clone(),

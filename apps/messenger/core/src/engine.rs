@@ -7,6 +7,7 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use std::collections::HashMap;
 
+use crate::identity::{self, Binding, BindingError, UserId};
 use crate::names::Org;
 use crate::payload::{PayloadError, TEAM_EXTENSION, TeamRecord};
 use crate::seal::{Backend, Contents, Key, SealError, Vault};
@@ -64,6 +65,12 @@ pub enum MlsError {
     /// A fragment problem.
     #[error(transparent)]
     Fragment(#[from] crate::fragment::FragmentError),
+    /// A device credential without a valid binding to its user.
+    #[error(transparent)]
+    Binding(#[from] BindingError),
+    /// A contact operation was refused.
+    #[error(transparent)]
+    Contact(#[from] crate::contacts::ContactError),
 }
 
 pub(crate) fn mls<E: std::fmt::Display>(e: E) -> MlsError {
@@ -130,6 +137,8 @@ pub struct Engine<B: Backend> {
     pub(crate) vault: Vault<B>,
     pub(crate) signer: SignatureKeyPair,
     pub(crate) credential: CredentialWithKey,
+    /// The user's identity key, which signs the bindings of the user's devices.
+    pub(crate) user: SignatureKeyPair,
     /// Groups already loaded, by group id. openmls writes every change through to the
     /// provider's storage, so a group here is what loading it again would give, as long as
     /// only operations that succeeded put it back (see [`Engine::take_group`]). Loading
@@ -138,6 +147,8 @@ pub struct Engine<B: Backend> {
 }
 
 const IDENTITY: &[u8] = b"identity";
+/// The user's public key; the key pair itself is in the (sealed) MLS storage.
+const USER: &[u8] = b"user";
 
 impl<B: Backend> Engine<B> {
     /// Opens the state sealed in `backend` with `key`, creating a signing identity labelled
@@ -147,12 +158,14 @@ impl<B: Backend> Engine<B> {
         let provider = OpenMlsRustCrypto::default();
         provider.storage().values.write().expect("openmls storage lock").extend(contents.mls.iter().map(|(k, v)| (k.clone(), v.clone())));
         let scheme = CIPHERSUITE.signature_algorithm();
-        let (signer, identity) = match contents.app.get(IDENTITY) {
+        let signer = match contents.app.get(IDENTITY) {
             Some(public) => {
-                let (identity, public) = split_identity(public)?;
+                // The label is kept from part 1 for reading old state; the credential now
+                // carries the binding to the user instead.
+                let (_label, public) = split_identity(public)?;
                 let signer = SignatureKeyPair::read(provider.storage(), public, scheme)
                     .ok_or(MlsError::Malformed { what: "state", detail: "the signing key is missing".into() })?;
-                (signer, identity)
+                signer
             }
             None => {
                 let signer = SignatureKeyPair::new(scheme).map_err(mls)?;
@@ -163,11 +176,34 @@ impl<B: Backend> Engine<B> {
                 vault.put(IDENTITY, &record);
                 vault.stage_mls(provider.storage());
                 vault.commit()?;
-                (signer, label.as_bytes().to_vec())
+                signer
             }
         };
-        let credential = CredentialWithKey { credential: BasicCredential::new(identity).into(), signature_key: signer.to_public_vec().into() };
-        Ok((Engine { provider, vault, signer, credential, groups: HashMap::new() }, contents))
+        let user = match contents.app.get(USER) {
+            Some(public) => SignatureKeyPair::read(provider.storage(), public, scheme)
+                .ok_or(MlsError::Malformed { what: "state", detail: "the user key is missing".into() })?,
+            None => {
+                let user = SignatureKeyPair::new(scheme).map_err(mls)?;
+                user.store(provider.storage()).map_err(mls)?;
+                vault.put(USER, user.public());
+                vault.stage_mls(provider.storage());
+                vault.commit()?;
+                user
+            }
+        };
+        let binding = Binding::sign(&user, user.public(), signer.public())?;
+        let credential = CredentialWithKey { credential: binding.credential(), signature_key: signer.to_public_vec().into() };
+        Ok((Engine { provider, vault, signer, credential, user, groups: HashMap::new() }, contents))
+    }
+
+    /// The user this device belongs to.
+    pub fn user_id(&self) -> UserId {
+        UserId::of(self.user.public())
+    }
+
+    /// The user's public identity key.
+    pub fn user_key(&self) -> &[u8] {
+        self.user.public()
     }
 
     /// The device's public signature key.
@@ -258,5 +294,6 @@ pub fn verify_key_package(crypto: &impl openmls_traits::crypto::OpenMlsCrypto, b
     if kp.ciphersuite() != CIPHERSUITE {
         return Err(MlsError::Malformed { what: "key package", detail: format!("ciphersuite {:?}", kp.ciphersuite()) });
     }
+    identity::check(crypto, kp.leaf_node().credential(), kp.leaf_node().signature_key().as_slice())?;
     Ok(kp)
 }

@@ -6,6 +6,8 @@
 //! - [`fragment`]: objects larger than a chunk, split and reassembled with checks;
 //! - [`payload`]: message payloads and the team record, byte for byte;
 //! - [`seal`]: encryption at rest, over a narrow key/value [`seal::Backend`];
+//! - [`identity`]: users, and the binding of each device's MLS credential to its user;
+//! - [`contacts`]: a device's local names for users, and whom it blocks;
 //! - [`engine`], [`committer`] and [`device`]: MLS (openmls, ciphersuite
 //!   `MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519`) for the committer and for a member
 //!   device.
@@ -13,9 +15,11 @@
 //! It has no network code, and builds for `wasm32-wasip2` as well as the host.
 
 pub mod committer;
+pub mod contacts;
 pub mod device;
 pub mod engine;
 pub mod fragment;
+pub mod identity;
 pub mod names;
 pub mod payload;
 pub mod seal;
@@ -23,6 +27,7 @@ pub mod seal;
 pub use committer::{Committer, Outgoing};
 pub use device::{Device, Event, Shown};
 pub use engine::MlsError;
+pub use identity::UserId;
 pub use names::Org;
 pub use payload::{Message, MsgRef, TeamRecord};
 pub use seal::{Key, MemoryBackend};

@@ -1,90 +1,14 @@
 //! The MLS flows of a team, end to end in one process: the committer and member devices
 //! exchange chunks through a first-write-wins map standing in for the relay tree.
 
-use std::collections::BTreeMap;
+mod common;
 
-use canopy::Name;
 use canopy_msg_core::committer::Committer;
 use canopy_msg_core::device::{Device, Event};
-use canopy_msg_core::fragment::{Assembly, Fragment};
-use canopy_msg_core::names::Path;
+use canopy_msg_core::names::{Parsed, Path};
 use canopy_msg_core::payload::Lifetimes;
-use canopy_msg_core::{Key, MemoryBackend, Message, Org, Outgoing};
-
-const NOW: u64 = 1_800_000_000_000;
-
-/// The relay tree, reduced to what MLS needs from it: first write wins.
-#[derive(Default)]
-struct Relay {
-    chunks: BTreeMap<Name, Vec<u8>>,
-}
-
-impl Relay {
-    fn publish(&mut self, out: &[Outgoing]) -> Vec<(Name, Vec<u8>)> {
-        for o in out {
-            self.chunks.entry(o.name).or_insert_with(|| o.data.clone());
-        }
-        out.iter().map(|o| (o.name, o.data.clone())).collect()
-    }
-    fn all(&self) -> Vec<(Name, Vec<u8>)> {
-        self.chunks.iter().map(|(n, d)| (*n, d.clone())).collect()
-    }
-    fn object(&self, kind: Path, filter: canopy::Filter) -> Vec<u8> {
-        let mut asm = Assembly::new();
-        for (name, data) in &self.chunks {
-            if filter.matches(*name) {
-                asm.add(Fragment::decode(kind, data).unwrap()).unwrap();
-            }
-        }
-        asm.finish().unwrap().unwrap()
-    }
-}
-
-fn feed(device: &mut Device<MemoryBackend>, chunks: &[(Name, Vec<u8>)]) -> Vec<Event> {
-    device.ingest(chunks.iter().map(|(n, d)| (*n, d.as_slice()))).unwrap()
-}
-
-fn org() -> Org {
-    Org::new("example.com", 7).unwrap()
-}
-
-fn text(t: &str) -> Message {
-    Message { created_ms: NOW, reply_to: None, replaces: None, text: t.into() }
-}
-
-struct World {
-    relay: Relay,
-    admin: Committer<MemoryBackend>,
-    team: u32,
-    channel: u16,
-}
-
-impl World {
-    fn new() -> World {
-        let mut admin = Committer::open(Key::random(), MemoryBackend::default(), org()).unwrap();
-        admin.org_init().unwrap();
-        let team = admin.create_team("ops", Lifetimes::default()).unwrap();
-        assert_eq!(team, 2, "team 1 carries device management");
-        let mut relay = Relay::default();
-        let (channel, epoch, out) = admin.create_channel(team, "general", NOW).unwrap();
-        assert_eq!((channel, epoch), (2, 1), "channel 1 carries team management");
-        relay.publish(&out);
-        World { relay, admin, team, channel }
-    }
-
-    /// A device publishes a key package, the admin adds it by hKP, the device joins.
-    fn join(&mut self, key: Key, backend: MemoryBackend) -> (Device<MemoryBackend>, u32) {
-        let mut device = Device::open(key, backend, org()).unwrap();
-        let (hkp, out) = device.key_package(NOW, 3_600_000).unwrap();
-        self.relay.publish(&out);
-        let kp = self.relay.object(Path::KeyPackage, org().key_package_filter(&hkp));
-        let added = self.admin.add_device(self.team, &kp, &hkp, NOW).unwrap();
-        self.relay.publish(&added.outgoing);
-        let events = feed(&mut device, &self.relay.all());
-        assert!(events.contains(&Event::Joined { team: self.team, device: added.device }), "{events:?}");
-        (device, added.device)
-    }
-}
+use canopy_msg_core::{Key, MemoryBackend, Message};
+use common::*;
 
 #[test]
 fn two_devices_join_by_hkp_and_talk_with_a_thread_and_an_edit() {
@@ -178,7 +102,9 @@ fn commits_apply_in_epoch_order_and_future_messages_wait_for_theirs() {
     assert_eq!(a.missing_commits(w.team), Some((e1, e1)));
     assert_eq!(a.teams().next().unwrap().2, start);
     // Then e3 and e1: all apply, in order, and the held message shows.
-    let commit3: Vec<_> = w.relay.all().into_iter().filter(|(n, _)| *n == org().commit(w.team, e3, 0).unwrap()).collect();
+    // Every fragment of commit e3 (an add with bound credentials takes more than one).
+    let commit3: Vec<_> =
+        w.relay.all().into_iter().filter(|(n, _)| matches!(org().parse(*n), Some(Parsed::Commit { epoch, .. }) if epoch == e3)).collect();
     let mut events = feed(&mut a, &commit3);
     events.extend(feed(&mut a, &w.relay.publish(&c1)));
     let epochs: Vec<u64> = events.iter().filter_map(|e| if let Event::Epoch { epoch, .. } = e { Some(*epoch) } else { None }).collect();
