@@ -16,6 +16,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use canopy_msg_secure::proto::Request;
+
 use crate::home::{Config, Home};
 
 /// The Canopy messenger.
@@ -118,6 +120,41 @@ enum Command {
         #[arg(long, requires = "follow", value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
     },
+    /// This device's user id (32 hex digits); with --json, its keys too.
+    Whoami {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A team's members: `DEVICE USER [NAME] [(me)]`.
+    Members {
+        /// Team id or name.
+        team: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Name, rename or forget a contact.
+    Contact {
+        #[command(subcommand)]
+        command: ContactCommand,
+    },
+    /// Contacts and blocked users: `USER NAME [blocked]`.
+    Contacts {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block a user: nothing of theirs is shown or answered from now on.
+    Block {
+        /// A user id or contact name.
+        user: String,
+    },
+    /// Lift a block: what the user sends from now on is shown.
+    Unblock {
+        /// A user id or contact name.
+        user: String,
+    },
     /// The org admin's commands (the member plugin; no background processes needed).
     Admin {
         /// The member plugin [default: $CANOPY_MSG_MEMBER_PLUGIN, else beside this binary].
@@ -132,6 +169,29 @@ enum Command {
     /// Runs this device's Secure process (started by `up`).
     #[command(hide = true)]
     Secure,
+}
+
+#[derive(Subcommand)]
+enum ContactCommand {
+    /// Give a user a local name, usable wherever a user id is.
+    Add {
+        /// The user id (32 hex digits).
+        user: String,
+        /// The name (1-64 bytes; not all digits, no '/' or ':', not 32 hex digits).
+        name: String,
+    },
+    /// Rename a contact.
+    Rename {
+        /// The user id or current name.
+        user: String,
+        /// The new name.
+        name: String,
+    },
+    /// Forget a contact's name (a block stays).
+    Remove {
+        /// The user id or name.
+        user: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -201,6 +261,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send { target, text, reply_to } => ui::send(&home, &target, text, reply_to),
         Command::Edit { id, text } => ui::edit(&home, id, text),
         Command::Read { target, json, follow, count, timeout } => ui::read(&home, &target, json, follow, count, timeout),
+        Command::Whoami { json } => ui::whoami(&home, json),
+        Command::Members { team, json } => ui::members(&home, &team, json),
+        Command::Contact { command } => match command {
+            ContactCommand::Add { user, name } => {
+                if canopy_msg_core::UserId::parse(&user).is_none() {
+                    anyhow::bail!("{user:?} is not a user id (32 hex digits, as `whoami` prints)");
+                }
+                ui::contact(&home, Request::ContactName { user, name })
+            }
+            ContactCommand::Rename { user, name } => ui::contact(&home, Request::ContactName { user, name }),
+            ContactCommand::Remove { user } => ui::contact(&home, Request::ContactRemove { user }),
+        },
+        Command::Contacts { json } => ui::contacts(&home, json),
+        Command::Block { user } => ui::contact(&home, Request::Block { user, blocked: true }),
+        Command::Unblock { user } => ui::contact(&home, Request::Block { user, blocked: false }),
         Command::Admin { plugin, command } => admin::run(&home, plugin, command),
         Command::Network => processes::network(&home),
         Command::Secure => processes::secure(&home),

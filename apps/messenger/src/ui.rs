@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use canopy_msg_secure::proto::{self, MessageLine, Reply, Request};
+use canopy_msg_secure::proto::{self, ContactLine, MessageLine, Reply, Request};
 
 use crate::home::Home;
 
@@ -89,6 +89,7 @@ pub fn status(home: &Home, json: bool) -> anyhow::Result<()> {
     }
     match &secure {
         Some(s) => {
+            println!("user: {}", s.user);
             println!("time source: {}", s.time_source);
             println!("sandbox: {}", if s.sandboxed { "on" } else { "OFF" });
             for t in &s.teams {
@@ -102,8 +103,8 @@ pub fn status(home: &Home, json: bool) -> anyhow::Result<()> {
                 println!("waiting for a welcome for key package {hkp}");
             }
             println!(
-                "messages {}  commits {}  refused {}  duplicates {}  held {}  unacknowledged {}",
-                s.messages, s.commits, s.rejected, s.duplicates, s.held, s.unacknowledged
+                "messages {}  commits {}  refused {}  duplicates {}  held {}  blocked {}  unacknowledged {}",
+                s.messages, s.commits, s.rejected, s.duplicates, s.held, s.blocked, s.unacknowledged
             );
         }
         None => println!("secure: not answering"),
@@ -156,6 +157,79 @@ pub fn channels(home: &Home, team: &str, json: bool) -> anyhow::Result<()> {
     }
 }
 
+/// `whoami`.
+pub fn whoami(home: &Home, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::Whoami)? {
+        Reply::Whoami { user, user_key, device_key } => {
+            if json {
+                println!("{}", serde_json::json!({"user": user, "user_key": user_key, "device_key": device_key}));
+            } else {
+                println!("{user}");
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `members TEAM`.
+pub fn members(home: &Home, team: &str, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::Members { team: team.into() })? {
+        Reply::Members { members } => {
+            for m in members {
+                if json {
+                    println!("{}", serde_json::to_string(&m).expect("serializable"));
+                } else {
+                    let user = m.user.as_deref().unwrap_or("-");
+                    let name = m.name.map(|n| format!(" {}", clean(&n))).unwrap_or_default();
+                    println!("{} {user}{name}{}", m.device, if m.me { " (me)" } else { "" });
+                }
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn print_contact(c: &ContactLine, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(c).expect("serializable"));
+    } else {
+        let name = c.name.as_deref().map_or_else(|| "-".to_string(), clean);
+        println!("{} {name}{}", c.user, if c.blocked { " blocked" } else { "" });
+    }
+}
+
+/// `contact add|rename|remove`, `block`, `unblock`: prints the contact as it is now.
+pub fn contact(home: &Home, request: Request) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&request)? {
+        Reply::Contact(c) => {
+            print_contact(&c, false);
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `contacts`.
+pub fn contacts(home: &Home, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::Contacts)? {
+        Reply::Contacts { contacts } => {
+            for c in &contacts {
+                print_contact(c, json);
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Text from someone else, made safe for one terminal line: no newlines, no control
+/// characters (escape sequences).
+fn clean(text: &str) -> String {
+    text.replace(['\n', '\r'], " ").chars().filter(|c| !c.is_control()).collect()
+}
+
 fn sent(home: &Home, reply: Reply) -> anyhow::Result<()> {
     match reply {
         Reply::Sent { id, queued } => {
@@ -188,8 +262,7 @@ fn print(m: &MessageLine, json: bool) {
     } else {
         let thread = m.reply_to.as_deref().map(|r| format!("  ↳ {r}")).unwrap_or_default();
         let edited = if m.edited { " (edited)" } else { "" };
-        let text = m.text.replace(['\n', '\r'], " ");
-        println!("{} [{}] {}{edited}{thread}", m.id, m.sent_ms, text.chars().filter(|c| !c.is_control()).collect::<String>());
+        println!("{} [{}] {}: {}{edited}{thread}", m.id, m.sent_ms, clean(&m.from), clean(&m.text));
     }
 }
 

@@ -45,7 +45,7 @@ async fn a_partition_keeps_the_local_pair_talking_and_heals_into_one_history() {
     assert_eq!(ta, tb);
     assert_eq!(ta, tc);
     assert_eq!(ta.len(), 4, "no duplicates: {ta:?}");
-    assert_eq!(a.read("ops/general"), c.read("ops/general"));
+    assert_eq!(a.shared_view("ops/general"), c.shared_view("ops/general"));
     // Every relay on the way held and passed on ciphertext only.
     for r in [&origin, &cloud, &local] {
         common::assert_ciphertext_only(r, &["before", "a during", "b during", "c during", "general"]).await;

@@ -57,8 +57,8 @@ async fn admin_and_two_devices_talk_in_a_thread_with_an_edit() {
     b.await_text("ops/general", "hello from a, edited");
     b.await_text("ops/general", "a reply to the reply");
 
-    let va = a.read("ops/general");
-    let vb = b.read("ops/general");
+    let va = a.shared_view("ops/general");
+    let vb = b.shared_view("ops/general");
     assert_eq!(va, vb, "both devices show the same messages in the same order");
     assert_eq!(va.len(), 3);
     assert_eq!(va[0]["id"], hello.as_str());

@@ -110,7 +110,7 @@ async fn commits_out_of_order_and_late_are_applied_in_epoch_order_and_nothing_sh
     assert_eq!(epoch(&d), newest);
     assert!(team_status(&d)["gap"].is_null());
     assert_eq!(texts(&d), ["m1", "m2", "m3"]);
-    assert_eq!(d.read("ops/general"), e.read("ops/general"));
+    assert_eq!(d.shared_view("ops/general"), e.shared_view("ops/general"));
 
     // Everything again: a restart replays the whole cache into Secure, and the team's relay
     // content is carried once more. Nothing shows twice and decryption goes on.
@@ -127,7 +127,7 @@ async fn commits_out_of_order_and_late_are_applied_in_epoch_order_and_nothing_sh
     carry(&own_relay, &fresh).await;
     d.await_text("ops/general", "m4");
     assert_eq!(texts(&d), ["m1", "m2", "m3", "m4"]);
-    assert_eq!(d.read("ops/general"), e.read("ops/general"));
+    assert_eq!(d.shared_view("ops/general"), e.shared_view("ops/general"));
     let s = status(&d);
     assert!(s["secure"]["duplicates"].as_u64().unwrap() > 0, "the replay was seen and dropped by name: {s}");
     assert_eq!(s["secure"]["rejected"].as_u64().unwrap(), 0, "{s}");

@@ -163,9 +163,8 @@ impl<B: Backend> Engine<B> {
                 // The label is kept from part 1 for reading old state; the credential now
                 // carries the binding to the user instead.
                 let (_label, public) = split_identity(public)?;
-                let signer = SignatureKeyPair::read(provider.storage(), public, scheme)
-                    .ok_or(MlsError::Malformed { what: "state", detail: "the signing key is missing".into() })?;
-                signer
+                SignatureKeyPair::read(provider.storage(), public, scheme)
+                    .ok_or(MlsError::Malformed { what: "state", detail: "the signing key is missing".into() })?
             }
             None => {
                 let signer = SignatureKeyPair::new(scheme).map_err(mls)?;

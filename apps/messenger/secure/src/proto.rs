@@ -89,6 +89,34 @@ pub enum Request {
         /// Channel id or name.
         channel: String,
     },
+    /// This device's user and keys; answered with [`Reply::Whoami`].
+    Whoami,
+    /// A team's members: device ids and users.
+    Members {
+        /// Team id or name.
+        team: String,
+    },
+    /// Every contact and blocked user.
+    Contacts,
+    /// Name a user (`contact add`, `contact rename`).
+    ContactName {
+        /// A user id, or the contact's current name.
+        user: String,
+        /// The new name.
+        name: String,
+    },
+    /// Forget a contact's name (a block stays).
+    ContactRemove {
+        /// A user id or contact name.
+        user: String,
+    },
+    /// Block or unblock a user.
+    Block {
+        /// A user id or contact name.
+        user: String,
+        /// `true` to block, `false` to unblock.
+        blocked: bool,
+    },
     /// Try to open an `AF_INET` socket from inside Secure and report what happened.
     SandboxCheck,
     /// Stop Secure.
@@ -132,6 +160,11 @@ pub struct MessageLine {
     pub channel_name: String,
     /// Sending device.
     pub device: u32,
+    /// The sending device's user id, if known (devices of part 1 had no users).
+    pub user: Option<String>,
+    /// Who sent it, for people: `me`, the contact name, the user id's first 8 digits, or
+    /// `device N` when the user is unknown.
+    pub from: String,
     /// When its sender wrote it, unix ms.
     pub sent_ms: u64,
     /// The current text, after edits.
@@ -140,6 +173,30 @@ pub struct MessageLine {
     pub reply_to: Option<String>,
     /// Whether it was edited.
     pub edited: bool,
+}
+
+/// One contact, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactLine {
+    /// The user id.
+    pub user: String,
+    /// The local name.
+    pub name: Option<String>,
+    /// Whether the user is blocked.
+    pub blocked: bool,
+}
+
+/// One member of a team, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberLine {
+    /// Its device id in the team.
+    pub device: u32,
+    /// Its user id, if its credential carries one.
+    pub user: Option<String>,
+    /// The user's contact name on this device.
+    pub name: Option<String>,
+    /// Whether it is this device.
+    pub me: bool,
 }
 
 /// A team's state in `status`.
@@ -161,6 +218,8 @@ pub struct TeamStatus {
 /// What `status` reports from Secure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecureStatus {
+    /// This device's user id.
+    pub user: String,
     /// Teams.
     pub teams: Vec<TeamStatus>,
     /// Key packages published and still waiting for a welcome (hKPs).
@@ -181,6 +240,8 @@ pub struct SecureStatus {
     pub duplicates: u64,
     /// Messages held for a future epoch since start.
     pub held: u64,
+    /// Messages from blocked users dropped unread since start.
+    pub blocked: u64,
     /// Whether the seccomp sandbox is on.
     pub sandboxed: bool,
 }
@@ -227,6 +288,27 @@ pub enum Reply {
     },
     /// One new or edited message (while following).
     Message(MessageLine),
+    /// Who this device is.
+    Whoami {
+        /// The user id: the first 16 bytes of the SHA-256 of the user key, hex.
+        user: String,
+        /// The user's Ed25519 public key, hex.
+        user_key: String,
+        /// This device's MLS signature public key, hex.
+        device_key: String,
+    },
+    /// A team's members.
+    Members {
+        /// In device order.
+        members: Vec<MemberLine>,
+    },
+    /// Contacts.
+    Contacts {
+        /// In user id order.
+        contacts: Vec<ContactLine>,
+    },
+    /// One contact, as it is after the change.
+    Contact(ContactLine),
     /// The sandbox check.
     Sandbox {
         /// The errno of `socket(AF_INET, …)`, or 0 if it succeeded.

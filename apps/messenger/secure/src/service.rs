@@ -9,7 +9,10 @@ use canopy_msg_core::payload::MsgRef;
 use canopy_msg_core::seal::Backend;
 use canopy_msg_core::{Message, MlsError, Outgoing};
 
-use crate::proto::{ChannelLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
+use canopy_msg_core::contacts::Contact;
+use canopy_msg_core::identity::UserId;
+
+use crate::proto::{ChannelLine, ContactLine, MemberLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
 
 /// Lifetime of a key package on the relays: 30 days.
 pub const KEY_PACKAGE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -93,11 +96,26 @@ impl<B: Backend> Service<B> {
             team_name,
             channel_name,
             device: s.id.device,
+            user: s.user.map(|u| u.to_string()),
+            from: self.from(s.user, s.id.device),
             sent_ms: s.sent_ms,
             text: s.text.clone(),
             reply_to: s.reply_to.map(|r| id_text(team, channel, r)),
             edited: s.edited,
         }
+    }
+
+    /// Who sent something, for people.
+    fn from(&self, user: Option<UserId>, device: u32) -> String {
+        match user {
+            Some(u) if u == self.device.user_id() => "me".into(),
+            Some(u) => self.device.contacts().name(&u).map_or_else(|| u.short(), str::to_string),
+            None => format!("device {device}"),
+        }
+    }
+
+    fn contact_line(user: UserId, contact: &Contact) -> ContactLine {
+        ContactLine { user: user.to_string(), name: contact.name.clone(), blocked: contact.blocked }
     }
 
     fn target(&self, team: &str, channel: &str) -> Result<(u32, u16), MlsError> {
@@ -155,7 +173,11 @@ impl<B: Backend> Service<B> {
                 let (team, channel, target) = parse_id(&id).ok_or_else(|| MlsError::BadName(format!("{id:?} is not a message id (TEAM/CHANNEL/DEVICE/MSG)")))?;
                 let own = self.device.teams().find(|(t, ..)| *t == team).map(|(.., d)| d).ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
                 let original = self.device.stored(team, channel, target).ok_or_else(|| MlsError::BadName(format!("no message {id}")))?;
-                if original.id.device != own {
+                let mine = match original.user {
+                    Some(user) => user == self.device.user_id(),
+                    None => original.id.device == own,
+                };
+                if !mine {
                     return Err(MlsError::BadName(format!("{id} was sent by device {}; only its sender can edit it", original.id.device)));
                 }
                 let message = Message { created_ms: now_ms, reply_to: None, replaces: Some(target), text };
@@ -171,6 +193,42 @@ impl<B: Backend> Service<B> {
             Request::Follow { team, channel } => {
                 self.target(&team, &channel)?;
                 Reply::Pong
+            }
+            Request::Whoami => Reply::Whoami {
+                user: self.device.user_id().to_string(),
+                user_key: hex(self.device.user_key()),
+                device_key: hex(self.device.public_key()),
+            },
+            Request::Members { team } => {
+                let team = self.device.resolve_team(&team)?;
+                let members = self.device.members(team)?;
+                Reply::Members {
+                    members: members
+                        .into_iter()
+                        .map(|m| MemberLine {
+                            device: m.device,
+                            user: m.user.map(|u| u.to_string()),
+                            name: m.user.and_then(|u| self.device.contacts().name(&u).map(str::to_string)),
+                            me: m.me,
+                        })
+                        .collect(),
+                }
+            }
+            Request::Contacts => Reply::Contacts { contacts: self.device.contacts().iter().map(|(u, c)| Self::contact_line(*u, c)).collect() },
+            Request::ContactName { user, name } => {
+                let user = self.device.resolve_user(&user)?;
+                let contact = self.device.name_contact(user, &name)?;
+                Reply::Contact(Self::contact_line(user, &contact))
+            }
+            Request::ContactRemove { user } => {
+                let user = self.device.resolve_user(&user)?;
+                let contact = self.device.unname_contact(user)?;
+                Reply::Contact(Self::contact_line(user, &contact))
+            }
+            Request::Block { user, blocked } => {
+                let user = self.device.resolve_user(&user)?;
+                let contact = self.device.set_blocked(user, blocked)?;
+                Reply::Contact(Self::contact_line(user, &contact))
             }
             Request::SandboxCheck => {
                 let (errno, error) = crate::sandbox::check();
@@ -235,6 +293,7 @@ impl<B: Backend> Service<B> {
     pub fn status(&self) -> SecureStatus {
         let c = &self.device.counters;
         SecureStatus {
+            user: self.device.user_id().to_string(),
             teams: self
                 .device
                 .teams()
@@ -249,6 +308,7 @@ impl<B: Backend> Service<B> {
             rejected: c.rejected,
             duplicates: c.duplicates,
             held: c.held,
+            blocked: c.blocked,
             sandboxed: self.sandboxed,
         }
     }

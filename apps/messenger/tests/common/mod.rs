@@ -116,6 +116,16 @@ impl Home {
         self.ok(&["read", target, "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
+    /// What every device of a team agrees on about a channel: `read --json` without `from`,
+    /// which names the sender as this device sees it (`me`, a contact name).
+    pub fn shared_view(&self, target: &str) -> Vec<serde_json::Value> {
+        let mut view = self.read(target);
+        for m in &mut view {
+            m.as_object_mut().expect("a message is an object").remove("from");
+        }
+        view
+    }
+
     /// Waits until `teams --json` lists `team`.
     pub fn await_team(&self, team: &str) -> serde_json::Value {
         let deadline = Instant::now() + WAIT;
