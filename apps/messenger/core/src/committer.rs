@@ -8,10 +8,9 @@
 use std::collections::BTreeMap;
 
 use canopy::Name;
-use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::*;
 
-use crate::engine::{self, Engine, MlsError, mls, record_extensions, record_of};
+use crate::engine::{self, Engine, MlsError, record_extensions, record_of};
 use crate::fragment;
 use crate::names::{DEVICE_TEAM, MANAGEMENT_CHANNEL, MAX_TEAM, Org, Path};
 use crate::payload::{Lifetimes, TeamRecord, valid_label};
@@ -192,17 +191,8 @@ impl<B: Backend> Committer<B> {
             next_device: 1,
             devices: [(0, 0)].into(),
         };
-        let config = MlsGroupCreateConfig::builder()
-            .ciphersuite(engine::CIPHERSUITE)
-            .capabilities(engine::capabilities())
-            .max_past_epochs(engine::MAX_PAST_EPOCHS)
-            .sender_ratchet_configuration(SenderRatchetConfiguration::new(engine::OUT_OF_ORDER_TOLERANCE, engine::MAX_FORWARD_DISTANCE))
-            .use_ratchet_tree_extension(true)
-            .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
-            .with_group_context_extensions(record_extensions(&record)?)
-            .build();
+        let group = self.engine.create_group(engine::group_id(&self.org, team), record_extensions(&record)?)?;
         let e = &mut self.engine;
-        let group = MlsGroup::new_with_group_id(&e.provider, &e.signer, &config, engine::group_id(&self.org, team), e.credential.clone()).map_err(mls)?;
         e.keep_group(group);
         e.vault.put(&name_key(team), name.as_bytes());
         self.names.insert(team, name.to_string());
@@ -306,25 +296,7 @@ impl<B: Backend> Committer<B> {
     }
 
     fn commit(&mut self, group: &mut MlsGroup, adds: Vec<KeyPackage>, record: &TeamRecord) -> Result<(Vec<u8>, Option<Vec<u8>>), MlsError> {
-        let e = &mut self.engine;
-        let bundle = group
-            .commit_builder()
-            .propose_adds(adds)
-            .propose_group_context_extensions(record_extensions(record)?)
-            .map_err(mls)?
-            .load_psks(e.provider.storage())
-            .map_err(mls)?
-            .build(e.provider.rand(), e.provider.crypto(), &e.signer, |_| true)
-            .map_err(mls)?
-            .stage_commit(&e.provider)
-            .map_err(mls)?;
-        let commit = bundle.commit().tls_serialize_detached().map_err(mls)?;
-        let welcome = match bundle.to_welcome_msg() {
-            Some(w) => Some(w.tls_serialize_detached().map_err(mls)?),
-            None => None,
-        };
-        group.merge_pending_commit(&e.provider).map_err(mls)?;
-        Ok((commit, welcome))
+        self.engine.commit(group, adds, Vec::new(), record_extensions(record)?)
     }
 
     fn commit_chunks(&self, team: u32, epoch: u64, commit: &[u8], ttl: u64, now_ms: u64) -> Result<Vec<Outgoing>, MlsError> {

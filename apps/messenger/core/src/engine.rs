@@ -8,8 +8,8 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use std::collections::HashMap;
 
 use crate::identity::{self, Binding, BindingError, UserId};
-use crate::names::Org;
-use crate::payload::{PayloadError, TEAM_EXTENSION, TeamRecord};
+use crate::names::{ConvId, Gid, Org};
+use crate::payload::{CONV_EXTENSION, ConvRecord, Lifetimes, PayloadError, TEAM_EXTENSION, TeamRecord};
 use crate::seal::{Backend, Contents, Key, SealError, Vault};
 
 /// The one ciphersuite the messenger speaks.
@@ -99,9 +99,106 @@ pub fn group_id(org: &Org, team: u32) -> GroupId {
     GroupId::from_slice(&id)
 }
 
-/// Leaf capabilities: the team record's extension type must be supported by every member.
+/// The MLS group id of a conversation: `canopy-conv` ‖ origin (3 bytes) ‖ number (6).
+pub fn conv_group_id(conv: ConvId) -> GroupId {
+    let mut id = b"canopy-conv".to_vec();
+    id.extend_from_slice(&conv.origin.to_be_bytes()[1..]);
+    id.extend_from_slice(&conv.conv.to_be_bytes()[2..]);
+    GroupId::from_slice(&id)
+}
+
+/// The MLS group id of a team of `org` or of a conversation.
+pub fn gid_group_id(org: &Org, gid: Gid) -> GroupId {
+    match gid {
+        Gid::Team(team) => group_id(org, team),
+        Gid::Conv(conv) => conv_group_id(conv),
+    }
+}
+
+/// Leaf capabilities: the team and conversation records' extension types must be supported
+/// by every member.
 pub fn capabilities() -> Capabilities {
-    Capabilities::new(None, Some(&[CIPHERSUITE]), Some(&[ExtensionType::Unknown(TEAM_EXTENSION)]), None, Some(&[CredentialType::Basic]))
+    Capabilities::new(
+        None,
+        Some(&[CIPHERSUITE]),
+        Some(&[ExtensionType::Unknown(TEAM_EXTENSION), ExtensionType::Unknown(CONV_EXTENSION)]),
+        None,
+        Some(&[CredentialType::Basic]),
+    )
+}
+
+/// How every group is created: the join configuration's rules, for its creator.
+pub fn create_config(extensions: Extensions<GroupContext>) -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .capabilities(capabilities())
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .sender_ratchet_configuration(SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAX_FORWARD_DISTANCE))
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .with_group_context_extensions(extensions)
+        .build()
+}
+
+/// The group context extensions carrying a conversation's `record`.
+pub fn conv_extensions(record: &ConvRecord) -> Result<Extensions<GroupContext>, MlsError> {
+    let required = RequiredCapabilitiesExtension::new(&[ExtensionType::Unknown(CONV_EXTENSION)], &[], &[CredentialType::Basic]);
+    Extensions::from_vec(vec![
+        Extension::RequiredCapabilities(required),
+        Extension::Unknown(CONV_EXTENSION, UnknownExtension(record.encode())),
+    ])
+    .map_err(mls)
+}
+
+/// What a group's context says about it: a team record or a conversation record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A team of an org.
+    Team(TeamRecord),
+    /// A direct message or a group.
+    Conv(ConvRecord),
+}
+
+impl Record {
+    /// The device id of a leaf.
+    pub fn device_of(&self, leaf: u32) -> Option<u32> {
+        match self {
+            Record::Team(r) => r.device_of(leaf),
+            Record::Conv(r) => r.devices.get(&leaf).copied(),
+        }
+    }
+
+    /// Lifetimes of what the group publishes.
+    pub fn lifetimes(&self) -> &Lifetimes {
+        match self {
+            Record::Team(r) => &r.lifetimes,
+            Record::Conv(r) => &r.lifetimes,
+        }
+    }
+
+    /// The group it describes, for a device of `org`.
+    pub fn gid(&self) -> Gid {
+        match self {
+            Record::Team(r) => Gid::Team(r.team),
+            Record::Conv(r) => Gid::Conv(r.conv),
+        }
+    }
+
+    /// A name for people.
+    pub fn name(&self) -> &str {
+        match self {
+            Record::Team(r) => &r.name,
+            Record::Conv(r) => &r.name,
+        }
+    }
+}
+
+/// The record a group carries, whichever kind it is.
+pub fn any_record_of(group: &MlsGroup) -> Result<Record, MlsError> {
+    if let Some(ext) = group.extensions().unknown(CONV_EXTENSION) {
+        return Ok(Record::Conv(ConvRecord::decode(&ext.0)?));
+    }
+    Ok(Record::Team(record_of(group)?))
 }
 
 /// How every member runs a team's group.
@@ -231,12 +328,59 @@ impl<B: Backend> Engine<B> {
 
     /// A team's group, to read.
     pub fn group(&mut self, org: &Org, team: u32) -> Result<Option<&MlsGroup>, MlsError> {
-        let id = group_id(org, team);
+        self.group_by_id(&group_id(org, team))
+    }
+
+    /// A group by its MLS group id, to read.
+    pub fn group_by_id(&mut self, id: &GroupId) -> Result<Option<&MlsGroup>, MlsError> {
         if !self.groups.contains_key(id.as_slice()) {
-            let Some(group) = MlsGroup::load(self.provider.storage(), &id).map_err(mls)? else { return Ok(None) };
+            let Some(group) = MlsGroup::load(self.provider.storage(), id).map_err(mls)? else { return Ok(None) };
             self.groups.insert(id.to_vec(), group);
         }
         Ok(self.groups.get(id.as_slice()))
+    }
+
+    /// Takes a group out by its MLS group id: see [`Engine::take_group`].
+    pub fn take_group_by_id(&mut self, id: &GroupId) -> Result<Option<MlsGroup>, MlsError> {
+        match self.groups.remove(id.as_slice()) {
+            Some(group) => Ok(Some(group)),
+            None => MlsGroup::load(self.provider.storage(), id).map_err(mls),
+        }
+    }
+
+    /// Creates a group with this device alone in it, at epoch 0.
+    pub fn create_group(&mut self, id: GroupId, extensions: Extensions<GroupContext>) -> Result<MlsGroup, MlsError> {
+        MlsGroup::new_with_group_id(&self.provider, &self.signer, &create_config(extensions), id, self.credential.clone()).map_err(mls)
+    }
+
+    /// Commits `adds` and `removes` together with new group context `extensions`, merges the
+    /// commit, and returns it with the welcome for the added (if any).
+    pub fn commit(
+        &mut self,
+        group: &mut MlsGroup,
+        adds: Vec<KeyPackage>,
+        removes: Vec<LeafNodeIndex>,
+        extensions: Extensions<GroupContext>,
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>), MlsError> {
+        let bundle = group
+            .commit_builder()
+            .propose_adds(adds)
+            .propose_removals(removes)
+            .propose_group_context_extensions(extensions)
+            .map_err(mls)?
+            .load_psks(self.provider.storage())
+            .map_err(mls)?
+            .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)
+            .map_err(mls)?
+            .stage_commit(&self.provider)
+            .map_err(mls)?;
+        let commit = bundle.commit().tls_serialize_detached().map_err(mls)?;
+        let welcome = match bundle.to_welcome_msg() {
+            Some(w) => Some(w.tls_serialize_detached().map_err(mls)?),
+            None => None,
+        };
+        group.merge_pending_commit(&self.provider).map_err(mls)?;
+        Ok((commit, welcome))
     }
 
     /// Takes a team's group out, to change it. Give it back with [`Engine::keep_group`] once
@@ -244,11 +388,7 @@ impl<B: Backend> Engine<B> {
     /// failed, and may have left the object and the storage apart) is loaded again from
     /// storage next time, as if it had never been cached.
     pub fn take_group(&mut self, org: &Org, team: u32) -> Result<Option<MlsGroup>, MlsError> {
-        let id = group_id(org, team);
-        match self.groups.remove(id.as_slice()) {
-            Some(group) => Ok(Some(group)),
-            None => MlsGroup::load(self.provider.storage(), &id).map_err(mls),
-        }
+        self.take_group_by_id(&group_id(org, team))
     }
 
     /// Gives back a group taken with [`Engine::take_group`], or made or joined just now.

@@ -16,6 +16,22 @@
 //! `KeyPackageRef`, big-endian) followed by a 16-bit fragment index, so one `/112` filter
 //! covers every fragment of one object. A commit is named by the epoch it creates, so a
 //! member sees a gap as a missing number.
+//!
+//! **Users and conversations** (direct messages, groups) are not any org's: they live in the
+//! messenger's second app value, [`USERS_APP`], under the origin of a domain ([`Users`]). After
+//! `origin:24 app:8 path:8` the 88 bits are laid out per kind:
+//!
+//! | path | object | layout of the 88 bits |
+//! |---|---|---|
+//! | 1 | conversation message fragment | `conv:48 device:20 msg:20` |
+//! | 2 | a user's key package fragment | `user:56 hkp:24 fragment:8` |
+//! | 3 | welcome fragment | `hkp:80 fragment:8` |
+//! | 4 | conversation commit fragment | `conv:48 fragment:10 epoch:30` |
+//!
+//! `user` is the first 56 bits of the user id, so one `/96` covers every key package a user's
+//! devices publish; the credential inside names the whole id, and that is what is checked. A
+//! conversation's names are under its creator's domain; its 48-bit `conv` number is random,
+//! and the MLS group id carries it, so a collision shows as refused messages of another group.
 
 use std::sync::OnceLock;
 
@@ -38,6 +54,14 @@ pub const MAX_MSG: u32 = (1 << 20) - 1;
 pub const MAX_EPOCH: u64 = (1 << 40) - 1;
 /// The largest fragment index of a commit (10 bits: at most 1,024 fragments).
 pub const MAX_COMMIT_FRAGMENT: u16 = (1 << 10) - 1;
+/// The `app` field value of users and conversations.
+pub const USERS_APP: u128 = 2;
+/// The largest conversation number (48 bits).
+pub const MAX_CONV: u64 = (1 << 48) - 1;
+/// The largest epoch a conversation commit name can carry (30 bits).
+pub const MAX_CONV_EPOCH: u64 = (1 << 30) - 1;
+/// The largest fragment index of a user's key package or of a conversation's welcome (8 bits).
+pub const MAX_USER_FRAGMENT: u16 = u8::MAX as u16;
 
 /// Team 1 of every org carries device management; users' teams start at 2.
 pub const DEVICE_TEAM: u32 = 1;
@@ -129,6 +153,209 @@ pub enum Parsed {
         /// Fragment index.
         fragment: u16,
     },
+}
+
+/// A conversation: the origin its names are under, and its 48-bit number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct ConvId {
+    /// The origin field (24 bits) of its creator's domain.
+    pub origin: u32,
+    /// Its number (48 bits).
+    pub conv: u64,
+}
+
+impl std::fmt::Display for ConvId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:06x}{:012x}", self.origin, self.conv)
+    }
+}
+
+impl ConvId {
+    /// Reads the 18 hex digits [`Display`](std::fmt::Display) writes.
+    pub fn parse(text: &str) -> Option<ConvId> {
+        if text.len() != 18 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(ConvId { origin: u32::from_str_radix(&text[..6], 16).ok()?, conv: u64::from_str_radix(&text[6..], 16).ok()? })
+    }
+}
+
+/// A group a device is in: a team of its org, or a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum Gid {
+    /// A team of the device's org.
+    Team(u32),
+    /// A conversation (a direct message or a group).
+    Conv(ConvId),
+}
+
+impl std::fmt::Display for Gid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Gid::Team(t) => write!(f, "{t}"),
+            Gid::Conv(c) => write!(f, "c{c}"),
+        }
+    }
+}
+
+impl Gid {
+    /// Reads what [`Display`](std::fmt::Display) writes: a team number, or `c` and a
+    /// conversation id.
+    pub fn parse(text: &str) -> Option<Gid> {
+        match text.strip_prefix('c') {
+            Some(conv) => ConvId::parse(conv).map(Gid::Conv),
+            None => text.parse().ok().map(Gid::Team),
+        }
+    }
+}
+
+/// What a name in the users' space holds, decoded. [`Users::parse`] gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParsedUser {
+    /// A conversation message fragment.
+    Message {
+        /// The conversation.
+        conv: ConvId,
+        /// Sending device.
+        device: u32,
+        /// Message number of this fragment.
+        msg: u32,
+    },
+    /// A fragment of a user's key package.
+    KeyPackage {
+        /// The first 56 bits of the user id.
+        user56: u64,
+        /// Fragment index.
+        fragment: u16,
+    },
+    /// A welcome fragment.
+    Welcome {
+        /// The first 80 bits of the hKP it is for.
+        hkp80: u128,
+        /// Fragment index.
+        fragment: u16,
+    },
+    /// A conversation commit fragment.
+    Commit {
+        /// The conversation.
+        conv: ConvId,
+        /// The epoch the commit creates.
+        epoch: u64,
+        /// Fragment index.
+        fragment: u16,
+    },
+}
+
+/// The first 80 bits of an hKP, as carried in the users' space welcome names.
+pub fn hkp80(hkp: &[u8]) -> u128 {
+    let mut top = [0u8; 16];
+    let n = hkp.len().min(16);
+    top[..n].copy_from_slice(&hkp[..n]);
+    u128::from_be_bytes(top) >> 48
+}
+
+/// A domain's users' space: where its users publish key packages and receive welcomes, and
+/// where conversations its users create live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Users {
+    origin: u32,
+}
+
+impl Users {
+    /// The users' space of `domain`.
+    pub fn new(domain: &str) -> Users {
+        Users { origin: schema().hash_text("origin", domain).expect("the messenger schema has an origin field") as u32 }
+    }
+
+    /// The users' space under an origin field value.
+    pub fn at(origin: u32) -> Users {
+        Users { origin: origin & 0xff_ffff }
+    }
+
+    /// The origin field.
+    pub fn origin(&self) -> u32 {
+        self.origin
+    }
+
+    fn head(&self, path: Path) -> u128 {
+        (u128::from(self.origin) << 104) | (USERS_APP << 96) | ((path as u128) << 88)
+    }
+
+    /// The name of fragment `fragment` of a key package of `user`, with hKP `hkp`.
+    pub fn key_package(&self, user: &crate::identity::UserId, hkp: &[u8], fragment: u16) -> Result<Name, NameError> {
+        check("key package fragment", fragment.into(), MAX_USER_FRAGMENT.into())?;
+        let user56 = u128::from(u64::from_be_bytes(user.0[..8].try_into().expect("8 bytes")) >> 8);
+        let hkp24 = hkp80(hkp) >> 56;
+        Ok(Name::new(self.head(Path::KeyPackage) | (user56 << 32) | (hkp24 << 8) | u128::from(fragment)))
+    }
+
+    /// Every key package of every device of `user` (a `/96`).
+    pub fn key_packages(&self, user: &crate::identity::UserId) -> Filter {
+        let name = self.key_package(user, &[], 0).expect("fragment 0 fits");
+        Filter::new(Name::new(name.to_u128() & !((1u128 << 32) - 1)), 96).expect("canonical")
+    }
+
+    /// Every fragment of one key package of `user` (a `/120`).
+    pub fn key_package_filter(&self, user: &crate::identity::UserId, hkp: &[u8]) -> Filter {
+        Filter::new(self.key_package(user, hkp, 0).expect("fragment 0 fits"), 120).expect("canonical")
+    }
+
+    /// The name of fragment `fragment` of the welcome for the key package `hkp`.
+    pub fn welcome(&self, hkp: &[u8], fragment: u16) -> Result<Name, NameError> {
+        check("welcome fragment", fragment.into(), MAX_USER_FRAGMENT.into())?;
+        Ok(Name::new(self.head(Path::Welcome) | (hkp80(hkp) << 8) | u128::from(fragment)))
+    }
+
+    /// Every fragment of the welcome for `hkp` (a `/120`).
+    pub fn welcome_filter(&self, hkp: &[u8]) -> Filter {
+        Filter::new(self.welcome(hkp, 0).expect("fragment 0 fits"), 120).expect("canonical")
+    }
+
+    fn conv_head(path: Path, conv: ConvId) -> Result<u128, NameError> {
+        check("conversation", conv.conv, MAX_CONV)?;
+        Ok(Users::at(conv.origin).head(path) | (u128::from(conv.conv) << 40))
+    }
+
+    /// The name of fragment `msg` of a message sent by `device` in `conv`.
+    pub fn message(conv: ConvId, device: u32, msg: u32) -> Result<Name, NameError> {
+        check("device", device.into(), MAX_DEVICE.into())?;
+        check("msg", msg.into(), MAX_MSG.into())?;
+        Ok(Name::new(Users::conv_head(Path::Message, conv)? | (u128::from(device) << 20) | u128::from(msg)))
+    }
+
+    /// Every message of a conversation (an `/88`).
+    pub fn messages(conv: ConvId) -> Result<Filter, NameError> {
+        Ok(Filter::new(Name::new(Users::conv_head(Path::Message, conv)?), 88).expect("canonical"))
+    }
+
+    /// The name of fragment `fragment` of the commit that creates `epoch` in `conv`.
+    pub fn commit(conv: ConvId, epoch: u64, fragment: u16) -> Result<Name, NameError> {
+        check("epoch", epoch, MAX_CONV_EPOCH)?;
+        check("commit fragment", fragment.into(), MAX_COMMIT_FRAGMENT.into())?;
+        Ok(Name::new(Users::conv_head(Path::Commit, conv)? | (u128::from(fragment) << 30) | u128::from(epoch)))
+    }
+
+    /// Every commit of a conversation (an `/88`).
+    pub fn commits(conv: ConvId) -> Result<Filter, NameError> {
+        Ok(Filter::new(Name::new(Users::conv_head(Path::Commit, conv)?), 88).expect("canonical"))
+    }
+
+    /// What `name` holds, if it is in any domain's users' space.
+    pub fn parse(name: Name) -> Option<ParsedUser> {
+        let raw = name.to_u128();
+        if (raw >> 96) & 0xff != USERS_APP {
+            return None;
+        }
+        let origin = (raw >> 104) as u32;
+        let path = Path::from_u8((raw >> 88) as u8)?;
+        let conv = ConvId { origin, conv: ((raw >> 40) as u64) & MAX_CONV };
+        Some(match path {
+            Path::Message => ParsedUser::Message { conv, device: ((raw >> 20) as u32) & MAX_DEVICE, msg: (raw as u32) & MAX_MSG },
+            Path::KeyPackage => ParsedUser::KeyPackage { user56: ((raw >> 32) as u64) & ((1 << 56) - 1), fragment: (raw & 0xff) as u16 },
+            Path::Welcome => ParsedUser::Welcome { hkp80: (raw >> 8) & ((1 << 80) - 1), fragment: (raw & 0xff) as u16 },
+            Path::Commit => ParsedUser::Commit { conv, epoch: (raw as u64) & MAX_CONV_EPOCH, fragment: ((raw >> 30) as u16) & MAX_COMMIT_FRAGMENT },
+        })
+    }
 }
 
 /// An organisation's corner of the name space: its origin (the hash of its domain) and org
@@ -314,6 +541,38 @@ mod tests {
         assert_eq!(org.parse(org.welcome(&hkp, 0)), Some(Parsed::Welcome { hkp54: hkp54(&hkp), fragment: 0 }));
         let other = Org::new("example.org", 7).unwrap();
         assert_eq!(other.parse(kp), None);
+    }
+
+    #[test]
+    fn the_users_space_is_apart_from_every_org() {
+        let users = Users::new("example.com");
+        let org = Org::new("example.com", 7).unwrap();
+        assert_eq!(users.origin(), org.origin());
+        let user = crate::identity::UserId([0xab; 16]);
+        let hkp = [0x5a; 32];
+        let kp = users.key_package(&user, &hkp, 3).unwrap();
+        assert_eq!(schema().get(kp, "app").unwrap(), 2);
+        assert!(users.key_packages(&user).matches(kp));
+        assert!(users.key_package_filter(&user, &hkp).matches(kp));
+        assert!(!users.key_packages(&crate::identity::UserId([0xac; 16])).matches(kp));
+        assert_eq!(org.parse(kp), None, "no org reads the users' space");
+        assert_eq!(Users::parse(kp), Some(ParsedUser::KeyPackage { user56: 0xabab_abab_abab_ab, fragment: 3 }));
+        let w = users.welcome(&hkp, 1).unwrap();
+        assert!(users.welcome_filter(&hkp).matches(w));
+        assert_eq!(Users::parse(w), Some(ParsedUser::Welcome { hkp80: hkp80(&hkp), fragment: 1 }));
+        let conv = ConvId { origin: users.origin(), conv: MAX_CONV };
+        let m = Users::message(conv, 5, 9).unwrap();
+        assert!(Users::messages(conv).unwrap().matches(m));
+        assert!(!Users::commits(conv).unwrap().matches(m));
+        assert_eq!(Users::parse(m), Some(ParsedUser::Message { conv, device: 5, msg: 9 }));
+        let c = Users::commit(conv, MAX_CONV_EPOCH, 7).unwrap();
+        assert_eq!(Users::parse(c), Some(ParsedUser::Commit { conv, epoch: MAX_CONV_EPOCH, fragment: 7 }));
+        assert!(Users::commit(conv, MAX_CONV_EPOCH + 1, 0).is_err());
+        assert!(Users::parse(org.message(2, 2, 1, 1).unwrap()).is_none());
+        assert_eq!(ConvId::parse(&conv.to_string()), Some(conv));
+        for g in [Gid::Team(42), Gid::Conv(conv)] {
+            assert_eq!(Gid::parse(&g.to_string()), Some(g));
+        }
     }
 
     #[test]

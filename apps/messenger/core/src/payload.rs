@@ -33,6 +33,24 @@
 //! | 2 | channel count, then per channel: id `u16`, name |
 //! | 4 | next device id |
 //! | 4 | device count, then per device: leaf index `u32`, device id `u32` |
+//!
+//! **Conversation record** (the group context extension [`CONV_EXTENSION`] of a direct
+//! message or a group):
+//!
+//! | size | field |
+//! |---|---|
+//! | 1 | version, `1` |
+//! | 1 | kind: `1` direct message, `2` group |
+//! | 4 | origin (24 bits used) |
+//! | 8 | conversation number (48 bits used) |
+//! | 2+n | name (empty for a direct message) |
+//! | 2+n | description |
+//! | 8 ×4 | lifetimes in ms: messages, commits, welcomes, key packages |
+//! | 16 | the creator's user id |
+//! | 2 | user count, then 16 bytes per member user |
+//! | 2 | admin count, then 16 bytes per admin user |
+//! | 4 | next device id |
+//! | 4 | device count, then per device: leaf index `u32`, device id `u32` |
 
 use std::collections::BTreeMap;
 
@@ -40,6 +58,10 @@ use std::collections::BTreeMap;
 pub const MAX_TEXT: usize = 16 * 1024;
 /// The group context extension type of the [`TeamRecord`] (private-use range).
 pub const TEAM_EXTENSION: u16 = 0xff0a;
+/// The group context extension type of the [`ConvRecord`] (private-use range).
+pub const CONV_EXTENSION: u16 = 0xff0b;
+/// The most users a conversation record lists.
+pub const MAX_CONV_USERS: usize = 1000;
 /// Default lifetime of messages and commits: 90 days.
 pub const DEFAULT_MESSAGE_TTL_MS: u64 = 90 * 24 * 3600 * 1000;
 /// Default lifetime of welcomes and key packages: 30 days.
@@ -282,6 +304,127 @@ impl TeamRecord {
     }
 }
 
+/// What kind of conversation a [`ConvRecord`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ConvKind {
+    /// The one conversation of a pair of users.
+    Dm = 1,
+    /// An ad hoc group with admins.
+    Group = 2,
+}
+
+/// What every member of a conversation knows about it, carried in the group context.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConvRecord {
+    /// Direct message or group.
+    pub kind: ConvKind,
+    /// Where its names are.
+    pub conv: crate::names::ConvId,
+    /// Its name (empty for a direct message).
+    pub name: String,
+    /// Its description.
+    pub description: String,
+    /// Lifetimes of what it publishes.
+    pub lifetimes: Lifetimes,
+    /// The user who created it.
+    pub creator: crate::identity::UserId,
+    /// Its member users.
+    pub users: std::collections::BTreeSet<crate::identity::UserId>,
+    /// The users who may change membership and metadata.
+    pub admins: std::collections::BTreeSet<crate::identity::UserId>,
+    /// The device id the next added device gets.
+    pub next_device: u32,
+    /// MLS leaf index → device id, for every current member device.
+    pub devices: BTreeMap<u32, u32>,
+}
+
+fn put_users(out: &mut Vec<u8>, users: &std::collections::BTreeSet<crate::identity::UserId>) {
+    out.extend_from_slice(&(users.len() as u16).to_be_bytes());
+    for u in users {
+        out.extend_from_slice(&u.0);
+    }
+}
+
+impl Reader<'_> {
+    fn users(&mut self) -> Result<std::collections::BTreeSet<crate::identity::UserId>, PayloadError> {
+        let n = usize::from(self.u16()?);
+        if n > MAX_CONV_USERS {
+            return Err(PayloadError::TooLong(n));
+        }
+        let mut out = std::collections::BTreeSet::new();
+        for _ in 0..n {
+            out.insert(crate::identity::UserId(self.take(16)?.try_into().expect("16 bytes")));
+        }
+        Ok(out)
+    }
+}
+
+impl ConvRecord {
+    /// Encodes the record.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![1, self.kind as u8];
+        out.extend_from_slice(&self.conv.origin.to_be_bytes());
+        out.extend_from_slice(&self.conv.conv.to_be_bytes());
+        put_string(&mut out, &self.name);
+        put_string(&mut out, &self.description);
+        for v in [self.lifetimes.message_ms, self.lifetimes.commit_ms, self.lifetimes.welcome_ms, self.lifetimes.key_package_ms] {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+        out.extend_from_slice(&self.creator.0);
+        put_users(&mut out, &self.users);
+        put_users(&mut out, &self.admins);
+        out.extend_from_slice(&self.next_device.to_be_bytes());
+        out.extend_from_slice(&(self.devices.len() as u32).to_be_bytes());
+        for (leaf, device) in &self.devices {
+            out.extend_from_slice(&leaf.to_be_bytes());
+            out.extend_from_slice(&device.to_be_bytes());
+        }
+        out
+    }
+
+    /// Decodes a record. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<ConvRecord, PayloadError> {
+        let mut r = Reader { bytes };
+        let (version, kind) = (r.u8()?, r.u8()?);
+        let kind = match (version, kind) {
+            (1, 1) => ConvKind::Dm,
+            (1, 2) => ConvKind::Group,
+            _ => return Err(PayloadError::Unsupported { version, kind }),
+        };
+        let origin = r.u32()?;
+        let conv = r.u64()?;
+        if origin > 0xff_ffff || conv > crate::names::MAX_CONV {
+            return Err(PayloadError::Unsupported { version, kind: kind as u8 });
+        }
+        let name = r.string()?;
+        let description = r.string()?;
+        let lifetimes = Lifetimes { message_ms: r.u64()?, commit_ms: r.u64()?, welcome_ms: r.u64()?, key_package_ms: r.u64()? };
+        let creator = crate::identity::UserId(r.take(16)?.try_into().expect("16 bytes"));
+        let users = r.users()?;
+        let admins = r.users()?;
+        let next_device = r.u32()?;
+        let mut devices = BTreeMap::new();
+        let n = r.u32()?;
+        for _ in 0..n {
+            let leaf = r.u32()?;
+            devices.insert(leaf, r.u32()?);
+        }
+        r.end()?;
+        Ok(ConvRecord {
+            kind,
+            conv: crate::names::ConvId { origin, conv },
+            name,
+            description,
+            lifetimes,
+            creator,
+            users,
+            admins,
+            next_device,
+            devices,
+        })
+    }
+}
+
 /// Whether `name` may name a team or channel: not empty, not all digits, no `/`, at most
 /// 64 bytes, no control characters.
 pub fn valid_label(name: &str) -> bool {
@@ -330,6 +473,31 @@ mod tests {
         assert_eq!(rec.channel("general"), Some(2));
         assert_eq!(rec.channel("2"), Some(2));
         assert_eq!(rec.channel("9"), None);
+    }
+
+    #[test]
+    fn conv_records_round_trip() {
+        use crate::identity::UserId;
+        let rec = ConvRecord {
+            kind: ConvKind::Group,
+            conv: crate::names::ConvId { origin: 0xabcdef, conv: 0x1234_5678_9abc },
+            name: "friends".into(),
+            description: "weekend plans".into(),
+            lifetimes: Lifetimes::default(),
+            creator: UserId([1; 16]),
+            users: [UserId([1; 16]), UserId([2; 16])].into(),
+            admins: [UserId([1; 16])].into(),
+            next_device: 3,
+            devices: [(0, 0), (1, 1), (2, 2)].into(),
+        };
+        let bytes = rec.encode();
+        assert_eq!(ConvRecord::decode(&bytes).unwrap(), rec);
+        for cut in 0..bytes.len() {
+            assert!(ConvRecord::decode(&bytes[..cut]).is_err());
+        }
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(ConvRecord::decode(&trailing), Err(PayloadError::Trailing(1)));
     }
 
     #[test]
