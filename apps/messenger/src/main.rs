@@ -88,8 +88,19 @@ enum Command {
     },
     /// Send a message; prints its id.
     Send {
-        /// TEAM/CHANNEL.
+        /// Where: TEAM/CHANNEL, or dm:USER (a user id or contact name).
         target: String,
+        /// The text (at most 16 KiB).
+        text: String,
+        /// The id of the message this answers.
+        #[arg(long)]
+        reply_to: Option<String>,
+    },
+    /// Send a direct message: `send dm:USER TEXT`. Prints its id, or `pending/N` while no
+    /// device of USER is known yet (it goes as soon as one is).
+    Dm {
+        /// A user id or contact name.
+        user: String,
         /// The text (at most 16 KiB).
         text: String,
         /// The id of the message this answers.
@@ -103,9 +114,9 @@ enum Command {
         /// The new text.
         text: String,
     },
-    /// Show a channel.
+    /// Show a conversation.
     Read {
-        /// TEAM/CHANNEL.
+        /// TEAM/CHANNEL, or dm:USER.
         target: String,
         /// One JSON object per message.
         #[arg(long)]
@@ -259,6 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Teams { json } => ui::teams(&home, json),
         Command::Channels { team, json } => ui::channels(&home, &team, json),
         Command::Send { target, text, reply_to } => ui::send(&home, &target, text, reply_to),
+        Command::Dm { user, text, reply_to } => ui::send(&home, &format!("dm:{user}"), text, reply_to),
         Command::Edit { id, text } => ui::edit(&home, id, text),
         Command::Read { target, json, follow, count, timeout } => ui::read(&home, &target, json, follow, count, timeout),
         Command::Whoami { json } => ui::whoami(&home, json),

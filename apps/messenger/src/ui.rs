@@ -50,14 +50,6 @@ fn unexpected(reply: Reply) -> anyhow::Error {
     anyhow::anyhow!("unexpected reply from Secure: {reply:?}")
 }
 
-/// Splits `TEAM/CHANNEL`.
-pub fn target(text: &str) -> anyhow::Result<(String, String)> {
-    match text.split_once('/') {
-        Some((t, c)) if !t.is_empty() && !c.is_empty() && !c.contains('/') => Ok((t.into(), c.into())),
-        _ => bail!("{text:?} is not TEAM/CHANNEL"),
-    }
-}
-
 /// `status`.
 pub fn status(home: &Home, json: bool) -> anyhow::Result<()> {
     let config = home.config()?;
@@ -245,10 +237,9 @@ fn sent(home: &Home, reply: Reply) -> anyhow::Result<()> {
     }
 }
 
-/// `send TEAM/CHANNEL TEXT`.
-pub fn send(home: &Home, target_text: &str, text: String, reply_to: Option<String>) -> anyhow::Result<()> {
-    let (team, channel) = target(target_text)?;
-    sent(home, Secure::connect(home)?.call(&Request::Send { team, channel, text, reply_to })?)
+/// `send TO TEXT` (and `dm USER TEXT`, which is `send dm:USER TEXT`).
+pub fn send(home: &Home, to: &str, text: String, reply_to: Option<String>) -> anyhow::Result<()> {
+    sent(home, Secure::connect(home)?.call(&Request::Send { to: to.into(), text, reply_to })?)
 }
 
 /// `edit ID TEXT`.
@@ -262,22 +253,22 @@ fn print(m: &MessageLine, json: bool) {
     } else {
         let thread = m.reply_to.as_deref().map(|r| format!("  ↳ {r}")).unwrap_or_default();
         let edited = if m.edited { " (edited)" } else { "" };
-        println!("{} [{}] {}: {}{edited}{thread}", m.id, m.sent_ms, clean(&m.from), clean(&m.text));
+        let pending = if m.pending { " (pending)" } else { "" };
+        println!("{} [{}] {}: {}{edited}{pending}{thread}", m.id, m.sent_ms, clean(&m.from), clean(&m.text));
     }
 }
 
-/// `read TEAM/CHANNEL`.
-pub fn read(home: &Home, target_text: &str, json: bool, follow: bool, count: Option<usize>, timeout: Option<Duration>) -> anyhow::Result<()> {
-    let (team, channel) = target(target_text)?;
+/// `read CONVERSATION`.
+pub fn read(home: &Home, conversation: &str, json: bool, follow: bool, count: Option<usize>, timeout: Option<Duration>) -> anyhow::Result<()> {
     // Follow first, then read: nothing that arrives in between is missed.
     let mut stream = if follow {
         let mut s = Secure::connect(home)?;
-        s.call(&Request::Follow { team: team.clone(), channel: channel.clone() })?;
+        s.call(&Request::Follow { conversation: conversation.into() })?;
         Some(s)
     } else {
         None
     };
-    let messages = match Secure::connect(home)?.call(&Request::Read { team, channel })? {
+    let messages = match Secure::connect(home)?.call(&Request::Read { conversation: conversation.into() })? {
         Reply::Messages { messages } => messages,
         other => return Err(unexpected(other)),
     };

@@ -97,7 +97,7 @@ async fn garbage_forgeries_and_squatters_are_refused_and_secure_keeps_serving() 
         }
     }
     let events = rogue.ingest(joined.iter().map(|c| (c.name(), c.data().as_ref()))).unwrap();
-    assert!(events.contains(&canopy_msg_core::Event::Joined { team: 2, device: 3 }), "{events:?}");
+    assert!(events.contains(&canopy_msg_core::Event::Joined { group: canopy_msg_core::names::Gid::Team(2), device: 3 }), "{events:?}");
     let before = status(b)["rejected"].as_u64().unwrap();
 
     // 1. Garbage under the team's messages.

@@ -118,12 +118,12 @@ async fn main() -> anyhow::Result<()> {
         }
         let mut sender = UnixStream::connect(a.join("secure.sock"))?;
         let mut follower = UnixStream::connect(b.join("secure.sock"))?;
-        match call(&mut follower, &Request::Follow { team: "bench".into(), channel: "general".into() })? {
+        match call(&mut follower, &Request::Follow { conversation: "bench/general".into() })? {
             Reply::Pong => {}
             other => bail!("follow: {other:?}"),
         }
         let send = |s: &mut UnixStream, text: String| -> anyhow::Result<String> {
-            match call(s, &Request::Send { team: "bench".into(), channel: "general".into(), text, reply_to: None })? {
+            match call(s, &Request::Send { to: "bench/general".into(), text, reply_to: None })? {
                 Reply::Sent { id, .. } => Ok(id),
                 other => bail!("send: {other:?}"),
             }

@@ -173,7 +173,7 @@ async fn the_admin_creates_a_team_and_a_channel_and_adds_devices_by_hkp() {
         eprintln!("team add (a whole tool run) took {:?}", started.elapsed());
         assert_eq!(id, expected.to_string());
         let events = ingest(&mut device, &cached(&net, &member_filters(team, &hkp)).await);
-        assert!(events.contains(&Event::Joined { team, device: expected }), "{events:?}");
+        assert!(events.contains(&Event::Joined { group: team.into(), device: expected }), "{events:?}");
         assert_eq!(device.resolve_channel(team, CHANNEL).unwrap(), 2);
         devices.push(device);
     }

@@ -31,17 +31,32 @@ use openmls::prelude::*;
 
 use crate::committer::Outgoing;
 use crate::contacts::{Contact, ContactError, Contacts};
-use crate::engine::{self, Engine, MlsError, hex, join_config, mls, record_of};
-use crate::identity::{self, UserId};
+use crate::engine::{self, Engine, MlsError, Record, hex, join_config, mls};
 use crate::fragment::{self, Assembly, Fragment};
-use crate::names::{MAX_MSG, Org, Parsed, Path, hkp54};
-use crate::payload::{Message, MsgRef, TeamRecord};
+use crate::identity::{self, UserId};
+use crate::names::{ConvId, Gid, MAX_MSG, Org, Parsed, ParsedUser, Path, Users, hkp54};
+use crate::payload::{ConvRecord, Message, MsgRef, TeamRecord};
 use crate::seal::{Backend, Key};
 
-/// The most complete messages held for future epochs, per team (by default; see
-/// [`Device::set_max_held`]). More are dropped and counted, and once the team has caught up
+/// The most complete messages held for future epochs, per group (by default; see
+/// [`Device::set_max_held`]). More are dropped and counted, and once the group has caught up
 /// [`Event::Refetch`] asks for them again from the cache.
 pub const MAX_HELD: usize = 10_000;
+
+/// The channel a conversation's messages are on: conversations have one.
+pub const CONV_CHANNEL: u16 = 0;
+
+impl From<u32> for Gid {
+    fn from(team: u32) -> Gid {
+        Gid::Team(team)
+    }
+}
+
+impl From<ConvId> for Gid {
+    fn from(conv: ConvId) -> Gid {
+        Gid::Conv(conv)
+    }
+}
 
 /// A message as stored: what its sender wrote, and who sent it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,35 +90,41 @@ pub struct Shown {
 /// Something an ingest did that the caller shows or acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The device joined a team.
+    /// The device joined a group.
     Joined {
-        /// Team.
-        team: u32,
+        /// The group.
+        group: Gid,
         /// This device's id in it.
         device: u32,
     },
-    /// A team moved to a new epoch.
+    /// A group moved to a new epoch.
     Epoch {
-        /// Team.
-        team: u32,
+        /// The group.
+        group: Gid,
         /// The new epoch.
         epoch: u64,
     },
     /// A message arrived (an edit arrives as the message it edits, with its new text).
     Message {
-        /// Team.
-        team: u32,
-        /// Channel.
+        /// The group.
+        group: Gid,
+        /// Channel ([`CONV_CHANNEL`] in a conversation).
         channel: u16,
         /// The message's id (the original's, for an edit).
         id: MsgRef,
     },
-    /// Messages of this team were dropped while too many were held for future epochs, and
-    /// the team has caught up since: fetch its messages again from the cache (what was
+    /// A key package of a device of `user` that this device had not seen, checked: see
+    /// [`Device::key_packages_of`].
+    KeyPackage {
+        /// The user.
+        user: UserId,
+    },
+    /// Messages of this group were dropped while too many were held for future epochs, and
+    /// the group has caught up since: fetch its messages again from the cache (what was
     /// processed already is skipped by name).
     Refetch {
-        /// Team.
-        team: u32,
+        /// The group.
+        group: Gid,
     },
     /// A chunk was refused; it is logged and counted, and nothing else changes.
     Rejected {
@@ -133,18 +154,18 @@ pub struct Counters {
     pub blocked: u64,
 }
 
-type Key3 = (u16, u32, u32);
+pub(crate) type Key3 = (u16, u32, u32);
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct TeamMeta {
-    device: u32,
-    next_msg: BTreeMap<u16, u32>,
+pub(crate) struct GroupMeta {
+    pub(crate) device: u32,
+    pub(crate) next_msg: BTreeMap<u16, u32>,
 }
 
-struct Team {
-    record: TeamRecord,
-    epoch: u64,
-    meta: TeamMeta,
+pub(crate) struct Group {
+    pub(crate) record: Record,
+    pub(crate) epoch: u64,
+    pub(crate) meta: GroupMeta,
     commits: BTreeMap<u64, Assembly>,
     parts: HashMap<Key3, Assembly>,
     held: BTreeMap<u64, Vec<(Name, Key3, Vec<u8>)>>,
@@ -152,27 +173,81 @@ struct Team {
     overflowed: bool,
     /// Message keys processed or refused: never processed again.
     done: BTreeSet<Key3>,
-    history: BTreeMap<u16, BTreeMap<MsgRef, Stored>>,
+    pub(crate) history: BTreeMap<u16, BTreeMap<MsgRef, Stored>>,
+}
+
+impl Group {
+    pub(crate) fn new(record: Record, epoch: u64, meta: GroupMeta) -> Group {
+        Group { record, epoch, meta, commits: BTreeMap::new(), parts: HashMap::new(), held: BTreeMap::new(), overflowed: false, done: BTreeSet::new(), history: BTreeMap::new() }
+    }
+
+    fn has_channel(&self, channel: u16) -> bool {
+        match &self.record {
+            Record::Team(r) => r.channels.contains_key(&channel) || channel == crate::names::MANAGEMENT_CHANNEL,
+            Record::Conv(_) => channel == CONV_CHANNEL,
+        }
+    }
+}
+
+/// Which name space a key package was published in, and so where its welcome comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Space {
+    /// The org's: a single-use key package for a team add.
+    Org,
+    /// The users' space of the device's domain: a last-resort key package anyone may use to
+    /// start a conversation, kept until it is replaced.
+    Users,
+}
+
+/// A key package this device published and waits for welcomes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Waiting {
+    pub(crate) space: Space,
+    /// When it was made, unix ms (0 if unknown).
+    pub(crate) created_ms: u64,
+}
+
+/// Another device's key package, checked, as published in a users' space.
+#[derive(Debug, Clone)]
+pub struct KnownKeyPackage {
+    /// The origin of the users' space it was published in (where its welcome goes).
+    pub origin: u32,
+    /// Its hKP.
+    pub hkp: Vec<u8>,
+    /// The key package.
+    pub key_package: KeyPackage,
 }
 
 /// One device's MLS state and history.
 pub struct Device<B: Backend> {
-    engine: Engine<B>,
-    org: Org,
-    teams: BTreeMap<u32, Team>,
-    /// Key packages published and not yet welcomed: first 54 bits → hKP.
-    waiting: BTreeMap<u64, Vec<u8>>,
-    welcomes: HashMap<u64, Assembly>,
+    pub(crate) engine: Engine<B>,
+    pub(crate) org: Org,
+    pub(crate) groups: BTreeMap<Gid, Group>,
+    /// Key packages published that welcomes may come for, by hKP.
+    pub(crate) waiting: BTreeMap<Vec<u8>, Waiting>,
+    welcomes: HashMap<Vec<u8>, Assembly>,
+    /// Welcomes in the users' space being assembled, by name without the fragment byte.
+    user_welcomes: HashMap<u128, Assembly>,
+    /// Welcomes in the users' space already processed (joined or refused), by name without
+    /// the fragment byte: never processed again.
+    welcomed: BTreeSet<u128>,
+    /// Key packages of other devices, by user, then by device signature key.
+    pub(crate) known: BTreeMap<UserId, BTreeMap<Vec<u8>, KnownKeyPackage>>,
+    /// Key package fragments being assembled, by name without the fragment byte.
+    kp_parts: HashMap<u128, Assembly>,
     /// What ingest did so far.
     pub counters: Counters,
     max_held: usize,
-    contacts: Contacts,
+    pub(crate) contacts: Contacts,
+    /// Conversation messages written while no key package of the peer was known: per peer,
+    /// in order. Sent once the conversation can be started.
+    pub(crate) pending: BTreeMap<UserId, Vec<(u64, Message)>>,
 }
 
-/// One member of a team, as listed.
+/// One member of a group, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
-    /// Its device id in the team.
+    /// Its device id in the group.
     pub device: u32,
     /// Its user, if its credential carries one.
     pub user: Option<UserId>,
@@ -180,22 +255,45 @@ pub struct Member {
     pub me: bool,
 }
 
-fn team_key(team: u32) -> Vec<u8> {
-    format!("t/{team}").into_bytes()
+pub(crate) fn group_key(group: Gid) -> Vec<u8> {
+    format!("t/{group}").into_bytes()
 }
-fn msg_key(team: u32, k: Key3) -> Vec<u8> {
-    format!("h/{team}/{}/{}/{}", k.0, k.1, k.2).into_bytes()
+fn msg_key(group: Gid, k: Key3) -> Vec<u8> {
+    format!("h/{group}/{}/{}/{}", k.0, k.1, k.2).into_bytes()
 }
-fn done_key(team: u32, k: Key3) -> Vec<u8> {
-    format!("d/{team}/{}/{}/{}", k.0, k.1, k.2).into_bytes()
+fn done_key(group: Gid, k: Key3) -> Vec<u8> {
+    format!("d/{group}/{}/{}/{}", k.0, k.1, k.2).into_bytes()
 }
 fn contact_key(user: &UserId) -> Vec<u8> {
     format!("c/{user}").into_bytes()
 }
-fn parse_key3(rest: &str) -> Option<(u32, Key3)> {
-    let mut it = rest.split('/').map(|p| p.parse::<u32>().ok());
-    let (t, c, d, m) = (it.next()??, it.next()??, it.next()??, it.next()??);
-    Some((t, (u16::try_from(c).ok()?, d, m)))
+pub(crate) fn waiting_key(hkp: &[u8]) -> Vec<u8> {
+    format!("w/{}", hex(hkp)).into_bytes()
+}
+pub(crate) fn pending_key(user: &UserId, seq: u64) -> Vec<u8> {
+    format!("p/{user}/{seq:016x}").into_bytes()
+}
+fn parse_key3(rest: &str) -> Option<(Gid, Key3)> {
+    let mut it = rest.split('/');
+    let g = Gid::parse(it.next()?)?;
+    let mut num = || it.next()?.parse::<u32>().ok();
+    let (c, d, m) = (num()?, num()?, num()?);
+    Some((g, (u16::try_from(c).ok()?, d, m)))
+}
+
+/// A waiting record's value: `o` (org space), or `u` and the creation time.
+pub(crate) fn encode_waiting(w: &Waiting) -> Vec<u8> {
+    match w.space {
+        Space::Org => Vec::new(),
+        Space::Users => format!("u{}", w.created_ms).into_bytes(),
+    }
+}
+
+fn decode_waiting(v: &[u8]) -> Waiting {
+    match std::str::from_utf8(v).ok().and_then(|t| t.strip_prefix('u')) {
+        Some(ms) => Waiting { space: Space::Users, created_ms: ms.parse().unwrap_or(0) },
+        None => Waiting { space: Space::Org, created_ms: 0 },
+    }
 }
 
 impl<B: Backend> Device<B> {
@@ -203,39 +301,59 @@ impl<B: Backend> Device<B> {
     pub fn open(key: Key, backend: B, org: Org) -> Result<Device<B>, MlsError> {
         let (engine, contents) = Engine::open(key, backend, "device")?;
         let bad = |what: &str| MlsError::Malformed { what: "state", detail: what.to_string() };
-        let mut device = Device { engine, org, teams: BTreeMap::new(), waiting: BTreeMap::new(), welcomes: HashMap::new(), counters: Counters::default(), max_held: MAX_HELD, contacts: Contacts::default() };
+        let mut device = Device {
+            engine,
+            org,
+            groups: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            welcomes: HashMap::new(),
+            user_welcomes: HashMap::new(),
+            welcomed: BTreeSet::new(),
+            known: BTreeMap::new(),
+            kp_parts: HashMap::new(),
+            counters: Counters::default(),
+            max_held: MAX_HELD,
+            contacts: Contacts::default(),
+            pending: BTreeMap::new(),
+        };
         for (k, v) in &contents.app {
             let Ok(k) = std::str::from_utf8(k) else { continue };
-            if let Some(team) = k.strip_prefix("t/").and_then(|t| t.parse::<u32>().ok()) {
-                let meta: TeamMeta = serde_json::from_slice(v).map_err(|_| bad("team"))?;
-                let group = device.engine.group(&device.org, team)?.ok_or_else(|| bad("a team without its group"))?;
-                let record = record_of(group)?;
+            if let Some(g) = k.strip_prefix("t/").and_then(Gid::parse) {
+                let meta: GroupMeta = serde_json::from_slice(v).map_err(|_| bad("group"))?;
+                let id = engine::gid_group_id(&device.org, g);
+                let group = device.engine.group_by_id(&id)?.ok_or_else(|| bad("a group without its MLS state"))?;
+                let record = engine::any_record_of(group)?;
                 let epoch = group.epoch().as_u64();
-                device.teams.insert(
-                    team,
-                    Team { record, epoch, meta, commits: BTreeMap::new(), parts: HashMap::new(), held: BTreeMap::new(), overflowed: false, done: BTreeSet::new(), history: BTreeMap::new() },
-                );
+                device.groups.insert(g, Group::new(record, epoch, meta));
             }
         }
         for (k, v) in &contents.app {
             let Ok(k) = std::str::from_utf8(k) else { continue };
             if let Some(rest) = k.strip_prefix("h/") {
-                let (team, key) = parse_key3(rest).ok_or_else(|| bad("history key"))?;
+                let (g, key) = parse_key3(rest).ok_or_else(|| bad("history key"))?;
                 let stored: Stored = serde_json::from_slice(v).map_err(|_| bad("history"))?;
-                if let Some(t) = device.teams.get_mut(&team) {
+                if let Some(t) = device.groups.get_mut(&g) {
                     t.done.insert(key);
                     t.history.entry(key.0).or_default().insert(stored.id, stored);
                 }
             } else if let Some(rest) = k.strip_prefix("d/") {
-                let (team, key) = parse_key3(rest).ok_or_else(|| bad("done key"))?;
-                if let Some(t) = device.teams.get_mut(&team) {
+                let (g, key) = parse_key3(rest).ok_or_else(|| bad("done key"))?;
+                if let Some(t) = device.groups.get_mut(&g) {
                     t.done.insert(key);
                 }
+            } else if let Some(whole) = k.strip_prefix("x/").and_then(|x| u128::from_str_radix(x, 16).ok()) {
+                device.welcomed.insert(whole);
             } else if let Some(hkp) = k.strip_prefix("w/").and_then(engine::unhex) {
-                device.waiting.insert(hkp54(&hkp), hkp);
+                device.waiting.insert(hkp, decode_waiting(v));
             } else if let Some(user) = k.strip_prefix("c/").and_then(UserId::parse) {
                 let contact: Contact = serde_json::from_slice(v).map_err(|_| bad("contact"))?;
                 device.contacts.set(user, contact);
+            } else if let Some(rest) = k.strip_prefix("p/") {
+                let (user, seq) = rest.split_once('/').ok_or_else(|| bad("pending key"))?;
+                let user = UserId::parse(user).ok_or_else(|| bad("pending key"))?;
+                let seq = u64::from_str_radix(seq, 16).map_err(|_| bad("pending key"))?;
+                let message: Message = serde_json::from_slice(v).map_err(|_| bad("pending message"))?;
+                device.pending.entry(user).or_default().push((seq, message));
             }
         }
         Ok(device)
@@ -244,6 +362,11 @@ impl<B: Backend> Device<B> {
     /// The org.
     pub fn org(&self) -> &Org {
         &self.org
+    }
+
+    /// The users' space of this device's domain.
+    pub fn users(&self) -> Users {
+        Users::at(self.org.origin())
     }
 
     /// Where the sealed state lives.
@@ -301,6 +424,7 @@ impl<B: Backend> Device<B> {
 
     /// `block USER` / `unblock USER`. A blocked user's messages that arrive while the block
     /// lasts are dropped unread; what was kept before is hidden until the block is lifted.
+    /// Welcomes to conversations a blocked user created are refused.
     pub fn set_blocked(&mut self, user: UserId, blocked: bool) -> Result<Contact, MlsError> {
         if user == self.user_id() {
             return Err(ContactError::Yourself.into());
@@ -309,11 +433,81 @@ impl<B: Backend> Device<B> {
         self.set_contact(user, contact)
     }
 
-    /// A team's members: device id, user, and whether it is this device.
-    pub fn members(&mut self, team: u32) -> Result<Vec<Member>, MlsError> {
-        let record = self.teams.get(&team).map(|t| t.record.clone()).ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
-        let org = self.org;
-        let group = self.engine.group(&org, team)?.ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
+    /// The teams this device is in: `(team, record, epoch, own device id)`.
+    pub fn teams(&self) -> impl Iterator<Item = (u32, &TeamRecord, u64, u32)> {
+        self.groups.iter().filter_map(|(g, t)| match (g, &t.record) {
+            (Gid::Team(id), Record::Team(r)) => Some((*id, r, t.epoch, t.meta.device)),
+            _ => None,
+        })
+    }
+
+    /// The conversations this device is in: `(conversation, record, epoch, own device id)`.
+    pub fn convs(&self) -> impl Iterator<Item = (ConvId, &ConvRecord, u64, u32)> {
+        self.groups.iter().filter_map(|(g, t)| match (g, &t.record) {
+            (Gid::Conv(id), Record::Conv(r)) => Some((*id, r, t.epoch, t.meta.device)),
+            _ => None,
+        })
+    }
+
+    /// Every group this device is in, teams and conversations.
+    pub fn groups(&self) -> impl Iterator<Item = Gid> + '_ {
+        self.groups.keys().copied()
+    }
+
+    /// A group's epoch and this device's id in it.
+    pub fn group_state(&self, group: impl Into<Gid>) -> Option<(u64, u32)> {
+        self.groups.get(&group.into()).map(|t| (t.epoch, t.meta.device))
+    }
+
+    /// The hKPs whose welcomes this device waits for.
+    pub fn waiting(&self) -> impl Iterator<Item = &[u8]> {
+        self.waiting.keys().map(Vec::as_slice)
+    }
+
+    /// The filters the welcomes this device waits for come under: one per team key package,
+    /// and its user's welcomes in its users' space once it has published a key package there.
+    pub fn welcome_filters(&self) -> Vec<canopy::Filter> {
+        let mut out: Vec<canopy::Filter> = self.waiting.iter().filter(|(_, w)| w.space == Space::Org).map(|(hkp, _)| self.org.welcome_filter(hkp)).collect();
+        if self.waiting.values().any(|w| w.space == Space::Users) {
+            out.push(self.users().welcomes(&self.user_id()));
+        }
+        out
+    }
+
+    /// A team's id, from its id text or its name.
+    pub fn resolve_team(&self, which: &str) -> Result<u32, MlsError> {
+        let numeric = !which.is_empty() && which.bytes().all(|b| b.is_ascii_digit());
+        self.teams()
+            .find(|(id, r, ..)| if numeric { id.to_string() == which } else { r.name == which })
+            .map(|(id, ..)| id)
+            .ok_or_else(|| MlsError::UnknownTeam(which.to_string()))
+    }
+
+    /// A channel's id in a team, from its id text or name.
+    pub fn resolve_channel(&self, team: u32, which: &str) -> Result<u16, MlsError> {
+        let (_, record, ..) = self.teams().find(|(t, ..)| *t == team).ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
+        record.channel(which).ok_or_else(|| MlsError::UnknownChannel(format!("{}/{which}", record.name)))
+    }
+
+    /// Sets how many messages a group may hold for future epochs ([`MAX_HELD`] by default).
+    pub fn set_max_held(&mut self, max: usize) {
+        self.max_held = max;
+    }
+
+    /// Epochs missing before the commits this device holds: `(first, last)` inclusive, if
+    /// any. Until they arrive, the group cannot move on.
+    pub fn missing_commits(&self, group: impl Into<Gid>) -> Option<(u64, u64)> {
+        let t = self.groups.get(&group.into())?;
+        let (&next, _) = t.commits.iter().find(|(e, _)| **e > t.epoch)?;
+        (next > t.epoch + 1).then_some((t.epoch + 1, next - 1))
+    }
+
+    /// A group's members: device id, user, and whether it is this device.
+    pub fn members(&mut self, group: impl Into<Gid>) -> Result<Vec<Member>, MlsError> {
+        let g = group.into();
+        let record = self.groups.get(&g).map(|t| t.record.clone()).ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
+        let id = engine::gid_group_id(&self.org, g);
+        let group = self.engine.group_by_id(&id)?.ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
         let own = group.own_leaf_index().u32();
         let mut out: Vec<Member> = group
             .members()
@@ -326,47 +520,8 @@ impl<B: Backend> Device<B> {
         Ok(out)
     }
 
-    /// The teams this device is in: `(team, record, epoch, own device id)`.
-    pub fn teams(&self) -> impl Iterator<Item = (u32, &TeamRecord, u64, u32)> {
-        self.teams.iter().map(|(id, t)| (*id, &t.record, t.epoch, t.meta.device))
-    }
-
-    /// The hKPs whose welcomes this device waits for.
-    pub fn waiting(&self) -> impl Iterator<Item = &[u8]> {
-        self.waiting.values().map(Vec::as_slice)
-    }
-
-    /// A team's id, from its id text or its name.
-    pub fn resolve_team(&self, which: &str) -> Result<u32, MlsError> {
-        let numeric = !which.is_empty() && which.bytes().all(|b| b.is_ascii_digit());
-        self.teams
-            .iter()
-            .find(|(id, t)| if numeric { id.to_string() == which } else { t.record.name == which })
-            .map(|(id, _)| *id)
-            .ok_or_else(|| MlsError::UnknownTeam(which.to_string()))
-    }
-
-    /// A channel's id in a team, from its id text or name.
-    pub fn resolve_channel(&self, team: u32, which: &str) -> Result<u16, MlsError> {
-        let t = self.teams.get(&team).ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
-        t.record.channel(which).ok_or_else(|| MlsError::UnknownChannel(format!("{}/{which}", t.record.name)))
-    }
-
-    /// Sets how many messages a team may hold for future epochs ([`MAX_HELD`] by default).
-    pub fn set_max_held(&mut self, max: usize) {
-        self.max_held = max;
-    }
-
-    /// Epochs missing before the commits this device holds: `(first, last)` inclusive, if
-    /// any. Until they arrive, the team cannot move on.
-    pub fn missing_commits(&self, team: u32) -> Option<(u64, u64)> {
-        let t = self.teams.get(&team)?;
-        let (&next, _) = t.commits.iter().find(|(e, _)| **e > t.epoch)?;
-        (next > t.epoch + 1).then_some((t.epoch + 1, next - 1))
-    }
-
-    /// A fresh single-use key package: its hKP, and the chunks to publish. The device then
-    /// waits for the welcome named after the hKP.
+    /// A fresh single-use key package for a team add: its hKP, and the chunks to publish.
+    /// The device then waits for the welcome named after the hKP.
     pub fn key_package(&mut self, now_ms: u64, ttl_ms: u64) -> Result<(Vec<u8>, Vec<Outgoing>), MlsError> {
         let (bytes, hkp) = self.engine.key_package(false)?;
         let outgoing = fragment::split(Path::KeyPackage, &bytes)?
@@ -374,64 +529,88 @@ impl<B: Backend> Device<B> {
             .enumerate()
             .map(|(i, data)| Outgoing { name: self.org.key_package(&hkp, i as u16), expiry_ms: now_ms + ttl_ms, data })
             .collect();
-        self.engine.vault.put(format!("w/{}", hex(&hkp)).as_bytes(), b"");
+        let w = Waiting { space: Space::Org, created_ms: now_ms };
+        self.engine.vault.put(&waiting_key(&hkp), &encode_waiting(&w));
         self.engine.persist()?;
-        self.waiting.insert(hkp54(&hkp), hkp.clone());
+        self.waiting.insert(hkp.clone(), w);
         Ok((hkp, outgoing))
     }
 
-    /// Encrypts a message for `team/channel` and returns its id and its chunks. The device
-    /// keeps the plaintext in its history.
-    pub fn send(&mut self, team: u32, channel: u16, message: Message, now_ms: u64) -> Result<(MsgRef, Vec<Outgoing>), MlsError> {
+    /// The name of fragment `msg` of a message of `device` in a group.
+    fn message_name(&self, g: Gid, channel: u16, device: u32, msg: u32) -> Result<Name, MlsError> {
+        Ok(match g {
+            Gid::Team(team) => self.org.message(team, channel, device, msg)?,
+            Gid::Conv(conv) => Users::message(conv, device, msg)?,
+        })
+    }
+
+    /// Encrypts a message for a group's channel and returns its id and its chunks. The
+    /// device keeps the plaintext in its history.
+    pub fn send(&mut self, group: impl Into<Gid>, channel: u16, message: Message, now_ms: u64) -> Result<(MsgRef, Vec<Outgoing>), MlsError> {
+        let g = group.into();
         let payload = message.encode()?;
-        let t = self.teams.get_mut(&team).ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
-        if !t.record.channels.contains_key(&channel) && channel != crate::names::MANAGEMENT_CHANNEL {
-            return Err(MlsError::UnknownChannel(format!("{}/{channel}", t.record.name)));
+        let t = self.groups.get(&g).ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
+        if !t.has_channel(channel) {
+            return Err(MlsError::UnknownChannel(format!("{}/{channel}", t.record.name())));
         }
-        let mut group = self.engine.take_group(&self.org, team)?.ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
+        let (device, ttl) = (t.meta.device, t.record.lifetimes().message_ms);
+        let first = *t.meta.next_msg.get(&channel).unwrap_or(&1);
+        let id = engine::gid_group_id(&self.org, g);
+        let mut group = self.engine.take_group_by_id(&id)?.ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
         let out = group.create_message(&self.engine.provider, &self.engine.signer, &payload).map_err(mls)?;
         self.engine.keep_group(group);
         let bytes = out.tls_serialize_detached().map_err(mls)?;
         let pieces = fragment::split(Path::Message, &bytes)?;
-        let first = *t.meta.next_msg.get(&channel).unwrap_or(&1);
         let count = pieces.len() as u32;
         if first.checked_add(count).is_none_or(|end| end - 1 > MAX_MSG) {
-            return Err(MlsError::BadName(format!("device {} has used every message number in channel {channel}", t.meta.device)));
+            return Err(MlsError::BadName(format!("device {device} has used every message number in channel {channel}")));
         }
-        let ttl = t.record.lifetimes.message_ms;
         let mut outgoing = Vec::with_capacity(pieces.len());
         for (i, data) in pieces.into_iter().enumerate() {
-            outgoing.push(Outgoing { name: self.org.message(team, channel, t.meta.device, first + i as u32)?, expiry_ms: now_ms + ttl, data });
+            outgoing.push(Outgoing { name: self.message_name(g, channel, device, first + i as u32)?, expiry_ms: now_ms + ttl, data });
         }
-        let id = MsgRef { device: t.meta.device, msg: first };
-        t.meta.next_msg.insert(channel, first + count);
+        let id = MsgRef { device, msg: first };
         let key = (channel, id.device, id.msg);
         let stored = Stored { id, message, user: Some(self.engine.user_id()) };
+        self.engine.vault.put(&msg_key(g, key), &serde_json::to_vec(&stored).expect("serializable"));
+        let t = self.groups.get_mut(&g).expect("checked above");
+        t.meta.next_msg.insert(channel, first + count);
         t.done.insert(key);
-        self.engine.vault.put(&msg_key(team, key), &serde_json::to_vec(&stored).expect("serializable"));
-        self.engine.vault.put(&team_key(team), &serde_json::to_vec(&t.meta).expect("serializable"));
+        self.engine.vault.put(&group_key(g), &serde_json::to_vec(&t.meta).expect("serializable"));
         t.history.entry(channel).or_default().insert(id, stored);
         self.engine.persist()?;
         Ok((id, outgoing))
     }
 
-    /// Moves this device's next message number on `channel` past `msg`, because that name is
+    /// Moves this device's next message number on a channel past `msg`, because that name is
     /// taken (a publish there was refused as a conflict).
-    pub fn skip_taken(&mut self, team: u32, channel: u16, msg: u32) -> Result<(), MlsError> {
-        let t = self.teams.get_mut(&team).ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
+    pub fn skip_taken(&mut self, group: impl Into<Gid>, channel: u16, msg: u32) -> Result<(), MlsError> {
+        let g = group.into();
+        let t = self.groups.get_mut(&g).ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
         let next = t.meta.next_msg.entry(channel).or_insert(1);
         if *next <= msg {
             *next = msg + 1;
-            self.engine.vault.put(&team_key(team), &serde_json::to_vec(&t.meta).expect("serializable"));
+            self.engine.vault.put(&group_key(g), &serde_json::to_vec(&t.meta).expect("serializable"));
             self.engine.persist()?;
         }
         Ok(())
     }
 
+    /// A refused publish, by name: which group, channel and message number it was.
+    pub fn parse_message_name(&self, name: Name) -> Option<(Gid, u16, u32)> {
+        match self.org.parse(name) {
+            Some(Parsed::Message { team, channel, msg, .. }) => Some((Gid::Team(team), channel, msg)),
+            _ => match Users::parse(name) {
+                Some(ParsedUser::Message { conv, msg, .. }) => Some((Gid::Conv(conv), CONV_CHANNEL, msg)),
+                _ => None,
+            },
+        }
+    }
+
     /// The messages of a channel as every device shows them: ordered by creation time, ties
     /// broken by (device, msg); edits applied; replies attached to their thread's root.
-    pub fn messages(&self, team: u32, channel: u16) -> Vec<Shown> {
-        let Some(history) = self.teams.get(&team).and_then(|t| t.history.get(&channel)) else { return Vec::new() };
+    pub fn messages(&self, group: impl Into<Gid>, channel: u16) -> Vec<Shown> {
+        let Some(history) = self.groups.get(&group.into()).and_then(|t| t.history.get(&channel)) else { return Vec::new() };
         let mut edits: BTreeMap<MsgRef, &Stored> = BTreeMap::new();
         for s in history.values() {
             if let Some(target) = s.message.replaces {
@@ -452,8 +631,8 @@ impl<B: Backend> Device<B> {
 
     /// One message as shown, edits applied: what [`Device::messages`] has for it, without
     /// building the whole channel (a follower gets each message as it arrives).
-    pub fn message(&self, team: u32, channel: u16, id: MsgRef) -> Option<Shown> {
-        let history = self.teams.get(&team)?.history.get(&channel)?;
+    pub fn message(&self, group: impl Into<Gid>, channel: u16, id: MsgRef) -> Option<Shown> {
+        let history = self.groups.get(&group.into())?.history.get(&channel)?;
         let s = history.get(&id).filter(|s| s.message.replaces.is_none() && !self.hidden(s))?;
         let edit = history
             .values()
@@ -467,8 +646,8 @@ impl<B: Backend> Device<B> {
     }
 
     /// The original of a message, as stored (to check who may edit it).
-    pub fn stored(&self, team: u32, channel: u16, id: MsgRef) -> Option<&Stored> {
-        self.teams.get(&team)?.history.get(&channel)?.get(&id)
+    pub fn stored(&self, group: impl Into<Gid>, channel: u16, id: MsgRef) -> Option<&Stored> {
+        self.groups.get(&group.into())?.history.get(&channel)?.get(&id)
     }
 
     /// Takes a batch of chunks from the network. Messages go before commits, so what was
@@ -484,14 +663,27 @@ impl<B: Backend> Device<B> {
         let mut touched = BTreeSet::new();
         for (name, data) in chunks {
             match self.org.parse(name) {
-                Some(Parsed::Message { team, channel, device, msg }) => self.on_message(name, team, channel, device, msg, data, &mut events),
-                Some(Parsed::Welcome { hkp54, .. }) => self.on_welcome(name, hkp54, data, &mut events),
-                Some(Parsed::Commit { team, epoch, .. }) => commits.push((name, team, epoch, data)),
-                Some(Parsed::KeyPackage { .. }) | None => {}
+                Some(Parsed::Message { team, channel, device, msg }) => self.on_message(name, Gid::Team(team), channel, device, msg, data, &mut events),
+                Some(Parsed::Welcome { hkp54: top, .. }) => {
+                    let hkp = self.waiting.iter().find(|(h, w)| w.space == Space::Org && hkp54(h) == top).map(|(h, _)| h.clone());
+                    if let Some(hkp) = hkp {
+                        self.on_welcome(name, hkp, data, &mut events);
+                    }
+                }
+                Some(Parsed::Commit { team, epoch, .. }) => commits.push((name, Gid::Team(team), epoch, data)),
+                Some(Parsed::KeyPackage { .. }) => {}
+                None => match Users::parse(name) {
+                    Some(ParsedUser::Message { conv, device, msg }) => self.on_message(name, Gid::Conv(conv), CONV_CHANNEL, device, msg, data, &mut events),
+                    Some(ParsedUser::Welcome { user32, .. }) if user32 == crate::names::user32(&self.user_id()) => self.on_user_welcome(name, data, &mut events),
+                    Some(ParsedUser::Welcome { .. }) => {}
+                    Some(ParsedUser::Commit { conv, epoch, .. }) => commits.push((name, Gid::Conv(conv), epoch, data)),
+                    Some(ParsedUser::KeyPackage { .. }) => self.on_key_package(name, data, &mut events),
+                    None => {}
+                },
             }
         }
-        for (name, team, epoch, data) in commits {
-            let Some(t) = self.teams.get_mut(&team) else { continue };
+        for (name, g, epoch, data) in commits {
+            let Some(t) = self.groups.get_mut(&g) else { continue };
             if epoch <= t.epoch {
                 self.counters.duplicates += 1;
                 continue;
@@ -501,13 +693,13 @@ impl<B: Backend> Device<B> {
                     if let Err(e) = t.commits.entry(epoch).or_default().add(f) {
                         self.reject(name, format!("commit fragment: {e}"), &mut events);
                     }
-                    touched.insert(team);
+                    touched.insert(g);
                 }
                 Err(e) => self.reject(name, format!("commit fragment: {e}"), &mut events),
             }
         }
-        for team in touched {
-            self.advance(team, &mut events);
+        for g in touched {
+            self.advance(g, &mut events);
         }
         self.engine.write()?;
         Ok(events)
@@ -519,14 +711,52 @@ impl<B: Backend> Device<B> {
         self.engine.sync()
     }
 
-    fn reject(&mut self, name: Name, reason: String, events: &mut Vec<Event>) {
+    pub(crate) fn reject(&mut self, name: Name, reason: String, events: &mut Vec<Event>) {
         self.counters.rejected += 1;
         events.push(Event::Rejected { name, reason });
     }
 
+    fn on_key_package(&mut self, name: Name, data: &[u8], events: &mut Vec<Event>) {
+        let f = match Fragment::decode(Path::KeyPackage, data) {
+            Ok(f) => f,
+            Err(e) => return self.reject(name, format!("key package fragment: {e}"), events),
+        };
+        let whole = name.to_u128() >> 8;
+        let asm = self.kp_parts.entry(whole).or_default();
+        if let Err(e) = asm.add(f) {
+            return self.reject(name, format!("key package fragment: {e}"), events);
+        }
+        let Some(object) = asm.finish() else { return };
+        self.kp_parts.remove(&whole);
+        let checked = match object.map_err(|e| MlsError::Malformed { what: "key package", detail: e.to_string() }).and_then(|o| engine::read_key_package(self.engine.provider.crypto(), &o)) {
+            Ok(c) => c,
+            Err(e) => return self.reject(name, format!("key package: {e}"), events),
+        };
+        // Published where its user and hKP say, or not at all.
+        let origin = (name.to_u128() >> 104) as u32;
+        if Users::at(origin).key_package(&checked.user, &checked.hkp, 0).ok().map(|n| n.to_u128() >> 8) != Some(whole) {
+            return self.reject(name, format!("a key package of user {} published under another user's or hKP's name", checked.user), events);
+        }
+        let device_key = checked.key_package.leaf_node().signature_key().as_slice().to_vec();
+        if device_key == self.public_key() {
+            return;
+        }
+        let devices = self.known.entry(checked.user).or_default();
+        let fresh = !devices.contains_key(&device_key);
+        devices.insert(device_key, KnownKeyPackage { origin, hkp: checked.hkp, key_package: checked.key_package });
+        if fresh {
+            events.push(Event::KeyPackage { user: checked.user });
+        }
+    }
+
+    /// The key packages known of `user`'s devices (other than this one): one per device.
+    pub fn key_packages_of(&self, user: &UserId) -> impl Iterator<Item = &KnownKeyPackage> {
+        self.known.get(user).into_iter().flat_map(|d| d.values())
+    }
+
     #[allow(clippy::too_many_arguments)]
-    fn on_message(&mut self, name: Name, team: u32, channel: u16, device: u32, msg: u32, data: &[u8], events: &mut Vec<Event>) {
-        let Some(t) = self.teams.get_mut(&team) else { return };
+    fn on_message(&mut self, name: Name, g: Gid, channel: u16, device: u32, msg: u32, data: &[u8], events: &mut Vec<Event>) {
+        let Some(t) = self.groups.get_mut(&g) else { return };
         let f = match Fragment::decode(Path::Message, data) {
             Ok(f) => f,
             Err(e) => {
@@ -534,7 +764,7 @@ impl<B: Backend> Device<B> {
                 if device == t.meta.device {
                     let next = t.meta.next_msg.entry(channel).or_insert(1);
                     *next = (*next).max(msg + 1);
-                    self.engine.vault.put(&team_key(team), &serde_json::to_vec(&t.meta).expect("serializable"));
+                    self.engine.vault.put(&group_key(g), &serde_json::to_vec(&t.meta).expect("serializable"));
                 }
                 return self.reject(name, format!("message fragment: {e}"), events);
             }
@@ -551,7 +781,7 @@ impl<B: Backend> Device<B> {
             // Not in this device's history, yet under its name: someone took the name.
             let next = t.meta.next_msg.entry(channel).or_insert(1);
             *next = (*next).max(first + u32::from(f.count));
-            self.engine.vault.put(&team_key(team), &serde_json::to_vec(&t.meta).expect("serializable"));
+            self.engine.vault.put(&group_key(g), &serde_json::to_vec(&t.meta).expect("serializable"));
         }
         let asm = t.parts.entry(key).or_default();
         if let Err(e) = asm.add(f) {
@@ -560,33 +790,34 @@ impl<B: Backend> Device<B> {
         let Some(object) = asm.finish() else { return };
         t.parts.remove(&key);
         match object {
-            Ok(object) => self.process_message(team, name, key, object, events),
+            Ok(object) => self.process_message(g, name, key, object, events),
             Err(e) => {
-                self.mark_done(team, key);
+                self.mark_done(g, key);
                 self.reject(name, format!("message: {e}"), events)
             }
         }
     }
 
-    fn mark_done(&mut self, team: u32, key: Key3) {
-        if let Some(t) = self.teams.get_mut(&team) {
+    fn mark_done(&mut self, g: Gid, key: Key3) {
+        if let Some(t) = self.groups.get_mut(&g) {
             t.done.insert(key);
-            self.engine.vault.put(&done_key(team, key), b"");
+            self.engine.vault.put(&done_key(g, key), b"");
         }
     }
 
-    fn process_message(&mut self, team: u32, name: Name, key: Key3, object: Vec<u8>, events: &mut Vec<Event>) {
+    fn process_message(&mut self, g: Gid, name: Name, key: Key3, object: Vec<u8>, events: &mut Vec<Event>) {
         let protocol = match MlsMessageIn::tls_deserialize_exact(&object).ok().and_then(|m| m.try_into_protocol_message().ok()) {
             Some(p) => p,
             None => {
-                self.mark_done(team, key);
+                self.mark_done(g, key);
                 return self.reject(name, "not an MLS protocol message".into(), events);
             }
         };
-        let Some(t) = self.teams.get_mut(&team) else { return };
+        let group_id = engine::gid_group_id(&self.org, g);
+        let Some(t) = self.groups.get_mut(&g) else { return };
         let epoch = protocol.epoch().as_u64();
-        if protocol.group_id() != &engine::group_id(&self.org, team) {
-            self.mark_done(team, key);
+        if protocol.group_id() != &group_id {
+            self.mark_done(g, key);
             return self.reject(name, "an MLS message of another group".into(), events);
         }
         if epoch > t.epoch {
@@ -600,32 +831,33 @@ impl<B: Backend> Device<B> {
             t.held.entry(epoch).or_default().push((name, key, object));
             return;
         }
-        let result = self.decrypt(team, key, protocol);
-        self.mark_done(team, key);
+        let result = self.decrypt(g, key, protocol);
+        self.mark_done(g, key);
         match result {
             Ok(Some(stored)) if stored.user.is_some_and(|u| self.contacts.is_blocked(&u)) => {
                 // Never shown, not even after an unblock: dropped unread, and counted.
                 self.counters.blocked += 1;
             }
             Ok(Some(stored)) => {
-                let t = self.teams.get_mut(&team).expect("team exists");
+                let t = self.groups.get_mut(&g).expect("group exists");
                 let id = stored.message.replaces.unwrap_or(stored.id);
-                self.engine.vault.put(&msg_key(team, key), &serde_json::to_vec(&stored).expect("serializable"));
+                self.engine.vault.put(&msg_key(g, key), &serde_json::to_vec(&stored).expect("serializable"));
                 t.history.entry(key.0).or_default().insert(stored.id, stored);
                 self.counters.messages += 1;
-                events.push(Event::Message { team, channel: key.0, id });
+                events.push(Event::Message { group: g, channel: key.0, id });
             }
             Ok(None) => {}
             Err(reason) => self.reject(name, reason, events),
         }
     }
 
-    fn decrypt(&mut self, team: u32, key: Key3, protocol: ProtocolMessage) -> Result<Option<Stored>, String> {
-        let mut group = self.engine.take_group(&self.org, team).map_err(|e| e.to_string())?.ok_or("no group")?;
+    fn decrypt(&mut self, g: Gid, key: Key3, protocol: ProtocolMessage) -> Result<Option<Stored>, String> {
+        let id = engine::gid_group_id(&self.org, g);
+        let mut group = self.engine.take_group_by_id(&id).map_err(|e| e.to_string())?.ok_or("no group")?;
         let processed = group.process_message(&self.engine.provider, protocol).map_err(|e| format!("cannot decrypt: {e}"))?;
         self.engine.keep_group(group);
         let Sender::Member(leaf) = *processed.sender() else { return Err("not sent by a member".into()) };
-        let t = &self.teams[&team];
+        let t = &self.groups[&g];
         let sender = t.record.device_of(leaf.u32()).ok_or("sent from a leaf with no device id")?;
         // The leaf's binding was checked when it joined.
         let user = identity::claimed_user(processed.credential());
@@ -652,31 +884,75 @@ impl<B: Backend> Device<B> {
         }
     }
 
-    fn on_welcome(&mut self, name: Name, hkp54: u64, data: &[u8], events: &mut Vec<Event>) {
-        if !self.waiting.contains_key(&hkp54) {
+    fn on_welcome(&mut self, name: Name, hkp: Vec<u8>, data: &[u8], events: &mut Vec<Event>) {
+        let f = match Fragment::decode(Path::Welcome, data) {
+            Ok(f) => f,
+            Err(e) => return self.reject(name, format!("welcome fragment: {e}"), events),
+        };
+        let asm = self.welcomes.entry(hkp.clone()).or_default();
+        if let Err(e) = asm.add(f) {
+            return self.reject(name, format!("welcome fragment: {e}"), events);
+        }
+        let Some(object) = asm.finish() else { return };
+        self.welcomes.remove(&hkp);
+        match object.map_err(|e| e.to_string()).and_then(|o| self.join(&o)) {
+            Ok((group, device)) => {
+                // A team's key package is single-use.
+                self.waiting.remove(&hkp);
+                self.engine.vault.delete(&waiting_key(&hkp));
+                events.push(Event::Joined { group, device });
+            }
+            Err(reason) => self.reject(name, format!("welcome: {reason}"), events),
+        }
+    }
+
+    /// A welcome to this device's user in the users' space: for one of this device's
+    /// last-resort key packages (which stay), or for another device of the user (ignored).
+    /// Processed once, joined or refused.
+    fn on_user_welcome(&mut self, name: Name, data: &[u8], events: &mut Vec<Event>) {
+        let whole = name.to_u128() >> 8;
+        if self.welcomed.contains(&whole) {
+            self.counters.duplicates += 1;
             return;
         }
         let f = match Fragment::decode(Path::Welcome, data) {
             Ok(f) => f,
             Err(e) => return self.reject(name, format!("welcome fragment: {e}"), events),
         };
-        let asm = self.welcomes.entry(hkp54).or_default();
+        let asm = self.user_welcomes.entry(whole).or_default();
         if let Err(e) = asm.add(f) {
             return self.reject(name, format!("welcome fragment: {e}"), events);
         }
         let Some(object) = asm.finish() else { return };
-        self.welcomes.remove(&hkp54);
-        match object.map_err(|e| e.to_string()).and_then(|o| self.join(&o)) {
-            Ok((team, device)) => {
-                let hkp = self.waiting.remove(&hkp54).expect("waiting");
-                self.engine.vault.delete(format!("w/{}", hex(&hkp)).as_bytes());
-                events.push(Event::Joined { team, device });
+        self.user_welcomes.remove(&whole);
+        let Ok(object) = object else {
+            self.mark_welcomed(whole);
+            return self.reject(name, "welcome: fragments that do not add up".into(), events);
+        };
+        // Only a welcome that holds secrets for one of this device's key packages is for it.
+        let mine = match MlsMessageIn::tls_deserialize_exact(&object).map(MlsMessageIn::extract) {
+            Ok(MlsMessageBodyIn::Welcome(w)) => w.secrets().iter().any(|s| self.waiting.get(s.new_member().as_slice()).is_some_and(|w| w.space == Space::Users)),
+            _ => {
+                self.mark_welcomed(whole);
+                return self.reject(name, "welcome: not an MLS welcome".into(), events);
             }
+        };
+        if !mine {
+            return;
+        }
+        self.mark_welcomed(whole);
+        match self.join(&object) {
+            Ok((group, device)) => events.push(Event::Joined { group, device }),
             Err(reason) => self.reject(name, format!("welcome: {reason}"), events),
         }
     }
 
-    fn join(&mut self, object: &[u8]) -> Result<(u32, u32), String> {
+    fn mark_welcomed(&mut self, whole: u128) {
+        self.welcomed.insert(whole);
+        self.engine.vault.put(format!("x/{whole:x}").as_bytes(), b"");
+    }
+
+    fn join(&mut self, object: &[u8]) -> Result<(Gid, u32), String> {
         let welcome = match MlsMessageIn::tls_deserialize_exact(object).map_err(|e| e.to_string())?.extract() {
             MlsMessageBodyIn::Welcome(w) => w,
             _ => return Err("not a welcome".into()),
@@ -686,51 +962,76 @@ impl<B: Backend> Device<B> {
             identity::check(self.engine.provider.crypto(), &m.credential, m.signature_key.as_slice())
                 .map_err(|e| format!("member at leaf {}: {e}", m.index.u32()))?;
         }
+        // Decide on the record before the group is stored.
+        let context = staged.group_context();
+        let record = match context.extensions().unknown(crate::payload::CONV_EXTENSION) {
+            Some(ext) => Record::Conv(ConvRecord::decode(&ext.0).map_err(|e| format!("conversation record: {e}"))?),
+            None => Record::Team(TeamRecord::decode(&context.extensions().unknown(crate::payload::TEAM_EXTENSION).ok_or("no team or conversation record")?.0).map_err(|e| format!("team record: {e}"))?),
+        };
+        let g = record.gid();
+        if context.group_id() != &engine::gid_group_id(&self.org, g) {
+            return Err(format!("a welcome to group {g} under another group's id"));
+        }
+        match &record {
+            Record::Team(r) if r.org != self.org.org() => return Err(format!("a welcome to org {} team {}, which is not this org's", r.org, r.team)),
+            Record::Team(_) => {}
+            Record::Conv(r) => {
+                let me = self.user_id();
+                if !r.users.contains(&me) {
+                    return Err(format!("a welcome to conversation {} whose users do not include this device's", r.conv));
+                }
+                if self.contacts.is_blocked(&r.creator) || r.users.iter().any(|u| *u != me && self.contacts.is_blocked(u) && r.kind == crate::payload::ConvKind::Dm) {
+                    self.counters.blocked += 1;
+                    return Err(format!("a welcome to conversation {} from a blocked user", r.conv));
+                }
+            }
+        }
+        if self.groups.contains_key(&g) {
+            return Err(format!("already in group {g}"));
+        }
+        let own = staged.members().find(|m| m.signature_key.as_slice() == self.public_key()).map(|m| m.index.u32()).ok_or("the welcome does not hold this device")?;
+        let device = record.device_of(own).ok_or("the record gives this device no id")?;
         let group = staged.into_group(&self.engine.provider).map_err(|e| e.to_string())?;
-        let record = record_of(&group).map_err(|e| e.to_string())?;
-        let team = record.team;
-        if record.org != self.org.org() || group.group_id() != &engine::group_id(&self.org, team) {
-            return Err(format!("a welcome to org {} team {team}, which is not this org's", record.org));
-        }
-        let device = record.device_of(group.own_leaf_index().u32()).ok_or("the team record gives this device no id")?;
-        if self.teams.contains_key(&team) {
-            return Err(format!("already in team {team}"));
-        }
-        let meta = TeamMeta { device, next_msg: BTreeMap::new() };
-        self.engine.vault.put(&team_key(team), &serde_json::to_vec(&meta).expect("serializable"));
+        let meta = GroupMeta { device, next_msg: BTreeMap::new() };
+        self.engine.vault.put(&group_key(g), &serde_json::to_vec(&meta).expect("serializable"));
         let epoch = group.epoch().as_u64();
         self.engine.keep_group(group);
-        self.teams.insert(
-            team,
-            Team { record, epoch, meta, commits: BTreeMap::new(), parts: HashMap::new(), held: BTreeMap::new(), overflowed: false, done: BTreeSet::new(), history: BTreeMap::new() },
-        );
-        Ok((team, device))
+        self.groups.insert(g, Group::new(record, epoch, meta));
+        Ok((g, device))
+    }
+
+    /// The name of fragment 0 of the commit that creates `epoch` in a group.
+    pub(crate) fn commit_name(&self, g: Gid, epoch: u64, fragment: u16) -> Result<Name, MlsError> {
+        Ok(match g {
+            Gid::Team(team) => self.org.commit(team, epoch, fragment)?,
+            Gid::Conv(conv) => Users::commit(conv, epoch, fragment)?,
+        })
     }
 
     /// Applies every commit that is next in line, releasing held messages after each.
-    fn advance(&mut self, team: u32, events: &mut Vec<Event>) {
+    fn advance(&mut self, g: Gid, events: &mut Vec<Event>) {
         loop {
-            let Some(t) = self.teams.get_mut(&team) else { return };
+            let Some(t) = self.groups.get_mut(&g) else { return };
             let next = t.epoch + 1;
             // Commits for epochs already passed are duplicates.
             t.commits.retain(|e, _| *e >= next);
             let Some(object) = t.commits.get(&next).and_then(Assembly::finish) else {
                 if t.overflowed && t.held.is_empty() {
                     t.overflowed = false;
-                    events.push(Event::Refetch { team });
+                    events.push(Event::Refetch { group: g });
                 }
                 return;
             };
             t.commits.remove(&next);
-            let name = self.org.commit(team, next, 0).expect("valid commit name");
-            match object.map_err(|e| e.to_string()).and_then(|o| self.apply_commit(team, &o)) {
+            let Ok(name) = self.commit_name(g, next, 0) else { return };
+            match object.map_err(|e| e.to_string()).and_then(|o| self.apply_commit(g, &o)) {
                 Ok(()) => {
                     self.counters.commits += 1;
-                    events.push(Event::Epoch { team, epoch: next });
-                    let t = self.teams.get_mut(&team).expect("team exists");
+                    events.push(Event::Epoch { group: g, epoch: next });
+                    let t = self.groups.get_mut(&g).expect("group exists");
                     let held = t.held.remove(&next).unwrap_or_default();
                     for (name, key, object) in held {
-                        self.process_message(team, name, key, object, events);
+                        self.process_message(g, name, key, object, events);
                     }
                 }
                 Err(reason) => {
@@ -741,10 +1042,11 @@ impl<B: Backend> Device<B> {
         }
     }
 
-    fn apply_commit(&mut self, team: u32, object: &[u8]) -> Result<(), String> {
+    fn apply_commit(&mut self, g: Gid, object: &[u8]) -> Result<(), String> {
         let protocol = MlsMessageIn::tls_deserialize_exact(object).ok().and_then(|m| m.try_into_protocol_message().ok()).ok_or("not an MLS protocol message")?;
-        let mut group = self.engine.take_group(&self.org, team).map_err(|e| e.to_string())?.ok_or("no group")?;
-        let t = &self.teams[&team];
+        let id = engine::gid_group_id(&self.org, g);
+        let mut group = self.engine.take_group_by_id(&id).map_err(|e| e.to_string())?.ok_or("no group")?;
+        let t = &self.groups[&g];
         let processed = group.process_message(&self.engine.provider, protocol).map_err(|e| e.to_string())?;
         let Sender::Member(leaf) = *processed.sender() else { return Err("not sent by a member".into()) };
         if t.record.device_of(leaf.u32()) != Some(0) {
@@ -755,15 +1057,14 @@ impl<B: Backend> Device<B> {
         };
         check_leaves(self.engine.provider.crypto(), &staged)?;
         group.merge_staged_commit(&self.engine.provider, *staged).map_err(|e| e.to_string())?;
-        let record = record_of(&group).map_err(|e| e.to_string())?;
-        let t = self.teams.get_mut(&team).expect("team exists");
+        let record = engine::any_record_of(&group).map_err(|e| e.to_string())?;
+        let t = self.groups.get_mut(&g).expect("group exists");
         t.record = record;
         t.epoch = group.epoch().as_u64();
         self.engine.keep_group(group);
         Ok(())
     }
 }
-
 /// Checks the binding of every leaf a staged commit brings in or changes: its adds, its
 /// updates, and the committer's own path.
 fn check_leaves(crypto: &impl openmls_traits::crypto::OpenMlsCrypto, staged: &StagedCommit) -> Result<(), String> {

@@ -121,7 +121,8 @@ pub fn capabilities() -> Capabilities {
     Capabilities::new(
         None,
         Some(&[CIPHERSUITE]),
-        Some(&[ExtensionType::Unknown(TEAM_EXTENSION), ExtensionType::Unknown(CONV_EXTENSION)]),
+        // A last-resort key package carries its marker as an extension its leaf must list.
+        Some(&[ExtensionType::Unknown(TEAM_EXTENSION), ExtensionType::Unknown(CONV_EXTENSION), ExtensionType::LastResort]),
         None,
         Some(&[CredentialType::Basic]),
     )
@@ -418,21 +419,40 @@ fn split_identity(record: &[u8]) -> Result<(Vec<u8>, &[u8]), MlsError> {
     Ok((label, record.get(2 + n..).ok_or_else(bad)?))
 }
 
-/// Reads a serialized key package, checks its signature, and checks that its hKP is `hkp`.
-pub fn verify_key_package(crypto: &impl openmls_traits::crypto::OpenMlsCrypto, bytes: &[u8], hkp: &[u8]) -> Result<KeyPackage, MlsError> {
+/// A key package read and checked: its signature, its ciphersuite, and its binding to the
+/// user it claims.
+#[derive(Debug, Clone)]
+pub struct CheckedKeyPackage {
+    /// The key package.
+    pub key_package: KeyPackage,
+    /// Its hKP.
+    pub hkp: Vec<u8>,
+    /// The user its credential is bound to.
+    pub user: UserId,
+}
+
+/// Reads a serialized key package and checks its signature, ciphersuite and user binding.
+pub fn read_key_package(crypto: &impl openmls_traits::crypto::OpenMlsCrypto, bytes: &[u8]) -> Result<CheckedKeyPackage, MlsError> {
     let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Malformed { what: "key package", detail: e.to_string() })?;
     let kp_in = match msg.extract() {
         MlsMessageBodyIn::KeyPackage(kp) => kp,
         _ => return Err(MlsError::Malformed { what: "key package", detail: "another kind of MLS message".into() }),
     };
     let kp = kp_in.validate(crypto, ProtocolVersion::Mls10).map_err(|e| MlsError::Malformed { what: "key package", detail: e.to_string() })?;
-    let found = kp.hash_ref(crypto).map_err(mls)?;
-    if found.as_slice() != hkp {
-        return Err(MlsError::HkpMismatch { expected: hex(hkp), found: hex(found.as_slice()) });
-    }
     if kp.ciphersuite() != CIPHERSUITE {
         return Err(MlsError::Malformed { what: "key package", detail: format!("ciphersuite {:?}", kp.ciphersuite()) });
     }
-    identity::check(crypto, kp.leaf_node().credential(), kp.leaf_node().signature_key().as_slice())?;
-    Ok(kp)
+    let user = identity::check(crypto, kp.leaf_node().credential(), kp.leaf_node().signature_key().as_slice())?;
+    let hkp = kp.hash_ref(crypto).map_err(mls)?.as_slice().to_vec();
+    Ok(CheckedKeyPackage { key_package: kp, hkp, user })
+}
+
+/// Reads a serialized key package, checks it ([`read_key_package`]), and checks that its hKP
+/// is `hkp`.
+pub fn verify_key_package(crypto: &impl openmls_traits::crypto::OpenMlsCrypto, bytes: &[u8], hkp: &[u8]) -> Result<KeyPackage, MlsError> {
+    let checked = read_key_package(crypto, bytes)?;
+    if checked.hkp != hkp {
+        return Err(MlsError::HkpMismatch { expected: hex(hkp), found: hex(&checked.hkp) });
+    }
+    Ok(checked.key_package)
 }

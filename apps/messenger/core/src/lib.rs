@@ -8,6 +8,7 @@
 //! - [`seal`]: encryption at rest, over a narrow key/value [`seal::Backend`];
 //! - [`identity`]: users, and the binding of each device's MLS credential to its user;
 //! - [`contacts`]: a device's local names for users, and whom it blocks;
+//! - [`conv`]: conversations between users (direct messages), in the users' name space;
 //! - [`engine`], [`committer`] and [`device`]: MLS (openmls, ciphersuite
 //!   `MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519`) for the committer and for a member
 //!   device.
@@ -16,6 +17,7 @@
 
 pub mod committer;
 pub mod contacts;
+pub mod conv;
 pub mod device;
 pub mod engine;
 pub mod fragment;

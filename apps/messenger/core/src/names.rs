@@ -25,13 +25,18 @@
 //! |---|---|---|
 //! | 1 | conversation message fragment | `conv:48 device:20 msg:20` |
 //! | 2 | a user's key package fragment | `user:56 hkp:24 fragment:8` |
-//! | 3 | welcome fragment | `hkp:80 fragment:8` |
+//! | 3 | welcome fragment | `user:32 conv:32 epoch:16 fragment:8` |
 //! | 4 | conversation commit fragment | `conv:48 fragment:10 epoch:30` |
 //!
-//! `user` is the first 56 bits of the user id, so one `/96` covers every key package a user's
-//! devices publish; the credential inside names the whole id, and that is what is checked. A
-//! conversation's names are under its creator's domain; its 48-bit `conv` number is random,
-//! and the MLS group id carries it, so a collision shows as refused messages of another group.
+//! `user` is the first 56 (key packages) or 32 (welcomes) bits of the user id, so one `/96`
+//! covers every key package a user's devices publish and one `/72` every welcome to them; the
+//! credential inside names the whole id, and that is what is checked. Key packages in this
+//! space are last-resort ones that many may use, so a welcome is named by its joiner's user,
+//! the low 32 bits of the conversation and the low 16 bits of the epoch its commit creates,
+//! not by hKP: one welcome per user per commit, however many of the user's devices it adds.
+//! A device tells a welcome for itself by the key package references inside. A conversation's names are under
+//! its creator's domain; its 48-bit `conv` number is random, and the MLS group id carries it,
+//! so a collision shows as refused messages of another group.
 
 use std::sync::OnceLock;
 
@@ -230,8 +235,12 @@ pub enum ParsedUser {
     },
     /// A welcome fragment.
     Welcome {
-        /// The first 80 bits of the hKP it is for.
-        hkp80: u128,
+        /// The first 32 bits of the joiner's user id.
+        user32: u32,
+        /// The low 32 bits of the conversation number.
+        conv32: u32,
+        /// The low 16 bits of the epoch its commit creates.
+        epoch16: u16,
         /// Fragment index.
         fragment: u16,
     },
@@ -246,12 +255,14 @@ pub enum ParsedUser {
     },
 }
 
-/// The first 80 bits of an hKP, as carried in the users' space welcome names.
-pub fn hkp80(hkp: &[u8]) -> u128 {
-    let mut top = [0u8; 16];
-    let n = hkp.len().min(16);
-    top[..n].copy_from_slice(&hkp[..n]);
-    u128::from_be_bytes(top) >> 48
+/// The first 64 bits of a user id.
+fn user_bits(user: &crate::identity::UserId) -> u64 {
+    u64::from_be_bytes(user.0[..8].try_into().expect("8 bytes"))
+}
+
+/// The first 32 bits of a user id, as carried in welcome names.
+pub fn user32(user: &crate::identity::UserId) -> u32 {
+    (user_bits(user) >> 32) as u32
 }
 
 /// A domain's users' space: where its users publish key packages and receive welcomes, and
@@ -284,8 +295,11 @@ impl Users {
     /// The name of fragment `fragment` of a key package of `user`, with hKP `hkp`.
     pub fn key_package(&self, user: &crate::identity::UserId, hkp: &[u8], fragment: u16) -> Result<Name, NameError> {
         check("key package fragment", fragment.into(), MAX_USER_FRAGMENT.into())?;
-        let user56 = u128::from(u64::from_be_bytes(user.0[..8].try_into().expect("8 bytes")) >> 8);
-        let hkp24 = hkp80(hkp) >> 56;
+        let user56 = u128::from(user_bits(user) >> 8);
+        let mut top = [0u8; 4];
+        let n = hkp.len().min(3);
+        top[1..1 + n].copy_from_slice(&hkp[..n]);
+        let hkp24 = u128::from(u32::from_be_bytes(top));
         Ok(Name::new(self.head(Path::KeyPackage) | (user56 << 32) | (hkp24 << 8) | u128::from(fragment)))
     }
 
@@ -300,15 +314,20 @@ impl Users {
         Filter::new(self.key_package(user, hkp, 0).expect("fragment 0 fits"), 120).expect("canonical")
     }
 
-    /// The name of fragment `fragment` of the welcome for the key package `hkp`.
-    pub fn welcome(&self, hkp: &[u8], fragment: u16) -> Result<Name, NameError> {
+    /// The name of fragment `fragment` of the welcome of `user`'s devices to `conv`, by the
+    /// commit that creates `epoch`.
+    pub fn welcome(&self, user: &crate::identity::UserId, conv: ConvId, epoch: u64, fragment: u16) -> Result<Name, NameError> {
         check("welcome fragment", fragment.into(), MAX_USER_FRAGMENT.into())?;
-        Ok(Name::new(self.head(Path::Welcome) | (hkp80(hkp) << 8) | u128::from(fragment)))
+        let user32 = u128::from(user32(user));
+        let conv32 = u128::from(conv.conv as u32);
+        let epoch16 = u128::from(epoch as u16);
+        Ok(Name::new(self.head(Path::Welcome) | (user32 << 56) | (conv32 << 24) | (epoch16 << 8) | u128::from(fragment)))
     }
 
-    /// Every fragment of the welcome for `hkp` (a `/120`).
-    pub fn welcome_filter(&self, hkp: &[u8]) -> Filter {
-        Filter::new(self.welcome(hkp, 0).expect("fragment 0 fits"), 120).expect("canonical")
+    /// Every welcome to `user`'s devices (a `/72`).
+    pub fn welcomes(&self, user: &crate::identity::UserId) -> Filter {
+        let name = self.welcome(user, ConvId { origin: self.origin, conv: 0 }, 0, 0).expect("fragment 0 fits");
+        Filter::new(name, 72).expect("canonical")
     }
 
     fn conv_head(path: Path, conv: ConvId) -> Result<u128, NameError> {
@@ -352,7 +371,12 @@ impl Users {
         Some(match path {
             Path::Message => ParsedUser::Message { conv, device: ((raw >> 20) as u32) & MAX_DEVICE, msg: (raw as u32) & MAX_MSG },
             Path::KeyPackage => ParsedUser::KeyPackage { user56: ((raw >> 32) as u64) & ((1 << 56) - 1), fragment: (raw & 0xff) as u16 },
-            Path::Welcome => ParsedUser::Welcome { hkp80: (raw >> 8) & ((1 << 80) - 1), fragment: (raw & 0xff) as u16 },
+            Path::Welcome => ParsedUser::Welcome {
+                user32: (raw >> 56) as u32,
+                conv32: (raw >> 24) as u32,
+                epoch16: (raw >> 8) as u16,
+                fragment: (raw & 0xff) as u16,
+            },
             Path::Commit => ParsedUser::Commit { conv, epoch: (raw as u64) & MAX_CONV_EPOCH, fragment: ((raw >> 30) as u16) & MAX_COMMIT_FRAGMENT },
         })
     }
@@ -556,11 +580,12 @@ mod tests {
         assert!(users.key_package_filter(&user, &hkp).matches(kp));
         assert!(!users.key_packages(&crate::identity::UserId([0xac; 16])).matches(kp));
         assert_eq!(org.parse(kp), None, "no org reads the users' space");
-        assert_eq!(Users::parse(kp), Some(ParsedUser::KeyPackage { user56: 0xabab_abab_abab_ab, fragment: 3 }));
-        let w = users.welcome(&hkp, 1).unwrap();
-        assert!(users.welcome_filter(&hkp).matches(w));
-        assert_eq!(Users::parse(w), Some(ParsedUser::Welcome { hkp80: hkp80(&hkp), fragment: 1 }));
+        assert_eq!(Users::parse(kp), Some(ParsedUser::KeyPackage { user56: 0x00ab_abab_abab_abab, fragment: 3 }));
         let conv = ConvId { origin: users.origin(), conv: MAX_CONV };
+        let w = users.welcome(&user, conv, 0x1_0005, 1).unwrap();
+        assert!(users.welcomes(&user).matches(w));
+        assert!(!users.welcomes(&crate::identity::UserId([0xac; 16])).matches(w));
+        assert_eq!(Users::parse(w), Some(ParsedUser::Welcome { user32: 0xabab_abab, conv32: u32::MAX, epoch16: 5, fragment: 1 }));
         let m = Users::message(conv, 5, 9).unwrap();
         assert!(Users::messages(conv).unwrap().matches(m));
         assert!(!Users::commits(conv).unwrap().matches(m));

@@ -25,7 +25,7 @@ fn two_devices_join_by_hkp_and_talk_with_a_thread_and_an_edit() {
     let (hello, out) = a.send(w.team, w.channel, text("hello"), NOW).unwrap();
     let chunks = w.relay.publish(&out);
     let events = feed(&mut b, &chunks);
-    assert_eq!(events, vec![Event::Message { team: w.team, channel: w.channel, id: hello }]);
+    assert_eq!(events, vec![Event::Message { group: w.team.into(), channel: w.channel, id: hello }]);
 
     let reply = Message { created_ms: NOW + 1, reply_to: Some(hello), ..text("hi a") };
     let (r1, out) = b.send(w.team, w.channel, reply, NOW).unwrap();
@@ -109,7 +109,7 @@ fn commits_apply_in_epoch_order_and_future_messages_wait_for_theirs() {
     events.extend(feed(&mut a, &w.relay.publish(&c1)));
     let epochs: Vec<u64> = events.iter().filter_map(|e| if let Event::Epoch { epoch, .. } = e { Some(*epoch) } else { None }).collect();
     assert_eq!(epochs, vec![e1, e2, e3]);
-    assert!(events.contains(&Event::Message { team: w.team, channel: w.channel, id }));
+    assert!(events.contains(&Event::Message { group: w.team.into(), channel: w.channel, id }));
     assert_eq!(a.missing_commits(w.team), None);
     assert_eq!(a.resolve_channel(w.team, "ops-log").unwrap(), 4);
 }
@@ -138,11 +138,11 @@ fn messages_dropped_while_too_many_were_held_are_fetched_again_once_caught_up() 
     let events = feed(&mut a, &commits);
     let shown = |events: &[Event]| events.iter().filter(|e| matches!(e, Event::Message { .. })).count();
     assert_eq!(shown(&events), 2, "{events:?}");
-    assert!(events.contains(&Event::Refetch { team: w.team }), "{events:?}");
+    assert!(events.contains(&Event::Refetch { group: w.team.into() }), "{events:?}");
     // The replay from the cache: the three dropped ones show, the two shown do not again.
     let events = feed(&mut a, &sent);
     assert_eq!(shown(&events), 3, "{events:?}");
-    assert!(!events.contains(&Event::Refetch { team: w.team }));
+    assert!(!events.contains(&Event::Refetch { group: w.team.into() }));
     let texts: Vec<String> = a.messages(w.team, w.channel).into_iter().map(|m| m.text).collect();
     assert_eq!(texts, (0..5).map(|i| format!("early {i}")).collect::<Vec<_>>());
 }

@@ -116,7 +116,7 @@ fn a_device_not_signed_by_its_claimed_user_is_refused_by_the_committer_and_by_ev
     group.merge_pending_commit(&provider).unwrap();
     let welcome = chunks(Path::Welcome, &welcome.tls_serialize_detached().unwrap(), |i| org().welcome(&x_hkp, i));
     let events = feed(&mut x, &welcome);
-    assert!(events.contains(&Event::Joined { team: 10, device: 1 }), "{events:?}");
+    assert!(events.contains(&Event::Joined { group: canopy_msg_core::names::Gid::Team(10), device: 1 }), "{events:?}");
     let epoch = group.epoch().as_u64();
     let forged_device = ed25519();
     let (kp, hkp) = key_package(&provider, &forged_device, credential(&victim, &attacker, &forged_device));

@@ -59,13 +59,11 @@ pub enum Request {
     },
     /// Send a text.
     Send {
-        /// Team id or name.
-        team: String,
-        /// Channel id or name.
-        channel: String,
+        /// Where: `TEAM/CHANNEL` or `dm:USER`.
+        to: String,
         /// The text.
         text: String,
-        /// The message id (`T/C/D/M`) it answers.
+        /// The message id it answers (`T/C/D/M`, as `read` prints it).
         reply_to: Option<String>,
     },
     /// Replace the text of one of this device's messages.
@@ -75,19 +73,15 @@ pub enum Request {
         /// The new text.
         text: String,
     },
-    /// A channel's messages, as shown.
+    /// A conversation's messages, as shown.
     Read {
-        /// Team id or name.
-        team: String,
-        /// Channel id or name.
-        channel: String,
+        /// `TEAM/CHANNEL` or `dm:USER`.
+        conversation: String,
     },
-    /// Every new or edited message of a channel from now on, as [`Reply::Message`]s.
+    /// Every new or edited message of a conversation from now on, as [`Reply::Message`]s.
     Follow {
-        /// Team id or name.
-        team: String,
-        /// Channel id or name.
-        channel: String,
+        /// `TEAM/CHANNEL` or `dm:USER`.
+        conversation: String,
     },
     /// This device's user and keys; answered with [`Reply::Whoami`].
     Whoami,
@@ -148,15 +142,18 @@ pub struct ChannelLine {
 /// One message, as shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageLine {
-    /// `TEAM/CHANNEL/DEVICE/MSG`.
+    /// `GROUP/CHANNEL/DEVICE/MSG`: the group is a team number, or `c` and a conversation id;
+    /// `pending/N` for a direct message waiting for the peer's key packages.
     pub id: String,
-    /// Team id.
+    /// The conversation, as addressed: `TEAM/CHANNEL` (names) or `dm:USER` (the peer's id).
+    pub conversation: String,
+    /// Team id (0 outside teams).
     pub team: u32,
-    /// Channel id.
+    /// Channel id (0 outside teams).
     pub channel: u16,
-    /// Team name.
+    /// Team name (empty outside teams).
     pub team_name: String,
-    /// Channel name.
+    /// Channel name (empty outside teams).
     pub channel_name: String,
     /// Sending device.
     pub device: u32,
@@ -173,6 +170,9 @@ pub struct MessageLine {
     pub reply_to: Option<String>,
     /// Whether it was edited.
     pub edited: bool,
+    /// Whether it waits to be sent (no key package of the peer known yet).
+    #[serde(default)]
+    pub pending: bool,
 }
 
 /// One contact, as listed.
@@ -184,6 +184,9 @@ pub struct ContactLine {
     pub name: Option<String>,
     /// Whether the user is blocked.
     pub blocked: bool,
+    /// How many of the user's devices this device knows from their key packages.
+    #[serde(default)]
+    pub devices: usize,
 }
 
 /// One member of a team, as listed.
@@ -215,6 +218,23 @@ pub struct TeamStatus {
     pub gap: Option<(u64, u64)>,
 }
 
+/// A conversation's state in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvStatus {
+    /// Its id (18 hex digits).
+    pub id: String,
+    /// `dm` or `group`.
+    pub kind: String,
+    /// `dm:USER` for a direct message, else its name.
+    pub name: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// This device's id in it.
+    pub device: u32,
+    /// Commits missing before the ones held.
+    pub gap: Option<(u64, u64)>,
+}
+
 /// What `status` reports from Secure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecureStatus {
@@ -222,6 +242,12 @@ pub struct SecureStatus {
     pub user: String,
     /// Teams.
     pub teams: Vec<TeamStatus>,
+    /// Conversations.
+    #[serde(default)]
+    pub conversations: Vec<ConvStatus>,
+    /// Messages waiting for a peer's key packages.
+    #[serde(default)]
+    pub pending: usize,
     /// Key packages published and still waiting for a welcome (hKPs).
     pub waiting: Vec<String>,
     /// Whether Secure's link to Network is up.

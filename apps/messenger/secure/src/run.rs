@@ -13,7 +13,7 @@ use canopy::wire::{ErrorCode, ReplayMode};
 use canopy::{Chunk, Filter};
 use canopy_msg_core::{Device, Key, Org, Outgoing};
 use crate::proto::{self, MessageLine, Reply, Request};
-use crate::service::Service;
+use crate::service::{Service, View};
 use crate::store::FjallBackend;
 
 /// How to run Secure.
@@ -70,7 +70,7 @@ impl Clock {
 }
 
 struct Followers {
-    list: Mutex<Vec<(u32, u16, UnixStream)>>,
+    list: Mutex<Vec<(View, UnixStream)>>,
 }
 
 impl Followers {
@@ -79,9 +79,7 @@ impl Followers {
             return;
         }
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
-        list.retain_mut(|(team, channel, stream)| {
-            shown.iter().filter(|m| m.team == *team && m.channel == *channel).all(|m| proto::write_frame(stream, &Reply::Message(m.clone())).is_ok())
-        });
+        list.retain_mut(|(view, stream)| shown.iter().filter(|m| view.shows(m)).all(|m| proto::write_frame(stream, &Reply::Message(m.clone())).is_ok()));
     }
 }
 
@@ -170,9 +168,12 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     let _ = std::fs::remove_file(&opts.ui_socket);
     let listener = UnixListener::bind(&opts.ui_socket)?;
     std::fs::set_permissions(&opts.ui_socket, std::fs::Permissions::from_mode(0o600))?;
-    for filter in service.lock().expect("service").filters() {
+    // The filters, and this device's key package for anyone to start a conversation with.
+    let start = service.lock().expect("service").start(clock.now())?;
+    for filter in start.subscribe {
         link.subscribe(filter, ReplayMode::CachedAndLive);
     }
+    link.publish(start.publish);
     if let Some(filter) = clock.filter {
         link.subscribe(filter, ReplayMode::MostRecent(1));
     }
@@ -206,7 +207,7 @@ fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Cl
             }
         };
         let follow = match &request {
-            Request::Follow { team, channel } => Some((team.clone(), channel.clone())),
+            Request::Follow { conversation } => Some(conversation.clone()),
             _ => None,
         };
         let (reply, fx) = {
@@ -229,13 +230,10 @@ fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Cl
             tracing::info!("stopping on request");
             std::process::exit(0);
         }
-        if let (Some((team, channel)), Reply::Pong) = (follow, &reply) {
-            let s = service.lock().unwrap_or_else(|p| p.into_inner());
-            let team = s.device().resolve_team(&team).expect("checked by the request");
-            let channel = s.device().resolve_channel(team, &channel).expect("checked by the request");
-            drop(s);
-            if let Ok(stream) = conn.try_clone() {
-                followers.list.lock().unwrap_or_else(|p| p.into_inner()).push((team, channel, stream));
+        if let (Some(conversation), Reply::Pong) = (follow, &reply) {
+            let view = service.lock().unwrap_or_else(|p| p.into_inner()).view(&conversation);
+            if let (Ok(view), Ok(stream)) = (view, conn.try_clone()) {
+                followers.list.lock().unwrap_or_else(|p| p.into_inner()).push((view, stream));
             }
             return;
         }
@@ -310,10 +308,11 @@ fn network_events(service: &Shared, link: &Link, clock: &Clock, followers: &Foll
         }
         if !chunks.is_empty() {
             let mut s = service.lock().unwrap_or_else(|p| p.into_inner());
-            let teams_before = s.device().teams().count();
-            match s.ingest(&chunks) {
+            let before = s.filters();
+            match s.ingest(&chunks, clock.now()) {
                 Ok((_, fx)) => {
-                    let filters = (s.device().teams().count() != teams_before).then(|| s.filters());
+                    // New groups, or new users to follow: their filters.
+                    let filters = Some(s.filters()).filter(|f| *f != before);
                     drop(s);
                     // Shown before the sync: a crash in between loses only what the relay
                     // sends again, so the reader need not wait for the disk. Outside the

@@ -3,16 +3,16 @@
 //! to the UI socket and to Network.
 
 use canopy::{Filter, Name};
-use canopy_msg_core::device::{Device, Event, Shown};
+use canopy_msg_core::contacts::Contact;
+use canopy_msg_core::device::{CONV_CHANNEL, Device, Event, Shown};
 use canopy_msg_core::engine::hex;
-use canopy_msg_core::payload::MsgRef;
+use canopy_msg_core::identity::UserId;
+use canopy_msg_core::names::{Gid, Users};
+use canopy_msg_core::payload::{ConvKind, MsgRef};
 use canopy_msg_core::seal::Backend;
 use canopy_msg_core::{Message, MlsError, Outgoing};
 
-use canopy_msg_core::contacts::Contact;
-use canopy_msg_core::identity::UserId;
-
-use crate::proto::{ChannelLine, ContactLine, MemberLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
+use crate::proto::{ChannelLine, ContactLine, ConvStatus, MemberLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
 
 /// Lifetime of a key package on the relays: 30 days.
 pub const KEY_PACKAGE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -22,7 +22,7 @@ pub const KEY_PACKAGE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
 pub struct Effects {
     /// Chunks to publish through Network.
     pub publish: Vec<Outgoing>,
-    /// Messages to pass to followers of their channel.
+    /// Messages to pass to followers of their conversation.
     pub shown: Vec<MessageLine>,
     /// Set when the request was `stop`.
     pub stop: bool,
@@ -30,6 +30,26 @@ pub struct Effects {
     pub refetch: Vec<Filter>,
     /// New filters to subscribe to (`CachedAndLive`) before publishing `publish`.
     pub subscribe: Vec<Filter>,
+}
+
+/// A conversation, as the UI addresses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// `TEAM/CHANNEL`.
+    Channel(u32, u16),
+    /// `dm:USER`: every direct-message conversation with the user, shown as one.
+    Dm(UserId),
+}
+
+impl View {
+    /// Whether `line` belongs to this conversation.
+    pub fn shows(&self, line: &MessageLine) -> bool {
+        match self {
+            // Team numbers start at 1; lines outside teams carry 0.
+            View::Channel(team, channel) => line.team == *team && line.channel == *channel,
+            View::Dm(user) => line.conversation == format!("dm:{user}"),
+        }
+    }
 }
 
 /// Secure's state: the device's MLS state and history.
@@ -45,18 +65,23 @@ pub struct Service<B: Backend> {
     pub time_source: String,
 }
 
-fn id_text(team: u32, channel: u16, id: MsgRef) -> String {
-    format!("{team}/{channel}/{}/{}", id.device, id.msg)
+fn id_text(group: Gid, channel: u16, id: MsgRef) -> String {
+    format!("{group}/{channel}/{}/{}", id.device, id.msg)
 }
 
-/// Reads a message id `TEAM/CHANNEL/DEVICE/MSG`.
-pub fn parse_id(text: &str) -> Option<(u32, u16, MsgRef)> {
+/// Reads a message id `GROUP/CHANNEL/DEVICE/MSG`, where the group is a team number or `c`
+/// and a conversation id.
+pub fn parse_id(text: &str) -> Option<(Gid, u16, MsgRef)> {
     let mut parts = text.split('/');
-    let team = parts.next()?.parse().ok()?;
+    let group = Gid::parse(parts.next()?)?;
     let channel = parts.next()?.parse().ok()?;
     let device = parts.next()?.parse().ok()?;
     let msg = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some((team, channel, MsgRef { device, msg }))
+    parts.next().is_none().then_some((group, channel, MsgRef { device, msg }))
+}
+
+fn bad_id(text: &str) -> MlsError {
+    MlsError::BadName(format!("{text:?} is not a message id (GROUP/CHANNEL/DEVICE/MSG, as `read` prints it)"))
 }
 
 impl<B: Backend> Service<B> {
@@ -70,29 +95,77 @@ impl<B: Backend> Service<B> {
         &self.device
     }
 
-    /// Every filter Secure needs from Network: the welcomes it waits for, and each team's
-    /// messages and commits.
+    /// What to do once the link to Network is up: publish this device's key package in its
+    /// users' space if it has no fresh one.
+    pub fn start(&mut self, now_ms: u64) -> Result<Effects, MlsError> {
+        let publish = self.device.ensure_key_package(now_ms, KEY_PACKAGE_TTL_MS)?;
+        Ok(Effects { publish, subscribe: self.filters(), ..Effects::default() })
+    }
+
+    /// Every filter Secure needs from Network: the welcomes it waits for, each group's
+    /// messages and commits, and the key packages of the users it follows.
     pub fn filters(&self) -> Vec<Filter> {
         let org = *self.device.org();
-        let mut out: Vec<Filter> = self.device.waiting().map(|hkp| org.welcome_filter(hkp)).collect();
-        for (team, ..) in self.device.teams() {
-            out.push(org.team_messages(team).expect("a joined team fits"));
-            out.push(org.team_commits(team).expect("a joined team fits"));
+        let mut out = self.device.welcome_filters();
+        for g in self.device.groups() {
+            match g {
+                Gid::Team(team) => {
+                    out.push(org.team_messages(team).expect("a joined team fits"));
+                    out.push(org.team_commits(team).expect("a joined team fits"));
+                }
+                Gid::Conv(conv) => {
+                    out.push(Users::messages(conv).expect("a joined conversation fits"));
+                    out.push(Users::commits(conv).expect("a joined conversation fits"));
+                }
+            }
+        }
+        // Users of other domains publish under their own; today a user is looked for under
+        // this device's domain.
+        for user in self.device.watched_users() {
+            out.push(self.device.users().key_packages(&user));
         }
         out
     }
 
-    fn line(&self, team: u32, channel: u16, s: &Shown) -> MessageLine {
-        let (team_name, channel_name) = self
-            .device
-            .teams()
-            .find(|(t, ..)| *t == team)
-            .map(|(_, r, ..)| (r.name.clone(), r.channels.get(&channel).cloned().unwrap_or_else(|| channel.to_string())))
-            .unwrap_or_default();
+    /// What the UI calls a conversation.
+    pub fn view(&self, text: &str) -> Result<View, MlsError> {
+        if let Some(user) = text.strip_prefix("dm:") {
+            return Ok(View::Dm(self.device.resolve_user(user)?));
+        }
+        if text.starts_with("group:") || text == "mail" {
+            return Err(MlsError::BadName(format!("{text}: groups and mail are not built yet")));
+        }
+        match text.split_once('/') {
+            Some((t, c)) if !t.is_empty() && !c.is_empty() && !c.contains('/') => {
+                let team = self.device.resolve_team(t)?;
+                Ok(View::Channel(team, self.device.resolve_channel(team, c)?))
+            }
+            _ => Err(MlsError::BadName(format!("{text:?} is not a conversation (TEAM/CHANNEL or dm:USER)"))),
+        }
+    }
+
+    fn line(&self, group: Gid, channel: u16, s: &Shown) -> MessageLine {
+        let (team, team_name, channel_name, conversation) = match group {
+            Gid::Team(team) => {
+                let (team_name, channel_name) = self
+                    .device
+                    .teams()
+                    .find(|(t, ..)| *t == team)
+                    .map(|(_, r, ..)| (r.name.clone(), r.channels.get(&channel).cloned().unwrap_or_else(|| channel.to_string())))
+                    .unwrap_or_default();
+                let conversation = format!("{team_name}/{channel_name}");
+                (team, team_name, channel_name, conversation)
+            }
+            Gid::Conv(conv) => {
+                let conversation = self.device.dm_peer(conv).map_or_else(|| format!("c{conv}"), |u| format!("dm:{u}"));
+                (0, String::new(), String::new(), conversation)
+            }
+        };
         MessageLine {
-            id: id_text(team, channel, s.id),
+            id: id_text(group, channel, s.id),
+            conversation,
             team,
-            channel,
+            channel: if matches!(group, Gid::Team(_)) { channel } else { 0 },
             team_name,
             channel_name,
             device: s.id.device,
@@ -100,8 +173,28 @@ impl<B: Backend> Service<B> {
             from: self.from(s.user, s.id.device),
             sent_ms: s.sent_ms,
             text: s.text.clone(),
-            reply_to: s.reply_to.map(|r| id_text(team, channel, r)),
+            reply_to: s.reply_to.map(|r| id_text(group, channel, r)),
             edited: s.edited,
+            pending: false,
+        }
+    }
+
+    fn pending_line(&self, peer: UserId, seq: u64, m: &Message) -> MessageLine {
+        MessageLine {
+            id: format!("pending/{seq}"),
+            conversation: format!("dm:{peer}"),
+            team: 0,
+            channel: 0,
+            team_name: String::new(),
+            channel_name: String::new(),
+            device: 0,
+            user: Some(self.device.user_id().to_string()),
+            from: "me".into(),
+            sent_ms: m.created_ms,
+            text: m.text.clone(),
+            reply_to: None,
+            edited: false,
+            pending: true,
         }
     }
 
@@ -114,13 +207,27 @@ impl<B: Backend> Service<B> {
         }
     }
 
-    fn contact_line(user: UserId, contact: &Contact) -> ContactLine {
-        ContactLine { user: user.to_string(), name: contact.name.clone(), blocked: contact.blocked }
+    fn contact_line(&self, user: UserId, contact: &Contact) -> ContactLine {
+        ContactLine { user: user.to_string(), name: contact.name.clone(), blocked: contact.blocked, devices: self.device.key_packages_of(&user).count() }
     }
 
-    fn target(&self, team: &str, channel: &str) -> Result<(u32, u16), MlsError> {
-        let team = self.device.resolve_team(team)?;
-        Ok((team, self.device.resolve_channel(team, channel)?))
+    /// A conversation's messages, in display order.
+    pub fn read(&self, view: View) -> Vec<MessageLine> {
+        match view {
+            View::Channel(team, channel) => self.device.messages(team, channel).iter().map(|s| self.line(Gid::Team(team), channel, s)).collect(),
+            View::Dm(peer) => {
+                let mut lines: Vec<MessageLine> = self
+                    .device
+                    .dm_convs(&peer)
+                    .into_iter()
+                    .flat_map(|c| self.device.messages(c, CONV_CHANNEL).into_iter().map(move |s| (c, s)))
+                    .map(|(c, s)| self.line(Gid::Conv(c), CONV_CHANNEL, &s))
+                    .collect();
+                lines.extend(self.device.pending_for(&peer).iter().map(|(seq, m)| self.pending_line(peer, *seq, m)));
+                lines.sort_by(|a, b| (a.sent_ms, &a.id).cmp(&(b.sent_ms, &b.id)));
+                lines
+            }
+        }
     }
 
     /// Handles one request at `now_ms`.
@@ -151,28 +258,14 @@ impl<B: Backend> Service<B> {
                 let (_, record, ..) = self.device.teams().find(|(t, ..)| *t == team).expect("resolved");
                 Reply::Channels { channels: record.channels.iter().map(|(id, name)| ChannelLine { id: *id, name: name.clone() }).collect() }
             }
-            Request::Send { team, channel, text, reply_to } => {
-                let (team, channel) = self.target(&team, &channel)?;
-                let reply_to = match reply_to {
-                    Some(text) => {
-                        let (t, c, id) = parse_id(&text).ok_or_else(|| MlsError::BadName(format!("{text:?} is not a message id (TEAM/CHANNEL/DEVICE/MSG)")))?;
-                        if (t, c) != (team, channel) {
-                            return Err(MlsError::BadName(format!("{text} is in another channel; replies stay in their channel")));
-                        }
-                        if self.device.stored(team, channel, id).is_none() {
-                            return Err(MlsError::BadName(format!("no message {text}")));
-                        }
-                        Some(id)
-                    }
-                    None => None,
-                };
-                let message = Message { created_ms: now_ms, reply_to, replaces: None, text };
-                self.send(team, channel, message, now_ms, fx)?
+            Request::Send { to, text, reply_to } => {
+                let view = self.view(&to)?;
+                self.send_to(view, text, reply_to, now_ms, fx)?
             }
             Request::Edit { id, text } => {
-                let (team, channel, target) = parse_id(&id).ok_or_else(|| MlsError::BadName(format!("{id:?} is not a message id (TEAM/CHANNEL/DEVICE/MSG)")))?;
-                let own = self.device.teams().find(|(t, ..)| *t == team).map(|(.., d)| d).ok_or_else(|| MlsError::UnknownTeam(team.to_string()))?;
-                let original = self.device.stored(team, channel, target).ok_or_else(|| MlsError::BadName(format!("no message {id}")))?;
+                let (group, channel, target) = parse_id(&id).ok_or_else(|| bad_id(&id))?;
+                let (_, own) = self.device.group_state(group).ok_or_else(|| MlsError::UnknownTeam(group.to_string()))?;
+                let original = self.device.stored(group, channel, target).ok_or_else(|| MlsError::BadName(format!("no message {id}")))?;
                 let mine = match original.user {
                     Some(user) => user == self.device.user_id(),
                     None => original.id.device == own,
@@ -181,17 +274,17 @@ impl<B: Backend> Service<B> {
                     return Err(MlsError::BadName(format!("{id} was sent by device {}; only its sender can edit it", original.id.device)));
                 }
                 let message = Message { created_ms: now_ms, reply_to: None, replaces: Some(target), text };
-                match self.send(team, channel, message, now_ms, fx)? {
+                match self.send(group, channel, message, now_ms, fx)? {
                     Reply::Sent { queued, .. } => Reply::Sent { id, queued },
                     other => other,
                 }
             }
-            Request::Read { team, channel } => {
-                let (team, channel) = self.target(&team, &channel)?;
-                Reply::Messages { messages: self.device.messages(team, channel).iter().map(|s| self.line(team, channel, s)).collect() }
+            Request::Read { conversation } => {
+                let view = self.view(&conversation)?;
+                Reply::Messages { messages: self.read(view) }
             }
-            Request::Follow { team, channel } => {
-                self.target(&team, &channel)?;
+            Request::Follow { conversation } => {
+                self.view(&conversation)?;
                 Reply::Pong
             }
             Request::Whoami => Reply::Whoami {
@@ -214,21 +307,23 @@ impl<B: Backend> Service<B> {
                         .collect(),
                 }
             }
-            Request::Contacts => Reply::Contacts { contacts: self.device.contacts().iter().map(|(u, c)| Self::contact_line(*u, c)).collect() },
+            Request::Contacts => Reply::Contacts { contacts: self.device.contacts().iter().map(|(u, c)| self.contact_line(*u, c)).collect() },
             Request::ContactName { user, name } => {
                 let user = self.device.resolve_user(&user)?;
                 let contact = self.device.name_contact(user, &name)?;
-                Reply::Contact(Self::contact_line(user, &contact))
+                fx.subscribe = self.filters();
+                Reply::Contact(self.contact_line(user, &contact))
             }
             Request::ContactRemove { user } => {
                 let user = self.device.resolve_user(&user)?;
                 let contact = self.device.unname_contact(user)?;
-                Reply::Contact(Self::contact_line(user, &contact))
+                Reply::Contact(self.contact_line(user, &contact))
             }
             Request::Block { user, blocked } => {
                 let user = self.device.resolve_user(&user)?;
                 let contact = self.device.set_blocked(user, blocked)?;
-                Reply::Contact(Self::contact_line(user, &contact))
+                fx.subscribe = self.filters();
+                Reply::Contact(self.contact_line(user, &contact))
             }
             Request::SandboxCheck => {
                 let (errno, error) = crate::sandbox::check();
@@ -241,45 +336,128 @@ impl<B: Backend> Service<B> {
         })
     }
 
-    fn send(&mut self, team: u32, channel: u16, message: Message, now_ms: u64, fx: &mut Effects) -> Result<Reply, MlsError> {
-        let (id, out) = self.device.send(team, channel, message, now_ms)?;
-        fx.publish = out;
-        let target = self.device.stored(team, channel, id).and_then(|s| s.message.replaces).unwrap_or(id);
-        if let Some(s) = self.device.message(team, channel, target) {
-            fx.shown.push(self.line(team, channel, &s));
+    fn send_to(&mut self, view: View, text: String, reply_to: Option<String>, now_ms: u64, fx: &mut Effects) -> Result<Reply, MlsError> {
+        let group = match view {
+            View::Channel(team, channel) => return self.send_reply(Gid::Team(team), channel, text, reply_to, now_ms, fx),
+            View::Dm(peer) => {
+                if peer == self.device.user_id() {
+                    return Err(MlsError::BadName("a direct message goes to someone else".into()));
+                }
+                if self.device.contacts().is_blocked(&peer) {
+                    return Err(MlsError::BadName(format!("{peer} is blocked: unblock them first")));
+                }
+                match self.device.dm(&peer) {
+                    Some(conv) => Gid::Conv(conv),
+                    None if self.device.key_packages_of(&peer).next().is_some() => {
+                        let (conv, out) = self.device.start_conv(ConvKind::Dm, "", &[peer].into(), now_ms)?;
+                        fx.publish.extend(out);
+                        fx.subscribe = self.filters();
+                        Gid::Conv(conv)
+                    }
+                    None => {
+                        if reply_to.is_some() {
+                            return Err(MlsError::BadName("nothing to reply to yet".into()));
+                        }
+                        // Nothing known of the peer's devices yet: kept until their key packages
+                        // arrive, and the subscription that brings them is opened now.
+                        let message = Message { created_ms: now_ms, reply_to: None, replaces: None, text };
+                        message.encode()?;
+                        let seq = self.device.queue_dm(peer, message)?;
+                        fx.subscribe.push(self.device.users().key_packages(&peer));
+                        let (_, m) = self.device.pending_for(&peer).iter().find(|(s, _)| *s == seq).expect("just queued");
+                        fx.shown.push(self.pending_line(peer, seq, m));
+                        return Ok(Reply::Sent { id: format!("pending/{seq}"), queued: true });
+                    }
+                }
+            }
+        };
+        self.send_reply(group, CONV_CHANNEL, text, reply_to, now_ms, fx)
+    }
+
+    fn send_reply(&mut self, group: Gid, channel: u16, text: String, reply_to: Option<String>, now_ms: u64, fx: &mut Effects) -> Result<Reply, MlsError> {
+        let reply_to = match reply_to {
+            Some(text) => {
+                let (g, c, id) = parse_id(&text).ok_or_else(|| bad_id(&text))?;
+                if (g, c) != (group, channel) {
+                    return Err(MlsError::BadName(format!("{text} is in another conversation; replies stay in theirs")));
+                }
+                if self.device.stored(group, channel, id).is_none() {
+                    return Err(MlsError::BadName(format!("no message {text}")));
+                }
+                Some(id)
+            }
+            None => None,
+        };
+        let message = Message { created_ms: now_ms, reply_to, replaces: None, text };
+        self.send(group, channel, message, now_ms, fx)
+    }
+
+    fn send(&mut self, group: Gid, channel: u16, message: Message, now_ms: u64, fx: &mut Effects) -> Result<Reply, MlsError> {
+        let (id, out) = self.device.send(group, channel, message, now_ms)?;
+        fx.publish.extend(out);
+        let target = self.device.stored(group, channel, id).and_then(|s| s.message.replaces).unwrap_or(id);
+        if let Some(s) = self.device.message(group, channel, target) {
+            fx.shown.push(self.line(group, channel, &s));
         }
-        Ok(Reply::Sent { id: id_text(team, channel, id), queued: !self.network_up })
+        Ok(Reply::Sent { id: id_text(group, channel, id), queued: !self.network_up })
     }
 
     /// A publish was refused because its name is taken: this device skips past it. The
     /// message keeps its place in the device's own history; it is sent again under new
     /// numbers by the caller if it matters (today: counted and logged).
     pub fn refused(&mut self, name: Name) {
-        if let Some(canopy_msg_core::names::Parsed::Message { team, channel, msg, .. }) = self.device.org().parse(name) {
-            let _ = self.device.skip_taken(team, channel, msg);
+        if let Some((group, channel, msg)) = self.device.parse_message_name(name) {
+            let _ = self.device.skip_taken(group, channel, msg);
         }
     }
 
-    /// Takes chunks from Network. What changed is written, not yet durable: show it, then
-    /// [`Service::sync`].
-    pub fn ingest(&mut self, chunks: &[(Name, Vec<u8>)]) -> Result<(Vec<Event>, Effects), MlsError> {
+    /// Takes chunks from Network at `now_ms`. What changed is written, not yet durable: show
+    /// it, then [`Service::sync`].
+    pub fn ingest(&mut self, chunks: &[(Name, Vec<u8>)], now_ms: u64) -> Result<(Vec<Event>, Effects), MlsError> {
         let events = self.device.ingest(chunks.iter().map(|(n, d)| (*n, d.as_slice())))?;
         let mut fx = Effects::default();
         for event in &events {
             match event {
-                Event::Message { team, channel, id } => {
-                    if let Some(s) = self.device.message(*team, *channel, *id) {
-                        fx.shown.push(self.line(*team, *channel, &s));
+                Event::Message { group, channel, id } => {
+                    if let Some(s) = self.device.message(*group, *channel, *id) {
+                        fx.shown.push(self.line(*group, *channel, &s));
                     }
                 }
                 Event::Rejected { name, reason } => tracing::warn!(%name, "refused: {reason}"),
-                Event::Joined { team, device } => tracing::info!(team, device, "joined"),
-                Event::Epoch { team, epoch } => tracing::debug!(team, epoch, "new epoch"),
-                Event::Refetch { team } => {
-                    tracing::info!(team, "fetching the team's messages again: some were dropped while held for future epochs");
-                    fx.refetch.push(self.device.org().team_messages(*team).expect("a joined team fits"));
+                Event::Joined { group, device } => tracing::info!(%group, device, "joined"),
+                Event::Epoch { group, epoch } => tracing::debug!(%group, epoch, "new epoch"),
+                Event::KeyPackage { user } => {
+                    // A device of a user this device follows: add it where this device commits,
+                    // and send what waited for the user.
+                    match self.device.adopt_devices(user, now_ms) {
+                        Ok(out) => fx.publish.extend(out),
+                        Err(e) => tracing::warn!(%user, "adding a new device of the user failed: {e}"),
+                    }
+                    match self.device.flush_pending(user, now_ms) {
+                        Ok(Some((conv, ids, out))) => {
+                            fx.publish.extend(out);
+                            for id in ids {
+                                if let Some(s) = self.device.message(conv, CONV_CHANNEL, id) {
+                                    fx.shown.push(self.line(Gid::Conv(conv), CONV_CHANNEL, &s));
+                                }
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(%user, "sending what waited for the user failed: {e}"),
+                    }
+                }
+                Event::Refetch { group } => {
+                    tracing::info!(%group, "fetching the group's messages again: some were dropped while held for future epochs");
+                    fx.refetch.push(match group {
+                        Gid::Team(team) => self.device.org().team_messages(*team).expect("a joined team fits"),
+                        Gid::Conv(conv) => Users::messages(*conv).expect("a joined conversation fits"),
+                    });
                 }
             }
+        }
+        match self.device.ensure_key_package(now_ms, KEY_PACKAGE_TTL_MS) {
+            Ok(out) => fx.publish.extend(out),
+            Err(e) => tracing::warn!("publishing a fresh key package failed: {e}"),
         }
         Ok((events, fx))
     }
@@ -299,6 +477,22 @@ impl<B: Backend> Service<B> {
                 .teams()
                 .map(|(id, r, epoch, device)| TeamStatus { id, name: r.name.clone(), epoch, device, gap: self.device.missing_commits(id) })
                 .collect(),
+            conversations: self
+                .device
+                .convs()
+                .map(|(id, r, epoch, device)| ConvStatus {
+                    id: id.to_string(),
+                    kind: match r.kind {
+                        ConvKind::Dm => "dm".into(),
+                        ConvKind::Group => "group".into(),
+                    },
+                    name: self.device.dm_peer(id).map_or_else(|| r.name.clone(), |u| format!("dm:{u}")),
+                    epoch,
+                    device,
+                    gap: self.device.missing_commits(id),
+                })
+                .collect(),
+            pending: self.device.watched_users().iter().map(|u| self.device.pending_for(u).len()).sum(),
             waiting: self.device.waiting().map(hex).collect(),
             network: self.network_up,
             unacknowledged: self.unacknowledged,

@@ -111,17 +111,35 @@ impl Home {
         self.ok(&args);
     }
 
+    /// `init` against `relay` as a device of org `org` of example.com.
+    pub fn init_org(&self, relay: &RelayHandle, org: u32) {
+        let ca = self.dir.with_extension("ca.pem");
+        std::fs::create_dir_all(self.dir.parent().unwrap()).unwrap();
+        std::fs::write(&ca, relay.cert_pem()).unwrap();
+        let addr = relay.local_addr().to_string();
+        let org = org.to_string();
+        self.ok(&["init", "--relay", &addr, "--ca", ca.to_str().unwrap(), "--domain", "example.com", "--org", &org]);
+    }
+
+    /// This home's user id.
+    pub fn user(&self) -> String {
+        self.ok(&["whoami"])
+    }
+
     /// Reads `read TEAM/CHANNEL --json` as JSON values.
     pub fn read(&self, target: &str) -> Vec<serde_json::Value> {
         self.ok(&["read", target, "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
-    /// What every device of a team agrees on about a channel: `read --json` without `from`,
-    /// which names the sender as this device sees it (`me`, a contact name).
+    /// What every device of a conversation agrees on: `read --json` without `from` and
+    /// `conversation`, which say it as this device sees it (`me`, a contact name, `dm:` and
+    /// the other user).
     pub fn shared_view(&self, target: &str) -> Vec<serde_json::Value> {
         let mut view = self.read(target);
         for m in &mut view {
-            m.as_object_mut().expect("a message is an object").remove("from");
+            let m = m.as_object_mut().expect("a message is an object");
+            m.remove("from");
+            m.remove("conversation");
         }
         view
     }
@@ -149,7 +167,15 @@ impl Home {
             if self.read(target).iter().any(|m| m["text"] == text) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{} never showed {text:?}", self.dir.display());
+            if Instant::now() >= deadline {
+                let status = self.run(&["status", "--json"]);
+                panic!(
+                    "{} never showed {text:?} in {target}; it shows {:?}; its status: {}",
+                    self.dir.display(),
+                    self.read(target).iter().map(|m| m["text"].clone()).collect::<Vec<_>>(),
+                    String::from_utf8_lossy(&status.stdout)
+                );
+            }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(100));
         }

@@ -82,7 +82,7 @@ impl World {
         let added = self.admin.add_device(self.team, &kp, &hkp, NOW).unwrap();
         self.relay.publish(&added.outgoing);
         let events = feed(&mut device, &self.relay.all());
-        assert!(events.contains(&Event::Joined { team: self.team, device: added.device }), "{events:?}");
+        assert!(events.contains(&Event::Joined { group: self.team.into(), device: added.device }), "{events:?}");
         (device, added.device)
     }
 }

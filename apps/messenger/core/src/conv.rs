@@ -1,0 +1,266 @@
+//! Conversations: direct messages (and, built on the same machinery, groups), in the users'
+//! space of [`crate::names`].
+//!
+//! **Starting one.** A device that starts a conversation creates its MLS group and becomes
+//! its committer (device 0). In one commit it adds every device it knows of every member
+//! user (its own user's other devices included), from the last-resort key packages those
+//! devices publish in their users' space ([`Device::ensure_key_package`]). So a conversation
+//! can start while every device of the peer is offline: the welcome waits in the relays'
+//! caches.
+//!
+//! **Devices that come later.** The committer watches the key package spaces of its
+//! conversations' users and adds a device it has not seen ([`Device::adopt_devices`]): a new
+//! device of either user joins every conversation whose committer is reachable.
+//!
+//! **One conversation per pair.** Two users may start a direct message at once, even on
+//! opposite sides of a partition. Each start adds the other user's devices, so once both
+//! welcomes are through, every device of both users is in both groups. All of them then pick
+//! the same one to send in by a rule on what every member holds, the group records: the
+//! lowest `(creator user id, conversation number)`. Both groups' messages stay readable and
+//! are shown as one conversation ([`Device::dm_convs`]), so nothing sent before the two met
+//! is lost.
+//!
+//! **Before any key package is known.** A message to a user none of whose key packages this
+//! device has seen yet is kept, sealed, as pending ([`Device::queue_dm`]), and shown as such;
+//! it is sent as soon as a key package arrives ([`Device::flush_pending`]).
+
+use std::collections::BTreeSet;
+
+use openmls::prelude::*;
+
+use crate::committer::Outgoing;
+use crate::device::{CONV_CHANNEL, Device, Group, GroupMeta, KnownKeyPackage, Space, Waiting, encode_waiting, group_key, pending_key, waiting_key};
+use crate::engine::{self, MlsError, Record, mls};
+use crate::fragment;
+use crate::identity::UserId;
+use crate::names::{ConvId, Gid, MAX_CONV, Path, Users};
+use crate::payload::{ConvKind, ConvRecord, Lifetimes, Message, MsgRef};
+use crate::seal::Backend;
+
+impl<B: Backend> Device<B> {
+    /// Makes sure this device has a fresh last-resort key package published in its users'
+    /// space (one made less than half of `ttl_ms` ago), so anyone can start a conversation
+    /// with it while it is offline. Returns the chunks of a new one, if one was made.
+    pub fn ensure_key_package(&mut self, now_ms: u64, ttl_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
+        let fresh = self.waiting.values().any(|w| w.space == Space::Users && w.created_ms.saturating_add(ttl_ms / 2) > now_ms);
+        if fresh {
+            return Ok(Vec::new());
+        }
+        let (bytes, hkp) = self.engine.key_package(true)?;
+        let users = self.users();
+        let me = self.user_id();
+        let mut outgoing = Vec::new();
+        for (i, data) in fragment::split(Path::KeyPackage, &bytes)?.into_iter().enumerate() {
+            let i = u16::try_from(i).map_err(|_| MlsError::Mls("a key package of over 65,535 fragments".into()))?;
+            outgoing.push(Outgoing { name: users.key_package(&me, &hkp, i)?, expiry_ms: now_ms + ttl_ms, data });
+        }
+        let w = Waiting { space: Space::Users, created_ms: now_ms };
+        self.engine.vault.put(&waiting_key(&hkp), &encode_waiting(&w));
+        self.engine.persist()?;
+        self.waiting.insert(hkp, w);
+        Ok(outgoing)
+    }
+
+    /// The users whose key packages this device follows: its own (its other devices), the
+    /// users of its conversations, its named contacts (so a conversation with them can start
+    /// at once, even offline), and those it has messages pending for. Not blocked users.
+    pub fn watched_users(&self) -> BTreeSet<UserId> {
+        let mut out: BTreeSet<UserId> = self.convs().flat_map(|(_, r, ..)| r.users.iter().copied()).collect();
+        out.extend(self.contacts.iter().filter(|(_, c)| c.name.is_some()).map(|(u, _)| *u));
+        out.extend(self.pending.keys().copied());
+        out.retain(|u| !self.contacts.is_blocked(u));
+        out.insert(self.user_id());
+        out
+    }
+
+    /// Every direct-message conversation this device is in with `peer`, the one to send in
+    /// ([`Device::dm`]) first.
+    pub fn dm_convs(&self, peer: &UserId) -> Vec<ConvId> {
+        let pair: BTreeSet<UserId> = [self.user_id(), *peer].into();
+        let mut convs: Vec<(UserId, ConvId)> =
+            self.convs().filter(|(_, r, ..)| r.kind == ConvKind::Dm && r.users == pair).map(|(c, r, ..)| (r.creator, c)).collect();
+        convs.sort();
+        convs.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// The direct-message conversation with `peer` that every device of both users sends
+    /// in: of those it is in, the one with the lowest `(creator, conversation)`.
+    pub fn dm(&self, peer: &UserId) -> Option<ConvId> {
+        self.dm_convs(peer).into_iter().next()
+    }
+
+    /// The other user of a direct-message conversation.
+    pub fn dm_peer(&self, conv: ConvId) -> Option<UserId> {
+        let me = self.user_id();
+        let (_, r, ..) = self.convs().find(|(c, ..)| *c == conv)?;
+        if r.kind != ConvKind::Dm {
+            return None;
+        }
+        r.users.iter().copied().find(|u| *u != me).or(Some(me))
+    }
+
+    /// A conversation's record.
+    pub fn conv_record(&self, conv: ConvId) -> Option<&ConvRecord> {
+        self.convs().find(|(c, ..)| *c == conv).map(|(_, r, ..)| r)
+    }
+
+    /// Starts a conversation of `kind` among `users` (this device's user is added), with
+    /// this device as its committer, adding every device known of every user. Returns it and
+    /// the chunks to publish (the commit and the welcomes).
+    pub fn start_conv(&mut self, kind: ConvKind, name: &str, users: &BTreeSet<UserId>, now_ms: u64) -> Result<(ConvId, Vec<Outgoing>), MlsError> {
+        let me = self.user_id();
+        let mut users = users.clone();
+        users.insert(me);
+        if kind == ConvKind::Dm && users.len() != 2 {
+            return Err(MlsError::BadName("a direct message is between two users".into()));
+        }
+        let conv = loop {
+            let bytes = self.engine.provider.rand().random_vec(8).map_err(mls)?;
+            let conv = u64::from_be_bytes(bytes.try_into().expect("8 bytes")) & MAX_CONV;
+            let id = ConvId { origin: self.org.origin(), conv };
+            if !self.groups.contains_key(&Gid::Conv(id)) {
+                break id;
+            }
+        };
+        let kps: Vec<KnownKeyPackage> = users.iter().flat_map(|u| self.key_packages_of(u).cloned().collect::<Vec<_>>()).collect();
+        for u in &users {
+            if *u != me && !kps.iter().any(|k| crate::identity::claimed_user(k.key_package.leaf_node().credential()) == Some(*u)) {
+                return Err(MlsError::BadName(format!("no key package of user {u} is known yet")));
+            }
+        }
+        let record = ConvRecord {
+            kind,
+            conv,
+            name: name.to_string(),
+            description: String::new(),
+            lifetimes: Lifetimes::default(),
+            creator: me,
+            admins: if kind == ConvKind::Group { [me].into() } else { BTreeSet::new() },
+            users,
+            next_device: 1,
+            devices: [(0, 0)].into(),
+        };
+        let group = self.engine.create_group(engine::conv_group_id(conv), engine::conv_extensions(&record)?)?;
+        let g = Gid::Conv(conv);
+        let meta = GroupMeta { device: 0, next_msg: Default::default() };
+        self.engine.vault.put(&group_key(g), &serde_json::to_vec(&meta).expect("serializable"));
+        self.engine.keep_group(group);
+        self.groups.insert(g, Group::new(Record::Conv(record), 0, meta));
+        let outgoing = self.add_to_conv(conv, kps, now_ms)?;
+        Ok((conv, outgoing))
+    }
+
+    /// Commits the adds of `kps` to a conversation this device commits for; returns the
+    /// commit and the welcomes. The whole group state is persisted.
+    fn add_to_conv(&mut self, conv: ConvId, kps: Vec<KnownKeyPackage>, now_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
+        let g = Gid::Conv(conv);
+        let Some(Record::Conv(mut record)) = self.groups.get(&g).map(|t| t.record.clone()) else { return Err(MlsError::UnknownTeam(g.to_string())) };
+        if kps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let id = engine::conv_group_id(conv);
+        let mut group = self.engine.take_group_by_id(&id)?.ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
+        let mut taken: BTreeSet<u32> = group.members().map(|m| m.index.u32()).collect();
+        let mut placed = Vec::new();
+        for kp in &kps {
+            // RFC 9420 §12.1.1: each Add takes the leftmost blank leaf, in proposal order.
+            let leaf = (0..).find(|i| !taken.contains(i)).expect("a free index exists");
+            taken.insert(leaf);
+            record.devices.insert(leaf, record.next_device);
+            record.next_device += 1;
+            placed.push((leaf, kp.key_package.leaf_node().signature_key().as_slice().to_vec()));
+        }
+        let adds = kps.iter().map(|k| k.key_package.clone()).collect();
+        let (commit, welcome) = self.engine.commit(&mut group, adds, Vec::new(), engine::conv_extensions(&record)?)?;
+        for (leaf, key) in &placed {
+            if group.member_at(LeafNodeIndex::new(*leaf)).is_none_or(|m| m.signature_key != *key) {
+                return Err(MlsError::Mls(format!("a new member did not land on leaf {leaf}")));
+            }
+        }
+        let epoch = group.epoch().as_u64();
+        self.engine.keep_group(group);
+        let mut outgoing = Vec::new();
+        for (i, data) in fragment::split(Path::Commit, &commit)?.into_iter().enumerate() {
+            let i = u16::try_from(i).map_err(|_| MlsError::Mls("a commit of too many fragments".into()))?;
+            outgoing.push(Outgoing { name: Users::commit(conv, epoch, i)?, expiry_ms: now_ms + record.lifetimes.commit_ms, data });
+        }
+        let welcome = welcome.ok_or_else(|| MlsError::Mls("an add produced no welcome".into()))?;
+        let pieces = fragment::split(Path::Welcome, &welcome)?;
+        // One welcome serves every device the commit adds: it goes once to each user, in that
+        // user's users' space, and each device finds its own secrets in it.
+        let to: BTreeSet<(u32, UserId)> = kps.iter().filter_map(|k| Some((k.origin, crate::identity::claimed_user(k.key_package.leaf_node().credential())?))).collect();
+        for (origin, user) in to {
+            for (i, data) in pieces.iter().enumerate() {
+                let i = u16::try_from(i).map_err(|_| MlsError::Mls("a welcome of too many fragments".into()))?;
+                outgoing.push(Outgoing { name: Users::at(origin).welcome(&user, conv, epoch, i)?, expiry_ms: now_ms + record.lifetimes.welcome_ms, data: data.clone() });
+            }
+        }
+        let t = self.groups.get_mut(&g).expect("checked above");
+        t.record = Record::Conv(record);
+        t.epoch = epoch;
+        self.engine.persist()?;
+        Ok(outgoing)
+    }
+
+    /// In every conversation this device commits for whose users include `user`, adds the
+    /// devices of `user` known from their key packages and not in it yet. Returns the chunks
+    /// to publish.
+    pub fn adopt_devices(&mut self, user: &UserId, now_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
+        let mine: Vec<ConvId> = self.convs().filter(|(_, r, _, device)| *device == 0 && r.users.contains(user)).map(|(c, ..)| c).collect();
+        let mut outgoing = Vec::new();
+        for conv in mine {
+            let id = engine::conv_group_id(conv);
+            let Some(group) = self.engine.group_by_id(&id)? else { continue };
+            let present: BTreeSet<Vec<u8>> = group.members().map(|m| m.signature_key).collect();
+            let new: Vec<KnownKeyPackage> =
+                self.key_packages_of(user).filter(|k| !present.contains(k.key_package.leaf_node().signature_key().as_slice())).cloned().collect();
+            outgoing.extend(self.add_to_conv(conv, new, now_ms)?);
+        }
+        Ok(outgoing)
+    }
+
+    /// Keeps a message for `peer` until a direct message with them can start; returns its
+    /// place in the queue.
+    pub fn queue_dm(&mut self, peer: UserId, message: Message) -> Result<u64, MlsError> {
+        let queue = self.pending.entry(peer).or_default();
+        let seq = queue.last().map_or(1, |(s, _)| s + 1);
+        queue.push((seq, message.clone()));
+        self.engine.vault.put(&pending_key(&peer, seq), &serde_json::to_vec(&message).expect("serializable"));
+        self.engine.persist()?;
+        Ok(seq)
+    }
+
+    /// Messages waiting for `peer`, in order.
+    pub fn pending_for(&self, peer: &UserId) -> &[(u64, Message)] {
+        self.pending.get(peer).map_or(&[], Vec::as_slice)
+    }
+
+    /// Sends what waits for `peer` if a direct message with them exists or can start now.
+    /// Returns the conversation, the ids of the messages sent, and the chunks to publish.
+    #[allow(clippy::type_complexity)]
+    pub fn flush_pending(&mut self, peer: &UserId, now_ms: u64) -> Result<Option<(ConvId, Vec<MsgRef>, Vec<Outgoing>)>, MlsError> {
+        if self.pending_for(peer).is_empty() || self.contacts.is_blocked(peer) {
+            return Ok(None);
+        }
+        let mut outgoing = Vec::new();
+        let conv = match self.dm(peer) {
+            Some(conv) => conv,
+            None if self.key_packages_of(peer).next().is_some() => {
+                let (conv, out) = self.start_conv(ConvKind::Dm, "", &[*peer].into(), now_ms)?;
+                outgoing.extend(out);
+                conv
+            }
+            None => return Ok(None),
+        };
+        let queue = self.pending.remove(peer).unwrap_or_default();
+        let mut ids = Vec::new();
+        for (seq, message) in queue {
+            let (id, out) = self.send(conv, CONV_CHANNEL, message, now_ms)?;
+            self.engine.vault.delete(&pending_key(peer, seq));
+            ids.push(id);
+            outgoing.extend(out);
+        }
+        self.engine.persist()?;
+        Ok(Some((conv, ids, outgoing)))
+    }
+}

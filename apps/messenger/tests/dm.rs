@@ -1,0 +1,119 @@
+//! Direct messages through the CLI, with real relays and real processes: users of two
+//! orgs, a peer that is offline when the conversation starts, contact names as addresses,
+//! and simultaneous starts on both sides of a partition that converge on one conversation.
+
+mod common;
+
+use common::{Home, eventually, relay};
+
+fn texts(home: &Home, conversation: &str) -> Vec<String> {
+    home.read(conversation).iter().map(|m| m["text"].as_str().unwrap().to_string()).collect()
+}
+
+/// Waits until `home` shows `text` in `conversation`, sent (not pending).
+fn await_sent(home: &Home, conversation: &str, text: &str) -> serde_json::Value {
+    eventually(&format!("{} shows {text:?} in {conversation}, sent", home.dir.display()), || {
+        home.read(conversation).into_iter().find(|m| m["text"] == text && m["pending"] == false)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dm_across_orgs_reaches_a_peer_that_was_offline_when_it_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = relay(&tmp.path().join("origin"), "127.0.0.1:0", None).await;
+    let a = Home::new(tmp.path(), "a");
+    let b = Home::new(tmp.path(), "b");
+    a.init_org(&origin, 7);
+    b.init_org(&origin, 8);
+    // b is up once (which publishes its key package), then gone.
+    b.ok(&["up"]);
+    let idb = b.user();
+    eventually("b's key package reaches the relay", || {
+        let c = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(common::cached(&origin)));
+        c.iter().any(|c| canopy_msg_core::names::Users::parse(c.name()).is_some()).then_some(())
+    });
+    b.ok(&["down"]);
+
+    a.ok(&["up"]);
+    let ida = a.user();
+    let first = a.ok(&["dm", &idb, "hello b, are you there?"]);
+    assert!(first.starts_with('c') || first.starts_with("pending/"), "{first}");
+    let sent = await_sent(&a, &format!("dm:{idb}"), "hello b, are you there?");
+    assert!(sent["id"].as_str().unwrap().starts_with('c'), "{sent}");
+    assert_eq!(sent["conversation"], format!("dm:{idb}"));
+
+    // b comes back: the welcome and the message waited in the relay's cache.
+    b.ok(&["up"]);
+    b.await_text(&format!("dm:{ida}"), "hello b, are you there?");
+    let got = &b.read(&format!("dm:{ida}"))[0];
+    assert_eq!(got["user"], ida.as_str());
+    assert_eq!(got["from"], &ida[..8]);
+    b.ok(&["contact", "add", &ida, "alice"]);
+    assert_eq!(b.read("dm:alice")[0]["from"], "alice", "a contact name works as the address");
+    b.ok(&["send", "dm:alice", "yes, here", "--reply-to", got["id"].as_str().unwrap()]);
+    a.await_text(&format!("dm:{idb}"), "yes, here");
+    assert_eq!(a.shared_view(&format!("dm:{idb}")), b.shared_view(&format!("dm:{ida}")), "one conversation, the same on both");
+    assert_eq!(texts(&a, &format!("dm:{idb}")), vec!["hello b, are you there?", "yes, here"]);
+    let status = common::status(&a);
+    assert_eq!(status["secure"]["conversations"].as_array().unwrap().len(), 1, "{status}");
+
+    // Errors are one line.
+    assert!(a.fails(&["dm", "nobody", "x"]).contains("neither a user id"));
+    assert!(a.fails(&["dm", &ida, "x"]).contains("someone else"));
+    assert!(a.fails(&["read", "group:x"]).contains("not built yet"));
+    common::assert_ciphertext_only(&origin, &["hello b", "yes, here"]).await;
+    origin.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simultaneous_starts_on_both_sides_of_a_partition_converge_on_one_conversation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let origin = relay(&root.join("origin"), "127.0.0.1:0", None).await;
+    let cloud = relay(&root.join("cloud"), "127.0.0.1:0", Some(&origin)).await;
+    let cloud_addr = cloud.local_addr().to_string();
+    let a = Home::new(root, "a");
+    let b = Home::new(root, "b");
+    a.init_org(&cloud, 7);
+    b.init_org(&origin, 8);
+    a.ok(&["up"]);
+    b.ok(&["up"]);
+    let (ida, idb) = (a.user(), b.user());
+    // Each names the other, so each knows the other's device before the partition.
+    a.ok(&["contact", "add", &idb, "bob"]);
+    b.ok(&["contact", "add", &ida, "alice"]);
+    for (home, peer) in [(&a, "bob"), (&b, "alice")] {
+        eventually(&format!("{} knows a device of {peer}", home.dir.display()), || {
+            home.ok(&["contacts", "--json"]).lines().any(|l| l.contains(peer) && l.contains("\"devices\":1")).then_some(())
+        });
+    }
+
+    // The partition: a's relay loses its parent. Both start, and each writes.
+    cloud.kill().await;
+    let cloud = relay(&root.join("cloud"), &cloud_addr, None).await;
+    a.ok(&["dm", "bob", "a, on my side"]);
+    b.ok(&["dm", "alice", "b, on mine"]);
+    await_sent(&a, "dm:bob", "a, on my side");
+    await_sent(&b, "dm:alice", "b, on mine");
+
+    // Healed: the cloud relay is back under the origin.
+    cloud.shutdown().await;
+    let _cloud = relay(&root.join("cloud"), &cloud_addr, Some(&origin)).await;
+    for (home, peer) in [(&a, "dm:bob"), (&b, "dm:alice")] {
+        for t in ["a, on my side", "b, on mine"] {
+            home.await_text(peer, t);
+        }
+    }
+    let convs = |h: &Home| -> usize { common::status(h)["secure"]["conversations"].as_array().unwrap().len() };
+    eventually("both are in both conversations", || (convs(&a) == 2 && convs(&b) == 2).then_some(()));
+    // What each sends now goes to the same one.
+    let next_a = a.ok(&["dm", "bob", "together now"]);
+    let next_b = b.ok(&["dm", "alice", "yes, together"]);
+    let conv = |id: &str| id.split('/').next().unwrap().to_string();
+    assert_eq!(conv(&next_a), conv(&next_b), "{next_a} and {next_b}");
+    a.await_text("dm:bob", "yes, together");
+    b.await_text("dm:alice", "together now");
+    assert_eq!(a.shared_view("dm:bob").len(), 4);
+    assert_eq!(texts(&a, "dm:bob"), texts(&b, "dm:alice"));
+    origin.shutdown().await;
+}
