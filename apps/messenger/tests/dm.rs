@@ -69,13 +69,15 @@ async fn a_dm_across_orgs_reaches_a_peer_that_was_offline_when_it_started() {
 async fn simultaneous_starts_on_both_sides_of_a_partition_converge_on_one_conversation() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
+    // a and b each behind a cloud relay of their own, both under the origin.
     let origin = relay(&root.join("origin"), "127.0.0.1:0", None).await;
-    let cloud = relay(&root.join("cloud"), "127.0.0.1:0", Some(&origin)).await;
-    let cloud_addr = cloud.local_addr().to_string();
+    let origin_addr = origin.local_addr().to_string();
+    let cloud_a = relay(&root.join("cloud-a"), "127.0.0.1:0", Some(&origin)).await;
+    let cloud_b = relay(&root.join("cloud-b"), "127.0.0.1:0", Some(&origin)).await;
     let a = Home::new(root, "a");
     let b = Home::new(root, "b");
-    a.init_org(&cloud, 7);
-    b.init_org(&origin, 8);
+    a.init_org(&cloud_a, 7);
+    b.init_org(&cloud_b, 8);
     a.ok(&["up"]);
     b.ok(&["up"]);
     let (ida, idb) = (a.user(), b.user());
@@ -88,17 +90,16 @@ async fn simultaneous_starts_on_both_sides_of_a_partition_converge_on_one_conver
         });
     }
 
-    // The partition: a's relay loses its parent. Both start, and each writes.
-    cloud.kill().await;
-    let cloud = relay(&root.join("cloud"), &cloud_addr, None).await;
+    // The partition: the origin is gone, and the two clouds keep what they take in their
+    // outboxes. Both start, and each writes.
+    origin.kill().await;
     a.ok(&["dm", "bob", "a, on my side"]);
     b.ok(&["dm", "alice", "b, on mine"]);
     await_sent(&a, "dm:bob", "a, on my side");
     await_sent(&b, "dm:alice", "b, on mine");
 
-    // Healed: the cloud relay is back under the origin.
-    cloud.shutdown().await;
-    let _cloud = relay(&root.join("cloud"), &cloud_addr, Some(&origin)).await;
+    // Healed: the origin is back on its address, from its store.
+    let origin = relay(&root.join("origin"), &origin_addr, None).await;
     for (home, peer) in [(&a, "dm:bob"), (&b, "dm:alice")] {
         for t in ["a, on my side", "b, on mine"] {
             home.await_text(peer, t);
@@ -115,5 +116,8 @@ async fn simultaneous_starts_on_both_sides_of_a_partition_converge_on_one_conver
     b.await_text("dm:alice", "together now");
     assert_eq!(a.shared_view("dm:bob").len(), 4);
     assert_eq!(texts(&a, "dm:bob"), texts(&b, "dm:alice"));
+    for r in [&origin, &cloud_a, &cloud_b] {
+        common::assert_ciphertext_only(r, &["on my side", "on mine", "together"]).await;
+    }
     origin.shutdown().await;
 }
