@@ -127,12 +127,7 @@ async fn garbage_forgeries_and_squatters_are_refused_and_secure_keeps_serving() 
     publish(org.message(2, 2, 9, 20).unwrap(), outsider_message(&org)).await.unwrap();
 
     // 7. A forged edit: the hostile member replaces a's hello with a text of its own.
-    let forged = canopy_msg_core::Message {
-        created_ms: now,
-        reply_to: None,
-        replaces: Some(canopy_msg_core::MsgRef { device: 1, msg: 1 }),
-        text: "forged edit".into(),
-    };
+    let forged = canopy_msg_core::Message { replaces: Some(canopy_msg_core::MsgRef { device: 1, msg: 1 }), ..canopy_msg_core::Message::text(now, "forged edit") };
     let (_, out) = rogue.send(2, 2, forged, now).unwrap();
     for o in out {
         publish(o.name, o.data).await.unwrap();
@@ -181,7 +176,7 @@ fn outsider_message(org: &Org) -> Vec<u8> {
     let added = rogue.add_device(2, &asm.finish().unwrap().unwrap(), &hkp, now).unwrap();
     chunks.extend(added.outgoing);
     outsider.ingest(chunks.iter().map(|o| (o.name, o.data.as_slice()))).unwrap();
-    let text = Message { created_ms: now, reply_to: None, replaces: None, text: "not a member".into() };
+    let text = Message::text(now, "not a member");
     let (_, out) = outsider.send(2, 2, text, now).unwrap();
     out[0].data.clone()
 }

@@ -99,7 +99,7 @@ fn sizes(teams: &[usize]) {
         let commit: Vec<Outgoing> = added.outgoing.iter().filter(|o| matches!(org().parse(o.name), Some(canopy_msg_core::names::Parsed::Commit { .. }))).cloned().collect();
         let welcome: Vec<Outgoing> = added.outgoing.iter().filter(|o| matches!(org().parse(o.name), Some(canopy_msg_core::names::Parsed::Welcome { .. }))).cloned().collect();
         dev.ingest(added.outgoing.iter().map(|o| (o.name, o.data.as_slice()))).unwrap();
-        let (_, msg) = dev.send(2, 1, Message { created_ms: NOW, reply_to: None, replaces: None, text: "x".repeat(100) }, NOW).unwrap();
+        let (_, msg) = dev.send(2, 1, Message::text(NOW, "x".repeat(100)), NOW).unwrap();
         println!(
             "| {size} | {} B | {} B ({} chunks) | {} B ({} chunks) | {} B |",
             bytes_of(&kp_out),

@@ -34,7 +34,7 @@ use crate::engine::{self, MlsError, Record, mls};
 use crate::fragment;
 use crate::identity::UserId;
 use crate::names::{ConvId, Gid, MAX_CONV, Path, Users};
-use crate::payload::{ConvKind, ConvRecord, Lifetimes, Message, MsgRef};
+use crate::payload::{Control, ConvKind, ConvRecord, Lifetimes, Message, MsgRef};
 use crate::seal::Backend;
 
 impl<B: Backend> Device<B> {
@@ -123,8 +123,10 @@ impl<B: Backend> Device<B> {
             }
         };
         let kps: Vec<KnownKeyPackage> = users.iter().flat_map(|u| self.key_packages_of(u).cloned().collect::<Vec<_>>()).collect();
+        // A group adds a member's devices as their key packages arrive; a direct message
+        // waits for them instead (what is sent before a device joins, it cannot read).
         for u in &users {
-            if *u != me && !kps.iter().any(|k| crate::identity::claimed_user(k.key_package.leaf_node().credential()) == Some(*u)) {
+            if kind == ConvKind::Dm && *u != me && !kps.iter().any(|k| crate::identity::claimed_user(k.key_package.leaf_node().credential()) == Some(*u)) {
                 return Err(MlsError::BadName(format!("no key package of user {u} is known yet")));
             }
         }
@@ -142,25 +144,36 @@ impl<B: Backend> Device<B> {
         };
         let group = self.engine.create_group(engine::conv_group_id(conv), engine::conv_extensions(&record)?)?;
         let g = Gid::Conv(conv);
-        let meta = GroupMeta { device: 0, next_msg: Default::default() };
+        let meta = GroupMeta { device: 0, ..GroupMeta::default() };
         self.engine.vault.put(&group_key(g), &serde_json::to_vec(&meta).expect("serializable"));
         self.engine.keep_group(group);
         self.groups.insert(g, Group::new(Record::Conv(record), 0, meta));
-        let outgoing = self.add_to_conv(conv, kps, now_ms)?;
+        let record = self.conv_record(conv).cloned().expect("just made");
+        let outgoing = self.commit_conv(conv, record, kps, Vec::new(), now_ms)?;
         Ok((conv, outgoing))
     }
 
     /// Commits the adds of `kps` to a conversation this device commits for; returns the
     /// commit and the welcomes. The whole group state is persisted.
     fn add_to_conv(&mut self, conv: ConvId, kps: Vec<KnownKeyPackage>, now_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
-        let g = Gid::Conv(conv);
-        let Some(Record::Conv(mut record)) = self.groups.get(&g).map(|t| t.record.clone()) else { return Err(MlsError::UnknownTeam(g.to_string())) };
         if kps.is_empty() {
             return Ok(Vec::new());
         }
+        let record = self.conv_record(conv).cloned().ok_or_else(|| MlsError::UnknownTeam(conv.to_string()))?;
+        self.commit_conv(conv, record, kps, Vec::new(), now_ms)
+    }
+
+    /// Commits `record` with the adds of `kps` and the removal of the devices at `removes`,
+    /// as this conversation's committer; returns the commit and the welcomes to publish. The
+    /// record's device map follows the adds and removes. The whole group state is persisted.
+    fn commit_conv(&mut self, conv: ConvId, mut record: ConvRecord, kps: Vec<KnownKeyPackage>, removes: Vec<u32>, now_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
+        let g = Gid::Conv(conv);
         let id = engine::conv_group_id(conv);
         let mut group = self.engine.take_group_by_id(&id)?.ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
-        let mut taken: BTreeSet<u32> = group.members().map(|m| m.index.u32()).collect();
+        for leaf in &removes {
+            record.devices.remove(leaf);
+        }
+        let mut taken: BTreeSet<u32> = group.members().map(|m| m.index.u32()).filter(|l| !removes.contains(l)).collect();
         let mut placed = Vec::new();
         for kp in &kps {
             // RFC 9420 §12.1.1: each Add takes the leftmost blank leaf, in proposal order.
@@ -171,7 +184,8 @@ impl<B: Backend> Device<B> {
             placed.push((leaf, kp.key_package.leaf_node().signature_key().as_slice().to_vec()));
         }
         let adds = kps.iter().map(|k| k.key_package.clone()).collect();
-        let (commit, welcome) = self.engine.commit(&mut group, adds, Vec::new(), engine::conv_extensions(&record)?)?;
+        let removes = removes.into_iter().map(LeafNodeIndex::new).collect();
+        let (commit, welcome) = self.engine.commit(&mut group, adds, removes, engine::conv_extensions(&record)?)?;
         for (leaf, key) in &placed {
             if group.member_at(LeafNodeIndex::new(*leaf)).is_none_or(|m| m.signature_key != *key) {
                 return Err(MlsError::Mls(format!("a new member did not land on leaf {leaf}")));
@@ -184,8 +198,11 @@ impl<B: Backend> Device<B> {
             let i = u16::try_from(i).map_err(|_| MlsError::Mls("a commit of too many fragments".into()))?;
             outgoing.push(Outgoing { name: Users::commit(conv, epoch, i)?, expiry_ms: now_ms + record.lifetimes.commit_ms, data });
         }
-        let welcome = welcome.ok_or_else(|| MlsError::Mls("an add produced no welcome".into()))?;
-        let pieces = fragment::split(Path::Welcome, &welcome)?;
+        let pieces = match welcome {
+            Some(w) => fragment::split(Path::Welcome, &w)?,
+            None if kps.is_empty() => Vec::new(),
+            None => return Err(MlsError::Mls("an add produced no welcome".into())),
+        };
         // One welcome serves every device the commit adds: it goes once to each user, in that
         // user's users' space, and each device finds its own secrets in it.
         let to: BTreeSet<(u32, UserId)> = kps.iter().filter_map(|k| Some((k.origin, crate::identity::claimed_user(k.key_package.leaf_node().credential())?))).collect();
@@ -217,6 +234,105 @@ impl<B: Backend> Device<B> {
             outgoing.extend(self.add_to_conv(conv, new, now_ms)?);
         }
         Ok(outgoing)
+    }
+
+    /// The groups (not direct messages) this device is in: `(id, record)`.
+    pub fn chat_groups(&self) -> impl Iterator<Item = (ConvId, &ConvRecord)> {
+        self.convs().filter(|(_, r, ..)| r.kind == ConvKind::Group).map(|(c, r, ..)| (c, r))
+    }
+
+    /// A group by its id (18 hex digits) or its name; a name two groups share is refused.
+    pub fn resolve_group(&self, which: &str) -> Result<ConvId, MlsError> {
+        if let Some(conv) = crate::names::ConvId::parse(which)
+            && self.chat_groups().any(|(c, _)| c == conv)
+        {
+            return Ok(conv);
+        }
+        let found: Vec<ConvId> = self.chat_groups().filter(|(_, r)| r.name == which).map(|(c, _)| c).collect();
+        match found.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(MlsError::BadName(format!("no group {which:?}"))),
+            many => Err(MlsError::BadName(format!(
+                "{} groups are called {which:?}: use an id ({})",
+                many.len(),
+                many.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    /// `group create NAME USER…`: a group of this user (its admin) and `users`, with this
+    /// device as its committer. Devices of users whose key packages are not known yet are
+    /// added when they arrive.
+    pub fn create_group(&mut self, name: &str, users: &BTreeSet<UserId>, now_ms: u64) -> Result<(ConvId, Vec<Outgoing>), MlsError> {
+        check_group_name(name)?;
+        self.start_conv(ConvKind::Group, name, users, now_ms)
+    }
+
+    /// Carries out a group operation as the group's committer: a commit with the changed
+    /// record, adds and removes. Returns the chunks to publish.
+    pub fn group_op(&mut self, conv: ConvId, control: &Control, now_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
+        let g = Gid::Conv(conv);
+        let (_, own) = self.group_state(g).ok_or_else(|| MlsError::BadName(format!("no group {conv}")))?;
+        let mut record = self.conv_record(conv).cloned().ok_or_else(|| MlsError::BadName(format!("no group {conv}")))?;
+        if record.kind != ConvKind::Group {
+            return Err(MlsError::BadName("only a group has members to change, a name and a description".into()));
+        }
+        if own != 0 {
+            return Err(MlsError::BadName("this device is not the group's committer".into()));
+        }
+        let mut adds = Vec::new();
+        let mut removes = Vec::new();
+        match control {
+            Control::Rename { name } => {
+                check_group_name(name)?;
+                record.name = name.clone();
+            }
+            Control::Describe { description } => {
+                if description.len() > crate::payload::MAX_LABEL_TEXT {
+                    return Err(MlsError::BadName(format!("a description of {} bytes; the limit is {}", description.len(), crate::payload::MAX_LABEL_TEXT)));
+                }
+                record.description = description.clone();
+            }
+            Control::Add { users, .. } => {
+                let id = engine::conv_group_id(conv);
+                let present: BTreeSet<Vec<u8>> = self.engine.group_by_id(&id)?.map(|gr| gr.members().map(|m| m.signature_key).collect()).unwrap_or_default();
+                for u in users {
+                    record.users.insert(*u);
+                    adds.extend(self.key_packages_of(u).filter(|k| !present.contains(k.key_package.leaf_node().signature_key().as_slice())).cloned());
+                }
+            }
+            Control::Remove { users, .. } => {
+                if users.iter().any(|u| record.admins.contains(u)) {
+                    return Err(MlsError::BadName("an admin cannot be removed".into()));
+                }
+                let id = engine::conv_group_id(conv);
+                let group = self.engine.group_by_id(&id)?.ok_or_else(|| MlsError::BadName(format!("no group {conv}")))?;
+                for m in group.members() {
+                    if crate::identity::claimed_user(&m.credential).is_some_and(|u| users.contains(&u)) {
+                        removes.push(m.index.u32());
+                    }
+                }
+                for u in users {
+                    record.users.remove(u);
+                }
+            }
+            Control::Revoke => {}
+        }
+        self.commit_conv(conv, record, adds, removes, now_ms)
+    }
+
+    /// Carries out the group operations admins asked for that ingest accepted, in groups
+    /// this device commits for. Returns the chunks to publish, and what could not be done.
+    pub fn run_ops(&mut self, now_ms: u64) -> (Vec<Outgoing>, Vec<String>) {
+        let mut out = Vec::new();
+        let mut failed = Vec::new();
+        for (conv, control) in std::mem::take(&mut self.ops) {
+            match self.group_op(conv, &control, now_ms) {
+                Ok(o) => out.extend(o),
+                Err(e) => failed.push(format!("group {conv}: {}: {e}", control.describe())),
+            }
+        }
+        (out, failed)
     }
 
     /// Keeps a message for `peer` until a direct message with them can start; returns its
@@ -263,4 +379,13 @@ impl<B: Backend> Device<B> {
         self.engine.persist()?;
         Ok(Some((conv, ids, outgoing)))
     }
+}
+
+/// Whether `name` may name a group: a label (1-64 bytes, not all digits, no `/`, no control
+/// characters) that is not a conversation id.
+fn check_group_name(name: &str) -> Result<(), MlsError> {
+    if !crate::payload::valid_label(name) || crate::names::ConvId::parse(name).is_some() || name.contains(':') {
+        return Err(MlsError::BadName(format!("{name:?} cannot name a group (1-64 bytes; not all digits, no '/' or ':', not 18 hex digits)")));
+    }
+    Ok(())
 }

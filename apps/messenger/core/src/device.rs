@@ -85,6 +85,8 @@ pub struct Shown {
     pub edited: bool,
     /// The sending device's user, if known.
     pub user: Option<UserId>,
+    /// Whether it is a group operation (its text says what it did).
+    pub control: bool,
 }
 
 /// Something an ingest did that the caller shows or acts on.
@@ -160,6 +162,9 @@ pub(crate) type Key3 = (u16, u32, u32);
 pub(crate) struct GroupMeta {
     pub(crate) device: u32,
     pub(crate) next_msg: BTreeMap<u16, u32>,
+    /// This device was removed from the group: its history stays, nothing new is read.
+    #[serde(default)]
+    pub(crate) removed: bool,
 }
 
 pub(crate) struct Group {
@@ -242,6 +247,9 @@ pub struct Device<B: Backend> {
     /// Conversation messages written while no key package of the peer was known: per peer,
     /// in order. Sent once the conversation can be started.
     pub(crate) pending: BTreeMap<UserId, Vec<(u64, Message)>>,
+    /// Group operations accepted from admins, for groups this device commits for: carried
+    /// out by [`Device::run_ops`].
+    pub(crate) ops: Vec<(ConvId, crate::payload::Control)>,
 }
 
 /// One member of a group, as listed.
@@ -315,6 +323,7 @@ impl<B: Backend> Device<B> {
             max_held: MAX_HELD,
             contacts: Contacts::default(),
             pending: BTreeMap::new(),
+            ops: Vec::new(),
         };
         for (k, v) in &contents.app {
             let Ok(k) = std::str::from_utf8(k) else { continue };
@@ -449,9 +458,15 @@ impl<B: Backend> Device<B> {
         })
     }
 
-    /// Every group this device is in, teams and conversations.
+    /// Every group this device is in, teams and conversations, but not those it was
+    /// removed from.
     pub fn groups(&self) -> impl Iterator<Item = Gid> + '_ {
-        self.groups.keys().copied()
+        self.groups.iter().filter(|(_, t)| !t.meta.removed).map(|(g, _)| *g)
+    }
+
+    /// Whether this device was removed from a group.
+    pub fn is_removed(&self, group: impl Into<Gid>) -> bool {
+        self.groups.get(&group.into()).is_some_and(|t| t.meta.removed)
     }
 
     /// A group's epoch and this device's id in it.
@@ -550,6 +565,9 @@ impl<B: Backend> Device<B> {
         let g = group.into();
         let payload = message.encode()?;
         let t = self.groups.get(&g).ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
+        if t.meta.removed {
+            return Err(MlsError::BadName(format!("this device was removed from {}", t.record.name())));
+        }
         if !t.has_channel(channel) {
             return Err(MlsError::UnknownChannel(format!("{}/{channel}", t.record.name())));
         }
@@ -757,6 +775,10 @@ impl<B: Backend> Device<B> {
     #[allow(clippy::too_many_arguments)]
     fn on_message(&mut self, name: Name, g: Gid, channel: u16, device: u32, msg: u32, data: &[u8], events: &mut Vec<Event>) {
         let Some(t) = self.groups.get_mut(&g) else { return };
+        if t.meta.removed {
+            // No keys for what comes after the removal: nothing to hold it for.
+            return;
+        }
         let f = match Fragment::decode(Path::Message, data) {
             Ok(f) => f,
             Err(e) => {
@@ -837,6 +859,28 @@ impl<B: Backend> Device<B> {
             Ok(Some(stored)) if stored.user.is_some_and(|u| self.contacts.is_blocked(&u)) => {
                 // Never shown, not even after an unblock: dropped unread, and counted.
                 self.counters.blocked += 1;
+            }
+            Ok(Some(stored)) if stored.message.control.is_some() => {
+                // A group operation: only from an admin, and carried out by the committer.
+                let t = &self.groups[&g];
+                let admin = match (&t.record, stored.user) {
+                    (Record::Conv(r), Some(u)) if r.kind == crate::payload::ConvKind::Group => r.admins.contains(&u),
+                    _ => false,
+                };
+                if !admin {
+                    let who = stored.user.map_or_else(|| format!("device {}", stored.id.device), |u| u.to_string());
+                    return self.reject(name, format!("a group operation from {who}, who is not an admin of the group"), events);
+                }
+                let (Gid::Conv(conv), Some(control)) = (g, stored.message.control.clone()) else { return };
+                if t.meta.device == 0 {
+                    self.ops.push((conv, control));
+                }
+                let t = self.groups.get_mut(&g).expect("group exists");
+                self.engine.vault.put(&msg_key(g, key), &serde_json::to_vec(&stored).expect("serializable"));
+                let id = stored.id;
+                t.history.entry(key.0).or_default().insert(id, stored);
+                self.counters.messages += 1;
+                events.push(Event::Message { group: g, channel: key.0, id });
             }
             Ok(Some(stored)) => {
                 let t = self.groups.get_mut(&g).expect("group exists");
@@ -992,7 +1036,7 @@ impl<B: Backend> Device<B> {
         let own = staged.members().find(|m| m.signature_key.as_slice() == self.public_key()).map(|m| m.index.u32()).ok_or("the welcome does not hold this device")?;
         let device = record.device_of(own).ok_or("the record gives this device no id")?;
         let group = staged.into_group(&self.engine.provider).map_err(|e| e.to_string())?;
-        let meta = GroupMeta { device, next_msg: BTreeMap::new() };
+        let meta = GroupMeta { device, ..GroupMeta::default() };
         self.engine.vault.put(&group_key(g), &serde_json::to_vec(&meta).expect("serializable"));
         let epoch = group.epoch().as_u64();
         self.engine.keep_group(group);
@@ -1052,15 +1096,25 @@ impl<B: Backend> Device<B> {
         if t.record.device_of(leaf.u32()) != Some(0) {
             return Err("only device 0, the committer, may commit".into());
         }
+        let committer = identity::claimed_user(processed.credential());
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err("not a commit".into());
         };
         check_leaves(self.engine.provider.crypto(), &staged)?;
+        if let Record::Conv(old) = &t.record {
+            check_conv_commit(old, committer, &group, &staged)?;
+        }
+        let removed = staged.self_removed();
         group.merge_staged_commit(&self.engine.provider, *staged).map_err(|e| e.to_string())?;
         let record = engine::any_record_of(&group).map_err(|e| e.to_string())?;
         let t = self.groups.get_mut(&g).expect("group exists");
         t.record = record;
         t.epoch = group.epoch().as_u64();
+        if removed {
+            t.meta.removed = true;
+            t.held.clear();
+            self.engine.vault.put(&group_key(g), &serde_json::to_vec(&t.meta).expect("serializable"));
+        }
         self.engine.keep_group(group);
         Ok(())
     }
@@ -1082,6 +1136,44 @@ fn check_leaves(crypto: &impl openmls_traits::crypto::OpenMlsCrypto, staged: &St
     Ok(())
 }
 
+/// What every member checks of a conversation's commit before merging it: the committer is
+/// an admin (a member, for a direct message), the record keeps its identity, its kind, its
+/// creator and its admins, a direct message keeps its two users, every device added belongs
+/// to a member user, and every device of a user the record drops is removed.
+fn check_conv_commit(old: &ConvRecord, committer: Option<UserId>, group: &MlsGroup, staged: &StagedCommit) -> Result<(), String> {
+    let committer = committer.ok_or("a commit from a device without a user")?;
+    let new = match staged.group_context().extensions().unknown(crate::payload::CONV_EXTENSION) {
+        Some(ext) => ConvRecord::decode(&ext.0).map_err(|e| format!("conversation record: {e}"))?,
+        None => return Err("a commit that drops the conversation record".into()),
+    };
+    match old.kind {
+        crate::payload::ConvKind::Group if !old.admins.contains(&committer) => {
+            return Err(format!("a commit by {committer}, who is not an admin of the group"));
+        }
+        crate::payload::ConvKind::Dm if !old.users.contains(&committer) || new.users != old.users => {
+            return Err("a direct message's users cannot change".into());
+        }
+        _ => {}
+    }
+    if (new.kind, new.conv, new.creator, &new.admins) != (old.kind, old.conv, old.creator, &old.admins) {
+        return Err("a commit that changes the conversation's kind, id, creator or admins".into());
+    }
+    for add in staged.add_proposals() {
+        let user = identity::claimed_user(add.add_proposal().key_package().leaf_node().credential());
+        if !user.is_some_and(|u| new.users.contains(&u)) {
+            return Err("a commit that adds a device of a user who is not a member".into());
+        }
+    }
+    let removed: BTreeSet<u32> = staged.remove_proposals().map(|r| r.remove_proposal().removed().u32()).collect();
+    for m in group.members() {
+        let user = identity::claimed_user(&m.credential);
+        if !user.is_some_and(|u| new.users.contains(&u)) && !removed.contains(&m.index.u32()) {
+            return Err("a commit that drops a user but keeps their devices".into());
+        }
+    }
+    Ok(())
+}
+
 /// Whether `edit` may replace the text of `original`: it comes from a device of the same
 /// user, or (for devices without users) from the same device.
 fn may_edit(original: &Stored, edit: &Stored) -> bool {
@@ -1097,7 +1189,11 @@ fn show(history: &BTreeMap<MsgRef, Stored>, s: &Stored, edit: Option<&Stored>) -
         user: s.user,
         id: s.id,
         sent_ms: s.message.created_ms,
-        text: edit.map_or(&s.message.text, |e| &e.message.text).clone(),
+        control: s.message.control.is_some(),
+        text: match &s.message.control {
+            Some(control) => control.describe(),
+            None => edit.map_or(&s.message.text, |e| &e.message.text).clone(),
+        },
         reply_to: s.message.reply_to.map(|r| thread_root(history, r)),
         edited: edit.is_some(),
     }

@@ -16,6 +16,18 @@
 //! | 8 | `replaces`: device `u32`, msg `u32` (if flagged) |
 //! | … | the text, UTF-8, to the end (at most [`MAX_TEXT`] bytes) |
 //!
+//! **Control message** (kind `2`: a group operation, sent by an admin's device and carried out
+//! by the group's committer):
+//!
+//! | size | field |
+//! |---|---|
+//! | 1 | version, `1` |
+//! | 1 | kind, `2` (control) |
+//! | 8 | creation time, unix ms |
+//! | 1 | operation: `1` rename, `2` describe, `3` add members, `4` remove members, `5` revoke |
+//! | 2+n | rename: the new name; describe: the new description |
+//! | 2, 16 × n, 2+m | add, remove: user count, the user ids, then a note |
+//!
 //! A message id inside a channel is `(device, msg)`: the sending device and the message
 //! number of the message's first fragment. `reply_to` and `replaces` refer to messages of
 //! the same channel.
@@ -56,6 +68,8 @@ use std::collections::BTreeMap;
 
 /// The largest text a message carries, in bytes.
 pub const MAX_TEXT: usize = 16 * 1024;
+/// The largest group name, description or note, in bytes.
+pub const MAX_LABEL_TEXT: usize = 1024;
 /// The group context extension type of the [`TeamRecord`] (private-use range).
 pub const TEAM_EXTENSION: u16 = 0xff0a;
 /// The group context extension type of the [`ConvRecord`] (private-use range).
@@ -110,8 +124,61 @@ pub struct Message {
     pub reply_to: Option<MsgRef>,
     /// The message this one edits (honoured only from the same device).
     pub replaces: Option<MsgRef>,
-    /// The text.
+    /// The text (empty for a control message).
     pub text: String,
+    /// A group operation, for a control message.
+    #[serde(default)]
+    pub control: Option<Control>,
+}
+
+/// The most users one control message names.
+pub const MAX_CONTROL_USERS: usize = 1000;
+
+/// A group operation: what the seed calls `UP_NAME`, `UP_DESCRIPTION`, `ADD_MEMBERS`,
+/// `RM_MEMBERS` and `REVOKE_KEY`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Control {
+    /// Rename the group.
+    Rename {
+        /// The new name.
+        name: String,
+    },
+    /// Set the group's description.
+    Describe {
+        /// The new description.
+        description: String,
+    },
+    /// Add users (every device of each).
+    Add {
+        /// The users.
+        users: Vec<crate::identity::UserId>,
+        /// A note for the members.
+        note: String,
+    },
+    /// Remove users (every device of each).
+    Remove {
+        /// The users.
+        users: Vec<crate::identity::UserId>,
+        /// A note for the members.
+        note: String,
+    },
+    /// Start a new epoch with fresh keys.
+    Revoke,
+}
+
+impl Control {
+    /// One line for people, after the actor's name.
+    pub fn describe(&self) -> String {
+        let users = |u: &[crate::identity::UserId]| u.iter().map(|u| u.short()).collect::<Vec<_>>().join(", ");
+        let note = |n: &str| if n.is_empty() { String::new() } else { format!(" ({n})") };
+        match self {
+            Control::Rename { name } => format!("renamed the group to {name:?}"),
+            Control::Describe { description } => format!("set the description to {description:?}"),
+            Control::Add { users: u, note: n } => format!("added {}{}", users(u), note(n)),
+            Control::Remove { users: u, note: n } => format!("removed {}{}", users(u), note(n)),
+            Control::Revoke => "revoked the group's keys".to_string(),
+        }
+    }
 }
 
 struct Reader<'a> {
@@ -154,9 +221,55 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(bytes);
 }
 
+fn put_user_list(out: &mut Vec<u8>, users: &[crate::identity::UserId]) {
+    out.extend_from_slice(&(users.len() as u16).to_be_bytes());
+    for u in users {
+        out.extend_from_slice(&u.0);
+    }
+}
+
 impl Message {
-    /// Encodes the message; fails if the text is over [`MAX_TEXT`].
+    /// A text message written at `created_ms`.
+    pub fn text(created_ms: u64, text: impl Into<String>) -> Message {
+        Message { created_ms, reply_to: None, replaces: None, text: text.into(), control: None }
+    }
+
+    /// A control message written at `created_ms`.
+    pub fn control(created_ms: u64, control: Control) -> Message {
+        Message { created_ms, reply_to: None, replaces: None, text: String::new(), control: Some(control) }
+    }
+
+    /// Encodes the message; fails if the text is over [`MAX_TEXT`], or a control message's
+    /// fields are over theirs.
     pub fn encode(&self) -> Result<Vec<u8>, PayloadError> {
+        if let Some(control) = &self.control {
+            let mut out = vec![1, 2];
+            out.extend_from_slice(&self.created_ms.to_be_bytes());
+            let long = |s: &str| if s.len() > MAX_LABEL_TEXT { Err(PayloadError::TooLong(s.len())) } else { Ok(()) };
+            match control {
+                Control::Rename { name } => {
+                    long(name)?;
+                    out.push(1);
+                    put_string(&mut out, name);
+                }
+                Control::Describe { description } => {
+                    long(description)?;
+                    out.push(2);
+                    put_string(&mut out, description);
+                }
+                Control::Add { users, note } | Control::Remove { users, note } => {
+                    long(note)?;
+                    if users.len() > MAX_CONTROL_USERS {
+                        return Err(PayloadError::TooLong(users.len()));
+                    }
+                    out.push(if matches!(control, Control::Add { .. }) { 3 } else { 4 });
+                    put_user_list(&mut out, users);
+                    put_string(&mut out, note);
+                }
+                Control::Revoke => out.push(5),
+            }
+            return Ok(out);
+        }
         if self.text.len() > MAX_TEXT {
             return Err(PayloadError::TooLong(self.text.len()));
         }
@@ -176,6 +289,34 @@ impl Message {
     pub fn decode(bytes: &[u8]) -> Result<Message, PayloadError> {
         let mut r = Reader { bytes };
         let (version, kind) = (r.u8()?, r.u8()?);
+        if (version, kind) == (1, 2) {
+            let created_ms = r.u64()?;
+            let op = r.u8()?;
+            let text = |r: &mut Reader| -> Result<String, PayloadError> {
+                let s = r.string()?;
+                if s.len() > MAX_LABEL_TEXT { Err(PayloadError::TooLong(s.len())) } else { Ok(s) }
+            };
+            let control = match op {
+                1 => Control::Rename { name: text(&mut r)? },
+                2 => Control::Describe { description: text(&mut r)? },
+                3 | 4 => {
+                    let n = usize::from(r.u16()?);
+                    if n > MAX_CONTROL_USERS {
+                        return Err(PayloadError::TooLong(n));
+                    }
+                    let mut users = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        users.push(crate::identity::UserId(r.take(16)?.try_into().expect("16 bytes")));
+                    }
+                    let note = text(&mut r)?;
+                    if op == 3 { Control::Add { users, note } } else { Control::Remove { users, note } }
+                }
+                5 => Control::Revoke,
+                _ => return Err(PayloadError::Unsupported { version, kind: op }),
+            };
+            r.end()?;
+            return Ok(Message::control(created_ms, control));
+        }
         if (version, kind) != (1, 1) {
             return Err(PayloadError::Unsupported { version, kind });
         }
@@ -191,7 +332,7 @@ impl Message {
             return Err(PayloadError::TooLong(r.bytes.len()));
         }
         let text = String::from_utf8(r.bytes.to_vec()).map_err(|_| PayloadError::Utf8)?;
-        Ok(Message { created_ms, reply_to: refs[0], replaces: refs[1], text })
+        Ok(Message { created_ms, reply_to: refs[0], replaces: refs[1], text, control: None })
     }
 }
 
@@ -446,12 +587,37 @@ mod tests {
             reply_to: Some(MsgRef { device: 3, msg: 9 }),
             replaces: None,
             text: "héllo".into(),
+            control: None,
         };
         assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
         let long = Message { text: "x".repeat(MAX_TEXT + 1), ..m.clone() };
         assert_eq!(long.encode(), Err(PayloadError::TooLong(MAX_TEXT + 1)));
         assert_eq!(Message::decode(&[1]), Err(PayloadError::Truncated));
         assert!(matches!(Message::decode(&[2, 1]), Err(PayloadError::Unsupported { .. })));
+    }
+
+    #[test]
+    fn control_messages_round_trip_and_refuse_what_is_too_long() {
+        use crate::identity::UserId;
+        for control in [
+            Control::Rename { name: "friends".into() },
+            Control::Describe { description: "weekend plans".into() },
+            Control::Add { users: vec![UserId([1; 16]), UserId([2; 16])], note: "welcome".into() },
+            Control::Remove { users: vec![UserId([3; 16])], note: String::new() },
+            Control::Revoke,
+        ] {
+            let m = Message::control(42, control);
+            let bytes = m.encode().unwrap();
+            assert_eq!(Message::decode(&bytes).unwrap(), m);
+            for cut in 0..bytes.len() {
+                assert!(Message::decode(&bytes[..cut]).is_err(), "{m:?} cut at {cut}");
+            }
+        }
+        let long = Message::control(1, Control::Rename { name: "x".repeat(MAX_LABEL_TEXT + 1) });
+        assert_eq!(long.encode(), Err(PayloadError::TooLong(MAX_LABEL_TEXT + 1)));
+        let many = Message::control(1, Control::Add { users: vec![UserId([0; 16]); MAX_CONTROL_USERS + 1], note: String::new() });
+        assert!(many.encode().is_err());
+        assert!(matches!(Message::decode(&[1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 9]), Err(PayloadError::Unsupported { .. })));
     }
 
     #[test]

@@ -273,7 +273,7 @@ impl<B: Backend> Service<B> {
                 if !mine {
                     return Err(MlsError::BadName(format!("{id} was sent by device {}; only its sender can edit it", original.id.device)));
                 }
-                let message = Message { created_ms: now_ms, reply_to: None, replaces: Some(target), text };
+                let message = Message { replaces: Some(target), ..Message::text(now_ms, text) };
                 match self.send(group, channel, message, now_ms, fx)? {
                     Reply::Sent { queued, .. } => Reply::Sent { id, queued },
                     other => other,
@@ -360,7 +360,7 @@ impl<B: Backend> Service<B> {
                         }
                         // Nothing known of the peer's devices yet: kept until their key packages
                         // arrive, and the subscription that brings them is opened now.
-                        let message = Message { created_ms: now_ms, reply_to: None, replaces: None, text };
+                        let message = Message::text(now_ms, text);
                         message.encode()?;
                         let seq = self.device.queue_dm(peer, message)?;
                         fx.subscribe.push(self.device.users().key_packages(&peer));
@@ -388,7 +388,7 @@ impl<B: Backend> Service<B> {
             }
             None => None,
         };
-        let message = Message { created_ms: now_ms, reply_to, replaces: None, text };
+        let message = Message { reply_to, ..Message::text(now_ms, text) };
         self.send(group, channel, message, now_ms, fx)
     }
 

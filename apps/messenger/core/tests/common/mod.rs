@@ -50,7 +50,7 @@ pub fn org() -> Org {
 }
 
 pub fn text(t: &str) -> Message {
-    Message { created_ms: NOW, reply_to: None, replaces: None, text: t.into() }
+    Message::text(NOW, t)
 }
 
 pub struct World {
