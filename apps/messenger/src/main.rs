@@ -88,7 +88,7 @@ enum Command {
     },
     /// Send a message; prints its id.
     Send {
-        /// Where: TEAM/CHANNEL, or dm:USER (a user id or contact name).
+        /// Where: TEAM/CHANNEL, dm:USER (a user id or contact name) or group:GROUP (an id or name).
         target: String,
         /// The text (at most 16 KiB).
         text: String,
@@ -116,7 +116,7 @@ enum Command {
     },
     /// Show a conversation.
     Read {
-        /// TEAM/CHANNEL, or dm:USER.
+        /// TEAM/CHANNEL, dm:USER or group:GROUP.
         target: String,
         /// One JSON object per message.
         #[arg(long)]
@@ -166,6 +166,17 @@ enum Command {
         /// A user id or contact name.
         user: String,
     },
+    /// Groups: ad hoc, with admins, not tied to an org.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// The groups this device is in: `ID NAME members=N epoch=E`.
+    Groups {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// The org admin's commands (the member plugin; no background processes needed).
     Admin {
         /// The member plugin [default: $CANOPY_MSG_MEMBER_PLUGIN, else beside this binary].
@@ -180,6 +191,75 @@ enum Command {
     /// Runs this device's Secure process (started by `up`).
     #[command(hide = true)]
     Secure,
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a group with you as its admin; prints its id.
+    Create {
+        /// Its name.
+        name: String,
+        /// Its other members: user ids or contact names.
+        users: Vec<String>,
+    },
+    /// Rename a group (admins only).
+    Rename {
+        /// The group's id or name.
+        group: String,
+        /// The new name.
+        name: String,
+        /// Send it even if you are not an admin (every member refuses it; for testing).
+        #[arg(long, hide = true)]
+        force: bool,
+    },
+    /// Set a group's description (admins only).
+    Describe {
+        /// The group's id or name.
+        group: String,
+        /// The new description.
+        description: String,
+        /// Send it even if you are not an admin (every member refuses it; for testing).
+        #[arg(long, hide = true)]
+        force: bool,
+    },
+    /// Add users to a group: every device of each (admins only).
+    Add {
+        /// The group's id or name.
+        group: String,
+        /// User ids or contact names.
+        #[arg(required = true)]
+        users: Vec<String>,
+        /// A note for the members.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Send it even if you are not an admin (every member refuses it; for testing).
+        #[arg(long, hide = true)]
+        force: bool,
+    },
+    /// Remove users from a group: their devices read nothing sent afterwards (admins only).
+    Remove {
+        /// The group's id or name.
+        group: String,
+        /// User ids or contact names.
+        #[arg(required = true)]
+        users: Vec<String>,
+        /// A note for the members.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Start a new epoch with fresh keys (admins only).
+    Revoke {
+        /// The group's id or name.
+        group: String,
+    },
+    /// A group's name, description, admins and members.
+    Info {
+        /// The group's id or name.
+        group: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -288,6 +368,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Contacts { json } => ui::contacts(&home, json),
         Command::Block { user } => ui::contact(&home, Request::Block { user, blocked: true }),
         Command::Unblock { user } => ui::contact(&home, Request::Block { user, blocked: false }),
+        Command::Group { command } => {
+            use canopy_msg_secure::proto::GroupOp;
+            let op = |group: String, operation: GroupOp, force: bool| Request::GroupOp { group, operation, force };
+            match command {
+                GroupCommand::Create { name, users } => ui::group(&home, Request::GroupCreate { name, users }, ui::GroupShow::Id),
+                GroupCommand::Rename { group, name, force } => ui::group(&home, op(group, GroupOp::Rename { name }, force), ui::GroupShow::Epoch),
+                GroupCommand::Describe { group, description, force } => ui::group(&home, op(group, GroupOp::Describe { description }, force), ui::GroupShow::Epoch),
+                GroupCommand::Add { group, users, note, force } => ui::group(&home, op(group, GroupOp::Add { users, note }, force), ui::GroupShow::Epoch),
+                GroupCommand::Remove { group, users, note } => ui::group(&home, op(group, GroupOp::Remove { users, note }, false), ui::GroupShow::Epoch),
+                GroupCommand::Revoke { group } => ui::group(&home, op(group, GroupOp::Revoke, false), ui::GroupShow::Epoch),
+                GroupCommand::Info { group, json } => ui::group(&home, Request::GroupInfo { group }, if json { ui::GroupShow::Json } else { ui::GroupShow::Info }),
+            }
+        }
+        Command::Groups { json } => ui::groups(&home, json),
         Command::Admin { plugin, command } => admin::run(&home, plugin, command),
         Command::Network => processes::network(&home),
         Command::Secure => processes::secure(&home),

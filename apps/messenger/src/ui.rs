@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use canopy_msg_secure::proto::{self, ContactLine, MessageLine, Reply, Request};
+use canopy_msg_secure::proto::{self, ContactLine, GroupLine, MessageLine, Reply, Request};
 
 use crate::home::Home;
 
@@ -209,6 +209,68 @@ pub fn contacts(home: &Home, json: bool) -> anyhow::Result<()> {
         Reply::Contacts { contacts } => {
             for c in &contacts {
                 print_contact(c, json);
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// What a group command prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupShow {
+    /// The group's id (`group create`).
+    Id,
+    /// `ID epoch=E` (operations).
+    Epoch,
+    /// Every field, for people.
+    Info,
+    /// One JSON object.
+    Json,
+}
+
+fn print_group_info(g: &GroupLine) {
+    println!("{} {}", g.id, clean(&g.name));
+    if !g.description.is_empty() {
+        println!("description: {}", clean(&g.description));
+    }
+    let role = if g.removed { "  REMOVED: this device reads nothing new" } else if g.committer { "  (committer)" } else { "" };
+    println!("epoch {}  device {}{role}", g.epoch, g.device);
+    for m in &g.members {
+        let name = m.name.as_deref().map(|n| format!(" {}", clean(n))).unwrap_or_default();
+        println!("member {}{name}{} devices={}", m.user, if m.admin { " (admin)" } else { "" }, m.devices);
+    }
+}
+
+/// `group …`.
+pub fn group(home: &Home, request: Request, show: GroupShow) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&request)? {
+        Reply::Group { group, requested } => {
+            match show {
+                GroupShow::Id => println!("{}", group.id),
+                GroupShow::Epoch => println!("{} epoch={}", group.id, group.epoch),
+                GroupShow::Info => print_group_info(&group),
+                GroupShow::Json => println!("{}", serde_json::to_string(&group).expect("serializable")),
+            }
+            if requested {
+                eprintln!("asked the group's committer, which carries it out once it is online");
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `groups`.
+pub fn groups(home: &Home, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::Groups)? {
+        Reply::Groups { groups } => {
+            for g in groups {
+                if json {
+                    println!("{}", serde_json::to_string(&g).expect("serializable"));
+                } else {
+                    println!("{} {} members={} epoch={}{}", g.id, clean(&g.name), g.members.len(), g.epoch, if g.removed { " removed" } else { "" });
+                }
             }
             Ok(())
         }

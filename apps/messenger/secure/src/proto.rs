@@ -111,10 +111,102 @@ pub enum Request {
         /// `true` to block, `false` to unblock.
         blocked: bool,
     },
+    /// `group create NAME USER…`.
+    GroupCreate {
+        /// The group's name.
+        name: String,
+        /// Members besides this user: user ids or contact names.
+        users: Vec<String>,
+    },
+    /// A group operation by an admin.
+    GroupOp {
+        /// The group's id or name.
+        group: String,
+        /// The operation.
+        operation: GroupOp,
+        /// Send it even if this device thinks its user is no admin: the members decide.
+        #[serde(default)]
+        force: bool,
+    },
+    /// A group's record and members.
+    GroupInfo {
+        /// The group's id or name.
+        group: String,
+    },
+    /// Every group this device is in.
+    Groups,
     /// Try to open an `AF_INET` socket from inside Secure and report what happened.
     SandboxCheck,
     /// Stop Secure.
     Stop,
+}
+
+/// A group operation, as the UI asks for it (users by id or contact name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum GroupOp {
+    /// Rename.
+    Rename {
+        /// The new name.
+        name: String,
+    },
+    /// Set the description.
+    Describe {
+        /// The new description.
+        description: String,
+    },
+    /// Add users.
+    Add {
+        /// User ids or contact names.
+        users: Vec<String>,
+        /// A note for the members.
+        note: String,
+    },
+    /// Remove users.
+    Remove {
+        /// User ids or contact names.
+        users: Vec<String>,
+        /// A note for the members.
+        note: String,
+    },
+    /// New keys: a new epoch.
+    Revoke,
+}
+
+/// One member user of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    /// The user id.
+    pub user: String,
+    /// The contact name, if any.
+    pub name: Option<String>,
+    /// Whether the user is an admin.
+    pub admin: bool,
+    /// How many of the user's devices are in the group.
+    pub devices: usize,
+}
+
+/// A group, as `group info` and `groups` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupLine {
+    /// Its id (18 hex digits).
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its description.
+    pub description: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// This device's id in it.
+    pub device: u32,
+    /// Whether this device is its committer.
+    pub committer: bool,
+    /// Whether this device's user is an admin.
+    pub admin: bool,
+    /// Whether this device was removed from it.
+    pub removed: bool,
+    /// Its member users, in id order.
+    pub members: Vec<GroupMember>,
 }
 
 /// One team, as listed.
@@ -173,6 +265,9 @@ pub struct MessageLine {
     /// Whether it waits to be sent (no key package of the peer known yet).
     #[serde(default)]
     pub pending: bool,
+    /// Whether it is a group operation; its text says what it did.
+    #[serde(default)]
+    pub control: bool,
 }
 
 /// One contact, as listed.
@@ -335,6 +430,19 @@ pub enum Reply {
     },
     /// One contact, as it is after the change.
     Contact(ContactLine),
+    /// A group, as it is now (after a change this device committed), or as it will be once
+    /// the committer carries out what was asked (`requested`).
+    Group {
+        /// The group.
+        group: GroupLine,
+        /// Whether the operation was sent to the group's committer rather than done here.
+        requested: bool,
+    },
+    /// Groups.
+    Groups {
+        /// One per group.
+        groups: Vec<GroupLine>,
+    },
     /// The sandbox check.
     Sandbox {
         /// The errno of `socket(AF_INET, …)`, or 0 if it succeeded.

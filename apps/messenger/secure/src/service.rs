@@ -7,12 +7,12 @@ use canopy_msg_core::contacts::Contact;
 use canopy_msg_core::device::{CONV_CHANNEL, Device, Event, Shown};
 use canopy_msg_core::engine::hex;
 use canopy_msg_core::identity::UserId;
-use canopy_msg_core::names::{Gid, Users};
-use canopy_msg_core::payload::{ConvKind, MsgRef};
+use canopy_msg_core::names::{ConvId, Gid, Users};
+use canopy_msg_core::payload::{Control, ConvKind, MsgRef};
 use canopy_msg_core::seal::Backend;
 use canopy_msg_core::{Message, MlsError, Outgoing};
 
-use crate::proto::{ChannelLine, ContactLine, ConvStatus, MemberLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
+use crate::proto::{ChannelLine, ContactLine, ConvStatus, GroupLine, GroupMember, GroupOp, MemberLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
 
 /// Lifetime of a key package on the relays: 30 days.
 pub const KEY_PACKAGE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -39,6 +39,8 @@ pub enum View {
     Channel(u32, u16),
     /// `dm:USER`: every direct-message conversation with the user, shown as one.
     Dm(UserId),
+    /// `group:GROUP`.
+    Group(ConvId),
 }
 
 impl View {
@@ -48,6 +50,7 @@ impl View {
             // Team numbers start at 1; lines outside teams carry 0.
             View::Channel(team, channel) => line.team == *team && line.channel == *channel,
             View::Dm(user) => line.conversation == format!("dm:{user}"),
+            View::Group(conv) => line.conversation == format!("group:{conv}"),
         }
     }
 }
@@ -132,15 +135,18 @@ impl<B: Backend> Service<B> {
         if let Some(user) = text.strip_prefix("dm:") {
             return Ok(View::Dm(self.device.resolve_user(user)?));
         }
-        if text.starts_with("group:") || text == "mail" {
-            return Err(MlsError::BadName(format!("{text}: groups and mail are not built yet")));
+        if let Some(group) = text.strip_prefix("group:") {
+            return Ok(View::Group(self.device.resolve_group(group)?));
+        }
+        if text == "mail" {
+            return Err(MlsError::BadName(format!("{text}: mail is not built yet")));
         }
         match text.split_once('/') {
             Some((t, c)) if !t.is_empty() && !c.is_empty() && !c.contains('/') => {
                 let team = self.device.resolve_team(t)?;
                 Ok(View::Channel(team, self.device.resolve_channel(team, c)?))
             }
-            _ => Err(MlsError::BadName(format!("{text:?} is not a conversation (TEAM/CHANNEL or dm:USER)"))),
+            _ => Err(MlsError::BadName(format!("{text:?} is not a conversation (TEAM/CHANNEL, dm:USER or group:GROUP)"))),
         }
     }
 
@@ -157,7 +163,7 @@ impl<B: Backend> Service<B> {
                 (team, team_name, channel_name, conversation)
             }
             Gid::Conv(conv) => {
-                let conversation = self.device.dm_peer(conv).map_or_else(|| format!("c{conv}"), |u| format!("dm:{u}"));
+                let conversation = self.device.dm_peer(conv).map_or_else(|| format!("group:{conv}"), |u| format!("dm:{u}"));
                 (0, String::new(), String::new(), conversation)
             }
         };
@@ -176,6 +182,7 @@ impl<B: Backend> Service<B> {
             reply_to: s.reply_to.map(|r| id_text(group, channel, r)),
             edited: s.edited,
             pending: false,
+            control: s.control,
         }
     }
 
@@ -195,6 +202,7 @@ impl<B: Backend> Service<B> {
             reply_to: None,
             edited: false,
             pending: true,
+            control: false,
         }
     }
 
@@ -227,7 +235,71 @@ impl<B: Backend> Service<B> {
                 lines.sort_by(|a, b| (a.sent_ms, &a.id).cmp(&(b.sent_ms, &b.id)));
                 lines
             }
+            View::Group(conv) => self.device.messages(conv, CONV_CHANNEL).iter().map(|s| self.line(Gid::Conv(conv), CONV_CHANNEL, s)).collect(),
         }
+    }
+
+    /// A group as `group info` shows it.
+    pub fn group_line(&mut self, conv: ConvId) -> Result<GroupLine, MlsError> {
+        let record = self.device.conv_record(conv).cloned().ok_or_else(|| MlsError::BadName(format!("no group {conv}")))?;
+        let (epoch, device) = self.device.group_state(conv).expect("a group it has a record of");
+        let removed = self.device.is_removed(conv);
+        let devices = if removed { Vec::new() } else { self.device.members(conv)? };
+        let me = self.device.user_id();
+        Ok(GroupLine {
+            id: conv.to_string(),
+            name: record.name.clone(),
+            description: record.description.clone(),
+            epoch,
+            device,
+            committer: device == 0,
+            admin: record.admins.contains(&me),
+            removed,
+            members: record
+                .users
+                .iter()
+                .map(|u| GroupMember {
+                    user: u.to_string(),
+                    name: self.device.contacts().name(u).map(str::to_string),
+                    admin: record.admins.contains(u),
+                    devices: devices.iter().filter(|m| m.user == Some(*u)).count(),
+                })
+                .collect(),
+        })
+    }
+
+    fn users(&self, users: &[String]) -> Result<Vec<UserId>, MlsError> {
+        users.iter().map(|u| self.device.resolve_user(u)).collect()
+    }
+
+    fn group_op(&mut self, group: &str, op: GroupOp, force: bool, now_ms: u64, fx: &mut Effects) -> Result<Reply, MlsError> {
+        let conv = self.device.resolve_group(group)?;
+        let control = match op {
+            GroupOp::Rename { name } => Control::Rename { name },
+            GroupOp::Describe { description } => Control::Describe { description },
+            GroupOp::Add { users, note } => Control::Add { users: self.users(&users)?, note },
+            GroupOp::Remove { users, note } => Control::Remove { users: self.users(&users)?, note },
+            GroupOp::Revoke => Control::Revoke,
+        };
+        let record = self.device.conv_record(conv).cloned().expect("resolved");
+        if !record.admins.contains(&self.device.user_id()) && !force {
+            return Err(MlsError::BadName(format!("you are not an admin of {}: every member would refuse it", record.name)));
+        }
+        let (_, device) = self.device.group_state(conv).expect("resolved");
+        let requested = if device == 0 {
+            fx.publish.extend(self.device.group_op(conv, &control, now_ms)?);
+            fx.subscribe = self.filters();
+            false
+        } else {
+            // The committer carries it out, if the members agree it comes from an admin.
+            let (id, out) = self.device.send(conv, CONV_CHANNEL, Message::control(now_ms, control), now_ms)?;
+            fx.publish.extend(out);
+            if let Some(s) = self.device.message(conv, CONV_CHANNEL, id) {
+                fx.shown.push(self.line(Gid::Conv(conv), CONV_CHANNEL, &s));
+            }
+            true
+        };
+        Ok(Reply::Group { group: self.group_line(conv)?, requested })
     }
 
     /// Handles one request at `now_ms`.
@@ -325,6 +397,22 @@ impl<B: Backend> Service<B> {
                 fx.subscribe = self.filters();
                 Reply::Contact(self.contact_line(user, &contact))
             }
+            Request::GroupCreate { name, users } => {
+                let users = self.users(&users)?.into_iter().collect();
+                let (conv, out) = self.device.create_group(&name, &users, now_ms)?;
+                fx.publish.extend(out);
+                fx.subscribe = self.filters();
+                Reply::Group { group: self.group_line(conv)?, requested: false }
+            }
+            Request::GroupOp { group, operation, force } => self.group_op(&group, operation, force, now_ms, fx)?,
+            Request::GroupInfo { group } => {
+                let conv = self.device.resolve_group(&group)?;
+                Reply::Group { group: self.group_line(conv)?, requested: false }
+            }
+            Request::Groups => {
+                let ids: Vec<ConvId> = self.device.chat_groups().map(|(c, _)| c).collect();
+                Reply::Groups { groups: ids.into_iter().map(|c| self.group_line(c)).collect::<Result<_, _>>()? }
+            }
             Request::SandboxCheck => {
                 let (errno, error) = crate::sandbox::check();
                 Reply::Sandbox { errno, error }
@@ -339,6 +427,7 @@ impl<B: Backend> Service<B> {
     fn send_to(&mut self, view: View, text: String, reply_to: Option<String>, now_ms: u64, fx: &mut Effects) -> Result<Reply, MlsError> {
         let group = match view {
             View::Channel(team, channel) => return self.send_reply(Gid::Team(team), channel, text, reply_to, now_ms, fx),
+            View::Group(conv) => Gid::Conv(conv),
             View::Dm(peer) => {
                 if peer == self.device.user_id() {
                     return Err(MlsError::BadName("a direct message goes to someone else".into()));
@@ -454,6 +543,11 @@ impl<B: Backend> Service<B> {
                     });
                 }
             }
+        }
+        let (out, failed) = self.device.run_ops(now_ms);
+        fx.publish.extend(out);
+        for f in failed {
+            tracing::warn!("a group operation an admin asked for failed: {f}");
         }
         match self.device.ensure_key_package(now_ms, KEY_PACKAGE_TTL_MS) {
             Ok(out) => fx.publish.extend(out),
