@@ -252,6 +252,12 @@ enum GroupCommand {
         /// The group's id or name.
         group: String,
     },
+    /// Leave a group on this device; its history stays. How a stalled group recovers: then
+    /// an admin removes and adds you again.
+    Leave {
+        /// The group's id or name.
+        group: String,
+    },
     /// A group's name, description, admins and members.
     Info {
         /// The group's id or name.
@@ -378,6 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 GroupCommand::Add { group, users, note, force } => ui::group(&home, op(group, GroupOp::Add { users, note }, force), ui::GroupShow::Epoch),
                 GroupCommand::Remove { group, users, note } => ui::group(&home, op(group, GroupOp::Remove { users, note }, false), ui::GroupShow::Epoch),
                 GroupCommand::Revoke { group } => ui::group(&home, op(group, GroupOp::Revoke, false), ui::GroupShow::Epoch),
+                GroupCommand::Leave { group } => ui::group(&home, Request::GroupLeave { group }, ui::GroupShow::Epoch),
                 GroupCommand::Info { group, json } => ui::group(&home, Request::GroupInfo { group }, if json { ui::GroupShow::Json } else { ui::GroupShow::Info }),
             }
         }

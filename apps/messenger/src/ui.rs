@@ -90,6 +90,18 @@ pub fn status(home: &Home, json: bool) -> anyhow::Result<()> {
                     None => String::new(),
                 };
                 println!("team {} {} epoch={} device={}{gap}", t.id, t.name, t.epoch, t.device);
+                if let Some(why) = &t.stalled {
+                    println!("  STALLED: {why}; ask the admin to re-add this device");
+                }
+            }
+            for c in &s.conversations {
+                println!("{} {} {} epoch={} device={}", c.kind, c.id, clean(&c.name), c.epoch, c.device);
+                if let Some(why) = &c.stalled {
+                    println!("  STALLED: {why}; `canopy-msg group leave {}`, then ask an admin to add you again", c.id);
+                }
+            }
+            if s.pending > 0 {
+                println!("{} direct messages wait for their recipients' key packages", s.pending);
             }
             for hkp in &s.waiting {
                 println!("waiting for a welcome for key package {hkp}");
@@ -236,6 +248,9 @@ fn print_group_info(g: &GroupLine) {
     }
     let role = if g.removed { "  REMOVED: this device reads nothing new" } else if g.committer { "  (committer)" } else { "" };
     println!("epoch {}  device {}{role}", g.epoch, g.device);
+    if let Some(why) = &g.stalled {
+        println!("STALLED: {why}. Recovery: `canopy-msg group leave {}`, then an admin removes and adds you again", g.id);
+    }
     for m in &g.members {
         let name = m.name.as_deref().map(|n| format!(" {}", clean(n))).unwrap_or_default();
         println!("member {}{name}{} devices={}", m.user, if m.admin { " (admin)" } else { "" }, m.devices);

@@ -165,6 +165,10 @@ pub(crate) struct GroupMeta {
     /// This device was removed from the group: its history stays, nothing new is read.
     #[serde(default)]
     pub(crate) removed: bool,
+    /// The commit for the next epoch could not be applied: the group is stalled (a fork,
+    /// or a committer gone wrong) until the device leaves it and is added again.
+    #[serde(default)]
+    pub(crate) stalled: Option<String>,
 }
 
 pub(crate) struct Group {
@@ -464,9 +468,29 @@ impl<B: Backend> Device<B> {
         self.groups.iter().filter(|(_, t)| !t.meta.removed).map(|(g, _)| *g)
     }
 
-    /// Whether this device was removed from a group.
+    /// Whether this device was removed from a group (or left it).
     pub fn is_removed(&self, group: impl Into<Gid>) -> bool {
         self.groups.get(&group.into()).is_some_and(|t| t.meta.removed)
+    }
+
+    /// Why a group is stalled, if it is: the commit for its next epoch was refused, so
+    /// nothing newer can be read. Recovery: [`Device::leave`], then be added again.
+    pub fn stalled(&self, group: impl Into<Gid>) -> Option<&str> {
+        self.groups.get(&group.into())?.meta.stalled.as_deref()
+    }
+
+    /// Leaves a group on this device only: its history stays, nothing new is read, and a
+    /// welcome to it is taken again (how a stalled group recovers: an admin removes and adds
+    /// the user again, or the committer re-adds the device).
+    pub fn leave(&mut self, group: impl Into<Gid>) -> Result<(), MlsError> {
+        let g = group.into();
+        let t = self.groups.get_mut(&g).ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
+        t.meta.removed = true;
+        t.held.clear();
+        t.commits.clear();
+        self.engine.vault.put(&group_key(g), &serde_json::to_vec(&t.meta).expect("serializable"));
+        // Its welcomes may be processed again.
+        self.engine.persist()
     }
 
     /// A group's epoch and this device's id in it.
@@ -1030,8 +1054,16 @@ impl<B: Backend> Device<B> {
                 }
             }
         }
-        if self.groups.contains_key(&g) {
-            return Err(format!("already in group {g}"));
+        match self.groups.get(&g) {
+            Some(t) if !t.meta.removed => return Err(format!("already in group {g}")),
+            // Added again after a removal or a `leave`: the old MLS state goes, the history
+            // stays.
+            Some(_) => {
+                if let Some(mut old) = self.engine.take_group_by_id(context.group_id()).map_err(|e| e.to_string())? {
+                    old.delete(self.engine.provider.storage()).map_err(|e| e.to_string())?;
+                }
+            }
+            None => {}
         }
         let own = staged.members().find(|m| m.signature_key.as_slice() == self.public_key()).map(|m| m.index.u32()).ok_or("the welcome does not hold this device")?;
         let device = record.device_of(own).ok_or("the record gives this device no id")?;
@@ -1040,7 +1072,10 @@ impl<B: Backend> Device<B> {
         self.engine.vault.put(&group_key(g), &serde_json::to_vec(&meta).expect("serializable"));
         let epoch = group.epoch().as_u64();
         self.engine.keep_group(group);
-        self.groups.insert(g, Group::new(record, epoch, meta));
+        let history = self.groups.remove(&g).map(|old| old.history).unwrap_or_default();
+        let mut fresh = Group::new(record, epoch, meta);
+        fresh.history = history;
+        self.groups.insert(g, fresh);
         Ok((g, device))
     }
 
@@ -1079,6 +1114,12 @@ impl<B: Backend> Device<B> {
                     }
                 }
                 Err(reason) => {
+                    // Nothing after this epoch can be read until this commit applies, and it
+                    // never will: the group is stalled, and says so.
+                    if let Some(t) = self.groups.get_mut(&g) {
+                        t.meta.stalled = Some(format!("the commit for epoch {next} was refused: {reason}"));
+                        self.engine.vault.put(&group_key(g), &serde_json::to_vec(&t.meta).expect("serializable"));
+                    }
                     self.reject(name, format!("commit for epoch {next}: {reason}"), events);
                     return;
                 }

@@ -135,6 +135,11 @@ fn a_device_not_signed_by_its_claimed_user_is_refused_by_the_committer_and_by_ev
     assert_eq!(why.len(), 1, "{events:?}");
     assert!(why[0].contains(&format!("commit for epoch {}", epoch + 1)) && why[0].contains("not signed by its claimed user"), "{}", why[0]);
     assert_eq!(x.teams().find(|t| t.0 == 10).unwrap().2, epoch, "x stays at its epoch");
+    // And says why it cannot move on: the group is stalled until it leaves and is added again.
+    assert!(x.stalled(10).is_some_and(|why| why.contains("not signed")), "{:?}", x.stalled(10));
+    x.leave(10).unwrap();
+    assert!(x.is_removed(10));
+    assert_eq!(x.groups().count(), 0, "a group left is no longer followed");
 }
 
 fn sent(w: &mut World, device: &mut Device<MemoryBackend>, text_: &str) -> (canopy_msg_core::MsgRef, Vec<(canopy::Name, Vec<u8>)>) {

@@ -135,6 +135,11 @@ pub enum Request {
     },
     /// Every group this device is in.
     Groups,
+    /// Leave a group on this device (its history stays): how a stalled group recovers.
+    GroupLeave {
+        /// The group's id or name.
+        group: String,
+    },
     /// Try to open an `AF_INET` socket from inside Secure and report what happened.
     SandboxCheck,
     /// Stop Secure.
@@ -203,8 +208,11 @@ pub struct GroupLine {
     pub committer: bool,
     /// Whether this device's user is an admin.
     pub admin: bool,
-    /// Whether this device was removed from it.
+    /// Whether this device was removed from it (or left it).
     pub removed: bool,
+    /// Why it is stalled, if it is: its next commit was refused. Recovery: `group leave`, and
+    /// an admin removes and adds the user again.
+    pub stalled: Option<String>,
     /// Its member users, in id order.
     pub members: Vec<GroupMember>,
 }
@@ -311,6 +319,9 @@ pub struct TeamStatus {
     /// Commits missing before the ones held, `[first, last]`: the team cannot move on until
     /// they arrive, and if they expired the device must be re-added.
     pub gap: Option<(u64, u64)>,
+    /// Why the team is stalled, if it is (its next commit was refused).
+    #[serde(default)]
+    pub stalled: Option<String>,
 }
 
 /// A conversation's state in `status`.
@@ -328,6 +339,9 @@ pub struct ConvStatus {
     pub device: u32,
     /// Commits missing before the ones held.
     pub gap: Option<(u64, u64)>,
+    /// Why it is stalled, if it is (its next commit was refused).
+    #[serde(default)]
+    pub stalled: Option<String>,
 }
 
 /// What `status` reports from Secure.

@@ -255,6 +255,7 @@ impl<B: Backend> Service<B> {
             committer: device == 0,
             admin: record.admins.contains(&me),
             removed,
+            stalled: self.device.stalled(conv).map(str::to_string),
             members: record
                 .users
                 .iter()
@@ -407,6 +408,11 @@ impl<B: Backend> Service<B> {
             Request::GroupOp { group, operation, force } => self.group_op(&group, operation, force, now_ms, fx)?,
             Request::GroupInfo { group } => {
                 let conv = self.device.resolve_group(&group)?;
+                Reply::Group { group: self.group_line(conv)?, requested: false }
+            }
+            Request::GroupLeave { group } => {
+                let conv = self.device.resolve_group(&group)?;
+                self.device.leave(conv)?;
                 Reply::Group { group: self.group_line(conv)?, requested: false }
             }
             Request::Groups => {
@@ -569,7 +575,14 @@ impl<B: Backend> Service<B> {
             teams: self
                 .device
                 .teams()
-                .map(|(id, r, epoch, device)| TeamStatus { id, name: r.name.clone(), epoch, device, gap: self.device.missing_commits(id) })
+                .map(|(id, r, epoch, device)| TeamStatus {
+                    id,
+                    name: r.name.clone(),
+                    epoch,
+                    device,
+                    gap: self.device.missing_commits(id),
+                    stalled: self.device.stalled(id).map(str::to_string),
+                })
                 .collect(),
             conversations: self
                 .device
@@ -584,6 +597,7 @@ impl<B: Backend> Service<B> {
                     epoch,
                     device,
                     gap: self.device.missing_commits(id),
+                    stalled: self.device.stalled(id).map(str::to_string),
                 })
                 .collect(),
             pending: self.device.watched_users().iter().map(|u| self.device.pending_for(u).len()).sum(),
