@@ -171,6 +171,28 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Every conversation, most recent activity first: `UNREAD CONVERSATION NAME`.
+    Chats {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Star a message.
+    Mark {
+        /// The message id, as `read` prints it.
+        id: String,
+    },
+    /// Take a message's star away.
+    Unmark {
+        /// The message id, as `read` prints it.
+        id: String,
+    },
+    /// Marked messages, in the order they were written.
+    Marked {
+        /// One JSON object per message.
+        #[arg(long)]
+        json: bool,
+    },
     /// The groups this device is in: `ID NAME members=N epoch=E`.
     Groups {
         /// One JSON object per line.
@@ -389,6 +411,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Groups { json } => ui::groups(&home, json),
+        Command::Chats { json } => ui::chats(&home, json),
+        Command::Mark { id } => ui::mark(&home, id, true),
+        Command::Unmark { id } => ui::mark(&home, id, false),
+        Command::Marked { json } => ui::marked(&home, json),
         Command::Admin { plugin, command } => admin::run(&home, plugin, command),
         Command::Network => processes::network(&home),
         Command::Secure => processes::secure(&home),

@@ -228,6 +228,44 @@ pub fn contacts(home: &Home, json: bool) -> anyhow::Result<()> {
     }
 }
 
+/// `chats`.
+pub fn chats(home: &Home, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::Chats)? {
+        Reply::Chats { chats } => {
+            for c in chats {
+                if json {
+                    println!("{}", serde_json::to_string(&c).expect("serializable"));
+                } else {
+                    println!("{:>4} {} {}", c.unread, c.conversation, clean(&c.name));
+                }
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `mark ID` / `unmark ID`.
+pub fn mark(home: &Home, id: String, marked: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::Mark { id, marked })? {
+        Reply::Pong => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `marked`.
+pub fn marked(home: &Home, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::Marked)? {
+        Reply::Messages { messages } => {
+            for m in &messages {
+                print(m, json);
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 /// What a group command prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupShow {
@@ -330,7 +368,7 @@ fn print(m: &MessageLine, json: bool) {
     } else {
         let thread = m.reply_to.as_deref().map(|r| format!("  ↳ {r}")).unwrap_or_default();
         let edited = if m.edited { " (edited)" } else { "" };
-        let pending = if m.pending { " (pending)" } else { "" };
+        let pending = if m.pending { " (pending)" } else if m.marked { " *" } else { "" };
         println!("{} [{}] {}: {}{edited}{pending}{thread}", m.id, m.sent_ms, clean(&m.from), clean(&m.text));
     }
 }

@@ -68,6 +68,10 @@ pub struct Stored {
     /// The sending device's user (unknown for devices of part 1, which had no users).
     #[serde(default)]
     pub user: Option<UserId>,
+    /// Where it came in this device's order of arrival (0 before arrival order was kept):
+    /// what unread counts are counted against.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// A message as shown: edits applied, replies attached to their thread's root.
@@ -254,6 +258,12 @@ pub struct Device<B: Backend> {
     /// Group operations accepted from admins, for groups this device commits for: carried
     /// out by [`Device::run_ops`].
     pub(crate) ops: Vec<(ConvId, crate::payload::Control)>,
+    /// The arrival number the next stored message gets.
+    pub(crate) next_seq: u64,
+    /// Per chat, the arrival number of the last message read.
+    pub(crate) read_up_to: BTreeMap<String, u64>,
+    /// Marked (starred) messages.
+    pub(crate) marked: BTreeSet<(Gid, u16, MsgRef)>,
 }
 
 /// One member of a group, as listed.
@@ -328,6 +338,9 @@ impl<B: Backend> Device<B> {
             contacts: Contacts::default(),
             pending: BTreeMap::new(),
             ops: Vec::new(),
+            next_seq: 1,
+            read_up_to: BTreeMap::new(),
+            marked: BTreeSet::new(),
         };
         for (k, v) in &contents.app {
             let Ok(k) = std::str::from_utf8(k) else { continue };
@@ -345,6 +358,7 @@ impl<B: Backend> Device<B> {
             if let Some(rest) = k.strip_prefix("h/") {
                 let (g, key) = parse_key3(rest).ok_or_else(|| bad("history key"))?;
                 let stored: Stored = serde_json::from_slice(v).map_err(|_| bad("history"))?;
+                device.next_seq = device.next_seq.max(stored.seq + 1);
                 if let Some(t) = device.groups.get_mut(&g) {
                     t.done.insert(key);
                     t.history.entry(key.0).or_default().insert(stored.id, stored);
@@ -354,6 +368,12 @@ impl<B: Backend> Device<B> {
                 if let Some(t) = device.groups.get_mut(&g) {
                     t.done.insert(key);
                 }
+            } else if let Some(chat) = k.strip_prefix("r/") {
+                let seq = std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()).ok_or_else(|| bad("read marker"))?;
+                device.read_up_to.insert(chat.to_string(), seq);
+            } else if let Some(rest) = k.strip_prefix("m/") {
+                let (g, key) = parse_key3(rest).ok_or_else(|| bad("mark"))?;
+                device.marked.insert((g, key.0, MsgRef { device: key.1, msg: key.2 }));
             } else if let Some(whole) = k.strip_prefix("x/").and_then(|x| u128::from_str_radix(x, 16).ok()) {
                 device.welcomed.insert(whole);
             } else if let Some(hkp) = k.strip_prefix("w/").and_then(engine::unhex) {
@@ -613,7 +633,7 @@ impl<B: Backend> Device<B> {
         }
         let id = MsgRef { device, msg: first };
         let key = (channel, id.device, id.msg);
-        let stored = Stored { id, message, user: Some(self.engine.user_id()) };
+        let stored = Stored { id, message, user: Some(self.engine.user_id()), seq: self.take_seq() };
         self.engine.vault.put(&msg_key(g, key), &serde_json::to_vec(&stored).expect("serializable"));
         let t = self.groups.get_mut(&g).expect("checked above");
         t.meta.next_msg.insert(channel, first + count);
@@ -683,7 +703,13 @@ impl<B: Backend> Device<B> {
         Some(show(history, s, edit))
     }
 
-    fn hidden(&self, s: &Stored) -> bool {
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    pub(crate) fn hidden(&self, s: &Stored) -> bool {
         s.user.is_some_and(|u| self.contacts.is_blocked(&u))
     }
 
@@ -884,7 +910,8 @@ impl<B: Backend> Device<B> {
                 // Never shown, not even after an unblock: dropped unread, and counted.
                 self.counters.blocked += 1;
             }
-            Ok(Some(stored)) if stored.message.control.is_some() => {
+            Ok(Some(mut stored)) if stored.message.control.is_some() => {
+                stored.seq = self.take_seq();
                 // A group operation: only from an admin, and carried out by the committer.
                 let t = &self.groups[&g];
                 let admin = match (&t.record, stored.user) {
@@ -906,7 +933,8 @@ impl<B: Backend> Device<B> {
                 self.counters.messages += 1;
                 events.push(Event::Message { group: g, channel: key.0, id });
             }
-            Ok(Some(stored)) => {
+            Ok(Some(mut stored)) => {
+                stored.seq = self.take_seq();
                 let t = self.groups.get_mut(&g).expect("group exists");
                 let id = stored.message.replaces.unwrap_or(stored.id);
                 self.engine.vault.put(&msg_key(g, key), &serde_json::to_vec(&stored).expect("serializable"));
@@ -935,7 +963,7 @@ impl<B: Backend> Device<B> {
                     return Err(format!("device {sender} sent a message under device {}'s name", key.1));
                 }
                 let message = Message::decode(&app.into_bytes()).map_err(|e| format!("payload: {e}"))?;
-                let stored = Stored { id: MsgRef { device: key.1, msg: key.2 }, message, user };
+                let stored = Stored { id: MsgRef { device: key.1, msg: key.2 }, message, user, seq: 0 };
                 // An edit counts only from the original's user. If the original has not
                 // arrived yet, that is decided when the channel is shown (`may_edit`).
                 if let Some(target) = stored.message.replaces

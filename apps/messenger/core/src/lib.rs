@@ -8,13 +8,15 @@
 //! - [`seal`]: encryption at rest, over a narrow key/value [`seal::Backend`];
 //! - [`identity`]: users, and the binding of each device's MLS credential to its user;
 //! - [`contacts`]: a device's local names for users, and whom it blocks;
-//! - [`conv`]: conversations between users (direct messages), in the users' name space;
+//! - [`conv`]: conversations between users (direct messages, groups), in the users' name space;
+//! - [`chats`]: the chat list, unread counts and marked messages;
 //! - [`engine`], [`committer`] and [`device`]: MLS (openmls, ciphersuite
 //!   `MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519`) for the committer and for a member
 //!   device.
 //!
 //! It has no network code, and builds for `wasm32-wasip2` as well as the host.
 
+pub mod chats;
 pub mod committer;
 pub mod contacts;
 pub mod conv;

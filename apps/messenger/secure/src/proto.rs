@@ -135,6 +135,17 @@ pub enum Request {
     },
     /// Every group this device is in.
     Groups,
+    /// The chat list.
+    Chats,
+    /// Star a message, or take the star away.
+    Mark {
+        /// The message id, as `read` prints it.
+        id: String,
+        /// `true` to mark, `false` to unmark.
+        marked: bool,
+    },
+    /// Marked messages, answered with [`Reply::Messages`].
+    Marked,
     /// Leave a group on this device (its history stays): how a stalled group recovers.
     GroupLeave {
         /// The group's id or name.
@@ -276,6 +287,26 @@ pub struct MessageLine {
     /// Whether it is a group operation; its text says what it did.
     #[serde(default)]
     pub control: bool,
+    /// Whether it is marked (starred).
+    #[serde(default)]
+    pub marked: bool,
+}
+
+/// One line of the chat list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatLine {
+    /// How to address it: `TEAM/CHANNEL`, `dm:USER` or `group:ID`.
+    pub conversation: String,
+    /// `channel`, `dm` or `group`.
+    pub kind: String,
+    /// Its name for people: `team/channel`, the contact's name (or short id), the group's name.
+    pub name: String,
+    /// Messages from others that arrived since it was last read.
+    pub unread: usize,
+    /// When its latest message was written, unix ms.
+    pub last_ms: u64,
+    /// How many messages it shows.
+    pub messages: usize,
 }
 
 /// One contact, as listed.
@@ -456,6 +487,11 @@ pub enum Reply {
     Groups {
         /// One per group.
         groups: Vec<GroupLine>,
+    },
+    /// The chat list, most recent activity first.
+    Chats {
+        /// One per chat.
+        chats: Vec<ChatLine>,
     },
     /// The sandbox check.
     Sandbox {

@@ -12,7 +12,9 @@ use canopy_msg_core::payload::{Control, ConvKind, MsgRef};
 use canopy_msg_core::seal::Backend;
 use canopy_msg_core::{Message, MlsError, Outgoing};
 
-use crate::proto::{ChannelLine, ContactLine, ConvStatus, GroupLine, GroupMember, GroupOp, MemberLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
+use canopy_msg_core::chats::Chat;
+
+use crate::proto::{ChannelLine, ChatLine, ContactLine, ConvStatus, GroupLine, GroupMember, GroupOp, MemberLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
 
 /// Lifetime of a key package on the relays: 30 days.
 pub const KEY_PACKAGE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -183,7 +185,35 @@ impl<B: Backend> Service<B> {
             edited: s.edited,
             pending: false,
             control: s.control,
+            marked: self.device.is_marked(group, channel, s.id),
         }
+    }
+
+    /// The chat a view shows.
+    fn chat(view: View) -> Chat {
+        match view {
+            View::Channel(t, c) => Chat::Channel(t, c),
+            View::Dm(u) => Chat::Dm(u),
+            View::Group(c) => Chat::Group(c),
+        }
+    }
+
+    fn chat_line(&self, chat: Chat) -> ChatLine {
+        let summary = self.device.chat_summary(chat);
+        let (conversation, kind, name) = match chat {
+            Chat::Channel(t, c) => {
+                let (team, channel) = self
+                    .device
+                    .teams()
+                    .find(|(id, ..)| *id == t)
+                    .map(|(_, r, ..)| (r.name.clone(), r.channels.get(&c).cloned().unwrap_or_else(|| c.to_string())))
+                    .unwrap_or_default();
+                (format!("{team}/{channel}"), "channel", format!("{team}/{channel}"))
+            }
+            Chat::Dm(u) => (format!("dm:{u}"), "dm", self.device.contacts().name(&u).map_or_else(|| u.short(), str::to_string)),
+            Chat::Group(c) => (format!("group:{c}"), "group", self.device.conv_record(c).map(|r| r.name.clone()).unwrap_or_default()),
+        };
+        ChatLine { conversation, kind: kind.into(), name, unread: summary.unread, last_ms: summary.last_ms, messages: summary.messages }
     }
 
     fn pending_line(&self, peer: UserId, seq: u64, m: &Message) -> MessageLine {
@@ -203,6 +233,7 @@ impl<B: Backend> Service<B> {
             edited: false,
             pending: true,
             control: false,
+            marked: false,
         }
     }
 
@@ -354,8 +385,24 @@ impl<B: Backend> Service<B> {
             }
             Request::Read { conversation } => {
                 let view = self.view(&conversation)?;
-                Reply::Messages { messages: self.read(view) }
+                let messages = self.read(view);
+                self.device.mark_read(Self::chat(view))?;
+                Reply::Messages { messages }
             }
+            Request::Chats => Reply::Chats { chats: self.device.chats().into_iter().map(|c| self.chat_line(c.chat)).collect() },
+            Request::Mark { id, marked } => {
+                let (group, channel, target) = parse_id(&id).ok_or_else(|| bad_id(&id))?;
+                self.device.set_marked(group, channel, target, marked)?;
+                Reply::Pong
+            }
+            Request::Marked => Reply::Messages {
+                messages: self
+                    .device
+                    .marked()
+                    .into_iter()
+                    .filter_map(|(g, c, id)| Some(self.line(g, c, &self.device.message(g, c, id)?)))
+                    .collect(),
+            },
             Request::Follow { conversation } => {
                 self.view(&conversation)?;
                 Reply::Pong

@@ -131,15 +131,16 @@ impl Home {
         self.ok(&["read", target, "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
-    /// What every device of a conversation agrees on: `read --json` without `from` and
-    /// `conversation`, which say it as this device sees it (`me`, a contact name, `dm:` and
-    /// the other user).
+    /// What every device of a conversation agrees on: `read --json` without `from`,
+    /// `conversation` and `marked`, which say it as this device sees it (`me`, a contact
+    /// name, `dm:` and the other user, its own stars).
     pub fn shared_view(&self, target: &str) -> Vec<serde_json::Value> {
         let mut view = self.read(target);
         for m in &mut view {
             let m = m.as_object_mut().expect("a message is an object");
             m.remove("from");
             m.remove("conversation");
+            m.remove("marked");
         }
         view
     }
