@@ -171,6 +171,11 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Mail: subject and body, several recipients, threads.
+    Mail {
+        #[command(subcommand)]
+        command: MailCommand,
+    },
     /// Every conversation, most recent activity first: `UNREAD CONVERSATION NAME`.
     Chats {
         /// One JSON object per line.
@@ -213,6 +218,38 @@ enum Command {
     /// Runs this device's Secure process (started by `up`).
     #[command(hide = true)]
     Secure,
+}
+
+#[derive(Subcommand)]
+enum MailCommand {
+    /// Send one mail to every recipient; prints its reference.
+    Send {
+        /// Recipients: user ids or contact names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<String>,
+        /// The subject.
+        #[arg(long)]
+        subject: String,
+        /// The body.
+        body: String,
+        /// The reference of the mail this answers.
+        #[arg(long)]
+        prev: Option<String>,
+    },
+    /// Every mail, newest first: `REF [ms] FROM: SUBJECT`.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A mail's thread, oldest first.
+    Thread {
+        /// A reference in the thread.
+        reference: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -411,6 +448,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Groups { json } => ui::groups(&home, json),
+        Command::Mail { command } => match command {
+            MailCommand::Send { to, subject, body, prev } => ui::mail_send(&home, Request::MailSend { to, subject, body, prev }),
+            MailCommand::List { json } => ui::mails(&home, Request::MailList, json),
+            MailCommand::Thread { reference, json } => ui::mails(&home, Request::MailThread { reference }, json),
+        },
         Command::Chats { json } => ui::chats(&home, json),
         Command::Mark { id } => ui::mark(&home, id, true),
         Command::Unmark { id } => ui::mark(&home, id, false),

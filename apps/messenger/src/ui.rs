@@ -228,6 +228,38 @@ pub fn contacts(home: &Home, json: bool) -> anyhow::Result<()> {
     }
 }
 
+/// `mail send`.
+pub fn mail_send(home: &Home, request: Request) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&request)? {
+        Reply::Mailed { reference, queued } => {
+            println!("{reference}");
+            if queued {
+                eprintln!("queued");
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `mail list`, `mail thread`.
+pub fn mails(home: &Home, request: Request, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&request)? {
+        Reply::Mails { mails } => {
+            for m in mails {
+                if json {
+                    println!("{}", serde_json::to_string(&m).expect("serializable"));
+                } else {
+                    let prev = m.prev.as_deref().map(|p| format!("  ↳ {p}")).unwrap_or_default();
+                    println!("{} [{}] {}: {} — {}{prev}", m.reference, m.sent_ms, clean(&m.from), clean(&m.subject), clean(&m.body));
+                }
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 /// `chats`.
 pub fn chats(home: &Home, json: bool) -> anyhow::Result<()> {
     match Secure::connect(home)?.call(&Request::Chats)? {

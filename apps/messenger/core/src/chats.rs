@@ -24,6 +24,8 @@ pub enum Chat {
     Dm(UserId),
     /// A group.
     Group(ConvId),
+    /// Every mail.
+    Mail,
 }
 
 impl Chat {
@@ -33,6 +35,7 @@ impl Chat {
             Chat::Channel(t, c) => format!("ch/{t}/{c}"),
             Chat::Dm(u) => format!("dm/{u}"),
             Chat::Group(c) => format!("gr/{c}"),
+            Chat::Mail => "mail".to_string(),
         }
     }
 }
@@ -61,6 +64,7 @@ impl<B: Backend> Device<B> {
             Chat::Channel(t, c) => one(Gid::Team(t), c),
             Chat::Group(conv) => one(Gid::Conv(conv), CONV_CHANNEL),
             Chat::Dm(peer) => self.dm_convs(&peer).into_iter().flat_map(|c| one(Gid::Conv(c), CONV_CHANNEL)).collect(),
+            Chat::Mail => self.mails().into_iter().map(|(c, s)| (Gid::Conv(c), CONV_CHANNEL, s)).collect(),
         }
     }
 
@@ -72,6 +76,7 @@ impl<B: Backend> Device<B> {
             match (g, &t.record) {
                 (Gid::Team(team), Record::Team(r)) => out.extend(r.channels.keys().map(|c| Chat::Channel(*team, *c))),
                 (Gid::Conv(conv), Record::Conv(r)) if r.kind == ConvKind::Group => out.push(Chat::Group(*conv)),
+                (Gid::Conv(_), Record::Conv(r)) if r.kind == ConvKind::Mail => out.push(Chat::Mail),
                 (Gid::Conv(conv), Record::Conv(_)) => {
                     if let Some(peer) = self.dm_peer(*conv) {
                         out.push(Chat::Dm(peer));

@@ -38,12 +38,15 @@ pub struct Contact {
     pub name: Option<String>,
     /// Whether the user is blocked: nothing of theirs is shown or answered.
     pub blocked: bool,
+    /// When the user was last unblocked, unix ms: what they wrote before is not shown.
+    #[serde(default)]
+    pub unblocked_ms: u64,
 }
 
 impl Contact {
     /// Whether there is anything to keep.
     pub fn is_empty(&self) -> bool {
-        self.name.is_none() && !self.blocked
+        self.name.is_none() && !self.blocked && self.unblocked_ms == 0
     }
 }
 

@@ -34,7 +34,8 @@ use crate::engine::{self, MlsError, Record, mls};
 use crate::fragment;
 use crate::identity::UserId;
 use crate::names::{ConvId, Gid, MAX_CONV, Path, Users};
-use crate::payload::{Control, ConvKind, ConvRecord, Lifetimes, Message, MsgRef};
+use crate::device::Stored;
+use crate::payload::{Control, ConvKind, ConvRecord, Lifetimes, MailHeader, MailRef, Message, MsgRef};
 use crate::seal::Backend;
 
 impl<B: Backend> Device<B> {
@@ -123,10 +124,10 @@ impl<B: Backend> Device<B> {
             }
         };
         let kps: Vec<KnownKeyPackage> = users.iter().flat_map(|u| self.key_packages_of(u).cloned().collect::<Vec<_>>()).collect();
-        // A group adds a member's devices as their key packages arrive; a direct message
-        // waits for them instead (what is sent before a device joins, it cannot read).
+        // A group adds a member's devices as their key packages arrive; a direct message and a
+        // mailbox wait for them instead (what is sent before a device joins, it cannot read).
         for u in &users {
-            if kind == ConvKind::Dm && *u != me && !kps.iter().any(|k| crate::identity::claimed_user(k.key_package.leaf_node().credential()) == Some(*u)) {
+            if kind != ConvKind::Group && *u != me && !kps.iter().any(|k| crate::identity::claimed_user(k.key_package.leaf_node().credential()) == Some(*u)) {
                 return Err(MlsError::BadName(format!("no key package of user {u} is known yet")));
             }
         }
@@ -234,6 +235,89 @@ impl<B: Backend> Device<B> {
             outgoing.extend(self.add_to_conv(conv, new, now_ms)?);
         }
         Ok(outgoing)
+    }
+
+    /// The mailbox conversation among exactly `users` (this device's user among them) that
+    /// every member sends in: of those this device is in, the lowest `(creator, conv)`, as
+    /// for direct messages.
+    pub fn mail_conv(&self, users: &BTreeSet<UserId>) -> Option<ConvId> {
+        self.convs().filter(|(_, r, ..)| r.kind == ConvKind::Mail && r.users == *users).map(|(c, r, ..)| (r.creator, c)).min().map(|(_, c)| c)
+    }
+
+    /// `mail send`: one mail to every recipient, as one message in the mailbox conversation
+    /// of exactly the sender and the recipients (started if it does not exist; every
+    /// recipient's key packages must be known). Returns the mail's reference, where it went,
+    /// and the chunks to publish.
+    #[allow(clippy::type_complexity)]
+    pub fn send_mail(
+        &mut self,
+        to: &BTreeSet<UserId>,
+        subject: &str,
+        body: &str,
+        prev: Option<MailRef>,
+        now_ms: u64,
+    ) -> Result<(MailRef, ConvId, MsgRef, Vec<Outgoing>), MlsError> {
+        let me = self.user_id();
+        let mut users = to.clone();
+        users.insert(me);
+        if users.len() < 2 {
+            return Err(MlsError::BadName("mail needs a recipient other than you".into()));
+        }
+        if let Some(u) = to.iter().find(|u| self.contacts.is_blocked(u)) {
+            return Err(MlsError::BadName(format!("{u} is blocked: unblock them first")));
+        }
+        let bytes = self.engine.provider.rand().random_vec(8).map_err(mls)?;
+        let reference = MailRef(bytes.try_into().expect("8 bytes"));
+        let message = Message::mail(now_ms, MailHeader { reference, prev, subject: subject.to_string() }, body);
+        message.encode()?;
+        let mut outgoing = Vec::new();
+        let conv = match self.mail_conv(&users) {
+            Some(conv) => conv,
+            None => {
+                let (conv, out) = self.start_conv(ConvKind::Mail, "", to, now_ms)?;
+                outgoing.extend(out);
+                conv
+            }
+        };
+        let (id, out) = self.send(conv, CONV_CHANNEL, message, now_ms)?;
+        outgoing.extend(out);
+        Ok((reference, conv, id, outgoing))
+    }
+
+    /// Every mail this device holds, sent and received, oldest first; not a blocked user's.
+    pub fn mails(&self) -> Vec<(ConvId, &Stored)> {
+        let mut out: Vec<(ConvId, &Stored)> = self
+            .convs()
+            .filter(|(_, r, ..)| r.kind == ConvKind::Mail)
+            .flat_map(|(c, ..)| {
+                self.groups[&Gid::Conv(c)].history.get(&CONV_CHANNEL).into_iter().flat_map(|h| h.values()).map(move |s| (c, s))
+            })
+            .filter(|(_, s)| s.message.mail.is_some() && !self.hidden(s))
+            .collect();
+        out.sort_by_key(|(_, s)| (s.message.created_ms, s.seq));
+        out
+    }
+
+    /// The thread `reference` belongs to: its root (followed up by `prev`), and every mail
+    /// whose `prev` chain reaches that root, oldest first.
+    pub fn mail_thread(&self, reference: MailRef) -> Result<Vec<(ConvId, &Stored)>, MlsError> {
+        let mails = self.mails();
+        let by_ref: std::collections::BTreeMap<MailRef, &Stored> = mails.iter().filter_map(|(_, s)| Some((s.message.mail.as_ref()?.reference, *s))).collect();
+        if !by_ref.contains_key(&reference) {
+            return Err(MlsError::BadName(format!("no mail {reference}")));
+        }
+        let root = |mut r: MailRef| {
+            // At most 1,000 steps: a chain through mails that are missing or loop stops.
+            for _ in 0..1000 {
+                match by_ref.get(&r).and_then(|s| s.message.mail.as_ref()?.prev) {
+                    Some(p) if by_ref.contains_key(&p) && p != r => r = p,
+                    _ => break,
+                }
+            }
+            r
+        };
+        let top = root(reference);
+        Ok(mails.into_iter().filter(|(_, s)| s.message.mail.as_ref().is_some_and(|m| root(m.reference) == top)).collect())
     }
 
     /// The groups (not direct messages) this device is in: `(id, record)`.

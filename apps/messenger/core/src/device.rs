@@ -264,6 +264,11 @@ pub struct Device<B: Backend> {
     pub(crate) read_up_to: BTreeMap<String, u64>,
     /// Marked (starred) messages.
     pub(crate) marked: BTreeSet<(Gid, u16, MsgRef)>,
+    /// Welcomes refused because a blocked user made the conversation: processed again if the
+    /// block is lifted.
+    refused_blocked: BTreeMap<u128, UserId>,
+    /// Set by a refusal for a block, for the welcome being processed.
+    refusal_blocked: Option<UserId>,
 }
 
 /// One member of a group, as listed.
@@ -341,6 +346,8 @@ impl<B: Backend> Device<B> {
             next_seq: 1,
             read_up_to: BTreeMap::new(),
             marked: BTreeSet::new(),
+            refused_blocked: BTreeMap::new(),
+            refusal_blocked: None,
         };
         for (k, v) in &contents.app {
             let Ok(k) = std::str::from_utf8(k) else { continue };
@@ -374,6 +381,9 @@ impl<B: Backend> Device<B> {
             } else if let Some(rest) = k.strip_prefix("m/") {
                 let (g, key) = parse_key3(rest).ok_or_else(|| bad("mark"))?;
                 device.marked.insert((g, key.0, MsgRef { device: key.1, msg: key.2 }));
+            } else if let Some(whole) = k.strip_prefix("xb/").and_then(|x| u128::from_str_radix(x, 16).ok()) {
+                let user = std::str::from_utf8(v).ok().and_then(UserId::parse).ok_or_else(|| bad("refused welcome"))?;
+                device.refused_blocked.insert(whole, user);
             } else if let Some(whole) = k.strip_prefix("x/").and_then(|x| u128::from_str_radix(x, 16).ok()) {
                 device.welcomed.insert(whole);
             } else if let Some(hkp) = k.strip_prefix("w/").and_then(engine::unhex) {
@@ -458,12 +468,26 @@ impl<B: Backend> Device<B> {
     /// `block USER` / `unblock USER`. A blocked user's messages that arrive while the block
     /// lasts are dropped unread; what was kept before is hidden until the block is lifted.
     /// Welcomes to conversations a blocked user created are refused.
-    pub fn set_blocked(&mut self, user: UserId, blocked: bool) -> Result<Contact, MlsError> {
+    ///
+    /// Lifting a block takes again the welcomes refused because of it, so conversations the
+    /// user started meanwhile appear (the caller fetches its welcomes again); what the user
+    /// wrote before `now_ms` is still not shown.
+    pub fn set_blocked(&mut self, user: UserId, blocked: bool, now_ms: u64) -> Result<Contact, MlsError> {
         if user == self.user_id() {
             return Err(ContactError::Yourself.into());
         }
-        let contact = Contact { blocked, ..self.contacts.get(&user).cloned().unwrap_or_default() };
-        self.set_contact(user, contact)
+        let old = self.contacts.get(&user).cloned().unwrap_or_default();
+        let unblocked_ms = if old.blocked && !blocked { now_ms } else { old.unblocked_ms };
+        if !blocked {
+            let again: Vec<u128> = self.refused_blocked.iter().filter(|(_, u)| **u == user).map(|(w, _)| *w).collect();
+            for whole in again {
+                self.refused_blocked.remove(&whole);
+                self.welcomed.remove(&whole);
+                self.engine.vault.delete(format!("xb/{whole:x}").as_bytes());
+                self.engine.vault.delete(format!("x/{whole:x}").as_bytes());
+            }
+        }
+        self.set_contact(user, Contact { blocked, unblocked_ms, ..old })
     }
 
     /// The teams this device is in: `(team, record, epoch, own device id)`.
@@ -906,7 +930,7 @@ impl<B: Backend> Device<B> {
         let result = self.decrypt(g, key, protocol);
         self.mark_done(g, key);
         match result {
-            Ok(Some(stored)) if stored.user.is_some_and(|u| self.contacts.is_blocked(&u)) => {
+            Ok(Some(stored)) if stored.user.is_some_and(|u| self.contacts.is_blocked(&u) || self.contacts.get(&u).is_some_and(|c| stored.message.created_ms < c.unblocked_ms)) => {
                 // Never shown, not even after an unblock: dropped unread, and counted.
                 self.counters.blocked += 1;
             }
@@ -1037,9 +1061,16 @@ impl<B: Backend> Device<B> {
             return;
         }
         self.mark_welcomed(whole);
+        self.refusal_blocked = None;
         match self.join(&object) {
             Ok((group, device)) => events.push(Event::Joined { group, device }),
-            Err(reason) => self.reject(name, format!("welcome: {reason}"), events),
+            Err(reason) => {
+                if let Some(user) = self.refusal_blocked.take() {
+                    self.refused_blocked.insert(whole, user);
+                    self.engine.vault.put(format!("xb/{whole:x}").as_bytes(), user.to_string().as_bytes());
+                }
+                self.reject(name, format!("welcome: {reason}"), events)
+            }
         }
     }
 
@@ -1076,8 +1107,12 @@ impl<B: Backend> Device<B> {
                 if !r.users.contains(&me) {
                     return Err(format!("a welcome to conversation {} whose users do not include this device's", r.conv));
                 }
-                if self.contacts.is_blocked(&r.creator) || r.users.iter().any(|u| *u != me && self.contacts.is_blocked(u) && r.kind == crate::payload::ConvKind::Dm) {
+                let blocker = Some(r.creator).filter(|c| self.contacts.is_blocked(c)).or_else(|| {
+                    r.users.iter().copied().find(|u| *u != me && self.contacts.is_blocked(u) && r.kind == crate::payload::ConvKind::Dm)
+                });
+                if let Some(user) = blocker {
                     self.counters.blocked += 1;
+                    self.refusal_blocked = Some(user);
                     return Err(format!("a welcome to conversation {} from a blocked user", r.conv));
                 }
             }
@@ -1219,8 +1254,8 @@ fn check_conv_commit(old: &ConvRecord, committer: Option<UserId>, group: &MlsGro
         crate::payload::ConvKind::Group if !old.admins.contains(&committer) => {
             return Err(format!("a commit by {committer}, who is not an admin of the group"));
         }
-        crate::payload::ConvKind::Dm if !old.users.contains(&committer) || new.users != old.users => {
-            return Err("a direct message's users cannot change".into());
+        crate::payload::ConvKind::Dm | crate::payload::ConvKind::Mail if !old.users.contains(&committer) || new.users != old.users => {
+            return Err("the users of a direct message or a mailbox cannot change".into());
         }
         _ => {}
     }

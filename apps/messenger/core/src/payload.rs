@@ -28,6 +28,19 @@
 //! | 2+n | rename: the new name; describe: the new description |
 //! | 2, 16 × n, 2+m | add, remove: user count, the user ids, then a note |
 //!
+//! **Mail** (kind `3`):
+//!
+//! | size | field |
+//! |---|---|
+//! | 1 | version, `1` |
+//! | 1 | kind, `3` (mail) |
+//! | 8 | creation time, unix ms |
+//! | 8 | `ref`: this mail's reference, random |
+//! | 1 | flags: bit 0 `prev` present |
+//! | 8 | `prev`: the reference of the mail it answers (if flagged) |
+//! | 2+n | subject (at most 1 KiB) |
+//! | … | the body, UTF-8, to the end (at most [`MAX_TEXT`] bytes) |
+//!
 //! A message id inside a channel is `(device, msg)`: the sending device and the message
 //! number of the message's first fragment. `reply_to` and `replaces` refer to messages of
 //! the same channel.
@@ -129,6 +142,40 @@ pub struct Message {
     /// A group operation, for a control message.
     #[serde(default)]
     pub control: Option<Control>,
+    /// The mail header, for a mail (whose body is the text).
+    #[serde(default)]
+    pub mail: Option<MailHeader>,
+}
+
+/// A mail's header: the seed's `ref`, `prev` and `subject`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct MailRef(pub [u8; 8]);
+
+impl std::fmt::Display for MailRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::engine::hex(&self.0))
+    }
+}
+
+impl MailRef {
+    /// Reads 16 hex digits.
+    pub fn parse(text: &str) -> Option<MailRef> {
+        if text.len() != 16 {
+            return None;
+        }
+        Some(MailRef(crate::engine::unhex(text)?.try_into().ok()?))
+    }
+}
+
+/// What a mail carries besides its body.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MailHeader {
+    /// This mail's reference.
+    pub reference: MailRef,
+    /// The mail it answers.
+    pub prev: Option<MailRef>,
+    /// Its subject.
+    pub subject: String,
 }
 
 /// The most users one control message names.
@@ -231,17 +278,40 @@ fn put_user_list(out: &mut Vec<u8>, users: &[crate::identity::UserId]) {
 impl Message {
     /// A text message written at `created_ms`.
     pub fn text(created_ms: u64, text: impl Into<String>) -> Message {
-        Message { created_ms, reply_to: None, replaces: None, text: text.into(), control: None }
+        Message { created_ms, reply_to: None, replaces: None, text: text.into(), control: None, mail: None }
     }
 
     /// A control message written at `created_ms`.
     pub fn control(created_ms: u64, control: Control) -> Message {
-        Message { created_ms, reply_to: None, replaces: None, text: String::new(), control: Some(control) }
+        Message { created_ms, reply_to: None, replaces: None, text: String::new(), control: Some(control), mail: None }
+    }
+
+    /// A mail written at `created_ms`.
+    pub fn mail(created_ms: u64, header: MailHeader, body: impl Into<String>) -> Message {
+        Message { created_ms, reply_to: None, replaces: None, text: body.into(), control: None, mail: Some(header) }
     }
 
     /// Encodes the message; fails if the text is over [`MAX_TEXT`], or a control message's
     /// fields are over theirs.
     pub fn encode(&self) -> Result<Vec<u8>, PayloadError> {
+        if let Some(mail) = &self.mail {
+            if mail.subject.len() > MAX_LABEL_TEXT {
+                return Err(PayloadError::TooLong(mail.subject.len()));
+            }
+            if self.text.len() > MAX_TEXT {
+                return Err(PayloadError::TooLong(self.text.len()));
+            }
+            let mut out = vec![1, 3];
+            out.extend_from_slice(&self.created_ms.to_be_bytes());
+            out.extend_from_slice(&mail.reference.0);
+            out.push(u8::from(mail.prev.is_some()));
+            if let Some(prev) = mail.prev {
+                out.extend_from_slice(&prev.0);
+            }
+            put_string(&mut out, &mail.subject);
+            out.extend_from_slice(self.text.as_bytes());
+            return Ok(out);
+        }
         if let Some(control) = &self.control {
             let mut out = vec![1, 2];
             out.extend_from_slice(&self.created_ms.to_be_bytes());
@@ -289,6 +359,21 @@ impl Message {
     pub fn decode(bytes: &[u8]) -> Result<Message, PayloadError> {
         let mut r = Reader { bytes };
         let (version, kind) = (r.u8()?, r.u8()?);
+        if (version, kind) == (1, 3) {
+            let created_ms = r.u64()?;
+            let reference = MailRef(r.take(8)?.try_into().expect("8 bytes"));
+            let flags = r.u8()?;
+            let prev = if flags & 1 != 0 { Some(MailRef(r.take(8)?.try_into().expect("8 bytes"))) } else { None };
+            let subject = r.string()?;
+            if subject.len() > MAX_LABEL_TEXT {
+                return Err(PayloadError::TooLong(subject.len()));
+            }
+            if r.bytes.len() > MAX_TEXT {
+                return Err(PayloadError::TooLong(r.bytes.len()));
+            }
+            let body = String::from_utf8(r.bytes.to_vec()).map_err(|_| PayloadError::Utf8)?;
+            return Ok(Message::mail(created_ms, MailHeader { reference, prev, subject }, body));
+        }
         if (version, kind) == (1, 2) {
             let created_ms = r.u64()?;
             let op = r.u8()?;
@@ -332,7 +417,7 @@ impl Message {
             return Err(PayloadError::TooLong(r.bytes.len()));
         }
         let text = String::from_utf8(r.bytes.to_vec()).map_err(|_| PayloadError::Utf8)?;
-        Ok(Message { created_ms, reply_to: refs[0], replaces: refs[1], text, control: None })
+        Ok(Message { created_ms, reply_to: refs[0], replaces: refs[1], text, control: None, mail: None })
     }
 }
 
@@ -452,6 +537,8 @@ pub enum ConvKind {
     Dm = 1,
     /// An ad hoc group with admins.
     Group = 2,
+    /// The mailbox conversation of a set of users: every mail among exactly them.
+    Mail = 3,
 }
 
 /// What every member of a conversation knows about it, carried in the group context.
@@ -530,6 +617,7 @@ impl ConvRecord {
         let kind = match (version, kind) {
             (1, 1) => ConvKind::Dm,
             (1, 2) => ConvKind::Group,
+            (1, 3) => ConvKind::Mail,
             _ => return Err(PayloadError::Unsupported { version, kind }),
         };
         let origin = r.u32()?;
@@ -588,6 +676,7 @@ mod tests {
             replaces: None,
             text: "héllo".into(),
             control: None,
+            mail: None,
         };
         assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
         let long = Message { text: "x".repeat(MAX_TEXT + 1), ..m.clone() };
@@ -618,6 +707,24 @@ mod tests {
         let many = Message::control(1, Control::Add { users: vec![UserId([0; 16]); MAX_CONTROL_USERS + 1], note: String::new() });
         assert!(many.encode().is_err());
         assert!(matches!(Message::decode(&[1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 9]), Err(PayloadError::Unsupported { .. })));
+    }
+
+    #[test]
+    fn mails_round_trip_and_refuse_what_is_too_long() {
+        let header = MailHeader { reference: MailRef([1; 8]), prev: Some(MailRef([2; 8])), subject: "lunch?".into() };
+        let m = Message::mail(7, header.clone(), "at noon");
+        let bytes = m.encode().unwrap();
+        assert_eq!(Message::decode(&bytes).unwrap(), m);
+        for cut in 0..19 {
+            assert!(Message::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let first = Message::mail(7, MailHeader { prev: None, ..header.clone() }, "");
+        assert_eq!(Message::decode(&first.encode().unwrap()).unwrap(), first);
+        let long = Message::mail(7, MailHeader { subject: "s".repeat(MAX_LABEL_TEXT + 1), ..header.clone() }, "");
+        assert!(long.encode().is_err());
+        assert!(Message::mail(7, header, "b".repeat(MAX_TEXT + 1)).encode().is_err());
+        assert_eq!(MailRef::parse(&MailRef([0xab; 8]).to_string()), Some(MailRef([0xab; 8])));
+        assert_eq!(MailRef::parse("xyz"), None);
     }
 
     #[test]

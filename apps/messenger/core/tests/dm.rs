@@ -133,7 +133,7 @@ fn a_blocked_users_conversation_never_appears() {
     let mut relay = Relay::default();
     let (mut a, mut b) = (user(7), user(8));
     up(&mut relay, &mut b);
-    b.set_blocked(a.user_id(), true).unwrap();
+    b.set_blocked(a.user_id(), true, NOW).unwrap();
     feed(&mut a, &relay.all());
     let (conv, out) = a.start_conv(ConvKind::Dm, "", &[b.user_id()].into(), NOW).unwrap();
     relay.publish(&out);
@@ -143,10 +143,14 @@ fn a_blocked_users_conversation_never_appears() {
     assert_eq!(b.convs().count(), 0);
     assert_eq!(b.dm(&a.user_id()), None);
     assert_eq!(b.counters.blocked, 1);
-    // After the unblock, a new start appears.
-    b.set_blocked(a.user_id(), false).unwrap();
-    let (conv2, out) = a.start_conv(ConvKind::Dm, "", &[b.user_id()].into(), NOW + 1).unwrap();
-    relay.publish(&out);
+    // After the unblock, the conversation a started meanwhile appears (its welcome is taken
+    // again), but what a wrote while blocked does not; what a writes now does.
+    b.set_blocked(a.user_id(), false, NOW + 10).unwrap();
     feed(&mut b, &relay.all());
-    assert_eq!(b.dm(&a.user_id()), Some(conv2));
+    feed(&mut b, &relay.all());
+    assert_eq!(b.dm(&a.user_id()), Some(conv));
+    assert!(texts(&b, &a).is_empty(), "{:?}", texts(&b, &a));
+    let (_, out) = a.send(conv, CONV_CHANNEL, Message { created_ms: NOW + 20, ..text("now?") }, NOW + 20).unwrap();
+    feed(&mut b, &relay.publish(&out));
+    assert_eq!(texts(&b, &a), vec!["now?"]);
 }

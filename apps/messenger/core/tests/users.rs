@@ -169,10 +169,10 @@ fn messages_carry_their_senders_user_and_a_blocked_users_are_neither_shown_nor_k
     // Contacts: a name for a's user works wherever a user id does.
     b.name_contact(a.user_id(), "alice").unwrap();
     assert_eq!(b.resolve_user("alice").unwrap(), a.user_id());
-    assert!(b.set_blocked(b.user_id(), true).is_err(), "nobody blocks themselves");
+    assert!(b.set_blocked(b.user_id(), true, NOW).is_err(), "nobody blocks themselves");
 
     // Blocked: what a sends now is dropped unread; what b kept before is hidden.
-    b.set_blocked(a.user_id(), true).unwrap();
+    b.set_blocked(a.user_id(), true, NOW).unwrap();
     assert!(b.messages(w.team, w.channel).is_empty());
     let (while_blocked, out) = sent(&mut w, &mut a, "while blocked");
     let events = feed(&mut b, &out);
@@ -180,7 +180,7 @@ fn messages_carry_their_senders_user_and_a_blocked_users_are_neither_shown_nor_k
     assert_eq!(b.counters.blocked, 1);
     // Unblocked: the old message is back, the one sent while blocked never appears, new
     // ones do.
-    b.set_blocked(a.user_id(), false).unwrap();
+    b.set_blocked(a.user_id(), false, NOW).unwrap();
     let (after, out) = sent(&mut w, &mut a, "after");
     feed(&mut b, &out);
     let shown: Vec<_> = b.messages(w.team, w.channel).into_iter().map(|s| s.id).collect();
@@ -198,7 +198,7 @@ fn contacts_and_blocks_survive_a_restart() {
     let me = d.user_id();
     let (x, y) = (UserId([1; 16]), UserId([2; 16]));
     d.name_contact(x, "xavier").unwrap();
-    d.set_blocked(y, true).unwrap();
+    d.set_blocked(y, true, NOW).unwrap();
     assert!(d.name_contact(y, "xavier").is_err(), "names are unique");
     let backend = d.backend().clone();
     drop(d);

@@ -135,6 +135,24 @@ pub enum Request {
     },
     /// Every group this device is in.
     Groups,
+    /// `mail send`: one mail to several recipients.
+    MailSend {
+        /// The recipients: user ids or contact names.
+        to: Vec<String>,
+        /// The subject.
+        subject: String,
+        /// The body.
+        body: String,
+        /// The reference of the mail it answers.
+        prev: Option<String>,
+    },
+    /// Every mail, newest first.
+    MailList,
+    /// The thread of a mail, oldest first.
+    MailThread {
+        /// A reference in the thread.
+        reference: String,
+    },
     /// The chat list.
     Chats,
     /// Star a message, or take the star away.
@@ -290,6 +308,29 @@ pub struct MessageLine {
     /// Whether it is marked (starred).
     #[serde(default)]
     pub marked: bool,
+}
+
+/// One mail, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailLine {
+    /// Its reference (16 hex digits): what `--prev` and `mail thread` take.
+    pub reference: String,
+    /// The reference of the mail it answers.
+    pub prev: Option<String>,
+    /// The subject.
+    pub subject: String,
+    /// The body.
+    pub body: String,
+    /// Who sent it, for people (`me`, a contact name, a short id).
+    pub from: String,
+    /// The sender's user id.
+    pub user: Option<String>,
+    /// Everyone it went to besides the sender: user ids.
+    pub to: Vec<String>,
+    /// When it was written, unix ms.
+    pub sent_ms: u64,
+    /// Its message id.
+    pub id: String,
 }
 
 /// One line of the chat list.
@@ -487,6 +528,18 @@ pub enum Reply {
     Groups {
         /// One per group.
         groups: Vec<GroupLine>,
+    },
+    /// A mail was sent.
+    Mailed {
+        /// Its reference.
+        reference: String,
+        /// Whether it only reached the local cache so far.
+        queued: bool,
+    },
+    /// Mails.
+    Mails {
+        /// In the order asked for.
+        mails: Vec<MailLine>,
     },
     /// The chat list, most recent activity first.
     Chats {

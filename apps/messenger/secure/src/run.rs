@@ -221,6 +221,10 @@ fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Cl
         for filter in fx.subscribe {
             link.subscribe(filter, ReplayMode::CachedAndLive);
         }
+        for filter in fx.refetch {
+            // A one-off replay; it ends by itself after its `ReplayDone`.
+            link.client.subscribe(filter, ReplayMode::CachedOnly);
+        }
         link.publish(fx.publish);
         followers.send(&fx.shown);
         if proto::write_frame(&mut conn, &reply).is_err() {

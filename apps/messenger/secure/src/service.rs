@@ -14,7 +14,10 @@ use canopy_msg_core::{Message, MlsError, Outgoing};
 
 use canopy_msg_core::chats::Chat;
 
-use crate::proto::{ChannelLine, ChatLine, ContactLine, ConvStatus, GroupLine, GroupMember, GroupOp, MemberLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
+use canopy_msg_core::device::Stored;
+use canopy_msg_core::payload::MailRef;
+
+use crate::proto::{ChannelLine, ChatLine, ContactLine, MailLine, ConvStatus, GroupLine, GroupMember, GroupOp, MemberLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
 
 /// Lifetime of a key package on the relays: 30 days.
 pub const KEY_PACKAGE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -43,6 +46,8 @@ pub enum View {
     Dm(UserId),
     /// `group:GROUP`.
     Group(ConvId),
+    /// `mail`: every mail.
+    Mail,
 }
 
 impl View {
@@ -53,6 +58,7 @@ impl View {
             View::Channel(team, channel) => line.team == *team && line.channel == *channel,
             View::Dm(user) => line.conversation == format!("dm:{user}"),
             View::Group(conv) => line.conversation == format!("group:{conv}"),
+            View::Mail => line.conversation == "mail",
         }
     }
 }
@@ -141,7 +147,7 @@ impl<B: Backend> Service<B> {
             return Ok(View::Group(self.device.resolve_group(group)?));
         }
         if text == "mail" {
-            return Err(MlsError::BadName(format!("{text}: mail is not built yet")));
+            return Ok(View::Mail);
         }
         match text.split_once('/') {
             Some((t, c)) if !t.is_empty() && !c.is_empty() && !c.contains('/') => {
@@ -165,7 +171,10 @@ impl<B: Backend> Service<B> {
                 (team, team_name, channel_name, conversation)
             }
             Gid::Conv(conv) => {
-                let conversation = self.device.dm_peer(conv).map_or_else(|| format!("group:{conv}"), |u| format!("dm:{u}"));
+                let conversation = match self.device.conv_record(conv).map(|r| r.kind) {
+                    Some(ConvKind::Mail) => "mail".to_string(),
+                    _ => self.device.dm_peer(conv).map_or_else(|| format!("group:{conv}"), |u| format!("dm:{u}")),
+                };
                 (0, String::new(), String::new(), conversation)
             }
         };
@@ -195,6 +204,23 @@ impl<B: Backend> Service<B> {
             View::Channel(t, c) => Chat::Channel(t, c),
             View::Dm(u) => Chat::Dm(u),
             View::Group(c) => Chat::Group(c),
+            View::Mail => Chat::Mail,
+        }
+    }
+
+    fn mail_line(&self, conv: ConvId, s: &Stored) -> MailLine {
+        let header = s.message.mail.as_ref().expect("a mail");
+        let to = self.device.conv_record(conv).map(|r| r.users.iter().filter(|u| Some(**u) != s.user).map(ToString::to_string).collect()).unwrap_or_default();
+        MailLine {
+            reference: header.reference.to_string(),
+            prev: header.prev.map(|p| p.to_string()),
+            subject: header.subject.clone(),
+            body: s.message.text.clone(),
+            from: self.from(s.user, s.id.device),
+            user: s.user.map(|u| u.to_string()),
+            to,
+            sent_ms: s.message.created_ms,
+            id: id_text(Gid::Conv(conv), CONV_CHANNEL, s.id),
         }
     }
 
@@ -212,6 +238,7 @@ impl<B: Backend> Service<B> {
             }
             Chat::Dm(u) => (format!("dm:{u}"), "dm", self.device.contacts().name(&u).map_or_else(|| u.short(), str::to_string)),
             Chat::Group(c) => (format!("group:{c}"), "group", self.device.conv_record(c).map(|r| r.name.clone()).unwrap_or_default()),
+            Chat::Mail => ("mail".to_string(), "mail", "mail".to_string()),
         };
         ChatLine { conversation, kind: kind.into(), name, unread: summary.unread, last_ms: summary.last_ms, messages: summary.messages }
     }
@@ -267,6 +294,17 @@ impl<B: Backend> Service<B> {
                 lines
             }
             View::Group(conv) => self.device.messages(conv, CONV_CHANNEL).iter().map(|s| self.line(Gid::Conv(conv), CONV_CHANNEL, s)).collect(),
+            View::Mail => self
+                .device
+                .mails()
+                .into_iter()
+                .filter_map(|(c, s)| {
+                    let mut line = self.line(Gid::Conv(c), CONV_CHANNEL, &self.device.message(c, CONV_CHANNEL, s.id)?);
+                    let subject = s.message.mail.as_ref().map(|m| m.subject.as_str()).unwrap_or_default();
+                    line.text = format!("{subject}: {}", line.text);
+                    Some(line)
+                })
+                .collect(),
         }
     }
 
@@ -389,6 +427,30 @@ impl<B: Backend> Service<B> {
                 self.device.mark_read(Self::chat(view))?;
                 Reply::Messages { messages }
             }
+            Request::MailSend { to, subject, body, prev } => {
+                let to = self.users(&to)?.into_iter().collect();
+                let prev = match prev {
+                    Some(p) => Some(MailRef::parse(&p).ok_or_else(|| MlsError::BadName(format!("{p:?} is not a mail reference (16 hex digits)")))?),
+                    None => None,
+                };
+                let (reference, conv, id, out) = self.device.send_mail(&to, &subject, &body, prev, now_ms)?;
+                fx.publish.extend(out);
+                fx.subscribe = self.filters();
+                if let Some(s) = self.device.message(conv, CONV_CHANNEL, id) {
+                    fx.shown.push(self.line(Gid::Conv(conv), CONV_CHANNEL, &s));
+                }
+                Reply::Mailed { reference: reference.to_string(), queued: !self.network_up }
+            }
+            Request::MailList => {
+                let mut mails: Vec<MailLine> = self.device.mails().into_iter().map(|(c, s)| self.mail_line(c, s)).collect();
+                mails.reverse();
+                self.device.mark_read(Chat::Mail)?;
+                Reply::Mails { mails }
+            }
+            Request::MailThread { reference } => {
+                let r = MailRef::parse(&reference).ok_or_else(|| MlsError::BadName(format!("{reference:?} is not a mail reference (16 hex digits)")))?;
+                Reply::Mails { mails: self.device.mail_thread(r)?.into_iter().map(|(c, s)| self.mail_line(c, s)).collect() }
+            }
             Request::Chats => Reply::Chats { chats: self.device.chats().into_iter().map(|c| self.chat_line(c.chat)).collect() },
             Request::Mark { id, marked } => {
                 let (group, channel, target) = parse_id(&id).ok_or_else(|| bad_id(&id))?;
@@ -441,8 +503,12 @@ impl<B: Backend> Service<B> {
             }
             Request::Block { user, blocked } => {
                 let user = self.device.resolve_user(&user)?;
-                let contact = self.device.set_blocked(user, blocked)?;
+                let contact = self.device.set_blocked(user, blocked, now_ms)?;
                 fx.subscribe = self.filters();
+                if !blocked {
+                    // Welcomes refused during the block are taken again: fetch them once more.
+                    fx.refetch.extend(self.device.welcome_filters());
+                }
                 Reply::Contact(self.contact_line(user, &contact))
             }
             Request::GroupCreate { name, users } => {
@@ -481,6 +547,7 @@ impl<B: Backend> Service<B> {
         let group = match view {
             View::Channel(team, channel) => return self.send_reply(Gid::Team(team), channel, text, reply_to, now_ms, fx),
             View::Group(conv) => Gid::Conv(conv),
+            View::Mail => return Err(MlsError::BadName("mail takes recipients and a subject: use `mail send`".into())),
             View::Dm(peer) => {
                 if peer == self.device.user_id() {
                     return Err(MlsError::BadName("a direct message goes to someone else".into()));
@@ -639,6 +706,7 @@ impl<B: Backend> Service<B> {
                     kind: match r.kind {
                         ConvKind::Dm => "dm".into(),
                         ConvKind::Group => "group".into(),
+                        ConvKind::Mail => "mail".into(),
                     },
                     name: self.device.dm_peer(id).map_or_else(|| r.name.clone(), |u| format!("dm:{u}")),
                     epoch,
