@@ -353,7 +353,21 @@ enum ContactCommand {
 #[derive(Subcommand)]
 enum DeviceCommand {
     /// Publish a fresh single-use key package and print its hKP.
-    KeyPackage,
+    KeyPackage {
+        /// Ask to become a new device of another user: give the hKP to one of their devices,
+        /// which runs `device link HKP`.
+        #[arg(long)]
+        link: bool,
+    },
+    /// Make the device that published key package HKP (with `--link`) a device of your user:
+    /// it gets your identity, and every conversation of yours adds it from then on.
+    Link {
+        /// The new device's hKP (64 hex digits).
+        hkp: String,
+        /// Give up after this long (e.g. 30s), exiting non-zero.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 fn main() {
@@ -411,7 +425,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up => processes::up(&home),
         Command::Down => processes::down(&home),
         Command::Status { json } => ui::status(&home, json),
-        Command::Device { command: DeviceCommand::KeyPackage } => ui::key_package(&home),
+        Command::Device { command: DeviceCommand::KeyPackage { link } } => ui::key_package(&home, link),
+        Command::Device { command: DeviceCommand::Link { hkp, timeout } } => ui::link(&home, hkp, timeout),
         Command::Teams { json } => ui::teams(&home, json),
         Command::Channels { team, json } => ui::channels(&home, &team, json),
         Command::Send { target, text, reply_to } => ui::send(&home, &target, text, reply_to),

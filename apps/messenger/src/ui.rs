@@ -116,9 +116,37 @@ pub fn status(home: &Home, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `device key-package`.
-pub fn key_package(home: &Home) -> anyhow::Result<()> {
-    match Secure::connect(home)?.call(&Request::KeyPackage)? {
+/// `device link HKP`: asks Secure to link, then waits until it has.
+pub fn link(home: &Home, hkp: String, timeout: Duration) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::DeviceLink { hkp: hkp.clone() })? {
+        Reply::Pong => {}
+        other => return Err(unexpected(other)),
+    }
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let status = match Secure::connect(home)?.call(&Request::Status)? {
+            Reply::Status(s) => s,
+            other => return Err(unexpected(other)),
+        };
+        if status.linked.contains(&hkp) {
+            println!("linked {hkp}");
+            return Ok(());
+        }
+        if !status.linking.contains(&hkp) {
+            bail!("linking {hkp} failed: see Secure's log");
+        }
+        if Instant::now() >= deadline {
+            bail!("the key package {hkp} did not arrive within {}: is it published (`device key-package --link`)?", humantime::format_duration(timeout));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// `device key-package [--link]`.
+pub fn key_package(home: &Home, link: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::KeyPackage { link })? {
         Reply::KeyPackage { hkp } => {
             println!("{hkp}");
             Ok(())

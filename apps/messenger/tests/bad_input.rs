@@ -83,7 +83,7 @@ async fn garbage_forgeries_and_squatters_are_refused_and_secure_keeps_serving() 
     // publishing with the devices' token), added by hKP like any other.
     let now = canopy_sdk::now_ms();
     let mut rogue = canopy_msg_core::Device::open(canopy_msg_core::Key::random(), canopy_msg_core::MemoryBackend::default(), org).unwrap();
-    let (hkp, kp) = rogue.key_package(now, 3_600_000).unwrap();
+    let (hkp, kp) = rogue.key_package(now, 3_600_000, false).unwrap();
     for o in kp {
         publish(o.name, o.data).await.unwrap();
     }
@@ -168,7 +168,7 @@ fn outsider_message(org: &Org) -> Vec<u8> {
     rogue.create_team("ops", Lifetimes::default()).unwrap();
     let (_, _, mut chunks) = rogue.create_channel(2, "general", now).unwrap();
     let mut outsider = Device::open(Key::random(), MemoryBackend::default(), *org).unwrap();
-    let (hkp, kp) = outsider.key_package(now, 60_000).unwrap();
+    let (hkp, kp) = outsider.key_package(now, 60_000, false).unwrap();
     let mut asm = Assembly::new();
     for o in &kp {
         asm.add(Fragment::decode(Path::KeyPackage, &o.data).unwrap()).unwrap();

@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
     // The team holds the committer alone; each add brings one more device.
     for size in 1..largest {
         let mut device = Device::open(Key::random(), MemoryBackend::default(), org())?;
-        let (hkp, out) = device.key_package(canopy_sdk::now_ms(), 3_600_000)?;
+        let (hkp, out) = device.key_package(canopy_sdk::now_ms(), 3_600_000, false)?;
         for o in out {
             client.publish(Chunk::new(o.name, o.expiry_ms, o.data)?).await?;
         }

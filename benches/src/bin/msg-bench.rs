@@ -65,7 +65,7 @@ fn bytes_of(out: &[Outgoing]) -> usize {
 
 fn new_device() -> (Device<MemoryBackend>, Vec<u8>, Vec<u8>, Vec<Outgoing>) {
     let mut d = Device::open(Key::random(), MemoryBackend::default(), org()).unwrap();
-    let (hkp, out) = d.key_package(NOW, 60_000).unwrap();
+    let (hkp, out) = d.key_package(NOW, 60_000, false).unwrap();
     let mut asm = Assembly::new();
     for o in &out {
         asm.add(Fragment::decode(Path::KeyPackage, &o.data).unwrap()).unwrap();

@@ -405,7 +405,7 @@ mod tests {
         // Until some record (the ratchet tree, the last welcome) needs more than one value.
         while pieces(admin_backend(&admin)) == 0 {
             let mut device = Device::open(Key::random(), MemoryBackend::default(), org).unwrap();
-            let (hkp, out) = device.key_package(0, u64::MAX / 2).unwrap();
+            let (hkp, out) = device.key_package(0, u64::MAX / 2, false).unwrap();
             let kp: Vec<u8> = out.iter().flat_map(|o| o.data[canopy_msg_core::fragment::HEADER..].to_vec()).collect();
             admin.add_device(team, &kp, &hkp, 0).unwrap();
             added += 1;

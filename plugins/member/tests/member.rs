@@ -165,7 +165,7 @@ async fn the_admin_creates_a_team_and_a_channel_and_adds_devices_by_hkp() {
     let mut devices = Vec::new();
     for expected in [1u32, 2] {
         let mut device = Device::open(Key::random(), MemoryBackend::default(), org()).unwrap();
-        let (hkp, out) = device.key_package(canopy_sdk::now_ms(), 3_600_000).unwrap();
+        let (hkp, out) = device.key_package(canopy_sdk::now_ms(), 3_600_000, false).unwrap();
         publish(&net, &out).await;
         let started = Instant::now();
         let which = if expected == 1 { TEAM.to_string() } else { team.to_string() };
@@ -203,14 +203,14 @@ async fn the_admin_creates_a_team_and_a_channel_and_adds_devices_by_hkp() {
     assert_eq!(listed[2], serde_json::json!({"device": 2, "leaf": 2}));
 
     // A device already in the team is refused, even with a fresh key package.
-    let (hkp0, out) = devices[0].key_package(canopy_sdk::now_ms(), 3_600_000).unwrap();
+    let (hkp0, out) = devices[0].key_package(canopy_sdk::now_ms(), 3_600_000, false).unwrap();
     publish(&net, &out).await;
     let err = admin.fails(&relay, &["team", "add", TEAM, &hex(&hkp0)]).await;
     assert!(err.contains("is already in team"), "{err}");
 
     // Failures that change nothing.
     let mut again = Device::open(Key::random(), MemoryBackend::default(), org()).unwrap();
-    let (hkp, out) = again.key_package(canopy_sdk::now_ms(), 3_600_000).unwrap();
+    let (hkp, out) = again.key_package(canopy_sdk::now_ms(), 3_600_000, false).unwrap();
     publish(&net, &out).await;
     // An hKP nobody published; one that is not hex; and one whose name (its first 54 bits)
     // holds a key package that is not it.

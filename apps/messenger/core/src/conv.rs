@@ -55,7 +55,7 @@ impl<B: Backend> Device<B> {
             let i = u16::try_from(i).map_err(|_| MlsError::Mls("a key package of over 65,535 fragments".into()))?;
             outgoing.push(Outgoing { name: users.key_package(&me, &hkp, i)?, expiry_ms: now_ms + ttl_ms, data });
         }
-        let w = Waiting { space: Space::Users, created_ms: now_ms };
+        let w = Waiting { space: Space::Users, created_ms: now_ms, link: false };
         self.engine.vault.put(&waiting_key(&hkp), &encode_waiting(&w));
         self.engine.persist()?;
         self.waiting.insert(hkp, w);
@@ -167,7 +167,7 @@ impl<B: Backend> Device<B> {
     /// Commits `record` with the adds of `kps` and the removal of the devices at `removes`,
     /// as this conversation's committer; returns the commit and the welcomes to publish. The
     /// record's device map follows the adds and removes. The whole group state is persisted.
-    fn commit_conv(&mut self, conv: ConvId, mut record: ConvRecord, kps: Vec<KnownKeyPackage>, removes: Vec<u32>, now_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
+    pub(crate) fn commit_conv(&mut self, conv: ConvId, mut record: ConvRecord, kps: Vec<KnownKeyPackage>, removes: Vec<u32>, now_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
         let g = Gid::Conv(conv);
         let id = engine::conv_group_id(conv);
         let mut group = self.engine.take_group_by_id(&id)?.ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;

@@ -132,6 +132,12 @@ pub enum Event {
         /// The group.
         group: Gid,
     },
+    /// This device took on the identity of `user`, handed over by a device of theirs
+    /// (`device link`): it is that user's device from now on.
+    Linked {
+        /// The user.
+        user: UserId,
+    },
     /// A chunk was refused; it is logged and counted, and nothing else changes.
     Rejected {
         /// Its name.
@@ -218,6 +224,9 @@ pub(crate) struct Waiting {
     pub(crate) space: Space,
     /// When it was made, unix ms (0 if unknown).
     pub(crate) created_ms: u64,
+    /// Made by `device key-package --link`: a device of another user may welcome it to their
+    /// devices' group and hand it their identity.
+    pub(crate) link: bool,
 }
 
 /// Another device's key package, checked, as published in a users' space.
@@ -269,6 +278,15 @@ pub struct Device<B: Backend> {
     refused_blocked: BTreeMap<u128, UserId>,
     /// Set by a refusal for a block, for the welcome being processed.
     refusal_blocked: Option<UserId>,
+    /// Set while processing a welcome that holds secrets for a `--link` key package.
+    joining_link: bool,
+    /// `device link`: key packages asked for, by the first 54 bits of their hKP.
+    pub(crate) linking: BTreeMap<u64, Vec<u8>>,
+    pub(crate) link_parts: HashMap<u64, Assembly>,
+    /// Key packages to link, assembled by ingest: carried out by [`Device::run_links`].
+    pub(crate) link_ready: Vec<(Vec<u8>, Vec<u8>)>,
+    /// hKPs linked so far (since start).
+    pub(crate) linked: Vec<Vec<u8>>,
 }
 
 /// One member of a group, as listed.
@@ -310,16 +328,18 @@ fn parse_key3(rest: &str) -> Option<(Gid, Key3)> {
 
 /// A waiting record's value: `o` (org space), or `u` and the creation time.
 pub(crate) fn encode_waiting(w: &Waiting) -> Vec<u8> {
-    match w.space {
-        Space::Org => Vec::new(),
-        Space::Users => format!("u{}", w.created_ms).into_bytes(),
+    match (w.space, w.link) {
+        (Space::Org, false) => Vec::new(),
+        (Space::Org, true) => b"l".to_vec(),
+        (Space::Users, _) => format!("u{}", w.created_ms).into_bytes(),
     }
 }
 
 fn decode_waiting(v: &[u8]) -> Waiting {
-    match std::str::from_utf8(v).ok().and_then(|t| t.strip_prefix('u')) {
-        Some(ms) => Waiting { space: Space::Users, created_ms: ms.parse().unwrap_or(0) },
-        None => Waiting { space: Space::Org, created_ms: 0 },
+    let text = std::str::from_utf8(v).unwrap_or("");
+    match text.strip_prefix('u') {
+        Some(ms) => Waiting { space: Space::Users, created_ms: ms.parse().unwrap_or(0), link: false },
+        None => Waiting { space: Space::Org, created_ms: 0, link: text == "l" },
     }
 }
 
@@ -348,6 +368,11 @@ impl<B: Backend> Device<B> {
             marked: BTreeSet::new(),
             refused_blocked: BTreeMap::new(),
             refusal_blocked: None,
+            joining_link: false,
+            linking: BTreeMap::new(),
+            link_parts: HashMap::new(),
+            link_ready: Vec::new(),
+            linked: Vec::new(),
         };
         for (k, v) in &contents.app {
             let Ok(k) = std::str::from_utf8(k) else { continue };
@@ -605,14 +630,16 @@ impl<B: Backend> Device<B> {
 
     /// A fresh single-use key package for a team add: its hKP, and the chunks to publish.
     /// The device then waits for the welcome named after the hKP.
-    pub fn key_package(&mut self, now_ms: u64, ttl_ms: u64) -> Result<(Vec<u8>, Vec<Outgoing>), MlsError> {
+    /// With `link`, the key package asks to become a new device of another user, whose
+    /// device runs `device link HKP`.
+    pub fn key_package(&mut self, now_ms: u64, ttl_ms: u64, link: bool) -> Result<(Vec<u8>, Vec<Outgoing>), MlsError> {
         let (bytes, hkp) = self.engine.key_package(false)?;
         let outgoing = fragment::split(Path::KeyPackage, &bytes)?
             .into_iter()
             .enumerate()
             .map(|(i, data)| Outgoing { name: self.org.key_package(&hkp, i as u16), expiry_ms: now_ms + ttl_ms, data })
             .collect();
-        let w = Waiting { space: Space::Org, created_ms: now_ms };
+        let w = Waiting { space: Space::Org, created_ms: now_ms, link };
         self.engine.vault.put(&waiting_key(&hkp), &encode_waiting(&w));
         self.engine.persist()?;
         self.waiting.insert(hkp.clone(), w);
@@ -763,7 +790,7 @@ impl<B: Backend> Device<B> {
                     }
                 }
                 Some(Parsed::Commit { team, epoch, .. }) => commits.push((name, Gid::Team(team), epoch, data)),
-                Some(Parsed::KeyPackage { .. }) => {}
+                Some(Parsed::KeyPackage { hkp54: top, .. }) => self.on_link_key_package(name, top, data, &mut events),
                 None => match Users::parse(name) {
                     Some(ParsedUser::Message { conv, device, msg }) => self.on_message(name, Gid::Conv(conv), CONV_CHANNEL, device, msg, data, &mut events),
                     Some(ParsedUser::Welcome { user32, .. }) if user32 == crate::names::user32(&self.user_id()) => self.on_user_welcome(name, data, &mut events),
@@ -934,6 +961,13 @@ impl<B: Backend> Device<B> {
                 // Never shown, not even after an unblock: dropped unread, and counted.
                 self.counters.blocked += 1;
             }
+            Ok(Some(stored)) if stored.message.identity.is_some() => {
+                let result = self.take_identity(g, &stored);
+                match result {
+                    Ok(user) => events.push(Event::Linked { user }),
+                    Err(reason) => self.reject(name, reason, events),
+                }
+            }
             Ok(Some(mut stored)) if stored.message.control.is_some() => {
                 stored.seq = self.take_seq();
                 // A group operation: only from an admin, and carried out by the committer.
@@ -1051,7 +1085,18 @@ impl<B: Backend> Device<B> {
         };
         // Only a welcome that holds secrets for one of this device's key packages is for it.
         let mine = match MlsMessageIn::tls_deserialize_exact(&object).map(MlsMessageIn::extract) {
-            Ok(MlsMessageBodyIn::Welcome(w)) => w.secrets().iter().any(|s| self.waiting.get(s.new_member().as_slice()).is_some_and(|w| w.space == Space::Users)),
+            Ok(MlsMessageBodyIn::Welcome(w)) => {
+                let ours: Vec<(Vec<u8>, Waiting)> = w.secrets().iter().filter_map(|s| Some((s.new_member().as_slice().to_vec(), *self.waiting.get(s.new_member().as_slice())?))).collect();
+                self.joining_link = ours.iter().any(|(_, w)| w.link);
+                if self.joining_link {
+                    // A link key package is single-use.
+                    for (hkp, _) in ours.iter().filter(|(_, w)| w.link) {
+                        self.waiting.remove(hkp);
+                        self.engine.vault.delete(&waiting_key(hkp));
+                    }
+                }
+                !ours.is_empty()
+            }
             _ => {
                 self.mark_welcomed(whole);
                 return self.reject(name, "welcome: not an MLS welcome".into(), events);
@@ -1102,6 +1147,11 @@ impl<B: Backend> Device<B> {
         match &record {
             Record::Team(r) if r.org != self.org.org() => return Err(format!("a welcome to org {} team {}, which is not this org's", r.org, r.team)),
             Record::Team(_) => {}
+            Record::Conv(r) if r.kind == crate::payload::ConvKind::Link => {
+                if !self.joining_link {
+                    return Err(format!("a welcome to the devices of user {}, which this device did not ask for (`device key-package --link`)", r.creator));
+                }
+            }
             Record::Conv(r) => {
                 let me = self.user_id();
                 if !r.users.contains(&me) {
@@ -1254,7 +1304,7 @@ fn check_conv_commit(old: &ConvRecord, committer: Option<UserId>, group: &MlsGro
         crate::payload::ConvKind::Group if !old.admins.contains(&committer) => {
             return Err(format!("a commit by {committer}, who is not an admin of the group"));
         }
-        crate::payload::ConvKind::Dm | crate::payload::ConvKind::Mail if !old.users.contains(&committer) || new.users != old.users => {
+        crate::payload::ConvKind::Dm | crate::payload::ConvKind::Mail | crate::payload::ConvKind::Link if !old.users.contains(&committer) || new.users != old.users => {
             return Err("the users of a direct message or a mailbox cannot change".into());
         }
         _ => {}
@@ -1262,7 +1312,8 @@ fn check_conv_commit(old: &ConvRecord, committer: Option<UserId>, group: &MlsGro
     if (new.kind, new.conv, new.creator, &new.admins) != (old.kind, old.conv, old.creator, &old.admins) {
         return Err("a commit that changes the conversation's kind, id, creator or admins".into());
     }
-    for add in staged.add_proposals() {
+    // A user's devices' group adds new devices before they hold the user's identity.
+    for add in staged.add_proposals().filter(|_| old.kind != crate::payload::ConvKind::Link) {
         let user = identity::claimed_user(add.add_proposal().key_package().leaf_node().credential());
         if !user.is_some_and(|u| new.users.contains(&u)) {
             return Err("a commit that adds a device of a user who is not a member".into());

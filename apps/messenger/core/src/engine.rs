@@ -303,6 +303,32 @@ impl<B: Backend> Engine<B> {
         self.user.public()
     }
 
+    /// The user's identity key pair, serialized, to hand to a new device of the user over an
+    /// MLS group (`device link`). Never written anywhere else.
+    pub(crate) fn user_key_pair(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.user).expect("a key pair serializes")
+    }
+
+    /// Takes on the user whose key pair `blob` is (from [`Engine::user_key_pair`] on another
+    /// device): the key is checked to sign, stored sealed, and this device's credential is
+    /// bound to it from now on. Returns the user.
+    pub(crate) fn adopt_user(&mut self, blob: &[u8]) -> Result<UserId, MlsError> {
+        let bad = |detail: &str| MlsError::Malformed { what: "identity transfer", detail: detail.to_string() };
+        let user: SignatureKeyPair = serde_json::from_slice(blob).map_err(|_| bad("not a key pair"))?;
+        if user.signature_scheme() != SignatureScheme::ED25519 || user.public().len() != identity::PUBLIC_KEY_LEN {
+            return Err(bad("not an Ed25519 key pair"));
+        }
+        // A key pair whose private half does not match its public half would bind nothing.
+        let binding = Binding::sign(&user, user.public(), self.signer.public())?;
+        binding.verify(self.provider.crypto(), self.signer.public()).map_err(|_| bad("the private key does not match the public key"))?;
+        user.store(self.provider.storage()).map_err(mls)?;
+        self.vault.put(USER, user.public());
+        self.credential = CredentialWithKey { credential: binding.credential(), signature_key: self.signer.to_public_vec().into() };
+        self.user = user;
+        self.persist()?;
+        Ok(self.user_id())
+    }
+
     /// The device's public signature key.
     pub fn public_key(&self) -> &[u8] {
         self.signer.public()

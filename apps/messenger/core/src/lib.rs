@@ -10,6 +10,7 @@
 //! - [`contacts`]: a device's local names for users, and whom it blocks;
 //! - [`conv`]: conversations between users (direct messages, groups), in the users' name space;
 //! - [`chats`]: the chat list, unread counts and marked messages;
+//! - [`link`]: a new device of a user, given the user's identity;
 //! - [`engine`], [`committer`] and [`device`]: MLS (openmls, ciphersuite
 //!   `MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519`) for the committer and for a member
 //!   device.
@@ -24,6 +25,7 @@ pub mod device;
 pub mod engine;
 pub mod fragment;
 pub mod identity;
+pub mod link;
 pub mod names;
 pub mod payload;
 pub mod seal;

@@ -145,7 +145,13 @@ pub struct Message {
     /// The mail header, for a mail (whose body is the text).
     #[serde(default)]
     pub mail: Option<MailHeader>,
+    /// The user's identity key, handed to a new device of the user (`device link`).
+    #[serde(default, skip_serializing)]
+    pub identity: Option<Vec<u8>>,
 }
+
+/// The most bytes an identity transfer carries.
+pub const MAX_IDENTITY: usize = 1024;
 
 /// A mail's header: the seed's `ref`, `prev` and `subject`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -278,22 +284,36 @@ fn put_user_list(out: &mut Vec<u8>, users: &[crate::identity::UserId]) {
 impl Message {
     /// A text message written at `created_ms`.
     pub fn text(created_ms: u64, text: impl Into<String>) -> Message {
-        Message { created_ms, reply_to: None, replaces: None, text: text.into(), control: None, mail: None }
+        Message { created_ms, reply_to: None, replaces: None, text: text.into(), control: None, mail: None, identity: None }
+    }
+
+    /// An identity transfer written at `created_ms`: the user's key pair, serialized.
+    pub fn identity(created_ms: u64, key_pair: Vec<u8>) -> Message {
+        Message { identity: Some(key_pair), ..Message::text(created_ms, "") }
     }
 
     /// A control message written at `created_ms`.
     pub fn control(created_ms: u64, control: Control) -> Message {
-        Message { created_ms, reply_to: None, replaces: None, text: String::new(), control: Some(control), mail: None }
+        Message { control: Some(control), ..Message::text(created_ms, "") }
     }
 
     /// A mail written at `created_ms`.
     pub fn mail(created_ms: u64, header: MailHeader, body: impl Into<String>) -> Message {
-        Message { created_ms, reply_to: None, replaces: None, text: body.into(), control: None, mail: Some(header) }
+        Message { mail: Some(header), ..Message::text(created_ms, body) }
     }
 
     /// Encodes the message; fails if the text is over [`MAX_TEXT`], or a control message's
     /// fields are over theirs.
     pub fn encode(&self) -> Result<Vec<u8>, PayloadError> {
+        if let Some(identity) = &self.identity {
+            if identity.len() > MAX_IDENTITY {
+                return Err(PayloadError::TooLong(identity.len()));
+            }
+            let mut out = vec![1, 4];
+            out.extend_from_slice(&self.created_ms.to_be_bytes());
+            out.extend_from_slice(identity);
+            return Ok(out);
+        }
         if let Some(mail) = &self.mail {
             if mail.subject.len() > MAX_LABEL_TEXT {
                 return Err(PayloadError::TooLong(mail.subject.len()));
@@ -359,6 +379,13 @@ impl Message {
     pub fn decode(bytes: &[u8]) -> Result<Message, PayloadError> {
         let mut r = Reader { bytes };
         let (version, kind) = (r.u8()?, r.u8()?);
+        if (version, kind) == (1, 4) {
+            let created_ms = r.u64()?;
+            if r.bytes.len() > MAX_IDENTITY {
+                return Err(PayloadError::TooLong(r.bytes.len()));
+            }
+            return Ok(Message::identity(created_ms, r.bytes.to_vec()));
+        }
         if (version, kind) == (1, 3) {
             let created_ms = r.u64()?;
             let reference = MailRef(r.take(8)?.try_into().expect("8 bytes"));
@@ -417,7 +444,7 @@ impl Message {
             return Err(PayloadError::TooLong(r.bytes.len()));
         }
         let text = String::from_utf8(r.bytes.to_vec()).map_err(|_| PayloadError::Utf8)?;
-        Ok(Message { created_ms, reply_to: refs[0], replaces: refs[1], text, control: None, mail: None })
+        Ok(Message { reply_to: refs[0], replaces: refs[1], ..Message::text(created_ms, text) })
     }
 }
 
@@ -539,6 +566,8 @@ pub enum ConvKind {
     Group = 2,
     /// The mailbox conversation of a set of users: every mail among exactly them.
     Mail = 3,
+    /// The devices of one user: how a new device is given the user's identity.
+    Link = 4,
 }
 
 /// What every member of a conversation knows about it, carried in the group context.
@@ -618,6 +647,7 @@ impl ConvRecord {
             (1, 1) => ConvKind::Dm,
             (1, 2) => ConvKind::Group,
             (1, 3) => ConvKind::Mail,
+            (1, 4) => ConvKind::Link,
             _ => return Err(PayloadError::Unsupported { version, kind }),
         };
         let origin = r.u32()?;
@@ -677,6 +707,7 @@ mod tests {
             text: "héllo".into(),
             control: None,
             mail: None,
+            identity: None,
         };
         assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
         let long = Message { text: "x".repeat(MAX_TEXT + 1), ..m.clone() };

@@ -169,7 +169,7 @@ fn bad_input_is_refused_counted_and_changes_nothing() {
     rogue_admin.org_init().unwrap();
     rogue_admin.create_team("ops", Lifetimes::default()).unwrap();
     let (_, rogue_out) = rogue_admin.create_channel(w.team, "general", NOW).map(|(c, _, o)| (c, o)).unwrap();
-    let (hkp, kp_out) = outsider.key_package(NOW, 1000).unwrap();
+    let (hkp, kp_out) = outsider.key_package(NOW, 1000, false).unwrap();
     let mut rogue_relay = Relay::default();
     rogue_relay.publish(&kp_out);
     rogue_relay.publish(&rogue_out);

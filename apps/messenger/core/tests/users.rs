@@ -70,7 +70,7 @@ fn reasons(events: &[Event]) -> Vec<String> {
 
 /// Publishes a key package of `device` and returns it as the committer would fetch it.
 fn published_key_package(relay: &mut Relay, device: &mut Device<MemoryBackend>) -> (Vec<u8>, Vec<u8>) {
-    let (hkp, out) = device.key_package(NOW, 3_600_000).unwrap();
+    let (hkp, out) = device.key_package(NOW, 3_600_000, false).unwrap();
     relay.publish(&out);
     (relay.object(Path::KeyPackage, org().key_package_filter(&hkp)), hkp)
 }

@@ -49,7 +49,16 @@ pub enum Request {
     /// What Secure knows: teams, epochs, gaps, counters.
     Status,
     /// A fresh single-use key package; answered with its hKP.
-    KeyPackage,
+    KeyPackage {
+        /// Ask to become a new device of another user (`device link HKP` on theirs).
+        #[serde(default)]
+        link: bool,
+    },
+    /// `device link HKP`: make the device of that key package a device of this user.
+    DeviceLink {
+        /// The hKP, hex.
+        hkp: String,
+    },
     /// The teams this device is in.
     Teams,
     /// A team's channels.
@@ -449,6 +458,12 @@ pub struct SecureStatus {
     pub held: u64,
     /// Messages from blocked users dropped unread since start.
     pub blocked: u64,
+    /// `device link`: hKPs whose key packages are awaited.
+    #[serde(default)]
+    pub linking: Vec<String>,
+    /// `device link`: hKPs linked since start.
+    #[serde(default)]
+    pub linked: Vec<String>,
     /// Whether the seccomp sandbox is on.
     pub sandboxed: bool,
 }

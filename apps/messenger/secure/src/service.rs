@@ -386,8 +386,13 @@ impl<B: Backend> Service<B> {
         Ok(match request {
             Request::Ping => Reply::Pong,
             Request::Status => Reply::Status(self.status()),
-            Request::KeyPackage => {
-                let (hkp, out) = self.device.key_package(now_ms, KEY_PACKAGE_TTL_MS)?;
+            Request::DeviceLink { hkp } => {
+                let bytes = canopy_msg_core::engine::unhex(&hkp).filter(|b| b.len() == 32).ok_or_else(|| MlsError::BadName(format!("{hkp:?} is not an hKP (64 hex digits)")))?;
+                fx.subscribe.push(self.device.request_link(&bytes));
+                Reply::Pong
+            }
+            Request::KeyPackage { link } => {
+                let (hkp, out) = self.device.key_package(now_ms, KEY_PACKAGE_TTL_MS, link)?;
                 fx.subscribe.push(self.device.org().welcome_filter(&hkp));
                 fx.publish = out;
                 Reply::KeyPackage { hkp: hex(&hkp) }
@@ -633,6 +638,7 @@ impl<B: Backend> Service<B> {
                     }
                 }
                 Event::Rejected { name, reason } => tracing::warn!(%name, "refused: {reason}"),
+                Event::Linked { user } => tracing::info!(%user, "this device is now a device of the user"),
                 Event::Joined { group, device } => tracing::info!(%group, device, "joined"),
                 Event::Epoch { group, epoch } => tracing::debug!(%group, epoch, "new epoch"),
                 Event::KeyPackage { user } => {
@@ -668,6 +674,11 @@ impl<B: Backend> Service<B> {
         fx.publish.extend(out);
         for f in failed {
             tracing::warn!("a group operation an admin asked for failed: {f}");
+        }
+        let (out, failed) = self.device.run_links(now_ms);
+        fx.publish.extend(out);
+        for f in failed {
+            tracing::warn!("linking a device failed: {f}");
         }
         match self.device.ensure_key_package(now_ms, KEY_PACKAGE_TTL_MS) {
             Ok(out) => fx.publish.extend(out),
@@ -707,6 +718,7 @@ impl<B: Backend> Service<B> {
                         ConvKind::Dm => "dm".into(),
                         ConvKind::Group => "group".into(),
                         ConvKind::Mail => "mail".into(),
+                        ConvKind::Link => "devices".into(),
                     },
                     name: self.device.dm_peer(id).map_or_else(|| r.name.clone(), |u| format!("dm:{u}")),
                     epoch,
@@ -726,6 +738,8 @@ impl<B: Backend> Service<B> {
             duplicates: c.duplicates,
             held: c.held,
             blocked: c.blocked,
+            linking: self.device.links().0.into_iter().map(hex).collect(),
+            linked: self.device.links().1.into_iter().map(hex).collect(),
             sandboxed: self.sandboxed,
         }
     }

@@ -76,7 +76,7 @@ impl World {
     /// A device publishes a key package, the admin adds it by hKP, the device joins.
     pub fn join(&mut self, key: Key, backend: MemoryBackend) -> (Device<MemoryBackend>, u32) {
         let mut device = Device::open(key, backend, org()).unwrap();
-        let (hkp, out) = device.key_package(NOW, 3_600_000).unwrap();
+        let (hkp, out) = device.key_package(NOW, 3_600_000, false).unwrap();
         self.relay.publish(&out);
         let kp = self.relay.object(Path::KeyPackage, org().key_package_filter(&hkp));
         let added = self.admin.add_device(self.team, &kp, &hkp, NOW).unwrap();
