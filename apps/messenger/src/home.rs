@@ -140,6 +140,27 @@ pub fn passphrase(confirm: bool) -> anyhow::Result<String> {
     bail!("this home's state is sealed with a passphrase: set {PASSPHRASE_ENV} or run on a terminal")
 }
 
+/// The environment variable a backup's passphrase is read from.
+pub const BACKUP_PASSPHRASE_ENV: &str = "CANOPY_MSG_BACKUP_PASSPHRASE";
+
+/// A backup's passphrase, from the environment or a prompt (asked twice when `confirm`).
+pub fn backup_passphrase(confirm: bool) -> anyhow::Result<String> {
+    if let Some(p) = std::env::var(BACKUP_PASSPHRASE_ENV).ok().filter(|p| !p.is_empty()) {
+        return Ok(p);
+    }
+    if std::io::stdin().is_terminal() {
+        let p = rpassword::prompt_password("backup passphrase: ")?;
+        if p.is_empty() {
+            bail!("a backup needs a passphrase");
+        }
+        if confirm && rpassword::prompt_password("again: ")? != p {
+            bail!("the passphrases differ");
+        }
+        return Ok(p);
+    }
+    bail!("a backup is sealed with a passphrase: set {BACKUP_PASSPHRASE_ENV} or run on a terminal")
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| format!("creating {}", path.display()))?;

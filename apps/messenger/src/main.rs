@@ -176,6 +176,19 @@ enum Command {
         #[command(subcommand)]
         command: MailCommand,
     },
+    /// Write an encrypted backup: history, contacts, conversation state, settings and your
+    /// user's identity (no MLS keys). Passphrase: $CANOPY_MSG_BACKUP_PASSPHRASE or a prompt.
+    Backup {
+        /// The file to write (0600).
+        file: PathBuf,
+    },
+    /// Restore a backup into a fresh home (after `init`, before `up`). The device comes back
+    /// as a new device of your user: your other devices add it to your conversations again;
+    /// in teams, the admin adds it with `admin team add`.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+    },
     /// Every conversation, most recent activity first: `UNREAD CONVERSATION NAME`.
     Chats {
         /// One JSON object per line.
@@ -468,6 +481,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             MailCommand::List { json } => ui::mails(&home, Request::MailList, json),
             MailCommand::Thread { reference, json } => ui::mails(&home, Request::MailThread { reference }, json),
         },
+        Command::Backup { file } => ui::backup(&home, &file),
+        Command::Restore { file } => processes::restore(&home, &file),
         Command::Chats { json } => ui::chats(&home, json),
         Command::Mark { id } => ui::mark(&home, id, true),
         Command::Unmark { id } => ui::mark(&home, id, false),

@@ -243,3 +243,22 @@ pub fn secure(home: &Home) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(home.path("run/secure.pid"));
     Ok(())
 }
+
+/// `restore FILE`: into this home's state, while its processes are down. Runs the restore
+/// as Secure would (this process holds the keys for the moment it takes).
+pub fn restore(home: &Home, file: &std::path::Path) -> anyhow::Result<()> {
+    let config = home.config()?;
+    if running(home).iter().any(|(_, pid)| pid.is_some()) {
+        anyhow::bail!("this device's processes are running: `canopy-msg down` first");
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let passphrase = crate::home::backup_passphrase(false)?;
+    let key = home.key(&config)?;
+    let org = canopy_msg_core::Org::new(&config.domain, config.org)?;
+    let (restored, _settings) = canopy_msg_secure::store::restore(&home.path("secure"), key, org, &bytes, passphrase.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!(
+        "restored {} conversations, {} messages and {} contacts; run `canopy-msg up`: your other devices add this one to your conversations again, and in teams the admin adds it (`admin team add`)",
+        restored.groups, restored.messages, restored.contacts
+    );
+    Ok(())
+}

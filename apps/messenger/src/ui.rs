@@ -288,6 +288,22 @@ pub fn mails(home: &Home, request: Request, json: bool) -> anyhow::Result<()> {
     }
 }
 
+/// `backup FILE`.
+pub fn backup(home: &Home, file: &std::path::Path) -> anyhow::Result<()> {
+    let settings = std::fs::read_to_string(home.path("config.toml")).unwrap_or_default();
+    let mut secure = Secure::connect(home)?;
+    let passphrase = crate::home::backup_passphrase(true)?;
+    // Secure writes the file: the backup holds the user's identity key, which the UI never sees.
+    let path = std::path::absolute(file)?;
+    match secure.call(&Request::Backup { path: path.display().to_string(), passphrase, settings })? {
+        Reply::BackedUp { groups, messages, bytes } => {
+            println!("backed up {groups} conversations and {messages} messages to {} ({bytes} bytes)", file.display());
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 /// `chats`.
 pub fn chats(home: &Home, json: bool) -> anyhow::Result<()> {
     match Secure::connect(home)?.call(&Request::Chats)? {

@@ -224,7 +224,8 @@ impl<B: Backend> Device<B> {
     /// devices of `user` known from their key packages and not in it yet. Returns the chunks
     /// to publish.
     pub fn adopt_devices(&mut self, user: &UserId, now_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
-        let mine: Vec<ConvId> = self.convs().filter(|(_, r, _, device)| *device == 0 && r.users.contains(user)).map(|(c, ..)| c).collect();
+        let mine: Vec<ConvId> =
+            self.convs().filter(|(c, r, _, device)| *device == 0 && r.users.contains(user) && !self.is_removed(*c)).map(|(c, ..)| c).collect();
         let mut outgoing = Vec::new();
         for conv in mine {
             let id = engine::conv_group_id(conv);
@@ -361,7 +362,7 @@ impl<B: Backend> Device<B> {
         if record.kind != ConvKind::Group {
             return Err(MlsError::BadName("only a group has members to change, a name and a description".into()));
         }
-        if own != 0 {
+        if own != 0 || self.is_removed(g) {
             return Err(MlsError::BadName("this device is not the group's committer".into()));
         }
         let mut adds = Vec::new();

@@ -191,7 +191,7 @@ pub(crate) struct Group {
     /// Messages were dropped because too many were held: fetch them again once caught up.
     overflowed: bool,
     /// Message keys processed or refused: never processed again.
-    done: BTreeSet<Key3>,
+    pub(crate) done: BTreeSet<Key3>,
     pub(crate) history: BTreeMap<u16, BTreeMap<MsgRef, Stored>>,
 }
 
@@ -379,10 +379,20 @@ impl<B: Backend> Device<B> {
             if let Some(g) = k.strip_prefix("t/").and_then(Gid::parse) {
                 let meta: GroupMeta = serde_json::from_slice(v).map_err(|_| bad("group"))?;
                 let id = engine::gid_group_id(&device.org, g);
-                let group = device.engine.group_by_id(&id)?.ok_or_else(|| bad("a group without its MLS state"))?;
-                let record = engine::any_record_of(group)?;
-                let epoch = group.epoch().as_u64();
-                device.groups.insert(g, Group::new(record, epoch, meta));
+                match device.engine.group_by_id(&id)? {
+                    Some(group) => {
+                        let record = engine::any_record_of(group)?;
+                        let epoch = group.epoch().as_u64();
+                        device.groups.insert(g, Group::new(record, epoch, meta));
+                    }
+                    // A group restored from a backup: its history, no MLS state.
+                    None if meta.removed => {
+                        let bytes = contents.app.get(format!("rec/{g}").as_bytes()).ok_or_else(|| bad("a restored group without its record"))?;
+                        let record = Record::decode(bytes).map_err(|_| bad("a restored group's record"))?;
+                        device.groups.insert(g, Group::new(record, 0, meta));
+                    }
+                    None => return Err(bad("a group without its MLS state")),
+                }
             }
         }
         for (k, v) in &contents.app {

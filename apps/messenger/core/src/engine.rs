@@ -194,6 +194,26 @@ impl Record {
     }
 }
 
+impl Record {
+    /// The record's bytes, with a tag for its kind (`1` team, `2` conversation).
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Record::Team(r) => [vec![1], r.encode()].concat(),
+            Record::Conv(r) => [vec![2], r.encode()].concat(),
+        }
+    }
+
+    /// Reads what [`Record::encode`] wrote. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Record, PayloadError> {
+        match bytes.split_first() {
+            Some((1, rest)) => Ok(Record::Team(TeamRecord::decode(rest)?)),
+            Some((2, rest)) => Ok(Record::Conv(ConvRecord::decode(rest)?)),
+            Some((k, _)) => Err(PayloadError::Unsupported { version: 0, kind: *k }),
+            None => Err(PayloadError::Truncated),
+        }
+    }
+}
+
 /// The record a group carries, whichever kind it is.
 pub fn any_record_of(group: &MlsGroup) -> Result<Record, MlsError> {
     if let Some(ext) = group.extensions().unknown(CONV_EXTENSION) {

@@ -10,6 +10,7 @@
 //! - [`contacts`]: a device's local names for users, and whom it blocks;
 //! - [`conv`]: conversations between users (direct messages, groups), in the users' name space;
 //! - [`chats`]: the chat list, unread counts and marked messages;
+//! - [`backup`]: encrypted backups, and restoring one as a new device;
 //! - [`link`]: a new device of a user, given the user's identity;
 //! - [`engine`], [`committer`] and [`device`]: MLS (openmls, ciphersuite
 //!   `MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519`) for the committer and for a member
@@ -17,6 +18,7 @@
 //!
 //! It has no network code, and builds for `wasm32-wasip2` as well as the host.
 
+pub mod backup;
 pub mod chats;
 pub mod committer;
 pub mod contacts;

@@ -162,6 +162,15 @@ pub enum Request {
         /// A reference in the thread.
         reference: String,
     },
+    /// Write an encrypted backup to `path`.
+    Backup {
+        /// Where to write it.
+        path: String,
+        /// The passphrase its key is derived from.
+        passphrase: String,
+        /// The home's settings, kept in the backup.
+        settings: String,
+    },
     /// The chat list.
     Chats,
     /// Star a message, or take the star away.
@@ -555,6 +564,15 @@ pub enum Reply {
     Mails {
         /// In the order asked for.
         mails: Vec<MailLine>,
+    },
+    /// A backup was written.
+    BackedUp {
+        /// Groups in it.
+        groups: usize,
+        /// Messages in it.
+        messages: usize,
+        /// Its size.
+        bytes: usize,
     },
     /// The chat list, most recent activity first.
     Chats {

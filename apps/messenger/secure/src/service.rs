@@ -356,7 +356,7 @@ impl<B: Backend> Service<B> {
             return Err(MlsError::BadName(format!("you are not an admin of {}: every member would refuse it", record.name)));
         }
         let (_, device) = self.device.group_state(conv).expect("resolved");
-        let requested = if device == 0 {
+        let requested = if device == 0 && !self.device.is_removed(conv) {
             fx.publish.extend(self.device.group_op(conv, &control, now_ms)?);
             fx.subscribe = self.filters();
             false
@@ -455,6 +455,15 @@ impl<B: Backend> Service<B> {
             Request::MailThread { reference } => {
                 let r = MailRef::parse(&reference).ok_or_else(|| MlsError::BadName(format!("{reference:?} is not a mail reference (16 hex digits)")))?;
                 Reply::Mails { mails: self.device.mail_thread(r)?.into_iter().map(|(c, s)| self.mail_line(c, s)).collect() }
+            }
+            Request::Backup { path, passphrase, settings } => {
+                let data = self.device.export_backup(&settings);
+                let groups = data.groups.len();
+                let messages = data.groups.iter().map(|g| g.history.len()).sum();
+                let json = serde_json::to_vec(&data).expect("a backup serializes");
+                let sealed = canopy_msg_core::backup::seal(passphrase.as_bytes(), &json).map_err(|e| MlsError::BadName(e.to_string()))?;
+                crate::store::write_private(std::path::Path::new(&path), &sealed).map_err(|e| MlsError::BadName(format!("writing {path}: {e}")))?;
+                Reply::BackedUp { groups, messages, bytes: sealed.len() }
             }
             Request::Chats => Reply::Chats { chats: self.device.chats().into_iter().map(|c| self.chat_line(c.chat)).collect() },
             Request::Mark { id, marked } => {

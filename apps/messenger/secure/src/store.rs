@@ -45,3 +45,34 @@ impl Backend for FjallBackend {
         self.db.persist(fjall::PersistMode::SyncAll).map_err(|e| e.to_string())
     }
 }
+
+/// Writes `bytes` to a new file at `path` that only its owner can read (a backup), through a
+/// temporary file and a rename, so a crash never leaves half a file under the name.
+pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("partial");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `restore`: opens the (fresh) state in `dir` with `key`, restores the backup `bytes` sealed
+/// with `passphrase` into it, and closes it. A wrong passphrase or a damaged backup changes
+/// nothing. Run while Secure is not.
+pub fn restore(
+    dir: &std::path::Path,
+    key: canopy_msg_core::Key,
+    org: canopy_msg_core::Org,
+    bytes: &[u8],
+    passphrase: &[u8],
+) -> Result<(canopy_msg_core::backup::Restored, String), String> {
+    let payload = canopy_msg_core::backup::open(passphrase, bytes).map_err(|e| e.to_string())?;
+    let data: canopy_msg_core::backup::BackupData = serde_json::from_slice(&payload).map_err(|e| format!("the backup's contents: {e}"))?;
+    let settings = data.settings.clone();
+    let backend = FjallBackend::open(dir)?;
+    let mut device = canopy_msg_core::Device::open(key, backend, org).map_err(|e| e.to_string())?;
+    let restored = device.import_backup(data).map_err(|e| e.to_string())?;
+    Ok((restored, settings))
+}

@@ -76,6 +76,18 @@ impl Home {
         cmd.output().expect("canopy-msg runs")
     }
 
+    /// Runs `canopy-msg --home DIR args…` with extra environment variables.
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(exe());
+        cmd.stdin(std::process::Stdio::null());
+        cmd.arg("--home").arg(&self.dir).args(args);
+        cmd.env("CANOPY_MSG_MEMBER_PLUGIN", plugin_artifacts::wasm("member"));
+        cmd.env("CANOPY_MSG_PLUGIN_CACHE", plugin_artifacts::target_dir().join("msg-test-plugin-cache"));
+        cmd.env_remove("CANOPY_MSG_PASSPHRASE");
+        cmd.envs(env.iter().copied());
+        cmd.output().expect("canopy-msg runs")
+    }
+
     /// Runs a command that must succeed; returns its stdout, trimmed.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
