@@ -35,6 +35,21 @@ struct Cli {
     /// disk writes add to the path.
     #[arg(long, default_value = "fjall")]
     relay_store: String,
+    /// Where the messages go: a team `channel`, a `dm` between the two devices' users, or a
+    /// `group` of the two.
+    #[arg(long, value_enum, default_value_t = Conversation::Channel)]
+    conversation: Conversation,
+}
+
+/// The kinds of conversation the bench can run in.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Conversation {
+    /// A team channel.
+    Channel,
+    /// A direct message.
+    Dm,
+    /// A group.
+    Group,
 }
 
 fn exe_dir() -> PathBuf {
@@ -116,14 +131,47 @@ async fn main() -> anyhow::Result<()> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Where a sends and what b follows.
+        let (to, follow) = match cli.conversation {
+            Conversation::Channel => ("bench/general".to_string(), "bench/general".to_string()),
+            Conversation::Dm | Conversation::Group => {
+                let (ida, idb) = (msg(&a, &["whoami"])?, msg(&b, &["whoami"])?);
+                msg(&a, &["contact", "add", &idb, "bob"])?;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !msg(&a, &["contacts", "--json"])?.contains("\"devices\":1") {
+                    if Instant::now() > deadline {
+                        bail!("b's key package never reached a");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if cli.conversation == Conversation::Dm {
+                    msg(&a, &["dm", "bob", "hello"])?;
+                    (format!("dm:{idb}"), format!("dm:{ida}"))
+                } else {
+                    let g = msg(&a, &["group", "create", "bench-group", "bob"])?;
+                    (format!("group:{g}"), format!("group:{g}"))
+                }
+            }
+        };
+        if cli.conversation != Conversation::Channel {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // b is in once it reads the group, or a's first direct message.
+            while !msg(&b, &["read", &follow]).is_ok_and(|r| cli.conversation == Conversation::Group || r.contains("hello")) {
+                if Instant::now() > deadline {
+                    bail!("b never joined {follow}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        println!("conversation: {to}");
         let mut sender = UnixStream::connect(a.join("secure.sock"))?;
         let mut follower = UnixStream::connect(b.join("secure.sock"))?;
-        match call(&mut follower, &Request::Follow { conversation: "bench/general".into() })? {
+        match call(&mut follower, &Request::Follow { conversation: follow.clone() })? {
             Reply::Pong => {}
             other => bail!("follow: {other:?}"),
         }
         let send = |s: &mut UnixStream, text: String| -> anyhow::Result<String> {
-            match call(s, &Request::Send { to: "bench/general".into(), text, reply_to: None })? {
+            match call(s, &Request::Send { to: to.clone(), text, reply_to: None })? {
                 Reply::Sent { id, .. } => Ok(id),
                 other => bail!("send: {other:?}"),
             }
