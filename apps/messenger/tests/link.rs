@@ -54,6 +54,11 @@ async fn a_linked_device_sees_every_conversation_going_forward() {
     a1.await_text(&format!("dm:{idb}"), "from alice's second device");
     a1.ok(&["send", &format!("group:{g}"), "group, after the link"]);
     a2.await_text(&format!("group:{g}"), "group, after the link");
+    // An edit counts from any device of the message's user: a2 edits what a1 wrote.
+    let first = a1.read(&format!("group:{g}")).into_iter().find(|m| m["text"] == "group, after the link").unwrap();
+    a2.ok(&["edit", first["id"].as_str().unwrap(), "group, edited on the second device"]);
+    b.await_text(&format!("group:{g}"), "group, edited on the second device");
+    a1.await_text(&format!("group:{g}"), "group, edited on the second device");
 
     // A device that did not ask to be linked is not: a plain key package cannot be linked.
     let c = Home::new(tmp.path(), "c");
