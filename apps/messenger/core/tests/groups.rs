@@ -107,6 +107,32 @@ fn an_admin_runs_the_group_and_every_member_holds_the_same_record() {
 }
 
 #[test]
+fn a_non_members_operation_under_the_groups_names_is_refused() {
+    let mut relay = Relay::default();
+    let (mut a, mut b) = (user(&mut relay, 7), user(&mut relay, 8));
+    sync(&relay, &mut [&mut a]);
+    let (conv, out) = a.create_group("club", &[b.user_id()].into(), NOW).unwrap();
+    relay.publish(&out);
+    sync(&relay, &mut [&mut b]);
+    // An outsider (not a member, so without the group's keys) sends a rename in a group of
+    // its own and publishes it under the real group's names.
+    let mut outsider = user(&mut relay, 9);
+    let (fake, _) = outsider.create_group("club", &Default::default(), NOW).unwrap();
+    let (_, out) = outsider.send(fake, CONV_CHANNEL, Message::control(NOW, Control::Rename { name: "owned".into() }), NOW).unwrap();
+    let forged: Vec<_> = out
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (canopy_msg_core::names::Users::message(conv, 5, 1 + i as u32).unwrap(), o.data.clone()))
+        .collect();
+    for d in [&mut a, &mut b] {
+        let events = feed(d, &forged);
+        assert!(events.iter().any(|e| matches!(e, Event::Rejected { .. })), "{events:?}");
+        assert_eq!(d.conv_record(conv).unwrap().name, "club");
+    }
+    assert!(a.run_ops(NOW).0.is_empty());
+}
+
+#[test]
 fn group_names_and_operations_are_checked() {
     let mut relay = Relay::default();
     let mut a = user(&mut relay, 7);
