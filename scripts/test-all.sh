@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 # Each step prints the minutes:seconds since the start, so a slow CI run shows where it went.
 step() { printf '\n==> [%02d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
+step "test tools (tmux, installing it if needed)"
+bash scripts/install-test-deps.sh
+
 step "plugins (Wasm for wasm32-wasip2, installing the target if needed; native)"
 bash scripts/build-plugins.sh
 

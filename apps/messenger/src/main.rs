@@ -8,6 +8,7 @@
 mod admin;
 mod home;
 mod processes;
+mod tui;
 mod ui;
 
 use std::path::PathBuf;
@@ -189,6 +190,9 @@ enum Command {
         /// The backup file.
         file: PathBuf,
     },
+    /// The terminal UI: chat list, conversations with threads, mail, group info. `?` inside
+    /// shows every key.
+    Tui,
     /// Every conversation, most recent activity first: `UNREAD CONVERSATION NAME`.
     Chats {
         /// One JSON object per line.
@@ -484,6 +488,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backup { file } => ui::backup(&home, &file),
         Command::Restore { file } => processes::restore(&home, &file),
         Command::Chats { json } => ui::chats(&home, json),
+        Command::Tui => tui::run(&home),
         Command::Mark { id } => ui::mark(&home, id, true),
         Command::Unmark { id } => ui::mark(&home, id, false),
         Command::Marked { json } => ui::marked(&home, json),

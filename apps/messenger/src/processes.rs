@@ -7,22 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use canopy_msg_secure::proto::{Reply, Request};
-use serde::{Deserialize, Serialize};
 
 use crate::home::{Home, PASSPHRASE_ENV};
 
-/// What Network reports in `HOME/network.json`, rewritten five times a second.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NetworkStatus {
-    /// Whether the link to the parent relay is up.
-    pub parent_connected: bool,
-    /// Chunks waiting to be acknowledged by the parent (the durable outbox).
-    pub outbox: u64,
-    /// Chunks in the local cache.
-    pub chunks: u64,
-    /// When this was written, unix ms.
-    pub written_ms: u64,
-}
+pub use canopy_msg_secure::proto::NetworkStatus;
 
 const PROCESSES: [&str; 2] = ["network", "secure"];
 
@@ -239,6 +227,7 @@ pub fn secure(home: &Home) -> anyhow::Result<()> {
         org,
         clock,
         token: config.token.clone(),
+        network_status: Some(home.path("network.json")),
     })?;
     let _ = std::fs::remove_file(home.path("run/secure.pid"));
     Ok(())

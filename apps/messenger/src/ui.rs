@@ -409,7 +409,7 @@ pub fn groups(home: &Home, json: bool) -> anyhow::Result<()> {
 
 /// Text from someone else, made safe for one terminal line: no newlines, no control
 /// characters (escape sequences).
-fn clean(text: &str) -> String {
+pub(crate) fn clean(text: &str) -> String {
     text.replace(['\n', '\r'], " ").chars().filter(|c| !c.is_control()).collect()
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Home, eventually, relay, status};
+use common::{Home, eventually, relay, status, users};
 
 fn mails(home: &Home, args: &[&str]) -> Vec<serde_json::Value> {
     home.ok(args).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -13,28 +13,6 @@ fn mails(home: &Home, args: &[&str]) -> Vec<serde_json::Value> {
 
 fn refs(list: &[serde_json::Value]) -> Vec<String> {
     list.iter().map(|m| m["reference"].as_str().unwrap().to_string()).collect()
-}
-
-/// Homes `names`, in orgs 7, 8, …, up, each naming every other, and knowing a device of each.
-fn users(root: &std::path::Path, origin: &canopy_relay::RelayHandle, names: &[&str]) -> (Vec<Home>, Vec<String>) {
-    let homes: Vec<Home> = names.iter().map(|n| Home::new(root, n)).collect();
-    for (i, h) in homes.iter().enumerate() {
-        h.init_org(origin, 7 + i as u32);
-        h.ok(&["up"]);
-    }
-    let ids: Vec<String> = homes.iter().map(Home::user).collect();
-    for (i, h) in homes.iter().enumerate() {
-        for (j, id) in ids.iter().enumerate() {
-            if i != j {
-                h.ok(&["contact", "add", id, names[j]]);
-            }
-        }
-        eventually("a device of every contact is known", || {
-            let c = h.ok(&["contacts", "--json"]);
-            (c.lines().count() == names.len() - 1 && c.lines().all(|l| l.contains("\"devices\":1"))).then_some(())
-        });
-    }
-    (homes, ids)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

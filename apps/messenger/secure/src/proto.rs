@@ -92,6 +92,9 @@ pub enum Request {
         /// `TEAM/CHANNEL` or `dm:USER`.
         conversation: String,
     },
+    /// Every new or edited message of every conversation from now on, as
+    /// [`Reply::Message`]s: what a UI that shows a chat list follows.
+    Watch,
     /// This device's user and keys; answered with [`Reply::Whoami`].
     Whoami,
     /// A team's members: device ids and users.
@@ -434,6 +437,20 @@ pub struct ConvStatus {
     pub stalled: Option<String>,
 }
 
+/// What Network reports in `HOME/network.json`, rewritten five times a second. Secure reads
+/// it for `status`, so a UI learns whether the relay is reachable from Secure alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    /// Whether the link to the parent relay is up.
+    pub parent_connected: bool,
+    /// Chunks waiting to be acknowledged by the parent (the durable outbox).
+    pub outbox: u64,
+    /// Chunks in the local cache.
+    pub chunks: u64,
+    /// When this was written, unix ms.
+    pub written_ms: u64,
+}
+
 /// What `status` reports from Secure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecureStatus {
@@ -451,6 +468,10 @@ pub struct SecureStatus {
     pub waiting: Vec<String>,
     /// Whether Secure's link to Network is up.
     pub network: bool,
+    /// Network's latest report, if it is fresh (written in the last two seconds): whether
+    /// the relay is reachable, and how much waits in the outbox.
+    #[serde(default)]
+    pub relay: Option<NetworkStatus>,
     /// Chunks handed to Network and not acknowledged yet.
     pub unacknowledged: usize,
     /// Where Secure's time comes from.

@@ -32,6 +32,8 @@ pub struct Options {
     pub clock: Option<Filter>,
     /// The token presented to Network.
     pub token: Option<String>,
+    /// Where Network writes its status report ([`proto::NetworkStatus`]), read for `status`.
+    pub network_status: Option<PathBuf>,
 }
 
 /// Why Secure could not run.
@@ -69,8 +71,9 @@ impl Clock {
     }
 }
 
+/// UI connections that follow messages: one conversation's, or (`None`) every one's.
 struct Followers {
-    list: Mutex<Vec<(View, UnixStream)>>,
+    list: Mutex<Vec<(Option<View>, UnixStream)>>,
 }
 
 impl Followers {
@@ -79,7 +82,7 @@ impl Followers {
             return;
         }
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
-        list.retain_mut(|(view, stream)| shown.iter().filter(|m| view.shows(m)).all(|m| proto::write_frame(stream, &Reply::Message(m.clone())).is_ok()));
+        list.retain_mut(|(view, stream)| shown.iter().filter(|m| view.is_none_or(|v| v.shows(m))).all(|m| proto::write_frame(stream, &Reply::Message(m.clone())).is_ok()));
     }
 }
 
@@ -190,13 +193,20 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     }
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let (service, link, clock, followers) = (service.clone(), link.clone(), clock.clone(), followers.clone());
-        std::thread::Builder::new().name("ui".into()).spawn(move || ui_connection(conn, &service, &link, &clock, &followers))?;
+        let (service, link, clock, followers, status) = (service.clone(), link.clone(), clock.clone(), followers.clone(), opts.network_status.clone());
+        std::thread::Builder::new().name("ui".into()).spawn(move || ui_connection(conn, &service, &link, &clock, &followers, status.as_deref()))?;
     }
     Ok(())
 }
 
-fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Clock, followers: &Followers) {
+/// Network's report, if it is fresh: a report older than two seconds means Network stopped
+/// writing it (it rewrites it five times a second), so it says nothing about the relay.
+fn read_network_status(path: &std::path::Path, now_ms: u64) -> Option<proto::NetworkStatus> {
+    let report: proto::NetworkStatus = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    (now_ms.abs_diff(report.written_ms) <= 2_000).then_some(report)
+}
+
+fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Clock, followers: &Followers, network_status: Option<&std::path::Path>) {
     loop {
         let request: Request = match proto::read_frame(&mut conn) {
             Ok(Some(r)) => r,
@@ -207,13 +217,20 @@ fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Cl
             }
         };
         let follow = match &request {
-            Request::Follow { conversation } => Some(conversation.clone()),
+            Request::Follow { conversation } => Some(Some(conversation.clone())),
+            Request::Watch => Some(None),
+            _ => None,
+        };
+        // Read outside the service lock; only `status` shows it.
+        let relay = match (&request, network_status) {
+            (Request::Status, Some(path)) => read_network_status(path, clock.now()),
             _ => None,
         };
         let (reply, fx) = {
             let mut s = service.lock().unwrap_or_else(|p| p.into_inner());
             s.network_up = link.client.is_connected();
             s.unacknowledged = link.unacknowledged();
+            s.relay = relay;
             s.handle(request, clock.now())
         };
         // A key package's welcome: subscribed before the key package is out, so the
@@ -235,7 +252,10 @@ fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Cl
             std::process::exit(0);
         }
         if let (Some(conversation), Reply::Pong) = (follow, &reply) {
-            let view = service.lock().unwrap_or_else(|p| p.into_inner()).view(&conversation);
+            let view = match conversation {
+                Some(c) => service.lock().unwrap_or_else(|p| p.into_inner()).view(&c).map(Some),
+                None => Ok(None),
+            };
             if let (Ok(view), Ok(stream)) = (view, conn.try_clone()) {
                 followers.list.lock().unwrap_or_else(|p| p.into_inner()).push((view, stream));
             }

@@ -72,6 +72,8 @@ pub struct Service<B: Backend> {
     pub network_up: bool,
     /// Chunks handed to Network and not acknowledged yet (kept up to date by the caller).
     pub unacknowledged: usize,
+    /// Network's latest fresh report (kept up to date by the caller).
+    pub relay: Option<crate::proto::NetworkStatus>,
     /// Where the time comes from, for `status`.
     pub time_source: String,
 }
@@ -98,7 +100,7 @@ fn bad_id(text: &str) -> MlsError {
 impl<B: Backend> Service<B> {
     /// Wraps an opened device.
     pub fn new(device: Device<B>) -> Self {
-        Service { device, sandboxed: false, network_up: false, unacknowledged: 0, time_source: "os".into() }
+        Service { device, sandboxed: false, network_up: false, unacknowledged: 0, relay: None, time_source: "os".into() }
     }
 
     /// The device.
@@ -483,6 +485,7 @@ impl<B: Backend> Service<B> {
                 self.view(&conversation)?;
                 Reply::Pong
             }
+            Request::Watch => Reply::Pong,
             Request::Whoami => Reply::Whoami {
                 user: self.device.user_id().to_string(),
                 user_key: hex(self.device.user_key()),
@@ -739,6 +742,7 @@ impl<B: Backend> Service<B> {
             pending: self.device.watched_users().iter().map(|u| self.device.pending_for(u).len()).sum(),
             waiting: self.device.waiting().map(hex).collect(),
             network: self.network_up,
+            relay: self.relay.clone(),
             unacknowledged: self.unacknowledged,
             time_source: self.time_source.clone(),
             messages: c.messages,

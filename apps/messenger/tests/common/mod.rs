@@ -330,3 +330,25 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
+
+/// Homes `names`, in orgs 7, 8, …, up, each naming every other, and knowing a device of each.
+pub fn users(root: &std::path::Path, origin: &canopy_relay::RelayHandle, names: &[&str]) -> (Vec<Home>, Vec<String>) {
+    let homes: Vec<Home> = names.iter().map(|n| Home::new(root, n)).collect();
+    for (i, h) in homes.iter().enumerate() {
+        h.init_org(origin, 7 + i as u32);
+        h.ok(&["up"]);
+    }
+    let ids: Vec<String> = homes.iter().map(Home::user).collect();
+    for (i, h) in homes.iter().enumerate() {
+        for (j, id) in ids.iter().enumerate() {
+            if i != j {
+                h.ok(&["contact", "add", id, names[j]]);
+            }
+        }
+        eventually("a device of every contact is known", || {
+            let c = h.ok(&["contacts", "--json"]);
+            (c.lines().count() == names.len() - 1 && c.lines().all(|l| l.contains("\"devices\":1"))).then_some(())
+        });
+    }
+    (homes, ids)
+}

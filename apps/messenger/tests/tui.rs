@@ -1,0 +1,146 @@
+//! The terminal UI end to end: the real `canopy-msg tui` in a real terminal (tmux, on a
+//! server of the test's own), against a real relay and another user's device. Keys go in
+//! with `send-keys`; what the screen shows comes back with `capture-pane`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Home, WAIT, eventually, relay, users};
+
+/// A tmux server of this test's own (its socket in the test's directory), running one
+/// session with one program in it.
+struct Tmux {
+    socket: PathBuf,
+}
+
+impl Tmux {
+    fn start(dir: &Path, width: u16, height: u16, program: &[&str]) -> Tmux {
+        let tmux = Tmux { socket: dir.join("tmux.sock") };
+        let command = program.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" ");
+        let w = width.to_string();
+        let h = height.to_string();
+        tmux.run(&["new-session", "-d", "-s", "tui", "-x", &w, "-y", &h, &command]);
+        // Keep the pane after the program exits, so an early exit leaves its last words.
+        tmux.run(&["set-option", "-t", "tui", "remain-on-exit", "on"]);
+        tmux
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("TMUX")
+            .output()
+            .expect("tmux runs: it is installed by scripts/install-test-deps.sh");
+        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The pane as it is on screen now.
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "tui"])
+    }
+
+    /// Waits until the screen shows every one of `texts`; returns that screen.
+    fn await_screen(&self, what: &str, texts: &[&str]) -> String {
+        let deadline = Instant::now() + WAIT;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let screen = self.screen();
+            if texts.iter().all(|t| screen.contains(t)) {
+                return screen;
+            }
+            assert!(Instant::now() < deadline, "the TUI never showed {what} ({texts:?}); its screen:\n{screen}");
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "tui"];
+        args.extend_from_slice(keys);
+        self.run(&args);
+    }
+
+    fn type_text(&self, text: &str) {
+        self.run(&["send-keys", "-t", "tui", "-l", text]);
+    }
+
+    /// The status bar's count of sends waiting for the relay, if it shows one.
+    fn waiting(&self) -> Option<u64> {
+        let screen = self.screen();
+        let (before, _) = screen.split_once(" waiting)")?;
+        before.rsplit('(').next()?.parse().ok()
+    }
+
+    /// Whether the program in the pane has exited.
+    fn exited(&self) -> bool {
+        self.run(&["display-message", "-p", "-t", "tui", "#{pane_dead}"]).trim() == "1"
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").arg("-S").arg(&self.socket).arg("kill-server").output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_an_incoming_message_and_reply_in_its_thread_from_the_tui() {
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = relay(&tmp.path().join("origin"), "127.0.0.1:0", None).await;
+    let (homes, ids) = users(tmp.path(), &origin, &["alice", "bob"]);
+    let [alice, bob]: [&Home; 2] = [&homes[0], &homes[1]];
+    // The conversation exists before the TUI opens; the message to answer arrives while it is open.
+    bob.ok(&["dm", "alice", "hi alice, a question coming"]);
+    alice.await_text("dm:bob", "hi alice, a question coming");
+
+    let exe = common::exe();
+    let home = alice.dir.to_str().unwrap().to_string();
+    let tui = Tmux::start(tmp.path(), 120, 30, &[exe.to_str().unwrap(), "--home", &home, "tui"]);
+    tui.await_screen("the chat list", &["chats", "@ bob", "relay up"]);
+    // Select the conversation and open it.
+    tui.keys(&["Enter"]);
+    tui.await_screen("the open conversation", &["@ bob", "bob: hi alice, a question coming"]);
+
+    // Read an incoming message, live.
+    let question = bob.ok(&["dm", "alice", "where do we meet on Tuesday?"]);
+    let screen = tui.await_screen("the incoming message", &["bob: where do we meet on Tuesday?"]);
+    assert!(!screen.contains("(pending)"), "{screen}");
+
+    // Reply in its thread: `r` on the selected (newest) message, type, Enter.
+    tui.keys(&["r"]);
+    tui.await_screen("the thread compose box", &["reply in thread to bob: where do we meet"]);
+    tui.type_text("at the library, 10:00");
+    tui.keys(&["Enter"]);
+    tui.await_screen("the reply under its root", &["↳", "me: at the library, 10:00"]);
+
+    // The other device has it, in the thread.
+    let reply = eventually("bob has the reply", || bob.read(&format!("dm:{}", ids[0])).into_iter().find(|m| m["text"] == "at the library, 10:00"));
+    assert_eq!(reply["reply_to"], question.as_str(), "a reply in the question's thread: {reply}");
+    assert_eq!(reply["from"], "alice");
+
+    // Help, and back.
+    tui.keys(&["?"]);
+    tui.await_screen("the help", &["keys", "reply in the selected message's thread"]);
+    tui.keys(&["Escape"]);
+
+    // The relay goes away: the TUI says so, and a send is queued rather than lost.
+    origin.shutdown().await;
+    tui.await_screen("the relay's loss", &["relay unreachable: sends are queued"]);
+    tui.keys(&["Enter"]);
+    tui.type_text("sent while the relay is down");
+    tui.keys(&["Enter"]);
+    tui.await_screen("the queued message", &["me: sent while the relay is down"]);
+    eventually("the status bar counts what waits", || tui.waiting().filter(|n| *n > 0));
+
+    tui.keys(&["q"]);
+    eventually("the TUI exits on q", || tui.exited().then_some(()));
+    // The screen is the shell's again: the TUI restored the terminal.
+    let after = tui.screen();
+    assert!(!after.contains("chats"), "{after}");
+}
