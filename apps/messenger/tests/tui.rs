@@ -98,12 +98,18 @@ async fn read_an_incoming_message_and_reply_in_its_thread_from_the_tui() {
     // The conversation exists before the TUI opens; the message to answer arrives while it is open.
     bob.ok(&["dm", "alice", "hi alice, a question coming"]);
     alice.await_text("dm:bob", "hi alice, a question coming");
+    // A newer chat above it, so selecting it takes a move.
+    bob.ok(&["mail", "send", "--to", "alice", "--subject", "agenda", "attached"]);
+    eventually("alice has the mail", || alice.ok(&["mail", "list"]).contains("agenda").then_some(()));
 
     let exe = common::exe();
     let home = alice.dir.to_str().unwrap().to_string();
     let tui = Tmux::start(tmp.path(), 120, 30, &[exe.to_str().unwrap(), "--home", &home, "tui"]);
-    tui.await_screen("the chat list", &["chats", "@ bob", "relay up"]);
+    let screen = tui.await_screen("the chat list", &["chats", "> ✉ mail", "  @ bob", "relay up"]);
+    assert!(screen.find("✉ mail") < screen.find("@ bob"), "most recent first:\n{screen}");
     // Select the conversation and open it.
+    tui.keys(&["j"]);
+    tui.await_screen("the selection on bob", &["> @ bob"]);
     tui.keys(&["Enter"]);
     tui.await_screen("the open conversation", &["@ bob", "bob: hi alice, a question coming"]);
 
