@@ -1,5 +1,6 @@
 //! Hostile input on a team's names, through a real relay with the org's access rules: each is
-//! ignored, logged and counted, and Secure keeps serving.
+//! ignored, logged and counted, and Secure keeps serving. And a hostile member of a group and
+//! a mailbox: malformed and oversized operations and mail, each refused once, nothing lost.
 
 mod common;
 
@@ -179,4 +180,145 @@ fn outsider_message(org: &Org) -> Vec<u8> {
     let text = Message::text(now, "not a member");
     let (_, out) = outsider.send(2, 2, text, now).unwrap();
     out[0].data.clone()
+}
+
+mod member_payloads {
+    //! A member running its own code: a real user (in this process, with the real MLS core)
+    //! in a group and a mailbox with a real `canopy-msg` device, sending well-encrypted
+    //! messages whose plaintext is malformed or oversized.
+
+    use std::collections::BTreeSet;
+
+    use canopy::Chunk;
+    use canopy_msg_core::device::{CONV_CHANNEL, Device};
+    use canopy_msg_core::payload::{ConvKind, MAX_LABEL_TEXT, MAX_TEXT, MailRef};
+    use canopy_msg_core::{Key, MemoryBackend, Org, Outgoing};
+
+    use super::common::{self, Home, eventually, relay};
+
+    const TTL: u64 = 30 * 24 * 3600 * 1000;
+
+    async fn publish(client: &canopy_sdk::Client, out: Vec<Outgoing>) {
+        for o in out {
+            client.publish(Chunk::new(o.name, o.expiry_ms, o.data).unwrap()).await.expect("the relay takes it");
+        }
+    }
+
+    /// Feeds `m` everything the relay holds until `done` says it has what it waits for.
+    async fn catch_up<T>(m: &mut Device<MemoryBackend>, relay: &canopy_relay::RelayHandle, what: &str, done: impl Fn(&Device<MemoryBackend>) -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + common::WAIT;
+        loop {
+            let chunks = common::cached(relay).await;
+            m.ingest(chunks.iter().map(|c| (c.name(), c.data().as_ref()))).unwrap();
+            if let Some(v) = done(m) {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "mallory never got {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    fn rejected(home: &Home) -> u64 {
+        super::status(home)["rejected"].as_u64().unwrap()
+    }
+
+    /// `[version 1, kind, created_ms]`, the head of every payload.
+    fn head(kind: u8) -> Vec<u8> {
+        let mut b = vec![1, kind];
+        b.extend_from_slice(&canopy_sdk::now_ms().to_be_bytes());
+        b
+    }
+
+    fn with_string(mut b: Vec<u8>, declared: u16, bytes: &[u8]) -> Vec<u8> {
+        b.extend_from_slice(&declared.to_be_bytes());
+        b.extend_from_slice(bytes);
+        b
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn malformed_and_oversized_group_operations_and_mail_from_a_member_are_refused_and_nothing_is_lost() {
+        let tmp = tempfile::tempdir().unwrap();
+        let origin = relay(&tmp.path().join("origin"), "127.0.0.1:0", None).await;
+        let alice = Home::new(tmp.path(), "alice");
+        alice.init_org(&origin, 7);
+        alice.ok(&["up"]);
+        let client = common::client(&origin).await;
+        let mut m = Device::open(Key::random(), MemoryBackend::default(), Org::new("example.com", 8).unwrap()).unwrap();
+        publish(&client, m.ensure_key_package(canopy_sdk::now_ms(), TTL).unwrap()).await;
+        let mallory = m.user_id().to_string();
+        alice.ok(&["contact", "add", &mallory, "mallory"]);
+        eventually("alice knows mallory's device", || alice.ok(&["contacts", "--json"]).contains("\"devices\":1").then_some(()));
+
+        // A group and a mailbox, both with mallory in them.
+        let group = alice.ok(&["group", "create", "pals", "mallory"]);
+        alice.ok(&["mail", "send", "--to", "mallory", "--subject", "hello", "welcome"]);
+        let kind_of = |m: &Device<MemoryBackend>, kind: ConvKind| m.convs().find(|(_, r, ..)| r.kind == kind).map(|(id, ..)| id);
+        let conv = catch_up(&mut m, &origin, "the group", |m| kind_of(m, ConvKind::Group)).await;
+        let mailbox = catch_up(&mut m, &origin, "the mailbox", |m| kind_of(m, ConvKind::Mail)).await;
+        assert_eq!(conv.to_string(), group);
+        let before = rejected(&alice);
+
+        let rename = |name: &[u8], declared: u16| {
+            let mut b = head(2);
+            b.push(1);
+            with_string(b, declared, name)
+        };
+        let mail = |subject: &[u8], declared: u16, body: &[u8]| {
+            let mut b = head(3);
+            b.extend_from_slice(&[7; 8]);
+            b.push(0);
+            let mut b = with_string(b, declared, subject);
+            b.extend_from_slice(body);
+            b
+        };
+        let long_label = vec![b'x'; MAX_LABEL_TEXT + 1];
+        let group_payloads: Vec<(&str, Vec<u8>)> = vec![
+            ("an unknown group operation", [head(2), vec![9]].concat()),
+            ("a rename whose name is cut short", rename(b"abc", 10)),
+            ("a rename over the label limit", rename(&long_label, long_label.len() as u16)),
+            ("an add that promises 65535 users and carries none", [head(2), vec![3, 0xff, 0xff]].concat()),
+            ("an unknown message kind", [head(9), b"?".to_vec()].concat()),
+            ("a bare version byte", vec![1]),
+        ];
+        let mail_payloads: Vec<(&str, Vec<u8>)> = vec![
+            ("a mail cut inside its reference", [head(3), vec![7; 3]].concat()),
+            ("a mail whose prev flag is not 0 or 1", { let mut b = head(3); b.extend_from_slice(&[7; 8]); b.push(5); b }),
+            ("a mail subject over the label limit", mail(&long_label, long_label.len() as u16, b"body")),
+            ("a mail body over the text limit", mail(b"s", 1, &vec![b'b'; MAX_TEXT + 1])),
+        ];
+        let count = (group_payloads.len() + mail_payloads.len()) as u64;
+        for (_, payload) in &group_payloads {
+            publish(&client, m.send_raw(conv, CONV_CHANNEL, payload, canopy_sdk::now_ms()).unwrap().1).await;
+        }
+        for (_, payload) in &mail_payloads {
+            publish(&client, m.send_raw(mailbox, CONV_CHANNEL, payload, canopy_sdk::now_ms()).unwrap().1).await;
+        }
+        // Then good ones, after the bad: nothing in between is lost.
+        publish(&client, m.send(conv, CONV_CHANNEL, canopy_msg_core::Message::text(canopy_sdk::now_ms(), "still friends?"), canopy_sdk::now_ms()).unwrap().1).await;
+        let to: BTreeSet<_> = [canopy_msg_core::identity::UserId::parse(&alice.user()).unwrap()].into();
+        let (reference, ..) = {
+            let (r, c, id, out) = m.send_mail(&to, "a real one", "with a body", None::<MailRef>, canopy_sdk::now_ms()).unwrap();
+            publish(&client, out).await;
+            (r, c, id)
+        };
+
+        alice.await_text(&format!("group:{group}"), "still friends?");
+        eventually("alice has the real mail", || alice.ok(&["mail", "list"]).contains(&reference.to_string()).then_some(()));
+        let refused = eventually("every bad payload is counted as refused", || Some(rejected(&alice) - before).filter(|n| *n >= count));
+        assert_eq!(refused, count, "each refused once: {:?}", group_payloads.iter().chain(&mail_payloads).map(|(w, _)| *w).collect::<Vec<_>>());
+
+        // Nothing of them shows, nothing changed, and everything before and after is there.
+        let texts: Vec<String> = alice.read(&format!("group:{group}")).iter().map(|m| m["text"].as_str().unwrap().to_string()).collect();
+        assert_eq!(texts, vec!["still friends?"], "only the good message");
+        let info: serde_json::Value = serde_json::from_str(&alice.ok(&["group", "info", &group, "--json"])).unwrap();
+        assert_eq!((info["name"].as_str(), info["description"].as_str()), (Some("pals"), Some("")), "{info}");
+        assert_eq!(info["members"].as_array().unwrap().len(), 2, "{info}");
+        let mails = alice.ok(&["mail", "list", "--json"]);
+        assert_eq!(mails.lines().count(), 2, "alice's own mail and the real one: {mails}");
+        assert!(alice.run(&["status"]).status.success(), "Secure keeps serving");
+        let log = std::fs::read_to_string(alice.dir.join("logs/secure.log")).unwrap_or_default();
+        assert!(log.contains("payload"), "each refusal is logged with its reason: {log}");
+        client.close();
+        origin.shutdown().await;
+    }
 }

@@ -667,8 +667,19 @@ impl<B: Backend> Device<B> {
     /// Encrypts a message for a group's channel and returns its id and its chunks. The
     /// device keeps the plaintext in its history.
     pub fn send(&mut self, group: impl Into<Gid>, channel: u16, message: Message, now_ms: u64) -> Result<(MsgRef, Vec<Outgoing>), MlsError> {
-        let g = group.into();
         let payload = message.encode()?;
+        self.send_payload(group.into(), channel, &payload, Some(message), now_ms)
+    }
+
+    /// Encrypts arbitrary plaintext bytes as a message of a group's channel, the way a member
+    /// running its own code could: what the hostile-member tests send to see receivers
+    /// refuse it. The history keeps nothing of it.
+    #[cfg(feature = "testing")]
+    pub fn send_raw(&mut self, group: impl Into<Gid>, channel: u16, payload: &[u8], now_ms: u64) -> Result<(MsgRef, Vec<Outgoing>), MlsError> {
+        self.send_payload(group.into(), channel, payload, None, now_ms)
+    }
+
+    fn send_payload(&mut self, g: Gid, channel: u16, payload: &[u8], message: Option<Message>, now_ms: u64) -> Result<(MsgRef, Vec<Outgoing>), MlsError> {
         let t = self.groups.get(&g).ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
         if t.meta.removed {
             return Err(MlsError::BadName(format!("this device was removed from {}", t.record.name())));
@@ -680,7 +691,7 @@ impl<B: Backend> Device<B> {
         let first = *t.meta.next_msg.get(&channel).unwrap_or(&1);
         let id = engine::gid_group_id(&self.org, g);
         let mut group = self.engine.take_group_by_id(&id)?.ok_or_else(|| MlsError::UnknownTeam(g.to_string()))?;
-        let out = group.create_message(&self.engine.provider, &self.engine.signer, &payload).map_err(mls)?;
+        let out = group.create_message(&self.engine.provider, &self.engine.signer, payload).map_err(mls)?;
         self.engine.keep_group(group);
         let bytes = out.tls_serialize_detached().map_err(mls)?;
         let pieces = fragment::split(Path::Message, &bytes)?;
@@ -694,13 +705,17 @@ impl<B: Backend> Device<B> {
         }
         let id = MsgRef { device, msg: first };
         let key = (channel, id.device, id.msg);
-        let stored = Stored { id, message, user: Some(self.engine.user_id()), seq: self.take_seq() };
-        self.engine.vault.put(&msg_key(g, key), &serde_json::to_vec(&stored).expect("serializable"));
+        let stored = message.map(|message| Stored { id, message, user: Some(self.engine.user_id()), seq: self.take_seq() });
+        if let Some(stored) = &stored {
+            self.engine.vault.put(&msg_key(g, key), &serde_json::to_vec(stored).expect("serializable"));
+        }
         let t = self.groups.get_mut(&g).expect("checked above");
         t.meta.next_msg.insert(channel, first + count);
         t.done.insert(key);
         self.engine.vault.put(&group_key(g), &serde_json::to_vec(&t.meta).expect("serializable"));
-        t.history.entry(channel).or_default().insert(id, stored);
+        if let Some(stored) = stored {
+            t.history.entry(channel).or_default().insert(id, stored);
+        }
         self.engine.persist()?;
         Ok((id, outgoing))
     }
