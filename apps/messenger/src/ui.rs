@@ -35,6 +35,11 @@ impl Secure {
         }
     }
 
+    /// How long [`Secure::call`] waits for an answer.
+    pub fn set_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
+        self.stream.set_read_timeout(Some(timeout))
+    }
+
     /// The next streamed reply, waiting at most `timeout`.
     pub fn next(&mut self, timeout: Option<Duration>) -> anyhow::Result<Option<Reply>> {
         self.stream.set_read_timeout(timeout)?;
@@ -407,10 +412,16 @@ pub fn groups(home: &Home, json: bool) -> anyhow::Result<()> {
     }
 }
 
-/// Text from someone else, made safe for one terminal line: no newlines, no control
-/// characters (escape sequences).
+/// Text from someone else, made safe for one terminal line: newlines and tabs become spaces;
+/// control characters (escape sequences) and the invisible format characters that reorder
+/// or hide text (bidi overrides and isolates, zero-width ones) go.
 pub(crate) fn clean(text: &str) -> String {
-    text.replace(['\n', '\r'], " ").chars().filter(|c| !c.is_control()).collect()
+    text.chars().map(|c| if matches!(c, '\n' | '\r' | '\t') { ' ' } else { c }).filter(|c| !c.is_control() && !is_format(*c)).collect()
+}
+
+/// Unicode format characters that can make text read other than it is.
+fn is_format(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
 }
 
 fn sent(home: &Home, reply: Reply) -> anyhow::Result<()> {

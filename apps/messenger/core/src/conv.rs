@@ -3,8 +3,8 @@
 //!
 //! **Starting one.** A device that starts a conversation creates its MLS group and becomes
 //! its committer (device 0). In one commit it adds every device it knows of every member
-//! user (its own user's other devices included), from the last-resort key packages those
-//! devices publish in their users' space ([`Device::ensure_key_package`]). So a conversation
+//! user (its own user's other devices included), from the key packages those devices publish in
+//! their users' space ([`crate::supply`]). So a conversation
 //! can start while every device of the peer is offline: the welcome waits in the relays'
 //! caches.
 //!
@@ -29,7 +29,7 @@ use std::collections::BTreeSet;
 use openmls::prelude::*;
 
 use crate::committer::Outgoing;
-use crate::device::{CONV_CHANNEL, Device, Group, GroupMeta, KnownKeyPackage, Space, Waiting, encode_waiting, group_key, pending_key, waiting_key};
+use crate::device::{CONV_CHANNEL, Device, Group, GroupMeta, KnownKeyPackage, group_key, pending_key};
 use crate::engine::{self, MlsError, Record, mls};
 use crate::fragment;
 use crate::identity::UserId;
@@ -39,29 +39,6 @@ use crate::payload::{Control, ConvKind, ConvRecord, Lifetimes, MailHeader, MailR
 use crate::seal::Backend;
 
 impl<B: Backend> Device<B> {
-    /// Makes sure this device has a fresh last-resort key package published in its users'
-    /// space (one made less than half of `ttl_ms` ago), so anyone can start a conversation
-    /// with it while it is offline. Returns the chunks of a new one, if one was made.
-    pub fn ensure_key_package(&mut self, now_ms: u64, ttl_ms: u64) -> Result<Vec<Outgoing>, MlsError> {
-        let fresh = self.waiting.values().any(|w| w.space == Space::Users && w.created_ms.saturating_add(ttl_ms / 2) > now_ms);
-        if fresh {
-            return Ok(Vec::new());
-        }
-        let (bytes, hkp) = self.engine.key_package(true)?;
-        let users = self.users();
-        let me = self.user_id();
-        let mut outgoing = Vec::new();
-        for (i, data) in fragment::split(Path::KeyPackage, &bytes)?.into_iter().enumerate() {
-            let i = u16::try_from(i).map_err(|_| MlsError::Mls("a key package of over 65,535 fragments".into()))?;
-            outgoing.push(Outgoing { name: users.key_package(&me, &hkp, i)?, expiry_ms: now_ms + ttl_ms, data });
-        }
-        let w = Waiting { space: Space::Users, created_ms: now_ms, link: false };
-        self.engine.vault.put(&waiting_key(&hkp), &encode_waiting(&w));
-        self.engine.persist()?;
-        self.waiting.insert(hkp, w);
-        Ok(outgoing)
-    }
-
     /// The users whose key packages this device follows: its own (its other devices), the
     /// users of its conversations, its named contacts (so a conversation with them can start
     /// at once, even offline), and those it has messages pending for. Not blocked users.
@@ -213,6 +190,7 @@ impl<B: Backend> Device<B> {
                 outgoing.push(Outgoing { name: Users::at(origin).welcome(&user, conv, epoch, i)?, expiry_ms: now_ms + record.lifetimes.welcome_ms, data: data.clone() });
             }
         }
+        outgoing.extend(self.claims_for(&kps, now_ms)?);
         let t = self.groups.get_mut(&g).expect("checked above");
         t.record = Record::Conv(record);
         t.epoch = epoch;

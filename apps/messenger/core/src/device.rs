@@ -132,6 +132,12 @@ pub enum Event {
         /// The group.
         group: Gid,
     },
+    /// `by` asked this device's user for fresh key packages (the seed's `PUBLIC_KEY`
+    /// request): the next supply check publishes what is missing ([`Device::ensure_key_package`]).
+    KeyPackagesRequested {
+        /// Who asked.
+        by: UserId,
+    },
     /// This device took on the identity of `user`, handed over by a device of theirs
     /// (`device link`): it is that user's device from now on.
     Linked {
@@ -164,6 +170,8 @@ pub struct Counters {
     pub held_dropped: u64,
     /// Messages from blocked users, dropped unread.
     pub blocked: u64,
+    /// Requests for this user's key packages answered.
+    pub requests: u64,
 }
 
 pub(crate) type Key3 = (u16, u32, u32);
@@ -227,6 +235,22 @@ pub(crate) struct Waiting {
     /// Made by `device key-package --link`: a device of another user may welcome it to their
     /// devices' group and hand it their identity.
     pub(crate) link: bool,
+    /// A one-time key package of the users' space (else a last-resort one there).
+    pub(crate) one_time: bool,
+    /// Someone claimed it (see [`crate::supply`]).
+    pub(crate) claimed: bool,
+    /// When its first welcome came (`Some(0)`: time not known yet); its keys go
+    /// [`crate::supply::GRACE_MS`] later.
+    pub(crate) used_ms: Option<u64>,
+}
+
+/// What this device knows of another device's key packages in a users' space.
+#[derive(Debug, Clone, Default)]
+pub struct KnownDevice {
+    /// Its latest last-resort key package.
+    pub last_resort: Option<KnownKeyPackage>,
+    /// Its one-time key packages, by hKP.
+    pub one_time: BTreeMap<Vec<u8>, KnownKeyPackage>,
 }
 
 /// Another device's key package, checked, as published in a users' space.
@@ -254,7 +278,14 @@ pub struct Device<B: Backend> {
     /// the fragment byte: never processed again.
     welcomed: BTreeSet<u128>,
     /// Key packages of other devices, by user, then by device signature key.
-    pub(crate) known: BTreeMap<UserId, BTreeMap<Vec<u8>, KnownKeyPackage>>,
+    pub(crate) known: BTreeMap<UserId, BTreeMap<Vec<u8>, KnownDevice>>,
+    /// Key packages claimed (see [`crate::supply`]), by name without the fragment byte.
+    pub(crate) claimed: BTreeSet<u128>,
+    /// Key package requests to this user already seen, by name without the fragment byte.
+    pub(crate) seen_requests: BTreeSet<u128>,
+    /// One-time key packages whose keys were erased (hKPs): a welcome for one is refused
+    /// with a reason, not ignored.
+    pub(crate) spent: BTreeSet<Vec<u8>>,
     /// Key package fragments being assembled, by name without the fragment byte.
     kp_parts: HashMap<u128, Assembly>,
     /// What ingest did so far.
@@ -328,19 +359,28 @@ fn parse_key3(rest: &str) -> Option<(Gid, Key3)> {
 
 /// A waiting record's value: `o` (org space), or `u` and the creation time.
 pub(crate) fn encode_waiting(w: &Waiting) -> Vec<u8> {
-    match (w.space, w.link) {
-        (Space::Org, false) => Vec::new(),
-        (Space::Org, true) => b"l".to_vec(),
-        (Space::Users, _) => format!("u{}", w.created_ms).into_bytes(),
+    match (w.space, w.link, w.one_time) {
+        (Space::Org, false, _) => Vec::new(),
+        (Space::Org, true, _) => b"l".to_vec(),
+        (Space::Users, _, false) => format!("u{}", w.created_ms).into_bytes(),
+        (Space::Users, _, true) => format!("t{}:{}:{}", w.created_ms, u8::from(w.claimed), w.used_ms.map_or_else(|| "-".to_string(), |t| t.to_string())).into_bytes(),
     }
 }
 
 fn decode_waiting(v: &[u8]) -> Waiting {
     let text = std::str::from_utf8(v).unwrap_or("");
-    match text.strip_prefix('u') {
-        Some(ms) => Waiting { space: Space::Users, created_ms: ms.parse().unwrap_or(0), link: false },
-        None => Waiting { space: Space::Org, created_ms: 0, link: text == "l" },
+    let org = Waiting { space: Space::Org, created_ms: 0, link: text == "l", one_time: false, claimed: false, used_ms: None };
+    if let Some(ms) = text.strip_prefix('u') {
+        return Waiting { space: Space::Users, created_ms: ms.parse().unwrap_or(0), ..org };
     }
+    if let Some(rest) = text.strip_prefix('t') {
+        let mut parts = rest.split(':');
+        let created_ms = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let claimed = parts.next() == Some("1");
+        let used_ms = parts.next().and_then(|p| p.parse().ok());
+        return Waiting { space: Space::Users, created_ms, link: false, one_time: true, claimed, used_ms };
+    }
+    org
 }
 
 impl<B: Backend> Device<B> {
@@ -357,6 +397,9 @@ impl<B: Backend> Device<B> {
             user_welcomes: HashMap::new(),
             welcomed: BTreeSet::new(),
             known: BTreeMap::new(),
+            claimed: BTreeSet::new(),
+            seen_requests: BTreeSet::new(),
+            spent: BTreeSet::new(),
             kp_parts: HashMap::new(),
             counters: Counters::default(),
             max_held: MAX_HELD,
@@ -421,6 +464,8 @@ impl<B: Backend> Device<B> {
                 device.refused_blocked.insert(whole, user);
             } else if let Some(whole) = k.strip_prefix("x/").and_then(|x| u128::from_str_radix(x, 16).ok()) {
                 device.welcomed.insert(whole);
+            } else if let Some(hkp) = k.strip_prefix("ws/").and_then(engine::unhex) {
+                device.spent.insert(hkp);
             } else if let Some(hkp) = k.strip_prefix("w/").and_then(engine::unhex) {
                 device.waiting.insert(hkp, decode_waiting(v));
             } else if let Some(user) = k.strip_prefix("c/").and_then(UserId::parse) {
@@ -649,7 +694,7 @@ impl<B: Backend> Device<B> {
             .enumerate()
             .map(|(i, data)| Outgoing { name: self.org.key_package(&hkp, i as u16), expiry_ms: now_ms + ttl_ms, data })
             .collect();
-        let w = Waiting { space: Space::Org, created_ms: now_ms, link };
+        let w = Waiting { space: Space::Org, created_ms: now_ms, link, one_time: false, claimed: false, used_ms: None };
         self.engine.vault.put(&waiting_key(&hkp), &encode_waiting(&w));
         self.engine.persist()?;
         self.waiting.insert(hkp.clone(), w);
@@ -861,6 +906,10 @@ impl<B: Backend> Device<B> {
     }
 
     fn on_key_package(&mut self, name: Name, data: &[u8], events: &mut Vec<Event>) {
+        let fragment = (name.to_u128() & 0xff) as u16;
+        if fragment >= crate::supply::REQUEST_FRAGMENT {
+            return self.on_kp_control(name, data, events);
+        }
         let f = match Fragment::decode(Path::KeyPackage, data) {
             Ok(f) => f,
             Err(e) => return self.reject(name, format!("key package fragment: {e}"), events),
@@ -887,15 +936,16 @@ impl<B: Backend> Device<B> {
         }
         let devices = self.known.entry(checked.user).or_default();
         let fresh = !devices.contains_key(&device_key);
-        devices.insert(device_key, KnownKeyPackage { origin, hkp: checked.hkp, key_package: checked.key_package });
+        let device = devices.entry(device_key).or_default();
+        let known = KnownKeyPackage { origin, hkp: checked.hkp.clone(), key_package: checked.key_package };
+        if known.key_package.last_resort() {
+            device.last_resort = Some(known);
+        } else {
+            device.one_time.insert(checked.hkp, known);
+        }
         if fresh {
             events.push(Event::KeyPackage { user: checked.user });
         }
-    }
-
-    /// The key packages known of `user`'s devices (other than this one): one per device.
-    pub fn key_packages_of(&self, user: &UserId) -> impl Iterator<Item = &KnownKeyPackage> {
-        self.known.get(user).into_iter().flat_map(|d| d.values())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1120,6 +1170,14 @@ impl<B: Backend> Device<B> {
                         self.engine.vault.delete(&waiting_key(hkp));
                     }
                 }
+                if ours.is_empty() && w.secrets().iter().any(|s| self.spent.contains(s.new_member().as_slice())) {
+                    self.mark_welcomed(whole);
+                    return self.reject(
+                        name,
+                        "welcome: for a one-time key package of this device already used, whose keys were erased after their grace period; its sender must add this device again".into(),
+                        events,
+                    );
+                }
                 !ours.is_empty()
             }
             _ => {
@@ -1132,7 +1190,23 @@ impl<B: Backend> Device<B> {
         }
         self.mark_welcomed(whole);
         self.refusal_blocked = None;
-        match self.join(&object) {
+        // openmls erases a one-time key package's keys when a welcome uses it; they are put
+        // back for the grace period, so a racing second welcome joins too (`crate::supply`).
+        let one_time: Vec<Vec<u8>> = match MlsMessageIn::tls_deserialize_exact(&object).map(MlsMessageIn::extract) {
+            Ok(MlsMessageBodyIn::Welcome(w)) => w
+                .secrets()
+                .iter()
+                .map(|s| s.new_member().as_slice().to_vec())
+                .filter(|h| self.waiting.get(h).is_some_and(|w| w.one_time))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let kept = self.keep_one_time(&one_time);
+        let joined = self.join(&object);
+        if let Err(e) = self.restore_one_time(kept) {
+            self.reject(name, format!("keeping a one-time key package for its grace period: {e}"), events);
+        }
+        match joined {
             Ok((group, device)) => events.push(Event::Joined { group, device }),
             Err(reason) => {
                 if let Some(user) = self.refusal_blocked.take() {

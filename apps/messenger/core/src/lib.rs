@@ -31,6 +31,7 @@ pub mod link;
 pub mod names;
 pub mod payload;
 pub mod seal;
+pub mod supply;
 
 pub use committer::{Committer, Outgoing};
 pub use device::{Device, Event, Shown};

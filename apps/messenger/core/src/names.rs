@@ -260,6 +260,13 @@ fn user_bits(user: &crate::identity::UserId) -> u64 {
     u64::from_be_bytes(user.0[..8].try_into().expect("8 bytes"))
 }
 
+/// A number from two byte strings, to order choices differently per chooser.
+pub fn mix(a: &[u8], b: &[u8]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new().chain_update(a).chain_update(b).finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
 /// The first 32 bits of a user id, as carried in welcome names.
 pub fn user32(user: &crate::identity::UserId) -> u32 {
     (user_bits(user) >> 32) as u32

@@ -451,6 +451,19 @@ pub struct NetworkStatus {
     pub written_ms: u64,
 }
 
+/// This device's key packages in its users' space, for `status` (see `canopy_msg_core::supply`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPackageSupply {
+    /// One-time key packages published and not claimed.
+    pub one_time: usize,
+    /// One-time key packages claimed, not welcomed yet.
+    pub claimed: usize,
+    /// One-time key packages welcomed, whose keys are kept for the grace period.
+    pub used: usize,
+    /// Last-resort key packages.
+    pub last_resort: usize,
+}
+
 /// What `status` reports from Secure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecureStatus {
@@ -488,6 +501,12 @@ pub struct SecureStatus {
     pub held: u64,
     /// Messages from blocked users dropped unread since start.
     pub blocked: u64,
+    /// Requests for this user's key packages answered since start.
+    #[serde(default)]
+    pub requests: u64,
+    /// This device's key packages in its users' space.
+    #[serde(default)]
+    pub key_packages: KeyPackageSupply,
     /// `device link`: hKPs whose key packages are awaited.
     #[serde(default)]
     pub linking: Vec<String>,

@@ -223,7 +223,8 @@ fn ui_connection(mut conn: UnixStream, service: &Shared, link: &Link, clock: &Cl
         };
         // Read outside the service lock; only `status` shows it.
         let relay = match (&request, network_status) {
-            (Request::Status, Some(path)) => read_network_status(path, clock.now()),
+            // Network stamps its report with the OS clock, whatever clock Secure keeps.
+            (Request::Status, Some(path)) => read_network_status(path, SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)),
             _ => None,
         };
         let (reply, fx) = {

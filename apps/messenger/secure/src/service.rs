@@ -590,6 +590,9 @@ impl<B: Backend> Service<B> {
                         message.encode()?;
                         let seq = self.device.queue_dm(peer, message)?;
                         fx.subscribe.push(self.device.users().key_packages(&peer));
+                        // And the peer's online devices are asked to publish some.
+                        let origin = self.device.users().origin();
+                        fx.publish.push(self.device.request(origin, peer, now_ms)?);
                         let (_, m) = self.device.pending_for(&peer).iter().find(|(s, _)| *s == seq).expect("just queued");
                         fx.shown.push(self.pending_line(peer, seq, m));
                         return Ok(Reply::Sent { id: format!("pending/{seq}"), queued: true });
@@ -651,6 +654,8 @@ impl<B: Backend> Service<B> {
                 }
                 Event::Rejected { name, reason } => tracing::warn!(%name, "refused: {reason}"),
                 Event::Linked { user } => tracing::info!(%user, "this device is now a device of the user"),
+                // Answered by the supply check at the end of this batch.
+                Event::KeyPackagesRequested { by } => tracing::info!(%by, "asked for fresh key packages"),
                 Event::Joined { group, device } => tracing::info!(%group, device, "joined"),
                 Event::Epoch { group, epoch } => tracing::debug!(%group, epoch, "new epoch"),
                 Event::KeyPackage { user } => {
@@ -751,6 +756,11 @@ impl<B: Backend> Service<B> {
             duplicates: c.duplicates,
             held: c.held,
             blocked: c.blocked,
+            requests: c.requests,
+            key_packages: {
+                let k = self.device.supply();
+                crate::proto::KeyPackageSupply { one_time: k.one_time, claimed: k.claimed, used: k.used, last_resort: k.last_resort }
+            },
             linking: self.device.links().0.into_iter().map(hex).collect(),
             linked: self.device.links().1.into_iter().map(hex).collect(),
             sandboxed: self.sandboxed,

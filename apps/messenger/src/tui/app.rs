@@ -102,6 +102,8 @@ pub struct App {
     pub notice: Option<Notice>,
     /// Set by `q` or Ctrl-C.
     pub quit: bool,
+    /// What was last submitted, until Secure has answered: given back if it failed.
+    pub sent_draft: Option<Compose>,
 }
 
 /// One row of a conversation as shown: a message and how deep in its thread it sits.
@@ -159,20 +161,27 @@ impl App {
     }
 
     /// The conversation's messages in thread order: each root in the order Secure gave, then
-    /// its replies in theirs. A reply whose root is not shown stands as a root.
+    /// its replies in theirs. A message whose parent is not a shown root (missing, itself a
+    /// reply, or the message itself) stands as a root: every message is shown exactly once.
     pub fn rows(&self) -> Vec<Row> {
-        let ids: std::collections::HashSet<&str> = self.messages.iter().map(|m| m.id.as_str()).collect();
+        let ids: std::collections::HashMap<&str, usize> = self.messages.iter().enumerate().map(|(i, m)| (m.id.as_str(), i)).collect();
+        let parent = |i: usize| -> Option<usize> {
+            let p = *ids.get(self.messages[i].reply_to.as_deref()?)?;
+            // A reply's parent must itself be a root.
+            (p != i && self.messages[p].reply_to.as_deref().is_none_or(|r| !ids.contains_key(r))).then_some(p)
+        };
+        let mut replies: std::collections::HashMap<usize, Vec<usize>> = std::collections::HashMap::new();
+        let mut roots = Vec::new();
+        for i in 0..self.messages.len() {
+            match parent(i) {
+                Some(p) => replies.entry(p).or_default().push(i),
+                None => roots.push(i),
+            }
+        }
         let mut rows = Vec::with_capacity(self.messages.len());
-        for (i, m) in self.messages.iter().enumerate() {
-            if m.reply_to.as_deref().is_some_and(|r| ids.contains(r)) {
-                continue;
-            }
-            rows.push(Row { message: i, depth: 0 });
-            for (j, reply) in self.messages.iter().enumerate() {
-                if reply.reply_to.as_deref() == Some(m.id.as_str()) {
-                    rows.push(Row { message: j, depth: 1 });
-                }
-            }
+        for r in roots {
+            rows.push(Row { message: r, depth: 0 });
+            rows.extend(replies.remove(&r).unwrap_or_default().into_iter().map(|m| Row { message: m, depth: 1 }));
         }
         rows
     }
@@ -196,7 +205,7 @@ impl App {
         if self.in_mail() {
             self.thread.as_ref().map_or(self.mails.len(), Vec::len)
         } else {
-            self.messages.len()
+            self.rows().len()
         }
     }
 
@@ -282,7 +291,7 @@ impl App {
             KeyCode::Tab => {
                 let next = match self.focus() {
                     Focus::Chats if self.open.is_some() => Focus::Conversation,
-                    Focus::Chats => Focus::Chats,
+                    Focus::Chats => return self.start_compose(None),
                     Focus::Conversation => return self.start_compose(None),
                     Focus::Compose => Focus::Chats,
                 };
@@ -303,11 +312,13 @@ impl App {
         match key.code {
             KeyCode::Up | KeyCode::Char('k') => self.selected = self.selected.saturating_sub(1),
             KeyCode::Down | KeyCode::Char('j') => self.selected = (self.selected + 1).min(self.chats.len().saturating_sub(1)),
-            KeyCode::Enter | KeyCode::Right | KeyCode::Char('l') => {
-                if let Some(chat) = self.chats.get(self.selected) {
-                    return self.open(chat.conversation.clone());
-                }
-            }
+            KeyCode::Home | KeyCode::Char('g') => self.selected = 0,
+            KeyCode::End | KeyCode::Char('G') => self.selected = self.chats.len().saturating_sub(1),
+            KeyCode::Enter | KeyCode::Right | KeyCode::Char('l') => match self.chats.get(self.selected) {
+                Some(chat) => return self.open(chat.conversation.clone()),
+                // Nothing to open yet: write (`/dm USER`, `/group …`).
+                None => return self.start_compose(None),
+            },
             _ => {}
         }
         Vec::new()
@@ -383,7 +394,7 @@ impl App {
     }
 
     fn start_compose(&mut self, reply_to: Option<String>) -> Vec<Request> {
-        if self.open.is_none() || self.in_mail() {
+        if self.in_mail() {
             return self.start_mail(Vec::new(), String::new(), None);
         }
         self.compose = Some(Compose::Message { text: String::new(), reply_to });
@@ -419,7 +430,12 @@ impl App {
             KeyCode::Backspace => {
                 field.pop();
             }
-            KeyCode::Char(c) => field.push(c),
+            KeyCode::Char('u') if key.modifiers.contains(KeyModifiers::CONTROL) => field.clear(),
+            KeyCode::Char('w') if key.modifiers.contains(KeyModifiers::CONTROL) => {
+                let keep = field.trim_end().rfind(' ').map_or(0, |i| i + 1);
+                field.truncate(keep);
+            }
+            KeyCode::Char(c) if !key.modifiers.intersects(KeyModifiers::CONTROL | KeyModifiers::ALT) => field.push(c),
             KeyCode::Tab | KeyCode::BackTab | KeyCode::Enter => {
                 if let Compose::Mail { field, .. } = compose
                     && (key.code != KeyCode::Enter || *field != MailField::Body)
@@ -437,6 +453,22 @@ impl App {
             _ => {}
         }
         Vec::new()
+    }
+
+    /// Pasted text (bracketed paste): typed into the compose box as one piece, newlines as
+    /// spaces, so a paste never runs keys; ignored outside the compose box.
+    pub fn paste(&mut self, text: &str) {
+        let text: String = text.chars().map(|c| if c == '\n' || c == '\r' || c == '\t' { ' ' } else { c }).filter(|c| !c.is_control()).collect();
+        let field = match self.compose.as_mut() {
+            Some(Compose::Message { text, .. } | Compose::Edit { text, .. }) => text,
+            Some(Compose::Mail { to, subject, body, field, .. }) => match field {
+                MailField::To => to,
+                MailField::Subject => subject,
+                MailField::Body => body,
+            },
+            None => return,
+        };
+        field.push_str(&text);
     }
 
     /// Enter in the compose box: the requests that carry out what was written.
@@ -464,6 +496,7 @@ impl App {
         self.set_focus(if self.open.is_some() { Focus::Conversation } else { Focus::Chats });
         // Follow the conversation to its newest line, where what was sent appears.
         self.cursor = usize::MAX;
+        self.sent_draft = Some(compose);
         requests
     }
 
@@ -482,7 +515,13 @@ impl App {
         let group = || self.open_group().map(str::to_string).ok_or_else(|| format!("/{verb} works in a group"));
         let op = |operation: GroupOp| -> Result<Vec<Request>, String> { Ok(vec![Request::GroupOp { group: group()?, operation, force: false }]) };
         match verb {
-            "dm" if rest.len() == 1 => Ok(self.open(format!("dm:{}", rest[0]))),
+            "dm" if rest.len() == 1 => {
+                // A contact name is resolved to the user id, which is how Secure labels the
+                // conversation's messages (and so what live updates match).
+                let mut r = self.open(format!("dm:{}", rest[0]));
+                r.insert(0, Request::Contacts);
+                Ok(r)
+            }
             "group" if rest.len() >= 2 => Ok(vec![Request::GroupCreate { name: rest[0].clone(), users: rest[1..].to_vec() }]),
             "rename" if !rest.is_empty() => op(GroupOp::Rename { name: arg() }),
             "describe" => op(GroupOp::Describe { description: arg() }),
@@ -498,19 +537,34 @@ impl App {
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
-                if matches!(request, Request::Status) {
-                    self.status = None;
-                } else {
-                    self.say(e, true);
+                match request {
+                    Request::Status => self.status = None,
+                    Request::Send { .. } | Request::Edit { .. } | Request::MailSend { .. } | Request::GroupOp { .. } | Request::GroupCreate { .. } => {
+                        // Nothing typed is lost: the draft comes back to be fixed or sent again.
+                        if let Some(draft) = self.sent_draft.take() {
+                            self.compose = Some(draft);
+                            self.set_focus(Focus::Compose);
+                        }
+                        self.say(e, true);
+                    }
+                    _ => self.say(e, true),
                 }
                 return Vec::new();
             }
         };
+        if matches!(request, Request::Send { .. } | Request::Edit { .. } | Request::MailSend { .. } | Request::GroupOp { .. } | Request::GroupCreate { .. }) {
+            self.sent_draft = None;
+        }
         match (request, reply) {
             (_, Reply::Status(s)) => self.status = Some(s),
             (_, Reply::Chats { chats }) => {
                 // Keep the same chat selected when the order changes.
                 let was = self.chats.get(self.selected).map(|c| c.conversation.clone());
+                // A conversation opened by command (`/dm`, `/group`) is selected once listed.
+                let was = match (&self.open, self.focus) {
+                    (Some(open), Focus::Conversation | Focus::Compose) if chats.iter().any(|c| &c.conversation == open) => Some(open.clone()),
+                    _ => was,
+                };
                 self.chats = chats;
                 if let Some(i) = was.and_then(|w| self.chats.iter().position(|c| c.conversation == w)) {
                     self.selected = i;
@@ -534,6 +588,18 @@ impl App {
                 self.mails = mails;
                 self.clamp();
             }
+            (Request::Contacts, Reply::Contacts { contacts }) => {
+                if let Some(name) = self.open.as_deref().and_then(|o| o.strip_prefix("dm:")).map(str::to_string)
+                    && let Some(c) = contacts.iter().find(|c| c.name.as_deref() == Some(name.as_str()))
+                {
+                    self.open = Some(format!("dm:{}", c.user));
+                    if let Some(i) = self.chats.iter().position(|ch| Some(&ch.conversation) == self.open.as_ref()) {
+                        self.selected = i;
+                    }
+                    return self.reload();
+                }
+            }
+            (Request::MailThread { .. }, Reply::Mails { .. }) if !self.in_mail() => {}
             (Request::MailThread { .. }, Reply::Mails { mails }) => {
                 // A thread opened from the mailbox starts at its newest mail.
                 if self.thread.is_none() {
@@ -558,10 +624,13 @@ impl App {
             }
             (Request::GroupOp { .. }, Reply::Group { group, requested }) => {
                 self.say(if requested { "asked the group's committer, which carries it out once it is online" } else { "done" }, false);
-                self.info = Some(group);
+                if self.open_group() == Some(group.id.as_str()) && self.info.is_some() {
+                    self.info = Some(group);
+                }
                 return self.reload();
             }
-            (Request::GroupInfo { .. }, Reply::Group { group, .. }) => self.info = Some(group),
+            // Only for the group still open: an answer that comes after a switch is dropped.
+            (Request::GroupInfo { .. }, Reply::Group { group, .. }) if self.open_group() == Some(group.id.as_str()) => self.info = Some(group),
             _ => {}
         }
         Vec::new()

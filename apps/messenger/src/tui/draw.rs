@@ -7,6 +7,8 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Clear, List, ListItem, ListState, Paragraph, Wrap};
 
+use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
+
 use super::app::{App, Compose, Focus, HELP, MailField};
 use crate::ui::clean;
 
@@ -16,14 +18,19 @@ fn clock(ms: u64) -> String {
     format!("{:02}:{:02}", minutes / 60, minutes % 60)
 }
 
-/// Splits `text` into lines of at most `width` characters, at spaces where it can.
+/// How many terminal columns `text` takes (wide characters take two).
+fn columns(text: &str) -> usize {
+    UnicodeWidthStr::width(text)
+}
+
+/// Splits `text` into lines of at most `width` columns, at spaces where it can.
 fn wrap(text: &str, width: usize) -> Vec<String> {
-    let width = width.max(1);
+    let width = width.max(2);
     let mut lines = Vec::new();
     let mut line = String::new();
     let mut len = 0;
     for word in text.split(' ') {
-        let wlen = word.chars().count();
+        let wlen = columns(word);
         if len > 0 && len + 1 + wlen > width {
             lines.push(std::mem::take(&mut line));
             len = 0;
@@ -34,16 +41,28 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
         }
         // A word longer than a line is cut.
         for c in word.chars() {
-            if len == width {
+            let w = UnicodeWidthChar::width(c).unwrap_or(0);
+            if len + w > width {
                 lines.push(std::mem::take(&mut line));
                 len = 0;
             }
             line.push(c);
-            len += 1;
+            len += w;
         }
     }
     lines.push(line);
     lines
+}
+
+/// The first characters of `text` that fit in `width` columns.
+fn fit(text: &str, width: usize) -> String {
+    let mut used = 0;
+    text.chars()
+        .take_while(|c| {
+            used += UnicodeWidthChar::width(*c).unwrap_or(0);
+            used <= width
+        })
+        .collect()
 }
 
 fn border(title: String, focused: bool) -> Block<'static> {
@@ -109,9 +128,9 @@ fn draw_chats(frame: &mut Frame, app: &App, area: Rect) {
                 _ => "✉",
             };
             let unread = if c.unread > 0 { format!(" {}", c.unread) } else { String::new() };
-            let room = width.saturating_sub(2 + unread.chars().count() + 2);
-            let name: String = clean(&c.name).chars().take(room).collect();
-            let pad = width.saturating_sub(2 + name.chars().count() + unread.chars().count() + 2);
+            let room = width.saturating_sub(2 + unread.len() + 2);
+            let name = fit(&clean(&c.name), room);
+            let pad = width.saturating_sub(2 + columns(&name) + unread.len() + 2);
             let mut spans = vec![Span::raw(format!("{icon} ")), Span::raw(name), Span::raw(" ".repeat(pad))];
             if c.unread > 0 {
                 spans[1] = spans[1].clone().style(Style::new().add_modifier(Modifier::BOLD));
@@ -133,12 +152,20 @@ fn draw_chats(frame: &mut Frame, app: &App, area: Rect) {
     }
 }
 
-/// Lines of the view, and which line each row starts on, so the view scrolls to the cursor.
-fn scroll_to(lines: usize, starts: &[usize], cursor: usize, height: usize) -> u16 {
-    let Some(&start) = starts.get(cursor) else { return lines.saturating_sub(height) as u16 };
+/// The first line to show, given which line each row starts on, so the cursor's row is on
+/// screen (at the bottom once it is below the first screenful).
+fn scroll_to(lines: usize, starts: &[usize], cursor: usize, height: usize) -> usize {
+    let Some(&start) = starts.get(cursor) else { return lines.saturating_sub(height) };
     let end = starts.get(cursor + 1).copied().unwrap_or(lines);
-    // The cursor's row ends at the bottom if it is below the first screenful.
-    end.saturating_sub(height).min(start) as u16
+    end.saturating_sub(height).min(start)
+}
+
+/// Draws the lines of a view from `first` on: only what fits is handed to ratatui, so a long
+/// history costs nothing extra to draw and has no line-count limit.
+fn show(frame: &mut Frame, area: Rect, mut lines: Vec<Line<'static>>, first: usize) {
+    let end = (first + area.height as usize).min(lines.len());
+    let visible: Vec<Line> = lines.drain(first.min(end)..end).collect();
+    frame.render_widget(Paragraph::new(visible), area);
 }
 
 fn draw_conversation(frame: &mut Frame, app: &App, area: Rect) {
@@ -154,10 +181,17 @@ fn draw_conversation(frame: &mut Frame, app: &App, area: Rect) {
         let group = app.open_group()?;
         s.conversations.iter().find(|c| c.id == group)?.stalled.clone()
     });
-    let mut lines: Vec<Line> = Vec::new();
-    if let Some(why) = stalled {
-        lines.push(Line::styled(format!("STALLED: {why}. Recovery: `canopy-msg group leave`, then an admin adds you again"), Style::new().fg(Color::Red)));
-    }
+    // A stalled group says so above the messages, where scrolling does not take it away.
+    let inner = match stalled {
+        Some(why) => {
+            let [banner, rest] = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).areas(inner);
+            let text = format!("STALLED: {}. Recovery: `canopy-msg group leave`, then an admin adds you again", clean(&why));
+            frame.render_widget(Paragraph::new(Line::styled(text, Style::new().fg(Color::Red))), banner);
+            rest
+        }
+        None => inner,
+    };
+    let mut lines: Vec<Line<'static>> = Vec::new();
     let mut starts = Vec::new();
     let width = inner.width as usize;
     for (i, row) in app.rows().iter().enumerate() {
@@ -184,7 +218,7 @@ fn draw_conversation(frame: &mut Frame, app: &App, area: Rect) {
             style = style.add_modifier(Modifier::REVERSED);
         }
         // Continuation lines start under the text, past the indent and the time.
-        let cont = " ".repeat(indent.chars().count() + 6);
+        let cont = " ".repeat(columns(indent) + 6);
         for (k, text) in wrap(&body, width.saturating_sub(cont.len()).max(10)).into_iter().enumerate() {
             let text = if k == 0 { format!("{indent}{text}") } else { format!("{cont}{text}") };
             lines.push(Line::styled(text, style));
@@ -193,8 +227,8 @@ fn draw_conversation(frame: &mut Frame, app: &App, area: Rect) {
     if starts.is_empty() {
         lines.push(Line::styled("No messages yet. Enter to write the first.", Style::new().fg(Color::DarkGray)));
     }
-    let scroll = scroll_to(lines.len(), &starts, app.cursor, inner.height as usize);
-    frame.render_widget(Paragraph::new(lines).scroll((scroll, 0)), inner);
+    let first = scroll_to(lines.len(), &starts, app.cursor, inner.height as usize);
+    show(frame, inner, lines, first);
 }
 
 fn draw_mail(frame: &mut Frame, app: &App, area: Rect) {
@@ -203,7 +237,7 @@ fn draw_mail(frame: &mut Frame, app: &App, area: Rect) {
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let width = inner.width as usize;
-    let mut lines: Vec<Line> = Vec::new();
+    let mut lines: Vec<Line<'static>> = Vec::new();
     let mut starts = Vec::new();
     let highlight = |i: usize| if i == app.cursor && focused { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() };
     match &app.thread {
@@ -232,8 +266,8 @@ fn draw_mail(frame: &mut Frame, app: &App, area: Rect) {
             }
         }
     }
-    let scroll = scroll_to(lines.len(), &starts, app.cursor, inner.height as usize);
-    frame.render_widget(Paragraph::new(lines).scroll((scroll, 0)), inner);
+    let first = scroll_to(lines.len(), &starts, app.cursor, inner.height as usize);
+    show(frame, inner, lines, first);
 }
 
 fn draw_info(frame: &mut Frame, app: &App, area: Rect) {

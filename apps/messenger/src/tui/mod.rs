@@ -23,10 +23,21 @@ use app::App;
 
 enum Input {
     Key(KeyEvent),
+    Paste(String),
     Message(Box<MessageLine>),
     /// The watch stream is (back) up: what changed meanwhile is fetched again.
     Watching,
     Redraw,
+    /// The terminal's input ended: nothing could ever quit, so the UI does.
+    Closed,
+}
+
+/// How long the UI waits for one answer from Secure.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Requests that only read: asked twice in one round, they are asked once.
+fn reads_only(request: &Request) -> bool {
+    matches!(request, Request::Read { .. } | Request::Chats | Request::Status | Request::MailList | Request::MailThread { .. } | Request::GroupInfo { .. } | Request::Contacts)
 }
 
 /// Secure, connected on demand: a lost connection (Secure restarted) is opened again on the
@@ -40,7 +51,12 @@ impl Calls<'_> {
     fn call(&mut self, request: &Request) -> Result<Reply, String> {
         let secure = match self.secure.as_mut() {
             Some(s) => s,
-            None => self.secure.insert(Secure::connect(self.home).map_err(|e| e.to_string())?),
+            None => {
+                let mut s = Secure::connect(self.home).map_err(|e| e.to_string())?;
+                // A Secure busy for long (a big batch in) shows as an error, not a frozen screen.
+                s.set_timeout(CALL_TIMEOUT).map_err(|e| e.to_string())?;
+                self.secure.insert(s)
+            }
         };
         secure.call(request).map_err(|e| {
             // A transport error closes the connection; a refusal from Secure does not.
@@ -78,9 +94,13 @@ fn keys(tx: mpsc::Sender<Input>) {
     loop {
         let input = match crossterm::event::read() {
             Ok(Event::Key(k)) if k.kind != KeyEventKind::Release => Input::Key(k),
+            Ok(Event::Paste(text)) => Input::Paste(text),
             Ok(Event::Resize(..)) => Input::Redraw,
             Ok(_) => continue,
-            Err(_) => return,
+            Err(_) => {
+                let _ = tx.send(Input::Closed);
+                return;
+            }
         };
         if tx.send(input).is_err() {
             return;
@@ -102,9 +122,13 @@ pub fn run(home: &Home) -> anyhow::Result<()> {
     }
     std::thread::Builder::new().name("keys".into()).spawn(move || keys(tx))?;
     let mut terminal = ratatui::try_init().context("opening the terminal")?;
+    // Pastes arrive as one event, so pasted text is never taken for keys.
+    let _ = crossterm::execute!(std::io::stdout(), crossterm::event::EnableBracketedPaste);
     let result = run_loop(&mut terminal, home, me, &rx);
-    ratatui::try_restore().context("restoring the terminal")?;
-    result
+    let _ = crossterm::execute!(std::io::stdout(), crossterm::event::DisableBracketedPaste);
+    let restored = ratatui::try_restore().context("restoring the terminal");
+    // The loop's own error matters more than the restore's.
+    result.and(restored)
 }
 
 fn run_loop(terminal: &mut ratatui::DefaultTerminal, home: &Home, me: String, rx: &mpsc::Receiver<Input>) -> anyhow::Result<()> {
@@ -118,12 +142,17 @@ fn run_loop(terminal: &mut ratatui::DefaultTerminal, home: &Home, me: String, rx
         let mut done: Vec<Request> = Vec::new();
         while !requests.is_empty() {
             for request in std::mem::take(&mut requests) {
-                if done.contains(&request) {
-                    continue;
+                if reads_only(&request) {
+                    if done.contains(&request) {
+                        continue;
+                    }
+                    done.push(request.clone());
+                } else {
+                    // A change: what was read before it is stale, and is read again if asked.
+                    done.clear();
                 }
                 let reply = calls.call(&request);
                 requests.extend(app.answer(&request, reply));
-                done.push(request);
             }
         }
         if app.quit {
@@ -141,6 +170,8 @@ fn run_loop(terminal: &mut ratatui::DefaultTerminal, home: &Home, me: String, rx
         for input in inputs {
             match input {
                 Input::Key(k) => requests.extend(app.key(k)),
+                Input::Paste(text) => app.paste(&text),
+                Input::Closed => app.quit = true,
                 Input::Message(m) => requests.extend(app.incoming(&m)),
                 Input::Watching => requests.extend(app.incoming_all()),
                 Input::Redraw => {}

@@ -74,6 +74,8 @@ fn status(relay_up: bool, outbox: u64) -> SecureStatus {
         duplicates: 0,
         held: 0,
         blocked: 0,
+        requests: 0,
+        key_packages: Default::default(),
         linking: Vec::new(),
         linked: Vec::new(),
         sandboxed: true,
@@ -214,7 +216,7 @@ fn help_overlays_every_key_and_any_key_closes_it() {
     app.key(key(KeyCode::Char('?')));
     let s = screen(&app, 120, 30);
     for (keys, what) in super::app::HELP {
-        assert!(s.contains(keys) && s.contains(what), "{keys} {what} missing:\n{s}");
+        assert!(s.lines().any(|l| l.contains(&format!("│{keys} ")) && l.contains(what)), "{keys} {what} missing:\n{s}");
     }
     app.key(key(KeyCode::Char('x')));
     assert!(!app.help && !app.quit);
@@ -387,6 +389,9 @@ fn hostile_text_cannot_reach_the_terminal_and_long_text_wraps() {
     let evil = "\u{1b}]52;c;cGF3bmVk\u{7}\u{1b}[2Jgot you\r\nsecond line";
     let long = "word ".repeat(40);
     let app = app_with_dm(vec![msg("c1/0/1/1", BOB, evil, None, 1), msg("c1/0/1/2", BOB, long.trim_end(), None, 2)]);
+    // What reaches the terminal is cleaned first (ratatui would drop ESC and BEL itself, but
+    // not the format characters that reorder text).
+    assert_eq!(crate::ui::clean("a\u{1b}[2J\u{7}b\tc\r\nd\u{202e}evil\u{2066}x\u{200b}y\u{feff}"), "a[2Jb c  devilxy");
     let s = screen(&app, 80, 16);
     assert!(!s.contains('\u{1b}') && !s.contains('\u{7}') && !s.contains('\r'), "{s:?}");
     assert!(s.contains("09:31 bob: ]52;c;cGF3bmVk[2Jgot you"), "escape sequences lose their ESC and BEL: {s}");
@@ -410,4 +415,133 @@ fn q_quits_but_is_text_in_the_compose_box() {
     let (mut app, _) = App::new(ME.into());
     app.key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL));
     assert!(app.quit);
+}
+
+#[test]
+fn with_no_chats_tab_opens_the_compose_box_and_dm_resolves_a_contact_name() {
+    let (mut app, _) = App::new(ME.into());
+    app.answer(&Request::Chats, Ok(Reply::Chats { chats: Vec::new() }));
+    assert!(screen(&app, 100, 12).contains("No conversations yet."));
+    app.key(key(KeyCode::Tab));
+    assert_eq!(app.focus(), Focus::Compose);
+    assert!(matches!(app.compose, Some(Compose::Message { .. })), "{:?}", app.compose);
+    typed(&mut app, "/dm bob");
+    let r = app.key(key(KeyCode::Enter));
+    assert_eq!(r, vec![Request::Contacts, Request::Read { conversation: "dm:bob".into() }, Request::Chats]);
+    let contacts = vec![canopy_msg_secure::proto::ContactLine { user: BOB.into(), name: Some("bob".into()), blocked: false, devices: 1 }];
+    let next = app.answer(&r[0], Ok(Reply::Contacts { contacts }));
+    assert_eq!(app.open.as_deref(), Some(format!("dm:{BOB}").as_str()), "labelled as Secure labels its messages");
+    assert_eq!(next[0], Request::Read { conversation: format!("dm:{BOB}") });
+    // So a live message for it reloads it.
+    assert_eq!(app.incoming(&msg("c1/0/1/1", BOB, "hi", None, 1))[0], Request::Read { conversation: format!("dm:{BOB}") });
+}
+
+#[test]
+fn a_failed_send_gives_the_draft_back() {
+    let mut app = app_with_dm(Vec::new());
+    app.key(key(KeyCode::Enter));
+    typed(&mut app, "important words");
+    let r = app.key(key(KeyCode::Enter));
+    assert!(app.compose.is_none());
+    app.answer(&r[0], Err("the message is over 16384 bytes".into()));
+    assert_eq!(app.focus(), Focus::Compose);
+    assert!(matches!(&app.compose, Some(Compose::Message { text, .. }) if text == "important words"));
+    assert!(screen(&app, 100, 14).contains("over 16384 bytes"));
+    // Sent fine the second time: nothing comes back.
+    let r = app.key(key(KeyCode::Enter));
+    app.answer(&r[0], Ok(Reply::Sent { id: "c1/0/2/1".into(), queued: false }));
+    assert!(app.compose.is_none() && app.sent_draft.is_none());
+}
+
+#[test]
+fn control_keys_edit_the_draft_instead_of_typing_letters_and_pastes_are_text() {
+    let mut app = app_with_dm(Vec::new());
+    app.key(key(KeyCode::Enter));
+    typed(&mut app, "one two three");
+    app.key(KeyEvent::new(KeyCode::Char('w'), KeyModifiers::CONTROL));
+    app.key(KeyEvent::new(KeyCode::Char('b'), KeyModifiers::ALT));
+    assert!(matches!(&app.compose, Some(Compose::Message { text, .. }) if text == "one two "), "{:?}", app.compose);
+    app.key(KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL));
+    app.paste("q\nm\x1b[31m");
+    assert!(matches!(&app.compose, Some(Compose::Message { text, .. }) if text == "q m[31m"), "{:?}", app.compose);
+    assert!(!app.quit);
+    // Outside the compose box a paste does nothing (it is not keys).
+    app.key(key(KeyCode::Esc));
+    app.paste("q");
+    assert!(!app.quit && app.compose.is_none());
+}
+
+#[test]
+fn every_message_shows_once_whatever_its_reply_to_says() {
+    let app = app_with_dm(vec![
+        msg("c1/0/1/1", BOB, "root", None, 1),
+        msg("c1/0/1/2", BOB, "reply", Some("c1/0/1/1"), 2),
+        msg("c1/0/1/3", BOB, "reply to a reply", Some("c1/0/1/2"), 3),
+        msg("c1/0/1/4", BOB, "itself", Some("c1/0/1/4"), 4),
+        msg("c1/0/1/5", BOB, "cycle a", Some("c1/0/1/6"), 5),
+        msg("c1/0/1/6", BOB, "cycle b", Some("c1/0/1/5"), 6),
+    ]);
+    let mut shown: Vec<usize> = app.rows().iter().map(|r| r.message).collect();
+    shown.sort();
+    assert_eq!(shown, vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(app.rows()[1], super::app::Row { message: 1, depth: 1 });
+    let mut app = app;
+    app.key(key(KeyCode::Char('G')));
+    assert!(app.selected_message().is_some(), "the cursor is on a shown row");
+}
+
+#[test]
+fn a_late_answer_for_a_group_no_longer_open_is_dropped() {
+    let mut app = app_with_dm(Vec::new());
+    open_group(&mut app);
+    let r = app.key(key(KeyCode::Char('i')));
+    // The user goes back to the DM before Secure answers.
+    app.key(key(KeyCode::Esc));
+    app.key(key(KeyCode::Home));
+    app.key(key(KeyCode::Enter));
+    app.answer(&r[0], Ok(Reply::Group { group: group(true), requested: false }));
+    assert!(app.info.is_none());
+    assert!(!screen(&app, 130, 20).contains("group info"));
+}
+
+#[test]
+fn wide_characters_wrap_by_columns() {
+    let text = "漢字".repeat(30);
+    let app = app_with_dm(vec![msg("c1/0/1/1", BOB, &text, None, 1)]);
+    let s = screen(&app, 80, 12);
+    let shown: String = s.lines().map(|l| l.split('│').nth(3).unwrap_or_default()).collect::<String>().chars().filter(|c| *c == '漢' || *c == '字').collect();
+    assert_eq!(shown, text, "nothing cut off:\n{s}");
+}
+
+#[test]
+fn a_long_history_shows_its_newest_message() {
+    let long = "word ".repeat(60);
+    let messages: Vec<MessageLine> = (0..20_000).map(|i| msg(&format!("c1/0/1/{i}"), BOB, &format!("{i} {long}"), None, 1)).collect();
+    let app = app_with_dm(messages);
+    let s = screen(&app, 80, 12);
+    assert!(s.contains("19999 word"), "over 65,535 lines of history, the newest is on screen:\n{s}");
+}
+
+#[test]
+fn no_terminal_size_makes_it_panic() {
+    let mut app = app_with_dm(vec![msg("c1/0/1/1", BOB, "hello", None, 1)]);
+    app.status = Some(status(false, 2));
+    for setup in 0..4 {
+        match setup {
+            1 => app.help = true,
+            2 => {
+                app.help = false;
+                app.info = Some(group(true));
+            }
+            3 => {
+                app.key(key(KeyCode::Char('n')));
+            }
+            _ => {}
+        }
+        for w in 0..40 {
+            for h in 0..14 {
+                screen(&app, w, h);
+            }
+        }
+    }
 }
