@@ -189,34 +189,13 @@ mod member_payloads {
 
     use std::collections::BTreeSet;
 
-    use canopy::Chunk;
     use canopy_msg_core::device::{CONV_CHANNEL, Device};
     use canopy_msg_core::payload::{ConvKind, MAX_LABEL_TEXT, MAX_TEXT, MailRef};
-    use canopy_msg_core::{Key, MemoryBackend, Org, Outgoing};
+    use canopy_msg_core::{Key, MemoryBackend, Org};
 
-    use super::common::{self, Home, eventually, relay};
+    use super::common::{self, Home, catch_up, eventually, publish, relay};
 
     const TTL: u64 = 30 * 24 * 3600 * 1000;
-
-    async fn publish(client: &canopy_sdk::Client, out: Vec<Outgoing>) {
-        for o in out {
-            client.publish(Chunk::new(o.name, o.expiry_ms, o.data).unwrap()).await.expect("the relay takes it");
-        }
-    }
-
-    /// Feeds `m` everything the relay holds until `done` says it has what it waits for.
-    async fn catch_up<T>(m: &mut Device<MemoryBackend>, relay: &canopy_relay::RelayHandle, what: &str, done: impl Fn(&Device<MemoryBackend>) -> Option<T>) -> T {
-        let deadline = std::time::Instant::now() + common::WAIT;
-        loop {
-            let chunks = common::cached(relay).await;
-            m.ingest(chunks.iter().map(|c| (c.name(), c.data().as_ref()))).unwrap();
-            if let Some(v) = done(m) {
-                return v;
-            }
-            assert!(std::time::Instant::now() < deadline, "mallory never got {what}");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    }
 
     fn rejected(home: &Home) -> u64 {
         super::status(home)["rejected"].as_u64().unwrap()

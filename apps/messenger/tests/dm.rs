@@ -121,3 +121,67 @@ async fn simultaneous_starts_on_both_sides_of_a_partition_converge_on_one_conver
     }
     origin.shutdown().await;
 }
+
+/// The fragment byte of `name` if it is in a users' key package space.
+fn kp_fragment(name: canopy::Name) -> Option<u16> {
+    matches!(canopy_msg_core::names::Users::parse(name), Some(canopy_msg_core::names::ParsedUser::KeyPackage { .. })).then_some((name.to_u128() & 0xff) as u16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_a_users_one_time_key_packages_run_out_the_last_resort_one_serves_and_its_device_answers_the_request() {
+    use canopy_msg_core::device::Device;
+    use canopy_msg_core::payload::ConvKind;
+    use canopy_msg_core::supply::{CLAIM_FRAGMENT, ONE_TIME, REQUEST_FRAGMENT};
+    use canopy_msg_core::{Key, MemoryBackend, Org};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = relay(&tmp.path().join("origin"), "127.0.0.1:0", None).await;
+    let b = Home::new(tmp.path(), "b");
+    b.init_org(&origin, 8);
+    b.ok(&["up"]);
+    let idb = canopy_msg_core::UserId::parse(&b.user()).unwrap();
+    let supply = |home: &Home| common::status(home)["secure"]["key_packages"].clone();
+    eventually("b publishes one-time and last-resort key packages", || {
+        let s = supply(&b);
+        (s["one_time"] == ONE_TIME && s["last_resort"] == 1).then_some(())
+    });
+
+    // b goes offline (online, it would replace each claimed key package at once). Users
+    // running the core in this process start conversations with b, one after another, each
+    // after seeing the claims before it.
+    b.ok(&["down"]);
+    let client = common::client(&origin).await;
+    let mut convs = Vec::new();
+    for (i, org) in (9..).take(ONE_TIME + 1).enumerate() {
+        let mut c = Device::open(Key::random(), MemoryBackend::default(), Org::new("example.com", org).unwrap()).unwrap();
+        let claims_before = i;
+        common::catch_up(&mut c, &origin, "b's key packages and the claims so far", |c| {
+            (c.key_packages_of(&idb).next().is_some() && c.claimed_count() >= claims_before).then_some(())
+        })
+        .await;
+        let (conv, out) = c.start_conv(ConvKind::Dm, "", &[idb].into(), canopy_sdk::now_ms()).unwrap();
+        let claims = out.iter().filter(|o| kp_fragment(o.name) == Some(CLAIM_FRAGMENT)).count();
+        let requests = out.iter().filter(|o| kp_fragment(o.name) == Some(REQUEST_FRAGMENT)).count();
+        if i < ONE_TIME {
+            assert_eq!((claims, requests), (1, 0), "start {i} takes a one-time key package");
+        } else {
+            assert_eq!((claims, requests), (0, 1), "all claimed: the last-resort one serves, and b is asked for more");
+        }
+        common::publish(&client, out).await;
+        convs.push(conv.to_string());
+    }
+
+    // b comes back and answers: it joins all four, and publishes fresh one-time key packages.
+    b.ok(&["up"]);
+    eventually("b joins every conversation", || (common::status(&b)["secure"]["conversations"].as_array().unwrap().len() == convs.len()).then_some(()));
+    let s = eventually("b answers the request", || {
+        let st = common::status(&b)["secure"].clone();
+        (st["requests"] == 1 && st["key_packages"]["one_time"] == ONE_TIME).then_some(st)
+    });
+    assert_eq!(s["key_packages"]["used"], ONE_TIME, "the welcomed ones wait out their grace period: {s}");
+    let cached = common::cached(&origin).await;
+    let whole: std::collections::BTreeSet<u128> = cached.iter().filter(|c| kp_fragment(c.name()) == Some(0)).map(|c| c.name().to_u128() >> 8).collect();
+    assert_eq!(whole.len(), 2 * ONE_TIME + 1, "three claimed, three fresh, one last-resort");
+    client.close();
+    origin.shutdown().await;
+}

@@ -192,6 +192,11 @@ impl<B: Backend> Device<B> {
         s
     }
 
+    /// How many key package claims this device has seen or made.
+    pub fn claimed_count(&self) -> usize {
+        self.claimed.len()
+    }
+
     /// The key package to add each known device of `user` with (other than this device): an
     /// unclaimed one-time one if there is one, else the last-resort one. Consumers prefer
     /// one-time key packages in an order of their own, so two that race seldom pick the same.

@@ -352,3 +352,30 @@ pub fn users(root: &std::path::Path, origin: &canopy_relay::RelayHandle, names: 
     }
     (homes, ids)
 }
+
+/// Publishes a core device's chunks through an SDK client, each acknowledged.
+pub async fn publish(client: &canopy_sdk::Client, out: Vec<canopy_msg_core::Outgoing>) {
+    for o in out {
+        client.publish(canopy::Chunk::new(o.name, o.expiry_ms, o.data).unwrap()).await.expect("the relay takes it");
+    }
+}
+
+/// Feeds an in-process device (a user running the core in the test) everything `relay` holds
+/// until `done` finds what it waits for.
+pub async fn catch_up<T>(
+    m: &mut canopy_msg_core::Device<canopy_msg_core::MemoryBackend>,
+    relay: &RelayHandle,
+    what: &str,
+    done: impl Fn(&canopy_msg_core::Device<canopy_msg_core::MemoryBackend>) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let chunks = cached(relay).await;
+        m.ingest(chunks.iter().map(|c| (c.name(), c.data().as_ref()))).unwrap();
+        if let Some(v) = done(m) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "the in-process device never got {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
