@@ -301,3 +301,67 @@ mod member_payloads {
         origin.shutdown().await;
     }
 }
+
+mod forged_device {
+    //! A device credential not signed by the user it claims, published as a key package
+    //! under that user's names on a real relay: the real device that follows the user refuses
+    //! it, counts it, and never adds it to anything.
+
+    use canopy_msg_core::engine::{self, CIPHERSUITE};
+    use canopy_msg_core::fragment;
+    use canopy_msg_core::identity::{Binding, UserId};
+    use canopy_msg_core::names::{Path, Users};
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls::prelude::*;
+    use openmls_basic_credential::SignatureKeyPair;
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+
+    use super::common::{self, Home, eventually, relay};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_key_package_whose_device_is_not_signed_by_its_claimed_user_is_refused_and_never_added() {
+        let tmp = tempfile::tempdir().unwrap();
+        let origin = relay(&tmp.path().join("origin"), "127.0.0.1:0", None).await;
+        let alice = Home::new(tmp.path(), "alice");
+        alice.init_org(&origin, 7);
+        alice.ok(&["up"]);
+
+        // bob is a user (his identity key); mallory holds another key and makes a device that
+        // claims to be bob's.
+        let bob = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
+        let mallory = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
+        let device = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
+        let signature = Binding::sign(&mallory, mallory.public(), device.public()).unwrap().signature;
+        let binding = Binding { user_key: bob.public().try_into().unwrap(), signature };
+        let credential = CredentialWithKey { credential: binding.credential(), signature_key: device.public().into() };
+        let provider = OpenMlsRustCrypto::default();
+        let bundle = KeyPackage::builder().leaf_node_capabilities(engine::capabilities()).mark_as_last_resort().build(CIPHERSUITE, &provider, &device, credential).unwrap();
+        let hkp = bundle.key_package().hash_ref(provider.crypto()).unwrap().as_slice().to_vec();
+        let bytes = MlsMessageOut::from(bundle.key_package().clone()).tls_serialize_detached().unwrap();
+        let bob_id = UserId::of(bob.public());
+
+        alice.ok(&["contact", "add", &bob_id.to_string(), "bob"]);
+        let before = super::status(&alice)["rejected"].as_u64().unwrap();
+        let client = common::client(&origin).await;
+        let users = Users::new("example.com");
+        let out: Vec<_> = fragment::split(Path::KeyPackage, &bytes)
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| canopy_msg_core::Outgoing { name: users.key_package(&bob_id, &hkp, i as u16).unwrap(), expiry_ms: canopy_sdk::now_ms() + 3_600_000, data })
+            .collect();
+        common::publish(&client, out).await;
+
+        eventually("alice refuses the forged key package", || (super::status(&alice)["rejected"].as_u64().unwrap() > before).then_some(()));
+        let log = std::fs::read_to_string(alice.dir.join("logs/secure.log")).unwrap();
+        assert!(log.contains(&format!("the device is not signed by its claimed user {bob_id}")), "the refusal is logged with its reason: {log}");
+        let contacts = alice.ok(&["contacts", "--json"]);
+        assert!(contacts.contains("\"devices\":0"), "no device of bob known: {contacts}");
+        // A message to bob waits: there is no device of his to start a conversation with.
+        let id = alice.ok(&["dm", "bob", "hello bob?"]);
+        assert!(id.starts_with("pending/"), "{id}");
+        assert!(common::status(&alice)["secure"]["conversations"].as_array().unwrap().is_empty());
+        client.close();
+        origin.shutdown().await;
+    }
+}
