@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Package names; a package whose lib is named otherwise builds to that name (canopy-member → member.wasm).
-WASM_PLUGINS=(echo clock hostile dump sink canopy-member)
+WASM_PLUGINS=(echo clock hostile dump sink canopy-member poll faulty)
 NATIVE_PLUGINS=(echo stale-abi sink)
 
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then

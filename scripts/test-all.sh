@@ -15,7 +15,7 @@ bash scripts/build-plugins.sh
 
 step "lint (clippy, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy --locked --target wasm32-wasip2 -p canopy-plugin -p echo -p clock -p hostile -p dump -p sink -p canopy-member -- -D warnings
+cargo clippy --locked --target wasm32-wasip2 -p canopy-plugin -p echo -p clock -p hostile -p dump -p sink -p canopy-member -p canopy-model -p poll -p faulty -- -D warnings
 
 step "unit, property, integration and doc tests"
 cargo test --workspace --locked
