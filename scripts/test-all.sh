@@ -40,6 +40,8 @@ $bin/soak --seconds 15 --sample 5 --connections 50 --churn 5 --sub-period 3 --ra
 # Messaging bench, Canopy only (no Debian packages needed); the full side-by-side run is
 # `bash scripts/install-peers.sh && cargo run --release -p canopy-benches --bin pubsub-bench`.
 $bin/pubsub-bench --smoke
+# A pipeline model's apply through the Wasm model host beside the same model native.
+$bin/model-apply 2 10
 
 step "fuzz target builds"
 (cd framework/fuzz && cargo check --locked -q)
