@@ -337,7 +337,7 @@ pub fn mark(home: &Home, id: String, marked: bool) -> anyhow::Result<()> {
 /// `marked`.
 pub fn marked(home: &Home, json: bool) -> anyhow::Result<()> {
     match Secure::connect(home)?.call(&Request::Marked)? {
-        Reply::Messages { messages } => {
+        Reply::Messages { messages, .. } => {
             for m in &messages {
                 print(m, json);
             }
@@ -470,10 +470,23 @@ pub fn read(home: &Home, conversation: &str, json: bool, follow: bool, count: Op
     } else {
         None
     };
-    let messages = match Secure::connect(home)?.call(&Request::Read { conversation: conversation.into() })? {
-        Reply::Messages { messages } => messages,
-        other => return Err(unexpected(other)),
-    };
+    // A long history comes in pages, newest first; printed oldest first.
+    let mut secure = Secure::connect(home)?;
+    let mut messages: Vec<MessageLine> = Vec::new();
+    let mut before = None;
+    loop {
+        match secure.call(&Request::Read { conversation: conversation.into(), before: before.take() })? {
+            Reply::Messages { messages: page, more } => {
+                let first = page.first().map(|m| m.id.clone());
+                messages.splice(0..0, page);
+                match first {
+                    Some(id) if more => before = Some(id),
+                    _ => break,
+                }
+            }
+            other => return Err(unexpected(other)),
+        }
+    }
     for m in &messages {
         print(m, json);
     }

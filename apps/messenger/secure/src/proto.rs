@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 /// The largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 4 << 20;
 
+/// How many bytes of messages one `read` reply carries at most, well under [`MAX_FRAME`]:
+/// a long history comes in pages.
+pub const READ_BUDGET: usize = 3 << 20;
+
 /// Writes one frame.
 pub fn write_frame(w: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
     let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
@@ -82,10 +86,14 @@ pub enum Request {
         /// The new text.
         text: String,
     },
-    /// A conversation's messages, as shown.
+    /// A conversation's messages, as shown: the newest that fit in one frame
+    /// ([`READ_BUDGET`] bytes), and whether older ones exist ([`Reply::Messages::more`]).
     Read {
         /// `TEAM/CHANNEL` or `dm:USER`.
         conversation: String,
+        /// Only messages older than this one (an id, as `read` prints it): the next page back.
+        #[serde(default)]
+        before: Option<String>,
     },
     /// Every new or edited message of a conversation from now on, as [`Reply::Message`]s.
     Follow {
@@ -552,10 +560,13 @@ pub enum Reply {
         /// Whether it only reached the local cache so far (the relay is unreachable).
         queued: bool,
     },
-    /// A channel's messages.
+    /// A conversation's messages.
     Messages {
         /// In display order.
         messages: Vec<MessageLine>,
+        /// Whether older messages exist than the first one here (ask again with `before`).
+        #[serde(default)]
+        more: bool,
     },
     /// One new or edited message (while following).
     Message(MessageLine),

@@ -78,6 +78,29 @@ pub struct Service<B: Backend> {
     pub time_source: String,
 }
 
+/// The page of `lines` (in display order) that a `read` reply carries: the newest before
+/// `before` (all, without it) that fit in [`crate::proto::READ_BUDGET`] bytes, and whether
+/// older ones remain.
+fn page(mut lines: Vec<MessageLine>, before: Option<&str>) -> Result<(Vec<MessageLine>, bool), MlsError> {
+    let end = match before {
+        Some(id) => lines.iter().position(|m| m.id == id).ok_or_else(|| MlsError::BadName(format!("no message {id} in this conversation")))?,
+        None => lines.len(),
+    };
+    lines.truncate(end);
+    let mut bytes = 0;
+    let mut start = end;
+    while start > 0 {
+        // Its JSON size, with room for the frame's own syntax.
+        let size = serde_json::to_vec(&lines[start - 1]).map_or(0, |v| v.len()) + 1;
+        if bytes + size > crate::proto::READ_BUDGET {
+            break;
+        }
+        bytes += size;
+        start -= 1;
+    }
+    Ok((lines.split_off(start), start > 0))
+}
+
 fn id_text(group: Gid, channel: u16, id: MsgRef) -> String {
     format!("{group}/{channel}/{}/{}", id.device, id.msg)
 }
@@ -428,11 +451,11 @@ impl<B: Backend> Service<B> {
                     other => other,
                 }
             }
-            Request::Read { conversation } => {
+            Request::Read { conversation, before } => {
                 let view = self.view(&conversation)?;
-                let messages = self.read(view);
+                let (messages, more) = page(self.read(view), before.as_deref())?;
                 self.device.mark_read(Self::chat(view))?;
-                Reply::Messages { messages }
+                Reply::Messages { messages, more }
             }
             Request::MailSend { to, subject, body, prev } => {
                 let to = self.users(&to)?.into_iter().collect();
@@ -480,6 +503,7 @@ impl<B: Backend> Service<B> {
                     .into_iter()
                     .filter_map(|(g, c, id)| Some(self.line(g, c, &self.device.message(g, c, id)?)))
                     .collect(),
+                more: false,
             },
             Request::Follow { conversation } => {
                 self.view(&conversation)?;
@@ -765,5 +789,57 @@ impl<B: Backend> Service<B> {
             linked: self.device.links().1.into_iter().map(hex).collect(),
             sandboxed: self.sandboxed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page;
+    use crate::proto::{MAX_FRAME, MessageLine, READ_BUDGET, Reply};
+
+    fn line(i: usize) -> MessageLine {
+        MessageLine {
+            id: format!("c1/0/1/{i}"),
+            conversation: "dm:x".into(),
+            team: 0,
+            channel: 0,
+            team_name: String::new(),
+            channel_name: String::new(),
+            device: 1,
+            user: None,
+            from: "bob".into(),
+            sent_ms: i as u64,
+            text: "x".repeat(16 * 1024),
+            reply_to: None,
+            edited: false,
+            pending: false,
+            control: false,
+            marked: false,
+        }
+    }
+
+    #[test]
+    fn a_long_history_is_read_in_pages_that_fit_a_frame_and_add_up_to_all_of_it() {
+        let all: Vec<MessageLine> = (0..1000).map(line).collect();
+        let mut got: Vec<MessageLine> = Vec::new();
+        let mut before: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let (messages, more) = page(all.clone(), before.as_deref()).unwrap();
+            let frame = serde_json::to_vec(&Reply::Messages { messages: messages.clone(), more }).unwrap();
+            assert!(frame.len() <= READ_BUDGET + 64 && frame.len() < MAX_FRAME, "{}", frame.len());
+            assert!(!messages.is_empty());
+            pages += 1;
+            before = messages.first().map(|m| m.id.clone());
+            got.splice(0..0, messages);
+            if !more {
+                break;
+            }
+        }
+        assert!(pages > 3, "16 MiB of messages take several pages: {pages}");
+        assert_eq!(got, all, "every message once, in order");
+        // A short history is one page; an unknown `before` is a clear error.
+        assert_eq!(page(all[..3].to_vec(), None).unwrap(), (all[..3].to_vec(), false));
+        assert!(page(all[..3].to_vec(), Some("c9/9/9/9")).unwrap_err().to_string().contains("no message c9/9/9/9"));
     }
 }

@@ -102,6 +102,9 @@ pub struct App {
     pub notice: Option<Notice>,
     /// Set by `q` or Ctrl-C.
     pub quit: bool,
+    /// Whether the open conversation has older messages than those shown (a long history
+    /// comes in pages; `canopy-msg read` prints it all).
+    pub older: bool,
     /// What was last submitted, until Secure has answered: given back if it failed.
     pub sent_draft: Option<Compose>,
 }
@@ -214,7 +217,7 @@ impl App {
         match self.open.as_deref() {
             None => vec![Request::Chats],
             Some("mail") => {
-                let mut r = vec![Request::Read { conversation: "mail".into() }, Request::MailList];
+                let mut r = vec![Request::Read { conversation: "mail".into(), before: None }, Request::MailList];
                 if let Some(reference) = self.thread.as_ref().and_then(|t| t.first()).map(|m| m.reference.clone()) {
                     r.push(Request::MailThread { reference });
                 }
@@ -222,7 +225,7 @@ impl App {
                 r
             }
             Some(c) => {
-                let mut r = vec![Request::Read { conversation: c.into() }, Request::Chats];
+                let mut r = vec![Request::Read { conversation: c.into(), before: None }, Request::Chats];
                 if self.info.is_some()
                     && let Some(g) = self.open_group()
                 {
@@ -571,7 +574,8 @@ impl App {
                 }
                 self.selected = self.selected.min(self.chats.len().saturating_sub(1));
             }
-            (Request::Read { conversation }, Reply::Messages { messages }) if Some(conversation) == self.open.as_ref() => {
+            (Request::Read { conversation, .. }, Reply::Messages { messages, more }) if Some(conversation) == self.open.as_ref() => {
+                self.older = more;
                 // Keep the same message selected; at the newest, stay at the newest.
                 let at_end = self.cursor >= self.rows().len().saturating_sub(1);
                 let was = self.selected_message().map(|m| m.id.clone());

@@ -192,6 +192,10 @@ fn draw_conversation(frame: &mut Frame, app: &App, area: Rect) {
         None => inner,
     };
     let mut lines: Vec<Line<'static>> = Vec::new();
+    if app.older {
+        let open = app.open.as_deref().unwrap_or_default();
+        lines.push(Line::styled(format!("older messages are not shown here: canopy-msg read {}", clean(open)), Style::new().fg(Color::DarkGray)));
+    }
     let mut starts = Vec::new();
     let width = inner.width as usize;
     for (i, row) in app.rows().iter().enumerate() {

@@ -95,8 +95,8 @@ fn app_with_dm(messages: Vec<MessageLine>) -> App {
     app.answer(&Request::Chats, Ok(Reply::Chats { chats }));
     app.answer(&Request::Status, Ok(Reply::Status(status(true, 0))));
     let open = app.key(key(KeyCode::Enter));
-    assert_eq!(open, vec![Request::Read { conversation: format!("dm:{BOB}") }, Request::Chats]);
-    app.answer(&open[0], Ok(Reply::Messages { messages }));
+    assert_eq!(open, vec![Request::Read { conversation: format!("dm:{BOB}"), before: None }, Request::Chats]);
+    app.answer(&open[0], Ok(Reply::Messages { messages, more: false }));
     app
 }
 
@@ -145,7 +145,7 @@ fn r_replies_in_the_selected_messages_thread_and_enter_sends_it() {
     assert!(app.compose.is_none());
     // Once sent, the conversation and the chat list are fetched again.
     let next = app.answer(&sent[0], Ok(Reply::Sent { id: "c1/0/2/3".into(), queued: false }));
-    assert_eq!(next, vec![Request::Read { conversation: format!("dm:{BOB}") }, Request::Chats]);
+    assert_eq!(next, vec![Request::Read { conversation: format!("dm:{BOB}"), before: None }, Request::Chats]);
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn m_marks_and_unmarks_the_selected_message() {
     let r = app.key(key(KeyCode::Char('m')));
     assert_eq!(r[0], Request::Mark { id: "c1/0/1/1".into(), marked: true });
     marked.marked = true;
-    app.answer(&Request::Read { conversation: format!("dm:{BOB}") }, Ok(Reply::Messages { messages: vec![marked] }));
+    app.answer(&Request::Read { conversation: format!("dm:{BOB}"), before: None }, Ok(Reply::Messages { messages: vec![marked], more: false }));
     assert_eq!(app.key(key(KeyCode::Char('m')))[0], Request::Mark { id: "c1/0/1/1".into(), marked: false });
 }
 
@@ -178,17 +178,17 @@ fn m_marks_and_unmarks_the_selected_message() {
 fn live_messages_refresh_the_open_conversation_or_only_the_chat_list() {
     let mut app = app_with_dm(Vec::new());
     let here = msg("c1/0/1/1", BOB, "x", None, 1);
-    assert_eq!(app.incoming(&here), vec![Request::Read { conversation: format!("dm:{BOB}") }, Request::Chats]);
+    assert_eq!(app.incoming(&here), vec![Request::Read { conversation: format!("dm:{BOB}"), before: None }, Request::Chats]);
     let mut elsewhere = here.clone();
     elsewhere.conversation = "ops/general".into();
     assert_eq!(app.incoming(&elsewhere), vec![Request::Chats]);
     // A new message while the cursor is on the newest keeps following; one further up stays.
-    app.answer(&Request::Read { conversation: format!("dm:{BOB}") }, Ok(Reply::Messages { messages: vec![here.clone(), msg("c1/0/1/2", BOB, "y", None, 2)] }));
+    app.answer(&Request::Read { conversation: format!("dm:{BOB}"), before: None }, Ok(Reply::Messages { messages: vec![here.clone(), msg("c1/0/1/2", BOB, "y", None, 2)], more: false }));
     assert_eq!(app.selected_message().unwrap().text, "y");
     app.key(key(KeyCode::Up));
     app.answer(
-        &Request::Read { conversation: format!("dm:{BOB}") },
-        Ok(Reply::Messages { messages: vec![here, msg("c1/0/1/2", BOB, "y", None, 2), msg("c1/0/1/3", BOB, "z", None, 3)] }),
+        &Request::Read { conversation: format!("dm:{BOB}"), before: None },
+        Ok(Reply::Messages { messages: vec![here, msg("c1/0/1/2", BOB, "y", None, 2), msg("c1/0/1/3", BOB, "z", None, 3)], more: false }),
     );
     assert_eq!(app.selected_message().unwrap().text, "x");
 }
@@ -247,8 +247,8 @@ fn open_group(app: &mut App) {
     app.key(key(KeyCode::Down));
     app.key(key(KeyCode::Down));
     let r = app.key(key(KeyCode::Enter));
-    assert_eq!(r[0], Request::Read { conversation: "group:00112233445566778899".into() });
-    app.answer(&r[0], Ok(Reply::Messages { messages: Vec::new() }));
+    assert_eq!(r[0], Request::Read { conversation: "group:00112233445566778899".into(), before: None });
+    app.answer(&r[0], Ok(Reply::Messages { messages: Vec::new(), more: false }));
 }
 
 #[test]
@@ -300,7 +300,7 @@ fn admin_commands_in_the_compose_box_become_group_operations() {
     assert_eq!(r, vec![Request::GroupCreate { name: "walkers".into(), users: vec!["bob".into(), "carol".into()] }]);
     // The new group opens.
     let next = app.answer(&r[0], Ok(Reply::Group { group: group(true), requested: false }));
-    assert_eq!(next[0], Request::Read { conversation: "group:00112233445566778899".into() });
+    assert_eq!(next[0], Request::Read { conversation: "group:00112233445566778899".into(), before: None });
     app.key(key(KeyCode::Enter));
     typed(&mut app, "/frobnicate");
     assert!(app.key(key(KeyCode::Enter)).is_empty());
@@ -331,7 +331,7 @@ fn mail_lists_the_mailbox_opens_threads_and_replies_to_everyone_on_them() {
         app.key(key(KeyCode::Down));
     }
     let r = app.key(key(KeyCode::Enter));
-    assert_eq!(r, vec![Request::Read { conversation: "mail".into() }, Request::MailList, Request::Chats]);
+    assert_eq!(r, vec![Request::Read { conversation: "mail".into(), before: None }, Request::MailList, Request::Chats]);
     let first = mail("1111111111111111", (BOB, "bob"), &[ME, CAROL], ("Plan", "Shall we meet?"), None, 1);
     let second = mail("2222222222222222", (CAROL, "cccccccc"), &[ME, BOB], ("Re: Plan", "Tuesday?\nOr Wednesday."), Some("1111111111111111"), 2);
     app.answer(&Request::MailList, Ok(Reply::Mails { mails: vec![second.clone(), first.clone()] }));
@@ -427,13 +427,13 @@ fn with_no_chats_tab_opens_the_compose_box_and_dm_resolves_a_contact_name() {
     assert!(matches!(app.compose, Some(Compose::Message { .. })), "{:?}", app.compose);
     typed(&mut app, "/dm bob");
     let r = app.key(key(KeyCode::Enter));
-    assert_eq!(r, vec![Request::Contacts, Request::Read { conversation: "dm:bob".into() }, Request::Chats]);
+    assert_eq!(r, vec![Request::Contacts, Request::Read { conversation: "dm:bob".into(), before: None }, Request::Chats]);
     let contacts = vec![canopy_msg_secure::proto::ContactLine { user: BOB.into(), name: Some("bob".into()), blocked: false, devices: 1 }];
     let next = app.answer(&r[0], Ok(Reply::Contacts { contacts }));
     assert_eq!(app.open.as_deref(), Some(format!("dm:{BOB}").as_str()), "labelled as Secure labels its messages");
-    assert_eq!(next[0], Request::Read { conversation: format!("dm:{BOB}") });
+    assert_eq!(next[0], Request::Read { conversation: format!("dm:{BOB}"), before: None });
     // So a live message for it reloads it.
-    assert_eq!(app.incoming(&msg("c1/0/1/1", BOB, "hi", None, 1))[0], Request::Read { conversation: format!("dm:{BOB}") });
+    assert_eq!(app.incoming(&msg("c1/0/1/1", BOB, "hi", None, 1))[0], Request::Read { conversation: format!("dm:{BOB}"), before: None });
 }
 
 #[test]
@@ -544,4 +544,13 @@ fn no_terminal_size_makes_it_panic() {
             }
         }
     }
+}
+
+#[test]
+fn a_history_longer_than_one_page_says_where_the_rest_is() {
+    let mut app = app_with_dm(Vec::new());
+    app.answer(&Request::Read { conversation: format!("dm:{BOB}"), before: None }, Ok(Reply::Messages { messages: vec![msg("c1/0/1/9", BOB, "newest", None, 9)], more: true }));
+    let s = screen(&app, 120, 12);
+    assert!(s.contains(&format!("older messages are not shown here: canopy-msg read dm:{BOB}")), "{s}");
+    assert!(s.contains("bob: newest"));
 }
