@@ -112,62 +112,7 @@ impl State {
     }
 }
 
-/// A pipeline message: a type and a body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// One of the model's message types.
-    pub kind: String,
-    /// The body.
-    pub body: String,
-}
-
-/// A model's message type or role: a name and what it means.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Named {
-    /// The name.
-    pub name: String,
-    /// What it means, for people.
-    pub description: String,
-}
-
-/// What a model says it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Descriptor {
-    /// Its name.
-    pub name: String,
-    /// Its version.
-    pub version: String,
-    /// Its message types.
-    pub message_types: Vec<Named>,
-    /// Its roles.
-    pub roles: Vec<Named>,
-}
-
-/// An action open to a viewer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Action {
-    /// What `act` takes.
-    pub name: String,
-    /// What people read.
-    pub label: String,
-    /// Its arguments, for people.
-    pub args: Vec<String>,
-}
-
-/// What a viewer sees of a state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rendering {
-    /// A heading.
-    pub title: String,
-    /// Where the pipeline stands.
-    pub status: String,
-    /// The state, line by line.
-    pub lines: Vec<String>,
-    /// What the viewer may do.
-    pub actions: Vec<Action>,
-    /// Whether the pipeline is over.
-    pub closed: bool,
-}
+pub use canopy_model::{Action, Descriptor, Message, MessageType, Rendering, Role};
 
 /// The one host capability: Secure signs, in `act` only.
 pub trait Signer {
@@ -216,8 +161,8 @@ impl Runtime {
         model.descriptor = Some(Descriptor {
             name: d.name,
             version: d.version,
-            message_types: d.message_types.into_iter().map(|m| Named { name: m.name, description: m.description }).collect(),
-            roles: d.roles.into_iter().map(|r| Named { name: r.name, description: r.description }).collect(),
+            message_types: d.message_types.into_iter().map(|m| MessageType { name: m.name, description: m.description }).collect(),
+            roles: d.roles.into_iter().map(|r| Role { name: r.name, description: r.description }).collect(),
         });
         Ok(model)
     }
