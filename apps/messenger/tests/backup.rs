@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Home, eventually, relay};
+use common::{Home, eventually, relay, users};
 
 const PASS: &str = "correct horse battery staple";
 
@@ -18,18 +18,10 @@ fn chats(home: &Home) -> Vec<serde_json::Value> {
 async fn a_restored_device_shows_the_same_history_and_sends_again_once_re_added() {
     let tmp = tempfile::tempdir().unwrap();
     let origin = relay(&tmp.path().join("origin"), "127.0.0.1:0", None).await;
-    let a1 = Home::new(tmp.path(), "a1");
-    let b = Home::new(tmp.path(), "b");
-    a1.init_org(&origin, 7);
-    b.init_org(&origin, 8);
-    a1.ok(&["up"]);
-    b.ok(&["up"]);
-    let (ida, idb) = (a1.user(), b.user());
-    a1.ok(&["contact", "add", &idb, "bob"]);
-    b.ok(&["contact", "add", &ida, "alice"]);
-    for h in [&a1, &b] {
-        eventually("a device of the contact is known", || h.ok(&["contacts", "--json"]).contains("\"devices\":1").then_some(()));
-    }
+    // alice (org 7) and bob (org 8), each naming the other and knowing a device of the other.
+    let (homes, ids) = users(tmp.path(), &origin, &["alice", "bob"]);
+    let (a1, b) = (&homes[0], &homes[1]);
+    let (ida, idb) = (ids[0].clone(), ids[1].clone());
     b.ok(&["dm", "alice", "hello alice"]);
     a1.await_text("dm:bob", "hello alice");
     let mine = a1.ok(&["dm", "bob", "hi bob"]);
@@ -72,7 +64,7 @@ async fn a_restored_device_shows_the_same_history_and_sends_again_once_re_added(
     assert!(String::from_utf8_lossy(&out.stdout).contains("restored"));
     a2.ok(&["up"]);
     assert_eq!(a2.user(), ida);
-    assert_eq!(chats(&a2), chats(&a1));
+    assert_eq!(chats(&a2), chats(a1));
     for conv in [format!("dm:{idb}"), format!("group:{g}"), "mail".to_string()] {
         assert_eq!(a2.shared_view(&conv), a1.shared_view(&conv), "{conv}");
     }

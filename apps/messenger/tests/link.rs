@@ -4,24 +4,16 @@
 
 mod common;
 
-use common::{Home, eventually, relay};
+use common::{Home, eventually, relay, users};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_linked_device_sees_every_conversation_going_forward() {
     let tmp = tempfile::tempdir().unwrap();
     let origin = relay(&tmp.path().join("origin"), "127.0.0.1:0", None).await;
-    let a1 = Home::new(tmp.path(), "a1");
-    let b = Home::new(tmp.path(), "b");
-    a1.init_org(&origin, 7);
-    b.init_org(&origin, 8);
-    a1.ok(&["up"]);
-    b.ok(&["up"]);
-    let (ida, idb) = (a1.user(), b.user());
-    a1.ok(&["contact", "add", &idb, "bob"]);
-    b.ok(&["contact", "add", &ida, "alice"]);
-    for (h, peer) in [(&a1, "bob"), (&b, "alice")] {
-        eventually(&format!("a device of {peer} is known"), || h.ok(&["contacts", "--json"]).contains("\"devices\":1").then_some(()));
-    }
+    // alice (org 7) and bob (org 8), each naming the other and knowing a device of the other.
+    let (homes, ids) = users(tmp.path(), &origin, &["alice", "bob"]);
+    let (a1, b) = (&homes[0], &homes[1]);
+    let (ida, idb) = (ids[0].clone(), ids[1].clone());
     // A direct message bob started, and a group alice's first device runs.
     b.ok(&["dm", "alice", "before"]);
     a1.await_text("dm:bob", "before");
@@ -43,7 +35,7 @@ async fn a_linked_device_sees_every_conversation_going_forward() {
     eventually("a2 is in the direct message", || a2.ok(&["chats"]).contains(&format!("dm:{idb}")).then_some(()));
     eventually("a2 is in the group", || a2.ok(&["groups"]).contains(&g).then_some(()));
     b.ok(&["dm", "alice", "after the link"]);
-    for h in [&a1, &a2] {
+    for h in [a1, &a2] {
         h.await_text(&format!("dm:{idb}"), "after the link");
     }
     assert!(!a2.read(&format!("dm:{idb}")).iter().any(|m| m["text"] == "before"), "nothing from before it joined");

@@ -274,6 +274,23 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(bytes);
 }
 
+/// A record's lifetimes: four u64s.
+fn put_lifetimes(out: &mut Vec<u8>, l: &Lifetimes) {
+    for v in [l.message_ms, l.commit_ms, l.welcome_ms, l.key_package_ms] {
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// A record's device map: the next device id, a count, then (leaf, device) pairs.
+fn put_devices(out: &mut Vec<u8>, next_device: u32, devices: &BTreeMap<u32, u32>) {
+    out.extend_from_slice(&next_device.to_be_bytes());
+    out.extend_from_slice(&(devices.len() as u32).to_be_bytes());
+    for (leaf, device) in devices {
+        out.extend_from_slice(&leaf.to_be_bytes());
+        out.extend_from_slice(&device.to_be_bytes());
+    }
+}
+
 fn put_user_list(out: &mut Vec<u8>, users: &[crate::identity::UserId]) {
     out.extend_from_slice(&(users.len() as u16).to_be_bytes());
     for u in users {
@@ -498,20 +515,13 @@ impl TeamRecord {
         out.extend_from_slice(&self.org.to_be_bytes());
         out.extend_from_slice(&self.team.to_be_bytes());
         put_string(&mut out, &self.name);
-        for v in [self.lifetimes.message_ms, self.lifetimes.commit_ms, self.lifetimes.welcome_ms, self.lifetimes.key_package_ms] {
-            out.extend_from_slice(&v.to_be_bytes());
-        }
+        put_lifetimes(&mut out, &self.lifetimes);
         out.extend_from_slice(&(self.channels.len() as u16).to_be_bytes());
         for (id, name) in &self.channels {
             out.extend_from_slice(&id.to_be_bytes());
             put_string(&mut out, name);
         }
-        out.extend_from_slice(&self.next_device.to_be_bytes());
-        out.extend_from_slice(&(self.devices.len() as u32).to_be_bytes());
-        for (leaf, device) in &self.devices {
-            out.extend_from_slice(&leaf.to_be_bytes());
-            out.extend_from_slice(&device.to_be_bytes());
-        }
+        put_devices(&mut out, self.next_device, &self.devices);
         out
     }
 
@@ -525,19 +535,13 @@ impl TeamRecord {
         let org = r.u32()?;
         let team = r.u32()?;
         let name = r.string()?;
-        let lifetimes = Lifetimes { message_ms: r.u64()?, commit_ms: r.u64()?, welcome_ms: r.u64()?, key_package_ms: r.u64()? };
+        let lifetimes = r.lifetimes()?;
         let mut channels = BTreeMap::new();
         for _ in 0..r.u16()? {
             let id = r.u16()?;
             channels.insert(id, r.string()?);
         }
-        let next_device = r.u32()?;
-        let mut devices = BTreeMap::new();
-        let n = r.u32()?;
-        for _ in 0..n {
-            let leaf = r.u32()?;
-            devices.insert(leaf, r.u32()?);
-        }
+        let (next_device, devices) = r.devices()?;
         r.end()?;
         Ok(TeamRecord { org, team, name, lifetimes, channels, next_device, devices })
     }
@@ -603,6 +607,22 @@ fn put_users(out: &mut Vec<u8>, users: &std::collections::BTreeSet<crate::identi
 }
 
 impl Reader<'_> {
+    fn lifetimes(&mut self) -> Result<Lifetimes, PayloadError> {
+        Ok(Lifetimes { message_ms: self.u64()?, commit_ms: self.u64()?, welcome_ms: self.u64()?, key_package_ms: self.u64()? })
+    }
+
+    /// What [`put_devices`] wrote. The count is not trusted for an allocation: each pair is
+    /// read (and a short record fails) before it is kept.
+    fn devices(&mut self) -> Result<(u32, BTreeMap<u32, u32>), PayloadError> {
+        let next_device = self.u32()?;
+        let mut devices = BTreeMap::new();
+        for _ in 0..self.u32()? {
+            let leaf = self.u32()?;
+            devices.insert(leaf, self.u32()?);
+        }
+        Ok((next_device, devices))
+    }
+
     fn users(&mut self) -> Result<std::collections::BTreeSet<crate::identity::UserId>, PayloadError> {
         let n = usize::from(self.u16()?);
         if n > MAX_CONV_USERS {
@@ -624,18 +644,11 @@ impl ConvRecord {
         out.extend_from_slice(&self.conv.conv.to_be_bytes());
         put_string(&mut out, &self.name);
         put_string(&mut out, &self.description);
-        for v in [self.lifetimes.message_ms, self.lifetimes.commit_ms, self.lifetimes.welcome_ms, self.lifetimes.key_package_ms] {
-            out.extend_from_slice(&v.to_be_bytes());
-        }
+        put_lifetimes(&mut out, &self.lifetimes);
         out.extend_from_slice(&self.creator.0);
         put_users(&mut out, &self.users);
         put_users(&mut out, &self.admins);
-        out.extend_from_slice(&self.next_device.to_be_bytes());
-        out.extend_from_slice(&(self.devices.len() as u32).to_be_bytes());
-        for (leaf, device) in &self.devices {
-            out.extend_from_slice(&leaf.to_be_bytes());
-            out.extend_from_slice(&device.to_be_bytes());
-        }
+        put_devices(&mut out, self.next_device, &self.devices);
         out
     }
 
@@ -657,17 +670,11 @@ impl ConvRecord {
         }
         let name = r.string()?;
         let description = r.string()?;
-        let lifetimes = Lifetimes { message_ms: r.u64()?, commit_ms: r.u64()?, welcome_ms: r.u64()?, key_package_ms: r.u64()? };
+        let lifetimes = r.lifetimes()?;
         let creator = crate::identity::UserId(r.take(16)?.try_into().expect("16 bytes"));
         let users = r.users()?;
         let admins = r.users()?;
-        let next_device = r.u32()?;
-        let mut devices = BTreeMap::new();
-        let n = r.u32()?;
-        for _ in 0..n {
-            let leaf = r.u32()?;
-            devices.insert(leaf, r.u32()?);
-        }
+        let (next_device, devices) = r.devices()?;
         r.end()?;
         Ok(ConvRecord {
             kind,
