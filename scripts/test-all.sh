@@ -45,6 +45,7 @@ $bin/model-apply 2 10
 
 step "fuzz target builds"
 (cd framework/fuzz && cargo check --locked -q)
+(cd apps/messenger/core/fuzz && cargo check --locked -q)
 
 step "demos run"
 bash scripts/demo.sh > /dev/null

@@ -26,6 +26,8 @@ pub mod conv;
 pub mod device;
 pub mod engine;
 pub mod fragment;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod identity;
 pub mod link;
 pub mod names;

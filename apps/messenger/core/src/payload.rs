@@ -148,7 +148,50 @@ pub struct Message {
     /// The user's identity key, handed to a new device of the user (`device link`).
     #[serde(default, skip_serializing)]
     pub identity: Option<Vec<u8>>,
+    /// A pipeline message: its creation, a step its model applies, or a part of its model.
+    #[serde(default)]
+    pub pipeline: Option<Pipeline>,
 }
+
+/// The most bytes of a model one [`Pipeline::ModelPart`] carries: its message stays a few
+/// chunks.
+pub const MAX_MODEL_PART: usize = 12 * 1024;
+/// The largest model a pipeline may ship (16 MiB).
+pub const MAX_MODEL: usize = 16 << 20;
+
+/// What a pipeline's group carries besides texts (`docs/pipelines.md`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Pipeline {
+    /// The pipeline starts: which model (the SHA-256 of its bytes, which follow as
+    /// [`Pipeline::ModelPart`]s), its size, and the creator's parameters (JSON).
+    Create {
+        /// The model's id.
+        model: [u8; 32],
+        /// The model's size in bytes.
+        size: u32,
+        /// The parameters `init` takes.
+        params: String,
+    },
+    /// A message the model applies: one of its message types, and a body.
+    Step {
+        /// The message type.
+        kind: String,
+        /// The body.
+        body: String,
+    },
+    /// Part `index` of the model's bytes, [`MAX_MODEL_PART`] at most.
+    ModelPart {
+        /// The model's id.
+        model: [u8; 32],
+        /// Which part, from 0.
+        index: u32,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+}
+
+/// The longest pipeline message type name.
+pub const MAX_STEP_KIND: usize = 64;
 
 /// The most bytes an identity transfer carries.
 pub const MAX_IDENTITY: usize = 1024;
@@ -301,12 +344,17 @@ fn put_user_list(out: &mut Vec<u8>, users: &[crate::identity::UserId]) {
 impl Message {
     /// A text message written at `created_ms`.
     pub fn text(created_ms: u64, text: impl Into<String>) -> Message {
-        Message { created_ms, reply_to: None, replaces: None, text: text.into(), control: None, mail: None, identity: None }
+        Message { created_ms, reply_to: None, replaces: None, text: text.into(), control: None, mail: None, identity: None, pipeline: None }
     }
 
     /// An identity transfer written at `created_ms`: the user's key pair, serialized.
     pub fn identity(created_ms: u64, key_pair: Vec<u8>) -> Message {
         Message { identity: Some(key_pair), ..Message::text(created_ms, "") }
+    }
+
+    /// A pipeline message written at `created_ms`.
+    pub fn pipeline(created_ms: u64, pipeline: Pipeline) -> Message {
+        Message { pipeline: Some(pipeline), ..Message::text(created_ms, "") }
     }
 
     /// A control message written at `created_ms`.
@@ -322,6 +370,45 @@ impl Message {
     /// Encodes the message; fails if the text is over [`MAX_TEXT`], or a control message's
     /// fields are over theirs.
     pub fn encode(&self) -> Result<Vec<u8>, PayloadError> {
+        if let Some(p) = &self.pipeline {
+            let mut out = vec![1, 5];
+            out.extend_from_slice(&self.created_ms.to_be_bytes());
+            match p {
+                Pipeline::Create { model, size, params } => {
+                    if params.len() > MAX_TEXT {
+                        return Err(PayloadError::TooLong(params.len()));
+                    }
+                    if *size as usize > MAX_MODEL {
+                        return Err(PayloadError::TooLong(*size as usize));
+                    }
+                    out.push(1);
+                    out.extend_from_slice(model);
+                    out.extend_from_slice(&size.to_be_bytes());
+                    out.extend_from_slice(params.as_bytes());
+                }
+                Pipeline::Step { kind, body } => {
+                    if kind.is_empty() || kind.len() > MAX_STEP_KIND {
+                        return Err(PayloadError::TooLong(kind.len()));
+                    }
+                    if body.len() > MAX_TEXT {
+                        return Err(PayloadError::TooLong(body.len()));
+                    }
+                    out.push(2);
+                    put_string(&mut out, kind);
+                    out.extend_from_slice(body.as_bytes());
+                }
+                Pipeline::ModelPart { model, index, bytes } => {
+                    if bytes.len() > MAX_MODEL_PART {
+                        return Err(PayloadError::TooLong(bytes.len()));
+                    }
+                    out.push(3);
+                    out.extend_from_slice(model);
+                    out.extend_from_slice(&index.to_be_bytes());
+                    out.extend_from_slice(bytes);
+                }
+            }
+            return Ok(out);
+        }
         if let Some(identity) = &self.identity {
             if identity.len() > MAX_IDENTITY {
                 return Err(PayloadError::TooLong(identity.len()));
@@ -396,6 +483,43 @@ impl Message {
     pub fn decode(bytes: &[u8]) -> Result<Message, PayloadError> {
         let mut r = Reader { bytes };
         let (version, kind) = (r.u8()?, r.u8()?);
+        if (version, kind) == (1, 5) {
+            let created_ms = r.u64()?;
+            let op = r.u8()?;
+            let pipeline = match op {
+                1 => {
+                    let model: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+                    let size = r.u32()?;
+                    if size as usize > MAX_MODEL {
+                        return Err(PayloadError::TooLong(size as usize));
+                    }
+                    if r.bytes.len() > MAX_TEXT {
+                        return Err(PayloadError::TooLong(r.bytes.len()));
+                    }
+                    Pipeline::Create { model, size, params: String::from_utf8(r.bytes.to_vec()).map_err(|_| PayloadError::Utf8)? }
+                }
+                2 => {
+                    let kind = r.string()?;
+                    if kind.is_empty() || kind.len() > MAX_STEP_KIND {
+                        return Err(PayloadError::TooLong(kind.len()));
+                    }
+                    if r.bytes.len() > MAX_TEXT {
+                        return Err(PayloadError::TooLong(r.bytes.len()));
+                    }
+                    Pipeline::Step { kind, body: String::from_utf8(r.bytes.to_vec()).map_err(|_| PayloadError::Utf8)? }
+                }
+                3 => {
+                    let model: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+                    let index = r.u32()?;
+                    if r.bytes.len() > MAX_MODEL_PART {
+                        return Err(PayloadError::TooLong(r.bytes.len()));
+                    }
+                    Pipeline::ModelPart { model, index, bytes: r.bytes.to_vec() }
+                }
+                _ => return Err(PayloadError::Unsupported { version, kind: op }),
+            };
+            return Ok(Message::pipeline(created_ms, pipeline));
+        }
         if (version, kind) == (1, 4) {
             let created_ms = r.u64()?;
             if r.bytes.len() > MAX_IDENTITY {
@@ -715,6 +839,7 @@ mod tests {
             control: None,
             mail: None,
             identity: None,
+            pipeline: None,
         };
         assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
         let long = Message { text: "x".repeat(MAX_TEXT + 1), ..m.clone() };
@@ -745,6 +870,43 @@ mod tests {
         let many = Message::control(1, Control::Add { users: vec![UserId([0; 16]); MAX_CONTROL_USERS + 1], note: String::new() });
         assert!(many.encode().is_err());
         assert!(matches!(Message::decode(&[1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 9]), Err(PayloadError::Unsupported { .. })));
+    }
+
+    #[test]
+    fn pipeline_messages_round_trip_and_refuse_what_is_malformed_or_too_long() {
+        for p in [
+            Pipeline::Create { model: [7; 32], size: 190_000, params: r#"{"question":"?"}"#.into() },
+            Pipeline::Step { kind: "vote".into(), body: r#"{"option":1}"#.into() },
+            Pipeline::Step { kind: "close".into(), body: String::new() },
+            Pipeline::ModelPart { model: [7; 32], index: 3, bytes: vec![0, 1, 2, 255] },
+            Pipeline::ModelPart { model: [7; 32], index: 0, bytes: vec![9; MAX_MODEL_PART] },
+        ] {
+            let m = Message::pipeline(42, p);
+            let bytes = m.encode().unwrap();
+            assert_eq!(Message::decode(&bytes).unwrap(), m);
+        }
+        let too_long = [
+            Pipeline::Create { model: [0; 32], size: MAX_MODEL as u32 + 1, params: String::new() },
+            Pipeline::Create { model: [0; 32], size: 1, params: "p".repeat(MAX_TEXT + 1) },
+            Pipeline::Step { kind: "k".repeat(MAX_STEP_KIND + 1), body: String::new() },
+            Pipeline::Step { kind: String::new(), body: String::new() },
+            Pipeline::Step { kind: "k".into(), body: "b".repeat(MAX_TEXT + 1) },
+            Pipeline::ModelPart { model: [0; 32], index: 0, bytes: vec![0; MAX_MODEL_PART + 1] },
+        ];
+        for p in too_long {
+            assert!(Message::pipeline(1, p.clone()).encode().is_err(), "{p:?}");
+        }
+        // Hand-made bytes the encoder would not write are refused by the decoder.
+        let head = |op: u8| [vec![1, 5], 42u64.to_be_bytes().to_vec(), vec![op]].concat();
+        assert!(matches!(Message::decode(&head(9)), Err(PayloadError::Unsupported { .. })));
+        assert_eq!(Message::decode(&[head(1), vec![0; 10]].concat()), Err(PayloadError::Truncated));
+        assert!(Message::decode(&[head(1), vec![0; 32], u32::MAX.to_be_bytes().to_vec()].concat()).is_err(), "a model over 16 MiB");
+        assert!(Message::decode(&[head(2), vec![0, 0]].concat()).is_err(), "an empty step kind");
+        assert!(Message::decode(&[head(2), vec![0, 1, b'k', 0xff]].concat()).is_err(), "a body that is not UTF-8");
+        assert!(Message::decode(&[head(3), vec![0; 36], vec![0; MAX_MODEL_PART + 1]].concat()).is_err());
+        for cut in 0..11 {
+            assert!(Message::decode(&head(3)[..cut.min(11)]).is_err());
+        }
     }
 
     #[test]
