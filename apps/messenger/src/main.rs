@@ -7,6 +7,7 @@
 
 mod admin;
 mod home;
+mod pipeline;
 mod processes;
 mod tui;
 mod ui;
@@ -172,6 +173,11 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Pipelines: groups that run a model (docs/pipelines.md).
+    Pipeline {
+        #[command(subcommand)]
+        command: PipelineCommand,
+    },
     /// Mail: subject and body, several recipients, threads.
     Mail {
         #[command(subcommand)]
@@ -266,6 +272,49 @@ enum MailCommand {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// Create a pipeline: a group of you and the members, bound to a model (a `canopy:model`
+    /// Wasm component). Prints its id.
+    Create {
+        /// The model file.
+        model: PathBuf,
+        /// The members besides you: user ids or contact names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        members: Vec<String>,
+        /// The parameters the model's `init` takes (JSON).
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// Its name [default: the model file's name].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Every pipeline: `ID NAME model=… steps=N`.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A pipeline's state as its model renders it for you, with the actions open to you, its
+    /// state hash, and any refused step or divergence.
+    Show {
+        /// `pipeline:ID`, or the group's id or name.
+        pipeline: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take an action: the model builds the step, and it is sent. Prints its id.
+    Act {
+        /// `pipeline:ID`, or the group's id or name.
+        pipeline: String,
+        /// The action, as `show` lists them.
+        action: String,
+        /// Its arguments.
+        args: Vec<String>,
     },
 }
 
@@ -480,6 +529,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Groups { json } => ui::groups(&home, json),
+        Command::Pipeline { command } => match command {
+            PipelineCommand::Create { model, members, params, name } => {
+                let name = name.unwrap_or_else(|| model.file_stem().map_or_else(|| "pipeline".into(), |s| s.to_string_lossy().into_owned()));
+                pipeline::create(&home, &model, &name, &members, &params)
+            }
+            PipelineCommand::List { json } => pipeline::list(&home, json),
+            PipelineCommand::Show { pipeline: p, json } => pipeline::show(&home, &p, json),
+            PipelineCommand::Act { pipeline: p, action, args } => pipeline::act(&home, &p, &action, &args),
+        },
         Command::Mail { command } => match command {
             MailCommand::Send { to, subject, body, prev } => ui::mail_send(&home, Request::MailSend { to, subject, body, prev }),
             MailCommand::List { json } => ui::mails(&home, Request::MailList, json),

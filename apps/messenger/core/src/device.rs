@@ -286,6 +286,8 @@ pub struct Device<B: Backend> {
     /// One-time key packages whose keys were erased (hKPs): a welcome for one is refused
     /// with a reason, not ignored.
     pub(crate) spent: BTreeSet<Vec<u8>>,
+    /// The UI's sealed pipeline states, by group.
+    pub(crate) pipeline_states: BTreeMap<ConvId, crate::pipeline::Saved>,
     /// Key package fragments being assembled, by name without the fragment byte.
     kp_parts: HashMap<u128, Assembly>,
     /// What ingest did so far.
@@ -400,6 +402,7 @@ impl<B: Backend> Device<B> {
             claimed: BTreeSet::new(),
             seen_requests: BTreeSet::new(),
             spent: BTreeSet::new(),
+            pipeline_states: BTreeMap::new(),
             kp_parts: HashMap::new(),
             counters: Counters::default(),
             max_held: MAX_HELD,
@@ -464,6 +467,10 @@ impl<B: Backend> Device<B> {
                 device.refused_blocked.insert(whole, user);
             } else if let Some(whole) = k.strip_prefix("x/").and_then(|x| u128::from_str_radix(x, 16).ok()) {
                 device.welcomed.insert(whole);
+            } else if let Some(conv) = k.strip_prefix(crate::pipeline::SAVED_PREFIX).and_then(ConvId::parse) {
+                if let Ok(saved) = serde_json::from_slice(v) {
+                    device.pipeline_states.insert(conv, saved);
+                }
             } else if let Some(hkp) = k.strip_prefix("ws/").and_then(engine::unhex) {
                 device.spent.insert(hkp);
             } else if let Some(hkp) = k.strip_prefix("w/").and_then(engine::unhex) {
@@ -805,7 +812,7 @@ impl<B: Backend> Device<B> {
         }
         let mut shown: Vec<Shown> = history
             .values()
-            .filter(|s| s.message.replaces.is_none() && !self.hidden(s))
+            .filter(|s| s.message.replaces.is_none() && !self.hidden(s) && !is_model_part(s))
             .map(|s| show(history, s, edits.get(&s.id).copied()))
             .collect();
         shown.sort_by_key(|s| (s.sent_ms, s.id));
@@ -816,7 +823,7 @@ impl<B: Backend> Device<B> {
     /// building the whole channel (a follower gets each message as it arrives).
     pub fn message(&self, group: impl Into<Gid>, channel: u16, id: MsgRef) -> Option<Shown> {
         let history = self.groups.get(&group.into())?.history.get(&channel)?;
-        let s = history.get(&id).filter(|s| s.message.replaces.is_none() && !self.hidden(s))?;
+        let s = history.get(&id).filter(|s| s.message.replaces.is_none() && !self.hidden(s) && !is_model_part(s))?;
         let edit = history
             .values()
             .filter(|e| e.message.replaces == Some(id) && may_edit(s, e))
@@ -1438,15 +1445,23 @@ fn may_edit(original: &Stored, edit: &Stored) -> bool {
 }
 
 /// A stored message as shown, with its latest edit (if any) applied.
+/// A part of a pipeline's model: kept for the model, not shown as a message.
+fn is_model_part(s: &Stored) -> bool {
+    matches!(s.message.pipeline, Some(crate::payload::Pipeline::ModelPart { .. }))
+}
+
 fn show(history: &BTreeMap<MsgRef, Stored>, s: &Stored, edit: Option<&Stored>) -> Shown {
     Shown {
         user: s.user,
         id: s.id,
         sent_ms: s.message.created_ms,
-        control: s.message.control.is_some(),
-        text: match &s.message.control {
-            Some(control) => control.describe(),
-            None => edit.map_or(&s.message.text, |e| &e.message.text).clone(),
+        control: s.message.control.is_some() || s.message.pipeline.is_some(),
+        text: match (&s.message.control, &s.message.pipeline) {
+            (Some(control), _) => control.describe(),
+            (_, Some(crate::payload::Pipeline::Create { size, .. })) => format!("started the pipeline (a model of {size} bytes)"),
+            (_, Some(crate::payload::Pipeline::Step { kind, body, .. })) => format!("{kind} {body}"),
+            (_, Some(crate::payload::Pipeline::ModelPart { index, .. })) => format!("part {index} of the model"),
+            _ => edit.map_or(&s.message.text, |e| &e.message.text).clone(),
         },
         reply_to: s.message.reply_to.map(|r| thread_root(history, r)),
         edited: edit.is_some(),

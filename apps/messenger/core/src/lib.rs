@@ -32,6 +32,7 @@ pub mod identity;
 pub mod link;
 pub mod names;
 pub mod payload;
+pub mod pipeline;
 pub mod seal;
 pub mod supply;
 

@@ -178,6 +178,9 @@ pub enum Pipeline {
         kind: String,
         /// The body.
         body: String,
+        /// The hash of the pipeline's state on the sender's device before this step: every
+        /// member compares it with its own, so a divergence shows.
+        prior: Option<[u8; 32]>,
     },
     /// Part `index` of the model's bytes, [`MAX_MODEL_PART`] at most.
     ModelPart {
@@ -386,7 +389,7 @@ impl Message {
                     out.extend_from_slice(&size.to_be_bytes());
                     out.extend_from_slice(params.as_bytes());
                 }
-                Pipeline::Step { kind, body } => {
+                Pipeline::Step { kind, body, prior } => {
                     if kind.is_empty() || kind.len() > MAX_STEP_KIND {
                         return Err(PayloadError::TooLong(kind.len()));
                     }
@@ -394,6 +397,10 @@ impl Message {
                         return Err(PayloadError::TooLong(body.len()));
                     }
                     out.push(2);
+                    out.push(u8::from(prior.is_some()));
+                    if let Some(h) = prior {
+                        out.extend_from_slice(h);
+                    }
                     put_string(&mut out, kind);
                     out.extend_from_slice(body.as_bytes());
                 }
@@ -499,6 +506,11 @@ impl Message {
                     Pipeline::Create { model, size, params: String::from_utf8(r.bytes.to_vec()).map_err(|_| PayloadError::Utf8)? }
                 }
                 2 => {
+                    let prior = match r.u8()? {
+                        0 => None,
+                        1 => Some(r.take(32)?.try_into().expect("32 bytes")),
+                        _ => return Err(PayloadError::Unsupported { version, kind: op }),
+                    };
                     let kind = r.string()?;
                     if kind.is_empty() || kind.len() > MAX_STEP_KIND {
                         return Err(PayloadError::TooLong(kind.len()));
@@ -506,7 +518,7 @@ impl Message {
                     if r.bytes.len() > MAX_TEXT {
                         return Err(PayloadError::TooLong(r.bytes.len()));
                     }
-                    Pipeline::Step { kind, body: String::from_utf8(r.bytes.to_vec()).map_err(|_| PayloadError::Utf8)? }
+                    Pipeline::Step { kind, body: String::from_utf8(r.bytes.to_vec()).map_err(|_| PayloadError::Utf8)?, prior }
                 }
                 3 => {
                     let model: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
@@ -876,8 +888,8 @@ mod tests {
     fn pipeline_messages_round_trip_and_refuse_what_is_malformed_or_too_long() {
         for p in [
             Pipeline::Create { model: [7; 32], size: 190_000, params: r#"{"question":"?"}"#.into() },
-            Pipeline::Step { kind: "vote".into(), body: r#"{"option":1}"#.into() },
-            Pipeline::Step { kind: "close".into(), body: String::new() },
+            Pipeline::Step { kind: "vote".into(), body: r#"{"option":1}"#.into(), prior: Some([3; 32]) },
+            Pipeline::Step { kind: "close".into(), body: String::new(), prior: None },
             Pipeline::ModelPart { model: [7; 32], index: 3, bytes: vec![0, 1, 2, 255] },
             Pipeline::ModelPart { model: [7; 32], index: 0, bytes: vec![9; MAX_MODEL_PART] },
         ] {
@@ -888,9 +900,9 @@ mod tests {
         let too_long = [
             Pipeline::Create { model: [0; 32], size: MAX_MODEL as u32 + 1, params: String::new() },
             Pipeline::Create { model: [0; 32], size: 1, params: "p".repeat(MAX_TEXT + 1) },
-            Pipeline::Step { kind: "k".repeat(MAX_STEP_KIND + 1), body: String::new() },
-            Pipeline::Step { kind: String::new(), body: String::new() },
-            Pipeline::Step { kind: "k".into(), body: "b".repeat(MAX_TEXT + 1) },
+            Pipeline::Step { kind: "k".repeat(MAX_STEP_KIND + 1), body: String::new(), prior: None },
+            Pipeline::Step { kind: String::new(), body: String::new(), prior: None },
+            Pipeline::Step { kind: "k".into(), body: "b".repeat(MAX_TEXT + 1), prior: None },
             Pipeline::ModelPart { model: [0; 32], index: 0, bytes: vec![0; MAX_MODEL_PART + 1] },
         ];
         for p in too_long {
@@ -901,8 +913,9 @@ mod tests {
         assert!(matches!(Message::decode(&head(9)), Err(PayloadError::Unsupported { .. })));
         assert_eq!(Message::decode(&[head(1), vec![0; 10]].concat()), Err(PayloadError::Truncated));
         assert!(Message::decode(&[head(1), vec![0; 32], u32::MAX.to_be_bytes().to_vec()].concat()).is_err(), "a model over 16 MiB");
-        assert!(Message::decode(&[head(2), vec![0, 0]].concat()).is_err(), "an empty step kind");
-        assert!(Message::decode(&[head(2), vec![0, 1, b'k', 0xff]].concat()).is_err(), "a body that is not UTF-8");
+        assert!(Message::decode(&[head(2), vec![0, 0, 0]].concat()).is_err(), "an empty step kind");
+        assert!(Message::decode(&[head(2), vec![0, 0, 1, b'k', 0xff]].concat()).is_err(), "a body that is not UTF-8");
+        assert!(Message::decode(&[head(2), vec![2, 0, 1, b'k']].concat()).is_err(), "a prior flag that is not 0 or 1");
         assert!(Message::decode(&[head(3), vec![0; 36], vec![0; MAX_MODEL_PART + 1]].concat()).is_err());
         for cut in 0..11 {
             assert!(Message::decode(&head(3)[..cut.min(11)]).is_err());

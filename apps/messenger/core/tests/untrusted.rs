@@ -14,7 +14,7 @@ fn valid() -> Vec<Vec<u8>> {
         Message { reply_to: Some(MsgRef { device: 1, msg: 2 }), ..Message::text(5, "hello") }.encode().unwrap(),
         Message::control(5, Control::Add { users: vec![UserId([3; 16])], note: "hi".into() }).encode().unwrap(),
         Message::mail(5, MailHeader { reference: MailRef([1; 8]), prev: Some(MailRef([2; 8])), subject: "s".into() }, "b").encode().unwrap(),
-        Message::pipeline(5, Pipeline::Step { kind: "vote".into(), body: "{}".into() }).encode().unwrap(),
+        Message::pipeline(5, Pipeline::Step { kind: "vote".into(), body: "{}".into(), prior: Some([4; 32]) }).encode().unwrap(),
         Message::pipeline(5, Pipeline::ModelPart { model: [1; 32], index: 2, bytes: vec![3; 40] }).encode().unwrap(),
         TeamRecord { org: 7, team: 2, name: "ops".into(), lifetimes: Lifetimes::default(), channels: [(2, "general".into())].into(), next_device: 3, devices: [(0, 0), (1, 2)].into() }.encode(),
         ConvRecord {

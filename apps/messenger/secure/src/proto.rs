@@ -198,6 +198,46 @@ pub enum Request {
         /// The group's id or name.
         group: String,
     },
+    /// `pipeline create`: a group bound to a model (`docs/pipelines.md`).
+    PipelineCreate {
+        /// The pipeline's (group's) name.
+        name: String,
+        /// Members besides this user: user ids or contact names.
+        users: Vec<String>,
+        /// The model's bytes (a `canopy:model` component), sent to every member.
+        model: Vec<u8>,
+        /// The parameters its `init` takes (JSON).
+        params: String,
+    },
+    /// The pipelines this device is in, answered with [`Reply::Pipelines`].
+    Pipelines,
+    /// What this device holds of a pipeline, for the UI to run its model on.
+    PipelineLog {
+        /// `pipeline:ID`, or the group's id or name.
+        pipeline: String,
+    },
+    /// Send a step (what a model's `act` built).
+    PipelineStep {
+        /// `pipeline:ID`, or the group's id or name.
+        pipeline: String,
+        /// The message type.
+        kind: String,
+        /// The body.
+        body: String,
+        /// This device's state hash before the step (hex), for members to compare.
+        prior: Option<String>,
+    },
+    /// Seal the UI's state of a pipeline.
+    PipelineSave {
+        /// `pipeline:ID`, or the group's id or name.
+        pipeline: String,
+        /// Steps applied.
+        count: usize,
+        /// The digest of their ids (hex).
+        digest: String,
+        /// The state.
+        state: Vec<u8>,
+    },
     /// Try to open an `AF_INET` socket from inside Secure and report what happened.
     SandboxCheck,
     /// Stop Secure.
@@ -234,6 +274,76 @@ pub enum GroupOp {
     },
     /// New keys: a new epoch.
     Revoke,
+}
+
+/// A pipeline, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineLine {
+    /// Its group's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The model's id (hex SHA-256 of its bytes).
+    pub model: String,
+    /// Its creator.
+    pub creator: String,
+    /// Steps so far.
+    pub steps: usize,
+    /// Whether every part of the model has arrived (and hashes right).
+    pub model_complete: bool,
+}
+
+/// One step of a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepLine {
+    /// Its message id.
+    pub id: String,
+    /// Its sender's user id.
+    pub user: Option<String>,
+    /// When its sender wrote it, unix ms.
+    pub time_ms: u64,
+    /// The message type.
+    pub kind: String,
+    /// The body.
+    pub body: String,
+    /// The sender's state hash before it (hex).
+    pub prior: Option<String>,
+}
+
+/// The UI's sealed state of a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// Steps applied.
+    pub count: usize,
+    /// The digest of their ids (hex).
+    pub digest: String,
+    /// The state.
+    pub state: Vec<u8>,
+}
+
+/// What a device holds of a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineLog {
+    /// Its group's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its creator.
+    pub creator: String,
+    /// Its members (user ids), in id order.
+    pub members: Vec<String>,
+    /// This device's user.
+    pub me: String,
+    /// The model's id (hex).
+    pub model: String,
+    /// The creator's parameters.
+    pub params: String,
+    /// The model's bytes, once complete and checked against `model`.
+    pub bytes: Option<Vec<u8>>,
+    /// Its steps, in the order every member applies them.
+    pub steps: Vec<StepLine>,
+    /// The UI's sealed state, if any.
+    pub saved: Option<SavedState>,
 }
 
 /// One member user of a group.
@@ -630,6 +740,13 @@ pub enum Reply {
         /// One per chat.
         chats: Vec<ChatLine>,
     },
+    /// Pipelines.
+    Pipelines {
+        /// One per pipeline.
+        pipelines: Vec<PipelineLine>,
+    },
+    /// A pipeline's log.
+    Pipeline(Box<PipelineLog>),
     /// The sandbox check.
     Sandbox {
         /// The errno of `socket(AF_INET, …)`, or 0 if it succeeded.

@@ -17,7 +17,7 @@ use canopy_msg_core::chats::Chat;
 use canopy_msg_core::device::Stored;
 use canopy_msg_core::payload::MailRef;
 
-use crate::proto::{ChannelLine, ChatLine, ContactLine, MailLine, ConvStatus, GroupLine, GroupMember, GroupOp, MemberLine, MessageLine, Reply, Request, SecureStatus, TeamLine, TeamStatus};
+use crate::proto::{ChannelLine, ChatLine, ContactLine, ConvStatus, GroupLine, GroupMember, GroupOp, MailLine, MemberLine, MessageLine, PipelineLine, PipelineLog, Reply, Request, SavedState, SecureStatus, StepLine, TeamLine, TeamStatus};
 
 /// Lifetime of a key package on the relays: 30 days.
 pub const KEY_PACKAGE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -101,6 +101,11 @@ fn page(mut lines: Vec<MessageLine>, before: Option<&str>) -> Result<(Vec<Messag
     Ok((lines.split_off(start), start > 0))
 }
 
+/// 64 hex digits as 32 bytes.
+fn unhex32(text: &str) -> Result<[u8; 32], MlsError> {
+    canopy_msg_core::engine::unhex(text).and_then(|b| b.try_into().ok()).ok_or_else(|| MlsError::BadName(format!("{text:?} is not 64 hex digits")))
+}
+
 fn id_text(group: Gid, channel: u16, id: MsgRef) -> String {
     format!("{group}/{channel}/{}/{}", id.device, id.msg)
 }
@@ -163,6 +168,15 @@ impl<B: Backend> Service<B> {
         out
     }
 
+    /// A pipeline by `pipeline:ID`, or its group's id or name.
+    fn resolve_pipeline(&self, text: &str) -> Result<ConvId, MlsError> {
+        let conv = self.device.resolve_group(text.strip_prefix("pipeline:").unwrap_or(text))?;
+        if self.device.pipeline_log(conv).is_none() {
+            return Err(MlsError::BadName(format!("group {conv} is no pipeline")));
+        }
+        Ok(conv)
+    }
+
     /// What the UI calls a conversation.
     pub fn view(&self, text: &str) -> Result<View, MlsError> {
         if let Some(user) = text.strip_prefix("dm:") {
@@ -170,6 +184,10 @@ impl<B: Backend> Service<B> {
         }
         if let Some(group) = text.strip_prefix("group:") {
             return Ok(View::Group(self.device.resolve_group(group)?));
+        }
+        // A pipeline is a group: `send pipeline:ID TEXT` talks in it, as in the seed.
+        if text.starts_with("pipeline:") {
+            return Ok(View::Group(self.resolve_pipeline(text)?));
         }
         if text == "mail" {
             return Ok(View::Mail);
@@ -568,6 +586,77 @@ impl<B: Backend> Service<B> {
                 let conv = self.device.resolve_group(&group)?;
                 self.device.leave(conv)?;
                 Reply::Group { group: self.group_line(conv)?, requested: false }
+            }
+            Request::PipelineCreate { name, users, model, params } => {
+                let users = self.users(&users)?.into_iter().collect();
+                let (conv, out) = self.device.create_pipeline(&name, &users, &model, &params, now_ms)?;
+                fx.publish.extend(out);
+                fx.subscribe = self.filters();
+                Reply::Group { group: self.group_line(conv)?, requested: false }
+            }
+            Request::Pipelines => Reply::Pipelines {
+                pipelines: self
+                    .device
+                    .pipelines()
+                    .into_iter()
+                    .filter_map(|c| {
+                        let log = self.device.pipeline_log(c)?;
+                        Some(PipelineLine {
+                            id: c.to_string(),
+                            name: self.device.conv_record(c).map(|r| r.name.clone()).unwrap_or_default(),
+                            model: hex(&log.model),
+                            creator: log.creator.to_string(),
+                            steps: log.steps.len(),
+                            model_complete: log.bytes.is_some(),
+                        })
+                    })
+                    .collect(),
+            },
+            Request::PipelineLog { pipeline } => {
+                let conv = self.resolve_pipeline(&pipeline)?;
+                let log = self.device.pipeline_log(conv).ok_or_else(|| MlsError::BadName(format!("group {conv} is no pipeline")))?;
+                Reply::Pipeline(Box::new(PipelineLog {
+                    id: conv.to_string(),
+                    name: self.device.conv_record(conv).map(|r| r.name.clone()).unwrap_or_default(),
+                    creator: log.creator.to_string(),
+                    members: log.members.iter().map(|u| u.to_string()).collect(),
+                    me: self.device.user_id().to_string(),
+                    model: hex(&log.model),
+                    params: log.params,
+                    bytes: log.bytes,
+                    steps: log
+                        .steps
+                        .into_iter()
+                        .map(|s| StepLine {
+                            id: id_text(Gid::Conv(conv), CONV_CHANNEL, s.id),
+                            user: s.sender.map(|u| u.to_string()),
+                            time_ms: s.time_ms,
+                            kind: s.kind,
+                            body: s.body,
+                            prior: s.prior.map(|p| hex(&p)),
+                        })
+                        .collect(),
+                    saved: self.device.pipeline_saved(conv).map(|s| SavedState { count: s.count, digest: hex(&s.digest), state: s.state.clone() }),
+                }))
+            }
+            Request::PipelineStep { pipeline, kind, body, prior } => {
+                let conv = self.resolve_pipeline(&pipeline)?;
+                let prior = match prior {
+                    Some(p) => Some(unhex32(&p)?),
+                    None => None,
+                };
+                let (id, out) = self.device.pipeline_step(conv, &kind, &body, prior, now_ms)?;
+                fx.publish.extend(out);
+                if let Some(s) = self.device.message(conv, CONV_CHANNEL, id) {
+                    fx.shown.push(self.line(Gid::Conv(conv), CONV_CHANNEL, &s));
+                }
+                Reply::Sent { id: id_text(Gid::Conv(conv), CONV_CHANNEL, id), queued: !self.network_up }
+            }
+            Request::PipelineSave { pipeline, count, digest, state } => {
+                let conv = self.resolve_pipeline(&pipeline)?;
+                let digest = unhex32(&digest)?;
+                self.device.save_pipeline(conv, &canopy_msg_core::pipeline::Saved { count, digest, state })?;
+                Reply::Pong
             }
             Request::Groups => {
                 let ids: Vec<ConvId> = self.device.chat_groups().map(|(c, _)| c).collect();

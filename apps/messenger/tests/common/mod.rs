@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use canopy_relay::{Relay, RelayConfig, RelayHandle, StoreKind};
 
 #[path = "../../../../framework/tests/support/plugin_artifacts.rs"]
-mod plugin_artifacts;
+pub mod plugin_artifacts;
 
 /// Upper bound for anything awaited.
 pub const WAIT: Duration = Duration::from_secs(60);

@@ -1,0 +1,229 @@
+//! `pipeline create|list|show|act`: pipelines run their model here, in the UI process, on
+//! plaintext (`docs/pipelines.md`). Secure keeps the group, its messages and the sealed state;
+//! it never runs a model.
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context as _, bail};
+use canopy_msg_pipeline::{Limits, Message, Model, ModelId, Rendering, Runtime, Signer, State};
+use canopy_msg_secure::proto::{PipelineLog, Reply, Request};
+use sha2::{Digest, Sha256};
+
+use crate::home::Home;
+use crate::ui::{Secure, clean};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unexpected(reply: Reply) -> anyhow::Error {
+    anyhow::anyhow!("unexpected reply from Secure: {reply:?}")
+}
+
+/// What the UI keeps sealed in Secure between runs: the model's state and what was noticed
+/// on the way (so a later run from the saved state still reports it).
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Kept {
+    state: Vec<u8>,
+    refused: Vec<String>,
+    diverged: Vec<String>,
+}
+
+/// A pipeline with its model run over every step this device holds.
+pub struct Run {
+    /// What Secure holds.
+    pub log: PipelineLog,
+    /// The model.
+    pub model: Model,
+    /// The state after every step.
+    pub state: State,
+    /// Steps the model refused (each with its reason); they changed nothing.
+    pub refused: Vec<String>,
+    /// Steps whose sender's state before them differs from this device's: a divergence.
+    pub diverged: Vec<String>,
+}
+
+/// The digest of the first steps' ids, which a saved state is only good for.
+fn digest(log: &PipelineLog, count: usize) -> String {
+    let mut h = Sha256::new();
+    for s in &log.steps[..count] {
+        h.update(s.id.as_bytes());
+        h.update(b"\n");
+    }
+    hex(&h.finalize())
+}
+
+/// Secure signs nothing for models yet: no signing keys live in it for pipelines so far.
+struct NoKeys;
+
+impl Signer for NoKeys {
+    fn sign(&mut self, key: &str, kind: &str, _payload: &[u8]) -> Result<Vec<u8>, String> {
+        Err(format!("Secure holds no {kind} key named {key:?}"))
+    }
+}
+
+/// Loads the pipeline's model and runs it over every step, from the sealed state where it is
+/// still good; seals the new state.
+pub fn run(home: &Home, pipeline: &str) -> anyhow::Result<Run> {
+    let mut secure = Secure::connect(home)?;
+    let log = match secure.call(&Request::PipelineLog { pipeline: pipeline.into() })? {
+        Reply::Pipeline(log) => *log,
+        other => return Err(unexpected(other)),
+    };
+    let Some(bytes) = log.bytes.as_deref() else {
+        bail!("the model of pipeline {} has not fully arrived yet: try again in a moment", log.id);
+    };
+    let expected = ModelId(canopy_msg_core::engine::unhex(&log.model).and_then(|b| b.try_into().ok()).context("a model id that is not 64 hex digits")?);
+    // The bytes are checked against the id the creation message names before anything runs.
+    let model = Runtime::new()?.load_checked(bytes, &expected, Limits::default()).with_context(|| format!("pipeline {}", log.id))?;
+    let saved = log.saved.as_ref().filter(|s| s.count <= log.steps.len() && s.digest == digest(&log, s.count));
+    let (mut kept, start) = match saved.and_then(|s| Some((serde_json::from_slice::<Kept>(&s.state).ok()?, s.count))) {
+        Some(k) => k,
+        None => {
+            let state = model.init(&log.params, &log.creator, &log.members).with_context(|| format!("the model refuses pipeline {}'s parameters", log.id))?;
+            (Kept { state: state.0, ..Kept::default() }, 0)
+        }
+    };
+    let mut state = State(std::mem::take(&mut kept.state));
+    for step in &log.steps[start..] {
+        let sender = step.user.clone().unwrap_or_default();
+        if let Some(prior) = &step.prior
+            && *prior != state.hash_hex()
+        {
+            kept.diverged.push(format!("step {} by {}: its sender's state was {}, this device's {}", step.id, short(&sender), &prior[..12], &state.hash_hex()[..12]));
+        }
+        match model.apply(&state, &sender, step.time_ms, &Message { kind: step.kind.clone(), body: step.body.clone() }) {
+            Ok(next) => state = next,
+            Err(e) => kept.refused.push(format!("step {} ({} by {}): {e}", step.id, step.kind, short(&sender))),
+        }
+    }
+    if start < log.steps.len() || saved.is_none() {
+        let keep = Kept { state: state.0.clone(), refused: kept.refused.clone(), diverged: kept.diverged.clone() };
+        let request = Request::PipelineSave { pipeline: log.id.clone(), count: log.steps.len(), digest: digest(&log, log.steps.len()), state: serde_json::to_vec(&keep)? };
+        match secure.call(&request)? {
+            Reply::Pong => {}
+            other => return Err(unexpected(other)),
+        }
+    }
+    Ok(Run { log, model, state, refused: kept.refused, diverged: kept.diverged })
+}
+
+fn short(user: &str) -> String {
+    user.chars().take(8).collect()
+}
+
+/// `pipeline create MODEL --members U1,U2 [--params JSON] [--name NAME]`.
+pub fn create(home: &Home, model_path: &std::path::Path, name: &str, members: &[String], params: &str) -> anyhow::Result<()> {
+    let bytes = std::fs::read(model_path).with_context(|| format!("reading {}", model_path.display()))?;
+    // A model that does not load, or refuses the parameters, is refused before anything is sent.
+    let model = Runtime::new()?.load(&bytes, Limits::default()).with_context(|| format!("{}", model_path.display()))?;
+    let mut secure = Secure::connect(home)?;
+    let me = match secure.call(&Request::Whoami)? {
+        Reply::Whoami { user, .. } => user,
+        other => return Err(unexpected(other)),
+    };
+    let contacts = match secure.call(&Request::Contacts)? {
+        Reply::Contacts { contacts } => contacts,
+        other => return Err(unexpected(other)),
+    };
+    let mut users: BTreeSet<String> = [me.clone()].into();
+    for m in members {
+        let id = contacts.iter().find(|c| c.name.as_deref() == Some(m.as_str()) || c.user == *m).map(|c| c.user.clone());
+        users.insert(match id {
+            Some(id) => id,
+            None if m.len() == 32 && m.bytes().all(|b| b.is_ascii_hexdigit()) => m.to_ascii_lowercase(),
+            None => bail!("{m:?} is neither a user id nor a contact's name"),
+        });
+    }
+    let users: Vec<String> = users.into_iter().collect();
+    model.init(params, &me, &users).context("the model refuses these parameters")?;
+    match secure.call(&Request::PipelineCreate { name: name.into(), users: members.to_vec(), model: bytes, params: params.into() })? {
+        Reply::Group { group, .. } => {
+            println!("{}", group.id);
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `pipeline list`.
+pub fn list(home: &Home, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::Pipelines)? {
+        Reply::Pipelines { pipelines } => {
+            for p in pipelines {
+                if json {
+                    println!("{}", serde_json::to_string(&p)?);
+                } else {
+                    let waiting = if p.model_complete { "" } else { "  (model still arriving)" };
+                    println!("{} {} model={} steps={}{waiting}", p.id, clean(&p.name), &p.model[..12], p.steps);
+                }
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn render_json(run: &Run, view: &Rendering) -> serde_json::Value {
+    serde_json::json!({
+        "id": run.log.id,
+        "name": run.log.name,
+        "model": run.log.model,
+        "model_name": run.model.descriptor().name,
+        "steps": run.log.steps.len(),
+        "state_hash": run.state.hash_hex(),
+        "title": view.title,
+        "status": view.status,
+        "lines": view.lines,
+        "actions": view.actions.iter().map(|a| serde_json::json!({"name": a.name, "label": a.label, "args": a.args})).collect::<Vec<_>>(),
+        "closed": view.closed,
+        "refused": run.refused,
+        "diverged": run.diverged,
+    })
+}
+
+/// `pipeline show ID`.
+pub fn show(home: &Home, pipeline: &str, json: bool) -> anyhow::Result<()> {
+    let run = run(home, pipeline)?;
+    let view = run.model.view(&run.state, &run.log.me)?;
+    if json {
+        println!("{}", render_json(&run, &view));
+        return Ok(());
+    }
+    let d = run.model.descriptor();
+    println!("{} {} (model {} {}, {})", run.log.id, clean(&run.log.name), clean(&d.name), clean(&d.version), &run.log.model[..12]);
+    println!("{}", clean(&view.title));
+    println!("{}", clean(&view.status));
+    for l in &view.lines {
+        println!("  {}", clean(l));
+    }
+    if !view.actions.is_empty() {
+        let actions: Vec<String> = view.actions.iter().map(|a| format!("{} {} — {}", clean(&a.name), clean(&a.args.join(" ")), clean(&a.label))).collect();
+        println!("actions: {}", actions.join("; "));
+    }
+    println!("state {} after {} steps{}", &run.state.hash_hex()[..16], run.log.steps.len(), if view.closed { ", closed" } else { "" });
+    for r in &run.refused {
+        println!("refused: {}", clean(r));
+    }
+    for d in &run.diverged {
+        println!("DIVERGED: {}", clean(d));
+    }
+    Ok(())
+}
+
+/// `pipeline act ID ACTION [ARGS…]`: builds the step with the model, checks the model takes
+/// it here first, and sends it.
+pub fn act(home: &Home, pipeline: &str, action: &str, args: &[String]) -> anyhow::Result<()> {
+    let run = run(home, pipeline)?;
+    let message = run.model.act(&run.state, &run.log.me, action, args, Box::new(NoKeys))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    run.model.apply(&run.state, &run.log.me, now, &message).context("the model refuses this step")?;
+    let request = Request::PipelineStep { pipeline: run.log.id.clone(), kind: message.kind, body: message.body, prior: Some(run.state.hash_hex()) };
+    match Secure::connect(home)?.call(&request)? {
+        Reply::Sent { id, .. } => {
+            println!("{id}");
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
