@@ -211,19 +211,49 @@ pub fn show(home: &Home, pipeline: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `pipeline act ID ACTION [ARGS…]`: builds the step with the model, checks the model takes
-/// it here first, and sends it.
+/// `pipeline act ID ACTION [ARGS…]`: prints the step's id.
 pub fn act(home: &Home, pipeline: &str, action: &str, args: &[String]) -> anyhow::Result<()> {
+    println!("{}", act_step(home, pipeline, action, args)?);
+    Ok(())
+}
+
+/// What the TUI's pipeline pane shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pane {
+    /// The pipeline's group id.
+    pub id: String,
+    /// The model's name and version.
+    pub model: String,
+    /// The model's rendering for this user.
+    pub view: Rendering,
+    /// The state hash.
+    pub hash: String,
+    /// Steps applied.
+    pub steps: usize,
+    /// Refused steps.
+    pub refused: Vec<String>,
+    /// Divergences.
+    pub diverged: Vec<String>,
+}
+
+/// The pane of pipeline `pipeline`: its model run over every step.
+pub fn pane(home: &Home, pipeline: &str) -> anyhow::Result<Pane> {
+    let run = run(home, pipeline)?;
+    let view = run.model.view(&run.state, &run.log.me)?;
+    let d = run.model.descriptor();
+    Ok(Pane { id: run.log.id.clone(), model: format!("{} {}", d.name, d.version), view, hash: run.state.hash_hex(), steps: run.log.steps.len(), refused: run.refused, diverged: run.diverged })
+}
+
+/// Builds the step of an action with the model, checks the model takes it here first, and
+/// sends it; returns its id.
+pub fn act_step(home: &Home, pipeline: &str, action: &str, args: &[String]) -> anyhow::Result<String> {
     let run = run(home, pipeline)?;
     let message = run.model.act(&run.state, &run.log.me, action, args, Box::new(NoKeys))?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     run.model.apply(&run.state, &run.log.me, now, &message).context("the model refuses this step")?;
     let request = Request::PipelineStep { pipeline: run.log.id.clone(), kind: message.kind, body: message.body, prior: Some(run.state.hash_hex()) };
     match Secure::connect(home)?.call(&request)? {
-        Reply::Sent { id, .. } => {
-            println!("{id}");
-            Ok(())
-        }
+        Reply::Sent { id, .. } => Ok(id),
         other => Err(unexpected(other)),
     }
 }

@@ -477,7 +477,7 @@ pub struct MailLine {
 pub struct ChatLine {
     /// How to address it: `TEAM/CHANNEL`, `dm:USER` or `group:ID`.
     pub conversation: String,
-    /// `channel`, `dm` or `group`.
+    /// `channel`, `dm`, `group`, `pipeline` (a group bound to a model) or `mail`.
     pub kind: String,
     /// Its name for people: `team/channel`, the contact's name (or short id), the group's name.
     pub name: String,

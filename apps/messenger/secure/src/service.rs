@@ -280,7 +280,10 @@ impl<B: Backend> Service<B> {
                 (format!("{team}/{channel}"), "channel", format!("{team}/{channel}"))
             }
             Chat::Dm(u) => (format!("dm:{u}"), "dm", self.device.contacts().name(&u).map_or_else(|| u.short(), str::to_string)),
-            Chat::Group(c) => (format!("group:{c}"), "group", self.device.conv_record(c).map(|r| r.name.clone()).unwrap_or_default()),
+            Chat::Group(c) => {
+                let kind = if self.device.pipeline_log(c).is_some() { "pipeline" } else { "group" };
+                (format!("group:{c}"), kind, self.device.conv_record(c).map(|r| r.name.clone()).unwrap_or_default())
+            }
             Chat::Mail => ("mail".to_string(), "mail", "mail".to_string()),
         };
         ChatLine { conversation, kind: kind.into(), name, unread: summary.unread, last_ms: summary.last_ms, messages: summary.messages }

@@ -105,8 +105,29 @@ pub struct App {
     /// Whether the open conversation has older messages than those shown (a long history
     /// comes in pages; `canopy-msg read` prints it all).
     pub older: bool,
+    /// The open pipeline's pane: its model's view for this user.
+    pub pipeline: Option<crate::pipeline::Pane>,
+    /// What the loop does besides asking Secure: run a pipeline's model.
+    pub wants: Vec<Want>,
     /// What was last submitted, until Secure has answered: given back if it failed.
     pub sent_draft: Option<Compose>,
+}
+
+/// Work for the loop that is not a request to Secure: running a pipeline's model (in this
+/// process, as `pipeline show` and `act` do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want {
+    /// Run the model of this pipeline (group id) and show its pane.
+    Pane(String),
+    /// Take an action in this pipeline.
+    Act {
+        /// The pipeline's group id.
+        pipeline: String,
+        /// The action.
+        action: String,
+        /// Its arguments.
+        args: Vec<String>,
+    },
 }
 
 /// One row of a conversation as shown: a message and how deep in its thread it sits.
@@ -136,6 +157,7 @@ pub const HELP: &[(&str, &str)] = &[
     ("/rename NAME  /describe TEXT", "group admins: rename, describe"),
     ("/add USER…  /remove USER…", "group admins: add, remove members"),
     ("/revoke", "group admins: new keys (a new epoch)"),
+    ("/act ACTION ARGS…", "pipelines: take an action the pane lists"),
 ];
 
 impl App {
@@ -161,6 +183,40 @@ impl App {
     /// The open group's id, if the open conversation is a group.
     pub fn open_group(&self) -> Option<&str> {
         self.open.as_deref()?.strip_prefix("group:")
+    }
+
+    /// The open pipeline's id, if the open conversation is a group bound to a model.
+    pub fn open_pipeline(&self) -> Option<&str> {
+        let open = self.open.as_deref()?;
+        self.chats.iter().find(|c| c.conversation == open && c.kind == "pipeline")?;
+        open.strip_prefix("group:")
+    }
+
+    /// A pipeline's pane, once the loop has run its model: kept only if it is still open.
+    pub fn pane(&mut self, result: Result<crate::pipeline::Pane, String>) {
+        match result {
+            Ok(p) if self.open_pipeline() == Some(p.id.as_str()) => self.pipeline = Some(p),
+            Ok(_) => {}
+            Err(e) => self.say(e, true),
+        }
+    }
+
+    /// An action's step was sent (or not).
+    pub fn acted(&mut self, result: Result<String, String>) -> Vec<Request> {
+        match result {
+            Ok(_) => {
+                self.sent_draft = None;
+                self.reload()
+            }
+            Err(e) => {
+                if let Some(draft) = self.sent_draft.take() {
+                    self.compose = Some(draft);
+                    self.set_focus(Focus::Compose);
+                }
+                self.say(e, true);
+                Vec::new()
+            }
+        }
     }
 
     /// The conversation's messages in thread order: each root in the order Secure gave, then
@@ -213,7 +269,13 @@ impl App {
     }
 
     /// The requests that fetch what the open conversation shows.
-    fn reload(&self) -> Vec<Request> {
+    fn reload(&mut self) -> Vec<Request> {
+        if let Some(id) = self.open_pipeline() {
+            let want = Want::Pane(id.to_string());
+            if !self.wants.contains(&want) {
+                self.wants.push(want);
+            }
+        }
         match self.open.as_deref() {
             None => vec![Request::Chats],
             Some("mail") => {
@@ -242,6 +304,7 @@ impl App {
             self.mails.clear();
             self.thread = None;
             self.info = None;
+            self.pipeline = None;
             self.cursor = usize::MAX; // the newest, once loaded
         }
         self.open = Some(conversation);
@@ -263,7 +326,7 @@ impl App {
     }
 
     /// Everything again: after the watch stream was (re)opened, what arrived meanwhile.
-    pub fn incoming_all(&self) -> Vec<Request> {
+    pub fn incoming_all(&mut self) -> Vec<Request> {
         let mut r = self.reload();
         r.push(Request::Chats);
         r.push(Request::Status);
@@ -531,6 +594,11 @@ impl App {
             "add" if !rest.is_empty() => op(GroupOp::Add { users: rest, note: String::new() }),
             "remove" if !rest.is_empty() => op(GroupOp::Remove { users: rest, note: String::new() }),
             "revoke" => op(GroupOp::Revoke),
+            "act" if !rest.is_empty() => {
+                let pipeline = self.open_pipeline().map(str::to_string).ok_or_else(|| "/act works in a pipeline".to_string())?;
+                self.wants.push(Want::Act { pipeline, action: rest[0].clone(), args: rest[1..].to_vec() });
+                Ok(Vec::new())
+            }
             _ => Err(format!("unknown command {line:?}: see ? for the commands")),
         }
     }

@@ -95,7 +95,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
         None => 0,
     };
     let [main, compose, status] = Layout::vertical([Constraint::Min(3), Constraint::Length(compose_height), Constraint::Length(1)]).areas(frame.area());
-    let info_width = if app.info.is_some() { 36 } else { 0 };
+    let info_width = if app.info.is_some() || app.pipeline.is_some() { 36 } else { 0 };
     let [chats, conversation, info] = Layout::horizontal([Constraint::Length(30), Constraint::Min(20), Constraint::Length(info_width)]).areas(main);
     draw_chats(frame, app, chats);
     if app.in_mail() {
@@ -105,6 +105,8 @@ pub fn draw(frame: &mut Frame, app: &App) {
     }
     if app.info.is_some() {
         draw_info(frame, app, info);
+    } else if app.pipeline.is_some() {
+        draw_pipeline(frame, app, info);
     }
     if app.compose.is_some() {
         draw_compose(frame, app, compose);
@@ -125,6 +127,7 @@ fn draw_chats(frame: &mut Frame, app: &App, area: Rect) {
                 "channel" => "#",
                 "dm" => "@",
                 "group" => "&",
+                "pipeline" => "⚙",
                 _ => "✉",
             };
             let unread = if c.unread > 0 { format!(" {}", c.unread) } else { String::new() };
@@ -302,6 +305,33 @@ fn draw_info(frame: &mut Frame, app: &App, area: Rect) {
         lines.push(Line::styled("only admins change the group", Style::new().fg(Color::DarkGray)));
     }
     frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }).block(border(" group info ".into(), false)), area);
+}
+
+fn draw_pipeline(frame: &mut Frame, app: &App, area: Rect) {
+    let Some(p) = &app.pipeline else { return };
+    let v = &p.view;
+    let mut lines = vec![Line::styled(clean(&v.title), Style::new().add_modifier(Modifier::BOLD)), Line::raw(clean(&v.status))];
+    lines.extend(v.lines.iter().map(|l| Line::raw(format!(" {}", clean(l)))));
+    lines.push(Line::raw(""));
+    if v.actions.is_empty() {
+        lines.push(Line::styled(if v.closed { "closed" } else { "nothing for you to do now" }, Style::new().fg(Color::DarkGray)));
+    } else {
+        lines.push(Line::styled("actions (compose box):", Style::new().add_modifier(Modifier::BOLD)));
+        for a in &v.actions {
+            lines.push(Line::raw(format!(" /act {} {}", clean(&a.name), clean(&a.args.join(" ")))));
+            lines.push(Line::styled(format!("   {}", clean(&a.label)), Style::new().fg(Color::DarkGray)));
+        }
+    }
+    lines.push(Line::raw(""));
+    lines.push(Line::styled(format!("state {} · {} steps", &p.hash[..p.hash.len().min(12)], p.steps), Style::new().fg(Color::DarkGray)));
+    for r in &p.refused {
+        lines.push(Line::styled(format!("refused: {}", clean(r)), Style::new().fg(Color::Yellow)));
+    }
+    for d in &p.diverged {
+        lines.push(Line::styled(format!("DIVERGED: {}", clean(d)), Style::new().fg(Color::Red)));
+    }
+    let title = format!(" pipeline · {} ", clean(&p.model));
+    frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }).block(border(title, false)), area);
 }
 
 fn draw_compose(frame: &mut Frame, app: &App, area: Rect) {

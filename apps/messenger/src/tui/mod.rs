@@ -155,6 +155,19 @@ fn run_loop(terminal: &mut ratatui::DefaultTerminal, home: &Home, me: String, rx
                 requests.extend(app.answer(&request, reply));
             }
         }
+        // Pipelines' models run here, in this process, like `pipeline show` and `act`.
+        for want in std::mem::take(&mut app.wants) {
+            match want {
+                app::Want::Pane(id) => app.pane(crate::pipeline::pane(home, &id).map_err(|e| format!("{e:#}"))),
+                app::Want::Act { pipeline, action, args } => {
+                    let result = crate::pipeline::act_step(home, &pipeline, &action, &args).map_err(|e| format!("{e:#}"));
+                    requests.extend(app.acted(result));
+                }
+            }
+        }
+        if !requests.is_empty() {
+            continue;
+        }
         if app.quit {
             return Ok(());
         }

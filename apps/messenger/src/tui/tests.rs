@@ -554,3 +554,59 @@ fn a_history_longer_than_one_page_says_where_the_rest_is() {
     assert!(s.contains(&format!("older messages are not shown here: canopy-msg read dm:{BOB}")), "{s}");
     assert!(s.contains("bob: newest"));
 }
+
+#[test]
+fn a_pipeline_shows_its_models_view_and_act_takes_an_action() {
+    use super::app::Want;
+    use canopy_msg_pipeline::{Action, Rendering};
+    let mut app = app_with_dm(Vec::new());
+    let mut chats = app.chats.clone();
+    chats.insert(1, chat("group:aa0000000000000001", "pipeline", "lunch", 0, T));
+    app.answer(&Request::Chats, Ok(Reply::Chats { chats }));
+    // Outside a pipeline, /act is refused.
+    app.key(key(KeyCode::Enter));
+    typed(&mut app, "/act vote 1");
+    assert!(app.key(key(KeyCode::Enter)).is_empty());
+    assert!(app.notice.as_ref().is_some_and(|n| n.text.contains("works in a pipeline")));
+    app.key(key(KeyCode::Esc));
+    app.key(key(KeyCode::Esc));
+    app.key(key(KeyCode::Down));
+    let r = app.key(key(KeyCode::Enter));
+    assert_eq!(r[0], Request::Read { conversation: "group:aa0000000000000001".into(), before: None });
+    assert_eq!(app.wants, vec![Want::Pane("aa0000000000000001".into())], "opening a pipeline runs its model");
+    app.wants.clear();
+    let view = Rendering {
+        title: "Lunch?".into(),
+        status: "1 of 3 voted".into(),
+        lines: vec!["0. pizza: 0".into(), "1. soup: 1".into()],
+        actions: vec![Action { name: "vote".into(), label: "vote for an option".into(), args: vec!["OPTION".into()] }],
+        closed: false,
+    };
+    let pane = crate::pipeline::Pane { id: "aa0000000000000001".into(), model: "poll 1".into(), view, hash: "ab".repeat(32), steps: 1, refused: vec!["step x (close by bbbbbbbb): only the creator closes the poll".into()], diverged: Vec::new() };
+    app.pane(Ok(pane.clone()));
+    let s = screen(&app, 140, 24);
+    for want in ["⚙ lunch", "pipeline · poll 1", "Lunch?", "1 of 3 voted", "1. soup: 1", "/act vote OPTION", "vote for an option", "state abababababab · 1 steps", "refused: step x"] {
+        assert!(s.contains(want), "{want:?} missing:\n{s}");
+    }
+    // /act sends the action through the model; a failure gives the draft back.
+    app.key(key(KeyCode::Enter));
+    typed(&mut app, "/act vote soup");
+    assert!(app.key(key(KeyCode::Enter)).is_empty());
+    assert_eq!(app.wants, vec![Want::Act { pipeline: "aa0000000000000001".into(), action: "vote".into(), args: vec!["soup".into()] }]);
+    app.wants.clear();
+    assert!(app.acted(Err("the model refuses this step: no option \"soup\"".into())).is_empty());
+    assert!(matches!(&app.compose, Some(Compose::Message { text, .. }) if text == "/act vote soup"));
+    // Sent again, and through this time.
+    app.key(key(KeyCode::Enter));
+    assert_eq!(app.wants.len(), 1);
+    app.wants.clear();
+    let next = app.acted(Ok("c1/0/1/5".into()));
+    assert_eq!(next[0], Request::Read { conversation: "group:aa0000000000000001".into(), before: None });
+    assert_eq!(app.wants, vec![Want::Pane("aa0000000000000001".into())], "the pane is run again");
+    // A pane for a pipeline no longer open is dropped.
+    app.key(key(KeyCode::Esc));
+    app.key(key(KeyCode::Home));
+    app.key(key(KeyCode::Enter));
+    app.pane(Ok(pane));
+    assert!(app.pipeline.is_none());
+}
