@@ -6,13 +6,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Package names; a package whose lib is named otherwise builds to that name (canopy-member → member.wasm).
-WASM_PLUGINS=(echo clock hostile dump sink canopy-member poll faulty)
+WASM_PLUGINS=(echo clock hostile dump sink canopy-member poll faulty multisig)
 NATIVE_PLUGINS=(echo stale-abi sink)
 
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     echo "installing the wasm32-wasip2 target" >&2
     rustup target add wasm32-wasip2
 fi
+
+# The multisig model's secp256k1 is C: clang compiles it for wasm32 (Debian's clang 14 knows
+# no wasip2 sysroot, so only its own freestanding headers and secp256k1's wasm sysroot are used).
+if ! command -v clang > /dev/null; then
+    echo "installing clang (for the multisig model's secp256k1)" >&2
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang
+fi
+export CFLAGS_wasm32_wasip2="-nostdlibinc"
 
 args=()
 for p in "${WASM_PLUGINS[@]}"; do args+=(-p "$p"); done

@@ -156,8 +156,9 @@ pub struct Message {
 /// The most bytes of a model one [`Pipeline::ModelPart`] carries: its message stays a few
 /// chunks.
 pub const MAX_MODEL_PART: usize = 12 * 1024;
-/// The largest model a pipeline may ship (16 MiB).
-pub const MAX_MODEL: usize = 16 << 20;
+/// The largest model a pipeline may ship (3 MiB): the UI hands it to Secure, and Secure back,
+/// in one frame (base64 in a 4 MiB frame).
+pub const MAX_MODEL: usize = 3 << 20;
 
 /// What a pipeline's group carries besides texts (`docs/pipelines.md`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

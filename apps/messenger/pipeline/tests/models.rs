@@ -152,3 +152,68 @@ fn wrong_bytes_and_components_that_are_no_model_are_refused_at_load() {
     assert!(matches!(rt.load(b"garbage", Limits::default()), Err(ModelError::Load(_))));
     let _ = State(Vec::new()).hash_hex();
 }
+
+/// What Secure does for `sign("btc", "psbt", …)`: the PSBT signs itself with the user's key,
+/// computing its own sighash (here with a test key per user).
+struct PsbtSigner(u8);
+
+impl Signer for PsbtSigner {
+    fn sign(&mut self, key: &str, kind: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
+        use bitcoin::secp256k1::{Secp256k1, SecretKey};
+        assert_eq!((key, kind), ("btc", "psbt"));
+        let mut psbt = bitcoin::psbt::Psbt::deserialize(payload).map_err(|e| e.to_string())?;
+        let sk = bitcoin::PrivateKey::new(SecretKey::from_slice(&[self.0; 32]).unwrap(), bitcoin::Network::Regtest);
+        let keys: std::collections::BTreeMap<_, _> = [(sk.public_key(&Secp256k1::new()), sk)].into();
+        psbt.sign(&keys, &Secp256k1::new()).map_err(|_| "signing failed".to_string())?;
+        Ok(psbt.serialize())
+    }
+}
+
+#[test]
+fn the_multisig_model_runs_a_two_of_three_spend_in_the_host_signing_through_the_capability() {
+    use bitcoin::secp256k1::{Secp256k1, SecretKey};
+    let public = |i: u8| bitcoin::PrivateKey::new(SecretKey::from_slice(&[i; 32]).unwrap(), bitcoin::Network::Regtest).public_key(&Secp256k1::new());
+    let address = |i: u8| bitcoin::Address::p2wpkh(&bitcoin::CompressedPublicKey::try_from(public(i)).unwrap(), bitcoin::Network::Regtest).to_string();
+    let params = serde_json::json!({
+        "descriptor": format!("wsh(multi(2,{},{},{}))", public(1), public(2), public(3)),
+        "network": "regtest",
+        "funding": {"txid": "ab".repeat(32), "vout": 0, "amount_sat": 50_000},
+        "outputs": [{"address": address(9), "amount_sat": 49_000}],
+        "fee_sat": 1_000,
+    })
+    .to_string();
+    let m = load("multisig", Limits::default());
+    assert_eq!(m.descriptor().name, "multisig");
+    let state = m.init(&params, ALICE, &members()).unwrap();
+    // The creator's act builds the PSBT and has it signed; every device applies it.
+    let tx = m.act(&state, ALICE, "transaction", &[], Box::new(PsbtSigner(1))).unwrap();
+    assert_eq!(tx.kind, "TRANSACTION");
+    let state = m.apply(&state, ALICE, 1, &tx).unwrap();
+    assert_eq!(m.view(&state, BOB).unwrap().status, "1 of 2 signatures");
+    // Without a key, signing fails and nothing is sent.
+    assert!(matches!(m.act(&state, BOB, "sign", &[], Box::new(canopy_msg_pipeline::NoSigner)), Err(ModelError::Refused(_))));
+    let sign = m.act(&state, BOB, "sign", &[], Box::new(PsbtSigner(2))).unwrap();
+    let state = m.apply(&state, BOB, 2, &sign).unwrap();
+    let finalize = m.act(&state, CAROL, "finalize", &[], Box::new(canopy_msg_pipeline::NoSigner)).unwrap();
+    let state = m.apply(&state, CAROL, 3, &finalize).unwrap();
+    let view = m.view(&state, CAROL).unwrap();
+    assert_eq!(view.status, "final, ready to broadcast");
+    // The final transaction, verified natively with miniscript's interpreter.
+    let hex = view.lines.iter().find_map(|l| l.strip_prefix("tx ")).unwrap();
+    let final_tx: bitcoin::Transaction = bitcoin::consensus::encode::deserialize_hex(hex).unwrap();
+    // The funding script, built here from the three keys: OP_2 <k1> <k2> <k3> OP_3 CHECKMULTISIG.
+    let witness_script = bitcoin::script::Builder::new()
+        .push_int(2)
+        .push_key(&public(1))
+        .push_key(&public(2))
+        .push_key(&public(3))
+        .push_int(3)
+        .push_opcode(bitcoin::opcodes::all::OP_CHECKMULTISIG)
+        .into_script();
+    assert_eq!(final_tx.input[0].witness.last().unwrap(), witness_script.as_bytes());
+    let script = bitcoin::ScriptBuf::new_p2wsh(&witness_script.wscript_hash());
+    multisig::verify(&final_tx, &bitcoin::TxOut { value: bitcoin::Amount::from_sat(50_000), script_pubkey: script }).unwrap();
+    let broadcast = m.act(&state, ALICE, "broadcast", &[], Box::new(canopy_msg_pipeline::NoSigner)).unwrap();
+    let state = m.apply(&state, ALICE, 4, &broadcast).unwrap();
+    assert!(m.view(&state, ALICE).unwrap().closed);
+}

@@ -44,6 +44,39 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> io::Result<Option<T
     serde_json::from_slice(&buf).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// Bytes as base64 in the JSON frames (a model is megabytes: as a list of numbers it would
+/// not fit a frame).
+mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// [`b64`] for an optional value.
+mod b64_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => super::b64::serialize(b, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        use base64::Engine as _;
+        Option::<String>::deserialize(d)?.map(|t| base64::engine::general_purpose::STANDARD.decode(t).map_err(serde::de::Error::custom)).transpose()
+    }
+}
+
 /// A request from the UI.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -205,6 +238,7 @@ pub enum Request {
         /// Members besides this user: user ids or contact names.
         users: Vec<String>,
         /// The model's bytes (a `canopy:model` component), sent to every member.
+        #[serde(with = "b64")]
         model: Vec<u8>,
         /// The parameters its `init` takes (JSON).
         params: String,
@@ -236,6 +270,7 @@ pub enum Request {
         /// The digest of their ids (hex).
         digest: String,
         /// The state.
+        #[serde(with = "b64")]
         state: Vec<u8>,
     },
     /// Try to open an `AF_INET` socket from inside Secure and report what happened.
@@ -318,6 +353,7 @@ pub struct SavedState {
     /// The digest of their ids (hex).
     pub digest: String,
     /// The state.
+    #[serde(with = "b64")]
     pub state: Vec<u8>,
 }
 
@@ -339,6 +375,7 @@ pub struct PipelineLog {
     /// The creator's parameters.
     pub params: String,
     /// The model's bytes, once complete and checked against `model`.
+    #[serde(with = "b64_opt")]
     pub bytes: Option<Vec<u8>>,
     /// Its steps, in the order every member applies them.
     pub steps: Vec<StepLine>,
