@@ -173,6 +173,11 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Bitcoin keys for pipelines (`btc key new|import|show`).
+    Btc {
+        #[command(subcommand)]
+        command: BtcCommand,
+    },
     /// Pipelines: groups that run a model (docs/pipelines.md).
     Pipeline {
         #[command(subcommand)]
@@ -315,6 +320,57 @@ enum PipelineCommand {
         action: String,
         /// Its arguments.
         args: Vec<String>,
+        /// Approve what the model asks Secure to sign without a prompt (it is still printed).
+        #[arg(long)]
+        yes: bool,
+        /// For a step that sends a transaction: the command it is handed to (the hex is its
+        /// last argument), e.g. "bitcoin-cli -regtest sendrawtransaction".
+        #[arg(long)]
+        broadcast_cmd: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BtcCommand {
+    /// Bitcoin keys for pipelines, kept in Secure.
+    Key {
+        #[command(subcommand)]
+        command: BtcKeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BtcKeyCommand {
+    /// Make a fresh key.
+    New {
+        /// Its name (the multisig model signs with `btc`).
+        #[arg(default_value = "btc")]
+        name: String,
+        /// The network its address is shown for.
+        #[arg(long, default_value = "regtest")]
+        network: String,
+    },
+    /// Import a key (WIF).
+    Import {
+        /// Its name.
+        name: String,
+        /// The key, WIF.
+        wif: String,
+        /// The network its address is shown for.
+        #[arg(long, default_value = "regtest")]
+        network: String,
+    },
+    /// Print a key's public key and address.
+    Show {
+        /// Its name.
+        #[arg(default_value = "btc")]
+        name: String,
+        /// The network its address is shown for.
+        #[arg(long, default_value = "regtest")]
+        network: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -536,7 +592,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             PipelineCommand::List { json } => pipeline::list(&home, json),
             PipelineCommand::Show { pipeline: p, json } => pipeline::show(&home, &p, json),
-            PipelineCommand::Act { pipeline: p, action, args } => pipeline::act(&home, &p, &action, &args),
+            PipelineCommand::Act { pipeline: p, action, args, yes, broadcast_cmd } => {
+                pipeline::act(&home, &p, &action, &args, &pipeline::ActOptions { yes, prompt: true, broadcast_cmd })
+            }
+        },
+        Command::Btc { command: BtcCommand::Key { command } } => match command {
+            BtcKeyCommand::New { name, network } => ui::btc_key(&home, name, canopy_msg_secure::proto::BtcKeyAction::New, network, false),
+            BtcKeyCommand::Import { name, wif, network } => ui::btc_key(&home, name, canopy_msg_secure::proto::BtcKeyAction::Import { wif }, network, false),
+            BtcKeyCommand::Show { name, network, json } => ui::btc_key(&home, name, canopy_msg_secure::proto::BtcKeyAction::Show, network, json),
         },
         Command::Mail { command } => match command {
             MailCommand::Send { to, subject, body, prev } => ui::mail_send(&home, Request::MailSend { to, subject, body, prev }),

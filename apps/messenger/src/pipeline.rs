@@ -53,13 +53,90 @@ fn digest(log: &PipelineLog, count: usize) -> String {
     hex(&h.finalize())
 }
 
-/// Secure signs nothing for models yet: no signing keys live in it for pipelines so far.
-struct NoKeys;
+/// The model's `sign`: Secure reviews the payload and says what signing it means; the user
+/// approves (a prompt on a terminal, or `--yes`); Secure signs exactly what was approved.
+pub struct SecureSigner {
+    /// The device.
+    pub home: Home,
+    /// Approve without asking.
+    pub yes: bool,
+    /// Whether to ask on the terminal (not from the TUI, which owns the screen).
+    pub prompt: bool,
+}
 
-impl Signer for NoKeys {
-    fn sign(&mut self, key: &str, kind: &str, _payload: &[u8]) -> Result<Vec<u8>, String> {
-        Err(format!("Secure holds no {kind} key named {key:?}"))
+impl SecureSigner {
+    fn ask(&mut self, key: &str, kind: &str, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let mut secure = Secure::connect(&self.home)?;
+        let review = Request::Sign { key: key.into(), kind: kind.into(), payload: payload.to_vec(), approved: None, network: None };
+        let (summary, digest) = match secure.call(&review)? {
+            Reply::Approve { summary, digest } => (summary, digest),
+            other => return Err(unexpected(other)),
+        };
+        eprintln!("the model asks to sign with your key {key:?}:");
+        for line in &summary {
+            eprintln!("  {}", clean(line));
+        }
+        if !self.yes {
+            use std::io::IsTerminal as _;
+            if !self.prompt {
+                bail!("signing needs your approval of what is signed: use `canopy-msg pipeline act` in a terminal");
+            }
+            if !std::io::stdin().is_terminal() {
+                bail!("not approved: pass --yes to approve without a prompt");
+            }
+            eprint!("sign? [y/N] ");
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer)?;
+            if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                bail!("not approved: nothing was signed");
+            }
+        }
+        let sign = Request::Sign { key: key.into(), kind: kind.into(), payload: payload.to_vec(), approved: Some(digest), network: None };
+        match secure.call(&sign)? {
+            Reply::Signed { payload } => Ok(payload),
+            other => Err(unexpected(other)),
+        }
     }
+}
+
+impl Signer for SecureSigner {
+    fn sign(&mut self, key: &str, kind: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
+        self.ask(key, kind, payload).map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// How an action is taken: approval and the broadcast hook.
+#[derive(Debug, Clone, Default)]
+pub struct ActOptions {
+    /// Approve signing without a prompt.
+    pub yes: bool,
+    /// Ask for approval on the terminal.
+    pub prompt: bool,
+    /// The command a step carrying a transaction (a `tx` field) is handed to before it is
+    /// sent, e.g. `bitcoin-cli -regtest sendrawtransaction`; it gets the hex as its last
+    /// argument, and if it prints a txid it must be the step's.
+    pub broadcast_cmd: Option<String>,
+}
+
+/// Runs the broadcast hook for a step whose body carries a transaction.
+fn broadcast(message: &Message, options: &ActOptions) -> anyhow::Result<()> {
+    let Ok(body) = serde_json::from_str::<serde_json::Value>(&message.body) else { return Ok(()) };
+    let Some(tx) = body.get("tx").and_then(|t| t.as_str()) else { return Ok(()) };
+    let Some(cmd) = &options.broadcast_cmd else {
+        bail!("this step sends a transaction: pass --broadcast-cmd (e.g. \"bitcoin-cli -regtest sendrawtransaction\")");
+    };
+    let out = std::process::Command::new("sh").arg("-c").arg(format!("{cmd} \"$1\"")).arg("broadcast").arg(tx).output().context("running the broadcast command")?;
+    if !out.status.success() {
+        bail!("the broadcast command failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if let Some(txid) = body.get("txid").and_then(|t| t.as_str())
+        && !printed.is_empty()
+        && printed != txid
+    {
+        bail!("the broadcast command printed {printed}, not the transaction's id {txid}");
+    }
+    Ok(())
 }
 
 /// Loads the pipeline's model and runs it over every step, from the sealed state where it is
@@ -212,8 +289,8 @@ pub fn show(home: &Home, pipeline: &str, json: bool) -> anyhow::Result<()> {
 }
 
 /// `pipeline act ID ACTION [ARGS…]`: prints the step's id.
-pub fn act(home: &Home, pipeline: &str, action: &str, args: &[String]) -> anyhow::Result<()> {
-    println!("{}", act_step(home, pipeline, action, args)?);
+pub fn act(home: &Home, pipeline: &str, action: &str, args: &[String], options: &ActOptions) -> anyhow::Result<()> {
+    println!("{}", act_step(home, pipeline, action, args, options)?);
     Ok(())
 }
 
@@ -246,11 +323,13 @@ pub fn pane(home: &Home, pipeline: &str) -> anyhow::Result<Pane> {
 
 /// Builds the step of an action with the model, checks the model takes it here first, and
 /// sends it; returns its id.
-pub fn act_step(home: &Home, pipeline: &str, action: &str, args: &[String]) -> anyhow::Result<String> {
+pub fn act_step(home: &Home, pipeline: &str, action: &str, args: &[String], options: &ActOptions) -> anyhow::Result<String> {
     let run = run(home, pipeline)?;
-    let message = run.model.act(&run.state, &run.log.me, action, args, Box::new(NoKeys))?;
+    let signer = SecureSigner { home: home.clone(), yes: options.yes, prompt: options.prompt };
+    let message = run.model.act(&run.state, &run.log.me, action, args, Box::new(signer))?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     run.model.apply(&run.state, &run.log.me, now, &message).context("the model refuses this step")?;
+    broadcast(&message, options)?;
     let request = Request::PipelineStep { pipeline: run.log.id.clone(), kind: message.kind, body: message.body, prior: Some(run.state.hash_hex()) };
     match Secure::connect(home)?.call(&request)? {
         Reply::Sent { id, .. } => Ok(id),

@@ -309,6 +309,21 @@ pub fn backup(home: &Home, file: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
+/// `btc key new|import|show`: prints the public key and address.
+pub fn btc_key(home: &Home, name: String, action: proto::BtcKeyAction, network: String, json: bool) -> anyhow::Result<()> {
+    match Secure::connect(home)?.call(&Request::BtcKey { name, action, network: Some(network) })? {
+        Reply::BtcKey(k) => {
+            if json {
+                println!("{}", serde_json::to_string(&k)?);
+            } else {
+                println!("{} {} {}", k.name, k.public_key, k.address);
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 /// `chats`.
 pub fn chats(home: &Home, json: bool) -> anyhow::Result<()> {
     match Secure::connect(home)?.call(&Request::Chats)? {

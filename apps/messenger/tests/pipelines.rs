@@ -90,3 +90,93 @@ async fn a_model_that_traps_changes_nothing_and_the_messenger_keeps_working() {
     bob.await_text(&format!("pipeline:{id}"), "still here");
     origin.shutdown().await;
 }
+
+/// One request to a device's Secure, as the UI sends it.
+fn secure_call(home: &Home, request: &canopy_msg_secure::proto::Request) -> canopy_msg_secure::proto::Reply {
+    let mut stream = std::os::unix::net::UnixStream::connect(home.dir.join("secure.sock")).unwrap();
+    canopy_msg_secure::proto::write_frame(&mut stream, request).unwrap();
+    canopy_msg_secure::proto::read_frame(&mut stream).unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_two_of_three_multisig_is_signed_finalized_and_broadcast_through_the_cli() {
+    use canopy_msg_secure::proto::{Reply, Request};
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = relay(&tmp.path().join("origin"), "127.0.0.1:0", None).await;
+    let (homes, _) = users(tmp.path(), &origin, &["alice", "bob", "carol"]);
+    let [alice, bob, carol] = [&homes[0], &homes[1], &homes[2]];
+    let keys: Vec<serde_json::Value> = [alice, bob, carol]
+        .iter()
+        .map(|h| {
+            h.ok(&["btc", "key", "new"]);
+            serde_json::from_str(&h.ok(&["btc", "key", "show", "--json"])).unwrap()
+        })
+        .collect();
+    assert!(alice.fails(&["btc", "key", "new"]).contains("exists already"));
+    let descriptor = format!("wsh(sortedmulti(2,{},{},{}))", keys[0]["public_key"].as_str().unwrap(), keys[1]["public_key"].as_str().unwrap(), keys[2]["public_key"].as_str().unwrap());
+    let params = serde_json::json!({
+        "descriptor": descriptor,
+        "network": "regtest",
+        "funding": {"txid": "ab".repeat(32), "vout": 0, "amount_sat": 100_000},
+        "outputs": [{"address": keys[0]["address"], "amount_sat": 99_000}],
+        "fee_sat": 1_000,
+    })
+    .to_string();
+    let model = common::plugin_artifacts::wasm("multisig");
+    let id = alice.ok(&["pipeline", "create", model.to_str().unwrap(), "--members", "bob,carol", "--name", "spend", "--params", &params]);
+    for h in [alice, bob, carol] {
+        eventually("the pipeline and its model arrive", || h.ok(&["pipeline", "list", "--json"]).contains("\"model_complete\":true").then_some(()));
+    }
+    // carol is offline through the signing.
+    carol.ok(&["down"]);
+    // Signing needs approval: without --yes (and no terminal) nothing is signed.
+    assert!(alice.fails(&["pipeline", "act", &id, "transaction"]).contains("not approved"));
+    let out = alice.run(&["pipeline", "act", &id, "transaction", "--yes"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let review = String::from_utf8_lossy(&out.stderr);
+    assert!(review.contains("pay 99000 sat to") && review.contains("fee 1000 sat"), "the user is shown what is signed: {review}");
+    eventually("bob sees the proposal", || (show(bob, &id)["status"] == "1 of 2 signatures").then_some(()));
+
+    // Secure refuses to sign a PSBT other than the one the user was shown.
+    let proposal = show(bob, &id);
+    assert_eq!(proposal["actions"][0]["name"], "sign");
+    let psbt = |amount: u64| {
+        let mut p = multisig::unsigned_psbt(&serde_json::from_str(&params).unwrap()).unwrap();
+        p.unsigned_tx.output[0].value = bitcoin::Amount::from_sat(amount);
+        p.serialize()
+    };
+    let shown = match secure_call(bob, &Request::Sign { key: "btc".into(), kind: "psbt".into(), payload: psbt(99_000), approved: None, network: None }) {
+        Reply::Approve { digest, .. } => digest,
+        other => panic!("{other:?}"),
+    };
+    match secure_call(bob, &Request::Sign { key: "btc".into(), kind: "psbt".into(), payload: psbt(90_000), approved: Some(shown), network: None }) {
+        Reply::Error { message } => assert!(message.contains("not the one you approved"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+
+    bob.ok(&["pipeline", "act", &id, "sign", "--yes"]);
+    eventually("alice has both signatures", || (show(alice, &id)["status"] == "2 of 2 signatures").then_some(()));
+    // carol catches up from the relays and finalizes.
+    carol.ok(&["up"]);
+    eventually("carol catches up", || (show(carol, &id)["status"] == "2 of 2 signatures").then_some(()));
+    carol.ok(&["pipeline", "act", &id, "finalize"]);
+    eventually("alice sees it final", || (show(alice, &id)["status"] == "final, ready to broadcast").then_some(()));
+    // The broadcast hook gets the final transaction.
+    let sent = tmp.path().join("broadcast.hex");
+    assert!(alice.fails(&["pipeline", "act", &id, "broadcast"]).contains("--broadcast-cmd"));
+    alice.ok(&["pipeline", "act", &id, "broadcast", "--broadcast-cmd", &format!("printf %s > {}", sent.display())]);
+    let states: Vec<serde_json::Value> =
+        [alice, bob, carol].iter().map(|h| eventually("every device closes", || Some(show(h, &id)).filter(|s| s["closed"] == true))).collect();
+    for s in &states {
+        assert_eq!(s["state_hash"], states[0]["state_hash"], "{s}");
+        assert!(s["diverged"].as_array().unwrap().is_empty() && s["refused"].as_array().unwrap().is_empty(), "{s}");
+    }
+    // The broadcast transaction verifies against the funding output with miniscript's interpreter.
+    let hex = std::fs::read_to_string(&sent).unwrap();
+    let tx: bitcoin::Transaction = bitcoin::consensus::encode::deserialize_hex(hex.trim()).unwrap();
+    let funding = bitcoin::TxOut { value: bitcoin::Amount::from_sat(100_000), script_pubkey: multisig::funding_script(&descriptor).unwrap() };
+    multisig::verify(&tx, &funding).unwrap();
+    let txid = states[0]["lines"].as_array().unwrap().iter().find_map(|l| l.as_str()?.strip_prefix("txid ")).unwrap().to_string();
+    assert_eq!(tx.compute_txid().to_string(), txid);
+    origin.shutdown().await;
+}

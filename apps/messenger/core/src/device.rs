@@ -288,6 +288,8 @@ pub struct Device<B: Backend> {
     pub(crate) spent: BTreeSet<Vec<u8>>,
     /// The UI's sealed pipeline states, by group.
     pub(crate) pipeline_states: BTreeMap<ConvId, crate::pipeline::Saved>,
+    /// Other secrets Secure keeps for the user (signing keys of pipelines), by name.
+    secrets: BTreeMap<String, Vec<u8>>,
     /// Key package fragments being assembled, by name without the fragment byte.
     kp_parts: HashMap<u128, Assembly>,
     /// What ingest did so far.
@@ -403,6 +405,7 @@ impl<B: Backend> Device<B> {
             seen_requests: BTreeSet::new(),
             spent: BTreeSet::new(),
             pipeline_states: BTreeMap::new(),
+            secrets: BTreeMap::new(),
             kp_parts: HashMap::new(),
             counters: Counters::default(),
             max_held: MAX_HELD,
@@ -467,6 +470,8 @@ impl<B: Backend> Device<B> {
                 device.refused_blocked.insert(whole, user);
             } else if let Some(whole) = k.strip_prefix("x/").and_then(|x| u128::from_str_radix(x, 16).ok()) {
                 device.welcomed.insert(whole);
+            } else if let Some(name) = k.strip_prefix("sk/") {
+                device.secrets.insert(name.to_string(), v.to_vec());
             } else if let Some(conv) = k.strip_prefix(crate::pipeline::SAVED_PREFIX).and_then(ConvId::parse) {
                 if let Ok(saved) = serde_json::from_slice(v) {
                     device.pipeline_states.insert(conv, saved);
@@ -770,6 +775,18 @@ impl<B: Backend> Device<B> {
         }
         self.engine.persist()?;
         Ok((id, outgoing))
+    }
+
+    /// A secret kept for the user under `name` (a pipeline signing key), sealed like the rest.
+    pub fn secret(&self, name: &str) -> Option<&[u8]> {
+        self.secrets.get(name).map(Vec::as_slice)
+    }
+
+    /// Keeps a secret under `name`, replacing any.
+    pub fn set_secret(&mut self, name: &str, value: &[u8]) -> Result<(), MlsError> {
+        self.engine.vault.put(format!("sk/{name}").as_bytes(), value);
+        self.secrets.insert(name.to_string(), value.to_vec());
+        self.engine.persist()
     }
 
     /// Moves this device's next message number on a channel past `msg`, because that name is

@@ -8,6 +8,7 @@
 //!
 //! The logic is in [`service`], free of sockets, so it is tested directly.
 
+pub mod btc;
 pub mod proto;
 pub mod sandbox;
 pub mod service;

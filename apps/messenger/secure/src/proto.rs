@@ -273,10 +273,62 @@ pub enum Request {
         #[serde(with = "b64")]
         state: Vec<u8>,
     },
+    /// `btc key new|import|show`: a Bitcoin key for pipelines, kept in Secure.
+    BtcKey {
+        /// The key's name (the multisig model signs with `btc`).
+        name: String,
+        /// What to do.
+        action: BtcKeyAction,
+        /// The network its address is shown for (default regtest).
+        network: Option<String>,
+    },
+    /// A model's `sign(key, kind, payload)`: without `approved`, Secure answers with what
+    /// signing means ([`Reply::Approve`]); with the digest the user approved, it signs.
+    Sign {
+        /// The key's name.
+        key: String,
+        /// What the payload is: `psbt`.
+        kind: String,
+        /// The payload.
+        #[serde(with = "b64")]
+        payload: Vec<u8>,
+        /// The digest of the review the user approved.
+        approved: Option<String>,
+        /// The network addresses are shown for (default regtest).
+        network: Option<String>,
+    },
     /// Try to open an `AF_INET` socket from inside Secure and report what happened.
     SandboxCheck,
     /// Stop Secure.
     Stop,
+}
+
+/// What `btc key` does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum BtcKeyAction {
+    /// Make a fresh key (refused if the name is taken).
+    New,
+    /// Import a WIF key (refused if the name is taken).
+    Import {
+        /// The key, WIF.
+        wif: String,
+    },
+    /// Show the public key and address.
+    Show,
+}
+
+/// A Bitcoin key, as shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BtcKeyLine {
+    /// Its name.
+    pub name: String,
+    /// Its public key (hex, compressed): what a descriptor names.
+    pub public_key: String,
+    /// Its P2WPKH address on `network`.
+    pub address: String,
+    /// The network.
+    pub network: String,
 }
 
 /// A group operation, as the UI asks for it (users by id or contact name).
@@ -784,6 +836,21 @@ pub enum Reply {
     },
     /// A pipeline's log.
     Pipeline(Box<PipelineLog>),
+    /// A Bitcoin key.
+    BtcKey(BtcKeyLine),
+    /// What signing means: the user approves this, then asks again with the digest.
+    Approve {
+        /// What is spent, paid and left as fee, one line each.
+        summary: Vec<String>,
+        /// The digest an approval names.
+        digest: String,
+    },
+    /// The signed payload.
+    Signed {
+        /// The payload, signed.
+        #[serde(with = "b64")]
+        payload: Vec<u8>,
+    },
     /// The sandbox check.
     Sandbox {
         /// The errno of `socket(AF_INET, …)`, or 0 if it succeeded.

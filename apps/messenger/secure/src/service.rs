@@ -661,6 +661,40 @@ impl<B: Backend> Service<B> {
                 self.device.save_pipeline(conv, &canopy_msg_core::pipeline::Saved { count, digest, state })?;
                 Reply::Pong
             }
+            Request::BtcKey { name, action, network } => {
+                let network = crate::btc::network_or_regtest(network.as_deref())?;
+                let vault = crate::btc::vault_name(&name)?;
+                match action {
+                    crate::proto::BtcKeyAction::Show => {}
+                    crate::proto::BtcKeyAction::New | crate::proto::BtcKeyAction::Import { .. } if self.device.secret(&vault).is_some() => {
+                        return Err(MlsError::BadName(format!("a Bitcoin key named {name:?} exists already")));
+                    }
+                    crate::proto::BtcKeyAction::New => {
+                        let (vault, secret) = crate::btc::new_key(&name)?;
+                        self.device.set_secret(&vault, &secret)?;
+                    }
+                    crate::proto::BtcKeyAction::Import { wif } => {
+                        let (vault, secret) = crate::btc::import_key(&name, &wif)?;
+                        self.device.set_secret(&vault, &secret)?;
+                    }
+                }
+                let key = crate::btc::key(self.device.secret(&vault), &name)?;
+                Reply::BtcKey(crate::btc::line(&name, &key, network)?)
+            }
+            Request::Sign { key, kind, payload, approved, network } => {
+                if kind != "psbt" {
+                    return Err(MlsError::BadName(format!("Secure signs no {kind:?}: only psbt")));
+                }
+                let network = crate::btc::network_or_regtest(network.as_deref())?;
+                let private = crate::btc::key(self.device.secret(&crate::btc::vault_name(&key)?), &key)?;
+                match approved {
+                    None => {
+                        let (summary, digest) = crate::btc::review(&payload, network)?;
+                        Reply::Approve { summary, digest }
+                    }
+                    Some(digest) => Reply::Signed { payload: crate::btc::sign(&payload, &private, &digest, network)? },
+                }
+            }
             Request::Groups => {
                 let ids: Vec<ConvId> = self.device.chat_groups().map(|(c, _)| c).collect();
                 Reply::Groups { groups: ids.into_iter().map(|c| self.group_line(c)).collect::<Result<_, _>>()? }

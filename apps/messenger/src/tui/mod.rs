@@ -160,7 +160,7 @@ fn run_loop(terminal: &mut ratatui::DefaultTerminal, home: &Home, me: String, rx
             match want {
                 app::Want::Pane(id) => app.pane(crate::pipeline::pane(home, &id).map_err(|e| format!("{e:#}"))),
                 app::Want::Act { pipeline, action, args } => {
-                    let result = crate::pipeline::act_step(home, &pipeline, &action, &args).map_err(|e| format!("{e:#}"));
+                    let result = crate::pipeline::act_step(home, &pipeline, &action, &args, &crate::pipeline::ActOptions::default()).map_err(|e| format!("{e:#}"));
                     requests.extend(app.acted(result));
                 }
             }

@@ -95,6 +95,10 @@ struct PsbtBody {
 #[derive(Serialize, Deserialize)]
 struct BroadcastBody {
     txid: String,
+    /// The final transaction (hex), for the acting device's broadcast hook
+    /// (`pipeline act … --broadcast-cmd`); members check only the txid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tx: Option<String>,
 }
 
 fn network(name: &str) -> Result<Network, String> {
@@ -228,6 +232,12 @@ pub fn finalize(params: &Params, psbt: &Psbt) -> Result<Transaction, String> {
     let tx = psbt.extract_tx_unchecked_fee_rate();
     verify(&tx, &funding_txout(params, &d))?;
     Ok(tx)
+}
+
+/// The script a descriptor's funding output pays to.
+pub fn funding_script(descriptor_text: &str) -> Result<ScriptBuf, String> {
+    let d = Descriptor::<PublicKey>::from_str(descriptor_text).map_err(|e| format!("descriptor: {e}"))?;
+    Ok(d.script_pubkey())
 }
 
 /// Checks that `tx`'s first input satisfies the script of `funding`, with miniscript's
@@ -387,7 +397,7 @@ impl Model for Multisig {
                     (None, Some(t)) => t.clone(),
                     (None, None) => return Err("nothing final to broadcast yet".into()),
                 };
-                Ok(Message::new("BROADCAST", serde_json::to_string(&BroadcastBody { txid }).map_err(|e| e.to_string())?))
+                Ok(Message::new("BROADCAST", serde_json::to_string(&BroadcastBody { txid, tx: state.final_tx.clone() }).map_err(|e| e.to_string())?))
             }
             other => Err(format!("no action {other:?}: transaction, sign, finalize or broadcast")),
         }
