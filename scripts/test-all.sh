@@ -4,10 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Each step prints the minutes:seconds since the start, so a slow CI run shows where it went.
 # The multisig model's secp256k1 (C) for wasm32-wasip2: see scripts/build-plugins.sh.
 export CFLAGS_wasm32_wasip2="-nostdlibinc"
 
+# Each step prints the minutes:seconds since the start, so a slow CI run shows where it went.
 step() { printf '\n==> [%02d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 step "test tools (tmux, installing it if needed)"
