@@ -45,6 +45,8 @@ $bin/soak --seconds 15 --sample 5 --connections 50 --churn 5 --sub-period 3 --ra
 $bin/pubsub-bench --smoke
 # A pipeline model's apply through the Wasm model host beside the same model native.
 $bin/model-apply 2 10
+# A 2-of-3 multisig pipeline end to end through the CLI of three users (about 20 s).
+$bin/pipeline-e2e
 
 step "fuzz target builds"
 (cd framework/fuzz && cargo check --locked -q)
