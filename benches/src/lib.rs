@@ -6,5 +6,6 @@
 //! ([`memory`]) used to report bytes per subscription for every structure alike.
 
 pub mod baseline;
+pub mod cli;
 pub mod memory;
 pub mod workload;

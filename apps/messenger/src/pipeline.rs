@@ -10,15 +10,9 @@ use canopy_msg_secure::proto::{PipelineLog, Reply, Request};
 use sha2::{Digest, Sha256};
 
 use crate::home::Home;
-use crate::ui::{Secure, clean};
+use crate::ui::{Secure, clean, unexpected};
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unexpected(reply: Reply) -> anyhow::Error {
-    anyhow::anyhow!("unexpected reply from Secure: {reply:?}")
-}
+use canopy_msg_core::engine::hex;
 
 /// What the UI keeps sealed in Secure between runs: the model's state and what was noticed
 /// on the way (so a later run from the saved state still reports it).

@@ -51,7 +51,7 @@ impl Secure {
     }
 }
 
-fn unexpected(reply: Reply) -> anyhow::Error {
+pub(crate) fn unexpected(reply: Reply) -> anyhow::Error {
     anyhow::anyhow!("unexpected reply from Secure: {reply:?}")
 }
 

@@ -11,8 +11,7 @@
 //! throughput is a burst of `--burst` messages, timed until the last is shown on the receiver.
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -52,31 +51,7 @@ enum Conversation {
     Group,
 }
 
-fn exe_dir() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn msg(home: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let plugin = exe_dir().join("../wasm32-wasip2/plugin/member.wasm");
-    let out = Command::new(exe_dir().join("canopy-msg")).arg("--home").arg(home).args(args).env("CANOPY_MSG_MEMBER_PLUGIN", plugin).output().context("running canopy-msg (build it: cargo build --release -p canopy-messenger)")?;
-    if !out.status.success() {
-        bail!("canopy-msg {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
-
-/// Runs `canopy-msg down` for each home when dropped.
-struct Down(Vec<PathBuf>);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        for home in &self.0 {
-            if home.join("config.toml").exists() {
-                let _ = msg(home, &["down"]);
-            }
-        }
-    }
-}
+use canopy_benches::cli::{Down, msg};
 
 fn call(s: &mut UnixStream, r: &Request) -> anyhow::Result<Reply> {
     proto::write_frame(s, r)?;

@@ -9,35 +9,11 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
-fn exe_dir() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn msg(home: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(exe_dir().join("canopy-msg")).arg("--home").arg(home).args(args).output().context("running canopy-msg (build it: cargo build --release -p canopy-messenger)")?;
-    if !out.status.success() {
-        bail!("canopy-msg {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
-
-/// Runs `canopy-msg down` for each home when dropped.
-struct Down(Vec<PathBuf>);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        for home in &self.0 {
-            if home.join("config.toml").exists() {
-                let _ = msg(home, &["down"]);
-            }
-        }
-    }
-}
+use canopy_benches::cli::{Down, exe_dir, msg};
 
 /// Waits until `check` holds for every home, polling every 10 ms, for at most a minute.
 fn until(homes: &[PathBuf], what: &str, check: impl Fn(&Path) -> anyhow::Result<bool>) -> anyhow::Result<()> {

@@ -95,7 +95,7 @@ impl<B: Backend> Device<B> {
 
     /// Sends a step.
     pub fn pipeline_step(&mut self, conv: ConvId, kind: &str, body: &str, prior: Option<[u8; 32]>, now_ms: u64) -> Result<(MsgRef, Vec<Outgoing>), MlsError> {
-        if self.pipeline_log(conv).is_none() {
+        if !self.is_pipeline(conv) {
             return Err(MlsError::BadName(format!("group {conv} is no pipeline")));
         }
         self.send(conv, CONV_CHANNEL, Message::pipeline(now_ms, Pipeline::Step { kind: kind.into(), body: body.into(), prior }), now_ms)
@@ -103,7 +103,15 @@ impl<B: Backend> Device<B> {
 
     /// The pipelines this device is in.
     pub fn pipelines(&self) -> Vec<ConvId> {
-        self.chat_groups().map(|(c, _)| c).filter(|c| self.pipeline_log(*c).is_some()).collect()
+        self.chat_groups().map(|(c, _)| c).filter(|c| self.is_pipeline(*c)).collect()
+    }
+
+    /// Whether group `conv` is a pipeline (a creation message from an admin), without
+    /// assembling its model or steps: what listings ask.
+    pub fn is_pipeline(&self, conv: ConvId) -> bool {
+        let Some(record) = self.conv_record(conv) else { return false };
+        let Some(history) = self.groups.get(&conv.into()).and_then(|g| g.history.get(&CONV_CHANNEL)) else { return false };
+        history.values().any(|s| matches!((&s.message.pipeline, s.user), (Some(Pipeline::Create { .. }), Some(u)) if record.admins.contains(&u)))
     }
 
     /// What this device holds of the pipeline in group `conv`; `None` if the group is no

@@ -135,6 +135,7 @@ impl<B: Backend> Device<B> {
                 _ => {}
             }
         }
+        let changed_any = !changed.is_empty() || !erase.is_empty();
         for (hkp, w) in changed {
             self.engine.vault.put(&waiting_key(&hkp), &encode_waiting(&w));
         }
@@ -156,7 +157,10 @@ impl<B: Backend> Device<B> {
         for _ in available..ONE_TIME {
             outgoing.extend(self.publish_key_package(false, now_ms, ttl_ms)?);
         }
-        self.engine.persist()?;
+        // Called after every ingested batch: it writes only when it changed something.
+        if changed_any || !outgoing.is_empty() {
+            self.engine.persist()?;
+        }
         Ok(outgoing)
     }
 

@@ -171,7 +171,7 @@ impl<B: Backend> Service<B> {
     /// A pipeline by `pipeline:ID`, or its group's id or name.
     fn resolve_pipeline(&self, text: &str) -> Result<ConvId, MlsError> {
         let conv = self.device.resolve_group(text.strip_prefix("pipeline:").unwrap_or(text))?;
-        if self.device.pipeline_log(conv).is_none() {
+        if !self.device.is_pipeline(conv) {
             return Err(MlsError::BadName(format!("group {conv} is no pipeline")));
         }
         Ok(conv)
@@ -281,7 +281,7 @@ impl<B: Backend> Service<B> {
             }
             Chat::Dm(u) => (format!("dm:{u}"), "dm", self.device.contacts().name(&u).map_or_else(|| u.short(), str::to_string)),
             Chat::Group(c) => {
-                let kind = if self.device.pipeline_log(c).is_some() { "pipeline" } else { "group" };
+                let kind = if self.device.is_pipeline(c) { "pipeline" } else { "group" };
                 (format!("group:{c}"), kind, self.device.conv_record(c).map(|r| r.name.clone()).unwrap_or_default())
             }
             Chat::Mail => ("mail".to_string(), "mail", "mail".to_string()),
