@@ -341,10 +341,10 @@ enum BtcCommand {
 
 #[derive(Subcommand)]
 enum BtcKeyCommand {
-    /// Make a fresh key.
+    /// Make a fresh key; prints its name, public key and address.
     New {
         /// Its name (the multisig model signs with `btc`).
-        #[arg(default_value = "btc")]
+        #[arg(long, default_value = "btc")]
         name: String,
         /// The network its address is shown for.
         #[arg(long, default_value = "regtest")]
@@ -352,10 +352,11 @@ enum BtcKeyCommand {
     },
     /// Import a key (WIF).
     Import {
-        /// Its name.
-        name: String,
         /// The key, WIF.
         wif: String,
+        /// Its name.
+        #[arg(long, default_value = "btc")]
+        name: String,
         /// The network its address is shown for.
         #[arg(long, default_value = "regtest")]
         network: String,
@@ -363,7 +364,7 @@ enum BtcKeyCommand {
     /// Print a key's public key and address.
     Show {
         /// Its name.
-        #[arg(default_value = "btc")]
+        #[arg(long, default_value = "btc")]
         name: String,
         /// The network its address is shown for.
         #[arg(long, default_value = "regtest")]
@@ -598,7 +599,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Btc { command: BtcCommand::Key { command } } => match command {
             BtcKeyCommand::New { name, network } => ui::btc_key(&home, name, canopy_msg_secure::proto::BtcKeyAction::New, network, false),
-            BtcKeyCommand::Import { name, wif, network } => ui::btc_key(&home, name, canopy_msg_secure::proto::BtcKeyAction::Import { wif }, network, false),
+            BtcKeyCommand::Import { wif, name, network } => ui::btc_key(&home, name, canopy_msg_secure::proto::BtcKeyAction::Import { wif }, network, false),
             BtcKeyCommand::Show { name, network, json } => ui::btc_key(&home, name, canopy_msg_secure::proto::BtcKeyAction::Show, network, json),
         },
         Command::Mail { command } => match command {
