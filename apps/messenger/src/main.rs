@@ -594,7 +594,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             PipelineCommand::List { json } => pipeline::list(&home, json),
             PipelineCommand::Show { pipeline: p, json } => pipeline::show(&home, &p, json),
             PipelineCommand::Act { pipeline: p, action, args, yes, broadcast_cmd } => {
-                pipeline::act(&home, &p, &action, &args, &pipeline::ActOptions { yes, prompt: true, broadcast_cmd })
+                pipeline::act(&home, &p, &action, &args, &pipeline::ActOptions { approval: if yes { pipeline::Approval::Yes } else { pipeline::Approval::Prompt }, broadcast_cmd })
             }
         },
         Command::Btc { command: BtcCommand::Key { command } } => match command {

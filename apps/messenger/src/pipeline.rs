@@ -14,6 +14,17 @@ use crate::ui::{Secure, clean, unexpected};
 
 use canopy_msg_core::engine::hex;
 
+/// This process's model runtime: one engine, and each model compiled once however often a
+/// long-running UI (the TUI) shows its pipeline.
+fn runtime() -> anyhow::Result<&'static Runtime> {
+    static RUNTIME: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let rt = Runtime::new()?;
+    Ok(RUNTIME.get_or_init(|| rt))
+}
+
 /// What the UI keeps sealed in Secure between runs: the model's state and what was noticed
 /// on the way (so a later run from the saved state still reports it).
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -47,15 +58,44 @@ fn digest(log: &PipelineLog, count: usize) -> String {
     hex(&h.finalize())
 }
 
+/// What Secure says signing a payload means, before the user has approved it: what a UI
+/// that cannot prompt on a terminal (the TUI) shows and asks about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Review {
+    /// The key the model asks to sign with.
+    pub key: String,
+    /// Secure's summary of what is signed, computed from the payload itself (for a PSBT: the
+    /// input, each output and the fee).
+    pub summary: Vec<String>,
+    /// Secure's digest of what it reviewed: approving it approves exactly that payload.
+    pub digest: String,
+}
+
+/// How a signing the model asks for is approved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Approval {
+    /// Show Secure's summary and ask on the terminal; refused without one.
+    #[default]
+    Prompt,
+    /// Show the summary and approve it (`--yes`).
+    Yes,
+    /// Stop at the first signing and hand back Secure's [`Review`], for a UI that shows it
+    /// and asks; the action is then taken again with [`Approval::Approved`].
+    Review,
+    /// Sign only a payload Secure reviews to this digest: what the user approved. A model
+    /// that asks for anything else the second time gets nothing signed.
+    Approved(String),
+}
+
 /// The model's `sign`: Secure reviews the payload and says what signing it means; the user
-/// approves (a prompt on a terminal, or `--yes`); Secure signs exactly what was approved.
+/// approves it ([`Approval`]); Secure signs exactly what was approved.
 pub struct SecureSigner {
     /// The device.
     pub home: Home,
-    /// Approve without asking.
-    pub yes: bool,
-    /// Whether to ask on the terminal (not from the TUI, which owns the screen).
-    pub prompt: bool,
+    /// How signing is approved.
+    pub approval: Approval,
+    /// Where [`Approval::Review`] leaves Secure's review.
+    pub reviewed: std::sync::Arc<std::sync::Mutex<Option<Review>>>,
 }
 
 impl SecureSigner {
@@ -66,23 +106,34 @@ impl SecureSigner {
             Reply::Approve { summary, digest } => (summary, digest),
             other => return Err(unexpected(other)),
         };
-        eprintln!("the model asks to sign with your key {key:?}:");
-        for line in &summary {
-            eprintln!("  {}", clean(line));
-        }
-        if !self.yes {
-            use std::io::IsTerminal as _;
-            if !self.prompt {
-                bail!("signing needs your approval of what is signed: use `canopy-msg pipeline act` in a terminal");
+        let show = |summary: &[String]| {
+            eprintln!("the model asks to sign with your key {key:?}:");
+            for line in summary {
+                eprintln!("  {}", clean(line));
             }
-            if !std::io::stdin().is_terminal() {
-                bail!("not approved: pass --yes to approve without a prompt");
+        };
+        match &self.approval {
+            Approval::Review => {
+                *self.reviewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Review { key: key.into(), summary, digest });
+                bail!("waiting for your approval of what is signed");
             }
-            eprint!("sign? [y/N] ");
-            let mut answer = String::new();
-            std::io::stdin().read_line(&mut answer)?;
-            if !matches!(answer.trim(), "y" | "Y" | "yes") {
-                bail!("not approved: nothing was signed");
+            Approval::Approved(approved) if *approved != digest => {
+                bail!("the model asked to sign something other than what you approved: nothing was signed");
+            }
+            Approval::Approved(_) => {}
+            Approval::Yes => show(&summary),
+            Approval::Prompt => {
+                use std::io::IsTerminal as _;
+                show(&summary);
+                if !std::io::stdin().is_terminal() {
+                    bail!("not approved: pass --yes to approve without a prompt");
+                }
+                eprint!("sign? [y/N] ");
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    bail!("not approved: nothing was signed");
+                }
             }
         }
         let sign = Request::Sign { key: key.into(), kind: kind.into(), payload: payload.to_vec(), approved: Some(digest), network: None };
@@ -102,14 +153,22 @@ impl Signer for SecureSigner {
 /// How an action is taken: approval and the broadcast hook.
 #[derive(Debug, Clone, Default)]
 pub struct ActOptions {
-    /// Approve signing without a prompt.
-    pub yes: bool,
-    /// Ask for approval on the terminal.
-    pub prompt: bool,
+    /// How a signing the action needs is approved.
+    pub approval: Approval,
     /// The command a step carrying a transaction (a `tx` field) is handed to before it is
     /// sent, e.g. `bitcoin-cli -regtest sendrawtransaction`; it gets the hex as its last
     /// argument, and if it prints a txid it must be the step's.
     pub broadcast_cmd: Option<String>,
+}
+
+/// What taking an action came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acted {
+    /// The step was sent: its id.
+    Sent(String),
+    /// Nothing was sent: the action needs a signing the user has not approved yet
+    /// ([`Approval::Review`]).
+    Review(Review),
 }
 
 /// Runs the broadcast hook for a step whose body carries a transaction.
@@ -141,12 +200,15 @@ pub fn run(home: &Home, pipeline: &str) -> anyhow::Result<Run> {
         Reply::Pipeline(log) => *log,
         other => return Err(unexpected(other)),
     };
+    if let Some(why) = &log.mismatch {
+        bail!("pipeline {}: MODEL MISMATCH, nothing is applied: {}", log.id, clean(why));
+    }
     let Some(bytes) = log.bytes.as_deref() else {
         bail!("the model of pipeline {} has not fully arrived yet: try again in a moment", log.id);
     };
     let expected = ModelId(canopy_msg_core::engine::unhex(&log.model).and_then(|b| b.try_into().ok()).context("a model id that is not 64 hex digits")?);
     // The bytes are checked against the id the creation message names before anything runs.
-    let model = Runtime::new()?.load_checked(bytes, &expected, Limits::default()).with_context(|| format!("pipeline {}", log.id))?;
+    let model = runtime()?.load_checked(bytes, &expected, Limits::default()).with_context(|| format!("pipeline {}", log.id))?;
     let saved = log.saved.as_ref().filter(|s| s.count <= log.steps.len() && s.digest == digest(&log, s.count));
     let (mut kept, start) = match saved.and_then(|s| Some((serde_json::from_slice::<Kept>(&s.state).ok()?, s.count))) {
         Some(k) => k,
@@ -187,7 +249,7 @@ fn short(user: &str) -> String {
 pub fn create(home: &Home, model_path: &std::path::Path, name: &str, members: &[String], params: &str) -> anyhow::Result<()> {
     let bytes = std::fs::read(model_path).with_context(|| format!("reading {}", model_path.display()))?;
     // A model that does not load, or refuses the parameters, is refused before anything is sent.
-    let model = Runtime::new()?.load(&bytes, Limits::default()).with_context(|| format!("{}", model_path.display()))?;
+    let model = runtime()?.load(&bytes, Limits::default()).with_context(|| format!("{}", model_path.display()))?;
     let mut secure = Secure::connect(home)?;
     let me = match secure.call(&Request::Whoami)? {
         Reply::Whoami { user, .. } => user,
@@ -225,7 +287,11 @@ pub fn list(home: &Home, json: bool) -> anyhow::Result<()> {
                 if json {
                     println!("{}", serde_json::to_string(&p)?);
                 } else {
-                    let waiting = if p.model_complete { "" } else { "  (model still arriving)" };
+                    let waiting = match (&p.model_mismatch, p.model_complete) {
+                        (Some(why), _) => format!("  (MODEL MISMATCH, nothing is applied: {})", clean(why)),
+                        (None, true) => String::new(),
+                        (None, false) => "  (model still arriving)".into(),
+                    };
                     println!("{} {} model={} steps={}{waiting}", p.id, clean(&p.name), &p.model[..12], p.steps);
                 }
             }
@@ -284,7 +350,10 @@ pub fn show(home: &Home, pipeline: &str, json: bool) -> anyhow::Result<()> {
 
 /// `pipeline act ID ACTION [ARGS…]`: prints the step's id.
 pub fn act(home: &Home, pipeline: &str, action: &str, args: &[String], options: &ActOptions) -> anyhow::Result<()> {
-    println!("{}", act_step(home, pipeline, action, args, options)?);
+    match act_step(home, pipeline, action, args, options)? {
+        Acted::Sent(id) => println!("{id}"),
+        Acted::Review(_) => bail!("not approved: nothing was signed"),
+    }
     Ok(())
 }
 
@@ -316,17 +385,23 @@ pub fn pane(home: &Home, pipeline: &str) -> anyhow::Result<Pane> {
 }
 
 /// Builds the step of an action with the model, checks the model takes it here first, and
-/// sends it; returns its id.
-pub fn act_step(home: &Home, pipeline: &str, action: &str, args: &[String], options: &ActOptions) -> anyhow::Result<String> {
+/// sends it. With [`Approval::Review`], an action that needs a signing sends nothing and
+/// hands back what Secure would sign.
+pub fn act_step(home: &Home, pipeline: &str, action: &str, args: &[String], options: &ActOptions) -> anyhow::Result<Acted> {
     let run = run(home, pipeline)?;
-    let signer = SecureSigner { home: home.clone(), yes: options.yes, prompt: options.prompt };
-    let message = run.model.act(&run.state, &run.log.me, action, args, Box::new(signer))?;
+    let reviewed = std::sync::Arc::default();
+    let signer = SecureSigner { home: home.clone(), approval: options.approval.clone(), reviewed: std::sync::Arc::clone(&reviewed) };
+    let acted = run.model.act(&run.state, &run.log.me, action, args, Box::new(signer));
+    if let Some(review) = reviewed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Ok(Acted::Review(review));
+    }
+    let message = acted?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     run.model.apply(&run.state, &run.log.me, now, &message).context("the model refuses this step")?;
     broadcast(&message, options)?;
     let request = Request::PipelineStep { pipeline: run.log.id.clone(), kind: message.kind, body: message.body, prior: Some(run.state.hash_hex()) };
     match Secure::connect(home)?.call(&request)? {
-        Reply::Sent { id, .. } => Ok(id),
+        Reply::Sent { id, .. } => Ok(Acted::Sent(id)),
         other => Err(unexpected(other)),
     }
 }

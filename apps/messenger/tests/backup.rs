@@ -1,5 +1,5 @@
 //! Backup and restore through the CLI, with a real relay and real processes: a backup of a
-//! device with direct messages, a group, mail and marks; refused with a wrong passphrase or
+//! device with direct messages, a group, mail, marks and a Bitcoin key; refused with a wrong passphrase or
 //! when damaged, changing nothing; restored on a fresh home with the same chat list and
 //! histories; the restored device re-added by the user's other device and the peer, and
 //! sending again.
@@ -30,6 +30,8 @@ async fn a_restored_device_shows_the_same_history_and_sends_again_once_re_added(
     let r = a1.ok(&["mail", "send", "--to", "bob", "--subject", "notes", "the notes"]);
     a1.ok(&["mark", &mine]);
     b.await_text(&format!("group:{g}"), "in the group");
+    a1.ok(&["btc", "key", "new"]);
+    let btc = a1.ok(&["btc", "key", "show", "--json"]);
 
     let file = tmp.path().join("alice.backup");
     let file_s = file.to_str().unwrap();
@@ -71,6 +73,7 @@ async fn a_restored_device_shows_the_same_history_and_sends_again_once_re_added(
     assert_eq!(a2.ok(&["marked"]), a1.ok(&["marked"]));
     assert!(a2.ok(&["mail", "thread", &r]).contains("the notes"));
     assert_eq!(a2.ok(&["contacts"]), a1.ok(&["contacts"]));
+    assert_eq!(a2.ok(&["btc", "key", "show", "--json"]), btc, "the Bitcoin key pipelines sign with comes back");
 
     // Re-added as a new device (bob commits the direct message, a1 the group), it sends again.
     eventually("a2 is back in the direct message", || a2.run(&["dm", "bob", "back again"]).status.success().then_some(()));

@@ -1,7 +1,9 @@
 //! Pipelines through the CLI, with a real relay and real processes: three users run a poll
 //! (the model shipped inside the group and checked against its id), a member who was offline
 //! catches up, every device reaches the same state hash, and steps a model refuses, or a
-//! model that traps, change nothing and leave the messenger working.
+//! model that traps, change nothing and leave the messenger working. A 2-of-3 Bitcoin
+//! multisig runs to broadcast, through a hostile member's tampered PSBT, which every other
+//! device refuses with the reason.
 
 mod common;
 
@@ -105,23 +107,8 @@ async fn a_two_of_three_multisig_is_signed_finalized_and_broadcast_through_the_c
     let origin = relay(&tmp.path().join("origin"), "127.0.0.1:0", None).await;
     let (homes, _) = users(tmp.path(), &origin, &["alice", "bob", "carol"]);
     let [alice, bob, carol] = [&homes[0], &homes[1], &homes[2]];
-    let keys: Vec<serde_json::Value> = [alice, bob, carol]
-        .iter()
-        .map(|h| {
-            h.ok(&["btc", "key", "new"]);
-            serde_json::from_str(&h.ok(&["btc", "key", "show", "--json"])).unwrap()
-        })
-        .collect();
+    let (descriptor, params) = common::multisig_spend(&[alice, bob, carol]);
     assert!(alice.fails(&["btc", "key", "new"]).contains("exists already"));
-    let descriptor = format!("wsh(sortedmulti(2,{},{},{}))", keys[0]["public_key"].as_str().unwrap(), keys[1]["public_key"].as_str().unwrap(), keys[2]["public_key"].as_str().unwrap());
-    let params = serde_json::json!({
-        "descriptor": descriptor,
-        "network": "regtest",
-        "funding": {"txid": "ab".repeat(32), "vout": 0, "amount_sat": 100_000},
-        "outputs": [{"address": keys[0]["address"], "amount_sat": 99_000}],
-        "fee_sat": 1_000,
-    })
-    .to_string();
     let model = common::plugin_artifacts::wasm("multisig");
     let id = alice.ok(&["pipeline", "create", model.to_str().unwrap(), "--members", "bob,carol", "--name", "spend", "--params", &params]);
     for h in [alice, bob, carol] {
@@ -140,11 +127,12 @@ async fn a_two_of_three_multisig_is_signed_finalized_and_broadcast_through_the_c
     // Secure refuses to sign a PSBT other than the one the user was shown.
     let proposal = show(bob, &id);
     assert_eq!(proposal["actions"][0]["name"], "sign");
-    let psbt = |amount: u64| {
+    let tampered = |amount: u64| {
         let mut p = multisig::unsigned_psbt(&serde_json::from_str(&params).unwrap()).unwrap();
         p.unsigned_tx.output[0].value = bitcoin::Amount::from_sat(amount);
-        p.serialize()
+        p
     };
+    let psbt = |amount: u64| tampered(amount).serialize();
     let shown = match secure_call(bob, &Request::Sign { key: "btc".into(), kind: "psbt".into(), payload: psbt(99_000), approved: None, network: None }) {
         Reply::Approve { digest, .. } => digest,
         other => panic!("{other:?}"),
@@ -153,6 +141,20 @@ async fn a_two_of_three_multisig_is_signed_finalized_and_broadcast_through_the_c
         Reply::Error { message } => assert!(message.contains("not the one you approved"), "{message}"),
         other => panic!("{other:?}"),
     }
+
+    // A hostile bob sends a SIGN whose PSBT pays less, straight through his Secure (his own
+    // model would have refused it): every other member's model refuses it, with the reason,
+    // and nothing changes.
+    let body = serde_json::json!({ "psbt": tampered(90_000).to_string() }).to_string();
+    match secure_call(bob, &Request::PipelineStep { pipeline: id.clone(), kind: "SIGN".into(), body, prior: None }) {
+        Reply::Sent { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    let refused = eventually("alice refuses the tampered step", || Some(show(alice, &id)).filter(|s| !s["refused"].as_array().unwrap().is_empty()));
+    assert!(refused["refused"][0].as_str().unwrap().contains("output 0 pays 90000 sat"), "the reason is shown: {refused}");
+    assert_eq!((refused["status"].as_str(), &refused["state_hash"]), (Some("1 of 2 signatures"), &proposal["state_hash"]), "nothing changed");
+    let text = alice.ok(&["pipeline", "show", &id]);
+    assert!(text.contains("refused: ") && text.contains("output 0 pays 90000 sat"), "{text}");
 
     bob.ok(&["pipeline", "act", &id, "sign", "--yes"]);
     eventually("alice has both signatures", || (show(alice, &id)["status"] == "2 of 2 signatures").then_some(()));
@@ -169,7 +171,10 @@ async fn a_two_of_three_multisig_is_signed_finalized_and_broadcast_through_the_c
         [alice, bob, carol].iter().map(|h| eventually("every device closes", || Some(show(h, &id)).filter(|s| s["closed"] == true))).collect();
     for s in &states {
         assert_eq!(s["state_hash"], states[0]["state_hash"], "{s}");
-        assert!(s["diverged"].as_array().unwrap().is_empty() && s["refused"].as_array().unwrap().is_empty(), "{s}");
+        assert!(s["diverged"].as_array().unwrap().is_empty(), "{s}");
+        // Every device, carol's too (she was away), refused the tampered step and only it.
+        let refused = s["refused"].as_array().unwrap();
+        assert!(refused.len() == 1 && refused[0].as_str().unwrap().contains("output 0 pays 90000 sat"), "{s}");
     }
     // The broadcast transaction verifies against the funding output with miniscript's interpreter.
     let hex = std::fs::read_to_string(&sent).unwrap();

@@ -1,5 +1,6 @@
 //! The terminal UI end to end: the real `canopy-msg tui` in a real terminal (tmux, on a
-//! server of the test's own), against a real relay and another user's device. Keys go in
+//! server of the test's own), against a real relay and another user's device: reading and
+//! replying, and approving a pipeline's signing on screen. Keys go in
 //! with `send-keys`; what the screen shows comes back with `capture-pane`.
 
 mod common;
@@ -149,4 +150,60 @@ async fn read_an_incoming_message_and_reply_in_its_thread_from_the_tui() {
     // The screen is the shell's again: the TUI restored the terminal.
     let after = tui.screen();
     assert!(!after.contains("chats"), "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_multisig_signing_is_approved_on_screen_with_secures_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = relay(&tmp.path().join("origin"), "127.0.0.1:0", None).await;
+    let (homes, _) = users(tmp.path(), &origin, &["alice", "bob"]);
+    let [alice, bob]: [&Home; 2] = [&homes[0], &homes[1]];
+    let (_, params) = common::multisig_spend(&[alice, bob]);
+    let model = common::plugin_artifacts::wasm("multisig");
+    let id = alice.ok(&["pipeline", "create", model.to_str().unwrap(), "--members", "bob", "--name", "spend", "--params", &params]);
+    alice.ok(&["pipeline", "act", &id, "transaction", "--yes"]);
+    let status = |h: &Home| -> String {
+        let s: serde_json::Value = serde_json::from_str(&h.ok(&["pipeline", "show", &id, "--json"])).unwrap();
+        s["status"].as_str().unwrap().to_string()
+    };
+    eventually("bob has the proposal", || bob.run(&["pipeline", "show", &id]).status.success().then(|| status(bob)).filter(|s| s == "1 of 2 signatures"));
+
+    let exe = common::exe();
+    let home = bob.dir.to_str().unwrap().to_string();
+    let tui = Tmux::start(tmp.path(), 140, 36, &[exe.to_str().unwrap(), "--home", &home, "tui"]);
+    tui.await_screen("the chat list", &["chats", "⚙ spend", "relay up"]);
+    // Select the pipeline (a bounded walk down the list) and open it: its pane runs the model.
+    for _ in 0..8 {
+        let before = tui.screen();
+        if before.contains("> ⚙ spend") {
+            break;
+        }
+        tui.keys(&["j"]);
+        eventually("the selection moves down", || (tui.screen() != before).then_some(()));
+    }
+    tui.await_screen("the selection on the pipeline", &["> ⚙ spend"]);
+    tui.keys(&["Enter"]);
+    tui.await_screen("the pipeline's pane", &["1 of 2 signatures", "/act sign"]);
+
+    // Refused first: nothing is signed or sent.
+    tui.keys(&["Enter"]);
+    tui.type_text("/act sign");
+    tui.keys(&["Enter"]);
+    tui.await_screen("Secure's summary to approve", &["approve signing", "pay 99000 sat to", "fee 1000 sat", "y sign exactly this"]);
+    tui.keys(&["n"]);
+    tui.await_screen("the refusal", &["nothing was signed"]);
+    assert_eq!(status(alice), "1 of 2 signatures");
+
+    // Then approved: Secure signs what was shown, and the step reaches alice.
+    tui.keys(&["Enter"]);
+    tui.type_text("/act sign");
+    tui.keys(&["Enter"]);
+    tui.await_screen("Secure's summary again", &["approve signing", "pay 99000 sat to"]);
+    tui.keys(&["y"]);
+    tui.await_screen("the signed step", &["signed and sent"]);
+    eventually("alice has both signatures", || (status(alice) == "2 of 2 signatures").then_some(()));
+    tui.await_screen("bob's pane, updated", &["2 of 2 signatures", "/act finalize"]);
+    tui.keys(&["q"]);
+    eventually("the TUI exits on q", || tui.exited().then_some(()));
+    origin.shutdown().await;
 }

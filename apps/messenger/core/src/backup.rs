@@ -2,7 +2,7 @@
 //! and settings, sealed with a key derived from a passphrase.
 //!
 //! **What is in one.** The user's identity key pair (so a restored device is the same user);
-//! contacts and blocks; every group's record and history, with what was processed; read
+//! the user's Bitcoin keys for pipelines; contacts and blocks; every group's record and history, with what was processed; read
 //! markers, marks and pending messages; the home's settings. **What is not:** any MLS state.
 //! Restoring epoch secrets would let a copy read what was sent after the backup, with keys
 //! that were meant to be gone (forward secrecy), so a restored device is a **new device** of
@@ -170,6 +170,11 @@ pub struct BackupData {
     pub pending: Vec<(crate::identity::UserId, u64, crate::payload::Message)>,
     /// The home's settings, as the UI gave them (its configuration file).
     pub settings: String,
+    /// The user's other secrets by name: the Bitcoin keys pipelines sign with. Without them
+    /// a restored device could not spend what its multisig pipelines hold. (Absent from
+    /// backups written before pipelines; restoring those brings none.)
+    #[serde(default)]
+    pub secrets: Vec<(String, Vec<u8>)>,
 }
 
 /// One group in a backup.
@@ -221,6 +226,7 @@ impl<B: crate::seal::Backend> crate::device::Device<B> {
             marked: self.marked.iter().copied().collect(),
             pending: self.pending.iter().flat_map(|(u, q)| q.iter().map(move |(s, m)| (*u, *s, m.clone()))).collect(),
             settings: settings.to_string(),
+            secrets: self.secrets.iter().map(|(n, v)| (n.clone(), v.clone())).collect(),
         }
     }
 
@@ -285,6 +291,10 @@ impl<B: crate::seal::Backend> crate::device::Device<B> {
         for (user, seq, message) in data.pending {
             self.engine.vault.put(&crate::device::pending_key(&user, seq), &serde_json::to_vec(&message).expect("serializable"));
             self.pending.entry(user).or_default().push((seq, message));
+        }
+        for (name, value) in data.secrets {
+            self.engine.vault.put(format!("sk/{name}").as_bytes(), &value);
+            self.secrets.insert(name, value);
         }
         self.engine.persist()?;
         Ok(restored)

@@ -289,7 +289,7 @@ pub struct Device<B: Backend> {
     /// The UI's sealed pipeline states, by group.
     pub(crate) pipeline_states: BTreeMap<ConvId, crate::pipeline::Saved>,
     /// Other secrets Secure keeps for the user (signing keys of pipelines), by name.
-    secrets: BTreeMap<String, Vec<u8>>,
+    pub(crate) secrets: BTreeMap<String, Vec<u8>>,
     /// Key package fragments being assembled, by name without the fragment byte.
     kp_parts: HashMap<u128, Assembly>,
     /// What ingest did so far.

@@ -8,10 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sha2::{Digest, Sha256};
 
-
 use crate::committer::Outgoing;
 use crate::device::{CONV_CHANNEL, Device};
-use crate::engine::MlsError;
+use crate::engine::{MlsError, hex};
 use crate::identity::UserId;
 use crate::names::ConvId;
 use crate::payload::{MAX_MODEL, MAX_MODEL_PART, Message, MsgRef, Pipeline};
@@ -51,6 +50,10 @@ pub struct Log {
     pub members: Vec<UserId>,
     /// The model's bytes, once every part has arrived and they hash to `model`.
     pub bytes: Option<Vec<u8>>,
+    /// Set when every part has arrived but they do not make the model the creation message
+    /// names (another size or hash): the pipeline's model is not this one, and nothing may be
+    /// applied. Says what was found.
+    pub mismatch: Option<String>,
     /// Its steps in the order every member applies them: by the sender's time, then by
     /// message id (the same on every device).
     pub steps: Vec<Step>,
@@ -141,10 +144,22 @@ impl<B: Backend> Device<B> {
             }
         }
         let n = (size as usize).div_ceil(MAX_MODEL_PART) as u32;
-        let bytes = (parts.len() as u32 >= n && (0..n).all(|i| parts.contains_key(&i)))
-            .then(|| (0..n).flat_map(|i| parts[&i].iter().copied()).collect::<Vec<u8>>())
-            .filter(|b| b.len() == size as usize && <[u8; 32]>::from(Sha256::digest(b)) == model);
-        Some(Log { conv, creator, model, size, params, members: record.users.iter().copied().collect(), bytes, steps })
+        let assembled = (0..n).all(|i| parts.contains_key(&i)).then(|| (0..n).flat_map(|i| parts[&i].iter().copied()).collect::<Vec<u8>>());
+        // The parts are checked against the creation message's id here, before the UI gets
+        // them: bytes that are not the named model never reach a model runtime.
+        let (bytes, mismatch) = match assembled {
+            None => (None, None),
+            Some(b) => {
+                let hash: [u8; 32] = Sha256::digest(&b).into();
+                if b.len() == size as usize && hash == model {
+                    (Some(b), None)
+                } else {
+                    let found = format!("{} bytes with SHA-256 {}", b.len(), &hex(&hash)[..16]);
+                    (None, Some(format!("the creator's model parts make {found}, not the model {} ({size} bytes) its creation message names", &hex(&model)[..16])))
+                }
+            }
+        };
+        Some(Log { conv, creator, model, size, params, members: record.users.iter().copied().collect(), bytes, mismatch, steps })
     }
 
     /// The UI's sealed state of a pipeline.

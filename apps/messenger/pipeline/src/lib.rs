@@ -129,10 +129,19 @@ impl Signer for NoSigner {
     }
 }
 
+/// The most compiled models a [`Runtime`] keeps; more, and it starts afresh.
+const MAX_COMPILED: usize = 16;
+
 /// Compiles models; one per process is enough.
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
+    /// Models compiled so far, by id: a long-running UI (the TUI, the web UI) compiles a
+    /// model once, not on every view (a 2 MB model takes about a second). In memory only: a
+    /// compiled artifact on disk would be native code that anyone able to write the home
+    /// could plant.
+    compiled: Arc<std::sync::Mutex<std::collections::HashMap<ModelId, ModelPre<HostState>>>>,
+    compilations: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Runtime {
@@ -144,19 +153,40 @@ impl Runtime {
         config.consume_fuel(true);
         config.cranelift_nan_canonicalization(true);
         let engine = Engine::new(&config).map_err(|e| ModelError::Load(format!("{e:#}")))?;
-        Ok(Runtime { engine })
+        Ok(Runtime { engine, compiled: Arc::default(), compilations: Arc::default() })
     }
 
-    /// Compiles `bytes` and checks it is a model: it instantiates against this ABI and its
-    /// `describe` answers within `limits`.
-    pub fn load(&self, bytes: &[u8], limits: Limits) -> Result<Model, ModelError> {
+    /// How many models this runtime has compiled (a model loaded again is not compiled again).
+    pub fn compilations(&self) -> u64 {
+        self.compilations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn compile(&self, id: ModelId, bytes: &[u8]) -> Result<ModelPre<HostState>, ModelError> {
+        let cached = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+        if let Some(pre) = cached {
+            return Ok(pre);
+        }
+        self.compilations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let component = Component::new(&self.engine, bytes).map_err(|e| ModelError::Load(format!("{e:#}")))?;
         let mut linker = Linker::<HostState>::new(&self.engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| ModelError::Load(format!("{e:#}")))?;
         RawModel::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(|e| ModelError::Load(format!("{e:#}")))?;
         let pre = linker.instantiate_pre(&component).map_err(|e| ModelError::Load(format!("{e:#}")))?;
         let pre = ModelPre::new(pre).map_err(|e| ModelError::Load(format!("{e:#}")))?;
-        let mut model = Model { inner: Arc::new(Inner { engine: self.engine.clone(), pre, limits, id: ModelId::of(bytes) }), descriptor: None };
+        let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if compiled.len() >= MAX_COMPILED {
+            compiled.clear();
+        }
+        compiled.insert(id, pre.clone());
+        Ok(pre)
+    }
+
+    /// Compiles `bytes` (once per runtime) and checks it is a model: it instantiates against
+    /// this ABI and its `describe` answers within `limits`.
+    pub fn load(&self, bytes: &[u8], limits: Limits) -> Result<Model, ModelError> {
+        let id = ModelId::of(bytes);
+        let pre = self.compile(id, bytes)?;
+        let mut model = Model { inner: Arc::new(Inner { engine: self.engine.clone(), pre, limits, id }), descriptor: None };
         let d = model.call(None, |m, store| m.call_describe(store))?;
         model.descriptor = Some(Descriptor {
             name: d.name,

@@ -153,6 +153,27 @@ fn wrong_bytes_and_components_that_are_no_model_are_refused_at_load() {
     let _ = State(Vec::new()).hash_hex();
 }
 
+#[test]
+fn a_runtime_compiles_each_model_once_and_each_load_keeps_its_own_limits() {
+    let rt = Runtime::new().unwrap();
+    let faulty = bytes("faulty");
+    let roomy = rt.load(&faulty, Limits::default()).unwrap();
+    let tight = rt.load(&faulty, Limits { fuel: 20_000_000, ..Limits::default() }).unwrap();
+    assert_eq!(rt.compilations(), 1, "the second load reuses the compiled model");
+    // The same compiled model, each with the limits it was loaded with.
+    let state = roomy.init("", ALICE, &members()).unwrap();
+    assert_eq!(tight.apply(&state, ALICE, 1, &msg("spin", "")), Err(ModelError::Fuel(20_000_000)));
+    assert_eq!(roomy.apply(&state, ALICE, 1, &msg("count", "")).map(|s| roomy.view(&s, ALICE).unwrap().status), Ok("1 ".to_string()));
+    // Bytes that are no model are not kept: asked again, they are compiled (and refused) again.
+    assert!(rt.load(b"garbage", Limits::default()).is_err());
+    assert!(rt.load(b"garbage", Limits::default()).is_err());
+    assert_eq!(rt.compilations(), 3);
+    // A clone shares what was compiled.
+    rt.clone().load(&bytes("poll"), Limits::default()).unwrap();
+    rt.load(&bytes("poll"), Limits::default()).unwrap();
+    assert_eq!(rt.compilations(), 4);
+}
+
 /// What Secure does for `sign("btc", "psbt", …)`: the PSBT signs itself with the user's key,
 /// computing its own sighash (here with a test key per user).
 struct PsbtSigner(u8);

@@ -378,6 +378,10 @@ pub struct PipelineLine {
     pub steps: usize,
     /// Whether every part of the model has arrived (and hashes right).
     pub model_complete: bool,
+    /// Set when every part has arrived but they are not the model the creation message
+    /// names: nothing of this pipeline is applied. Says what was found.
+    #[serde(default)]
+    pub model_mismatch: Option<String>,
 }
 
 /// One step of a pipeline.
@@ -429,6 +433,9 @@ pub struct PipelineLog {
     /// The model's bytes, once complete and checked against `model`.
     #[serde(with = "b64_opt")]
     pub bytes: Option<Vec<u8>>,
+    /// Set when every part has arrived but they are not the model `model` names.
+    #[serde(default)]
+    pub mismatch: Option<String>,
     /// Its steps, in the order every member applies them.
     pub steps: Vec<StepLine>,
     /// The UI's sealed state, if any.

@@ -611,6 +611,7 @@ impl<B: Backend> Service<B> {
                             creator: log.creator.to_string(),
                             steps: log.steps.len(),
                             model_complete: log.bytes.is_some(),
+                            model_mismatch: log.mismatch,
                         })
                     })
                     .collect(),
@@ -627,6 +628,7 @@ impl<B: Backend> Service<B> {
                     model: hex(&log.model),
                     params: log.params,
                     bytes: log.bytes,
+                    mismatch: log.mismatch,
                     steps: log
                         .steps
                         .into_iter()

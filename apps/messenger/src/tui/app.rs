@@ -111,6 +111,22 @@ pub struct App {
     pub wants: Vec<Want>,
     /// What was last submitted, until Secure has answered: given back if it failed.
     pub sent_draft: Option<Compose>,
+    /// A signing a pipeline action asks for, shown over everything until the user approves
+    /// (`y`) or refuses (`n`, Esc) it.
+    pub approval: Option<Pending>,
+}
+
+/// A pipeline action waiting for the user's approval of what it signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// The pipeline's group id.
+    pub pipeline: String,
+    /// The action.
+    pub action: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// What Secure says signing means.
+    pub review: crate::pipeline::Review,
 }
 
 /// Work for the loop that is not a request to Secure: running a pipeline's model (in this
@@ -127,6 +143,9 @@ pub enum Want {
         action: String,
         /// Its arguments.
         args: Vec<String>,
+        /// The digest of the signing the user approved, when taken again after approval;
+        /// `None` the first time, which stops at any signing to ask.
+        approved: Option<String>,
     },
 }
 
@@ -201,12 +220,22 @@ impl App {
         }
     }
 
-    /// An action's step was sent (or not).
-    pub fn acted(&mut self, result: Result<String, String>) -> Vec<Request> {
+    /// An action's step was sent, or needs the user's approval of a signing, or failed.
+    pub fn acted(&mut self, want: &Want, result: Result<crate::pipeline::Acted, String>) -> Vec<Request> {
         match result {
-            Ok(_) => {
+            Ok(crate::pipeline::Acted::Sent(_)) => {
                 self.sent_draft = None;
+                if matches!(want, Want::Act { approved: Some(_), .. }) {
+                    self.say("signed and sent", false);
+                }
                 self.reload()
+            }
+            Ok(crate::pipeline::Acted::Review(review)) => {
+                self.sent_draft = None;
+                if let Want::Act { pipeline, action, args, .. } = want {
+                    self.approval = Some(Pending { pipeline: pipeline.clone(), action: action.clone(), args: args.clone(), review });
+                }
+                Vec::new()
             }
             Err(e) => {
                 if let Some(draft) = self.sent_draft.take() {
@@ -337,6 +366,22 @@ impl App {
     pub fn key(&mut self, key: KeyEvent) -> Vec<Request> {
         if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
             self.quit = true;
+            return Vec::new();
+        }
+        if let Some(pending) = &self.approval {
+            // Nothing else happens until the signing is approved or refused.
+            match key.code {
+                KeyCode::Char('y') | KeyCode::Char('Y') => {
+                    let Pending { pipeline, action, args, review } = pending.clone();
+                    self.approval = None;
+                    self.wants.push(Want::Act { pipeline, action, args, approved: Some(review.digest) });
+                }
+                KeyCode::Char('n') | KeyCode::Char('N') | KeyCode::Esc => {
+                    self.approval = None;
+                    self.say("not approved: nothing was signed", true);
+                }
+                _ => {}
+            }
             return Vec::new();
         }
         if self.help {
@@ -596,7 +641,7 @@ impl App {
             "revoke" => op(GroupOp::Revoke),
             "act" if !rest.is_empty() => {
                 let pipeline = self.open_pipeline().map(str::to_string).ok_or_else(|| "/act works in a pipeline".to_string())?;
-                self.wants.push(Want::Act { pipeline, action: rest[0].clone(), args: rest[1..].to_vec() });
+                self.wants.push(Want::Act { pipeline, action: rest[0].clone(), args: rest[1..].to_vec(), approved: None });
                 Ok(Vec::new())
             }
             _ => Err(format!("unknown command {line:?}: see ? for the commands")),

@@ -115,6 +115,31 @@ pub fn draw(frame: &mut Frame, app: &App) {
     if app.help {
         draw_help(frame, frame.area());
     }
+    if app.approval.is_some() {
+        draw_approval(frame, app, frame.area());
+    }
+}
+
+/// A signing waiting for approval: Secure's own summary of what is signed, over everything.
+fn draw_approval(frame: &mut Frame, app: &App, area: Rect) {
+    let Some(p) = &app.approval else { return };
+    let mut lines = vec![
+        Line::styled(format!("/act {} asks to sign with your key {:?}:", clean(&p.action), clean(&p.review.key)), Style::new().add_modifier(Modifier::BOLD)),
+        Line::raw(""),
+    ];
+    lines.extend(p.review.summary.iter().map(|l| Line::raw(format!("  {}", clean(l)))));
+    lines.push(Line::raw(""));
+    lines.push(Line::from(vec![
+        Span::styled("y", Style::new().fg(Color::Green).add_modifier(Modifier::BOLD)),
+        Span::raw(" sign exactly this · "),
+        Span::styled("n", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+        Span::raw("/Esc refuse"),
+    ]));
+    let width = 100.min(area.width);
+    let height = (lines.len() as u16 + 2).min(area.height);
+    let popup = Rect { x: area.x + (area.width - width) / 2, y: area.y + (area.height - height) / 2, width, height };
+    frame.render_widget(Clear, popup);
+    frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }).block(Block::bordered().title(" approve signing ").border_style(Style::new().fg(Color::Yellow))), popup);
 }
 
 fn draw_chats(frame: &mut Frame, app: &App, area: Rect) {

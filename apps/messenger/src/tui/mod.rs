@@ -157,11 +157,16 @@ fn run_loop(terminal: &mut ratatui::DefaultTerminal, home: &Home, me: String, rx
         }
         // Pipelines' models run here, in this process, like `pipeline show` and `act`.
         for want in std::mem::take(&mut app.wants) {
-            match want {
-                app::Want::Pane(id) => app.pane(crate::pipeline::pane(home, &id).map_err(|e| format!("{e:#}"))),
-                app::Want::Act { pipeline, action, args } => {
-                    let result = crate::pipeline::act_step(home, &pipeline, &action, &args, &crate::pipeline::ActOptions::default()).map_err(|e| format!("{e:#}"));
-                    requests.extend(app.acted(result));
+            match &want {
+                app::Want::Pane(id) => app.pane(crate::pipeline::pane(home, id).map_err(|e| format!("{e:#}"))),
+                app::Want::Act { pipeline, action, args, approved } => {
+                    // The first time, a signing stops the action and comes back for the user
+                    // to approve on screen; approved, the action is taken again and Secure
+                    // signs only what was approved.
+                    let approval = approved.clone().map_or(crate::pipeline::Approval::Review, crate::pipeline::Approval::Approved);
+                    let options = crate::pipeline::ActOptions { approval, broadcast_cmd: None };
+                    let result = crate::pipeline::act_step(home, pipeline, action, args, &options).map_err(|e| format!("{e:#}"));
+                    requests.extend(app.acted(&want, result));
                 }
             }
         }

@@ -592,15 +592,16 @@ fn a_pipeline_shows_its_models_view_and_act_takes_an_action() {
     app.key(key(KeyCode::Enter));
     typed(&mut app, "/act vote soup");
     assert!(app.key(key(KeyCode::Enter)).is_empty());
-    assert_eq!(app.wants, vec![Want::Act { pipeline: "aa0000000000000001".into(), action: "vote".into(), args: vec!["soup".into()] }]);
+    let want = Want::Act { pipeline: "aa0000000000000001".into(), action: "vote".into(), args: vec!["soup".into()], approved: None };
+    assert_eq!(app.wants, vec![want.clone()]);
     app.wants.clear();
-    assert!(app.acted(Err("the model refuses this step: no option \"soup\"".into())).is_empty());
+    assert!(app.acted(&want, Err("the model refuses this step: no option \"soup\"".into())).is_empty());
     assert!(matches!(&app.compose, Some(Compose::Message { text, .. }) if text == "/act vote soup"));
     // Sent again, and through this time.
     app.key(key(KeyCode::Enter));
     assert_eq!(app.wants.len(), 1);
     app.wants.clear();
-    let next = app.acted(Ok("c1/0/1/5".into()));
+    let next = app.acted(&want, Ok(crate::pipeline::Acted::Sent("c1/0/1/5".into())));
     assert_eq!(next[0], Request::Read { conversation: "group:aa0000000000000001".into(), before: None });
     assert_eq!(app.wants, vec![Want::Pane("aa0000000000000001".into())], "the pane is run again");
     // A pane for a pipeline no longer open is dropped.
@@ -609,4 +610,49 @@ fn a_pipeline_shows_its_models_view_and_act_takes_an_action() {
     app.key(key(KeyCode::Enter));
     app.pane(Ok(pane));
     assert!(app.pipeline.is_none());
+}
+
+#[test]
+fn an_action_that_signs_shows_what_secure_would_sign_and_signs_only_once_approved() {
+    use super::app::Want;
+    use crate::pipeline::{Acted, Review};
+    let mut app = app_with_dm(Vec::new());
+    let mut chats = app.chats.clone();
+    chats.insert(1, chat("group:aa0000000000000001", "pipeline", "spend", 0, T));
+    app.answer(&Request::Chats, Ok(Reply::Chats { chats }));
+    app.key(key(KeyCode::Esc));
+    app.key(key(KeyCode::Down));
+    app.key(key(KeyCode::Enter));
+    assert_eq!(app.wants, vec![Want::Pane("aa0000000000000001".into())]);
+    app.wants.clear();
+    app.key(key(KeyCode::Enter));
+    typed(&mut app, "/act sign");
+    app.key(key(KeyCode::Enter));
+    let first = Want::Act { pipeline: "aa0000000000000001".into(), action: "sign".into(), args: Vec::new(), approved: None };
+    assert_eq!(app.wants, vec![first.clone()], "the first time, nothing is approved");
+    app.wants.clear();
+    let review = Review { key: "btc".into(), summary: vec!["spend 100000 sat from ab…:0".into(), "pay 99000 sat to bcrt1qexample".into(), "fee 1000 sat".into()], digest: "d1".repeat(32) };
+    assert!(app.acted(&first, Ok(Acted::Review(review.clone()))).is_empty());
+    let s = screen(&app, 140, 24);
+    for want in ["approve signing", "/act sign asks to sign with your key \"btc\"", "pay 99000 sat to bcrt1qexample", "fee 1000 sat", "y sign exactly this", "n/Esc refuse"] {
+        assert!(s.contains(want), "{want:?} missing:\n{s}");
+    }
+    // While it is shown, other keys do nothing.
+    for k in [KeyCode::Char('q'), KeyCode::Char('j'), KeyCode::Enter, KeyCode::Tab] {
+        assert!(app.key(key(k)).is_empty());
+    }
+    assert!(!app.quit && app.wants.is_empty() && app.approval.is_some());
+    // Refused: nothing is taken again.
+    app.key(key(KeyCode::Char('n')));
+    assert!(app.approval.is_none() && app.wants.is_empty());
+    assert!(app.notice.as_ref().is_some_and(|n| n.error && n.text.contains("nothing was signed")));
+    // Asked again and approved: the action is taken again, approving exactly that digest.
+    assert!(app.acted(&first, Ok(Acted::Review(review.clone()))).is_empty());
+    app.key(key(KeyCode::Char('y')));
+    let second = Want::Act { pipeline: "aa0000000000000001".into(), action: "sign".into(), args: Vec::new(), approved: Some(review.digest.clone()) };
+    assert_eq!(app.wants, vec![second.clone()]);
+    app.wants.clear();
+    assert!(!app.acted(&second, Ok(Acted::Sent("c1/0/1/6".into()))).is_empty());
+    assert!(app.notice.as_ref().is_some_and(|n| !n.error && n.text.contains("signed and sent")));
+    assert!(!screen(&app, 140, 24).contains("approve signing"));
 }

@@ -379,3 +379,26 @@ pub async fn catch_up<T>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A 2-of-n Bitcoin multisig spend among `homes`: each gets a new `btc` key; returns the
+/// descriptor and the model's parameters (regtest; 100 000 sat in, 99 000 to the first
+/// user's address, 1 000 fee).
+pub fn multisig_spend(homes: &[&Home]) -> (String, String) {
+    let keys: Vec<serde_json::Value> = homes
+        .iter()
+        .map(|h| {
+            h.ok(&["btc", "key", "new"]);
+            serde_json::from_str(&h.ok(&["btc", "key", "show", "--json"])).unwrap()
+        })
+        .collect();
+    let publics: Vec<&str> = keys.iter().map(|k| k["public_key"].as_str().unwrap()).collect();
+    let descriptor = format!("wsh(sortedmulti(2,{}))", publics.join(","));
+    let params = serde_json::json!({
+        "descriptor": descriptor,
+        "network": "regtest",
+        "funding": {"txid": "ab".repeat(32), "vout": 0, "amount_sat": 100_000},
+        "outputs": [{"address": keys[0]["address"], "amount_sat": 99_000}],
+        "fee_sat": 1_000,
+    });
+    (descriptor, params.to_string())
+}
