@@ -29,6 +29,10 @@ async fn three_users_run_a_poll_to_the_same_closed_state() {
     for h in [alice, bob, carol] {
         eventually("the pipeline and its whole model arrive", || h.ok(&["pipeline", "list", "--json"]).contains("\"model_complete\":true").then_some(()));
     }
+    // The model's parts are no messages: the chat list counts the creation alone.
+    let chats = bob.ok(&["chats", "--json"]);
+    let chat: serde_json::Value = serde_json::from_str(chats.lines().find(|l| l.contains(r#""kind":"pipeline""#)).unwrap()).unwrap();
+    assert_eq!((chat["unread"].as_u64(), chat["messages"].as_u64()), (Some(1), Some(1)), "{chat}");
     let s = show(bob, &id);
     assert_eq!((s["title"].as_str(), s["status"].as_str(), s["model_name"].as_str()), (Some("Lunch?"), Some("0 of 3 voted"), Some("poll")));
     assert_eq!(s["actions"].as_array().unwrap().len(), 1, "bob may vote, not close: {s}");

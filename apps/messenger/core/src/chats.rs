@@ -96,7 +96,7 @@ impl<B: Backend> Device<B> {
         let me = self.user_id();
         let read = self.read_up_to.get(&chat.key()).copied().unwrap_or(0);
         let messages = self.chat_messages(chat);
-        let shown: Vec<&Stored> = messages.iter().map(|(.., s)| *s).filter(|s| s.message.replaces.is_none() && !self.hidden(s)).collect();
+        let shown: Vec<&Stored> = messages.iter().map(|(.., s)| *s).filter(|s| s.message.replaces.is_none() && !self.hidden(s) && !crate::device::is_model_part(s)).collect();
         let unread = shown.iter().filter(|s| s.seq > read && s.user != Some(me) && s.message.control.is_none()).count();
         let mut last_ms = shown.iter().map(|s| s.message.created_ms).max().unwrap_or(0);
         if let Chat::Dm(peer) = chat {

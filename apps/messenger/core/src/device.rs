@@ -1461,12 +1461,12 @@ fn may_edit(original: &Stored, edit: &Stored) -> bool {
     }
 }
 
-/// A stored message as shown, with its latest edit (if any) applied.
-/// A part of a pipeline's model: kept for the model, not shown as a message.
-fn is_model_part(s: &Stored) -> bool {
+/// A part of a pipeline's model: kept for the model, not shown or counted as a message.
+pub(crate) fn is_model_part(s: &Stored) -> bool {
     matches!(s.message.pipeline, Some(crate::payload::Pipeline::ModelPart { .. }))
 }
 
+/// A stored message as shown, with its latest edit (if any) applied.
 fn show(history: &BTreeMap<MsgRef, Stored>, s: &Stored, edit: Option<&Stored>) -> Shown {
     Shown {
         user: s.user,
