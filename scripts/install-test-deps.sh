@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs beyond Rust: tmux, which the terminal UI's end-to-end
-# test (apps/messenger/tests/tui.rs) drives. Idempotent: does nothing when it is present.
+# Installs what the test suite needs beyond Rust, from Debian's packages: tmux, which the
+# terminal UI's end-to-end test (apps/messenger/tests/tui.rs) drives, and Chromium with its
+# WebDriver, which the web UI's browser tests (apps/messenger/tests/web.rs) drive.
+# Idempotent: installs only what is missing.
 set -euo pipefail
 
-if command -v tmux > /dev/null; then
+need=()
+command -v tmux > /dev/null || need+=(tmux)
+command -v chromium > /dev/null || need+=(chromium)
+command -v chromedriver > /dev/null || need+=(chromium-driver)
+if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi
 sudo=()
 if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
 "${sudo[@]}" apt-get update
-"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y tmux
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"

@@ -47,6 +47,8 @@ $bin/pubsub-bench --smoke
 $bin/model-apply 2 10
 # A 2-of-3 multisig pipeline end to end through the CLI of three users (about 20 s).
 $bin/pipeline-e2e
+# The web UI's live updates beside Secure's follow stream (the full run: --messages 300).
+$bin/web-latency --messages 20
 
 step "fuzz target builds"
 (cd framework/fuzz && cargo check --locked -q)

@@ -11,6 +11,7 @@ mod pipeline;
 mod processes;
 mod tui;
 mod ui;
+mod web;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -204,6 +205,14 @@ enum Command {
     /// The terminal UI: chat list, conversations with threads, mail, group info. `?` inside
     /// shows every key.
     Tui,
+    /// The web UI, served by this process on the device: prints one URL (with a one-time
+    /// token) to open in a browser, and serves until interrupted.
+    Web {
+        /// Where to listen. Loopback, on an ephemeral port, unless told otherwise; any other
+        /// address is warned about.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
     /// Every conversation, most recent activity first: `UNREAD CONVERSATION NAME`.
     Chats {
         /// One JSON object per line.
@@ -611,6 +620,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore { file } => processes::restore(&home, &file),
         Command::Chats { json } => ui::chats(&home, json),
         Command::Tui => tui::run(&home),
+        Command::Web { listen } => web::run(&home, listen),
         Command::Mark { id } => ui::mark(&home, id, true),
         Command::Unmark { id } => ui::mark(&home, id, false),
         Command::Marked { json } => ui::marked(&home, json),
