@@ -309,24 +309,26 @@ async fn the_main_flow_in_a_browser_channel_dm_mail_and_a_pipeline_signing() {
     bob.ok(&["group", "describe", &g, "plans for Saturday"]);
     bob.ok(&["send", &format!("group:{g}"), "who brings the bread?"]);
     bob.ok(&["mail", "send", "--to", "alice", "--subject", "agenda", "first, the budget"]);
+    let books = alice.ok(&["group", "create", "books", "bob"]);
     let (_, params) = common::multisig_spend(&[&bob, &alice]);
     let model = common::plugin_artifacts::wasm("multisig");
     let spend = bob.ok(&["pipeline", "create", model.to_str().unwrap(), "--members", "alice", "--name", "spend", "--params", &params]);
     bob.ok(&["pipeline", "act", &spend, "transaction", "--yes"]);
     eventually("alice has everything", || {
         let chats = alice.ok(&["chats", "--json"]);
-        (chats.lines().count() == 5 && alice.ok(&["pipeline", "list", "--json"]).contains("\"model_complete\":true")).then_some(())
+        (chats.lines().count() == 6 && alice.ok(&["pipeline", "list", "--json"]).contains("\"model_complete\":true")).then_some(())
     });
 
     let web = WebUi::start(&alice);
     let b = Browser::start(tmp.path(), 1280, 860).await;
     b.client.goto(&web.url).await.unwrap();
     b.until("the token gone from the address", &format!("return location.href === 'http://{}/'", web.addr)).await;
-    b.until("the chat list", "return document.querySelectorAll('#chat-list .chat').length === 5").await;
+    b.until("the chat list", "return document.querySelectorAll('#chat-list .chat').length === 6").await;
     b.until("the relay's state", "return document.getElementById('relay').textContent.startsWith('relay up')").await;
     // Most recent first, each with its unread count (a pipeline's model parts are no messages).
     let list = b.js("return [...document.querySelectorAll('#chat-list .chat')].map(e => e.dataset.kind + ' ' + (e.querySelector('.unread')?.textContent || '0'))").await;
-    assert_eq!(list, serde_json::json!(["pipeline 2", "mail 1", "group 1", "dm 1", "channel 1"]));
+    // (A group with no message yet has no activity to sort by: it comes last.)
+    assert_eq!(list, serde_json::json!(["pipeline 2", "mail 1", "group 1", "dm 1", "channel 1", "group 0"]));
     b.shot("chats").await;
 
     // A team channel: read a message arriving live, reply in its thread, edit the reply.
@@ -378,12 +380,19 @@ async fn the_main_flow_in_a_browser_channel_dm_mail_and_a_pipeline_signing() {
     b.shot("dm").await;
 
     // A group, with its info panel.
-    b.click("#chat-list .chat[data-kind='group']").await;
+    b.click(&format!("#chat-list .chat[data-conversation='group:{g}']")).await;
     b.await_message("who brings the bread?").await;
     b.until("the group's info", "return document.getElementById('side').textContent.includes('plans for Saturday')").await;
     let side = b.css("#side").await.text().await.unwrap();
     assert!(side.contains("Members (2)") && side.contains("bob") && side.contains("only admins change the group"), "{side}");
     b.shot("group").await;
+    // A group alice runs: its panel has the admin's actions; a rename reaches bob.
+    b.click(&format!("#chat-list .chat[data-conversation='group:{books}']")).await;
+    b.until("the admin's actions", "return !!document.querySelector('#side .admin-actions')").await;
+    b.css("#side form.admin input[name='name']").await.send_keys("book club").await.unwrap();
+    b.click("#side form.admin button[type='submit']").await;
+    eventually("bob sees the new name", || bob.ok(&["group", "info", &books]).contains("book club").then_some(()));
+    b.until("the new name in the panel", "return document.querySelector('#side .group-name')?.textContent === 'book club'").await;
 
     // Mail: the inbox, the thread, a reply with subject and recipients filled in.
     b.click("#chat-list .chat[data-kind='mail']").await;

@@ -76,6 +76,10 @@ function timeOf(ms) {
 async function loadChats() {
   const reply = await api({ op: 'chats' });
   state.chats = reply.chats;
+  // The list reorders by activity: the cursor stays on the open chat, or in range.
+  const at = state.chats.findIndex((c) => c.conversation === state.open);
+  if (state.zone === 'view' && at >= 0) state.chatCursor = at;
+  state.chatCursor = Math.max(0, Math.min(state.chatCursor, state.chats.length - 1));
   renderChats();
 }
 
