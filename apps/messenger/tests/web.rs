@@ -252,8 +252,16 @@ impl Browser {
         self.client.wait().at_most(WAIT).for_element(Locator::Css(selector)).await.unwrap_or_else(|e| panic!("{selector}: {e}"))
     }
 
+    /// Clicks the element `selector` finds; found again if a live update redrew it first.
     async fn click(&self, selector: &str) {
-        self.css(selector).await.click().await.unwrap_or_else(|e| panic!("click {selector}: {e}"));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.css(selector).await.click().await {
+                Ok(()) => return,
+                Err(e) if Instant::now() < deadline && format!("{e:?}").contains("StaleElementReference") => continue,
+                Err(e) => panic!("click {selector}: {e}"),
+            }
+        }
     }
 
     /// The message row whose text is exactly `text`.
@@ -263,11 +271,21 @@ impl Browser {
     }
 
     /// Clicks button `class` of the message with `text` (selecting the message shows them).
+    /// A live update may redraw the list between finding and clicking: then it is found again
+    /// (bounded), as a person would move the pointer again.
     async fn message_button(&self, text: &str, class: &str) {
-        let row = self.message(text).await;
-        row.click().await.unwrap();
-        let row = self.message(text).await;
-        row.find(Locator::Css(&format!("button.{class}"))).await.unwrap().click().await.unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let attempt = async {
+                self.message(text).await.click().await?;
+                self.message(text).await.find(Locator::Css(&format!("button.{class}"))).await?.click().await
+            };
+            match attempt.await {
+                Ok(()) => return,
+                Err(e) if Instant::now() < deadline && format!("{e:?}").contains("StaleElementReference") => continue,
+                Err(e) => panic!("clicking {class} of {text:?}: {e}"),
+            }
+        }
     }
 
     /// Types into the focused element and presses Enter.
@@ -464,5 +482,18 @@ async fn a_reply_by_keyboard_alone_in_a_narrow_window() {
     // Esc leaves the reply box, Esc again goes back to the list.
     b.keys(&[char::from(Key::Escape), char::from(Key::Escape)]).await;
     b.until("the chat list again", "return getComputedStyle(document.getElementById('chats')).display !== 'none'").await;
+
+    // The relay goes away: the bar says so plainly, and a send is queued, not lost.
     origin.shutdown().await;
+    b.until("the relay's loss", "return document.getElementById('relay').textContent.startsWith('relay unreachable: sends are queued')").await;
+    b.keys(&[char::from(Key::Enter)]).await;
+    b.await_message("I will").await;
+    b.keys(&[char::from(Key::Enter)]).await;
+    b.until("the message box focused", "return document.activeElement?.id === 'text'").await;
+    let mut typed: Vec<char> = "sent while the relay is down".chars().collect();
+    typed.push(char::from(Key::Enter));
+    b.keys(&typed).await;
+    b.await_message("sent while the relay is down").await;
+    b.until("the queued count", "return /\\(\\d+ waiting\\)/.test(document.getElementById('relay').textContent)").await;
+    b.shot("narrow-relay-down").await;
 }

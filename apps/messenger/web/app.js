@@ -124,6 +124,7 @@ async function openChat(conversation) {
   $('layout').dataset.show = 'view';
   $('side').hidden = true;
   $('side').replaceChildren();
+  state.side = null;
   $('mail-compose').hidden = true;
   await reload();
   // After the read: its unread count is gone.
@@ -191,6 +192,9 @@ function threadRows(messages) {
 }
 
 function setMessages(messages) {
+  // The same messages again (a refresh for another chat's news): the list is left as it is,
+  // so nothing under the user's pointer is replaced.
+  if (JSON.stringify(messages) === JSON.stringify(state.messages) && state.rows.length === messages.length) return;
   const selected = state.rows[state.cursor] && state.messages[state.rows[state.cursor].message]?.id;
   state.messages = messages;
   state.rows = threadRows(messages);
@@ -380,11 +384,20 @@ async function sendMail() {
 
 // ---- groups ----
 
+/** Whether the side panel must be drawn for `key` (what it shows); remembers it. */
+function sideChanged(key) {
+  if (state.side === key && $('side').childElementCount > 0) return false;
+  state.side = key;
+  return true;
+}
+
 async function loadGroup(id) {
   const reply = await api({ op: 'group-info', group: id });
   const g = reply.group;
   const side = $('side');
   side.hidden = false;
+  // Unchanged: left as it is, so a half-typed admin field survives a live update.
+  if (!sideChanged('group:' + JSON.stringify(g))) return;
   const op = async (operation) => {
     try {
       await api({ op: 'group-op', group: id, operation, force: false });
@@ -433,8 +446,10 @@ async function loadPipeline(id) {
     p = await getJson(`/api/pipeline/${encodeURIComponent(id)}`);
   } catch (e) {
     side.replaceChildren(el('h2', {}, 'Pipeline'), el('p', { class: 'error' }, e.message));
+    state.side = null;
     return;
   }
+  if (!sideChanged('pipeline:' + JSON.stringify(p))) return;
   side.replaceChildren(
     el('h2', {}, 'Pipeline · ', p.model),
     el('p', { class: 'pipeline-title' }, p.title),
