@@ -84,6 +84,7 @@
 //! answer.
 
 mod client;
+pub mod discovery;
 mod tls;
 pub mod tool;
 

@@ -31,6 +31,9 @@ pub enum Trust {
     /// certificate is accepted, whatever its names or dates; the TLS 1.3 handshake signature
     /// is still verified, so the relay must hold the matching private key.
     Fingerprint(String),
+    /// Any one of these fingerprints ([`Trust::Fingerprint`] for each): for a name served by
+    /// several relays, or a key being rotated.
+    Fingerprints(Vec<String>),
 }
 
 impl std::fmt::Debug for Trust {
@@ -38,6 +41,7 @@ impl std::fmt::Debug for Trust {
         match self {
             Trust::CaPem(pem) => write!(f, "CaPem({} bytes)", pem.len()),
             Trust::Fingerprint(fp) => write!(f, "Fingerprint({fp})"),
+            Trust::Fingerprints(fps) => write!(f, "Fingerprints({})", fps.join(", ")),
         }
     }
 }
@@ -117,8 +121,16 @@ pub(crate) fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, Clien
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        Trust::Fingerprint(text) => {
-            let expected = parse_fingerprint(text)?;
+        Trust::Fingerprint(_) | Trust::Fingerprints(_) => {
+            let texts = match trust {
+                Trust::Fingerprint(text) => std::slice::from_ref(text),
+                Trust::Fingerprints(texts) => texts.as_slice(),
+                Trust::CaPem(_) => &[],
+            };
+            if texts.is_empty() {
+                return Err(ClientError::Config("no fingerprint to pin".into()));
+            }
+            let expected = texts.iter().map(|t| parse_fingerprint(t)).collect::<Result<Vec<_>, _>>()?;
             let verifier = PinnedVerifier {
                 expected,
                 algorithms: provider.signature_verification_algorithms,
@@ -133,11 +145,11 @@ pub(crate) fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, Clien
     Ok(config)
 }
 
-/// Accepts exactly the certificate whose SHA-256 is `expected`, and checks the handshake
-/// signature with it.
+/// Accepts exactly the certificates whose SHA-256 is one of `expected`, and checks the
+/// handshake signature with it.
 #[derive(Debug)]
 struct PinnedVerifier {
-    expected: [u8; 32],
+    expected: Vec<[u8; 32]>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -151,10 +163,12 @@ impl ServerCertVerifier for PinnedVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if got == self.expected {
+        if self.expected.contains(&got) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+            // Say what was presented, so a changed key is plain to see.
+            let seen: String = got.iter().map(|b| format!("{b:02x}")).collect();
+            Err(rustls::Error::General(format!("the relay's certificate {seen} matches no pinned fingerprint")))
         }
     }
 

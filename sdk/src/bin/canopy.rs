@@ -4,6 +4,8 @@
 //! canopy pub --relay 127.0.0.1:4433 --ca relay.pem [--token T] [--ttl 1h] NAME DATA
 //! canopy sub --relay 127.0.0.1:4433 --fingerprint HEX FILTER [--mode cached|live|both]
 //!            [--count N] [--timeout 5s] [--json]
+//! canopy sub --relay dns:example.org --trust-dns [--dns-server ADDR:PORT] FILTER
+//! canopy discover dns:example.org [--json]
 //! canopy stat --metrics http://127.0.0.1:9100/metrics
 //! canopy plugin run FILE --relay 127.0.0.1:4433 --ca relay.pem [--dir PATH]... [--config JSON]
 //!            [--state DIR] -- ARGS...
@@ -21,7 +23,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
 use canopy_sdk::tool::{self, Progress, ToolOptions};
-use canopy_sdk::{Chunk, Client, ConnectOptions, ReplayMode, Schema, SubEvent, Trust};
+use canopy_sdk::{Chunk, Client, ConnectOptions, ReplayMode, Schema, SubEvent, Trust, discovery};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -64,6 +66,18 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
         /// Print `{"name": "0x…", "expiry": ms, "data": "<base64>"}` lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the relays DNS names for a domain (`dns:DOMAIN`): cloud relays, then the
+    /// origin's front-ends, best first, with the fingerprints DNS publishes. Finds
+    /// addresses, not trust.
+    Discover {
+        /// `dns:DOMAIN`.
+        source: String,
+        #[command(flatten)]
+        dns: DnsArgs,
+        /// One JSON object per relay.
         #[arg(long)]
         json: bool,
     },
@@ -121,15 +135,18 @@ enum PluginCommand {
 
 #[derive(Args)]
 struct RelayArgs {
-    /// The relay address, `host:port`.
+    /// The relay: `host:port`, or `dns:DOMAIN` to find the domain's relays by DNS (its cloud
+    /// relays, then its origin; the first trusted and reachable one is used).
     #[arg(long, env = "CANOPY_RELAY")]
     relay: String,
     /// PEM file of the CA (or the relay's self-signed certificate) to trust.
-    #[arg(long, conflicts_with = "fingerprint", required_unless_present = "fingerprint")]
+    #[arg(long, conflicts_with = "fingerprint")]
     ca: Option<std::path::PathBuf>,
-    /// Hex SHA-256 of the relay's certificate (DER) to pin.
+    /// Hex SHA-256 of the relay's certificate (DER) to pin; repeat to accept any of several.
     #[arg(long)]
-    fingerprint: Option<String>,
+    fingerprint: Vec<String>,
+    #[command(flatten)]
+    dns: DnsArgs,
     /// Authentication token.
     #[arg(long, env = "CANOPY_TOKEN")]
     token: Option<String>,
@@ -145,22 +162,54 @@ enum Mode {
     Both,
 }
 
+/// How DNS discovery asks.
+#[derive(Args)]
+struct DnsArgs {
+    /// Trust the certificate fingerprints DNS publishes for a relay it finds (TXT
+    /// `canopy-fp=HEX`); without it, a discovered relay needs --ca or --fingerprint.
+    #[arg(long)]
+    trust_dns: bool,
+    /// The DNS server to ask, `ADDR:PORT` (default: the system's).
+    #[arg(long, env = "CANOPY_DNS_SERVER")]
+    dns_server: Option<std::net::SocketAddr>,
+    /// The most DNS discovery may take.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    dns_timeout: Duration,
+}
+
+impl DnsArgs {
+    fn options(&self) -> discovery::DnsOptions {
+        discovery::DnsOptions { server: self.dns_server, timeout: self.dns_timeout }
+    }
+}
+
 impl RelayArgs {
     async fn connect(&self) -> Result<Client> {
         self.connect_with(ConnectOptions::new(&self.relay, Trust::Fingerprint(String::new()))).await
     }
 
+    fn ca_pem(&self) -> Result<Option<String>> {
+        self.ca.as_ref().map(|path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))).transpose()
+    }
+
     /// Connects with `base`'s tuning (buffers, timeouts) and these flags' address and trust.
     async fn connect_with(&self, base: ConnectOptions) -> Result<Client> {
-        let trust = match (&self.ca, &self.fingerprint) {
-            (Some(path), _) => Trust::CaPem(
-                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-            ),
-            (None, Some(fp)) => Trust::Fingerprint(fp.clone()),
-            (None, None) => bail!("give --ca or --fingerprint"),
+        let mut base = base;
+        base.token = self.token.clone();
+        if let Some(domain) = self.relay.strip_prefix("dns:") {
+            let found = discovery::relays(domain, &self.dns.options()).await?;
+            let config = discovery::TrustConfig { ca_pem: self.ca_pem()?, pinned: self.fingerprint.clone(), trust_dns: self.dns.trust_dns };
+            let (client, used) = discovery::connect_first(&found, &config, &base).await?;
+            tracing::info!(relay = %used, "connected to a relay found by DNS");
+            return Ok(client);
+        }
+        let trust = match (self.ca_pem()?, self.fingerprint.as_slice()) {
+            (Some(pem), _) => Trust::CaPem(pem),
+            (None, [fp]) => Trust::Fingerprint(fp.clone()),
+            (None, []) => bail!("give --ca or --fingerprint"),
+            (None, fps) => Trust::Fingerprints(fps.to_vec()),
         };
         let mut opts = ConnectOptions { trust, ..base };
-        opts.token = self.token.clone();
         opts.server_name = self.server_name.clone();
         Ok(Client::connect(opts).await?)
     }
@@ -194,6 +243,22 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let schema = Schema::messenger();
     match cli.command {
+        Command::Discover { source, dns, json } => {
+            let Some(domain) = source.strip_prefix("dns:") else { bail!("discover what? `dns:DOMAIN`") };
+            for f in discovery::relays(domain, &dns.options()).await? {
+                if json {
+                    let line = serde_json::json!({
+                        "service": f.service.to_string(), "host": f.host, "addr": f.addr.to_string(),
+                        "priority": f.priority, "weight": f.weight, "fingerprints": f.fingerprints,
+                    });
+                    println!("{line}");
+                } else {
+                    let fps = if f.fingerprints.is_empty() { "no fingerprint in DNS".to_string() } else { f.fingerprints.join(",") };
+                    println!("{} {} {} priority={} weight={} {fps}", f.service, f.host, f.addr, f.priority, f.weight);
+                }
+            }
+            Ok(())
+        }
         Command::Pub { relay, ttl, name, data } => {
             let name = schema.parse_name(&name).with_context(|| format!("bad name {name:?}"))?;
             let expiry = canopy_sdk::now_ms().saturating_add(ttl.as_millis() as u64);

@@ -1,0 +1,369 @@
+//! Finding relays by DNS (`docs/relay.md`, discovery): a domain publishes its relays as SRV
+//! records, and the certificate fingerprints they may present as TXT records.
+//!
+//! | record | what |
+//! |---|---|
+//! | `_canopy-cloud._udp.DOMAIN SRV prio weight port host` | a cloud relay |
+//! | `_canopy-origin._udp.DOMAIN SRV prio weight port host` | a front-end of the origin |
+//! | `host TXT "canopy-fp=HEX"` | a fingerprint that host's certificate may have (several allowed) |
+//! | `_canopy-cloud._udp.DOMAIN TXT "canopy-fp=HEX"` | a fingerprint any host of the service may have |
+//!
+//! **Discovery finds addresses; it does not create trust** ([`TrustConfig`]): a relay found
+//! here is used only if its certificate chains to a configured CA, matches a fingerprint
+//! pinned in configuration, or matches a fingerprint DNS carries and the user said to trust
+//! DNS (`--trust-dns`). Otherwise it is refused with [`DiscoveryError::Untrusted`], before any
+//! connection is made.
+//!
+//! Every lookup is bounded by [`DnsOptions::timeout`]; finding nothing is
+//! [`DiscoveryError::NotFound`], never an empty success.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::{Name, RData};
+use hickory_resolver::{Resolver, TokioResolver};
+
+use crate::{Client, ClientError, ConnectOptions, Trust, parse_fingerprint};
+
+/// The TXT prefix of a certificate fingerprint.
+pub const FINGERPRINT_TXT: &str = "canopy-fp=";
+
+/// Which of a domain's relay services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Cloud relays: `_canopy-cloud._udp.DOMAIN`.
+    Cloud,
+    /// The origin's front-ends: `_canopy-origin._udp.DOMAIN`.
+    Origin,
+}
+
+impl Service {
+    /// The SRV name of this service in `domain` (fully qualified).
+    pub fn srv_name(self, domain: &str) -> String {
+        let label = match self {
+            Service::Cloud => "_canopy-cloud._udp",
+            Service::Origin => "_canopy-origin._udp",
+        };
+        format!("{label}.{}.", domain.trim_end_matches('.'))
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Service::Cloud => "cloud",
+            Service::Origin => "origin",
+        })
+    }
+}
+
+/// A relay that discovery found: where, and what DNS says about it. Not yet trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The domain it was found in.
+    pub domain: String,
+    /// Which service.
+    pub service: Service,
+    /// The SRV target host (no trailing dot): the name its certificate should carry.
+    pub host: String,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// SRV priority (lower first).
+    pub priority: u16,
+    /// SRV weight (higher first among equal priorities).
+    pub weight: u16,
+    /// The certificate fingerprints DNS publishes for it (the host's and the service's),
+    /// normalised to lowercase hex.
+    pub fingerprints: Vec<String>,
+}
+
+impl std::fmt::Display for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} relay {} ({}) of {}", self.service, self.host, self.addr, self.domain)
+    }
+}
+
+/// How to ask DNS.
+#[derive(Debug, Clone)]
+pub struct DnsOptions {
+    /// The name server to ask (`ADDR:PORT`); `None` uses the system's (`/etc/resolv.conf`).
+    pub server: Option<SocketAddr>,
+    /// The most one discovery may take, all its lookups together.
+    pub timeout: Duration,
+}
+
+impl Default for DnsOptions {
+    /// The system's resolver, 5 s.
+    fn default() -> DnsOptions {
+        DnsOptions { server: None, timeout: Duration::from_secs(5) }
+    }
+}
+
+impl DnsOptions {
+    /// [`DnsOptions::default`], with the server from `CANOPY_DNS_SERVER` if it is set.
+    pub fn from_env() -> Result<DnsOptions, DiscoveryError> {
+        let mut options = DnsOptions::default();
+        if let Ok(server) = std::env::var("CANOPY_DNS_SERVER") {
+            options.server = Some(server.parse().map_err(|_| DiscoveryError::Config(format!("CANOPY_DNS_SERVER={server:?} is not ADDR:PORT")))?);
+        }
+        Ok(options)
+    }
+}
+
+/// Why discovery found nothing usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiscoveryError {
+    /// A setting is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// DNS has no such records.
+    #[error("no relays found: {0}")]
+    NotFound(String),
+    /// The lookups took longer than allowed.
+    #[error("DNS discovery of {name} took longer than {timeout:?}")]
+    Timeout {
+        /// What was looked up.
+        name: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// A lookup failed (the server refused, or answered nonsense).
+    #[error("DNS lookup of {name} failed: {message}")]
+    Dns {
+        /// What was looked up.
+        name: String,
+        /// The resolver's words.
+        message: String,
+    },
+    /// A relay was found but nothing says to trust it.
+    #[error(
+        "{found} is not trusted: {why}. Discovery finds addresses, not trust: give --ca, pin its fingerprint with --fingerprint, or pass --trust-dns to trust the fingerprints DNS publishes"
+    )]
+    Untrusted {
+        /// The relay.
+        found: String,
+        /// What was missing.
+        why: String,
+    },
+    /// Every candidate was tried and none could be connected to (each reason, in order).
+    #[error("no relay could be reached: {0}")]
+    Unreachable(String),
+}
+
+fn resolver(options: &DnsOptions) -> Result<TokioResolver, DiscoveryError> {
+    let dns = |e: hickory_resolver::net::NetError| DiscoveryError::Dns { name: "the resolver".into(), message: e.to_string() };
+    let mut builder = match options.server {
+        Some(addr) => {
+            let mut ns = NameServerConfig::udp(addr.ip());
+            for c in &mut ns.connections {
+                c.port = addr.port();
+            }
+            let config = ResolverConfig::from_parts(None, Vec::new(), vec![ns]);
+            let mut b = Resolver::builder_with_config(config, TokioRuntimeProvider::default());
+            b.options_mut().use_hosts_file = ResolveHosts::Never;
+            b
+        }
+        None => TokioResolver::builder_tokio().map_err(dns)?,
+    };
+    let opts = builder.options_mut();
+    opts.timeout = options.timeout.min(Duration::from_secs(2));
+    opts.attempts = 1;
+    builder.build().map_err(dns)
+}
+
+fn fingerprints_in(lookup: &hickory_resolver::lookup::Lookup) -> Vec<String> {
+    let mut out = Vec::new();
+    for record in lookup.answers() {
+        let RData::TXT(txt) = &record.data else { continue };
+        let text = txt.to_string();
+        if let Some(fp) = text.trim().strip_prefix(FINGERPRINT_TXT) {
+            match parse_fingerprint(fp) {
+                Ok(bytes) => out.push(bytes.iter().map(|b| format!("{b:02x}")).collect()),
+                Err(_) => tracing::warn!(txt = %text, "a canopy-fp TXT record that is not a fingerprint: ignored"),
+            }
+        }
+    }
+    out
+}
+
+/// The relays of `service` in `domain`, best first (SRV priority, then weight).
+pub async fn lookup(domain: &str, service: Service, options: &DnsOptions) -> Result<Vec<Found>, DiscoveryError> {
+    let srv = service.srv_name(domain);
+    tokio::time::timeout(options.timeout, lookup_inner(domain, service, &srv, options))
+        .await
+        .unwrap_or(Err(DiscoveryError::Timeout { name: srv, timeout: options.timeout }))
+}
+
+async fn lookup_inner(domain: &str, service: Service, srv: &str, options: &DnsOptions) -> Result<Vec<Found>, DiscoveryError> {
+    let failed = |name: &str, e: hickory_resolver::net::NetError| {
+        if e.is_no_records_found() { DiscoveryError::NotFound(format!("no {name} records")) } else { DiscoveryError::Dns { name: name.to_string(), message: e.to_string() } }
+    };
+    let name = Name::from_utf8(srv).map_err(|e| DiscoveryError::Config(format!("{domain:?} is no domain: {e}")))?;
+    let resolver = resolver(options)?;
+    let records = resolver.srv_lookup(name.clone()).await.map_err(|e| failed(srv, e))?;
+    // Fingerprints for every host of the service.
+    let shared = match resolver.txt_lookup(name).await {
+        Ok(l) => fingerprints_in(&l),
+        Err(e) if e.is_no_records_found() => Vec::new(),
+        Err(e) => return Err(failed(srv, e)),
+    };
+    let mut found = Vec::new();
+    for record in records.answers() {
+        let RData::SRV(s) = &record.data else { continue };
+        // A target of "." says the service is not offered.
+        if s.target.is_root() {
+            continue;
+        }
+        let host = s.target.to_ascii().trim_end_matches('.').to_string();
+        let ips: Vec<IpAddr> = resolver.lookup_ip(s.target.clone()).await.map_err(|e| failed(&host, e))?.iter().collect();
+        let mut fingerprints = match resolver.txt_lookup(s.target.clone()).await {
+            Ok(l) => fingerprints_in(&l),
+            Err(e) if e.is_no_records_found() => Vec::new(),
+            Err(e) => return Err(failed(&host, e)),
+        };
+        fingerprints.extend(shared.iter().cloned());
+        fingerprints.sort();
+        fingerprints.dedup();
+        for ip in ips {
+            found.push(Found {
+                domain: domain.trim_end_matches('.').to_string(),
+                service,
+                host: host.clone(),
+                addr: SocketAddr::new(ip, s.port),
+                priority: s.priority,
+                weight: s.weight,
+                fingerprints: fingerprints.clone(),
+            });
+        }
+    }
+    if found.is_empty() {
+        return Err(DiscoveryError::NotFound(format!("{srv} names no reachable host")));
+    }
+    found.sort_by_key(|f| (f.priority, std::cmp::Reverse(f.weight), f.host.clone(), f.addr));
+    Ok(found)
+}
+
+/// The relays an endpoint should use in `domain` (`--relay dns:DOMAIN`): its cloud relays,
+/// then the origin's front-ends. Not found only if the domain has neither.
+pub async fn relays(domain: &str, options: &DnsOptions) -> Result<Vec<Found>, DiscoveryError> {
+    let cloud = lookup(domain, Service::Cloud, options).await;
+    let origin = lookup(domain, Service::Origin, options).await;
+    match (cloud, origin) {
+        (Ok(mut c), Ok(o)) => {
+            c.extend(o);
+            Ok(c)
+        }
+        (Ok(c), Err(DiscoveryError::NotFound(_))) => Ok(c),
+        (Err(DiscoveryError::NotFound(_)), Ok(o)) => Ok(o),
+        (Err(DiscoveryError::NotFound(a)), Err(DiscoveryError::NotFound(b))) => Err(DiscoveryError::NotFound(format!("{a}; {b}"))),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
+}
+
+/// What makes a discovered relay trusted (discovery itself never does).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustConfig {
+    /// A CA (PEM) the relay's certificate must chain to, naming the SRV target host.
+    pub ca_pem: Option<String>,
+    /// Fingerprints pinned in configuration: the relay's certificate must be one of them.
+    pub pinned: Vec<String>,
+    /// Trust the fingerprints DNS publishes for the relay (`--trust-dns`).
+    pub trust_dns: bool,
+}
+
+/// How to trust `found` under `config`, and the TLS server name to expect; refused, with
+/// what was missing, when nothing makes it trusted.
+pub fn trust_for(found: &Found, config: &TrustConfig) -> Result<(Trust, String), DiscoveryError> {
+    if let Some(pem) = &config.ca_pem {
+        return Ok((Trust::CaPem(pem.clone()), found.host.clone()));
+    }
+    let mut accept: Vec<String> = config.pinned.clone();
+    if config.trust_dns {
+        accept.extend(found.fingerprints.iter().cloned());
+    }
+    if accept.is_empty() {
+        let why = if found.fingerprints.is_empty() {
+            "no CA is configured, no fingerprint is pinned, and DNS publishes none for it".to_string()
+        } else {
+            format!("no CA is configured, no fingerprint is pinned, and DNS's ({}) are not trusted without --trust-dns", found.fingerprints.join(", "))
+        };
+        return Err(DiscoveryError::Untrusted { found: found.to_string(), why });
+    }
+    Ok((Trust::Fingerprints(accept), found.host.clone()))
+}
+
+/// Connects to the first of `candidates` that is trusted and reachable, in order; returns
+/// the client and the candidate it reached. `base` gives everything but the address and
+/// trust (token, buffers, timeouts). An untrusted candidate is never contacted.
+pub async fn connect_first(candidates: &[Found], config: &TrustConfig, base: &ConnectOptions) -> Result<(Client, Found), DiscoveryError> {
+    let mut reasons = Vec::new();
+    for found in candidates {
+        let (trust, server_name) = match trust_for(found, config) {
+            Ok(t) => t,
+            Err(e) if candidates.len() == 1 => return Err(e),
+            Err(e) => {
+                reasons.push(e.to_string());
+                continue;
+            }
+        };
+        let opts = ConnectOptions { addr: found.addr.to_string(), trust, server_name, ..base.clone() };
+        match Client::connect(opts).await {
+            Ok(client) => return Ok((client, found.clone())),
+            Err(e) => reasons.push(format!("{found}: {}", explain(&e))),
+        }
+    }
+    Err(DiscoveryError::Unreachable(reasons.join("; ")))
+}
+
+/// A connection error in words a user acts on.
+fn explain(e: &ClientError) -> String {
+    let text = e.to_string();
+    if text.contains("matches no pinned fingerprint") || text.contains("invalid peer certificate") {
+        format!("its certificate is not one it is trusted with ({text})")
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(fingerprints: &[&str]) -> Found {
+        Found {
+            domain: "example.test".into(),
+            service: Service::Cloud,
+            host: "cloud.example.test".into(),
+            addr: "127.0.0.1:4433".parse().unwrap(),
+            priority: 10,
+            weight: 5,
+            fingerprints: fingerprints.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_discovered_relay_is_trusted_only_by_configuration() {
+        let fp = "ab".repeat(32);
+        let f = found(&[&fp]);
+        let err = trust_for(&f, &TrustConfig::default()).unwrap_err();
+        assert!(matches!(&err, DiscoveryError::Untrusted { why, .. } if why.contains("--trust-dns")), "{err}");
+        assert!(err.to_string().contains("cloud relay cloud.example.test (127.0.0.1:4433) of example.test is not trusted"), "{err}");
+        let (trust, name) = trust_for(&f, &TrustConfig { trust_dns: true, ..TrustConfig::default() }).unwrap();
+        assert_eq!((trust, name.as_str()), (Trust::Fingerprints(vec![fp.clone()]), "cloud.example.test"));
+        let pinned = "cd".repeat(32);
+        let (trust, _) = trust_for(&found(&[]), &TrustConfig { pinned: vec![pinned.clone()], ..TrustConfig::default() }).unwrap();
+        assert_eq!(trust, Trust::Fingerprints(vec![pinned]));
+        let none = trust_for(&found(&[]), &TrustConfig { trust_dns: true, ..TrustConfig::default() }).unwrap_err();
+        assert!(none.to_string().contains("DNS publishes none"), "{none}");
+        let (trust, _) = trust_for(&f, &TrustConfig { ca_pem: Some("PEM".into()), ..TrustConfig::default() }).unwrap();
+        assert_eq!(trust, Trust::CaPem("PEM".into()));
+    }
+
+    #[test]
+    fn service_names_are_fully_qualified() {
+        assert_eq!(Service::Cloud.srv_name("example.test"), "_canopy-cloud._udp.example.test.");
+        assert_eq!(Service::Origin.srv_name("example.test."), "_canopy-origin._udp.example.test.");
+    }
+}

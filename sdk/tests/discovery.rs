@@ -1,0 +1,165 @@
+//! Discovery by DNS against an authoritative DNS server started by the test on 127.0.0.1
+//! (hickory-server, in process), serving SRV and TXT records for `example.test`: the API and
+//! the `canopy` CLI find the cloud relay first, connect only when something says to trust it,
+//! fall back to the origin, and say plainly when nothing is found or trusted.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use canopy_sdk::discovery::{self, DiscoveryError, DnsOptions, Service, TrustConfig};
+use canopy_sdk::{ConnectOptions, ReplayMode, Trust};
+use common::*;
+use hickory_server::Server;
+use hickory_server::proto::rr::rdata::{A, SOA, SRV, TXT};
+use hickory_server::proto::rr::{Name, RData, Record};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+
+fn n(s: &str) -> Name {
+    Name::from_ascii(s).unwrap()
+}
+
+fn srv(owner: &str, priority: u16, weight: u16, port: u16, target: &str) -> Record {
+    Record::from_rdata(n(owner), 60, RData::SRV(SRV::new(priority, weight, port, n(target))))
+}
+
+fn a(owner: &str) -> Record {
+    Record::from_rdata(n(owner), 60, RData::A(A(Ipv4Addr::LOCALHOST)))
+}
+
+fn txt(owner: &str, text: &str) -> Record {
+    Record::from_rdata(n(owner), 60, RData::TXT(TXT::new(vec![text.to_string()])))
+}
+
+/// An authoritative server for `origin` on 127.0.0.1 (UDP, a free port), serving `records`;
+/// it stops when the returned task is aborted or the test ends.
+async fn dns(origin: &str, records: Vec<Record>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let zone = n(origin);
+    let mut handler: InMemoryZoneHandler = InMemoryZoneHandler::empty(zone.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+    let soa = SOA::new(n(&format!("ns.{zone}")), n(&format!("admin.{zone}")), 1, 3600, 600, 86400, 5);
+    assert!(handler.upsert_mut(Record::from_rdata(zone.clone(), 60, RData::SOA(soa)), 1));
+    for r in records {
+        assert!(handler.upsert_mut(r, 1));
+    }
+    let mut catalog = Catalog::new();
+    catalog.upsert(zone.into(), vec![Arc::new(handler)]);
+    let socket = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut server = Server::new(catalog);
+    server.register_socket(socket);
+    let task = tokio::spawn(async move {
+        let _ = server.block_until_done().await;
+    });
+    (addr, task)
+}
+
+fn options(server: SocketAddr) -> DnsOptions {
+    DnsOptions { server: Some(server), timeout: Duration::from_secs(5) }
+}
+
+async fn canopy(args: Vec<String>) -> Output {
+    within("the canopy binary", tokio::task::spawn_blocking(move || Command::new(env!("CARGO_BIN_EXE_canopy")).args(&args).output())).await.unwrap().expect("canopy runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_finds_the_cloud_relay_by_dns_and_uses_it_only_when_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = relay(&dir.path().join("cloud")).await;
+    let origin = relay(&dir.path().join("origin")).await;
+    let records = vec![
+        srv("_canopy-cloud._udp.example.test.", 10, 5, cloud.local_addr().port(), "cloud.example.test."),
+        srv("_canopy-origin._udp.example.test.", 10, 5, origin.local_addr().port(), "origin.example.test."),
+        a("cloud.example.test."),
+        a("origin.example.test."),
+        txt("cloud.example.test.", &format!("canopy-fp={}", cloud.fingerprint())),
+        txt("origin.example.test.", &format!("canopy-fp={}", origin.fingerprint())),
+    ];
+    let (server, _dns) = dns("example.test.", records).await;
+    let opts = options(server);
+
+    // What DNS names: the cloud relay, then the origin, each with its fingerprint.
+    let found = discovery::relays("example.test", &opts).await.unwrap();
+    assert_eq!(found.iter().map(|f| (f.service, f.host.as_str(), f.addr)).collect::<Vec<_>>(), [
+        (Service::Cloud, "cloud.example.test", cloud.local_addr()),
+        (Service::Origin, "origin.example.test", origin.local_addr()),
+    ]);
+    assert_eq!(found[0].fingerprints, [cloud.fingerprint().to_string()]);
+
+    // Found is not trusted: refused before any connection, saying what would trust it.
+    let base = ConnectOptions::new("unused:0", Trust::Fingerprint(String::new()));
+    let err = discovery::connect_first(&found[..1], &TrustConfig::default(), &base).await.unwrap_err();
+    assert!(matches!(err, DiscoveryError::Untrusted { .. }), "{err}");
+    assert!(err.to_string().contains("--trust-dns"), "{err}");
+    assert_eq!(cloud.metrics().links, 0, "an untrusted relay is not connected to");
+
+    // Trusting DNS: the cloud relay, and chunks flow.
+    let trust_dns = TrustConfig { trust_dns: true, ..TrustConfig::default() };
+    let (client, used) = discovery::connect_first(&found, &trust_dns, &base).await.unwrap();
+    assert_eq!(used.service, Service::Cloud);
+    client.publish(chunk(7, "via dns")).await.unwrap();
+    let mut sub = client.subscribe(canopy_sdk::Filter::ALL, ReplayMode::CachedOnly).await.unwrap();
+    assert_eq!(next_chunk(&mut sub).await.data().as_ref(), b"via dns");
+
+    // A pinned fingerprint that DNS does not match: the cloud relay's certificate is refused,
+    // and the pin for the origin reaches the origin.
+    let pinned = TrustConfig { pinned: vec![origin.fingerprint().to_string()], ..TrustConfig::default() };
+    let (_, used) = discovery::connect_first(&found, &pinned, &base).await.unwrap();
+    assert_eq!(used.service, Service::Origin);
+    let wrong = TrustConfig { pinned: vec!["ab".repeat(32)], ..TrustConfig::default() };
+    let err = discovery::connect_first(&found, &wrong, &base).await.unwrap_err();
+    assert!(matches!(err, DiscoveryError::Unreachable(_)), "{err}");
+    assert!(err.to_string().contains(&format!("certificate {} matches no pinned fingerprint", cloud.fingerprint())), "{err}");
+
+    // A domain with no relays, and a name server that does not answer: clear errors, bounded.
+    let err = discovery::relays("nothing.example.test", &opts).await.unwrap_err();
+    assert!(matches!(err, DiscoveryError::NotFound(_) | DiscoveryError::Dns { .. }), "{err}");
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let quiet = DnsOptions { server: Some(silent.local_addr().unwrap()), timeout: Duration::from_millis(800) };
+    let started = std::time::Instant::now();
+    let err = discovery::lookup("example.test", Service::Cloud, &quiet).await.unwrap_err();
+    assert!(matches!(err, DiscoveryError::Timeout { .. } | DiscoveryError::Dns { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "bounded: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_takes_dns_domains_wherever_it_takes_a_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = relay(&dir.path().join("cloud")).await;
+    let records = vec![
+        srv("_canopy-cloud._udp.example.test.", 10, 5, cloud.local_addr().port(), "cloud.example.test."),
+        a("cloud.example.test."),
+        // A fingerprint for every host of the service, at the service's name.
+        txt("_canopy-cloud._udp.example.test.", &format!("canopy-fp={}", cloud.fingerprint())),
+    ];
+    let (server, _dns) = dns("example.test.", records).await;
+    let server = server.to_string();
+    let run = |extra: &[&str]| {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(["--dns-server".to_string(), server.clone()]);
+        v
+    };
+
+    let out = canopy(run(&["discover", "dns:example.test", "--json"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((line["service"].as_str(), line["addr"].as_str()), (Some("cloud"), Some(cloud.local_addr().to_string().as_str())));
+    assert_eq!(line["fingerprints"][0], cloud.fingerprint());
+
+    // Untrusted: refused with the reason; trusted by DNS: published and read back.
+    let out = canopy(run(&["pub", "--relay", "dns:example.test", "team=1/channel=1/msg=1", "hello"])).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not trusted"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = canopy(run(&["pub", "--relay", "dns:example.test", "--trust-dns", "team=1/channel=1/msg=1", "hello"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = canopy(run(&["sub", "--relay", "dns:example.test", "--fingerprint", cloud.fingerprint(), "origin=0/app=0/path=0/org=0/team=1/channel=1", "--mode", "cached", "--count", "1", "--timeout", "10s"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello"));
+
+    let out = canopy(run(&["discover", "dns:missing.test"])).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DNS") || String::from_utf8_lossy(&out.stderr).contains("no relays found"));
+}
