@@ -128,8 +128,16 @@ pub struct RelayConfig {
     /// This relay's 128-bit id in hex (`0x` prefix optional). Default: random on first start,
     /// then persisted in `<data>/relay-id`.
     pub id: Option<String>,
-    /// The parent relay, as `HOST:PORT`. None for the origin relay.
+    /// The parent relay, as `HOST:PORT`, or `dns:DOMAIN` for the domain's origin service
+    /// (`_canopy-origin._udp.DOMAIN` SRV, resolved again on every reconnect; the candidates
+    /// are tried in SRV order). None for the origin relay.
     pub parent: Option<String>,
+    /// With `parent = "dns:DOMAIN"`: trust the certificate fingerprints DNS publishes for
+    /// the origin's front-ends (TXT `canopy-fp=HEX`). Without it, `parent_ca` or
+    /// `parent_fingerprint` must vouch for them.
+    pub parent_trust_dns: bool,
+    /// The DNS server for `parent = "dns:…"`, `ADDR:PORT`. Default: the system's.
+    pub dns_server: Option<SocketAddr>,
     /// PEM file with the certificate (or CA) to trust for the parent, e.g. the parent's
     /// `<data>/cert.pem`.
     pub parent_ca: Option<PathBuf>,
@@ -186,6 +194,8 @@ impl Default for RelayConfig {
             data: default_data_dir(),
             id: None,
             parent: None,
+            parent_trust_dns: false,
+            dns_server: None,
             parent_ca: None,
             parent_fingerprint: None,
             parent_token: None,
@@ -238,8 +248,9 @@ impl RelayConfig {
         if self.parent_refused_backoff_ms == 0 {
             bail!("parent_refused_backoff_ms must be at least 1");
         }
-        if self.parent.is_some() && self.parent_ca.is_none() && self.parent_fingerprint.is_none() {
-            bail!("a parent needs parent_ca (a PEM file to trust) or parent_fingerprint (SHA-256 of its certificate)");
+        let by_dns = self.parent.as_deref().is_some_and(|p| p.starts_with("dns:"));
+        if self.parent.is_some() && self.parent_ca.is_none() && self.parent_fingerprint.is_none() && !(by_dns && self.parent_trust_dns) {
+            bail!("a parent needs parent_ca (a PEM file to trust) or parent_fingerprint (SHA-256 of its certificate){}", if by_dns { ", or parent_trust_dns" } else { "" });
         }
         if let Some(id) = &self.id {
             parse_relay_id(id)?;

@@ -163,7 +163,18 @@ impl Relay {
             (None, None) => None,
         };
         let parent = match (&config.parent, parent_trust) {
-            (Some(parent), Some(trust)) => Some((parent.clone(), canopy_sdk::quic_client_config(&trust)?)),
+            (Some(parent), _) if parent.starts_with("dns:") => {
+                let ca_pem = match &config.parent_ca {
+                    Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading parent_ca {}", path.display()))?),
+                    None => None,
+                };
+                Some(ParentTarget::Dns {
+                    domain: parent["dns:".len()..].to_string(),
+                    trust: canopy_sdk::discovery::TrustConfig { ca_pem, pinned: config.parent_fingerprint.iter().cloned().collect(), trust_dns: config.parent_trust_dns },
+                    dns: canopy_sdk::discovery::DnsOptions { server: config.dns_server, ..canopy_sdk::discovery::DnsOptions::default() },
+                })
+            }
+            (Some(parent), Some(trust)) => Some(ParentTarget::Addr { addr: parent.clone(), config: canopy_sdk::quic_client_config(&trust)? }),
             _ => None,
         };
 
@@ -237,11 +248,10 @@ impl Relay {
         if let Some(watchdog) = plugin::watchdog(&plugins, shared.to_node.clone()) {
             tasks.push(tokio::spawn(watchdog));
         }
-        if let Some((parent, client_config)) = parent {
+        if let Some(parent) = parent {
             let refused_backoff = Duration::from_millis(config.parent_refused_backoff_ms);
             tasks.push(tokio::spawn(parent_loop(
                 parent,
-                client_config,
                 refused_backoff,
                 shared.clone(),
                 stop_rx.clone(),
@@ -550,17 +560,17 @@ async fn run_quic_link(
 /// version) waits `refused_backoff`, logging the parent's reason once rather than on every
 /// attempt.
 async fn parent_loop(
-    parent: String,
-    client_config: quinn::ClientConfig,
+    target: ParentTarget,
     refused_backoff: Duration,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<Stop>,
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut last_refusal: Option<ParentRefusal> = None;
+    let parent = target.to_string();
     loop {
         let started = Instant::now();
-        let wait = match parent_session(&parent, &client_config, &shared).await {
+        let wait = match parent_session(&target, &shared).await {
             Ok(Some(refusal)) => {
                 let ParentRefusal { code, message, by_parent } = &refusal;
                 let who = if *by_parent { "the parent refused this relay" } else { "this relay refused the parent" };
@@ -596,42 +606,138 @@ async fn parent_loop(
     }
 }
 
+/// Where the parent is: one address, or a domain's origin service found by DNS on every
+/// (re)connect, whose candidates are tried in SRV order.
+enum ParentTarget {
+    /// `HOST:PORT`, trusted as configured.
+    Addr {
+        /// The address.
+        addr: String,
+        /// Its QUIC/TLS configuration.
+        config: quinn::ClientConfig,
+    },
+    /// `dns:DOMAIN`.
+    Dns {
+        /// The domain.
+        domain: String,
+        /// What trusts a candidate.
+        trust: canopy_sdk::discovery::TrustConfig,
+        /// How to ask DNS.
+        dns: canopy_sdk::discovery::DnsOptions,
+    },
+}
+
+impl std::fmt::Display for ParentTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParentTarget::Addr { addr, .. } => f.write_str(addr),
+            ParentTarget::Dns { domain, .. } => write!(f, "dns:{domain}"),
+        }
+    }
+}
+
+/// One parent to try: what to call it, its address, the name its certificate carries, and
+/// how to trust it.
+struct ParentCandidate {
+    label: String,
+    addr: String,
+    server_name: String,
+    config: quinn::ClientConfig,
+}
+
+impl ParentTarget {
+    /// The candidates for one attempt, best first. Only the origin service is asked for a
+    /// domain, so a cloud relay never picks itself or a sibling; an untrusted candidate is
+    /// left out (and said why).
+    async fn candidates(&self) -> anyhow::Result<Vec<ParentCandidate>> {
+        match self {
+            ParentTarget::Addr { addr, config } => {
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(host, _)| host);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                Ok(vec![ParentCandidate { label: addr.clone(), addr: addr.clone(), server_name: host.to_string(), config: config.clone() }])
+            }
+            ParentTarget::Dns { domain, trust, dns } => {
+                let found = canopy_sdk::discovery::lookup(domain, canopy_sdk::discovery::Service::Origin, dns).await?;
+                let mut out = Vec::new();
+                let mut untrusted = Vec::new();
+                for f in found {
+                    match canopy_sdk::discovery::trust_for(&f, trust) {
+                        Ok((t, server_name)) => {
+                            out.push(ParentCandidate { label: f.to_string(), addr: f.addr.to_string(), server_name, config: canopy_sdk::quic_client_config(&t)? })
+                        }
+                        Err(e) => untrusted.push(e.to_string()),
+                    }
+                }
+                if out.is_empty() {
+                    bail!("{}", untrusted.join("; "));
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 /// One connection to the parent, from connecting until it is lost; `Some` when it ended in a
-/// refusal.
-async fn parent_session(
-    parent: &str,
-    client_config: &quinn::ClientConfig,
+/// refusal. The candidates are tried in order; the first that completes the handshake is the
+/// parent for this session.
+async fn parent_session(target: &ParentTarget, shared: &Shared) -> anyhow::Result<Option<ParentRefusal>> {
+    let mut failures = Vec::new();
+    for candidate in target.candidates().await? {
+        match connect_parent(&candidate, shared).await {
+            Ok((endpoint, conn, send, recv)) => {
+                tracing::info!(parent = %candidate.label, "connected to the parent");
+                let result = async {
+                    let link = shared.link_id();
+                    run_quic_link(link, conn, send, recv, shared, true, shared.stop.clone()).await?;
+                    // Asked after `Closed`, so the node has handled every frame of this link.
+                    let (reply, refusal) = oneshot::channel();
+                    shared.to_node.send(ToNode::ParentEnded { link, reply }).await.context("relay stopping")?;
+                    refusal.await.context("relay stopping")
+                }
+                .await;
+                endpoint.close(quinn::VarInt::from_u32(0), b"bye");
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+                return result;
+            }
+            Err(e) => failures.push(format!("{}: {e:#}", candidate.label)),
+        }
+        if *shared.stop.borrow() != Stop::Running {
+            bail!("relay stopping");
+        }
+    }
+    bail!("{}", failures.join("; "))
+}
+
+/// The handshake with one candidate parent, bounded by [`CONNECT_TIMEOUT`].
+async fn connect_parent(
+    candidate: &ParentCandidate,
     shared: &Shared,
-) -> anyhow::Result<Option<ParentRefusal>> {
-    let addr = tokio::net::lookup_host(parent)
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let addr = tokio::net::lookup_host(candidate.addr.as_str())
         .await
-        .with_context(|| format!("resolving {parent}"))?
+        .with_context(|| format!("resolving {}", candidate.addr))?
         .next()
-        .with_context(|| format!("{parent} resolves to no address"))?;
-    let host = parent.rsplit_once(':').map_or(parent, |(host, _)| host);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+        .with_context(|| format!("{} resolves to no address", candidate.addr))?;
     let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
     let endpoint = quinn::Endpoint::client(bind).context("binding a client socket")?;
     let mut stop = shared.stop.clone();
     let result = async {
-        let connecting = endpoint.connect_with(client_config.clone(), addr, host)?;
-        let (conn, send, recv) = tokio::select! {
+        let connecting = endpoint.connect_with(candidate.config.clone(), addr, &candidate.server_name)?;
+        tokio::select! {
             _ = stop.changed() => bail!("relay stopping"),
             result = tokio::time::timeout(CONNECT_TIMEOUT, async {
                 let conn = connecting.await.context("handshake")?;
                 let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
                 anyhow::Ok((conn, send, recv))
-            }) => result.context("timed out")??,
-        };
-        let link = shared.link_id();
-        run_quic_link(link, conn, send, recv, shared, true, shared.stop.clone()).await?;
-        // Asked after `Closed`, so the node has handled every frame of this link.
-        let (reply, refusal) = oneshot::channel();
-        shared.to_node.send(ToNode::ParentEnded { link, reply }).await.context("relay stopping")?;
-        refusal.await.context("relay stopping")
+            }) => result.context("timed out")?,
+        }
     }
     .await;
-    endpoint.close(quinn::VarInt::from_u32(0), b"bye");
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    result
+    match result {
+        Ok((conn, send, recv)) => Ok((endpoint, conn, send, recv)),
+        Err(e) => {
+            endpoint.close(quinn::VarInt::from_u32(0), b"bye");
+            Err(e)
+        }
+    }
 }

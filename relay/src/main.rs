@@ -47,10 +47,21 @@ struct Cli {
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<PathBuf>,
 
-    /// Parent relay as HOST:PORT (none for the origin relay).
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Parent relay as HOST:PORT, or dns:DOMAIN for the domain's origin (SRV
+    /// _canopy-origin._udp.DOMAIN); none for the origin relay.
+    #[arg(long, value_name = "HOST:PORT|dns:DOMAIN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     parent: Option<String>,
+
+    /// With --parent dns:DOMAIN: trust the fingerprints DNS publishes for the origin.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    parent_trust_dns: bool,
+
+    /// DNS server for --parent dns:…, ADDR:PORT [default: the system's].
+    #[arg(long, value_name = "ADDR:PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns_server: Option<SocketAddr>,
 
     /// PEM file with the certificate to trust for the parent (e.g. its cert.pem).
     #[arg(long, value_name = "PATH")]
@@ -99,6 +110,8 @@ const ENV_KEYS: &[&str] = &[
     "data",
     "id",
     "parent",
+    "parent_trust_dns",
+    "dns_server",
     "parent_ca",
     "parent_fingerprint",
     "parent_token",

@@ -312,7 +312,8 @@ async function submit() {
     $('text').value = '';
     state.replyTo = null;
     state.editing = null;
-    say(reply.queued ? 'queued: the relay is unreachable, it goes out when it is back' : request.op === 'edit' ? 'edited' : 'sent');
+    const down = reply.queued || $('relay').classList.contains('trouble');
+    say(down ? 'queued: the relay is unreachable, it goes out when it is back' : request.op === 'edit' ? 'edited' : 'sent');
     await reload();
     await loadChats();
   } catch (e) {
