@@ -170,7 +170,7 @@ impl Relay {
                 };
                 Some(ParentTarget::Dns {
                     domain: parent["dns:".len()..].to_string(),
-                    trust: canopy_sdk::discovery::TrustConfig { ca_pem, pinned: config.parent_fingerprint.iter().cloned().collect(), trust_dns: config.parent_trust_dns },
+                    trust: canopy_sdk::discovery::TrustConfig { ca_pem, pinned: config.parent_fingerprint.iter().cloned().collect(), trust_dns: config.parent_trust_dns, ..Default::default() },
                     dns: canopy_sdk::discovery::DnsOptions { server: config.dns_server, ..canopy_sdk::discovery::DnsOptions::default() },
                 })
             }

@@ -640,6 +640,25 @@ fn shared_endpoint() -> Result<Arc<quinn::Endpoint>, ClientError> {
     Ok(endpoint)
 }
 
+/// The fingerprint of the certificate the relay at `addr` presents, learned by a TLS
+/// handshake that trusts nothing and is abandoned once the certificate is seen: what trust on
+/// first use pins ([`crate::discovery::KnownRelays`]). Bounded by `timeout`.
+pub async fn probe_fingerprint(addr: SocketAddr, server_name: &str, timeout: Duration) -> Result<String, ClientError> {
+    let seen = Arc::new(Mutex::new(None));
+    let config = crate::tls::probe_config(seen.clone())?;
+    let endpoint = shared_endpoint()?;
+    let addr = match (addr, endpoint.local_addr()) {
+        (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        _ => addr,
+    };
+    let err = |message: String| ClientError::Connect { addr: addr.to_string(), message };
+    let connecting = endpoint.connect_with(config, addr, server_name).map_err(|e| err(e.to_string()))?;
+    // The handshake fails by design once the certificate is noted.
+    let _ = tokio::time::timeout(timeout, connecting).await.map_err(|_| ClientError::Timeout)?;
+    let seen = seen.lock().unwrap_or_else(PoisonError::into_inner).take();
+    seen.ok_or_else(|| err("the relay presented no certificate".into()))
+}
+
 /// How many client endpoints are open in this process (for tests).
 #[doc(hidden)]
 pub fn open_endpoints() -> usize {

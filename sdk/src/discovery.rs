@@ -150,6 +150,30 @@ pub enum DiscoveryError {
     /// Every candidate was tried and none could be connected to (each reason, in order).
     #[error("no relay could be reached: {0}")]
     Unreachable(String),
+    /// A relay trusted on first use presents another certificate now.
+    #[error(
+        "the relay {name} presents certificate {seen}, but {path}:{line} pins {pinned}. Someone may be intercepting the connection, or the relay's key changed; if you know it changed, remove that line and connect again"
+    )]
+    Changed {
+        /// The relay, as it was reached (`host:port`).
+        name: String,
+        /// What it presents.
+        seen: String,
+        /// What was pinned.
+        pinned: String,
+        /// The known-relays file.
+        path: String,
+        /// The line of the pin.
+        line: usize,
+    },
+    /// The known-relays file cannot be read or written.
+    #[error("known relays file {path}: {message}")]
+    Known {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 fn resolver(options: &DnsOptions) -> Result<TokioResolver, DiscoveryError> {
@@ -271,6 +295,12 @@ pub struct TrustConfig {
     pub pinned: Vec<String>,
     /// Trust the fingerprints DNS publishes for the relay (`--trust-dns`).
     pub trust_dns: bool,
+    /// The relays trusted on first use before: an entry for a relay pins it, whatever else
+    /// says. `None`: no such file is read or written.
+    pub known: Option<KnownRelays>,
+    /// Trust a relay with no entry in [`TrustConfig::known`] on first use, and pin it there
+    /// (`--trust-on-first-use`).
+    pub first_use: bool,
 }
 
 /// How to trust `found` under `config`, and the TLS server name to expect; refused, with
@@ -300,9 +330,20 @@ pub fn trust_for(found: &Found, config: &TrustConfig) -> Result<(Trust, String),
 pub async fn connect_first(candidates: &[Found], config: &TrustConfig, base: &ConnectOptions) -> Result<(Client, Found), DiscoveryError> {
     let mut reasons = Vec::new();
     for found in candidates {
-        let (trust, server_name) = match trust_for(found, config) {
-            Ok(t) => t,
-            Err(e) if candidates.len() == 1 => return Err(e),
+        let name = format!("{}:{}", found.host, found.addr.port());
+        let known = config.known.as_ref().map(|k| k.get(&name)).transpose()?.flatten();
+        let configured = trust_for(found, config);
+        // A pin in the known-relays file decides; else what is configured; else, with
+        // --trust-on-first-use, the certificate presented now (pinned once connected).
+        let decided = match (&config.known, configured) {
+            (Some(file), configured) if known.is_some() || (config.first_use && configured.is_err()) => {
+                first_use(file, &name, found.addr, &found.host, base.connect_timeout).await.map(|f| (f.trust, found.host.clone(), f.new))
+            }
+            (_, configured) => configured.map(|(trust, server_name)| (trust, server_name, None)),
+        };
+        let (trust, server_name, new) = match decided {
+            Ok(d) => d,
+            Err(e) if candidates.len() == 1 || matches!(e, DiscoveryError::Changed { .. }) => return Err(e),
             Err(e) => {
                 reasons.push(e.to_string());
                 continue;
@@ -310,11 +351,113 @@ pub async fn connect_first(candidates: &[Found], config: &TrustConfig, base: &Co
         };
         let opts = ConnectOptions { addr: found.addr.to_string(), trust, server_name, ..base.clone() };
         match Client::connect(opts).await {
-            Ok(client) => return Ok((client, found.clone())),
+            Ok(client) => {
+                if let (Some(fp), Some(file)) = (new, &config.known) {
+                    file.pin(&name, &fp)?;
+                }
+                return Ok((client, found.clone()));
+            }
             Err(e) => reasons.push(format!("{found}: {}", explain(&e))),
         }
     }
     Err(DiscoveryError::Unreachable(reasons.join("; ")))
+}
+
+/// The relays this user trusted on first use, as SSH's `known_hosts` is for hosts: one line
+/// per relay, `NAME FINGERPRINT`, NAME being `host:port` as it was reached. Lines starting
+/// with `#` are comments. A relay with an entry must present that certificate; a different
+/// one is refused ([`DiscoveryError::Changed`]) until the line is removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownRelays {
+    path: std::path::PathBuf,
+}
+
+impl KnownRelays {
+    /// The file at `path`.
+    pub fn at(path: impl Into<std::path::PathBuf>) -> KnownRelays {
+        KnownRelays { path: path.into() }
+    }
+
+    /// `CANOPY_KNOWN_RELAYS`, else `$XDG_DATA_HOME/canopy/known_relays`, else
+    /// `~/.local/share/canopy/known_relays`; `None` if none of those can be named.
+    pub fn default_location() -> Option<KnownRelays> {
+        if let Some(p) = std::env::var_os("CANOPY_KNOWN_RELAYS").filter(|p| !p.is_empty()) {
+            return Some(KnownRelays::at(p));
+        }
+        let data = match std::env::var_os("XDG_DATA_HOME").filter(|p| !p.is_empty()) {
+            Some(d) => std::path::PathBuf::from(d),
+            None => std::path::PathBuf::from(std::env::var_os("HOME").filter(|p| !p.is_empty())?).join(".local/share"),
+        };
+        Some(KnownRelays::at(data.join("canopy/known_relays")))
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn error(&self, message: impl std::fmt::Display) -> DiscoveryError {
+        DiscoveryError::Known { path: self.path.display().to_string(), message: message.to_string() }
+    }
+
+    /// The pin for `name`: its line number (from 1) and fingerprint.
+    pub fn get(&self, name: &str) -> Result<Option<(usize, String)>, DiscoveryError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.error(e)),
+        };
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (n, fp) = line.split_once(char::is_whitespace).ok_or_else(|| self.error(format!("line {} is not `NAME FINGERPRINT`", i + 1)))?;
+            if n == name {
+                parse_fingerprint(fp.trim()).map_err(|e| self.error(format!("line {}: {e}", i + 1)))?;
+                return Ok(Some((i + 1, fp.trim().to_ascii_lowercase())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Pins `fingerprint` for `name` (appended; the file and its directory are created, 0600).
+    pub fn pin(&self, name: &str, fingerprint: &str) -> Result<(), DiscoveryError> {
+        use std::io::Write as _;
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| self.error(e))?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&self.path).map_err(|e| self.error(e))?;
+        writeln!(file, "{name} {fingerprint}").map_err(|e| self.error(e))?;
+        tracing::info!(relay = name, fingerprint, path = %self.path.display(), "trusted on first use: pinned");
+        Ok(())
+    }
+}
+
+/// What trust on first use decided for one relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstUse {
+    /// How to trust it now: exactly the certificate it presented, or the one pinned.
+    pub trust: Trust,
+    /// Set on a first use: the fingerprint to pin once the connection succeeds.
+    pub new: Option<String>,
+}
+
+/// Trust on first use for the relay `name` at `addr`: with a pin in `known`, the relay must
+/// present it (else [`DiscoveryError::Changed`]); without one, the certificate it presents
+/// now is the one trusted, to be pinned once connected. Learns the certificate with
+/// [`crate::probe_fingerprint`], bounded by `timeout`.
+pub async fn first_use(known: &KnownRelays, name: &str, addr: SocketAddr, server_name: &str, timeout: Duration) -> Result<FirstUse, DiscoveryError> {
+    let seen = crate::probe_fingerprint(addr, server_name, timeout).await.map_err(|e| DiscoveryError::Unreachable(format!("{name}: {e}")))?;
+    match known.get(name)? {
+        Some((_, pinned)) if pinned == seen => Ok(FirstUse { trust: Trust::Fingerprint(pinned), new: None }),
+        Some((line, pinned)) => Err(DiscoveryError::Changed { name: name.into(), seen, pinned, path: known.path().display().to_string(), line }),
+        None => Ok(FirstUse { trust: Trust::Fingerprint(seen.clone()), new: Some(seen) }),
+    }
 }
 
 /// A connection error in words a user acts on.

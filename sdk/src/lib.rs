@@ -90,7 +90,7 @@ pub mod tool;
 
 pub use client::{
     Client, ClientError, ConnectOptions, ConnectionEvent, MAX_BACKOFF, MIN_BACKOFF, PublishError, SubEvent,
-    Subscription, now_ms, open_endpoints,
+    Subscription, now_ms, open_endpoints, probe_fingerprint,
 };
 pub use tls::{Trust, fingerprint, parse_fingerprint, quic_client_config};
 

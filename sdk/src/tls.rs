@@ -145,6 +145,55 @@ pub(crate) fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, Clien
     Ok(config)
 }
 
+/// The TLS configuration of a probe ([`crate::probe_fingerprint`]): it trusts nothing, but
+/// notes the fingerprint of the certificate the relay presents before failing the handshake.
+pub(crate) fn probe_config(seen: Arc<std::sync::Mutex<Option<String>>>) -> Result<quinn::ClientConfig, ClientError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(format!("TLS setup: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ProbeVerifier { seen, algorithms: provider.signature_verification_algorithms }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![canopy::wire::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(format!("QUIC TLS setup: {e}")))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+/// Notes the presented certificate's fingerprint and refuses it: a probe learns, it never
+/// trusts.
+#[derive(Debug)]
+struct ProbeVerifier {
+    seen: Arc<std::sync::Mutex<Option<String>>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ProbeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fingerprint(end_entity.as_ref()));
+        Err(rustls::Error::General("a probe: the certificate is noted, not trusted".into()))
+    }
+
+    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 /// Accepts exactly the certificates whose SHA-256 is one of `expected`, and checks the
 /// handshake signature with it.
 #[derive(Debug)]

@@ -74,6 +74,18 @@ async fn a_client_finds_the_cloud_relay_by_dns_and_uses_it_only_when_trusted() {
     assert!(matches!(err, DiscoveryError::Unreachable(_)), "{err}");
     assert!(err.to_string().contains(&format!("certificate {} matches no pinned fingerprint", cloud.fingerprint())), "{err}");
 
+    // Trust on first use, by DNS name: pinned under the SRV target's name, and the pin alone
+    // then trusts it.
+    let known = discovery::KnownRelays::at(dir.path().join("known_relays"));
+    let tofu = TrustConfig { known: Some(known.clone()), first_use: true, ..TrustConfig::default() };
+    let (_, used) = discovery::connect_first(&found, &tofu, &base).await.unwrap();
+    assert_eq!(used.service, Service::Cloud);
+    let name = format!("cloud.example.test:{}", cloud.local_addr().port());
+    assert_eq!(known.get(&name).unwrap(), Some((1, cloud.fingerprint().to_string())));
+    let pinned_only = TrustConfig { known: Some(known), ..TrustConfig::default() };
+    let (_, used) = discovery::connect_first(&found[..1], &pinned_only, &base).await.unwrap();
+    assert_eq!(used.service, Service::Cloud);
+
     // A domain with no relays, and a name server that does not answer: clear errors, bounded.
     let err = discovery::relays("nothing.example.test", &opts).await.unwrap_err();
     assert!(matches!(err, DiscoveryError::NotFound(_) | DiscoveryError::Dns { .. }), "{err}");
@@ -122,4 +134,48 @@ async fn the_cli_takes_dns_domains_wherever_it_takes_a_relay() {
     let out = canopy(run(&["discover", "dns:missing.test"])).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("DNS") || String::from_utf8_lossy(&out.stderr).contains("no relays found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_on_first_use_pins_the_first_certificate_and_refuses_a_changed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let relay = relay_at(&data, "127.0.0.1:0".parse().unwrap(), canopy_relay::StoreKind::Memory).await;
+    let addr = relay.local_addr();
+    let known = dir.path().join("known_relays");
+    let run = |extra: &[&str]| {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(["--relay".to_string(), addr.to_string(), "--known-relays".to_string(), known.to_str().unwrap().to_string()]);
+        v
+    };
+    // Nothing to trust it by: refused, and nothing is pinned.
+    let out = canopy(run(&["pub", "team=1/channel=1/msg=1", "one"])).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--trust-on-first-use"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!known.exists());
+    // First use: trusted, and pinned.
+    let out = canopy(run(&["pub", "--trust-on-first-use", "team=1/channel=1/msg=1", "one"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&known).unwrap(), format!("{addr} {}\n", relay.fingerprint()));
+    #[cfg(unix)]
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&known).unwrap().permissions()) & 0o777, 0o600);
+    // The pin holds without the flag.
+    let out = canopy(run(&["pub", "team=1/channel=1/msg=2", "two"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The relay comes back on the same address with another key: refused, SSH-style.
+    relay.shutdown().await;
+    std::fs::remove_file(data.join("cert.pem")).ok();
+    std::fs::remove_file(data.join("key.pem")).ok();
+    let other = relay_restart(&data, addr, canopy_relay::StoreKind::Memory).await;
+    assert_ne!(other.fingerprint(), relay_fingerprint_of(&known));
+    let out = canopy(run(&["pub", "--trust-on-first-use", "team=1/channel=1/msg=3", "three"])).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("presents certificate {}", other.fingerprint())) && err.contains("known_relays:1 pins") && err.contains("remove that line"), "{err}");
+    assert_eq!(std::fs::read_to_string(&known).unwrap().lines().count(), 1, "a changed key is never pinned over the old one");
+}
+
+fn relay_fingerprint_of(known: &std::path::Path) -> String {
+    std::fs::read_to_string(known).unwrap().split_whitespace().nth(1).unwrap().to_string()
 }

@@ -147,6 +147,14 @@ struct RelayArgs {
     fingerprint: Vec<String>,
     #[command(flatten)]
     dns: DnsArgs,
+    /// Trust a relay never seen before by the certificate it presents now, and pin that in
+    /// the known-relays file; a later change is refused (as SSH does for hosts).
+    #[arg(long)]
+    trust_on_first_use: bool,
+    /// The known-relays file [default: $CANOPY_KNOWN_RELAYS, else
+    /// $XDG_DATA_HOME/canopy/known_relays, else ~/.local/share/canopy/known_relays].
+    #[arg(long)]
+    known_relays: Option<std::path::PathBuf>,
     /// Authentication token.
     #[arg(long, env = "CANOPY_TOKEN")]
     token: Option<String>,
@@ -188,6 +196,10 @@ impl RelayArgs {
         self.connect_with(ConnectOptions::new(&self.relay, Trust::Fingerprint(String::new()))).await
     }
 
+    fn known(&self) -> Option<discovery::KnownRelays> {
+        self.known_relays.clone().map(discovery::KnownRelays::at).or_else(discovery::KnownRelays::default_location)
+    }
+
     fn ca_pem(&self) -> Result<Option<String>> {
         self.ca.as_ref().map(|path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))).transpose()
     }
@@ -198,20 +210,50 @@ impl RelayArgs {
         base.token = self.token.clone();
         if let Some(domain) = self.relay.strip_prefix("dns:") {
             let found = discovery::relays(domain, &self.dns.options()).await?;
-            let config = discovery::TrustConfig { ca_pem: self.ca_pem()?, pinned: self.fingerprint.clone(), trust_dns: self.dns.trust_dns };
+            let config = discovery::TrustConfig {
+                ca_pem: self.ca_pem()?,
+                pinned: self.fingerprint.clone(),
+                trust_dns: self.dns.trust_dns,
+                known: self.known(),
+                first_use: self.trust_on_first_use,
+            };
             let (client, used) = discovery::connect_first(&found, &config, &base).await?;
             tracing::info!(relay = %used, "connected to a relay found by DNS");
             return Ok(client);
         }
+        let known = self.known();
+        let pinned = match &known {
+            Some(k) => k.get(&self.relay)?,
+            None => None,
+        };
+        let mut new_pin = None;
         let trust = match (self.ca_pem()?, self.fingerprint.as_slice()) {
             (Some(pem), _) => Trust::CaPem(pem),
             (None, [fp]) => Trust::Fingerprint(fp.clone()),
-            (None, []) => bail!("give --ca or --fingerprint"),
-            (None, fps) => Trust::Fingerprints(fps.to_vec()),
+            (None, fps) if !fps.is_empty() => Trust::Fingerprints(fps.to_vec()),
+            (None, _) => match &known {
+                // A pin from an earlier first use, or a first use now.
+                Some(file) if pinned.is_some() || self.trust_on_first_use => {
+                    let addr = tokio::net::lookup_host(self.relay.as_str())
+                        .await
+                        .with_context(|| format!("resolving {}", self.relay))?
+                        .next()
+                        .with_context(|| format!("{} resolves to no address", self.relay))?;
+                    let decided = discovery::first_use(file, &self.relay, addr, &self.server_name, base.connect_timeout).await?;
+                    new_pin = decided.new;
+                    decided.trust
+                }
+                _ => bail!("give --ca, --fingerprint or --trust-on-first-use"),
+            },
         };
         let mut opts = ConnectOptions { trust, ..base };
         opts.server_name = self.server_name.clone();
-        Ok(Client::connect(opts).await?)
+        let client = Client::connect(opts).await?;
+        if let (Some(fp), Some(file)) = (new_pin, &known) {
+            file.pin(&self.relay, &fp)?;
+            eprintln!("canopy: trusted {} on first use: pinned {fp} in {}", self.relay, file.path().display());
+        }
+        Ok(client)
     }
 }
 
