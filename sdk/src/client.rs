@@ -51,6 +51,10 @@
 //!
 //! [`Client::connection_events`] reports each step: [`ConnectionEvent::Disconnected`],
 //! [`ConnectionEvent::Connected`] and [`ConnectionEvent::Resubscribed`].
+//!
+//! A client made with [`Client::connect_any`] has several candidate relays: it reconnects
+//! to the first that answers, moves back to a preferred one when it answers again, and
+//! reports each move as [`ConnectionEvent::Moved`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -265,6 +269,15 @@ pub enum ConnectionEvent {
         /// How many.
         subscriptions: usize,
     },
+    /// The client moved to another of its candidate relays ([`Client::connect_any`]): the one
+    /// in use was lost, or a preferred one answers again. Followed by `Connected` and
+    /// `Resubscribed`.
+    Moved {
+        /// The relay it left (its address as given).
+        from: String,
+        /// The relay it uses now.
+        to: String,
+    },
 }
 
 enum Command {
@@ -345,8 +358,27 @@ impl Client {
     /// # let _ = client; Ok(()) }
     /// ```
     pub async fn connect(opts: ConnectOptions) -> Result<Client, ClientError> {
-        let connector = Connector::new(opts)?;
-        let session = connector.establish().await?;
+        Client::connect_any(vec![opts], Duration::MAX).await
+    }
+
+    /// Connects to the first reachable of `candidates`, in order of preference (say, the
+    /// local relay, then a cloud relay found by DNS, then a fixed address), each with its own
+    /// address and trust; the first's buffer size applies to every subscription.
+    ///
+    /// When the relay in use is lost, the client moves to the first candidate that answers
+    /// and re-subscribes there; chunks it already delivered are recognised by name and not
+    /// delivered again, so the application sees no repeats, and the relays' caches fill the
+    /// gap. While it is on a less preferred candidate, it tries the preferred ones every
+    /// `prefer_every` and moves back as soon as one answers. Each move is reported as
+    /// [`ConnectionEvent::Moved`]. Fails only if no candidate can be reached now (each
+    /// reason, in order).
+    pub async fn connect_any(candidates: Vec<ConnectOptions>, prefer_every: Duration) -> Result<Client, ClientError> {
+        if candidates.is_empty() {
+            return Err(ClientError::Config("no relay to connect to".into()));
+        }
+        let candidates: Arc<Vec<Connector>> = Arc::new(candidates.into_iter().map(Connector::new).collect::<Result<_, _>>()?);
+        let (session, current) = establish_any(&candidates, candidates.len()).await?;
+        let connector = candidates[current].clone();
         let (cmd, cmd_rx) = mpsc::unbounded_channel();
         let ids = Arc::new(AtomicU64::new(1));
         let buffer = u32::try_from(connector.opts.subscription_buffer.max(1)).unwrap_or(u32::MAX);
@@ -354,6 +386,9 @@ impl Client {
         let (connected_tx, connected) = watch::channel(true);
         let driver = Driver {
             connector,
+            candidates,
+            current,
+            prefer_every,
             cmd_rx,
             ids: ids.clone(),
             session: ClientSession::new(),
@@ -791,6 +826,33 @@ enum SessionEnd {
     Closed,
     /// The connection was lost.
     Lost(String),
+    /// A preferred candidate answered: this connection was closed for that one's.
+    Preferred(Session, usize),
+}
+
+/// A try of the preferred candidates, in a task of its own; stopped if the session ends first.
+struct Probe(Option<tokio::task::JoinHandle<Result<(Session, usize), ClientError>>>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// The first of `candidates[..upto]` that can be reached, in order, and its index; every
+/// failure, in order, if none.
+async fn establish_any(candidates: &[Connector], upto: usize) -> Result<(Session, usize), ClientError> {
+    let mut failures = Vec::new();
+    for (i, c) in candidates.iter().enumerate().take(upto) {
+        match c.establish().await {
+            Ok(session) => return Ok((session, i)),
+            Err(e) if candidates.len() == 1 => return Err(e),
+            Err(e) => failures.push(format!("{}: {e}", c.opts.addr)),
+        }
+    }
+    Err(ClientError::Connect { addr: candidates.iter().take(upto).map(|c| c.opts.addr.as_str()).collect::<Vec<_>>().join(", "), message: failures.join("; ") })
 }
 
 /// Where a publish's answer goes.
@@ -803,7 +865,14 @@ struct SubOut {
 }
 
 struct Driver {
+    /// The candidate in use.
     connector: Connector,
+    /// Every candidate, most preferred first.
+    candidates: Arc<Vec<Connector>>,
+    /// The index of the one in use.
+    current: usize,
+    /// How often a preferred candidate is tried while a less preferred one is in use.
+    prefer_every: Duration,
     cmd_rx: mpsc::UnboundedReceiver<Command>,
     ids: Arc<AtomicU64>,
     /// Everything that must survive a reconnect.
@@ -833,16 +902,28 @@ impl Driver {
                         warn!(relay = %self.connector.opts.addr, "connection lost: {reason}; reconnecting");
                         let _ = self.events.send(ConnectionEvent::Disconnected { reason });
                     }
+                    SessionEnd::Preferred(next, index) => {
+                        let reason = format!("moving to the preferred relay {}", self.candidates[index].opts.addr);
+                        let _ = self.events.send(ConnectionEvent::Disconnected { reason });
+                        self.moved(index);
+                        session = Some(next);
+                        continue;
+                    }
                 }
             }
             // Wait, then try to reconnect, serving commands all the while.
             if self.idle(tokio::time::sleep(backoff)).await.is_none() {
                 break;
             }
-            let connector = self.connector.clone();
-            match self.idle(async move { connector.establish().await }).await {
+            let candidates = self.candidates.clone();
+            match self.idle(async move { establish_any(&candidates, candidates.len()).await }).await {
                 None => break,
-                Some(Ok(s)) => session = Some(s),
+                Some(Ok((s, index))) => {
+                    if index != self.current {
+                        self.moved(index);
+                    }
+                    session = Some(s);
+                }
                 Some(Err(e)) => {
                     debug!("reconnect failed: {e}");
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -852,6 +933,15 @@ impl Driver {
         // The connection is closed already; the endpoint is shared with the runtime's other
         // clients, and closes once the last of them lets go of it.
         debug!("client driver stopped");
+    }
+
+    /// Now on candidate `index`: says so.
+    fn moved(&mut self, index: usize) {
+        let from = self.connector.opts.addr.clone();
+        self.current = index;
+        self.connector = self.candidates[index].clone();
+        info!(%from, to = %self.connector.opts.addr, "moved to another relay");
+        let _ = self.events.send(ConnectionEvent::Moved { from, to: self.connector.opts.addr.clone() });
     }
 
     /// Drives `fut` to completion while handling commands without a connection. `None` if
@@ -887,8 +977,23 @@ impl Driver {
         self.route_events();
         self.flush(&s);
         let mut last_error = None;
+        // On a less preferred candidate: try the preferred ones now and then, in a task of
+        // their own, so commands and chunks keep flowing meanwhile.
+        let mut prefer = (self.current > 0).then(|| tokio::time::interval_at(tokio::time::Instant::now() + self.prefer_every.min(Duration::from_secs(86_400)), self.prefer_every.max(Duration::from_millis(10))));
+        let mut probe = Probe(None);
         loop {
             tokio::select! {
+                _ = async { prefer.as_mut().expect("guarded").tick().await }, if prefer.is_some() && probe.0.is_none() => {
+                    let (candidates, upto) = (self.candidates.clone(), self.current);
+                    probe.0 = Some(tokio::spawn(async move { establish_any(&candidates, upto).await }));
+                }
+                done = async { probe.0.as_mut().expect("guarded").await }, if probe.0.is_some() => {
+                    probe.0 = None;
+                    if let Ok(Ok((next, index))) = done {
+                        s.conn.close(0u32.into(), b"moving to a preferred relay");
+                        return SessionEnd::Preferred(next, index);
+                    }
+                }
                 cmd = self.cmd_rx.recv() => match cmd {
                     None | Some(Command::Close) => {
                         s.conn.close(0u32.into(), b"client closed");
