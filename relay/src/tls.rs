@@ -20,6 +20,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 pub struct Identity {
     /// The certificate, DER.
     pub cert_der: CertificateDer<'static>,
+    /// The whole chain `cert.pem` holds, the certificate first (then its issuers, up to a CA a
+    /// client may pin), as the handshake sends it.
+    pub chain: Vec<CertificateDer<'static>>,
     /// The private key, DER.
     pub key_der: PrivateKeyDer<'static>,
     /// The certificate, PEM (what a child's `parent_ca` trusts).
@@ -36,6 +39,7 @@ pub use canopy_sdk::{Trust, fingerprint};
 
 /// Loads `cert.pem`/`key.pem` from `data`, or creates a self-signed pair (SANs `localhost`,
 /// `127.0.0.1` and the listen IP when it is a specific other address) and writes it there.
+/// `cert.pem` may hold a chain: the relay's certificate first, then its issuers.
 pub fn load_or_create(data: &Path, listen: SocketAddr) -> anyhow::Result<Identity> {
     let cert_path = data.join("cert.pem");
     let key_path = data.join("key.pem");
@@ -57,8 +61,11 @@ pub fn load_or_create(data: &Path, listen: SocketAddr) -> anyhow::Result<Identit
         .with_context(|| format!("parsing certificate {}", cert_path.display()))?;
     let key_der =
         PrivateKeyDer::from_pem_file(&key_path).with_context(|| format!("parsing key {}", key_path.display()))?;
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing the chain in {}", cert_path.display()))?;
     let fingerprint = fingerprint(&cert_der);
-    Ok(Identity { cert_der, key_der, cert_pem, cert_path, fingerprint, created })
+    Ok(Identity { cert_der, chain, key_der, cert_pem, cert_path, fingerprint, created })
 }
 
 #[cfg(unix)]
@@ -97,7 +104,7 @@ pub fn server_config(identity: &Identity) -> anyhow::Result<quinn::ServerConfig>
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(vec![identity.cert_der.clone()], identity.key_der.clone_key())
+        .with_single_cert(identity.chain.clone(), identity.key_der.clone_key())
         .context("building the TLS server config")?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC server config")?;

@@ -7,6 +7,7 @@
 //! | `_canopy-origin._udp.DOMAIN SRV prio weight port host` | a front-end of the origin |
 //! | `host TXT "canopy-fp=HEX"` | a fingerprint that host's certificate may have (several allowed) |
 //! | `_canopy-cloud._udp.DOMAIN TXT "canopy-fp=HEX"` | a fingerprint any host of the service may have |
+//! | `TXT "canopy-ca=HEX"` (at a host or the service) | a CA certificate, sent in the relay's chain, that issued its certificate for its host name |
 //!
 //! **Discovery finds addresses; it does not create trust** ([`TrustConfig`]): a relay found
 //! here is used only if its certificate chains to a configured CA, matches a fingerprint
@@ -29,6 +30,9 @@ use crate::{Client, ClientError, ConnectOptions, Trust, parse_fingerprint};
 
 /// The TXT prefix of a certificate fingerprint.
 pub const FINGERPRINT_TXT: &str = "canopy-fp=";
+/// The TXT prefix of a CA pin: the fingerprint of a CA certificate the relay sends in its
+/// chain, which issued its certificate for its host name.
+pub const CA_TXT: &str = "canopy-ca=";
 
 /// Which of a domain's relay services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +81,9 @@ pub struct Found {
     /// The certificate fingerprints DNS publishes for it (the host's and the service's),
     /// normalised to lowercase hex.
     pub fingerprints: Vec<String>,
+    /// The CA certificates DNS pins for it (TXT `canopy-ca=HEX`, the host's and the
+    /// service's): its certificate may instead be issued by one of them for its host name.
+    pub ca_pins: Vec<String>,
 }
 
 impl std::fmt::Display for Found {
@@ -197,15 +204,15 @@ fn resolver(options: &DnsOptions) -> Result<TokioResolver, DiscoveryError> {
     builder.build().map_err(dns)
 }
 
-fn fingerprints_in(lookup: &hickory_resolver::lookup::Lookup) -> Vec<String> {
+fn fingerprints_in(lookup: &hickory_resolver::lookup::Lookup, prefix: &str) -> Vec<String> {
     let mut out = Vec::new();
     for record in lookup.answers() {
         let RData::TXT(txt) = &record.data else { continue };
         let text = txt.to_string();
-        if let Some(fp) = text.trim().strip_prefix(FINGERPRINT_TXT) {
+        if let Some(fp) = text.trim().strip_prefix(prefix) {
             match parse_fingerprint(fp) {
                 Ok(bytes) => out.push(bytes.iter().map(|b| format!("{b:02x}")).collect()),
-                Err(_) => tracing::warn!(txt = %text, "a canopy-fp TXT record that is not a fingerprint: ignored"),
+                Err(_) => tracing::warn!(txt = %text, "a canopy TXT record that is not a fingerprint: ignored"),
             }
         }
     }
@@ -227,10 +234,10 @@ async fn lookup_inner(domain: &str, service: Service, srv: &str, options: &DnsOp
     let name = Name::from_utf8(srv).map_err(|e| DiscoveryError::Config(format!("{domain:?} is no domain: {e}")))?;
     let resolver = resolver(options)?;
     let records = resolver.srv_lookup(name.clone()).await.map_err(|e| failed(srv, e))?;
-    // Fingerprints for every host of the service.
-    let shared = match resolver.txt_lookup(name).await {
-        Ok(l) => fingerprints_in(&l),
-        Err(e) if e.is_no_records_found() => Vec::new(),
+    // Fingerprints and CA pins for every host of the service.
+    let (shared, shared_cas) = match resolver.txt_lookup(name).await {
+        Ok(l) => (fingerprints_in(&l, FINGERPRINT_TXT), fingerprints_in(&l, CA_TXT)),
+        Err(e) if e.is_no_records_found() => (Vec::new(), Vec::new()),
         Err(e) => return Err(failed(srv, e)),
     };
     let mut found = Vec::new();
@@ -242,14 +249,17 @@ async fn lookup_inner(domain: &str, service: Service, srv: &str, options: &DnsOp
         }
         let host = s.target.to_ascii().trim_end_matches('.').to_string();
         let ips: Vec<IpAddr> = resolver.lookup_ip(s.target.clone()).await.map_err(|e| failed(&host, e))?.iter().collect();
-        let mut fingerprints = match resolver.txt_lookup(s.target.clone()).await {
-            Ok(l) => fingerprints_in(&l),
-            Err(e) if e.is_no_records_found() => Vec::new(),
+        let (mut fingerprints, mut ca_pins) = match resolver.txt_lookup(s.target.clone()).await {
+            Ok(l) => (fingerprints_in(&l, FINGERPRINT_TXT), fingerprints_in(&l, CA_TXT)),
+            Err(e) if e.is_no_records_found() => (Vec::new(), Vec::new()),
             Err(e) => return Err(failed(&host, e)),
         };
         fingerprints.extend(shared.iter().cloned());
         fingerprints.sort();
         fingerprints.dedup();
+        ca_pins.extend(shared_cas.iter().cloned());
+        ca_pins.sort();
+        ca_pins.dedup();
         for ip in ips {
             found.push(Found {
                 domain: domain.trim_end_matches('.').to_string(),
@@ -259,6 +269,7 @@ async fn lookup_inner(domain: &str, service: Service, srv: &str, options: &DnsOp
                 priority: s.priority,
                 weight: s.weight,
                 fingerprints: fingerprints.clone(),
+                ca_pins: ca_pins.clone(),
             });
         }
     }
@@ -310,18 +321,24 @@ pub fn trust_for(found: &Found, config: &TrustConfig) -> Result<(Trust, String),
         return Ok((Trust::CaPem(pem.clone()), found.host.clone()));
     }
     let mut accept: Vec<String> = config.pinned.clone();
+    let mut cas = Vec::new();
     if config.trust_dns {
         accept.extend(found.fingerprints.iter().cloned());
+        cas.extend(found.ca_pins.iter().cloned());
     }
-    if accept.is_empty() {
-        let why = if found.fingerprints.is_empty() {
+    if accept.is_empty() && cas.is_empty() {
+        let published: Vec<String> = found.fingerprints.iter().chain(&found.ca_pins).cloned().collect();
+        let why = if published.is_empty() {
             "no CA is configured, no fingerprint is pinned, and DNS publishes none for it".to_string()
         } else {
-            format!("no CA is configured, no fingerprint is pinned, and DNS's ({}) are not trusted without --trust-dns", found.fingerprints.join(", "))
+            format!("no CA is configured, no fingerprint is pinned, and DNS's ({}) are not trusted without --trust-dns", published.join(", "))
         };
         return Err(DiscoveryError::Untrusted { found: found.to_string(), why });
     }
-    Ok((Trust::Fingerprints(accept), found.host.clone()))
+    if cas.is_empty() {
+        return Ok((Trust::Fingerprints(accept), found.host.clone()));
+    }
+    Ok((Trust::Pinned { certs: accept, cas }, found.host.clone()))
 }
 
 /// Connects to the first of `candidates` that is trusted and reachable, in order; returns
@@ -483,6 +500,7 @@ mod tests {
             priority: 10,
             weight: 5,
             fingerprints: fingerprints.iter().map(|s| s.to_string()).collect(),
+            ca_pins: Vec::new(),
         }
     }
 

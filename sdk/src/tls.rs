@@ -34,6 +34,15 @@ pub enum Trust {
     /// Any one of these fingerprints ([`Trust::Fingerprint`] for each): for a name served by
     /// several relays, or a key being rotated.
     Fingerprints(Vec<String>),
+    /// A certificate pinned directly (`certs`, as [`Trust::Fingerprints`]), or issued for
+    /// [`ConnectOptions::server_name`](crate::ConnectOptions) by a CA whose own certificate is
+    /// pinned (`cas`) and sent in the relay's chain: what a domain publishes in DNS.
+    Pinned {
+        /// Fingerprints of end-entity certificates.
+        certs: Vec<String>,
+        /// Fingerprints of CA certificates.
+        cas: Vec<String>,
+    },
 }
 
 impl std::fmt::Debug for Trust {
@@ -42,6 +51,7 @@ impl std::fmt::Debug for Trust {
             Trust::CaPem(pem) => write!(f, "CaPem({} bytes)", pem.len()),
             Trust::Fingerprint(fp) => write!(f, "Fingerprint({fp})"),
             Trust::Fingerprints(fps) => write!(f, "Fingerprints({})", fps.join(", ")),
+            Trust::Pinned { certs, cas } => write!(f, "Pinned(certs: {}; CAs: {})", certs.join(", "), cas.join(", ")),
         }
     }
 }
@@ -121,11 +131,19 @@ pub(crate) fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, Clien
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
+        Trust::Pinned { certs, cas } => {
+            if certs.is_empty() && cas.is_empty() {
+                return Err(ClientError::Config("no fingerprint to pin".into()));
+            }
+            let parse = |list: &[String]| list.iter().map(|t| parse_fingerprint(t)).collect::<Result<Vec<_>, _>>();
+            let verifier = PinVerifier { certs: parse(certs)?, cas: parse(cas)?, provider: provider.clone() };
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
+        }
         Trust::Fingerprint(_) | Trust::Fingerprints(_) => {
             let texts = match trust {
                 Trust::Fingerprint(text) => std::slice::from_ref(text),
                 Trust::Fingerprints(texts) => texts.as_slice(),
-                Trust::CaPem(_) => &[],
+                Trust::CaPem(_) | Trust::Pinned { .. } => &[],
             };
             if texts.is_empty() {
                 return Err(ClientError::Config("no fingerprint to pin".into()));
@@ -143,6 +161,55 @@ pub(crate) fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, Clien
     };
     config.alpn_protocols = vec![canopy::wire::ALPN.to_vec()];
     Ok(config)
+}
+
+/// [`Trust::Pinned`]: a pinned end-entity certificate, or a chain that verifies (names, dates,
+/// signatures, as any CA-issued certificate) up to a pinned CA certificate the relay sends.
+#[derive(Debug)]
+struct PinVerifier {
+    certs: Vec<[u8; 32]>,
+    cas: Vec<[u8; 32]>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let leaf: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        if self.certs.contains(&leaf) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let Some(anchor) = intermediates.iter().find(|c| self.cas.contains(&Sha256::digest(c.as_ref()).into())) else {
+            return Err(rustls::Error::General(format!(
+                "the relay's certificate {} matches no pinned fingerprint, and its chain holds no pinned CA",
+                fingerprint(end_entity.as_ref())
+            )));
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(anchor.clone().into_owned()).map_err(|e| rustls::Error::General(format!("the pinned CA certificate: {e}")))?;
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(format!("verifier: {e}")))?;
+        webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// The TLS configuration of a probe ([`crate::probe_fingerprint`]): it trusts nothing, but

@@ -179,3 +179,53 @@ async fn trust_on_first_use_pins_the_first_certificate_and_refuses_a_changed_one
 fn relay_fingerprint_of(known: &std::path::Path) -> String {
     std::fs::read_to_string(known).unwrap().split_whitespace().nth(1).unwrap().to_string()
 }
+
+/// A relay in `data` whose certificate, for `name`, is issued by `ca` and sent with it.
+async fn relay_issued_by(data: &std::path::Path, ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>, name: &str) -> canopy_relay::RelayHandle {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, ca).unwrap();
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(data.join("cert.pem"), format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+    std::fs::write(data.join("key.pem"), key.serialize_pem()).unwrap();
+    relay_at(data, "127.0.0.1:0".parse().unwrap(), canopy_relay::StoreKind::Memory).await
+}
+
+fn ca() -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_pinned_in_dns_vouches_for_the_relays_it_issued_for_their_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (ca(), ca());
+    let good = relay_issued_by(&dir.path().join("good"), &ours, "cloud.example.test").await;
+    let misnamed = relay_issued_by(&dir.path().join("misnamed"), &ours, "elsewhere.example.test").await;
+    let foreign = relay_issued_by(&dir.path().join("foreign"), &theirs, "foreign.example.test").await;
+    let records = vec![
+        srv("_canopy-cloud._udp.example.test.", 10, 0, good.local_addr().port(), "cloud.example.test."),
+        srv("_canopy-cloud._udp.example.test.", 20, 0, misnamed.local_addr().port(), "misnamed.example.test."),
+        srv("_canopy-cloud._udp.example.test.", 30, 0, foreign.local_addr().port(), "foreign.example.test."),
+        a("cloud.example.test."),
+        a("misnamed.example.test."),
+        a("foreign.example.test."),
+        // One CA for every host of the service.
+        txt("_canopy-cloud._udp.example.test.", &format!("canopy-ca={}", canopy_sdk::fingerprint(ours.der()))),
+    ];
+    let (server, _dns) = dns("example.test.", records).await;
+    let found = discovery::lookup("example.test", Service::Cloud, &options(server)).await.unwrap();
+    assert_eq!(found[0].ca_pins, [canopy_sdk::fingerprint(ours.der())]);
+    let trust_dns = TrustConfig { trust_dns: true, ..TrustConfig::default() };
+    let base = ConnectOptions::new("unused:0", Trust::Fingerprint(String::new()));
+
+    // Issued by the pinned CA for the SRV target's name: trusted, and chunks flow.
+    let (client, used) = discovery::connect_first(&found[..1], &trust_dns, &base).await.unwrap();
+    assert_eq!(used.host, "cloud.example.test");
+    client.publish(chunk(9, "vouched for")).await.unwrap();
+    // Issued by it for another name: refused. By another CA: refused, saying so.
+    let err = discovery::connect_first(&found[1..2], &trust_dns, &base).await.unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("name"), "{err}");
+    let err = discovery::connect_first(&found[2..], &trust_dns, &base).await.unwrap_err();
+    assert!(err.to_string().contains("holds no pinned CA"), "{err}");
+}
