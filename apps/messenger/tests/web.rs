@@ -469,6 +469,7 @@ async fn a_reply_by_keyboard_alone_in_a_narrow_window() {
     b.until("the focus on the chat", "return document.activeElement?.classList.contains('chat')").await;
     b.keys(&[char::from(Key::Enter)]).await;
     b.await_message("who reviews the patch?").await;
+    b.until("the conversation focused", "return document.activeElement?.id === 'messages'").await;
     b.until("only the conversation", "return getComputedStyle(document.getElementById('chats')).display === 'none'").await;
     b.keys(&['k', 'j', 'r']).await;
     b.until("the reply box focused", "return document.activeElement?.id === 'text' && document.getElementById('reply-note').textContent.includes('who reviews the patch?')").await;
@@ -488,6 +489,7 @@ async fn a_reply_by_keyboard_alone_in_a_narrow_window() {
     b.until("the relay's loss", "return document.getElementById('relay').textContent.startsWith('relay unreachable: sends are queued')").await;
     b.keys(&[char::from(Key::Enter)]).await;
     b.await_message("I will").await;
+    b.until("the conversation focused", "return document.activeElement?.id === 'messages'").await;
     b.keys(&[char::from(Key::Enter)]).await;
     b.until("the message box focused", "return document.activeElement?.id === 'text'").await;
     let mut typed: Vec<char> = "sent while the relay is down".chars().collect();

@@ -129,7 +129,10 @@ async function openChat(conversation) {
   await reload();
   // After the read: its unread count is gone.
   await loadChats();
-  $('messages').focus();
+  // Focus the conversation, unless the user has moved on meanwhile (a key pressed while the
+  // chat loaded, such as Enter to write, wins).
+  const focused = document.activeElement;
+  if (!focused || focused === document.body || focused.classList.contains('chat')) $('messages').focus();
 }
 
 async function reload() {
