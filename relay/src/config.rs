@@ -12,6 +12,8 @@ use canopy::plugin::{Limits, PluginKind};
 use canopy::wire::RelayId;
 use serde::{Deserialize, Serialize};
 
+pub use crate::advertise::RelayRole;
+
 /// Which storage backend holds the relay's chunks and outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -170,6 +172,13 @@ pub struct RelayConfig {
     /// be refused again; a lost connection is retried within 5 s instead. Default 300000
     /// (5 minutes).
     pub parent_refused_backoff_ms: u64,
+    /// Announce the relay on the local network by mDNS (`_canopy._udp.local.`, with its QUIC
+    /// port, addresses, id, role, protocol version and certificate fingerprint; see
+    /// [`crate::advertise`]). Needs the QUIC listener. Default false.
+    pub advertise: bool,
+    /// The role announced with `advertise`: `origin`, `cloud` or `local`. Default: `origin`
+    /// without a parent, else `local`.
+    pub role: Option<RelayRole>,
     /// Plugins to load, each a `[[plugin]]` table.
     #[serde(rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
@@ -207,6 +216,8 @@ impl Default for RelayConfig {
             max_backlog: 4096,
             evict_interval_ms: 1000,
             parent_refused_backoff_ms: 300_000,
+            advertise: false,
+            role: None,
             plugins: Vec::new(),
             plugin_cache: None,
         }
@@ -259,6 +270,9 @@ impl RelayConfig {
             && path.as_os_str().is_empty()
         {
             bail!("unix_listen is an empty path");
+        }
+        if self.advertise && !self.quic_listen {
+            bail!("advertise needs the QUIC listener (quic_listen = true): mDNS announces its port");
         }
         if !self.quic_listen && self.unix_listen.is_none() && self.plugins.is_empty() {
             bail!("quic_listen = false needs unix_listen (or a plugin): the relay would serve nothing");

@@ -28,6 +28,7 @@
 //! See `docs/relay.md` for configuration and running a tree of relays.
 
 mod actor;
+pub mod advertise;
 pub mod config;
 mod link;
 pub mod metrics;
@@ -54,7 +55,7 @@ use tokio::task::JoinHandle;
 use crate::actor::{ActorParts, Stop, ToNode};
 pub use canopy::plugin::{Limits as PluginLimits, PluginKind, PluginStats};
 
-pub use crate::config::{AccessRule, PluginConfig, RelayConfig, StoreKind};
+pub use crate::config::{AccessRule, PluginConfig, RelayConfig, RelayRole, StoreKind};
 use crate::link::{LinkOut, LinkSend, QuicSend};
 use crate::tls::Trust;
 
@@ -132,6 +133,8 @@ pub struct RelayHandle {
     unix_socket: Option<unix::SocketFile>,
     /// Connections open on the Unix socket.
     unix_links: Arc<AtomicUsize>,
+    /// The mDNS announcement (`advertise`), withdrawn first when stopping.
+    advertisement: Option<advertise::Advertisement>,
 }
 
 impl Relay {
@@ -266,6 +269,18 @@ impl Relay {
             let board = plugins.iter().map(|p| p.stats_handle()).collect();
             tasks.push(tokio::spawn(metrics::serve(listener, snapshot.clone(), board, stop_rx.clone())));
         }
+        let advertisement = match (config.advertise, local_addr) {
+            (true, Some(listen)) => {
+                let role = config.role.unwrap_or(RelayRole::default_for(has_parent));
+                let a = advertise::Announcement { listen, id, role, fingerprint: identity.fingerprint.clone() };
+                let advertisement = advertise::Advertisement::start(&a)?;
+                if let Some(log) = advertisement.log_events() {
+                    tasks.push(tokio::spawn(log));
+                }
+                Some(advertisement)
+            }
+            _ => None,
+        };
         tracing::info!(%id, listen = ?local_addr, unix = ?config.unix_listen, cert = %identity.cert_path.display(), fingerprint = %identity.fingerprint, "relay started");
         Ok(RelayHandle {
             local_addr,
@@ -284,6 +299,7 @@ impl Relay {
             #[cfg(unix)]
             unix_socket,
             unix_links,
+            advertisement,
         })
     }
 }
@@ -360,6 +376,11 @@ impl RelayHandle {
         self.id
     }
 
+    /// The mDNS instance the relay announces itself as (`advertise`), fully qualified.
+    pub fn advertised_instance(&self) -> Option<&str> {
+        self.advertisement.as_ref().map(advertise::Advertisement::instance)
+    }
+
     /// The bound address of the metrics endpoint, if enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
@@ -407,6 +428,10 @@ impl RelayHandle {
     }
 
     async fn stop_with(&mut self, how: Stop) {
+        // Withdrawn first, so browsers stop offering a relay that is going away.
+        if let Some(advertisement) = self.advertisement.take() {
+            advertisement.stop().await;
+        }
         let _ = self.stop.send(how);
         let mut plugins = std::mem::take(&mut self.plugins);
         let _ = tokio::task::spawn_blocking(move || {

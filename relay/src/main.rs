@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use canopy_relay::{Relay, RelayConfig, StoreKind};
+use canopy_relay::{Relay, RelayConfig, RelayRole, StoreKind};
 use clap::Parser;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -88,10 +88,31 @@ struct Cli {
     #[serde(skip_serializing_if = "Option::is_none")]
     store: Option<StoreKind>,
 
+    /// Announce this relay on the local network by mDNS (_canopy._udp.local.: its QUIC port,
+    /// addresses, relay id, role, protocol version and certificate fingerprint).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    advertise: bool,
+
+    /// The role announced with --advertise: origin, cloud or local [default: origin without
+    /// a parent, else local].
+    #[arg(long, value_name = "ROLE", value_parser = parse_role)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<RelayRole>,
+
     /// TCP address for the Prometheus endpoint (GET /metrics); off by default.
     #[arg(long, value_name = "ADDR")]
     #[serde(rename = "metrics_listen", skip_serializing_if = "Option::is_none")]
     metrics: Option<SocketAddr>,
+}
+
+fn parse_role(text: &str) -> Result<RelayRole, String> {
+    match text {
+        "origin" => Ok(RelayRole::Origin),
+        "cloud" => Ok(RelayRole::Cloud),
+        "local" => Ok(RelayRole::Local),
+        other => Err(format!("unknown role {other:?}: use origin, cloud or local")),
+    }
 }
 
 fn parse_store(text: &str) -> Result<StoreKind, String> {
@@ -122,6 +143,8 @@ const ENV_KEYS: &[&str] = &[
     "max_backlog",
     "evict_interval_ms",
     "parent_refused_backoff_ms",
+    "advertise",
+    "role",
 ];
 
 fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {
@@ -159,6 +182,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(addr) = relay.metrics_addr() {
         println!("metrics on http://{addr}/metrics");
+    }
+    if let Some(instance) = relay.advertised_instance() {
+        println!("advertising {instance} by mDNS");
     }
     wait_for_signal().await?;
     tracing::info!("stopping");
@@ -215,5 +241,14 @@ mod tests {
         let config = load_config(&cli).unwrap();
         assert!(!config.quic_listen);
         assert_eq!(config.unix_listen, Some(PathBuf::from("/run/canopy.sock")));
+
+        let cli = Cli::parse_from(["canopy-relay", "--advertise", "--role", "cloud"]);
+        let config = load_config(&cli).unwrap();
+        assert!(config.advertise);
+        assert_eq!(config.role, Some(RelayRole::Cloud));
+        assert!(!load_config(&Cli::parse_from(["canopy-relay"])).unwrap().advertise);
+        assert!(Cli::try_parse_from(["canopy-relay", "--role", "leaf"]).is_err());
+        let cli = Cli::parse_from(["canopy-relay", "--advertise", "--no-quic", "--unix-listen", "/tmp/n.sock"]);
+        assert!(load_config(&cli).unwrap().validate().unwrap_err().to_string().contains("advertise needs the QUIC listener"));
     }
 }

@@ -1,5 +1,6 @@
 //! Finding relays by DNS (`docs/relay.md`, discovery): a domain publishes its relays as SRV
-//! records, and the certificate fingerprints they may present as TXT records.
+//! records, and the certificate fingerprints they may present as TXT records. Relays on the
+//! local network are found by mDNS instead ([`mdns`]).
 //!
 //! | record | what |
 //! |---|---|
@@ -12,7 +13,8 @@
 //! **Discovery finds addresses; it does not create trust** ([`TrustConfig`]): a relay found
 //! here is used only if its certificate chains to a configured CA, matches a fingerprint
 //! pinned in configuration, or matches a fingerprint DNS carries and the user said to trust
-//! DNS (`--trust-dns`). Otherwise it is refused with [`DiscoveryError::Untrusted`], before any
+//! DNS (`--trust-dns`; for a relay found by mDNS, the fingerprint its announcement carries and
+//! `--trust-mdns`). Otherwise it is refused with [`DiscoveryError::Untrusted`], before any
 //! connection is made.
 //!
 //! Every lookup is bounded by [`DnsOptions::timeout`]; finding nothing is
@@ -28,6 +30,8 @@ use hickory_resolver::{Resolver, TokioResolver};
 
 use crate::{Client, ClientError, ConnectOptions, Trust, parse_fingerprint};
 
+pub mod mdns;
+
 /// The TXT prefix of a certificate fingerprint.
 pub const FINGERPRINT_TXT: &str = "canopy-fp=";
 /// The TXT prefix of a CA pin: the fingerprint of a CA certificate the relay sends in its
@@ -41,14 +45,19 @@ pub enum Service {
     Cloud,
     /// The origin's front-ends: `_canopy-origin._udp.DOMAIN`.
     Origin,
+    /// A relay on the local network, found by mDNS ([`mdns::SERVICE_TYPE`]); its "domain" is
+    /// `local`.
+    Local,
 }
 
 impl Service {
-    /// The SRV name of this service in `domain` (fully qualified).
+    /// The SRV name of this service in `domain` (fully qualified); for [`Service::Local`],
+    /// the mDNS service type whatever `domain` says.
     pub fn srv_name(self, domain: &str) -> String {
         let label = match self {
             Service::Cloud => "_canopy-cloud._udp",
             Service::Origin => "_canopy-origin._udp",
+            Service::Local => return mdns::SERVICE_TYPE.to_string(),
         };
         format!("{label}.{}.", domain.trim_end_matches('.'))
     }
@@ -59,6 +68,7 @@ impl std::fmt::Display for Service {
         f.write_str(match self {
             Service::Cloud => "cloud",
             Service::Origin => "origin",
+            Service::Local => "local",
         })
     }
 }
@@ -78,8 +88,8 @@ pub struct Found {
     pub priority: u16,
     /// SRV weight (higher first among equal priorities).
     pub weight: u16,
-    /// The certificate fingerprints DNS publishes for it (the host's and the service's),
-    /// normalised to lowercase hex.
+    /// The certificate fingerprints DNS publishes for it (the host's and the service's), or
+    /// its mDNS announcement carries ([`Service::Local`]), normalised to lowercase hex.
     pub fingerprints: Vec<String>,
     /// The CA certificates DNS pins for it (TXT `canopy-ca=HEX`, the host's and the
     /// service's): its certificate may instead be issued by one of them for its host name.
@@ -88,7 +98,10 @@ pub struct Found {
 
 impl std::fmt::Display for Found {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} relay {} ({}) of {}", self.service, self.host, self.addr, self.domain)
+        match self.service {
+            Service::Local => write!(f, "local relay {} ({}) found by mDNS", self.host, self.addr),
+            _ => write!(f, "{} relay {} ({}) of {}", self.service, self.host, self.addr, self.domain),
+        }
     }
 }
 
@@ -146,7 +159,7 @@ pub enum DiscoveryError {
     },
     /// A relay was found but nothing says to trust it.
     #[error(
-        "{found} is not trusted: {why}. Discovery finds addresses, not trust: give --ca, pin its fingerprint with --fingerprint, or pass --trust-dns to trust the fingerprints DNS publishes"
+        "{found} is not trusted: {why}. Discovery finds addresses, not trust: give --ca, pin its fingerprint with --fingerprint, or pass --trust-dns to trust the fingerprints DNS publishes (--trust-mdns: those mDNS announces)"
     )]
     Untrusted {
         /// The relay.
@@ -173,6 +186,9 @@ pub enum DiscoveryError {
         /// The line of the pin.
         line: usize,
     },
+    /// mDNS could not be used (the daemon could not start, or stopped).
+    #[error("mDNS: {0}")]
+    Mdns(String),
     /// The known-relays file cannot be read or written.
     #[error("known relays file {path}: {message}")]
     Known {
@@ -306,6 +322,9 @@ pub struct TrustConfig {
     pub pinned: Vec<String>,
     /// Trust the fingerprints DNS publishes for the relay (`--trust-dns`).
     pub trust_dns: bool,
+    /// Trust the fingerprint a relay found by mDNS announces for itself (`--trust-mdns`):
+    /// anyone on the local network can announce anything, so this trusts the network.
+    pub trust_mdns: bool,
     /// The relays trusted on first use before: an entry for a relay pins it, whatever else
     /// says. `None`: no such file is read or written.
     pub known: Option<KnownRelays>,
@@ -322,16 +341,20 @@ pub fn trust_for(found: &Found, config: &TrustConfig) -> Result<(Trust, String),
     }
     let mut accept: Vec<String> = config.pinned.clone();
     let mut cas = Vec::new();
-    if config.trust_dns {
+    let (trust_published, source, flag) = match found.service {
+        Service::Local => (config.trust_mdns, "mDNS", "--trust-mdns"),
+        Service::Cloud | Service::Origin => (config.trust_dns, "DNS", "--trust-dns"),
+    };
+    if trust_published {
         accept.extend(found.fingerprints.iter().cloned());
         cas.extend(found.ca_pins.iter().cloned());
     }
     if accept.is_empty() && cas.is_empty() {
         let published: Vec<String> = found.fingerprints.iter().chain(&found.ca_pins).cloned().collect();
         let why = if published.is_empty() {
-            "no CA is configured, no fingerprint is pinned, and DNS publishes none for it".to_string()
+            format!("no CA is configured, no fingerprint is pinned, and {source} publishes none for it")
         } else {
-            format!("no CA is configured, no fingerprint is pinned, and DNS's ({}) are not trusted without --trust-dns", published.join(", "))
+            format!("no CA is configured, no fingerprint is pinned, and {source}'s ({}) are not trusted without {flag}", published.join(", "))
         };
         return Err(DiscoveryError::Untrusted { found: found.to_string(), why });
     }

@@ -5,7 +5,9 @@
 //! canopy sub --relay 127.0.0.1:4433 --fingerprint HEX FILTER [--mode cached|live|both]
 //!            [--count N] [--timeout 5s] [--json]
 //! canopy sub --relay dns:example.org --trust-dns [--dns-server ADDR:PORT] FILTER
+//! canopy sub --relay mdns: --trust-mdns [--mdns-timeout 3s] FILTER
 //! canopy discover dns:example.org [--json]
+//! canopy discover [--timeout 3s] [--json]
 //! canopy stat --metrics http://127.0.0.1:9100/metrics
 //! canopy plugin run FILE --relay 127.0.0.1:4433 --ca relay.pem [--dir PATH]... [--config JSON]
 //!            [--state DIR] -- ARGS...
@@ -69,14 +71,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the relays DNS names for a domain (`dns:DOMAIN`): cloud relays, then the
-    /// origin's front-ends, best first, with the fingerprints DNS publishes. Finds
-    /// addresses, not trust.
+    /// List relays: without a source (or with `mdns:`), those on the local network that
+    /// answer by mDNS within --timeout, with their addresses, relay id, role, protocol
+    /// version and the fingerprint they announce; with `dns:DOMAIN`, those DNS names for the
+    /// domain (cloud relays, then the origin's front-ends, best first) with the fingerprints
+    /// DNS publishes. Finds addresses, not trust.
     Discover {
-        /// `dns:DOMAIN`.
-        source: String,
+        /// `dns:DOMAIN`, or `mdns:` (the default).
+        source: Option<String>,
         #[command(flatten)]
         dns: DnsArgs,
+        /// How long to listen for mDNS answers (default 3s); with `dns:`, overrides
+        /// --dns-timeout.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
         /// One JSON object per relay.
         #[arg(long)]
         json: bool,
@@ -135,8 +143,10 @@ enum PluginCommand {
 
 #[derive(Args)]
 struct RelayArgs {
-    /// The relay: `host:port`, or `dns:DOMAIN` to find the domain's relays by DNS (its cloud
-    /// relays, then its origin; the first trusted and reachable one is used).
+    /// The relay: `host:port`; `dns:DOMAIN` to find the domain's relays by DNS (its cloud
+    /// relays, then its origin; the first trusted and reachable one is used); or `mdns:` to
+    /// find relays on the local network by mDNS (`mdns:RELAY_ID` for one relay; the first
+    /// trusted and reachable one is used).
     #[arg(long, env = "CANOPY_RELAY")]
     relay: String,
     /// PEM file of the CA (or the relay's self-signed certificate) to trust.
@@ -147,6 +157,14 @@ struct RelayArgs {
     fingerprint: Vec<String>,
     #[command(flatten)]
     dns: DnsArgs,
+    /// Trust the certificate fingerprint a relay found by mDNS announces for itself (TXT
+    /// `fp`). Anyone on the local network can announce anything: without it, a relay found
+    /// by mDNS needs --ca, --fingerprint or --trust-on-first-use.
+    #[arg(long)]
+    trust_mdns: bool,
+    /// How long `mdns:` listens for relays' answers.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    mdns_timeout: Duration,
     /// Trust a relay never seen before by the certificate it presents now, and pin that in
     /// the known-relays file; a later change is refused (as SSH does for hosts).
     #[arg(long)]
@@ -208,17 +226,43 @@ impl RelayArgs {
     async fn connect_with(&self, base: ConnectOptions) -> Result<Client> {
         let mut base = base;
         base.token = self.token.clone();
-        if let Some(domain) = self.relay.strip_prefix("dns:") {
-            let found = discovery::relays(domain, &self.dns.options()).await?;
-            let config = discovery::TrustConfig {
+        let config = || -> Result<discovery::TrustConfig> {
+            Ok(discovery::TrustConfig {
                 ca_pem: self.ca_pem()?,
                 pinned: self.fingerprint.clone(),
                 trust_dns: self.dns.trust_dns,
+                trust_mdns: self.trust_mdns,
                 known: self.known(),
                 first_use: self.trust_on_first_use,
-            };
-            let (client, used) = discovery::connect_first(&found, &config, &base).await?;
+            })
+        };
+        if let Some(domain) = self.relay.strip_prefix("dns:") {
+            let found = discovery::relays(domain, &self.dns.options()).await?;
+            let (client, used) = discovery::connect_first(&found, &config()?, &base).await?;
             tracing::info!(relay = %used, "connected to a relay found by DNS");
+            return Ok(client);
+        }
+        if let Some(wanted) = self.relay.strip_prefix("mdns:") {
+            let wanted = match wanted.trim() {
+                "" => None,
+                id => Some(canopy_sdk::discovery::mdns::parse_relay_id(id).with_context(|| format!("mdns:{id}: not a relay id"))?),
+            };
+            let mut candidates = Vec::new();
+            for relay in discovery::mdns::browse_local(self.mdns_timeout).await? {
+                if wanted.is_some() && relay.relay_id != wanted {
+                    continue;
+                }
+                if !relay.is_compatible() {
+                    tracing::warn!(%relay, protocol = ?relay.protocol, "skipped: another protocol version");
+                    continue;
+                }
+                candidates.extend(relay.candidates());
+            }
+            if candidates.is_empty() {
+                bail!("no relay found by mDNS{} speaks this protocol version", wanted.map(|id| format!(" has relay id {id} and")).unwrap_or_default());
+            }
+            let (client, used) = discovery::connect_first(&candidates, &config()?, &base).await?;
+            tracing::info!(relay = %used, "connected to a relay found by mDNS");
             return Ok(client);
         }
         let known = self.known();
@@ -285,9 +329,18 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let schema = Schema::messenger();
     match cli.command {
-        Command::Discover { source, dns, json } => {
-            let Some(domain) = source.strip_prefix("dns:") else { bail!("discover what? `dns:DOMAIN`") };
-            for f in discovery::relays(domain, &dns.options()).await? {
+        Command::Discover { source, dns, timeout, json } => {
+            let source = source.unwrap_or_else(|| "mdns:".into());
+            if source == "mdns:" || source == "mdns" {
+                for relay in discovery::mdns::browse_local(timeout.unwrap_or(Duration::from_secs(3))).await? {
+                    println!("{}", if json { local_json(&relay).to_string() } else { local_line(&relay) });
+                }
+                return Ok(());
+            }
+            let Some(domain) = source.strip_prefix("dns:") else { bail!("discover what? `dns:DOMAIN`, or `mdns:` (the default)") };
+            let mut options = dns.options();
+            options.timeout = timeout.unwrap_or(options.timeout);
+            for f in discovery::relays(domain, &options).await? {
                 if json {
                     let line = serde_json::json!({
                         "service": f.service.to_string(), "host": f.host, "addr": f.addr.to_string(),
@@ -343,6 +396,40 @@ async fn run(cli: Cli) -> Result<()> {
             run_plugin(&relay, options).await
         }
     }
+}
+
+/// One relay found by mDNS as a JSON object (`canopy discover --json`).
+fn local_json(relay: &discovery::mdns::LocalRelay) -> serde_json::Value {
+    serde_json::json!({
+        "instance": relay.instance,
+        "host": relay.host,
+        "port": relay.port,
+        "addrs": relay.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "relay_id": relay.relay_id.map(|id| id.to_string()),
+        "role": relay.role,
+        "protocol": relay.protocol,
+        "fingerprint": relay.fingerprint,
+        "problems": relay.problems,
+    })
+}
+
+/// One relay found by mDNS as a line: addresses, then `key=value` fields (`?` for what the
+/// announcement lacked), then the instance.
+fn local_line(relay: &discovery::mdns::LocalRelay) -> String {
+    let addrs = if relay.addrs.is_empty() { format!("(no address):{}", relay.port) } else { relay.addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",") };
+    let or_unknown = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+    let mut line = format!(
+        "{addrs} id={} role={} protocol={} fingerprint={} instance={}",
+        or_unknown(relay.relay_id.map(|id| id.to_string())),
+        or_unknown(relay.role.clone()),
+        or_unknown(relay.protocol.map(|p| p.to_string())),
+        or_unknown(relay.fingerprint.clone()),
+        relay.instance,
+    );
+    if !relay.problems.is_empty() {
+        line.push_str(&format!(" problems={:?}", relay.problems.join("; ")));
+    }
+    line
 }
 
 /// `$XDG_CACHE_HOME/canopy/plugins`, else `~/.cache/canopy/plugins`.
