@@ -280,9 +280,19 @@ fn drive(
             tracing::info!(dir = %dir.display(), "created the granted directory");
         }
     }
+    // Each phase's time goes to the debug log: what a tool run costs besides the command
+    // itself (engine, module from the cache, state store, the plugin's init) is the first
+    // thing to know when a run is slow.
+    let mut phase = Instant::now();
+    let mut lap = |what: &str| {
+        tracing::debug!(phase = what, ms = phase.elapsed().as_secs_f64() * 1e3, "tool run");
+        phase = Instant::now();
+    };
     let runtime =
         Runtime::new(RuntimeOptions { cache_dir: options.cache_dir.clone(), fuel: options.limits.fuel.is_some() })?;
+    lap("engine");
     let template = runtime.load_plugin(&options.file, None, options.limits, &options.dirs)?;
+    lap("load");
     let state: Box<dyn StateStore> = match &options.state {
         Some(dir) => {
             let store = FjallStore::open(dir, canopy::store::UNLIMITED).map_err(PluginError::from)?;
@@ -290,17 +300,22 @@ fn drive(
         }
         None => Box::new(MemoryState::new()),
     };
+    lap("state");
     let mut config = options.config.clone();
     config.insert("args".into(), options.args.iter().cloned().map(serde_json::Value::from).collect());
     let config = serde_json::Value::Object(config).to_string();
     let name = options.file.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
     let mut sup = Supervisor::start(&name, template, &config, state, canopy::plugin::system_clock())?;
+    lap("init");
 
     let mut run =
         Run { requests, subscribed: HashSet::new(), replaying: HashSet::new(), acks: 0, progress: Progress::default() };
     run.settle(&mut sup, &mut events, true, &progress)?;
+    lap("settle");
     let answer = sup.command(&options.args)?;
+    lap("command");
     run.settle(&mut sup, &mut events, false, &progress)?;
+    lap("publish");
     Ok(ToolOutcome {
         answer,
         chunks_in: run.progress.chunks_in,

@@ -36,6 +36,12 @@ struct Cli {
     /// The member plugin [default: `<target>/wasm32-wasip2/plugin/member.wasm`].
     #[arg(long)]
     plugin: Option<PathBuf>,
+    /// Adds into teams of at least this size compile the plugin afresh instead of taking it
+    /// from the compile cache, so that `perf` (with `CANOPY_WASM_PROFILE=perfmap`) can name
+    /// the plugin's functions: a cached module is mapped from its file, which perf cannot
+    /// symbolize. Their timings then include the compile (about a second).
+    #[arg(long)]
+    compile_from: Option<usize>,
 }
 
 fn plugin_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -56,6 +62,8 @@ fn org() -> Org {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // RUST_LOG=canopy_sdk::tool=debug shows where each tool run's time goes.
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
     let wasm = plugin_path(cli.plugin)?;
     let largest = cli.teams.iter().max().copied().context("--teams is empty")? + cli.rounds;
     let tmp = tempfile::tempdir()?;
@@ -72,16 +80,16 @@ async fn main() -> anyhow::Result<()> {
     let key = hex(&Key::random().to_bytes());
     let state = tmp.path().join("member-state");
     let cache = tmp.path().join("plugin-cache");
-    let run = |args: Vec<String>| {
+    let run = |args: Vec<String>, cached: bool| {
         let mut options = ToolOptions::new(&wasm, args);
         options.config = canopy_msg_core::committer::config::base("example.com", 7, &key);
         options.state = Some(state.clone());
-        options.cache_dir = Some(cache.clone());
+        options.cache_dir = cached.then(|| cache.clone());
         options.timeout = Duration::from_secs(600);
         options
     };
-    let admin = |args: &[&str]| {
-        let options = run(args.iter().map(|s| s.to_string()).collect());
+    let admin = |args: &[&str], cached: bool| {
+        let options = run(args.iter().map(|s| s.to_string()).collect(), cached);
         let client = &client;
         async move {
             let outcome = tool::run(client, options, |_| {}).await?;
@@ -93,9 +101,9 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let t = Instant::now();
-    admin(&["org", "init"]).await?;
+    admin(&["org", "init"], true).await?;
     println!("org init (first run compiles the plugin): {:.1} s", t.elapsed().as_secs_f64());
-    admin(&["team", "create", "bench"]).await?;
+    admin(&["team", "create", "bench"], true).await?;
 
     let progress = indicatif::ProgressBar::new(largest as u64 - 1);
     progress.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} adds, {elapsed} (eta {eta})")?);
@@ -109,7 +117,8 @@ async fn main() -> anyhow::Result<()> {
             client.publish(Chunk::new(o.name, o.expiry_ms, o.data)?).await?;
         }
         let t = Instant::now();
-        let id = admin(&["team", "add", "bench", &hex(&hkp)]).await?;
+        let cached = cli.compile_from.is_none_or(|from| size < from);
+        let id = admin(&["team", "add", "bench", &hex(&hkp)], cached).await?;
         let took = t.elapsed();
         if id != size.to_string() {
             bail!("the add into a team of {size} gave device id {id}");

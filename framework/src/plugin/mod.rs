@@ -102,6 +102,17 @@ pub enum Effect {
 /// A clock in unix milliseconds.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
+/// X25519 (RFC 7748) as the host offers it to Wasm plugins (`x25519` in the WIT):
+/// `scalar`, clamped, times `point`, or times the base point (by its precomputed table) when
+/// `point` is `None`.
+pub fn x25519(scalar: &[u8; 32], point: Option<&[u8; 32]>) -> [u8; 32] {
+    let secret = x25519_dalek::StaticSecret::from(*scalar);
+    match point {
+        Some(p) => *secret.diffie_hellman(&x25519_dalek::PublicKey::from(*p)).as_bytes(),
+        None => *x25519_dalek::PublicKey::from(&secret).as_bytes(),
+    }
+}
+
 /// The system clock.
 pub fn system_clock() -> Clock {
     Arc::new(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))

@@ -306,6 +306,15 @@ impl host::Host for HostState {
     fn log(&mut self, level: host::Level, message: String) {
         self.core.log(level as u8, &message)
     }
+
+    fn x25519(&mut self, scalar: Vec<u8>, point: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let scalar: [u8; 32] = scalar.try_into().ok()?;
+        let point: Option<[u8; 32]> = match point {
+            Some(p) => Some(p.try_into().ok()?),
+            None => None,
+        };
+        Some(crate::plugin::x25519(&scalar, point.as_ref()).to_vec())
+    }
 }
 
 struct WasmInstance {

@@ -133,6 +133,9 @@ impl Plugin for Member {
         })?;
         let lifetimes = lifetimes(&config)?;
         let key = state_key(&config)?;
+        // HPKE's X25519 from the host, natively compiled: sealing a commit's path secrets to
+        // every member of a large team is most of an add's time in Wasm (docs/performance.md).
+        canopy_msg_core::crypto::use_x25519(canopy_plugin::x25519);
         let committer = Committer::open(key.clone(), SplitBackend::new(PluginKv), org).map_err(error)?;
         let now = canopy_plugin::now_ms();
         let again: Vec<Outgoing> = committer.republish().into_iter().filter(|o| o.expiry_ms > now).collect();

@@ -4,7 +4,7 @@
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
-use openmls_rust_crypto::OpenMlsRustCrypto;
+use crate::crypto::Provider;
 use std::collections::HashMap;
 
 use crate::identity::{self, Binding, BindingError, UserId};
@@ -251,7 +251,7 @@ pub fn record_of(group: &MlsGroup) -> Result<TeamRecord, MlsError> {
 
 /// The MLS state of one device (or of the committer), sealed at rest.
 pub struct Engine<B: Backend> {
-    pub(crate) provider: OpenMlsRustCrypto,
+    pub(crate) provider: Provider,
     pub(crate) vault: Vault<B>,
     pub(crate) signer: SignatureKeyPair,
     pub(crate) credential: CredentialWithKey,
@@ -273,7 +273,7 @@ impl<B: Backend> Engine<B> {
     /// `label` on first use. Returns the application records too.
     pub fn open(key: Key, backend: B, label: &str) -> Result<(Engine<B>, Contents), MlsError> {
         let (mut vault, contents) = Vault::open(key, backend)?;
-        let provider = OpenMlsRustCrypto::default();
+        let provider = Provider::default();
         provider.storage().values.write().expect("openmls storage lock").extend(contents.mls.iter().map(|(k, v)| (k.clone(), v.clone())));
         let scheme = CIPHERSUITE.signature_algorithm();
         let signer = match contents.app.get(IDENTITY) {

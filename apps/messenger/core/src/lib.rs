@@ -22,6 +22,7 @@ pub mod backup;
 pub mod chats;
 pub mod committer;
 pub mod contacts;
+pub mod crypto;
 pub mod conv;
 pub mod device;
 pub mod engine;
