@@ -161,11 +161,28 @@ enum Peer {
     Parent,
 }
 
-/// A downstream subscription.
+/// A downstream subscription. Kept small, since a relay holds one per subscription of every
+/// client (`sub-memory` in `benches/` counts it): what only a subscription with work in hand
+/// needs (a replay, a backlog) is boxed apart, and most subscriptions, idle between live
+/// chunks, have none.
 struct Sub {
-    filter: Filter,
+    /// The filter's name as two words: a `u128` field would align the whole map entry to 16
+    /// bytes and make it half as large again.
+    name: [u64; 2],
+    /// The filter's prefix length.
+    len: u8,
     /// Whether it stays for live chunks after the replay (not for `CachedOnly`).
     live: bool,
+    /// Deliveries the subscriber has room for (grants add up, saturating: a subscriber with
+    /// four billion deliveries of room has no limit in practice).
+    credit: u32,
+    /// Its replay and backlog, while it has either (or a `ReplayDone` still to send).
+    work: Option<Box<Work>>,
+}
+
+/// What a subscription has to send besides live chunks as they arrive.
+#[derive(Default)]
+struct Work {
     /// Cached chunks still to send, if the replay is not done.
     replay: Option<Replay>,
     /// Live chunks waiting to be sent, oldest first: during the replay, those at names it has
@@ -174,14 +191,36 @@ struct Sub {
     /// Once the replay has finished: how many backlog chunks (held during the replay) go
     /// before `ReplayDone`.
     done_after: Option<usize>,
-    /// Deliveries the subscriber has room for.
-    credit: u64,
+}
+
+impl Work {
+    fn is_empty(&self) -> bool {
+        self.replay.is_none() && self.backlog.is_empty() && self.done_after.is_none()
+    }
 }
 
 impl Sub {
+    fn new(filter: Filter, live: bool, credit: u32, work: Option<Box<Work>>) -> Sub {
+        let name = filter.name().to_u128();
+        Sub { name: [(name >> 64) as u64, name as u64], len: filter.prefix_len(), live, credit, work }
+    }
+
+    fn filter(&self) -> Filter {
+        let name = (u128::from(self.name[0]) << 64) | u128::from(self.name[1]);
+        Filter::new(Name::new(name), self.len).expect("kept from a valid filter")
+    }
+
     /// Whether it has anything to send besides live chunks arriving.
     fn busy(&self) -> bool {
-        self.replay.is_some() || !self.backlog.is_empty() || self.done_after.is_some()
+        self.work.is_some()
+    }
+
+    fn replay(&self) -> Option<&Replay> {
+        self.work.as_ref().and_then(|w| w.replay.as_ref())
+    }
+
+    fn backlog_len(&self) -> usize {
+        self.work.as_ref().map_or(0, |w| w.backlog.len())
     }
 }
 
@@ -273,6 +312,8 @@ pub struct Node<S> {
     now: u64,
     /// Links whose queue crossed half its bound since [`Node::take_urgent`] was last called.
     urgent: Vec<LinkId>,
+    /// The subscriptions a chunk is delivered to, kept between chunks (see `deliver`).
+    targets: Vec<(LinkId, u64)>,
 }
 
 impl<S: Store> Node<S> {
@@ -291,6 +332,7 @@ impl<S: Store> Node<S> {
             has_parent,
             now: 0,
             urgent: Vec::new(),
+            targets: Vec::new(),
         }
     }
 
@@ -419,7 +461,7 @@ impl<S: Store> Node<S> {
     pub fn link_usage(&self, link: LinkId) -> Option<LinkUsage> {
         let l = self.links.get(&link)?;
         let deliveries = l.queue.iter().filter(|f| matches!(f, Frame::Deliver { .. })).count();
-        let backlogs = l.subs.values().map(|s| s.backlog.len());
+        let backlogs = l.subs.values().map(Sub::backlog_len);
         Some(LinkUsage {
             queued: l.queue.len(),
             deliveries,
@@ -484,9 +526,22 @@ impl<S: Store> Node<S> {
         Ok(())
     }
 
-    /// Periodic work: evicts expired chunks (counted in the store's stats).
+    /// Periodic work: evicts expired chunks (counted in the store's stats), and gives back
+    /// the buffers of links that are idle now. A link's queue grows with a burst (a client's
+    /// subscriptions all answering `ReplayDone` at once, a flood of deliveries) and would keep
+    /// that buffer for good; found empty on a tick, it gives it back. Doing it here, not whenever a
+    /// queue empties, spares a busy link a reallocation per burst.
     pub fn tick(&mut self, now: u64) -> Result<(), StoreError> {
         self.now = self.now.max(now);
+        for l in self.links.values_mut() {
+            if l.queue.is_empty() && l.queue.capacity() > 0 {
+                l.queue.shrink_to_fit();
+            }
+            // A link that dropped most of its subscriptions.
+            if l.subs.capacity() > 4 * l.subs.len().max(8) {
+                l.subs.shrink_to_fit();
+            }
+        }
         self.store.evict_expired(now)?;
         Ok(())
     }
@@ -612,7 +667,8 @@ impl<S: Store> Node<S> {
         };
         let live = mode != ReplayMode::CachedOnly;
         let live_only = replay.is_none();
-        let sub = Sub { filter, live, replay, backlog: VecDeque::new(), done_after: None, credit: credit.into() };
+        let work = replay.map(|replay| Box::new(Work { replay: Some(replay), ..Work::default() }));
+        let sub = Sub::new(filter, live, credit, work);
         let l = self.links.get_mut(&link).expect("link exists");
         l.subs.insert(id, sub);
         if live_only {
@@ -631,7 +687,7 @@ impl<S: Store> Node<S> {
         let Some(l) = self.links.get_mut(&link) else { return };
         // An unknown id is a subscription that ended while the credit was in flight.
         let Some(sub) = l.subs.get_mut(&id) else { return };
-        sub.credit = sub.credit.saturating_add(credit.into());
+        sub.credit = sub.credit.saturating_add(credit);
         if l.busy.contains(&id) {
             self.pump_sub(link, id, usize::MAX);
         }
@@ -648,9 +704,10 @@ impl<S: Store> Node<S> {
 
     /// Forgets a subscription already taken out of its link.
     fn drop_sub(&mut self, link: LinkId, id: u64, sub: &Sub) {
-        self.table.remove(sub.filter, (link, id));
+        let filter = sub.filter();
+        self.table.remove(filter, (link, id));
         if sub.live {
-            self.unwant(sub.filter);
+            self.unwant(filter);
         }
     }
 
@@ -725,17 +782,19 @@ impl<S: Store> Node<S> {
 
     /// Queues a newly stored chunk to every covering subscription not on `except`.
     fn deliver(&mut self, chunk: &Chunk, except: Option<LinkId>) {
-        let mut targets = Vec::new();
+        // The targets' list is kept between chunks: no allocation per chunk.
+        let mut targets = std::mem::take(&mut self.targets);
+        targets.clear();
         self.table.for_each_match(chunk.name(), |(link, id)| {
             if Some(link) != except {
                 targets.push((link, id));
             }
         });
         let (max_queue, max_backlog) = (self.config.max_queue, self.config.max_backlog);
-        for (link, id) in targets {
+        for &(link, id) in &targets {
             let Some(l) = self.links.get_mut(&link) else { continue };
             let Some(sub) = l.subs.get_mut(&id) else { continue };
-            match &sub.replay {
+            match sub.replay() {
                 // The replay has not reached this name yet: it will send the chunk from the
                 // store, in order.
                 Some(Replay::From(next)) if chunk.name() >= *next => continue,
@@ -751,13 +810,14 @@ impl<S: Store> Node<S> {
                 if l.queue.len() == max_queue.div_ceil(2) {
                     self.urgent.push(link);
                 }
-            } else if sub.backlog.len() < max_backlog {
-                sub.backlog.push_back(chunk.clone());
+            } else if sub.backlog_len() < max_backlog {
+                sub.work.get_or_insert_with(Box::default).backlog.push_back(chunk.clone());
                 l.busy.insert(id);
             } else {
                 self.slow_consumer(link, id);
             }
         }
+        self.targets = targets;
     }
 
     fn slow_consumer(&mut self, link: LinkId, id: u64) {
@@ -768,8 +828,8 @@ impl<S: Store> Node<S> {
         self.metrics.slow_consumers += 1;
         let msg = format!(
             "subscription {id} to {} fell {} chunks behind and was ended; resubscribe to recover from the cache",
-            sub.filter,
-            sub.backlog.len()
+            sub.filter(),
+            sub.backlog_len()
         );
         self.error(link, Some(id), ErrorCode::SlowConsumer, &msg);
     }
@@ -812,12 +872,17 @@ impl<S: Store> Node<S> {
         let (max_queue, now) = (self.config.max_queue, self.now);
         let Some(l) = self.links.get_mut(&link) else { return };
         let Some(sub) = l.subs.get_mut(&id) else { return };
+        let filter = sub.filter();
+        let Some(work) = sub.work.as_deref_mut() else {
+            l.busy.remove(&id);
+            return;
+        };
         let room = |queued: usize, credit: u64, quota: usize| {
             max_queue.saturating_sub(queued).min(usize::try_from(credit).unwrap_or(usize::MAX)).min(quota)
         };
         let mut sent = 0usize;
-        let replay_room = room(l.queue.len(), sub.credit, quota);
-        if let Some(replay) = &mut sub.replay {
+        let replay_room = room(l.queue.len(), sub.credit.into(), quota);
+        if let Some(replay) = &mut work.replay {
             let room = replay_room;
             let finished = match replay {
                 Replay::List(list) => {
@@ -832,7 +897,7 @@ impl<S: Store> Node<S> {
                     list.is_empty()
                 }
                 Replay::From(next) => {
-                    let (_, end) = sub.filter.range();
+                    let (_, end) = filter.range();
                     // Without room, still look one chunk ahead: an exhausted range finishes
                     // the replay (and sends `ReplayDone`) even with no credit.
                     let want = room.max(1);
@@ -862,28 +927,28 @@ impl<S: Store> Node<S> {
                     finished
                 }
             };
-            sub.credit -= sent as u64;
+            sub.credit -= u32::try_from(sent).expect("at most the credit");
             if !finished {
                 self.metrics.chunks_out += sent as u64;
                 return;
             }
             // The chunks held during the replay go next, in name order, then `ReplayDone`.
-            sub.replay = None;
-            sub.backlog.make_contiguous().sort_by_key(Chunk::name);
-            sub.done_after = Some(sub.backlog.len());
+            work.replay = None;
+            work.backlog.make_contiguous().sort_by_key(Chunk::name);
+            work.done_after = Some(work.backlog.len());
         }
-        let room = room(l.queue.len(), sub.credit, quota.saturating_sub(sent));
-        let take = room.min(sub.backlog.len());
-        for chunk in sub.backlog.drain(..take) {
+        let room = room(l.queue.len(), sub.credit.into(), quota.saturating_sub(sent));
+        let take = room.min(work.backlog.len());
+        for chunk in work.backlog.drain(..take) {
             l.queue.push_back(Frame::Deliver { id, chunk });
         }
-        sub.credit -= take as u64;
+        sub.credit -= u32::try_from(take).expect("at most the credit");
         sent += take;
         self.metrics.chunks_out += sent as u64;
-        if let Some(held) = &mut sub.done_after {
+        if let Some(held) = &mut work.done_after {
             *held = held.saturating_sub(take);
             if *held == 0 {
-                sub.done_after = None;
+                work.done_after = None;
                 l.queue.push_back(Frame::ReplayDone { id });
                 if !sub.live {
                     l.busy.remove(&id);
@@ -892,7 +957,8 @@ impl<S: Store> Node<S> {
                 }
             }
         }
-        if !sub.busy() {
+        if work.is_empty() {
+            sub.work = None;
             l.busy.remove(&id);
         }
     }
@@ -1330,6 +1396,62 @@ mod tests {
         assert!(node.metrics().slow_consumers > 0, "some subscriptions overflowed");
         assert_eq!(footprint(&node), baseline, "links, subs, busy, table, table heap, wanted, subscribed, by_id, inflight, unacked, events");
         assert_eq!(node.links[&2].queue.len(), 0);
+    }
+
+    /// A relay holds one entry per subscription of every client: what only a subscription
+    /// with work in hand needs is boxed apart, and the filter is kept unaligned.
+    #[test]
+    fn a_subscription_entry_stays_small() {
+        assert!(std::mem::size_of::<(u64, Sub)>() <= 40, "{} bytes", std::mem::size_of::<(u64, Sub)>());
+    }
+
+    /// Subscriptions keep working through the box their replay and backlog live in: a
+    /// subscription without credit holds chunks in its backlog, and takes them once credit
+    /// comes; then it is idle (no box) again. An idle link gives back its queue's buffer on a
+    /// tick.
+    #[test]
+    fn backlogs_come_and_go_and_an_idle_link_gives_its_buffer_back_on_a_tick() {
+        let mut node = child_with_client(NodeConfig::new(RelayId(1)));
+        // The publisher: a second client (a link gets nothing it published itself).
+        node.accept(3);
+        node.handle(3, Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: None }, 0);
+        node.drain(3, usize::MAX, 0);
+        let filter = Filter::new(Name::new(TEN), 8).unwrap();
+        node.handle(2, Frame::Subscribe { id: 7, filter, mode: ReplayMode::LiveOnly, credit: 0 }, 0);
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![Frame::ReplayDone { id: 7 }]);
+        for i in 0..3 {
+            node.handle(3, Frame::Publish { seq: i, chunk: chunk(TEN + u128::from(i)) }, 0);
+        }
+        node.flush().unwrap();
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![], "no credit: held");
+        assert_eq!(node.link_usage(2).unwrap().backlog, 3);
+        assert!(node.links[&2].subs[&7].busy());
+        node.handle(2, Frame::Credit { id: 7, credit: 10 }, 0);
+        let names: Vec<u128> = node
+            .drain(2, usize::MAX, 0)
+            .into_iter()
+            .map(|f| match f {
+                Frame::Deliver { id: 7, chunk } => chunk.name().to_u128(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(names, vec![TEN, TEN + 1, TEN + 2]);
+        let sub = &node.links[&2].subs[&7];
+        assert!(!sub.busy() && sub.credit == 7 && sub.filter() == filter);
+
+        // A burst of 300 `ReplayDone`s grows the queue; drained, it keeps its buffer until a
+        // tick gives it back.
+        for id in 100..400 {
+            node.handle(2, Frame::Subscribe { id, filter, mode: ReplayMode::LiveOnly, credit: 1 }, 0);
+        }
+        assert_eq!(node.drain(2, usize::MAX, 0).len(), 300);
+        assert!(node.links[&2].queue.capacity() >= 300);
+        node.tick(0).unwrap();
+        assert_eq!(node.links[&2].queue.capacity(), 0);
+        // And works on as before.
+        node.handle(3, Frame::Publish { seq: 9, chunk: chunk(TEN + 9) }, 0);
+        node.flush().unwrap();
+        assert_eq!(node.drain(2, usize::MAX, 0).len(), 301, "a delivery to each of the 301 subscriptions");
     }
 
     #[test]

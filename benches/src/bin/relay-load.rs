@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use canopy::SubscriptionTable;
-use canopy_benches::memory::resident_bytes;
+use canopy_benches::memory::{Counting, resident_bytes, subscription_cost};
 use canopy_sdk::{Chunk, Client, ConnectOptions, Filter, Name, ReplayMode, SubEvent, Subscription, Trust, now_ms};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::SmallRng;
@@ -418,6 +418,10 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// Counts heap bytes, for the routing core's cost per subscription printed first.
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse()?;
@@ -446,6 +450,13 @@ async fn main() -> anyhow::Result<()> {
         args.seconds,
         args.payload,
         args.seed
+    );
+    // The routing core's heap per subscription, counted by the allocator for the same number
+    // of links and subscriptions (`sub-memory`); the relay process's resident set follows.
+    let cost = subscription_cost(args.connections as u64, args.subs_per_connection as u64, args.seed);
+    println!(
+        "routing core heap  {:.1} B per subscription in {:.2} blocks (counted, `sub-memory`); the subscription table alone {:.1} B",
+        cost.node_bytes, cost.node_blocks, cost.table_bytes
     );
     let t = Instant::now();
     let work = workload(&args);
