@@ -1,41 +1,90 @@
-//! Messaging throughput and latency, side by side: Canopy's relay against nats-server and
-//! mosquitto, all with TLS, all driven by Rust clients from this one process.
+//! Messaging throughput and latency, side by side: Canopy's relay against nats-server (core
+//! and JetStream) and mosquitto, all with TLS, all driven by Rust clients from this one
+//! process.
 //!
 //! ```text
 //! bash scripts/install-peers.sh && cargo run --release -p canopy-benches --bin pubsub-bench
 //! cargo run --release -p canopy-benches --bin pubsub-bench -- --smoke   # Canopy only, 200 chunks
+//! cargo run --release -p canopy-benches --bin pubsub-bench -- --mtu 1500 # lo at a 1,500-byte MTU
 //! ```
 //!
-//! For each system and each fan-out (1 and 10 subscribers) a fresh server process is started
-//! on a free loopback port; one publisher and N subscribers connect (each its own
-//! connection), subscribe and wait until the server has confirmed the subscription. The
-//! publisher sends a warm-up (`--warmup`, not measured), waits until every subscriber has
-//! it, then sends `--messages` payloads of 1 KiB. Each payload carries its sequence number and
-//! its send time (ns since an `Instant` shared by every client), so each subscriber measures
-//! publish→receive latency. Systems and semantics:
+//! **Cases.** `P→S`: P publishers and S subscribers, each its own connection. The default
+//! cases are 1→1, 1→10, 10→10 and 1→100 (`--cases 1x1,1x10,10x10,1x100`). The payloads of a
+//! pass are split between the publishers (each of 10 sends a tenth, a disjoint range of
+//! sequence numbers: for Canopy disjoint names under one `/8`, for NATS and MQTT the same
+//! subject or topic), and every subscriber must receive every payload of every publisher
+//! exactly once; what does not arrive is counted as missing, a repeat as an error.
 //!
-//! - `canopy-memory`, `canopy-fjall`: the `canopy-relay` binary with `--store memory` or the
-//!   default durable fjall store. `Client::publish` resolves on the relay's `Ack`, which for
-//!   fjall comes after the batch's fsync; at most `--window` (256) publishes are outstanding.
-//!   The relay's per-subscriber queue bound `max_queue` is raised from its default of 1024
-//!   frames to 65 536 (`--relay-max-queue`), about nats-server's 64 MiB per-connection
-//!   pending limit in 1 KiB messages: none of the three pushes back from subscribers to the
-//!   publisher, and with 1024 a subscriber that falls 1024 chunks behind a full-speed
-//!   publisher is ended as a slow consumer.
+//! **Runs.** For each system and case a fresh server process is started on a free loopback
+//! port; the subscribers connect, subscribe and wait until the server has confirmed the
+//! subscription; the publishers connect. The publishers send a warm-up (`--warmup`, not
+//! measured), the bench waits until every subscriber has it, then they send `--messages`
+//! payloads of 1 KiB as fast as their system lets them (throughput pass), then, on a fresh
+//! server, `--paced-messages` at `--paced-rate` per second in total (paced pass; with 10
+//! publishers each sends every 10th slot of the one schedule, so the total rate stays the
+//! same and evenly spaced). Each payload carries its sequence number and its send time (ns
+//! since an `Instant` shared by every client), so each subscriber measures publish→receive
+//! latency. Each round runs every system once per case and pass, round-robin (the starting
+//! system rotates from round to round), so drift in the machine's speed cannot bias a ratio;
+//! the tables show the median of each figure over the rounds.
+//!
+//! **Systems and semantics.** `--window` (256) is per publisher.
+//!
+//! - `canopy-memory`, `canopy-fjall`, `canopy-fjall-interval`: the `canopy-relay` binary with
+//!   `--store memory`, the default durable fjall store, or fjall with `--sync-interval-ms 200`
+//!   (`--sync-interval-ms` here). `Client::publish` resolves on the relay's `Ack`; at most
+//!   `--window` publishes are outstanding. With `canopy-fjall` the `Ack` comes after the fsync
+//!   that covers the chunk's batch (fsync per batch, the stronger guarantee); with
+//!   `canopy-fjall-interval` it comes once the chunk is written, and the store is fsynced
+//!   every 200 ms. A relay without `--sync-interval-ms` is detected before the runs: that
+//!   system is then skipped with a message and the bench fails at the end (`--smoke` only
+//!   notes it). The relay's per-subscriber queue bound `max_queue` is raised from its default
+//!   of 1024 frames to 65 536 (`--relay-max-queue`), about nats-server's 64 MiB
+//!   per-connection pending limit in 1 KiB messages: none of the systems pushes back from
+//!   subscribers to the publisher, and with 1024 a subscriber that falls 1024 chunks behind a
+//!   full-speed publisher is ended as a slow consumer.
 //! - `nats`: nats-server core publish, fire and forget (the client's buffer is the only
 //!   back-pressure), one `flush` (PING/PONG) at the end.
 //! - `nats-flush`: the same with a `flush` after every `--window` publishes: the publisher
 //!   knows the server has processed each batch before sending the next.
+//! - `jetstream`: nats-server started with `-js` (`jetstream { store_dir }` in a temporary
+//!   directory on the same disk as the relay's data). Before the subscribers connect, the
+//!   bench creates one stream with file storage on the bench subject (every other setting
+//!   default; `max_msgs` and `max_bytes` unlimited, so nothing is refused or discarded). The
+//!   publishers use acknowledged JetStream publishes (`jetstream::Context::publish`, whose
+//!   future resolves on the stream's `PubAck`), at most `--window` acks outstanding, as
+//!   Canopy's. The subscribers are plain core NATS subscriptions on the subject: the server
+//!   delivers a message published into a stream to core subscribers as it stores it, which
+//!   is what Canopy's live delivery does (a JetStream consumer would add per-message acks and
+//!   redelivery state that neither Canopy's subscriptions nor the other peers have). At the
+//!   end the bench checks that the stream holds every payload. Debian's nats-server 2.9 acks
+//!   a JetStream publish once it has written the message to its block file, before any fsync
+//!   (2.9 has no `sync_interval`; the file store syncs on its own schedule), so the
+//!   like-for-like Canopy system is `canopy-fjall-interval`; against `canopy-fjall` JetStream
+//!   gives the weaker guarantee.
 //! - `mosquitto`: MQTT 3.1.1, publish at QoS 1 (each `PUBACK`ed by the broker, at most
 //!   `--window` in flight); subscribers subscribe at QoS 0, so delivery to them is, like
 //!   Canopy's, a reliable stream without per-message acknowledgements. `TCP_NODELAY` is on at
 //!   both ends (`set_tcp_nodelay true`), as nats-server and async-nats have it by default.
 //!
+//! **CPU per payload.** `srv` is the server process's user + system CPU time (from `/proc`)
+//! during the measured pass ÷ payloads published; `cli` the same for this process (every
+//! publisher and subscriber).
+//!
+//! **MTU.** Loopback's MTU (printed in the header) is 65 536 on Linux, far above the 1 500
+//! bytes of most real networks, and packet sizes decide how much per-packet work TCP and QUIC
+//! do. `--mtu N` re-runs the bench (the same arguments without `--mtu`) inside a network
+//! namespace it creates for the run (`ip netns add canopy-bench-PID`, `lo` set to MTU N and
+//! up), and deletes the namespace afterwards, also on failure, SIGINT or SIGTERM. Needs root
+//! (or CAP_SYS_ADMIN) and iproute2.
+//!
 //! Every server process is killed when its run ends, also on error; every phase has a
 //! timeout.
 
+use std::future::{Future, IntoFuture};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -43,54 +92,120 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
+use async_nats::jetstream;
 use bytes::{BufMut, Bytes, BytesMut};
 use canopy_sdk::{Chunk, Client, ConnectOptions, Filter, Name, ReplayMode, SubEvent, Subscription, Trust};
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{StreamExt, TryFutureExt};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::sync::{Notify, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// Size of every payload, as in the issue: 1 KiB chunks.
 const PAYLOAD: usize = 1024;
 /// NATS subject and MQTT topic.
 const SUBJECT: &str = "bench.data";
 const TOPIC: &str = "bench/data";
+/// The JetStream stream that captures `SUBJECT`.
+const STREAM: &str = "BENCH";
 /// The names Canopy publishes under (`0x0b…/8`); the sequence number is the low bits.
 const NAME_BASE: u128 = 0x0b << 120;
 /// Connecting, subscribing, starting a server.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Warm-up publish and its delivery.
 const WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
-/// After the publisher is done: the subscribers' last deliveries.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// After the publishers are done: the subscribers' last deliveries.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a JetStream publish waits for its `PubAck` (async-nats's default is 5 s).
+const JETSTREAM_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
     CanopyMemory,
     CanopyFjall,
+    CanopyFjallInterval,
     Nats,
     NatsFlush,
+    JetStream,
     Mosquitto,
 }
 
 impl System {
-    const ALL: [System; 5] =
-        [System::CanopyMemory, System::CanopyFjall, System::Nats, System::NatsFlush, System::Mosquitto];
+    const ALL: [System; 7] = [
+        System::CanopyMemory,
+        System::CanopyFjall,
+        System::CanopyFjallInterval,
+        System::Nats,
+        System::NatsFlush,
+        System::JetStream,
+        System::Mosquitto,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             System::CanopyMemory => "canopy-memory",
             System::CanopyFjall => "canopy-fjall",
+            System::CanopyFjallInterval => "canopy-fjall-interval",
             System::Nats => "nats",
             System::NatsFlush => "nats-flush",
+            System::JetStream => "jetstream",
             System::Mosquitto => "mosquitto",
         }
     }
 
+    /// When a publish counts as done, for the legend.
+    fn semantics(self, sync_interval_ms: u64) -> String {
+        match self {
+            System::CanopyMemory => "relay Ack: stored in memory and routed".into(),
+            System::CanopyFjall => "relay Ack after the fsync of the chunk's batch (fsync per batch)".into(),
+            System::CanopyFjallInterval => {
+                format!("relay Ack once written; fsync every {sync_interval_ms} ms (--sync-interval-ms)")
+            }
+            System::Nats => "core publish, fire and forget; one flush at the end".into(),
+            System::NatsFlush => "core publish, a flush (PING/PONG) after every window".into(),
+            System::JetStream => "PubAck from a file-storage stream (written, not fsynced); core subscribers".into(),
+            System::Mosquitto => "PUBACK at QoS 1; subscribers at QoS 0".into(),
+        }
+    }
+
     fn is_canopy(self) -> bool {
-        matches!(self, System::CanopyMemory | System::CanopyFjall)
+        matches!(self, System::CanopyMemory | System::CanopyFjall | System::CanopyFjallInterval)
+    }
+
+    fn is_nats(self) -> bool {
+        matches!(self, System::Nats | System::NatsFlush | System::JetStream)
+    }
+}
+
+/// Publishers → subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Case {
+    pubs: usize,
+    subs: usize,
+}
+
+impl Case {
+    const DEFAULT: [Case; 4] = [
+        Case { pubs: 1, subs: 1 },
+        Case { pubs: 1, subs: 10 },
+        Case { pubs: 10, subs: 10 },
+        Case { pubs: 1, subs: 100 },
+    ];
+
+    fn label(self) -> String {
+        format!("{}→{}", self.pubs, self.subs)
+    }
+
+    /// `PxS` (or `P→S`).
+    fn parse(s: &str) -> anyhow::Result<Case> {
+        let (p, n) = s
+            .split_once('x')
+            .or_else(|| s.split_once('→'))
+            .ok_or_else(|| anyhow!("case {s:?}: use PUBSxSUBS, e.g. 10x10"))?;
+        let case = Case { pubs: p.trim().parse()?, subs: n.trim().parse()? };
+        ensure!(case.pubs > 0 && case.subs > 0, "case {s:?}: needs at least one publisher and one subscriber");
+        Ok(case)
     }
 }
 
@@ -99,41 +214,59 @@ struct Args {
     messages: u64,
     warmup: u64,
     window: usize,
-    fanouts: Vec<usize>,
+    cases: Vec<Case>,
     systems: Vec<System>,
     relay: Option<PathBuf>,
     /// The relay's per-link queue bound (`max_queue`, frames).
     relay_max_queue: usize,
+    /// `--sync-interval-ms` of `canopy-fjall-interval`.
+    sync_interval_ms: u64,
     publish_timeout: Duration,
-    /// Payloads per second of the paced (latency) pass; 0 skips it.
+    /// Payloads per second of the paced (latency) pass, all publishers together; 0 skips it.
     paced_rate: u64,
     paced_messages: u64,
     /// Each configuration runs this many times (interleaved); the table shows medians.
     rounds: usize,
+    smoke: bool,
+    /// Run inside a fresh network namespace whose `lo` has this MTU.
+    mtu: Option<u32>,
 }
+
+const USAGE: &str = "\
+pubsub-bench [--smoke] [--messages N] [--warmup N] [--window N]
+             [--cases 1x1,1x10,10x10,1x100 (PUBSxSUBS)] [--fanout 1,10 (= --cases 1x1,1x10)]
+             [--systems canopy-memory,canopy-fjall,canopy-fjall-interval,nats,nats-flush,jetstream,mosquitto]
+             [--relay PATH-TO-canopy-relay] [--relay-max-queue FRAMES] [--sync-interval-ms MS]
+             [--publish-timeout SECS] [--paced-rate PER-SEC (0: skip)] [--paced-messages N] [--rounds N]
+             [--mtu N (run in a fresh network namespace, lo at MTU N; needs root)]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         messages: 20_000,
         warmup: 2_000,
         window: 256,
-        fanouts: vec![1, 10],
+        cases: Case::DEFAULT.to_vec(),
         systems: System::ALL.to_vec(),
         relay: None,
         relay_max_queue: 65_536,
+        sync_interval_ms: 200,
         publish_timeout: Duration::from_secs(300),
         paced_rate: 1_000,
         paced_messages: 2_000,
         rounds: 3,
+        smoke: false,
+        mtu: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| anyhow!("{flag} needs a value"));
         match flag.as_str() {
             "--smoke" => {
+                args.smoke = true;
                 args.messages = 200;
                 args.warmup = 50;
-                args.systems = vec![System::CanopyMemory, System::CanopyFjall];
+                args.cases = vec![Case { pubs: 1, subs: 1 }, Case { pubs: 10, subs: 10 }];
+                args.systems = vec![System::CanopyMemory, System::CanopyFjall, System::CanopyFjallInterval];
                 args.publish_timeout = Duration::from_secs(30);
                 args.paced_rate = 1_000;
                 args.paced_messages = 100;
@@ -142,7 +275,13 @@ fn parse_args() -> anyhow::Result<Args> {
             "--messages" => args.messages = value()?.parse()?,
             "--warmup" => args.warmup = value()?.parse()?,
             "--window" => args.window = value()?.parse()?,
-            "--fanout" => args.fanouts = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--cases" => args.cases = value()?.split(',').map(Case::parse).collect::<anyhow::Result<_>>()?,
+            "--fanout" => {
+                args.cases = value()?
+                    .split(',')
+                    .map(|n| Ok(Case { pubs: 1, subs: n.trim().parse()? }))
+                    .collect::<anyhow::Result<_>>()?
+            }
             "--systems" => {
                 args.systems = value()?
                     .split(',')
@@ -150,23 +289,20 @@ fn parse_args() -> anyhow::Result<Args> {
                         System::ALL
                             .into_iter()
                             .find(|sys| sys.label() == s)
-                            .ok_or_else(|| anyhow!("unknown system {s:?}"))
+                            .ok_or_else(|| anyhow!("unknown system {s:?} (try --help)"))
                     })
                     .collect::<anyhow::Result<_>>()?
             }
             "--relay" => args.relay = Some(value()?.into()),
             "--relay-max-queue" => args.relay_max_queue = value()?.parse()?,
+            "--sync-interval-ms" => args.sync_interval_ms = value()?.parse()?,
             "--paced-rate" => args.paced_rate = value()?.parse()?,
             "--paced-messages" => args.paced_messages = value()?.parse()?,
             "--rounds" => args.rounds = value()?.parse()?,
             "--publish-timeout" => args.publish_timeout = Duration::from_secs(value()?.parse()?),
+            "--mtu" => args.mtu = Some(value()?.parse()?),
             "-h" | "--help" => {
-                println!(
-                    "pubsub-bench [--smoke] [--messages N] [--warmup N] [--window N] [--fanout 1,10]\n\
-                     \x20            [--systems canopy-memory,canopy-fjall,nats,nats-flush,mosquitto]\n\
-                     \x20            [--relay PATH-TO-canopy-relay] [--relay-max-queue FRAMES] [--publish-timeout SECS]\n\
-                     \x20            [--paced-rate PER-SEC (0: skip)] [--paced-messages N] [--rounds N]"
-                );
+                println!("{USAGE}");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -176,7 +312,14 @@ fn parse_args() -> anyhow::Result<Args> {
         args.messages > 0 && args.window > 0 && args.rounds > 0 && args.paced_messages > 0,
         "--messages, --paced-messages, --window and --rounds must be positive"
     );
+    ensure!(!args.cases.is_empty() && !args.systems.is_empty(), "no cases or no systems to run");
+    let most_pubs = args.cases.iter().map(|c| c.pubs).max().unwrap_or(1) as u64;
+    ensure!(
+        args.messages >= most_pubs && args.paced_messages >= most_pubs,
+        "--messages and --paced-messages must give every publisher at least one payload"
+    );
     ensure!(args.window <= u16::MAX as usize, "--window must fit MQTT's 16-bit packet ids");
+    ensure!(args.mtu.is_none_or(|m| (68..=65_536).contains(&m)), "--mtu must be 68…65536");
     Ok(args)
 }
 
@@ -203,6 +346,20 @@ impl Server {
         match self.child.try_wait() {
             Ok(Some(status)) => Some(format!("{} exited ({status}); log:\n{}", self.name, self.log_tail())),
             _ => None,
+        }
+    }
+
+    /// Waits up to `within` for the process to exit; its status and log tail if it did.
+    fn exited_within(&mut self, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(why) = self.exited() {
+                return Some(why);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -259,6 +416,17 @@ fn peer_binary(name: &str) -> PathBuf {
     let on_path =
         std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|dir| dir.join(name).is_file()));
     if !on_path && sbin.is_file() { sbin } else { PathBuf::from(name) }
+}
+
+/// First line of a peer's version output (best effort, for the header).
+fn peer_version(name: &str, arg: &str) -> String {
+    match Command::new(peer_binary(name)).arg(arg).stdin(Stdio::null()).output() {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            text.lines().next().unwrap_or("").trim().to_string()
+        }
+        Err(_) => format!("{name} not found"),
+    }
 }
 
 /// User + system CPU seconds of this process (all the clients).
@@ -325,6 +493,15 @@ fn relay_binary(args: &Args) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Whether the relay's `--help` lists `flag`.
+fn relay_has_flag(relay: &Path, flag: &str) -> bool {
+    Command::new(relay)
+        .arg("--help")
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(flag))
+}
+
 struct Started {
     server: Server,
     /// `host:port` to connect to.
@@ -333,10 +510,12 @@ struct Started {
     ca_pem: String,
 }
 
-fn start_relay(relay: &Path, store: &str, max_queue: usize, dir: &Path) -> anyhow::Result<Started> {
+fn start_relay(relay: &Path, store: &str, extra: &[String], max_queue: usize, dir: &Path) -> anyhow::Result<Started> {
     let data = dir.join("relay-data");
     let mut cmd = Command::new(relay);
-    cmd.args(["--listen", "127.0.0.1:0", "--store", store, "--data"])
+    cmd.args(["--listen", "127.0.0.1:0", "--store", store])
+        .args(extra)
+        .arg("--data")
         .arg(&data)
         .env("RUST_LOG", "warn")
         .env("CANOPY_MAX_QUEUE", max_queue.to_string())
@@ -353,7 +532,11 @@ fn start_relay(relay: &Path, store: &str, max_queue: usize, dir: &Path) -> anyho
     });
     let addr = match rx.recv_timeout(SETUP_TIMEOUT) {
         Ok(addr) => addr,
-        Err(_) => bail!(server.exited().unwrap_or_else(|| "canopy-relay printed no `listening on` line".into())),
+        Err(_) => bail!(
+            server
+                .exited_within(Duration::from_secs(2))
+                .unwrap_or_else(|| "canopy-relay printed no `listening on` line".into())
+        ),
     };
     let ca_path = data.join("cert.pem");
     let ca_pem = std::fs::read_to_string(&ca_path).context("relay cert.pem")?;
@@ -377,15 +560,22 @@ fn peer_cert(dir: &Path) -> anyhow::Result<PeerCert> {
     Ok(PeerCert { cert, key, pem })
 }
 
-fn start_nats(dir: &Path, tls: &PeerCert) -> anyhow::Result<Started> {
+/// nats-server with TLS; with `jetstream`, also `-js` and a store directory under `dir`.
+fn start_nats(dir: &Path, tls: &PeerCert, jetstream: bool) -> anyhow::Result<Started> {
     let port = free_port()?;
     let conf = dir.join("nats.conf");
     let mut f = std::fs::File::create(&conf)?;
     writeln!(f, "listen: 127.0.0.1:{port}")?;
     writeln!(f, "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}", tls.cert, tls.key)?;
+    if jetstream {
+        writeln!(f, "jetstream {{\n  store_dir: {:?}\n}}", dir.join("jetstream"))?;
+    }
     drop(f);
     let mut cmd = Command::new(peer_binary("nats-server"));
     cmd.arg("-c").arg(&conf).stdout(Stdio::null());
+    if jetstream {
+        cmd.arg("-js");
+    }
     let mut server = Server::spawn("nats-server", &mut cmd, dir.join("nats.log"))?;
     server.wait_tcp(port)?;
     Ok(Started { server, addr: format!("tls://127.0.0.1:{port}"), ca_pem: tls.pem.clone() })
@@ -415,6 +605,22 @@ fn start_mosquitto(dir: &Path, tls: &PeerCert) -> anyhow::Result<Started> {
     Ok(Started { server, addr: format!("127.0.0.1:{port}"), ca_pem: tls.pem.clone() })
 }
 
+fn start_system(system: System, args: &Args, relay: Option<&Path>, dir: &Path) -> anyhow::Result<Started> {
+    let relay = || relay.context("relay binary");
+    let q = args.relay_max_queue;
+    match system {
+        System::CanopyMemory => start_relay(relay()?, "memory", &[], q, dir),
+        System::CanopyFjall => start_relay(relay()?, "fjall", &[], q, dir),
+        System::CanopyFjallInterval => {
+            let extra = ["--sync-interval-ms".to_string(), args.sync_interval_ms.to_string()];
+            start_relay(relay()?, "fjall", &extra, q, dir)
+        }
+        System::Nats | System::NatsFlush => start_nats(dir, &peer_cert(dir)?, false),
+        System::JetStream => start_nats(dir, &peer_cert(dir)?, true),
+        System::Mosquitto => start_mosquitto(dir, &peer_cert(dir)?),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Payloads and measurements
 
@@ -431,42 +637,74 @@ fn payload(seq: u64, epoch: Instant) -> Bytes {
     b.freeze()
 }
 
+/// Publisher `p` of `n`'s share of `seqs`: a contiguous, disjoint part, the parts covering
+/// `seqs`.
+fn share(seqs: &Range<u64>, p: usize, n: usize) -> Range<u64> {
+    let len = seqs.end - seqs.start;
+    let at = |i: usize| seqs.start + len * i as u64 / n as u64;
+    at(p)..at(p + 1)
+}
+
 /// What one subscriber saw.
 #[derive(Debug, Default)]
 struct Received {
-    /// Latencies of the measured (post-warm-up) deliveries, ns.
+    /// Latencies of the measured (post-warm-up) deliveries, ns, each payload once.
     latencies: Vec<u64>,
     /// Time of the last measured delivery, ns since the epoch.
     last_ns: u64,
-    /// Deliveries, warm-up included.
-    total: u64,
+    /// Payloads that arrived again.
+    duplicates: u64,
+    /// Deliveries that were no payload of this run (too short, or sequence out of range).
+    unexpected: u64,
     /// Why the subscription ended early, if it did.
     error: Option<String>,
 }
 
+/// Counts one subscriber's deliveries: every sequence number of `0..expected` once.
 struct Recorder {
     epoch: Instant,
     warmup: u64,
     expected: u64,
+    /// One bit per sequence number.
+    seen: Vec<u64>,
+    /// Distinct payloads so far, warm-up included.
+    distinct: u64,
     progress: Arc<AtomicU64>,
     got: Received,
 }
 
 impl Recorder {
+    fn new(epoch: Instant, warmup: u64, expected: u64, progress: Arc<AtomicU64>) -> Recorder {
+        let seen = vec![0; expected.div_ceil(64) as usize];
+        Recorder { epoch, warmup, expected, seen, distinct: 0, progress, got: Received::default() }
+    }
+
     /// Records one delivery; true once every expected payload has arrived.
     fn on(&mut self, data: &[u8]) -> bool {
         let now = now_ns(self.epoch);
-        if data.len() >= 16 {
-            let seq = u64::from_le_bytes(data[0..8].try_into().expect("8 bytes"));
-            let sent = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
-            if seq >= self.warmup {
-                self.got.latencies.push(now.saturating_sub(sent));
-                self.got.last_ns = now;
-            }
+        let (Some(seq), Some(sent)) = (data.get(0..8), data.get(8..16)) else {
+            self.got.unexpected += 1;
+            return false;
+        };
+        let seq = u64::from_le_bytes(seq.try_into().expect("8 bytes"));
+        let sent = u64::from_le_bytes(sent.try_into().expect("8 bytes"));
+        if seq >= self.expected {
+            self.got.unexpected += 1;
+            return false;
         }
-        self.got.total += 1;
-        self.progress.store(self.got.total, Ordering::Release);
-        self.got.total >= self.expected
+        let (word, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
+        if self.seen[word] & bit != 0 {
+            self.got.duplicates += 1;
+            return false;
+        }
+        self.seen[word] |= bit;
+        self.distinct += 1;
+        if seq >= self.warmup {
+            self.got.latencies.push(now.saturating_sub(sent));
+            self.got.last_ns = now;
+        }
+        self.progress.store(self.distinct, Ordering::Release);
+        self.distinct >= self.expected
     }
 }
 
@@ -499,6 +737,24 @@ async fn nats_client(s: &Started) -> anyhow::Result<async_nats::Client> {
         .await?)
 }
 
+/// Creates the stream that captures `SUBJECT`: file storage, nothing refused or discarded.
+/// Returns the context for checking the stream at the end.
+async fn jetstream_setup(s: &Started) -> anyhow::Result<jetstream::Context> {
+    let context = jetstream::new(nats_client(s).await?);
+    context
+        .create_stream(jetstream::stream::Config {
+            name: STREAM.into(),
+            subjects: vec![SUBJECT.into()],
+            storage: jetstream::stream::StorageType::File,
+            max_messages: -1,
+            max_bytes: -1,
+            ..Default::default()
+        })
+        .await
+        .context("creating the JetStream stream")?;
+    Ok(context)
+}
+
 fn mqtt_client(s: &Started, id: String, inflight: u16) -> anyhow::Result<(rumqttc::AsyncClient, rumqttc::EventLoop)> {
     let (host, port) = s.addr.rsplit_once(':').context("mqtt address")?;
     let mut opts = rumqttc::MqttOptions::new(id, host, port.parse()?);
@@ -526,7 +782,7 @@ enum Sub {
 
 async fn subscriber(system: System, s: &Started, index: usize) -> anyhow::Result<Sub> {
     match system {
-        System::CanopyMemory | System::CanopyFjall => {
+        System::CanopyMemory | System::CanopyFjall | System::CanopyFjallInterval => {
             let client = canopy_client(s).await?;
             let filter = Filter::new(Name::new(NAME_BASE), 8)?;
             let mut sub = client.subscribe(filter, ReplayMode::LiveOnly).await?;
@@ -535,7 +791,8 @@ async fn subscriber(system: System, s: &Started, index: usize) -> anyhow::Result
                 other => bail!("canopy subscription not confirmed: {other:?}"),
             }
         }
-        System::Nats | System::NatsFlush => {
+        // JetStream too: a core subscription on the stream's subject (see the module doc).
+        System::Nats | System::NatsFlush | System::JetStream => {
             let client = nats_client(s).await?;
             let sub = client.subscribe(SUBJECT).await?;
             client.flush().await?; // the server has processed the SUB
@@ -593,21 +850,95 @@ async fn receive(sub: Sub, mut rec: Recorder, mut stop: watch::Receiver<bool>) -
     rec.got
 }
 
-/// The publishing side of one system.
+/// The paced schedule: payload `i` of a publisher's range is due at
+/// `start + (i × stride + phase) / rate`, so `stride` publishers with phases `0..stride`
+/// together send at `rate`, evenly spaced.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    start: tokio::time::Instant,
+    rate: u64,
+    stride: u64,
+    phase: u64,
+}
+
+impl Pace {
+    fn due(self, i: u64) -> tokio::time::Instant {
+        self.start
+            + Duration::from_nanos((i * self.stride + self.phase).saturating_mul(1_000_000_000) / self.rate.max(1))
+    }
+}
+
+/// Sends `seqs` with at most `window` unacknowledged: `send` hands the payload to the client
+/// and returns the future of its acknowledgement. Keeps the outstanding acks moving while
+/// waiting for a paced slot.
+async fn windowed<S, SF, A>(seqs: Range<u64>, window: usize, pace: Option<Pace>, mut send: S) -> anyhow::Result<()>
+where
+    S: FnMut(u64) -> SF,
+    SF: Future<Output = anyhow::Result<A>>,
+    A: Future<Output = anyhow::Result<()>>,
+{
+    let first = seqs.start;
+    let mut inflight = FuturesUnordered::new();
+    for seq in seqs {
+        if inflight.len() >= window {
+            inflight.next().await.expect("non-empty")?;
+        }
+        if let Some(pace) = pace {
+            let sleep = tokio::time::sleep_until(pace.due(seq - first));
+            tokio::pin!(sleep);
+            while !inflight.is_empty() {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    answer = inflight.next() => answer.expect("non-empty")?,
+                }
+            }
+            sleep.await;
+        }
+        // Not `inflight.push(send(seq).await?)`: `push` takes `&self`, and a `&FuturesUnordered`
+        // held across the await would make this future `Send` only for `Sync` ack futures.
+        let ack = send(seq).await?;
+        inflight.push(ack);
+    }
+    while let Some(answer) = inflight.next().await {
+        answer?;
+    }
+    Ok(())
+}
+
+/// The publishing side of one system (one connection).
 enum Publisher {
     Canopy(Client),
-    Nats { client: async_nats::Client, flush_every: Option<u64> },
-    Mqtt { client: rumqttc::AsyncClient, acks: Arc<AtomicU64>, acked: Arc<Notify>, driver: JoinHandle<()> },
+    Nats {
+        client: async_nats::Client,
+        flush_every: Option<u64>,
+    },
+    JetStream(jetstream::Context),
+    Mqtt {
+        client: rumqttc::AsyncClient,
+        /// PUBACKs received (`u64::MAX`: the connection failed).
+        acks: Arc<AtomicU64>,
+        acked: Arc<Notify>,
+        /// Payloads handed to the client.
+        sent: AtomicU64,
+        driver: JoinHandle<()>,
+    },
 }
 
 impl Publisher {
-    async fn connect(system: System, s: &Started, window: usize) -> anyhow::Result<Publisher> {
+    async fn connect(system: System, s: &Started, window: usize, index: usize) -> anyhow::Result<Publisher> {
         Ok(match system {
-            System::CanopyMemory | System::CanopyFjall => Publisher::Canopy(canopy_client(s).await?),
+            System::CanopyMemory | System::CanopyFjall | System::CanopyFjallInterval => {
+                Publisher::Canopy(canopy_client(s).await?)
+            }
             System::Nats => Publisher::Nats { client: nats_client(s).await?, flush_every: None },
             System::NatsFlush => Publisher::Nats { client: nats_client(s).await?, flush_every: Some(window as u64) },
+            System::JetStream => Publisher::JetStream(
+                // The window is the bench's (`windowed`); the context's own limit (5 000
+                // unacked by default) is never reached.
+                jetstream::ContextBuilder::new().timeout(JETSTREAM_ACK_TIMEOUT).build(nats_client(s).await?),
+            ),
             System::Mosquitto => {
-                let (client, mut events) = mqtt_client(s, "bench-pub".into(), window as u16)?;
+                let (client, mut events) = mqtt_client(s, format!("bench-pub-{index}"), window as u16)?;
                 let acks = Arc::new(AtomicU64::new(0));
                 let acked = Arc::new(Notify::new());
                 let (a, n) = (acks.clone(), acked.clone());
@@ -636,66 +967,47 @@ impl Publisher {
                     }
                 });
                 tokio::time::timeout(SETUP_TIMEOUT, up_rx).await.context("mqtt connack")?.context("mqtt connack")?;
-                Publisher::Mqtt { client, acks, acked, driver }
+                Publisher::Mqtt { client, acks, acked, sent: AtomicU64::new(0), driver }
             }
         })
     }
 
     /// Publishes `seqs` and returns once they are acknowledged (acked systems) or flushed.
-    /// With `rate`, payload `i` of the range is sent no earlier than `i / rate` after the start.
-    async fn publish(
-        &self,
-        seqs: std::ops::Range<u64>,
-        epoch: Instant,
-        window: usize,
-        rate: Option<u64>,
-    ) -> anyhow::Result<()> {
-        let start = tokio::time::Instant::now();
+    async fn publish(&self, seqs: Range<u64>, epoch: Instant, window: usize, pace: Option<Pace>) -> anyhow::Result<()> {
         let first = seqs.start;
-        let due = |seq: u64| {
-            rate.map(|r| start + Duration::from_nanos((seq - first).saturating_mul(1_000_000_000) / r.max(1)))
-        };
         match self {
             Publisher::Canopy(client) => {
                 let expiry = canopy_sdk::now_ms() + 3_600_000;
-                let mut inflight = FuturesUnordered::new();
-                for seq in seqs {
-                    if inflight.len() >= window {
-                        inflight.next().await.expect("non-empty")?;
-                    }
-                    if let Some(due) = due(seq) {
-                        // Keep the outstanding publishes moving while waiting.
-                        loop {
-                            tokio::select! {
-                                _ = tokio::time::sleep_until(due) => break,
-                                Some(answer) = inflight.next(), if !inflight.is_empty() => answer?,
-                            }
-                        }
-                    }
+                windowed(seqs, window, pace, |seq| async move {
                     let chunk = Chunk::new(Name::new(NAME_BASE | u128::from(seq)), expiry, payload(seq, epoch))?;
-                    inflight.push(client.publish(chunk));
-                }
-                while let Some(answer) = inflight.next().await {
-                    answer?;
-                }
+                    Ok(client.publish(chunk).map_err(anyhow::Error::from))
+                })
+                .await?;
+            }
+            Publisher::JetStream(context) => {
+                windowed(seqs, window, pace, |seq| async move {
+                    let ack = context.publish(SUBJECT, payload(seq, epoch)).await?;
+                    Ok(ack.into_future().map_ok(|_| ()).map_err(anyhow::Error::from))
+                })
+                .await?;
             }
             Publisher::Nats { client, flush_every } => {
                 for seq in seqs {
-                    if let Some(due) = due(seq) {
-                        tokio::time::sleep_until(due).await;
+                    if let Some(pace) = pace {
+                        tokio::time::sleep_until(pace.due(seq - first)).await;
                     }
                     client.publish(SUBJECT, payload(seq, epoch)).await?;
-                    if flush_every.is_some_and(|k| (seq + 1) % k == 0) {
+                    if flush_every.is_some_and(|k| (seq - first + 1).is_multiple_of(k)) {
                         client.flush().await?;
                     }
                 }
                 client.flush().await?;
             }
-            Publisher::Mqtt { client, acks, acked, .. } => {
-                let end = seqs.end;
+            Publisher::Mqtt { client, acks, acked, sent, .. } => {
+                let end = sent.fetch_add(seqs.end - seqs.start, Ordering::AcqRel) + (seqs.end - seqs.start);
                 for seq in seqs {
-                    if let Some(due) = due(seq) {
-                        tokio::time::sleep_until(due).await;
+                    if let Some(pace) = pace {
+                        tokio::time::sleep_until(pace.due(seq - first)).await;
                     }
                     client.publish_bytes(TOPIC, rumqttc::QoS::AtLeastOnce, false, payload(seq, epoch)).await?;
                 }
@@ -721,7 +1033,32 @@ impl Drop for Publisher {
     }
 }
 
-/// The two passes: as fast as the window allows, and paced at a fixed rate.
+/// Every publisher sends its share of `seqs` (`share`), all at once, each in its own task;
+/// paced at `rate` in total when given. Returns when all are done; a timeout or error
+/// aborts the others (the `JoinSet` is dropped).
+async fn publish_all(
+    publishers: &[Arc<Publisher>],
+    seqs: Range<u64>,
+    epoch: Instant,
+    window: usize,
+    rate: Option<u64>,
+) -> anyhow::Result<()> {
+    let n = publishers.len();
+    let start = tokio::time::Instant::now();
+    let mut tasks = JoinSet::new();
+    for (p, publisher) in publishers.iter().enumerate() {
+        let publisher = publisher.clone();
+        let range = share(&seqs, p, n);
+        let pace = rate.map(|rate| Pace { start, rate, stride: n as u64, phase: p as u64 });
+        tasks.spawn(async move { publisher.publish(range, epoch, window, pace).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// The two passes: as fast as the window allows, and paced at a fixed total rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
     Throughput,
@@ -731,7 +1068,7 @@ enum Pass {
 /// One run's figures.
 #[derive(Debug, Clone)]
 struct Row {
-    /// Measured payloads per second the publisher got acknowledged (or flushed).
+    /// Measured payloads per second the publishers got acknowledged (or flushed).
     publish_rate: f64,
     /// Measured deliveries per second, mean over subscribers.
     per_sub_rate: f64,
@@ -739,31 +1076,33 @@ struct Row {
     total_rate: f64,
     p50_us: f64,
     p99_us: f64,
+    p999_us: f64,
     max_us: f64,
     /// Measured payloads that did not arrive, summed over subscribers.
     missing: u64,
     /// Server CPU (user + system) per measured payload published, µs.
     server_us_per_msg: f64,
-    /// Client-side CPU (this process: publisher and subscribers) per measured payload, µs.
+    /// Client-side CPU (this process: publishers and subscribers) per measured payload, µs.
     client_us_per_msg: f64,
     /// Server resident set at the end, MiB.
     server_rss_mib: f64,
     errors: Vec<String>,
 }
 
-async fn run_one(system: System, n_subs: usize, pass: Pass, args: &Args, relay: Option<&Path>) -> anyhow::Result<Row> {
+async fn run_one(system: System, case: Case, pass: Pass, args: &Args, relay: Option<&Path>) -> anyhow::Result<Row> {
     let (messages, rate) = match pass {
         Pass::Throughput => (args.messages, None),
         Pass::Paced(rate) => (args.paced_messages, Some(rate)),
     };
     let dir = tempfile::tempdir()?;
-    let started = match system {
-        System::CanopyMemory => {
-            start_relay(relay.context("relay binary")?, "memory", args.relay_max_queue, dir.path())?
-        }
-        System::CanopyFjall => start_relay(relay.context("relay binary")?, "fjall", args.relay_max_queue, dir.path())?,
-        System::Nats | System::NatsFlush => start_nats(dir.path(), &peer_cert(dir.path())?)?,
-        System::Mosquitto => start_mosquitto(dir.path(), &peer_cert(dir.path())?)?,
+    let started = start_system(system, args, relay, dir.path())?;
+    let stream = match system {
+        System::JetStream => Some(
+            tokio::time::timeout(SETUP_TIMEOUT, jetstream_setup(&started))
+                .await
+                .context("stream setup timed out")??,
+        ),
+        _ => None,
     };
     let epoch = Instant::now();
     let expected = args.warmup + messages;
@@ -771,22 +1110,26 @@ async fn run_one(system: System, n_subs: usize, pass: Pass, args: &Args, relay: 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut progress = Vec::new();
     let mut tasks = Vec::new();
-    for i in 0..n_subs {
+    for i in 0..case.subs {
         let sub = tokio::time::timeout(SETUP_TIMEOUT, subscriber(system, &started, i))
             .await
             .context("subscribe timed out")??;
         let p = Arc::new(AtomicU64::new(0));
         progress.push(p.clone());
-        let rec = Recorder { epoch, warmup: args.warmup, expected, progress: p, got: Received::default() };
+        let rec = Recorder::new(epoch, args.warmup, expected, p);
         tasks.push(tokio::spawn(receive(sub, rec, stop_rx.clone())));
     }
-    let publisher = tokio::time::timeout(SETUP_TIMEOUT, Publisher::connect(system, &started, args.window))
-        .await
-        .context("publisher connect timed out")??;
+    let mut publishers = Vec::new();
+    for p in 0..case.pubs {
+        let publisher = tokio::time::timeout(SETUP_TIMEOUT, Publisher::connect(system, &started, args.window, p))
+            .await
+            .context("publisher connect timed out")??;
+        publishers.push(Arc::new(publisher));
+    }
 
     // Warm-up: connections, TLS sessions, allocators and caches; not measured.
     tokio::time::timeout(WARMUP_TIMEOUT, async {
-        publisher.publish(0..args.warmup, epoch, args.window, None).await?;
+        publish_all(&publishers, 0..args.warmup, epoch, args.window, None).await?;
         while progress.iter().any(|p| p.load(Ordering::Acquire) < args.warmup) {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -798,9 +1141,12 @@ async fn run_one(system: System, n_subs: usize, pass: Pass, args: &Args, relay: 
     let server_cpu_before = started.server.cpu_seconds().unwrap_or(0.0);
     let client_cpu_before = own_cpu_seconds();
     let t0 = now_ns(epoch);
-    tokio::time::timeout(args.publish_timeout, publisher.publish(args.warmup..expected, epoch, args.window, rate))
-        .await
-        .context("publishing timed out")??;
+    tokio::time::timeout(
+        args.publish_timeout,
+        publish_all(&publishers, args.warmup..expected, epoch, args.window, rate),
+    )
+    .await
+    .context("publishing timed out")??;
     let published_ns = now_ns(epoch) - t0;
 
     let drain = tokio::time::Instant::now() + DRAIN_TIMEOUT;
@@ -815,7 +1161,18 @@ async fn run_one(system: System, n_subs: usize, pass: Pass, args: &Args, relay: 
         received.push(task.await?);
     }
     let server_rss_mib = started.server.resident_bytes().unwrap_or(0) as f64 / (1024.0 * 1024.0);
-    drop(publisher);
+    let mut errors: Vec<String> = Vec::new();
+    if let Some(context) = stream {
+        // Every payload, warm-up included, must be in the stream.
+        let stored = async { anyhow::Ok(context.get_stream(STREAM).await?.get_info().await?.state.messages) };
+        match tokio::time::timeout(SETUP_TIMEOUT, stored).await {
+            Ok(Ok(n)) if n == expected => {}
+            Ok(Ok(n)) => errors.push(format!("the stream holds {n} of {expected} payloads")),
+            Ok(Err(e)) => errors.push(format!("stream info: {e:#}")),
+            Err(_) => errors.push("stream info timed out".into()),
+        }
+    }
+    drop(publishers);
     drop(started); // kills the server
 
     let mut all: Vec<u64> = received.iter().flat_map(|r| r.latencies.iter().copied()).collect();
@@ -830,18 +1187,28 @@ async fn run_one(system: System, n_subs: usize, pass: Pass, args: &Args, relay: 
     let per_sub: Vec<f64> = received.iter().map(|r| r.latencies.len() as f64 / secs(r.last_ns)).collect();
     let last = received.iter().map(|r| r.last_ns).max().unwrap_or(t0);
     let delivered: u64 = received.iter().map(|r| r.latencies.len() as u64).sum();
+    for r in &received {
+        if r.duplicates > 0 {
+            errors.push(format!("{} duplicate deliveries at one subscriber", r.duplicates));
+        }
+        if r.unexpected > 0 {
+            errors.push(format!("{} foreign deliveries at one subscriber", r.unexpected));
+        }
+    }
+    errors.extend(received.into_iter().filter_map(|r| r.error));
     Ok(Row {
         publish_rate: messages as f64 / (published_ns.max(1) as f64 / 1e9),
         per_sub_rate: per_sub.iter().sum::<f64>() / per_sub.len() as f64,
         total_rate: delivered as f64 / secs(last),
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        p999_us: pct(0.999),
         max_us: all.last().map_or(f64::NAN, |&v| v as f64 / 1000.0),
-        missing: messages * n_subs as u64 - delivered,
+        missing: messages * case.subs as u64 - delivered,
         server_us_per_msg: server_cpu * 1e6 / messages as f64,
         client_us_per_msg: client_cpu * 1e6 / messages as f64,
         server_rss_mib,
-        errors: received.into_iter().filter_map(|r| r.error).collect(),
+        errors,
     })
 }
 
@@ -861,6 +1228,7 @@ fn median_row(rows: &[Row]) -> Row {
         total_rate: med(|r| r.total_rate),
         p50_us: med(|r| r.p50_us),
         p99_us: med(|r| r.p99_us),
+        p999_us: med(|r| r.p999_us),
         max_us: med(|r| r.max_us),
         missing: rows.iter().map(|r| r.missing).max().unwrap_or(0),
         server_us_per_msg: med(|r| r.server_us_per_msg),
@@ -870,44 +1238,93 @@ fn median_row(rows: &[Row]) -> Row {
     }
 }
 
-fn print_header() {
-    println!(
-        "{:<14} {:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8} {:>7}",
-        "system",
-        "subs",
-        "publish/s",
-        "per-sub/s",
-        "total/s",
-        "p50 µs",
-        "p99 µs",
-        "max µs",
-        "missing",
-        "srv µs/m",
-        "cli µs/m",
-        "srv MiB"
+/// Prints a markdown table, columns padded: names and notes left-aligned, figures right.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let left = |i: usize| ["system", "canopy", "peer", "note"].contains(&header[i]);
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].chars().count(), 3]).max().unwrap_or(3))
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| if left(i) { format!("{c:<w$}", w = widths[i]) } else { format!("{c:>w$}", w = widths[i]) })
+            .collect();
+        println!("| {} |", padded.join(" | "));
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    line(
+        widths
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| if left(i) { "-".repeat(w) } else { format!("{}:", "-".repeat(w - 1)) })
+            .collect(),
     );
+    for r in rows {
+        line(r.clone());
+    }
 }
 
-fn print_row(system: System, subs: usize, r: &Row) {
-    println!(
-        "{:<14} {:>4} {:>10.0} {:>10.0} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>7} {:>8.1} {:>8.1} {:>7.1}{}",
-        system.label(),
-        subs,
-        r.publish_rate,
-        r.per_sub_rate,
-        r.total_rate,
-        r.p50_us,
-        r.p99_us,
-        r.max_us,
-        r.missing,
-        r.server_us_per_msg,
-        r.client_us_per_msg,
-        r.server_rss_mib,
-        error_summary(&r.errors)
-    );
+type Results = Vec<((Pass, Case, System), Row)>;
+
+fn find(results: &Results, key: (Pass, Case, System)) -> Option<&Row> {
+    results.iter().find(|(k, _)| *k == key).map(|(_, r)| r)
 }
 
-/// "  errors: 3× why; 1× other" (empty when there are none).
+fn print_pass(pass: Pass, args: &Args, results: &Results) {
+    let throughput = pass == Pass::Throughput;
+    let header: &[&str] = if throughput {
+        &[
+            "system",
+            "case",
+            "publish/s",
+            "per-sub/s",
+            "total/s",
+            "p50 µs",
+            "p99 µs",
+            "missing",
+            "srv µs/msg",
+            "cli µs/msg",
+            "srv MiB",
+        ]
+    } else {
+        &["system", "case", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "missing", "srv µs/msg", "cli µs/msg", "srv MiB"]
+    };
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for &case in &args.cases {
+        for &system in &args.systems {
+            let Some(r) = find(results, (pass, case, system)) else { continue };
+            let mut row = vec![system.label().to_string(), case.label()];
+            if throughput {
+                row.extend([
+                    format!("{:.0}", r.publish_rate),
+                    format!("{:.0}", r.per_sub_rate),
+                    format!("{:.0}", r.total_rate),
+                ]);
+                row.extend([format!("{:.0}", r.p50_us), format!("{:.0}", r.p99_us)]);
+            } else {
+                row.extend([r.p50_us, r.p99_us, r.p999_us, r.max_us].map(|v| format!("{v:.0}")));
+            }
+            row.extend([
+                r.missing.to_string(),
+                format!("{:.1}", r.server_us_per_msg),
+                format!("{:.1}", r.client_us_per_msg),
+                format!("{:.1}", r.server_rss_mib),
+            ]);
+            rows.push(row);
+            if !r.errors.is_empty() {
+                notes.push(format!("- {} {}: errors: {}", system.label(), case.label(), error_summary(&r.errors)));
+            }
+        }
+    }
+    print_table(header, &rows);
+    for note in notes {
+        println!("{note}");
+    }
+}
+
+/// "3× why; 1× other".
 fn error_summary(errors: &[String]) -> String {
     let mut counted: Vec<(&String, usize)> = Vec::new();
     for e in errors {
@@ -916,35 +1333,56 @@ fn error_summary(errors: &[String]) -> String {
             None => counted.push((e, 1)),
         }
     }
-    if counted.is_empty() {
-        return String::new();
-    }
     let parts: Vec<String> = counted.iter().map(|(e, n)| format!("{n}× {e}")).collect();
-    format!("  errors: {}", parts.join("; "))
+    parts.join("; ")
 }
 
-type Results = Vec<((Pass, usize, System), Row)>;
+/// The comparisons of the ratio table: Canopy system, peer, what the pair means.
+const PAIRS: [(System, System, &str); 5] = [
+    (System::CanopyMemory, System::Nats, "core NATS, fire and forget"),
+    (System::CanopyMemory, System::NatsFlush, "core NATS, flush per window"),
+    (System::CanopyMemory, System::Mosquitto, "MQTT QoS 1 publish"),
+    (System::CanopyFjallInterval, System::JetStream, "like for like: ack on write, fsync later"),
+    (System::CanopyFjall, System::JetStream, "Canopy stronger: fsync per batch before the ack"),
+];
 
-fn print_ratios(pass: Pass, fanouts: &[usize], results: &Results) {
-    println!("\nratios, canopy ÷ peer (total/s above 1 and latency below 1 favour Canopy)");
-    println!("{:<14} {:<12} {:>4} {:>9} {:>9} {:>9}", "canopy", "peer", "subs", "total/s", "p50", "p99");
-    for &n in fanouts {
-        let find = |s: System| results.iter().find(|(k, _)| *k == (pass, n, s)).map(|(_, r)| r);
-        for canopy in [System::CanopyMemory, System::CanopyFjall] {
-            for peer in [System::Nats, System::NatsFlush, System::Mosquitto] {
-                if let (Some(c), Some(p)) = (find(canopy), find(peer)) {
-                    println!(
-                        "{:<14} {:<12} {:>4} {:>8.2}× {:>8.2}× {:>8.2}×",
-                        canopy.label(),
-                        peer.label(),
-                        n,
-                        c.total_rate / p.total_rate,
-                        c.p50_us / p.p50_us,
-                        c.p99_us / p.p99_us
-                    );
-                }
+fn print_ratios(pass: Pass, args: &Args, results: &Results) {
+    let throughput = pass == Pass::Throughput;
+    println!(
+        "\nratios, canopy ÷ peer ({}latency and CPU below 1 favour Canopy)",
+        if throughput { "total/s above 1, " } else { "" }
+    );
+    let header: &[&str] = if throughput {
+        &["canopy", "peer", "case", "total/s", "p50", "p99", "srv µs/msg", "srv+cli µs/msg", "note"]
+    } else {
+        &["canopy", "peer", "case", "p50", "p99", "p99.9", "srv µs/msg", "srv+cli µs/msg", "note"]
+    };
+    // CPU comes in 10 ms ticks: a short run can measure 0 for a peer.
+    let ratio = |a: f64, b: f64| if (a / b).is_finite() { format!("{:.2}×", a / b) } else { "n/a".into() };
+    let mut rows = Vec::new();
+    for &case in &args.cases {
+        for (canopy, peer, note) in PAIRS {
+            let (Some(c), Some(p)) = (find(results, (pass, case, canopy)), find(results, (pass, case, peer))) else {
+                continue;
+            };
+            let mut row = vec![canopy.label().to_string(), peer.label().to_string(), case.label()];
+            if throughput {
+                row.extend([ratio(c.total_rate, p.total_rate), ratio(c.p50_us, p.p50_us), ratio(c.p99_us, p.p99_us)]);
+            } else {
+                row.extend([ratio(c.p50_us, p.p50_us), ratio(c.p99_us, p.p99_us), ratio(c.p999_us, p.p999_us)]);
             }
+            row.extend([
+                ratio(c.server_us_per_msg, p.server_us_per_msg),
+                ratio(c.server_us_per_msg + c.client_us_per_msg, p.server_us_per_msg + p.client_us_per_msg),
+                note.to_string(),
+            ]);
+            rows.push(row);
         }
+    }
+    if rows.is_empty() {
+        println!("(no pair of systems to compare in this run)");
+    } else {
+        print_table(header, &rows);
     }
 }
 
@@ -957,36 +1395,69 @@ fn loadavg() -> String {
         .join(" ")
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+fn lo_mtu() -> String {
+    std::fs::read_to_string("/sys/class/net/lo/mtu").map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
+}
+
+async fn bench(mut args: Args) -> anyhow::Result<()> {
     let relay = if args.systems.iter().any(|s| s.is_canopy()) { Some(relay_binary(&args)?) } else { None };
+    // A relay from before `--sync-interval-ms` refuses the flag: say so once, run the rest.
+    let mut skipped = None;
+    if let Some(relay) = &relay
+        && args.systems.contains(&System::CanopyFjallInterval)
+        && !relay_has_flag(relay, "--sync-interval-ms")
+    {
+        let why = format!(
+            "canopy-fjall-interval SKIPPED: {} has no --sync-interval-ms (its --help does not list it); rebuild the relay",
+            relay.display()
+        );
+        println!("{why}");
+        args.systems.retain(|&s| s != System::CanopyFjallInterval);
+        skipped = Some(why);
+    }
     let mut passes = vec![Pass::Throughput];
     if args.paced_rate > 0 {
         passes.push(Pass::Paced(args.paced_rate));
     }
+    let cases: Vec<String> = args.cases.iter().map(|c| c.label()).collect();
+    let paced = match args.paced_rate {
+        0 => "no paced pass".to_string(),
+        rate => format!("paced pass {} at {rate}/s in total", args.paced_messages),
+    };
     println!(
-        "pubsub-bench: payloads of {PAYLOAD} B; throughput pass {} + {} warm-up, window {}; paced pass {} at {}/s; \
-         fan-out {:?}; relay max_queue {}; {} round(s), medians shown; load average {}",
+        "pubsub-bench: payloads of {PAYLOAD} B; throughput pass {} + {} warm-up, window {} per publisher; \
+         {paced}; cases (publishers→subscribers) {}; relay max_queue {}; \
+         {} round(s), medians shown; loopback MTU {}; load average {}",
         args.messages,
         args.warmup,
         args.window,
-        args.paced_messages,
-        args.paced_rate,
-        args.fanouts,
+        cases.join(", "),
         args.relay_max_queue,
         args.rounds,
+        lo_mtu(),
         loadavg()
     );
-    let mut runs: Vec<((Pass, usize, System), Vec<Row>)> = Vec::new();
+    if args.systems.iter().any(|s| s.is_nats()) {
+        println!("peer: {}", peer_version("nats-server", "--version"));
+    }
+    if args.systems.contains(&System::Mosquitto) {
+        println!("peer: {}", peer_version("mosquitto", "-h"));
+    }
+    for &system in &args.systems {
+        println!("  {:<21} {}", system.label(), system.semantics(args.sync_interval_ms));
+    }
+    let mut runs: Vec<((Pass, Case, System), Vec<Row>)> = Vec::new();
     let mut failures = 0;
     for round in 0..args.rounds {
         for &pass in &passes {
-            for &n in &args.fanouts {
-                for &system in &args.systems {
-                    match run_one(system, n, pass, &args, relay.as_deref()).await {
+            for &case in &args.cases {
+                // Round-robin over the systems, starting one further each round.
+                let n = args.systems.len();
+                for i in 0..n {
+                    let system = args.systems[(i + round) % n];
+                    match run_one(system, case, pass, &args, relay.as_deref()).await {
                         Ok(row) => {
-                            let key = (pass, n, system);
+                            let key = (pass, case, system);
                             match runs.iter_mut().find(|(k, _)| *k == key) {
                                 Some((_, rows)) => rows.push(row),
                                 None => runs.push((key, vec![row])),
@@ -994,7 +1465,7 @@ async fn main() -> anyhow::Result<()> {
                         }
                         Err(e) => {
                             failures += 1;
-                            println!("round {round}: {} {n} {pass:?} FAILED: {e:#}", system.label());
+                            println!("round {round}: {} {} {pass:?} FAILED: {e:#}", system.label(), case.label());
                         }
                     }
                 }
@@ -1005,23 +1476,117 @@ async fn main() -> anyhow::Result<()> {
     let results: Results = runs.iter().map(|(k, rows)| (*k, median_row(rows))).collect();
     for &pass in &passes {
         match pass {
-            Pass::Throughput => {
-                println!("\nthroughput pass: {} payloads, up to {} outstanding", args.messages, args.window)
-            }
-            Pass::Paced(rate) => println!("\npaced pass: {} payloads at {rate}/s", args.paced_messages),
+            Pass::Throughput => println!(
+                "\nthroughput pass: {} payloads in total, up to {} outstanding per publisher",
+                args.messages, args.window
+            ),
+            Pass::Paced(rate) => println!("\npaced pass: {} payloads at {rate}/s in total", args.paced_messages),
         }
-        print_header();
-        for &n in &args.fanouts {
-            for &system in &args.systems {
-                if let Some((_, row)) = results.iter().find(|(k, _)| *k == (pass, n, system)) {
-                    print_row(system, n, row);
-                }
-            }
-        }
-        print_ratios(pass, &args.fanouts, &results);
+        print_pass(pass, &args, &results);
+        print_ratios(pass, &args, &results);
     }
     println!("\nload average at the end: {}", loadavg());
     let incomplete = results.iter().filter(|(_, r)| r.missing > 0 || !r.errors.is_empty()).count();
+    if let Some(why) = &skipped {
+        println!("{why}");
+    }
     ensure!(failures == 0 && incomplete == 0, "{failures} run(s) failed, {incomplete} incomplete");
+    ensure!(skipped.is_none() || args.smoke, "canopy-fjall-interval was skipped");
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// --mtu: the same run in a network namespace of its own
+
+/// A network namespace, deleted when dropped.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        match Command::new("ip").args(["netns", "del", &self.0]).status() {
+            Ok(s) if s.success() => {}
+            other => eprintln!("pubsub-bench: could not delete network namespace {} ({other:?})", self.0),
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().context("running ip (iproute2)")?;
+    ensure!(
+        out.status.success(),
+        "ip {} failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// This program's arguments without `--mtu N`.
+fn argv_without_mtu() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--mtu" {
+            it.next();
+        } else {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// Runs this bench again (without `--mtu`) in a fresh network namespace whose loopback has
+/// MTU `mtu`; deletes the namespace afterwards, whatever happened. SIGINT and SIGTERM are
+/// passed on to the bench, which ends, and the namespace is still deleted.
+fn in_netns(mtu: u32) -> anyhow::Result<()> {
+    let name = format!("canopy-bench-{}", std::process::id());
+    ip(&["netns", "add", &name])?;
+    let netns = Netns(name.clone());
+    ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "mtu", &mtu.to_string(), "up"])?;
+    let exe = std::env::current_exe()?;
+    eprintln!("pubsub-bench: running in network namespace {name} (lo mtu {mtu})");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &name])
+        .arg(&exe)
+        .args(argv_without_mtu())
+        .spawn()
+        .context("starting the bench in the namespace")?;
+    let pid = child.id().to_string();
+    let status = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut wait = tokio::task::spawn_blocking(move || child.wait());
+        loop {
+            let sig = tokio::select! {
+                status = &mut wait => return anyhow::Ok(status??),
+                _ = interrupt.recv() => "-INT",
+                _ = terminate.recv() => "-TERM",
+            };
+            let _ = Command::new("kill").args([sig, &pid]).status();
+        }
+    })?;
+    drop(netns);
+    ensure!(status.success(), "the bench in network namespace {name} failed ({status})");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    if let Some(mtu) = args.mtu {
+        return in_netns(mtu);
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        // On SIGINT or SIGTERM the run is dropped, which kills its server process and
+        // removes its temporary directory.
+        tokio::select! {
+            result = bench(args) => result,
+            _ = interrupt.recv() => bail!("interrupted (SIGINT)"),
+            _ = terminate.recv() => bail!("terminated (SIGTERM)"),
+        }
+    })
 }
