@@ -37,4 +37,4 @@ pub use name::{Filter, Name, NameError};
 pub use schema::{MESSENGER_LAYOUT, Schema, SchemaError};
 #[cfg(not(target_arch = "wasm32"))]
 pub use store::FjallStore;
-pub use store::{InsertOutcome, MemoryStore, Store, StoreError, StoreStats};
+pub use store::{InsertOutcome, MemoryStore, Store, StoreError, StoreStats, Syncer};

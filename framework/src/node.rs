@@ -79,6 +79,11 @@ pub struct NodeConfig {
     pub outbox_window: usize,
     /// Largest `MostRecent(n)` served; larger requests are capped to it.
     pub max_most_recent: u32,
+    /// Acknowledge a publish once the store has written it, before it is synced
+    /// ([`Node::release_written`]; the driver syncs on a timer instead, JetStream's default).
+    /// Off by default: the ack waits for the sync that covers the publish. Either way, a chunk published here reaches a
+    /// child relay only once it is synced (see [`Node::begin_sync`]).
+    pub ack_before_sync: bool,
 }
 
 impl NodeConfig {
@@ -93,6 +98,7 @@ impl NodeConfig {
             upstream_credit: 4096,
             outbox_window: 256,
             max_most_recent: 10_000,
+            ack_before_sync: false,
         }
     }
 }
@@ -124,6 +130,21 @@ pub struct Metrics {
     pub parent_refusals: u64,
     /// The code of the latest of those refusals.
     pub last_parent_refusal: Option<ErrorCode>,
+}
+
+/// A sync the driver runs: see [`Node::begin_sync`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SyncTicket(pub u64);
+
+/// What a sync in flight releases once it is done.
+#[derive(Debug)]
+struct PendingSync {
+    ticket: u64,
+    /// The publishes it acknowledges.
+    acks: Vec<(LinkId, u64)>,
+    /// For each child relay, how many of its frames (counted like `Link::drained`) it makes
+    /// safe to send.
+    marks: Vec<(LinkId, u64)>,
 }
 
 /// Why a parent session ended before it began; see [`Node::take_parent_refusal`].
@@ -240,6 +261,14 @@ struct Link {
     busy: BTreeSet<u64>,
     /// Where the next pump starts in `busy`, so every busy subscription gets its turn.
     rotor: u64,
+    /// The peer said it is a relay (a child): it gets chunks published here only once they
+    /// are synced (see [`Node::begin_sync`]).
+    child_relay: bool,
+    /// Frames drained from `queue` so far.
+    drained: u64,
+    /// For a child relay: frames (counted like `drained`) that the last completed sync made
+    /// safe to send while publishes are unsynced.
+    released: u64,
 }
 
 impl Link {
@@ -251,6 +280,9 @@ impl Link {
             subs: HashMap::new(),
             busy: BTreeSet::new(),
             rotor: 0,
+            child_relay: false,
+            drained: 0,
+            released: 0,
         }
     }
 }
@@ -303,8 +335,16 @@ pub struct Node<S> {
     table: SubscriptionTable<(LinkId, u64)>,
     links: HashMap<LinkId, Link>,
     up: Upstream,
-    /// Publishes accepted since the last flush, acknowledged once the store is durable.
+    /// Publishes accepted since the last sync began, acknowledged once the store is durable.
     unacked: Vec<(LinkId, u64)>,
+    /// A publish was newly stored since the last sync began.
+    unsynced: bool,
+    /// Syncs begun and not yet done, oldest first.
+    syncing: VecDeque<PendingSync>,
+    /// The number of the next sync.
+    next_sync: u64,
+    /// The links of child relays (few), so a sync marks them without a scan of every link.
+    child_relays: Vec<LinkId>,
     events: VecDeque<Event>,
     metrics: Metrics,
     has_parent: bool,
@@ -327,6 +367,10 @@ impl<S: Store> Node<S> {
             links: HashMap::new(),
             up: Upstream::default(),
             unacked: Vec::new(),
+            unsynced: false,
+            syncing: VecDeque::new(),
+            next_sync: 1,
+            child_relays: Vec::new(),
             events: VecDeque::new(),
             metrics: Metrics::default(),
             has_parent,
@@ -404,6 +448,9 @@ impl<S: Store> Node<S> {
     /// [`connect_parent`]: Self::connect_parent
     pub fn link_closed(&mut self, link: LinkId) {
         let Some(l) = self.links.remove(&link) else { return };
+        if l.child_relay {
+            self.child_relays.retain(|other| *other != link);
+        }
         if self.up.link == Some(link) {
             self.up.link = None;
             self.up.inflight.clear();
@@ -424,8 +471,14 @@ impl<S: Store> Node<S> {
     /// paced replays, so call this until it returns nothing or the link cannot take more.
     pub fn drain(&mut self, link: LinkId, max: usize, now: u64) -> Vec<Frame> {
         self.now = self.now.max(now);
+        let holding = self.unsynced || !self.syncing.is_empty();
         let Some(l) = self.links.get_mut(&link) else { return Vec::new() };
-        let n = max.min(l.queue.len());
+        let mut n = max.min(l.queue.len());
+        if l.child_relay && holding {
+            // Publishes are not all synced: the child gets what the last sync covered.
+            n = n.min(usize::try_from(l.released.saturating_sub(l.drained)).unwrap_or(usize::MAX));
+        }
+        l.drained += n as u64;
         let frames: Vec<Frame> = l.queue.drain(..n).collect();
         if self.up.link == Some(link) {
             for frame in &frames {
@@ -512,18 +565,111 @@ impl<S: Store> Node<S> {
         self.events.pop_front()
     }
 
-    /// Makes everything accepted so far durable and releases the acks waiting on it.
+    /// Makes everything accepted so far durable and releases what waits on it: the acks of
+    /// publishes and, for child relays, the chunks published here. The same as
+    /// [`Node::begin_sync`], the store's [`Store::sync`] and [`Node::sync_done`] in a row.
     pub fn flush(&mut self) -> Result<(), StoreError> {
-        if self.unacked.is_empty() {
+        let Some(ticket) = self.begin_sync()? else { return Ok(()) };
+        match self.store.sync() {
+            Ok(()) => {
+                self.sync_done(ticket);
+                Ok(())
+            }
+            Err(err) => {
+                self.sync_failed(ticket);
+                Err(err)
+            }
+        }
+    }
+
+    /// With [`NodeConfig::ack_before_sync`]: hands what was written to the operating system
+    /// ([`Store::prepare_sync`]), so a killed process loses nothing, and queues the acks of
+    /// the publishes held so far; only a crash of the machine before the next sync can lose
+    /// them. A driver calls it once per batch, before sending. Does nothing in the default
+    /// mode, where acks wait for the sync.
+    pub fn release_written(&mut self) -> Result<(), StoreError> {
+        if !self.config.ack_before_sync || self.unacked.is_empty() {
             return Ok(());
         }
-        self.store.sync()?;
+        self.store.prepare_sync()?;
         for (link, seq) in std::mem::take(&mut self.unacked) {
             if let Some(l) = self.links.get_mut(&link) {
                 l.queue.push_back(Frame::Ack { seq });
             }
         }
         Ok(())
+    }
+
+    /// Whether anything waits for a sync: publishes to acknowledge, or publishes stored and
+    /// not yet synced.
+    pub fn needs_sync(&self) -> bool {
+        self.unsynced || !self.unacked.is_empty()
+    }
+
+    /// Whether a child relay has frames held back until a sync: a driver that syncs on a
+    /// timer ([`NodeConfig::ack_before_sync`]) syncs now instead, or the child would wait.
+    pub fn child_waits_for_sync(&self) -> bool {
+        (self.unsynced || !self.syncing.is_empty())
+            && self.child_relays.iter().any(|link| self.links.get(link).is_some_and(|l| !l.queue.is_empty()))
+    }
+
+    /// Begins a sync of everything stored so far (group commit), for a driver that syncs on
+    /// another thread: readies the store ([`Store::prepare_sync`]) and returns the ticket to
+    /// hand to [`Node::sync_done`] once the store is synced (or [`Node::sync_failed`]).
+    /// `None` when nothing waits for a sync. Syncs complete in the order they began.
+    ///
+    /// Until then the acks of the publishes it covers are held (unless
+    /// [`NodeConfig::ack_before_sync`]), and so is every frame queued for a child relay
+    /// since: a chunk published here goes to clients at once, but reaches a child relay only
+    /// once it is durable here, so a crash can never leave a child holding a chunk this relay
+    /// lost (and that another publisher might then take with different bytes). Chunks that
+    /// came from our parent were synced there and are not held.
+    pub fn begin_sync(&mut self) -> Result<Option<SyncTicket>, StoreError> {
+        if !self.needs_sync() {
+            return Ok(None);
+        }
+        self.store.prepare_sync()?;
+        let ticket = self.next_sync;
+        self.next_sync += 1;
+        let marks = self
+            .child_relays
+            .iter()
+            .filter_map(|link| self.links.get(link).map(|l| (*link, l.drained + l.queue.len() as u64)))
+            .collect();
+        self.syncing.push_back(PendingSync { ticket, acks: std::mem::take(&mut self.unacked), marks });
+        self.unsynced = false;
+        Ok(Some(SyncTicket(ticket)))
+    }
+
+    /// The sync `ticket` (and every one begun before it) is done: queues the acks it held
+    /// and releases the frames it held for child relays.
+    pub fn sync_done(&mut self, ticket: SyncTicket) {
+        while self.syncing.front().is_some_and(|p| p.ticket <= ticket.0) {
+            let done = self.syncing.pop_front().expect("checked");
+            for (link, seq) in done.acks {
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.queue.push_back(Frame::Ack { seq });
+                }
+            }
+            for (link, mark) in done.marks {
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.released = l.released.max(mark);
+                }
+            }
+        }
+    }
+
+    /// The sync `ticket` failed: what it covered waits for the next one (its acks stay
+    /// held, its child-relay frames too).
+    pub fn sync_failed(&mut self, ticket: SyncTicket) {
+        let mut acks = Vec::new();
+        while self.syncing.back().is_some_and(|p| p.ticket >= ticket.0) {
+            let failed = self.syncing.pop_back().expect("checked");
+            acks.splice(0..0, failed.acks);
+        }
+        acks.append(&mut self.unacked);
+        self.unacked = acks;
+        self.unsynced = true;
     }
 
     /// Periodic work: evicts expired chunks (counted in the store's stats), and gives back
@@ -617,6 +763,12 @@ impl<S: Store> Node<S> {
         let l = self.links.get_mut(&link).expect("link exists");
         l.peer = Peer::Downstream;
         l.grant = grant;
+        if role == Role::Relay {
+            l.child_relay = true;
+            // Frames queued so far (none but this hello) need no sync.
+            l.released = l.drained + l.queue.len() as u64 + 1;
+            self.child_relays.push(link);
+        }
         l.queue.push_back(hello);
     }
 
@@ -733,7 +885,8 @@ impl<S: Store> Node<S> {
                     self.send_up(&chunk);
                 }
                 self.deliver(&chunk, Some(link));
-                self.unacked.push((link, seq));
+                self.unsynced = true;
+                self.ack(link, seq);
             }
             Ok(InsertOutcome::Duplicate) => {
                 self.metrics.duplicates += 1;
@@ -749,7 +902,7 @@ impl<S: Store> Node<S> {
                         self.send_up(&chunk);
                     }
                 }
-                self.unacked.push((link, seq));
+                self.ack(link, seq);
             }
             Ok(InsertOutcome::Conflict) => {
                 self.metrics.conflicts += 1;
@@ -759,6 +912,12 @@ impl<S: Store> Node<S> {
             Err(err @ StoreError::Full { .. }) => self.error(link, Some(seq), ErrorCode::StoreFull, &err.to_string()),
             Err(err) => self.error(link, Some(seq), ErrorCode::Internal, &err.to_string()),
         }
+    }
+
+    /// Holds a publish's ack until [`Node::release_written`] (with
+    /// [`NodeConfig::ack_before_sync`]) or the sync covering it.
+    fn ack(&mut self, link: LinkId, seq: u64) {
+        self.unacked.push((link, seq));
     }
 
     fn on_chunk_from_parent(&mut self, link: LinkId, chunk: Chunk, now: u64) {
@@ -1452,6 +1611,87 @@ mod tests {
         node.handle(3, Frame::Publish { seq: 9, chunk: chunk(TEN + 9) }, 0);
         node.flush().unwrap();
         assert_eq!(node.drain(2, usize::MAX, 0).len(), 301, "a delivery to each of the 301 subscriptions");
+    }
+
+    /// An origin with a client publisher on link 2, a client subscriber on link 3 and a
+    /// child relay on link 4, both subscribed to `TEN/8`, every queue drained.
+    fn origin_with_child_relay(config: NodeConfig) -> Node<MemoryStore> {
+        let mut node = Node::new(config, MemoryStore::new(UNLIMITED), false);
+        let hello = |role, relay_path| Frame::Hello { version: PROTOCOL_VERSION, role, relay_path, token: None };
+        let filter = Filter::new(Name::new(TEN), 8).unwrap();
+        for (link, role, path) in [(2, Role::Client, vec![]), (3, Role::Client, vec![]), (4, Role::Relay, vec![RelayId(7)])] {
+            node.accept(link);
+            node.handle(link, hello(role, path), 0);
+            assert!(matches!(node.drain(link, usize::MAX, 0)[..], [Frame::Hello { .. }]));
+        }
+        for link in [3, 4] {
+            node.handle(link, Frame::Subscribe { id: 1, filter, mode: ReplayMode::LiveOnly, credit: 100 }, 0);
+            assert_eq!(node.drain(link, usize::MAX, 0), vec![Frame::ReplayDone { id: 1 }]);
+        }
+        node
+    }
+
+    fn delivered(frames: &[Frame]) -> Vec<u128> {
+        frames.iter().filter_map(|f| if let Frame::Deliver { chunk, .. } = f { Some(chunk.name().to_u128()) } else { None }).collect()
+    }
+
+    /// Issue 15, part 3: a chunk published here goes to clients at once but to a child relay
+    /// only once the sync covering it is done, so a crash before the sync cannot leave the
+    /// child holding a chunk this relay lost. Syncs finish in order, each releasing what it
+    /// covered; a failed one releases nothing.
+    #[test]
+    fn a_child_relay_gets_a_published_chunk_only_once_it_is_synced() {
+        let mut node = origin_with_child_relay(NodeConfig::new(RelayId(1)));
+        node.handle(2, Frame::Publish { seq: 1, chunk: chunk(TEN) }, 0);
+        assert!(node.needs_sync());
+        assert_eq!(delivered(&node.drain(3, usize::MAX, 0)), vec![TEN], "the client gets it before the sync");
+        assert_eq!(node.drain(4, usize::MAX, 0), vec![], "the child relay waits for the sync");
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![], "the ack waits too");
+        assert!(node.child_waits_for_sync());
+
+        let first = node.begin_sync().unwrap().expect("something to sync");
+        // Published while the first sync runs: a second sync covers it.
+        node.handle(2, Frame::Publish { seq: 2, chunk: chunk(TEN + 1) }, 0);
+        let second = node.begin_sync().unwrap().expect("something to sync");
+        assert_eq!(node.drain(4, usize::MAX, 0), vec![]);
+        node.sync_done(first);
+        assert_eq!(delivered(&node.drain(4, usize::MAX, 0)), vec![TEN], "the first sync releases only its own");
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![Frame::Ack { seq: 1 }]);
+        node.sync_failed(second);
+        assert_eq!(node.drain(4, usize::MAX, 0), vec![], "a failed sync releases nothing");
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![]);
+        assert!(node.needs_sync(), "what it covered waits for the next one");
+        node.flush().unwrap();
+        assert_eq!(delivered(&node.drain(4, usize::MAX, 0)), vec![TEN + 1]);
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![Frame::Ack { seq: 2 }]);
+        assert!(!node.needs_sync() && !node.child_waits_for_sync());
+        assert_eq!(node.begin_sync().unwrap(), None, "nothing left to sync");
+
+        // Nothing unsynced: control frames and chunks reach the child at once.
+        let filter = Filter::new(Name::new(TEN + (1 << 100)), 16).unwrap();
+        node.handle(4, Frame::Subscribe { id: 2, filter, mode: ReplayMode::LiveOnly, credit: 1 }, 0);
+        assert_eq!(node.drain(4, usize::MAX, 0), vec![Frame::ReplayDone { id: 2 }]);
+    }
+
+    /// With `ack_before_sync` (a relay run with a sync interval) the ack leaves once the write
+    /// is handed to the OS, before the sync; the child relay still waits for the sync.
+    #[test]
+    fn with_ack_before_sync_the_ack_is_immediate_and_the_child_still_waits() {
+        let config = NodeConfig { ack_before_sync: true, ..NodeConfig::new(RelayId(1)) };
+        let mut node = origin_with_child_relay(config);
+        node.handle(2, Frame::Publish { seq: 1, chunk: chunk(TEN) }, 0);
+        node.release_written().unwrap();
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![Frame::Ack { seq: 1 }]);
+        assert_eq!(delivered(&node.drain(3, usize::MAX, 0)), vec![TEN]);
+        assert_eq!(node.drain(4, usize::MAX, 0), vec![]);
+        assert!(node.needs_sync() && node.child_waits_for_sync());
+        node.flush().unwrap();
+        assert_eq!(delivered(&node.drain(4, usize::MAX, 0)), vec![TEN]);
+        // A duplicate publish is acked at once too, and needs no sync of its own.
+        node.handle(2, Frame::Publish { seq: 2, chunk: chunk(TEN) }, 0);
+        node.release_written().unwrap();
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![Frame::Ack { seq: 2 }]);
+        assert!(!node.needs_sync());
     }
 
     #[test]

@@ -112,6 +112,12 @@ pub enum StoreError {
     },
 }
 
+/// Syncs a [`Store`] from a thread of its own: see [`Store::syncer`].
+pub trait Syncer: Send {
+    /// Makes durable every write made before the store's last [`Store::prepare_sync`].
+    fn sync(&mut self) -> Result<(), StoreError>;
+}
+
 /// Storage for chunks and the upstream outbox.
 ///
 /// Stores are not time-aware on insert: expired chunks stay until [`Store::evict_expired`],
@@ -161,6 +167,19 @@ pub trait Store: Send {
     /// Makes every insert/outbox change so far durable (fsync for fjall; no-op in memory).
     /// A chunk is acked to its publisher only after this.
     fn sync(&mut self) -> Result<(), StoreError>;
+
+    /// Readies every write so far for a [`Syncer`] on another thread (fjall: hands its
+    /// buffered journal to the operating system). Cheap; the default does nothing.
+    fn prepare_sync(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// A handle that syncs this store from another thread, so the thread that writes never
+    /// waits for the disk (group commit). `None` (the default) when [`Store::sync`] costs
+    /// nothing worth moving, as in memory.
+    fn syncer(&self) -> Option<Box<dyn Syncer>> {
+        None
+    }
 
     /// Current counters.
     fn stats(&self) -> StoreStats;

@@ -1148,6 +1148,28 @@ impl<S: Crashable> World<S> {
                 node.store().stats().outbox
             );
         }
+        // No relay holds a chunk the origin does not: what a relay stores either went up its
+        // outbox or came down from its parent, which delivers to a child relay only what it
+        // has synced (issue 15): were it to deliver before the sync and then crash, the child
+        // would keep a chunk the tree above lost.
+        let origin = self.relays.iter().position(|r| r.parent.is_none()).expect("an origin");
+        let origin_store = self.relays[origin].node.as_ref().expect("up").store();
+        for (r, relay) in self.relays.iter().enumerate() {
+            let mut missing = Vec::new();
+            relay
+                .node
+                .as_ref()
+                .expect("up")
+                .store()
+                .scan(Filter::ALL, now, &mut |chunk| {
+                    if origin_store.get(chunk.name()).expect("store reads").is_none() {
+                        missing.push(chunk.name());
+                    }
+                    std::ops::ControlFlow::Continue(())
+                })
+                .expect("store scans");
+            check!(missing.is_empty(), "relay {r} holds {missing:?}, which the origin {origin} does not");
+        }
         // Conflicts are reported and counted.
         // (Only among values still alive: values that expired before they could meet never met.)
         let conflicting = self.acked.values().any(|vs| {

@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use canopy::node::{Event, LinkId, Node, ParentRefusal};
+use canopy::node::{Event, LinkId, Node, ParentRefusal, SyncTicket};
 use canopy::wire::Frame;
-use canopy::{Store, StoreStats};
+use canopy::{Store, StoreError, StoreStats, Syncer};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::RelayMetrics;
@@ -58,6 +58,34 @@ pub(crate) struct ActorParts {
     pub stop: watch::Receiver<Stop>,
     pub snapshot: Arc<Mutex<RelayMetrics>>,
     pub evict_interval: Duration,
+    /// `Some(interval)`: publishes are acknowledged once written (the node is configured
+    /// with `ack_before_sync`) and the store is synced at least this often. `None`: every
+    /// turn's publishes are synced, and acknowledged after.
+    pub sync_interval: Option<Duration>,
+}
+
+/// The store's syncs, run on a thread of their own (group commit): one at a time, each
+/// covering everything written before it began.
+struct SyncThread {
+    tickets: std::sync::mpsc::Sender<SyncTicket>,
+    done: mpsc::UnboundedReceiver<(SyncTicket, Result<(), StoreError>)>,
+    in_flight: bool,
+}
+
+impl SyncThread {
+    fn spawn(mut syncer: Box<dyn Syncer>) -> anyhow::Result<SyncThread> {
+        let (tickets, rx) = std::sync::mpsc::channel::<SyncTicket>();
+        let (done_tx, done) = mpsc::unbounded_channel();
+        std::thread::Builder::new().name("canopy-sync".into()).spawn(move || {
+            // Ends when the actor drops its sender (the relay stopped) or stops listening.
+            while let Ok(ticket) = rx.recv() {
+                if done_tx.send((ticket, syncer.sync())).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(SyncThread { tickets, done, in_flight: false })
+    }
 }
 
 /// Starts the actor on its own thread; the returned receiver fires when it has stopped and
@@ -65,8 +93,9 @@ pub(crate) struct ActorParts {
 pub(crate) fn spawn<S: Store + 'static>(node: Node<S>, parts: ActorParts) -> anyhow::Result<oneshot::Receiver<()>> {
     let (done_tx, done_rx) = oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+    let sync = node.store().syncer().map(SyncThread::spawn).transpose()?;
     std::thread::Builder::new().name("canopy-node".into()).spawn(move || {
-        runtime.block_on(run(node, parts));
+        runtime.block_on(run(node, parts, sync));
         let _ = done_tx.send(());
     })?;
     Ok(done_rx)
@@ -77,13 +106,35 @@ fn snapshot<S: Store>(node: &Node<S>) -> RelayMetrics {
     RelayMetrics { node: node.metrics(), store, subscriptions: node.subscriptions(), links: node.links(), parent_connected: node.parent_connected() }
 }
 
-async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts) {
+async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Option<SyncThread>) {
     let mut outs: HashMap<LinkId, Arc<dyn Outlet>> = HashMap::new();
     let mut tick = tokio::time::interval(parts.evict_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // With a sync interval: when the next timed sync is due.
+    let mut sync_tick = tokio::time::interval(parts.sync_interval.unwrap_or(Duration::from_secs(3600)));
+    sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sync_due = false;
     loop {
         tokio::select! {
             biased;
+            done = async { sync.as_mut().expect("guarded").done.recv().await }, if sync.is_some() => match done {
+                Some((ticket, result)) => {
+                    sync.as_mut().expect("guarded").in_flight = false;
+                    match result {
+                        Ok(()) => node.sync_done(ticket),
+                        Err(err) => {
+                            tracing::error!(%err, "syncing the store failed; acks are held");
+                            node.sync_failed(ticket);
+                        }
+                    }
+                }
+                // The sync thread died: sync here from now on (a sync here covers what it had
+                // in hand too).
+                None => {
+                    tracing::error!("the sync thread is gone; syncing on the node's thread");
+                    sync = None;
+                }
+            },
             changed = parts.stop.changed() => {
                 // A dropped handle (no sender left) is a kill.
                 let stop = if changed.is_err() { Stop::Kill } else { *parts.stop.borrow() };
@@ -120,17 +171,51 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts) {
                     tracing::warn!(%err, "evicting expired chunks failed");
                 }
             }
+            _ = sync_tick.tick(), if parts.sync_interval.is_some() => sync_due = true,
         }
-        // Deliveries leave before the sync, so no subscriber (and not the parent) waits for
-        // this relay's disk. Acks wait for it: one sync for the whole batch releases every
-        // ack held on it, so a publisher still hears of a publish only once it is durable, and
-        // a crash before the sync loses only chunks whose publishers were never acked and so
-        // send them again. On failure the acks stay held and the next turn tries again.
-        // The metrics go first, so whoever has seen a delivery sees it counted too.
+        // Deliveries to clients and to the parent leave before the sync, so they never wait
+        // for this relay's disk. Acks wait for it (unless the operator chose a sync
+        // interval): one sync for everything written meanwhile releases every ack held on it,
+        // so a publisher hears of a publish only once it is durable, and a crash before the
+        // sync loses only chunks whose publishers were never acked and so send them again.
+        // Chunks published here reach child relays only after the sync too (the node holds
+        // them), so no child can hold a chunk this relay lost. On failure the acks stay held
+        // and a later sync covers them. The metrics go first, so whoever has seen a delivery
+        // sees it counted too.
         *parts.snapshot.lock().expect("metrics lock") = snapshot(&node);
+        if let Err(err) = node.release_written() {
+            tracing::error!(%err, "writing the store failed; acks are held");
+        }
         push_ready(&mut node, &outs);
-        if let Err(err) = node.flush() {
-            tracing::error!(%err, "syncing the store failed; acks are held");
+        // Sync when publishes wait for their acks, when a timed sync is due, or when a child
+        // relay waits for chunks.
+        let want = match parts.sync_interval {
+            None => node.needs_sync(),
+            Some(_) => (sync_due && node.needs_sync()) || node.child_waits_for_sync(),
+        };
+        if want {
+            sync_due = false;
+            match &mut sync {
+                // On the sync thread: at most one at a time, each covering all writes so far.
+                Some(thread) if !thread.in_flight => match node.begin_sync() {
+                    Ok(Some(ticket)) => {
+                        thread.in_flight = true;
+                        if thread.tickets.send(ticket).is_err() {
+                            tracing::error!("the sync thread is gone; syncing here");
+                            sync = None;
+                            node.sync_failed(ticket);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(err) => tracing::error!(%err, "readying the store for a sync failed"),
+                },
+                Some(_) => {}
+                None => {
+                    if let Err(err) = node.flush() {
+                        tracing::error!(%err, "syncing the store failed; acks are held");
+                    }
+                }
+            }
         }
         let now = now_ms();
         while let Some(Event::Close { link, code }) = node.poll_event() {
@@ -289,6 +374,7 @@ mod tests {
             stop,
             snapshot: Arc::new(Mutex::new(RelayMetrics::default())),
             evict_interval: Duration::from_secs(3600),
+            sync_interval: None,
         };
         let done = spawn(node, parts).unwrap();
 

@@ -167,6 +167,20 @@ pub struct RelayConfig {
     pub max_backlog: usize,
     /// How often expired chunks are evicted, in milliseconds. Default 1000.
     pub evict_interval_ms: u64,
+    /// How publishes are made durable (fjall store; the memory store keeps nothing across a
+    /// restart either way). Unset (the default): a publish is acknowledged after the fsync
+    /// that covers it; fsyncs run on a thread of their own, one for all the publishes that
+    /// arrived meanwhile (group commit). Set to N: a publish is acknowledged once written,
+    /// and the store is synced at least every N milliseconds, so a crash (of the machine or
+    /// the process killed mid-write) can lose the publishes acknowledged in the last N ms.
+    /// That is NATS JetStream's behaviour. Either way a child relay receives a chunk
+    /// published here only once it is synced (see `docs/relay.md`, "Durability").
+    pub sync_interval_ms: Option<u64>,
+    /// The largest UDP payload the QUIC endpoints accept and probe for by path-MTU discovery,
+    /// in bytes (1,200 to 65,527). Default 9000: probes above a path's real MTU are lost and
+    /// cost nothing else, and on loopback or jumbo-frame networks a packet then carries
+    /// several chunks. 1452 keeps every packet within an Ethernet MTU.
+    pub max_udp_payload: u16,
     /// How long to wait before connecting again after the parent refused this relay (a wrong
     /// token, a cycle, another protocol version), in milliseconds. Retrying sooner would only
     /// be refused again; a lost connection is retried within 5 s instead. Default 300000
@@ -215,6 +229,8 @@ impl Default for RelayConfig {
             max_queue: 1024,
             max_backlog: 4096,
             evict_interval_ms: 1000,
+            sync_interval_ms: None,
+            max_udp_payload: canopy_sdk::DEFAULT_MAX_UDP_PAYLOAD,
             parent_refused_backoff_ms: 300_000,
             advertise: false,
             role: None,
@@ -255,6 +271,12 @@ impl RelayConfig {
         }
         if self.evict_interval_ms == 0 {
             bail!("evict_interval_ms must be at least 1");
+        }
+        if self.sync_interval_ms == Some(0) {
+            bail!("sync_interval_ms must be at least 1 (or unset: acknowledge after each fsync)");
+        }
+        if !(1200..=65_527).contains(&self.max_udp_payload) {
+            bail!("max_udp_payload must be between 1200 and 65527 bytes, not {}", self.max_udp_payload);
         }
         if self.parent_refused_backoff_ms == 0 {
             bail!("parent_refused_backoff_ms must be at least 1");

@@ -101,6 +101,8 @@ struct Shared {
     stop: watch::Receiver<Stop>,
     room: Arc<Notify>,
     next_link: AtomicU64,
+    /// The largest UDP payload the QUIC endpoints accept and probe for.
+    max_udp_payload: u16,
 }
 
 impl Shared {
@@ -175,9 +177,10 @@ impl Relay {
                     domain: parent["dns:".len()..].to_string(),
                     trust: canopy_sdk::discovery::TrustConfig { ca_pem, pinned: config.parent_fingerprint.iter().cloned().collect(), trust_dns: config.parent_trust_dns, ..Default::default() },
                     dns: canopy_sdk::discovery::DnsOptions { server: config.dns_server, ..canopy_sdk::discovery::DnsOptions::default() },
+                    max_udp_payload: config.max_udp_payload,
                 })
             }
-            (Some(parent), Some(trust)) => Some(ParentTarget::Addr { addr: parent.clone(), config: canopy_sdk::quic_client_config(&trust)? }),
+            (Some(parent), Some(trust)) => Some(ParentTarget::Addr { addr: parent.clone(), config: canopy_sdk::quic_client_config_with_mtu(&trust, config.max_udp_payload)? }),
             _ => None,
         };
 
@@ -186,6 +189,7 @@ impl Relay {
             access,
             max_queue: config.max_queue,
             max_backlog: config.max_backlog,
+            ack_before_sync: config.sync_interval_ms.is_some(),
             ..NodeConfig::new(id)
         };
         let has_parent = parent.is_some();
@@ -199,8 +203,9 @@ impl Relay {
             stop: stop_rx.clone(),
             snapshot: snapshot.clone(),
             evict_interval: Duration::from_millis(config.evict_interval_ms),
+            sync_interval: config.sync_interval_ms.map(Duration::from_millis),
         };
-        let shared = Arc::new(Shared { to_node, stop: stop_rx.clone(), room: room.clone(), next_link: AtomicU64::new(1) });
+        let shared = Arc::new(Shared { to_node, stop: stop_rx.clone(), room: room.clone(), next_link: AtomicU64::new(1), max_udp_payload: config.max_udp_payload });
         let (node_done, plugins) = task_ext::block_in_place_or_run(|| -> anyhow::Result<_> {
             let host = plugin::Host { to_node: shared.to_node.clone(), room: room.clone(), link_id: &|| shared.link_id() };
             let cache = config.plugin_cache.clone().unwrap_or_else(|| config.data.join("plugin-cache"));
@@ -228,7 +233,7 @@ impl Relay {
         let mut tasks = Vec::new();
         let (mut endpoint, mut socket_released, mut local_addr) = (None, None, None);
         if config.quic_listen {
-            let (quic, released) = bind_listener(tls::server_config(&identity)?, config.listen)
+            let (quic, released) = bind_listener(tls::server_config(&identity, config.max_udp_payload)?, config.listen, config.max_udp_payload)
                 .with_context(|| format!("binding {}", config.listen))?;
             local_addr = Some(quic.local_addr()?);
             tasks.push(tokio::spawn(accept_loop(quic.clone(), shared.clone())));
@@ -308,12 +313,13 @@ impl Relay {
 fn bind_listener(
     server_config: quinn::ServerConfig,
     addr: SocketAddr,
+    max_udp_payload: u16,
 ) -> anyhow::Result<(quinn::Endpoint, oneshot::Receiver<()>)> {
     let runtime = quinn::default_runtime().context("no async runtime")?;
-    let socket = runtime.wrap_udp_socket(std::net::UdpSocket::bind(addr)?)?;
+    let socket = runtime.wrap_udp_socket(canopy_sdk::bind_udp(addr)?)?;
     let (socket, released) = socket::ReleasingSocket::new(socket);
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
+        canopy_sdk::endpoint_config(max_udp_payload),
         Some(server_config),
         socket,
         runtime,
@@ -576,6 +582,8 @@ async fn run_quic_link(
     stop: watch::Receiver<Stop>,
 ) -> anyhow::Result<()> {
     let result = run_link(link, recv, QuicSend { send, conn: conn.clone() }, shared, parent, stop).await;
+    let stats = conn.stats();
+    tracing::debug!(link, path_mtu = stats.path.current_mtu, packets_sent = stats.path.sent_packets, packets_lost = stats.path.lost_packets, "link stats");
     conn.close(quinn::VarInt::from_u32(0), b"closed");
     result
 }
@@ -649,6 +657,8 @@ enum ParentTarget {
         trust: canopy_sdk::discovery::TrustConfig,
         /// How to ask DNS.
         dns: canopy_sdk::discovery::DnsOptions,
+        /// Path-MTU discovery's upper bound for the connections to the candidates.
+        max_udp_payload: u16,
     },
 }
 
@@ -681,14 +691,14 @@ impl ParentTarget {
                 let host = host.trim_start_matches('[').trim_end_matches(']');
                 Ok(vec![ParentCandidate { label: addr.clone(), addr: addr.clone(), server_name: host.to_string(), config: config.clone() }])
             }
-            ParentTarget::Dns { domain, trust, dns } => {
+            ParentTarget::Dns { domain, trust, dns, max_udp_payload } => {
                 let found = canopy_sdk::discovery::lookup(domain, canopy_sdk::discovery::Service::Origin, dns).await?;
                 let mut out = Vec::new();
                 let mut untrusted = Vec::new();
                 for f in found {
                     match canopy_sdk::discovery::trust_for(&f, trust) {
                         Ok((t, server_name)) => {
-                            out.push(ParentCandidate { label: f.to_string(), addr: f.addr.to_string(), server_name, config: canopy_sdk::quic_client_config(&t)? })
+                            out.push(ParentCandidate { label: f.to_string(), addr: f.addr.to_string(), server_name, config: canopy_sdk::quic_client_config_with_mtu(&t, *max_udp_payload)? })
                         }
                         Err(e) => untrusted.push(e.to_string()),
                     }
@@ -744,7 +754,12 @@ async fn connect_parent(
         .next()
         .with_context(|| format!("{} resolves to no address", candidate.addr))?;
     let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-    let endpoint = quinn::Endpoint::client(bind).context("binding a client socket")?;
+    // The endpoint accepts what the candidate's transport probes for (the SDK's default, or
+    // the relay's `max_udp_payload`, whichever is larger).
+    let runtime = quinn::default_runtime().context("no async runtime")?;
+    let socket = canopy_sdk::bind_udp(bind).context("binding a client socket")?;
+    let endpoint = quinn::Endpoint::new(canopy_sdk::endpoint_config(shared.max_udp_payload), None, socket, runtime)
+        .context("binding a client socket")?;
     let mut stop = shared.stop.clone();
     let result = async {
         let connecting = endpoint.connect_with(candidate.config.clone(), addr, &candidate.server_name)?;

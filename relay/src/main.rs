@@ -100,6 +100,19 @@ struct Cli {
     #[serde(skip_serializing_if = "Option::is_none")]
     role: Option<RelayRole>,
 
+    /// Acknowledge publishes once written and fsync the store at least every MS milliseconds
+    /// (JetStream's behaviour; a crash can lose the last MS of acknowledged publishes).
+    /// Without it, a publish is acknowledged after the fsync that covers it.
+    #[arg(long, value_name = "MS")]
+    #[serde(rename = "sync_interval_ms", skip_serializing_if = "Option::is_none")]
+    sync_interval_ms: Option<u64>,
+
+    /// The largest UDP payload the QUIC endpoints accept and probe for [default: 9000];
+    /// 1452 keeps packets within an Ethernet MTU.
+    #[arg(long, value_name = "BYTES")]
+    #[serde(rename = "max_udp_payload", skip_serializing_if = "Option::is_none")]
+    max_udp_payload: Option<u16>,
+
     /// TCP address for the Prometheus endpoint (GET /metrics); off by default.
     #[arg(long, value_name = "ADDR")]
     #[serde(rename = "metrics_listen", skip_serializing_if = "Option::is_none")]
@@ -142,6 +155,8 @@ const ENV_KEYS: &[&str] = &[
     "max_queue",
     "max_backlog",
     "evict_interval_ms",
+    "sync_interval_ms",
+    "max_udp_payload",
     "parent_refused_backoff_ms",
     "advertise",
     "role",

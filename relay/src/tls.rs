@@ -92,15 +92,17 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Keep-alives and idle timeout shared by both directions, so a vanished peer is noticed.
-fn transport() -> Arc<quinn::TransportConfig> {
+fn transport(max_udp_payload: u16) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
+    canopy_sdk::tune_mtu(&mut transport, max_udp_payload);
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
     transport.max_idle_timeout(Some(Duration::from_secs(20).try_into().expect("20 s fits")));
     Arc::new(transport)
 }
 
-/// The QUIC server config for `identity`, offering ALPN `canopy/2`.
-pub fn server_config(identity: &Identity) -> anyhow::Result<quinn::ServerConfig> {
+/// The QUIC server config for `identity`, offering ALPN `canopy/2`, probing paths up to
+/// `max_udp_payload` bytes.
+pub fn server_config(identity: &Identity, max_udp_payload: u16) -> anyhow::Result<quinn::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
@@ -109,7 +111,7 @@ pub fn server_config(identity: &Identity) -> anyhow::Result<quinn::ServerConfig>
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC server config")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport(max_udp_payload));
     Ok(config)
 }
 

@@ -103,6 +103,9 @@ pub struct ConnectOptions {
     /// How long one connection attempt (QUIC + TLS + `Hello` exchange) may take (default
     /// 10 s).
     pub connect_timeout: Duration,
+    /// The largest UDP payload path-MTU discovery probes for towards the relay (default
+    /// [`crate::DEFAULT_MAX_UDP_PAYLOAD`]); 1,452 keeps every packet within an Ethernet MTU.
+    pub max_udp_payload: u16,
 }
 
 impl ConnectOptions {
@@ -123,6 +126,7 @@ impl ConnectOptions {
             server_name: "localhost".into(),
             subscription_buffer: 1024,
             connect_timeout: Duration::from_secs(10),
+            max_udp_payload: crate::tls::DEFAULT_MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -397,6 +401,7 @@ impl Client {
             events: events.clone(),
             connected: connected_tx,
             sessions: 0,
+            outgoing: Vec::new(),
         };
         tokio::spawn(driver.run(session));
         Ok(Client { cmd, ids, buffer, events, connected })
@@ -667,8 +672,13 @@ fn shared_endpoint() -> Result<Arc<quinn::Endpoint>, ClientError> {
         return Ok(endpoint);
     }
     // A dual-stack wildcard socket reaches IPv4 and IPv6 relays; fall back to IPv4 only.
-    let endpoint = quinn::Endpoint::client(SocketAddr::from(([0u16; 8], 0)))
-        .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0u8; 4], 0))))
+    let bind = |addr: SocketAddr| -> std::io::Result<quinn::Endpoint> {
+        let socket = crate::tls::bind_udp(addr)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+        quinn::Endpoint::new(crate::tls::endpoint_config(crate::tls::DEFAULT_MAX_UDP_PAYLOAD), None, socket, runtime)
+    };
+    let endpoint = bind(SocketAddr::from(([0u16; 8], 0)))
+        .or_else(|_| bind(SocketAddr::from(([0u8; 4], 0))))
         .map_err(|e| ClientError::Config(format!("cannot open a UDP socket: {e}")))?;
     let endpoint = Arc::new(endpoint);
     endpoints.push((runtime, Arc::downgrade(&endpoint)));
@@ -713,7 +723,7 @@ struct Connector {
 
 impl Connector {
     fn new(opts: ConnectOptions) -> Result<Self, ClientError> {
-        let config = crate::tls::quic_client_config(&opts.trust)?;
+        let config = crate::tls::quic_client_config_with_mtu(&opts.trust, opts.max_udp_payload)?;
         Ok(Connector { opts: Arc::new(opts), endpoint: shared_endpoint()?, config })
     }
 
@@ -781,8 +791,21 @@ impl Connector {
 
         let (writer, mut frames) = mpsc::unbounded_channel::<Vec<u8>>();
         tokio::spawn(async move {
-            while let Some(bytes) = frames.recv().await {
-                if let Err(e) = send.write_all(&bytes).await {
+            // What piled up while the last write was under way goes out as one write, so a
+            // burst of publishes fills whole QUIC packets instead of one packet per chunk.
+            let mut pending = Vec::new();
+            while frames.recv_many(&mut pending, WRITE_BATCH).await > 0 {
+                let result = if pending.len() == 1 {
+                    send.write_all(&pending[0]).await
+                } else {
+                    let mut joined = Vec::with_capacity(pending.iter().map(Vec::len).sum());
+                    for bytes in &pending {
+                        joined.extend_from_slice(bytes);
+                    }
+                    send.write_all(&joined).await
+                };
+                pending.clear();
+                if let Err(e) = result {
                     debug!("control stream write failed: {e}");
                     return;
                 }
@@ -814,6 +837,19 @@ impl Link {
                 let _ = self.writer.send(bytes);
             }
             Err(e) => warn!("dropping a frame that does not encode: {e}"),
+        }
+    }
+
+    /// Sends many frames as one buffer: one allocation, one channel message, one stream write.
+    fn send_all(&self, frames: &mut Vec<Frame>) {
+        let mut bytes = Vec::new();
+        for frame in frames.drain(..) {
+            if let Err(e) = wire::encode(&frame, &mut bytes) {
+                warn!("dropping a frame that does not encode: {e}");
+            }
+        }
+        if !bytes.is_empty() {
+            let _ = self.writer.send(bytes);
         }
     }
 }
@@ -883,7 +919,14 @@ struct Driver {
     connected: watch::Sender<bool>,
     /// Connections made so far.
     sessions: u64,
+    /// Frames being gathered for one write, kept between flushes for its buffer.
+    outgoing: Vec<Frame>,
 }
+
+/// Commands the driver takes per turn at most before it sends what they queued.
+const COMMAND_BATCH: usize = 256;
+/// Encoded buffers the control stream's writer joins into one write at most.
+const WRITE_BATCH: usize = 64;
 
 impl Driver {
     async fn run(mut self, first: Session) {
@@ -999,7 +1042,22 @@ impl Driver {
                         s.conn.close(0u32.into(), b"client closed");
                         return SessionEnd::Closed;
                     }
-                    Some(cmd) => self.command(cmd),
+                    Some(cmd) => {
+                        self.command(cmd);
+                        // Take what else is queued before sending, so a burst of publishes
+                        // leaves as one write.
+                        for _ in 1..COMMAND_BATCH {
+                            match self.cmd_rx.try_recv() {
+                                Ok(Command::Close) => {
+                                    self.flush(&s);
+                                    s.conn.close(0u32.into(), b"client closed");
+                                    return SessionEnd::Closed;
+                                }
+                                Ok(cmd) => self.command(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                 },
                 read = recv.read(&mut buf) => {
                     let n = match read {
@@ -1034,9 +1092,12 @@ impl Driver {
 
     /// Sends what the session queued.
     fn flush(&mut self, s: &Link) {
+        let mut frames = std::mem::take(&mut self.outgoing);
         while let Some(frame) = self.session.poll_transmit() {
-            s.send(&frame);
+            frames.push(frame);
         }
+        s.send_all(&mut frames);
+        self.outgoing = frames;
     }
 
     /// Hands an application command to the session.

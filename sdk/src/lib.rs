@@ -92,7 +92,10 @@ pub use client::{
     Client, ClientError, ConnectOptions, ConnectionEvent, MAX_BACKOFF, MIN_BACKOFF, PublishError, SubEvent,
     Subscription, now_ms, open_endpoints, probe_fingerprint,
 };
-pub use tls::{Trust, fingerprint, parse_fingerprint, quic_client_config};
+pub use tls::{
+    DEFAULT_MAX_UDP_PAYLOAD, Trust, UDP_SOCKET_BUFFER, bind_udp, endpoint_config, fingerprint, parse_fingerprint,
+    quic_client_config, quic_client_config_with_mtu, tune_mtu,
+};
 
 pub use canopy::wire::{ErrorCode, ReplayMode};
 pub use canopy::{Chunk, Filter, MAX_CHUNK_DATA, Name, Schema};

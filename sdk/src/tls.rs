@@ -98,17 +98,72 @@ fn provider() -> Arc<CryptoProvider> {
 /// assert!(quic_client_config(&Trust::Fingerprint("nope".into())).is_err());
 /// ```
 pub fn quic_client_config(trust: &Trust) -> Result<quinn::ClientConfig, ClientError> {
+    quic_client_config_with_mtu(trust, DEFAULT_MAX_UDP_PAYLOAD)
+}
+
+/// [`quic_client_config`] probing paths up to `max_udp_payload` bytes instead of
+/// [`DEFAULT_MAX_UDP_PAYLOAD`].
+pub fn quic_client_config_with_mtu(trust: &Trust, max_udp_payload: u16) -> Result<quinn::ClientConfig, ClientError> {
     let tls = client_config(trust)?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Config(format!("QUIC TLS setup: {e}")))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
+    tune_mtu(&mut transport, max_udp_payload);
     transport.keep_alive_interval(Some(std::time::Duration::from_secs(4)));
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(std::time::Duration::from_secs(15)).expect("15 s is a valid idle timeout"),
     ));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// The largest UDP payload (bytes of a datagram, without IP and UDP headers) a Canopy QUIC
+/// endpoint accepts and probes for with path-MTU discovery, unless configured otherwise.
+///
+/// QUIC starts every path at 1,200 bytes and probes upwards; a probe that is lost only means
+/// the path is narrower, and a path that later shrinks is noticed (black-hole detection).
+/// Above quinn's 1,452 the probes succeed only where the path allows it: on loopback, between
+/// hosts with jumbo frames, on virtual networks. There a 1 KiB chunk no longer needs a packet
+/// of its own, which is most of the cost of a chunk (see `docs/performance.md`).
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 9_000;
+
+/// Socket buffer size asked for on every Canopy UDP socket (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`). The default of about 200 KiB overflows under a burst of
+/// full-size datagrams; every datagram lost that way costs a retransmission, halves the
+/// congestion window and makes path-MTU discovery fall back to 1,200 bytes.
+pub const UDP_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Sets path-MTU discovery to probe up to `max_udp_payload` (at least 1,200).
+pub fn tune_mtu(transport: &mut quinn::TransportConfig, max_udp_payload: u16) {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(max_udp_payload.max(1200));
+    transport.mtu_discovery_config(Some(mtu));
+}
+
+/// An endpoint configuration that accepts datagrams of up to `max_udp_payload` bytes (and tells
+/// peers so). Values outside 1,200..=65,527 are clamped.
+pub fn endpoint_config(max_udp_payload: u16) -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    let value = max_udp_payload.clamp(1200, 65_527);
+    config.max_udp_payload_size(value).expect("clamped to the allowed range");
+    config
+}
+
+/// Binds a UDP socket for QUIC with [`UDP_SOCKET_BUFFER`]-sized buffers. An IPv6 wildcard
+/// address binds dual-stack.
+pub fn bind_udp(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Dual-stack where the system allows it; an IPv6-only system still binds.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: smaller buffers still work, they just drop more under bursts.
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Builds the rustls client configuration (TLS 1.3 only, ALPN `canopy/2`).
