@@ -1066,7 +1066,9 @@ impl<V: Copy + Eq + Hash> SubscriptionTable<V> {
     /// round first reads one word of every lane's next node or leaf — independent loads the
     /// processor issues together — and only then does the work that depends on them, so the
     /// cache misses of a batch overlap instead of following one another. Calls for different
-    /// indices interleave.
+    /// indices interleave; those for one index come in the order `for_each_match` makes them
+    /// for that name (the routing core relies on it to deliver a run of chunks exactly as it
+    /// would one by one).
     pub fn for_each_match_batch(&self, names: &[Name], mut f: impl FnMut(usize, V)) {
         for (group, chunk) in names.chunks(BATCH_LANES).enumerate() {
             let offset = group * BATCH_LANES;

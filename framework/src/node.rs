@@ -2,7 +2,9 @@
 //!
 //! [`Node`] owns a [`Store`] and a [`SubscriptionTable`], and nothing else: no sockets, tasks
 //! or clocks. Its driver (the `canopy-relay` server, or a test) feeds it link events and
-//! decoded frames with the current time, and takes frames to send from per-link queues. The
+//! decoded frames with the current time ([`Node::handle`] one at a time, or
+//! [`Node::handle_batch`] for what was read from a link at once), and takes frames to send
+//! from per-link queues ([`Node::ready_links`], [`Node::drain`]). The
 //! same code therefore runs over QUIC in production and deterministically, many relays in one
 //! process, in tests — the way quinn-proto sits under quinn.
 //!
@@ -255,7 +257,7 @@ enum Replay {
 struct Link {
     peer: Peer,
     grant: Grant,
-    queue: VecDeque<Frame>,
+    queue: Queue,
     subs: HashMap<u64, Sub>,
     /// Subscriptions with a replay, a backlog or a `ReplayDone` still to send.
     busy: BTreeSet<u64>,
@@ -271,12 +273,49 @@ struct Link {
     released: u64,
 }
 
+/// A link's frames to send, oldest first. Frames enter only through [`Queue::enqueue`];
+/// reading, draining or withdrawing one goes through the `VecDeque`.
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Frame>,
+    /// Whether the link is on the node's list of links with frames waiting (`Node::dirty`):
+    /// set when a frame is queued, cleared when [`Node::drain`] leaves the queue empty.
+    listed: bool,
+}
+
+impl Queue {
+    /// Queues `frame` to send on link `id`. The first frame queued since the link was last
+    /// drained empty also puts it on `dirty`, the node's list of links with frames waiting,
+    /// which [`Node::ready_links`] reads instead of scanning every link.
+    fn enqueue(&mut self, id: LinkId, dirty: &mut Vec<LinkId>, frame: Frame) {
+        if !self.listed {
+            self.listed = true;
+            dirty.push(id);
+        }
+        self.frames.push_back(frame);
+    }
+}
+
+impl std::ops::Deref for Queue {
+    type Target = VecDeque<Frame>;
+
+    fn deref(&self) -> &VecDeque<Frame> {
+        &self.frames
+    }
+}
+
+impl std::ops::DerefMut for Queue {
+    fn deref_mut(&mut self) -> &mut VecDeque<Frame> {
+        &mut self.frames
+    }
+}
+
 impl Link {
     fn new(peer: Peer) -> Self {
         Link {
             peer,
             grant: Grant::default(),
-            queue: VecDeque::new(),
+            queue: Queue::default(),
             subs: HashMap::new(),
             busy: BTreeSet::new(),
             rotor: 0,
@@ -354,6 +393,46 @@ pub struct Node<S> {
     urgent: Vec<LinkId>,
     /// The subscriptions a chunk is delivered to, kept between chunks (see `deliver`).
     targets: Vec<(LinkId, u64)>,
+    /// Buffers [`Node::handle_batch`] matches a run of chunks with, kept between runs.
+    run: RunBuffers,
+    /// Links that may have frames queued: every link with a non-empty queue is here (see
+    /// [`Queue::enqueue`]). Entries of links since drained empty or closed linger, and a link
+    /// drained empty then queued to again is here twice, until the list is compacted (see
+    /// [`Node::unlist`]).
+    dirty: Vec<LinkId>,
+    /// Entries of `dirty` known to be stale (their link drained empty or closed): once they
+    /// are half the list, it is compacted.
+    dirty_stale: usize,
+}
+
+/// The most frames [`Node::handle_batch`] matches against the subscriptions at once. A run
+/// stops early after a frame that made a link urgent, and the lookups done for the frames
+/// after it are done again next time; a few batches of [`BATCH_LANES`] bound that waste
+/// while keeping the lookups' memory loads overlapping.
+///
+/// [`BATCH_LANES`]: crate::matcher::BATCH_LANES
+const MATCH_RUN: usize = 4 * crate::matcher::BATCH_LANES;
+
+/// The buffers a run of chunks is matched with, reused from run to run so that matching
+/// allocates nothing per chunk.
+#[derive(Default)]
+struct RunBuffers {
+    /// The names of the run's chunks.
+    names: Vec<Name>,
+    /// The matches as `for_each_match_batch` reports them: (index in the run, link, id).
+    hits: Vec<(u32, LinkId, u64)>,
+    /// The matches grouped by index, each group in the order the matcher reported it.
+    targets: Vec<(LinkId, u64)>,
+    /// `ends[i]` is where the group of index `i` ends in `targets` (and the next one starts).
+    ends: Vec<usize>,
+}
+
+impl RunBuffers {
+    /// The subscriptions (not on `except`) that the chunk at index `i` of the run matched.
+    fn targets(&self, i: usize) -> &[(LinkId, u64)] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.targets[start..self.ends[i]]
+    }
 }
 
 impl<S: Store> Node<S> {
@@ -377,6 +456,9 @@ impl<S: Store> Node<S> {
             now: 0,
             urgent: Vec::new(),
             targets: Vec::new(),
+            run: RunBuffers::default(),
+            dirty: Vec::new(),
+            dirty_stale: 0,
         }
     }
 
@@ -432,12 +514,13 @@ impl<S: Store> Node<S> {
     pub fn connect_parent(&mut self, link: LinkId) {
         let mut l = Link::new(Peer::ParentPending);
         l.grant = Grant::all();
-        l.queue.push_back(Frame::Hello {
+        let hello = Frame::Hello {
             version: PROTOCOL_VERSION,
             role: Role::Relay,
             relay_path: self.path(),
             token: self.config.parent_token.clone(),
-        });
+        };
+        l.queue.enqueue(link, &mut self.dirty, hello);
         self.links.insert(link, l);
         self.up.link = Some(link);
     }
@@ -450,6 +533,9 @@ impl<S: Store> Node<S> {
         let Some(l) = self.links.remove(&link) else { return };
         if l.child_relay {
             self.child_relays.retain(|other| *other != link);
+        }
+        if l.queue.listed {
+            self.unlist();
         }
         if self.up.link == Some(link) {
             self.up.link = None;
@@ -488,7 +574,30 @@ impl<S: Store> Node<S> {
             }
         }
         self.pump(link);
+        // Drained empty (the pump queued nothing more): off the list of links with frames.
+        if let Some(l) = self.links.get_mut(&link)
+            && l.queue.listed
+            && l.queue.is_empty()
+        {
+            l.queue.listed = false;
+            self.unlist();
+        }
         frames
+    }
+
+    /// Counts one more stale entry in `dirty` (a link drained empty or closed), and compacts
+    /// the list once they are half of it: what stays is each listed link once, in id order.
+    /// A link drained empty and queued to again is on the list twice until then.
+    fn unlist(&mut self) {
+        self.dirty_stale += 1;
+        if self.dirty_stale * 2 < self.dirty.len() {
+            return;
+        }
+        let links = &self.links;
+        self.dirty.retain(|id| links.get(id).is_some_and(|l| l.queue.listed));
+        self.dirty.sort_unstable();
+        self.dirty.dedup();
+        self.dirty_stale = 0;
     }
 
     /// Frames queued for `link`.
@@ -538,12 +647,24 @@ impl<S: Store> Node<S> {
         out.append(&mut self.urgent);
     }
 
-    /// Links that have frames queued.
+    /// Links that have frames queued, in id order.
     pub fn ready_links(&self) -> Vec<LinkId> {
-        let mut ready: Vec<LinkId> =
-            self.links.iter().filter(|(_, l)| !l.queue.is_empty()).map(|(id, _)| *id).collect();
-        ready.sort_unstable();
+        let mut ready = Vec::new();
+        self.ready_links_into(&mut ready);
         ready
+    }
+
+    /// Sets `out` to the links that have frames queued, in id order, like
+    /// [`ready_links`](Self::ready_links) but into a buffer the driver keeps. Either reads
+    /// only the links queued to since they were last drained empty (see [`drain`]), not
+    /// every link.
+    ///
+    /// [`drain`]: Self::drain
+    pub fn ready_links_into(&self, out: &mut Vec<LinkId>) {
+        out.clear();
+        out.extend(self.dirty.iter().copied().filter(|id| self.links.get(id).is_some_and(|l| !l.queue.is_empty())));
+        out.sort_unstable();
+        out.dedup();
     }
 
     /// The refusal that ended the parent session on `link`, if it ended that way: the parent
@@ -594,7 +715,7 @@ impl<S: Store> Node<S> {
         self.store.prepare_sync()?;
         for (link, seq) in std::mem::take(&mut self.unacked) {
             if let Some(l) = self.links.get_mut(&link) {
-                l.queue.push_back(Frame::Ack { seq });
+                l.queue.enqueue(link, &mut self.dirty, Frame::Ack { seq });
             }
         }
         Ok(())
@@ -648,7 +769,7 @@ impl<S: Store> Node<S> {
             let done = self.syncing.pop_front().expect("checked");
             for (link, seq) in done.acks {
                 if let Some(l) = self.links.get_mut(&link) {
-                    l.queue.push_back(Frame::Ack { seq });
+                    l.queue.enqueue(link, &mut self.dirty, Frame::Ack { seq });
                 }
             }
             for (link, mark) in done.marks {
@@ -714,10 +835,10 @@ impl<S: Store> Node<S> {
             }
             (Peer::Downstream, Frame::Credit { id, credit }) => self.on_credit(link, id, credit),
             (Peer::Downstream, Frame::Unsubscribe { id }) => self.on_unsubscribe(link, id),
-            (Peer::Downstream, Frame::Publish { seq, chunk }) => self.on_publish(link, seq, chunk, now),
+            (Peer::Downstream, Frame::Publish { seq, chunk }) => self.on_publish(link, seq, &chunk, now, None),
             (Peer::Parent, Frame::Deliver { id, chunk }) => {
                 self.spend_upstream_credit(link, id);
-                self.on_chunk_from_parent(link, chunk, now)
+                self.on_chunk_from_parent(link, &chunk, now, None)
             }
             // An answer about a number still in our queue is not about anything the parent
             // received: ignored, like an unknown number. Otherwise a parent acking (or ending)
@@ -735,6 +856,110 @@ impl<S: Store> Node<S> {
             }
             (Peer::Parent, Frame::ReplayDone { .. } | Frame::Error { .. }) => {}
             (_, _) => self.fail(link, None, ErrorCode::Malformed, "frame not valid in this direction"),
+        }
+    }
+
+    /// Handles the frames of `frames` received on `link` at time `now`, from the front,
+    /// removing each one handled: exactly as [`handle`](Self::handle) would, one by one, but
+    /// each run of consecutive chunks (publishes from a client or a child, deliveries from the
+    /// parent) is matched against the subscriptions with one
+    /// [`for_each_match_batch`](SubscriptionTable::for_each_match_batch) lookup, up to 64
+    /// chunks at a time — most of the work of a publish in a relay with many subscriptions.
+    ///
+    /// Everything else happens frame by frame, in order, as in `handle`: each chunk is stored
+    /// (deciding duplicates and conflicts), forwarded up and delivered before the next one is
+    /// stored, so what the link queues hold afterwards, in what order, is exactly what calling
+    /// `handle` for each frame would have left. Only the lookups move ahead, which is sound
+    /// because nothing in a run adds a subscription: any other frame (`Subscribe`,
+    /// `Unsubscribe`, `Credit`, ...) ends the run, and a subscription ended within it (a slow
+    /// consumer) is skipped when later chunks of the run reach it, as a lookup then would
+    /// have. The names of chunks that turn out to be duplicates are looked up for nothing.
+    ///
+    /// Returns early, leaving the frames not yet handled in `frames`, after a frame that made
+    /// a link's queue cross half its bound: the driver calls [`take_urgent`](Self::take_urgent),
+    /// drains those links, and calls again with what is left — what a driver calling `handle`
+    /// then `take_urgent` for each frame does, with the same result. A run cut short this way
+    /// looks up the names after the cut again next time. Frames for a link the node does not
+    /// know are dropped, as `handle` drops them.
+    ///
+    /// ```ignore
+    /// let mut frames = VecDeque::from(frames); // O(1) from a Vec
+    /// while !frames.is_empty() {
+    ///     node.handle_batch(link, &mut frames, now);
+    ///     node.take_urgent(&mut urgent);
+    ///     // ... drain the urgent links ...
+    /// }
+    /// ```
+    pub fn handle_batch(&mut self, link: LinkId, frames: &mut VecDeque<Frame>, now: u64) {
+        self.now = self.now.max(now);
+        let urgent = self.urgent.len();
+        while self.urgent.len() == urgent {
+            let Some(peer) = self.links.get(&link).map(|l| l.peer) else {
+                frames.clear();
+                return;
+            };
+            let run = frames.iter().take(MATCH_RUN).take_while(|f| run_chunk(peer, f).is_some()).count();
+            if run < 2 {
+                // Not a chunk, or a lone one: the frame-by-frame path.
+                let Some(frame) = frames.pop_front() else { return };
+                self.handle(link, frame, now);
+                continue;
+            }
+            // The run's buffers stay out of `self` while its frames are handled.
+            let mut buffers = std::mem::take(&mut self.run);
+            buffers.names.clear();
+            buffers.names.extend(frames.iter().take(run).filter_map(|f| run_chunk(peer, f)).map(Chunk::name));
+            self.match_run(&mut buffers, link);
+            for i in 0..run {
+                let frame = frames.pop_front().expect("counted in the run");
+                let targets = Some(buffers.targets(i));
+                match frame {
+                    Frame::Publish { seq, chunk } => self.on_publish(link, seq, &chunk, now, targets),
+                    Frame::Deliver { id, chunk } => {
+                        self.spend_upstream_credit(link, id);
+                        self.on_chunk_from_parent(link, &chunk, now, targets)
+                    }
+                    _ => unreachable!("a run holds only chunks"),
+                }
+                if self.urgent.len() != urgent {
+                    break;
+                }
+            }
+            self.run = buffers;
+        }
+    }
+
+    /// Matches the names in `buffers.names` against the subscriptions in one batched lookup,
+    /// leaving in `buffers.targets` the subscriptions not on `except` that each name matched,
+    /// grouped by name in the order given (a counting sort, stable: within a name, the order
+    /// in which [`SubscriptionTable::for_each_match`] would have visited them).
+    fn match_run(&self, buffers: &mut RunBuffers, except: LinkId) {
+        let RunBuffers { names, hits, targets, ends } = buffers;
+        hits.clear();
+        self.table.for_each_match_batch(names, |i, (link, id)| {
+            if link != except {
+                hits.push((i as u32, link, id));
+            }
+        });
+        // Count the hits of each name, then turn the counts into where each group starts.
+        ends.clear();
+        ends.resize(names.len(), 0);
+        for &(i, _, _) in hits.iter() {
+            ends[i as usize] += 1;
+        }
+        let mut start = 0;
+        for end in ends.iter_mut() {
+            let count = *end;
+            *end = start;
+            start += count;
+        }
+        // Each hit goes to its group's cursor, which ends at the group's end.
+        targets.clear();
+        targets.resize(hits.len(), (0, 0));
+        for &(i, link, id) in hits.iter() {
+            let at = &mut ends[i as usize];
+            targets[*at] = (link, id);
+            *at += 1;
         }
     }
 
@@ -769,7 +994,7 @@ impl<S: Store> Node<S> {
             l.released = l.drained + l.queue.len() as u64 + 1;
             self.child_relays.push(link);
         }
-        l.queue.push_back(hello);
+        l.queue.enqueue(link, &mut self.dirty, hello);
     }
 
     fn on_parent_hello(&mut self, link: LinkId, version: u16, path: Vec<RelayId>) {
@@ -824,7 +1049,7 @@ impl<S: Store> Node<S> {
         let l = self.links.get_mut(&link).expect("link exists");
         l.subs.insert(id, sub);
         if live_only {
-            l.queue.push_back(Frame::ReplayDone { id });
+            l.queue.enqueue(link, &mut self.dirty, Frame::ReplayDone { id });
         } else {
             l.busy.insert(id);
         }
@@ -863,7 +1088,10 @@ impl<S: Store> Node<S> {
         }
     }
 
-    fn on_publish(&mut self, link: LinkId, seq: u64, chunk: Chunk, now: u64) {
+    /// Stores a chunk a client or a child published, forwards it up and queues it to the
+    /// covering subscriptions: those in `matched` if the caller looked them up already (see
+    /// [`handle_batch`](Self::handle_batch)), else looked up here.
+    fn on_publish(&mut self, link: LinkId, seq: u64, chunk: &Chunk, now: u64, matched: Option<&[(LinkId, u64)]>) {
         self.metrics.chunks_in += 1;
         let name = chunk.name();
         if !self.links[&link].grant.may_publish(name) {
@@ -875,16 +1103,16 @@ impl<S: Store> Node<S> {
             let msg = format!("chunk {name} expired at {} (now {now})", chunk.expiry());
             return self.error(link, Some(seq), ErrorCode::Expired, &msg);
         }
-        match self.store.insert(&chunk) {
+        match self.store.insert(chunk) {
             Ok(InsertOutcome::Inserted) => {
                 self.metrics.stored += 1;
                 if self.has_parent {
                     if let Err(err) = self.store.outbox_push(name) {
                         return self.error(link, Some(seq), ErrorCode::Internal, &err.to_string());
                     }
-                    self.send_up(&chunk);
+                    self.send_up(chunk);
                 }
-                self.deliver(&chunk, Some(link));
+                self.deliver(chunk, link, matched);
                 self.unsynced = true;
                 self.ack(link, seq);
             }
@@ -899,7 +1127,7 @@ impl<S: Store> Node<S> {
                         return self.error(link, Some(seq), ErrorCode::Internal, &err.to_string());
                     }
                     if !self.up.inflight_names.contains(&name) {
-                        self.send_up(&chunk);
+                        self.send_up(chunk);
                     }
                 }
                 self.ack(link, seq);
@@ -920,37 +1148,52 @@ impl<S: Store> Node<S> {
         self.unacked.push((link, seq));
     }
 
-    fn on_chunk_from_parent(&mut self, link: LinkId, chunk: Chunk, now: u64) {
+    /// Stores a chunk the parent delivered and queues it to the covering subscriptions, those
+    /// in `matched` if the caller looked them up already (as [`on_publish`](Self::on_publish)).
+    fn on_chunk_from_parent(&mut self, link: LinkId, chunk: &Chunk, now: u64, matched: Option<&[(LinkId, u64)]>) {
         self.metrics.chunks_in += 1;
         if chunk.is_expired(now) {
             return;
         }
-        match self.store.insert(&chunk) {
+        match self.store.insert(chunk) {
             Ok(InsertOutcome::Inserted) => {
                 self.metrics.stored += 1;
-                self.deliver(&chunk, Some(link));
+                self.deliver(chunk, link, matched);
             }
             Ok(InsertOutcome::Duplicate) => self.metrics.duplicates += 1,
             Ok(InsertOutcome::Conflict) => self.metrics.conflicts += 1,
             // Our cache is full of longer-lived chunks; the chunk still reaches live
             // subscribers, it just is not cached here.
-            Err(StoreError::Full { .. }) => self.deliver(&chunk, Some(link)),
+            Err(StoreError::Full { .. }) => self.deliver(chunk, link, matched),
             Err(_) => {}
         }
     }
 
-    /// Queues a newly stored chunk to every covering subscription not on `except`.
-    fn deliver(&mut self, chunk: &Chunk, except: Option<LinkId>) {
+    /// Queues a newly stored chunk to every covering subscription not on `except`: those in
+    /// `matched` (looked up with the chunks of a run, before the frames ahead of this one
+    /// were handled), else looked up now.
+    fn deliver(&mut self, chunk: &Chunk, except: LinkId, matched: Option<&[(LinkId, u64)]>) {
+        if let Some(targets) = matched {
+            return self.deliver_to(chunk, targets);
+        }
         // The targets' list is kept between chunks: no allocation per chunk.
         let mut targets = std::mem::take(&mut self.targets);
         targets.clear();
         self.table.for_each_match(chunk.name(), |(link, id)| {
-            if Some(link) != except {
+            if link != except {
                 targets.push((link, id));
             }
         });
+        self.deliver_to(chunk, &targets);
+        self.targets = targets;
+    }
+
+    /// Queues a chunk to `targets`, or to their backlogs. A target whose subscription has
+    /// ended since it was looked up (only a slow consumer, within a run) is skipped, as a
+    /// lookup now would have skipped it.
+    fn deliver_to(&mut self, chunk: &Chunk, targets: &[(LinkId, u64)]) {
         let (max_queue, max_backlog) = (self.config.max_queue, self.config.max_backlog);
-        for &(link, id) in &targets {
+        for &(link, id) in targets {
             let Some(l) = self.links.get_mut(&link) else { continue };
             let Some(sub) = l.subs.get_mut(&id) else { continue };
             match sub.replay() {
@@ -964,7 +1207,7 @@ impl<S: Store> Node<S> {
             if !sub.busy() && sub.credit > 0 && l.queue.len() < max_queue {
                 // The hot path: nothing waiting ahead of it, and room all the way.
                 sub.credit -= 1;
-                l.queue.push_back(Frame::Deliver { id, chunk: chunk.clone() });
+                l.queue.enqueue(link, &mut self.dirty, Frame::Deliver { id, chunk: chunk.clone() });
                 self.metrics.chunks_out += 1;
                 if l.queue.len() == max_queue.div_ceil(2) {
                     self.urgent.push(link);
@@ -976,7 +1219,6 @@ impl<S: Store> Node<S> {
                 self.slow_consumer(link, id);
             }
         }
-        self.targets = targets;
     }
 
     fn slow_consumer(&mut self, link: LinkId, id: u64) {
@@ -1049,7 +1291,7 @@ impl<S: Store> Node<S> {
                         let Some(chunk) = list.pop_front() else { break };
                         // Listed when the subscription opened; it may have expired since.
                         if !chunk.is_expired(now) {
-                            l.queue.push_back(Frame::Deliver { id, chunk });
+                            l.queue.enqueue(link, &mut self.dirty, Frame::Deliver { id, chunk });
                             sent += 1;
                         }
                     }
@@ -1079,7 +1321,7 @@ impl<S: Store> Node<S> {
                             }
                         }
                         for chunk in batch {
-                            l.queue.push_back(Frame::Deliver { id, chunk });
+                            l.queue.enqueue(link, &mut self.dirty, Frame::Deliver { id, chunk });
                             sent += 1;
                         }
                     }
@@ -1099,7 +1341,7 @@ impl<S: Store> Node<S> {
         let room = room(l.queue.len(), sub.credit.into(), quota.saturating_sub(sent));
         let take = room.min(work.backlog.len());
         for chunk in work.backlog.drain(..take) {
-            l.queue.push_back(Frame::Deliver { id, chunk });
+            l.queue.enqueue(link, &mut self.dirty, Frame::Deliver { id, chunk });
         }
         sub.credit -= u32::try_from(take).expect("at most the credit");
         sent += take;
@@ -1108,7 +1350,7 @@ impl<S: Store> Node<S> {
             *held = held.saturating_sub(take);
             if *held == 0 {
                 work.done_after = None;
-                l.queue.push_back(Frame::ReplayDone { id });
+                l.queue.enqueue(link, &mut self.dirty, Frame::ReplayDone { id });
                 if !sub.live {
                     l.busy.remove(&id);
                     let sub = l.subs.remove(&id).expect("present");
@@ -1195,7 +1437,7 @@ impl<S: Store> Node<S> {
         if let Some(link) = self.parent_ready() {
             let credit = self.config.upstream_credit;
             let frame = Frame::Subscribe { id, filter, mode: ReplayMode::CachedAndLive, credit };
-            self.links.get_mut(&link).expect("parent").queue.push_back(frame);
+            self.links.get_mut(&link).expect("parent").queue.enqueue(link, &mut self.dirty, frame);
             self.up.by_id.insert(id, (filter, 0));
         }
     }
@@ -1204,18 +1446,18 @@ impl<S: Store> Node<S> {
         let Some(id) = self.up.subscribed.remove(&filter) else { return };
         self.up.by_id.remove(&id);
         if let Some(link) = self.parent_ready() {
-            let queue = &mut self.links.get_mut(&link).expect("parent").queue;
+            let l = self.links.get_mut(&link).expect("parent");
             // A `Subscribe` the parent has not been sent yet is withdrawn instead: otherwise a
             // client subscribing and unsubscribing in a loop while the parent link is slow
             // would grow its queue by two frames a turn, without bound.
             let queued = (id > self.up.sent)
-                .then(|| queue.iter().position(|f| matches!(f, Frame::Subscribe { id: i, .. } if *i == id)))
+                .then(|| l.queue.iter().position(|f| matches!(f, Frame::Subscribe { id: i, .. } if *i == id)))
                 .flatten();
             match queued {
                 Some(pos) => {
-                    queue.remove(pos);
+                    l.queue.remove(pos);
                 }
-                None => queue.push_back(Frame::Unsubscribe { id }),
+                None => l.queue.enqueue(link, &mut self.dirty, Frame::Unsubscribe { id }),
             }
         }
     }
@@ -1238,7 +1480,7 @@ impl<S: Store> Node<S> {
             });
             match queued {
                 Some(queued) => *queued = queued.saturating_add(credit),
-                None => l.queue.push_back(Frame::Credit { id, credit }),
+                None => l.queue.enqueue(link, &mut self.dirty, Frame::Credit { id, credit }),
             }
         }
     }
@@ -1280,7 +1522,7 @@ impl<S: Store> Node<S> {
         self.up.inflight.insert(seq, chunk.name());
         self.up.inflight_names.insert(chunk.name());
         let frame = Frame::Publish { seq, chunk: chunk.clone() };
-        self.links.get_mut(&link).expect("parent").queue.push_back(frame);
+        self.links.get_mut(&link).expect("parent").queue.enqueue(link, &mut self.dirty, frame);
     }
 
     fn on_upstream_ack(&mut self, seq: u64, rejected: bool) {
@@ -1338,7 +1580,7 @@ impl<S: Store> Node<S> {
     /// Queues an error frame about a publish or subscription; the link stays open.
     fn error(&mut self, link: LinkId, about: Option<u64>, code: ErrorCode, message: &str) {
         if let Some(l) = self.links.get_mut(&link) {
-            l.queue.push_back(Frame::Error { code, about, message: message.to_owned() });
+            l.queue.enqueue(link, &mut self.dirty, Frame::Error { code, about, message: message.to_owned() });
         }
     }
 
@@ -1359,6 +1601,16 @@ impl<S: Store> Node<S> {
     fn fail(&mut self, link: LinkId, about: Option<u64>, code: ErrorCode, message: &str) {
         self.error(link, about, code, message);
         self.events.push_back(Event::Close { link, code });
+    }
+}
+
+/// The chunk of `frame` if, arriving from a peer of kind `peer`, it is one that
+/// [`Node::handle_batch`] matches in a run: a client's or child's `Publish`, the parent's
+/// `Deliver`.
+fn run_chunk(peer: Peer, frame: &Frame) -> Option<&Chunk> {
+    match (peer, frame) {
+        (Peer::Downstream, Frame::Publish { chunk, .. }) | (Peer::Parent, Frame::Deliver { chunk, .. }) => Some(chunk),
+        _ => None,
     }
 }
 
@@ -1692,6 +1944,338 @@ mod tests {
         node.release_written().unwrap();
         assert_eq!(node.drain(2, usize::MAX, 0), vec![Frame::Ack { seq: 2 }]);
         assert!(!node.needs_sync());
+    }
+
+    /// A small deterministic generator (xorshift64*), so a failing seed replays exactly.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        /// Uniform in `0..n`.
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    /// The links with frames queued, found the old way: by looking at every link.
+    fn scan_ready(node: &Node<MemoryStore>) -> Vec<LinkId> {
+        let mut ready: Vec<LinkId> =
+            node.links.iter().filter(|(_, l)| !l.queue.is_empty()).map(|(id, _)| *id).collect();
+        ready.sort_unstable();
+        ready
+    }
+
+    /// A relay under pressure: tiny queues, backlogs, credit and outbox window, a store that
+    /// evicts, and a token that may publish under two of the four topics.
+    fn batch_test_node() -> Node<MemoryStore> {
+        let mut config = NodeConfig::new(RelayId(1));
+        config.max_queue = 8;
+        config.max_backlog = 6;
+        config.upstream_credit = 4;
+        config.outbox_window = 3;
+        config.max_most_recent = 3;
+        let topic = |t: u128| Filter::new(Name::new(TEN | (t << 112)), 16).unwrap();
+        let publish = vec![topic(0), topic(1), topic(2)];
+        config.access = Access::with_rules([("t".to_owned(), Grant { publish, subscribe: vec![Filter::ALL] })]);
+        let capacity = 60 * crate::store::stored_size(&chunk(TEN));
+        let mut node = Node::new(config, MemoryStore::new(capacity), true);
+        node.connect_parent(1);
+        node.handle(
+            1,
+            Frame::Hello { version: PROTOCOL_VERSION, role: Role::Relay, relay_path: vec![RelayId(9)], token: None },
+            0,
+        );
+        node
+    }
+
+    /// The `n`th name of the random test below, in one of four topics.
+    fn test_name(n: u64) -> Name {
+        let topic = u128::from(n.wrapping_mul(0x9e37_79b9) >> 7) % 4;
+        Name::new(TEN | (topic << 112) | u128::from(n))
+    }
+
+    /// One random frame for `link`: `seq` numbers publishes and `names` counts the chunk
+    /// names used so far; `up_ids` and `up_seqs` are the upstream subscription ids and publish
+    /// numbers seen going to the parent.
+    fn random_frame(
+        rng: &mut Rng,
+        link: LinkId,
+        seq: &mut u64,
+        names: &mut u64,
+        up_ids: &[u64],
+        up_seqs: &[u64],
+    ) -> Frame {
+        let chunk = |rng: &mut Rng, names: &mut u64| {
+            // Mostly a fresh name, sometimes a recent one again.
+            let n = if rng.chance(75) {
+                *names += 1;
+                *names
+            } else {
+                names.saturating_sub(rng.below(30))
+            };
+            // The expiry goes with the name, so a chunk published again is a duplicate, but the
+            // data differs now and then (a conflict). Time moves on about one unit per ten
+            // names: some expire soon, some arrive expired.
+            let expiry = n / 10 + (n % 5) * 8;
+            Chunk::new(test_name(n), expiry, vec![1 + u8::from(rng.chance(3))]).unwrap()
+        };
+        let pick =
+            |rng: &mut Rng, from: &[u64]| from.get(rng.below(from.len() as u64 + 1) as usize).copied().unwrap_or(0);
+        if link == 1 {
+            match rng.below(100) {
+                0..75 => Frame::Deliver { id: pick(rng, up_ids), chunk: chunk(rng, names) },
+                75..88 => Frame::Ack { seq: pick(rng, up_seqs) },
+                88..95 => Frame::Error {
+                    code: if rng.chance(70) { ErrorCode::SlowConsumer } else { ErrorCode::Conflict },
+                    about: Some(if rng.chance(50) { pick(rng, up_ids) } else { pick(rng, up_seqs) }),
+                    message: String::new(),
+                },
+                _ => Frame::ReplayDone { id: pick(rng, up_ids) },
+            }
+        } else {
+            match rng.below(100) {
+                0..72 => {
+                    *seq += 1;
+                    Frame::Publish { seq: *seq, chunk: chunk(rng, names) }
+                }
+                72..84 => {
+                    let filter = match rng.below(4) {
+                        0 => Filter::new(Name::new(TEN), 8).unwrap(),
+                        1 | 2 => Filter::new(Name::new(TEN | (u128::from(rng.below(4)) << 112)), 16).unwrap(),
+                        // One name, recent or about to come.
+                        _ => Filter::new(test_name((*names + rng.below(10)).saturating_sub(5)), 128).unwrap(),
+                    };
+                    let modes = [
+                        ReplayMode::LiveOnly,
+                        ReplayMode::CachedAndLive,
+                        ReplayMode::CachedOnly,
+                        ReplayMode::MostRecent(2),
+                    ];
+                    let mode = modes[rng.below(4) as usize];
+                    Frame::Subscribe { id: rng.below(5), filter, mode, credit: rng.below(30) as u32 }
+                }
+                84..92 => Frame::Credit { id: rng.below(5), credit: 1 + rng.below(20) as u32 },
+                92..99 => Frame::Unsubscribe { id: rng.below(5) },
+                _ => Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: None },
+            }
+        }
+    }
+
+    /// `handle_batch` leaves exactly what `handle` frame by frame leaves: for random frames
+    /// (runs of publishes and of deliveries from the parent, among subscribes, unsubscribes,
+    /// credit, acks and errors) on several links of a relay whose queues, backlogs, store and
+    /// outbox all overflow, a driver that takes the urgent links after each `handle` and one
+    /// that takes them after each `handle_batch` drain the same frames, in the same order,
+    /// at every step; `ready_links` names exactly the links with frames queued throughout.
+    #[test]
+    fn handle_batch_equals_handle_frame_by_frame() {
+        let mut totals = Metrics::default();
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let (mut one, mut batch) = (batch_test_node(), batch_test_node());
+            let hello = Frame::Hello {
+                version: PROTOCOL_VERSION,
+                role: Role::Client,
+                relay_path: vec![],
+                token: Some("t".to_owned()),
+            };
+            let mut clients: Vec<LinkId> = vec![2, 3, 4, 5];
+            for &link in &clients {
+                one.accept(link);
+                batch.accept(link);
+                one.handle(link, hello.clone(), 0);
+                batch.handle_batch(link, &mut VecDeque::from([hello.clone()]), 0);
+            }
+            let (mut next_link, mut seq, mut names, mut now) = (6, 0u64, 0u64, 0);
+            let (mut up_ids, mut up_seqs) = (Vec::new(), Vec::new());
+            let mut urgent = Vec::new();
+            // The numbers of what went to the parent, for its answers to name.
+            fn note_sent(frames: &[Frame], up_ids: &mut Vec<u64>, up_seqs: &mut Vec<u64>) {
+                for frame in frames {
+                    match frame {
+                        Frame::Subscribe { id, .. } => up_ids.push(*id),
+                        Frame::Publish { seq, .. } => up_seqs.push(*seq),
+                        _ => {}
+                    }
+                }
+            }
+            for step in 0..300 {
+                let context = format!("seed {seed} step {step}");
+                now = names / 10;
+                match rng.below(100) {
+                    0..55 => {
+                        let link = if rng.chance(30) { 1 } else { clients[rng.below(clients.len() as u64) as usize] };
+                        let len = if rng.chance(20) { 1 + rng.below(150) } else { 1 + rng.below(20) };
+                        let frames: Vec<Frame> = (0..len)
+                            .map(|_| random_frame(&mut rng, link, &mut seq, &mut names, &up_ids, &up_seqs))
+                            .collect();
+                        let mut sent_one = Vec::new();
+                        for frame in frames.clone() {
+                            one.handle(link, frame, now);
+                            one.take_urgent(&mut urgent);
+                            for l in urgent.drain(..) {
+                                sent_one.push((l, one.drain(l, 3, now)));
+                            }
+                        }
+                        let mut sent_batch = Vec::new();
+                        let mut frames = VecDeque::from(frames);
+                        while !frames.is_empty() {
+                            batch.handle_batch(link, &mut frames, now);
+                            batch.take_urgent(&mut urgent);
+                            for l in urgent.drain(..) {
+                                sent_batch.push((l, batch.drain(l, 3, now)));
+                            }
+                        }
+                        assert_eq!(sent_one, sent_batch, "{context}");
+                        for (_, frames) in &sent_one {
+                            note_sent(frames, &mut up_ids, &mut up_seqs);
+                        }
+                    }
+                    55..80 => {
+                        let ready = one.ready_links();
+                        if let Some(&link) = ready.get(rng.below(ready.len() as u64 + 1) as usize) {
+                            let max = if rng.chance(30) { usize::MAX } else { rng.below(6) as usize };
+                            let sent = one.drain(link, max, now);
+                            assert_eq!(sent, batch.drain(link, max, now), "{context}");
+                            note_sent(&sent, &mut up_ids, &mut up_seqs);
+                        }
+                    }
+                    80..92 => {
+                        one.flush().unwrap();
+                        batch.flush().unwrap();
+                    }
+                    92..96 => {
+                        one.tick(now).unwrap();
+                        batch.tick(now).unwrap();
+                    }
+                    _ => {
+                        // A client leaves, with whatever it had queued; another arrives.
+                        let gone = clients.remove(rng.below(clients.len() as u64) as usize);
+                        one.link_closed(gone);
+                        batch.link_closed(gone);
+                        clients.push(next_link);
+                        for node in [&mut one, &mut batch] {
+                            node.accept(next_link);
+                            node.handle(next_link, hello.clone(), now);
+                        }
+                        next_link += 1;
+                    }
+                }
+                let events =
+                    |node: &mut Node<MemoryStore>| std::iter::from_fn(|| node.poll_event()).collect::<Vec<_>>();
+                assert_eq!(events(&mut one), events(&mut batch), "{context}");
+                assert_eq!(one.ready_links(), scan_ready(&one), "{context}");
+                assert_eq!(batch.ready_links(), scan_ready(&batch), "{context}");
+                assert_eq!(one.metrics(), batch.metrics(), "{context}");
+            }
+            for link in one.link_ids() {
+                assert_eq!(one.drain(link, usize::MAX, now), batch.drain(link, usize::MAX, now), "seed {seed}");
+            }
+            assert_eq!(one.store().stats(), batch.store().stats());
+            let m = one.metrics();
+            totals.chunks_out += m.chunks_out;
+            totals.slow_consumers += m.slow_consumers;
+            totals.duplicates += m.duplicates;
+            totals.conflicts += m.conflicts;
+            totals.denied += m.denied;
+            totals.upstream_resubscribed += m.upstream_resubscribed;
+        }
+        // The runs met every case.
+        assert!(totals.chunks_out > 1000, "{totals:?}");
+        for count in
+            [totals.slow_consumers, totals.duplicates, totals.conflicts, totals.denied, totals.upstream_resubscribed]
+        {
+            assert!(count > 0, "{totals:?}");
+        }
+    }
+
+    /// `ready_links` names exactly the links with frames queued: a link joins when a frame is
+    /// queued to it (an answer, a delivery, an ack after a flush, a frame to the parent),
+    /// stays while drained partly, leaves when drained empty or closed, and one whose only
+    /// frame was withdrawn is not named. The list behind it stays as small as the links.
+    #[test]
+    fn ready_links_names_the_links_with_frames_queued() {
+        let mut node = child_with_client(NodeConfig::new(RelayId(1)));
+        let mut into = vec![99];
+        node.ready_links_into(&mut into);
+        assert!(node.ready_links().is_empty() && into.is_empty());
+        node.accept(3);
+        node.handle(
+            3,
+            Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: None },
+            0,
+        );
+        assert_eq!(node.ready_links(), vec![3]);
+        node.drain(3, usize::MAX, 0);
+        assert!(node.ready_links().is_empty());
+
+        // A subscription: `ReplayDone` for the client, `Subscribe` for the parent.
+        let filter = Filter::new(Name::new(TEN), 8).unwrap();
+        node.handle(2, Frame::Subscribe { id: 1, filter, mode: ReplayMode::LiveOnly, credit: 10 }, 0);
+        assert_eq!(node.ready_links(), vec![1, 2]);
+        // Withdrawn before it was sent: the parent's queue is empty again.
+        node.handle(2, Frame::Unsubscribe { id: 1 }, 0);
+        assert_eq!(node.queued(1), 0);
+        assert_eq!(node.ready_links(), vec![2]);
+        node.drain(1, usize::MAX, 0);
+        node.drain(2, usize::MAX, 0);
+        assert!(node.ready_links().is_empty());
+
+        // Publishes from 3 reach the subscriber on 2 and the parent; acks wait for the flush.
+        node.handle(2, Frame::Subscribe { id: 1, filter, mode: ReplayMode::LiveOnly, credit: 10 }, 0);
+        node.drain(1, usize::MAX, 0);
+        node.drain(2, usize::MAX, 0);
+        for i in 0..3 {
+            node.handle(3, Frame::Publish { seq: i, chunk: chunk(TEN + u128::from(i)) }, 0);
+        }
+        assert_eq!(node.ready_links(), vec![1, 2]);
+        node.flush().unwrap();
+        assert_eq!(node.ready_links(), vec![1, 2, 3]);
+        // Drained in part, a link stays; drained empty, it leaves.
+        assert_eq!(node.drain(2, 2, 0).len(), 2);
+        assert_eq!(node.ready_links(), vec![1, 2, 3]);
+        node.drain(2, usize::MAX, 0);
+        node.ready_links_into(&mut into);
+        assert_eq!(into, vec![1, 3]);
+        // Closed, it leaves too.
+        node.link_closed(3);
+        assert_eq!(node.ready_links(), vec![1]);
+        assert_eq!(node.ready_links(), scan_ready(&node));
+
+        // Clients come and go, publish and are drained, some closing with frames queued: the
+        // list stays within twice the links.
+        let hello = Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: None };
+        for link in 10..2000u64 {
+            node.accept(link);
+            node.handle(link, hello.clone(), 0);
+            node.handle(link, Frame::Publish { seq: link, chunk: chunk(TEN + u128::from(link)) }, 0);
+            node.flush().unwrap();
+            if link % 3 == 0 {
+                node.link_closed(link - 1);
+            }
+            for ready in node.ready_links() {
+                if ready != link {
+                    node.drain(ready, usize::MAX, 0);
+                }
+            }
+            assert_eq!(node.ready_links(), scan_ready(&node));
+            assert!(
+                node.dirty.len() <= 2 * node.links.len() + 2,
+                "{} listed, {} links",
+                node.dirty.len(),
+                node.links.len()
+            );
+        }
     }
 
     #[test]

@@ -114,6 +114,8 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
     let mut sync_tick = tokio::time::interval(parts.sync_interval.unwrap_or(Duration::from_secs(3600)));
     sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sync_due = false;
+    // The links with frames waiting, kept between turns for its buffer.
+    let mut ready = Vec::new();
     loop {
         tokio::select! {
             biased;
@@ -186,7 +188,7 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
         if let Err(err) = node.release_written() {
             tracing::error!(%err, "writing the store failed; acks are held");
         }
-        push_ready(&mut node, &outs);
+        push_ready(&mut node, &outs, &mut ready);
         // Sync when publishes wait for their acks, when a timed sync is due, or when a child
         // relay waits for chunks.
         let want = match parts.sync_interval {
@@ -225,15 +227,16 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
             }
             node.link_closed(link);
         }
-        push_ready(&mut node, &outs);
+        push_ready(&mut node, &outs, &mut ready);
         *parts.snapshot.lock().expect("metrics lock") = snapshot(&node);
     }
 }
 
 /// Hands each link with frames waiting as many as its outlet has room for.
-fn push_ready<S: Store>(node: &mut Node<S>, outs: &HashMap<LinkId, Arc<dyn Outlet>>) {
+fn push_ready<S: Store>(node: &mut Node<S>, outs: &HashMap<LinkId, Arc<dyn Outlet>>, ready: &mut Vec<LinkId>) {
     let now = now_ms();
-    for link in node.ready_links() {
+    node.ready_links_into(ready);
+    for &link in ready.iter() {
         let Some(out) = outs.get(&link) else { continue };
         let room = out.room();
         if room > 0 {
@@ -255,8 +258,10 @@ fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet
         }
         ToNode::Frames { link, frames } => {
             let mut urgent = Vec::new();
-            for frame in frames {
-                node.handle(link, frame, now);
+            // A run of chunks is matched against the subscriptions in one batched lookup.
+            let mut frames = std::collections::VecDeque::from(frames);
+            while !frames.is_empty() {
+                node.handle_batch(link, &mut frames, now);
                 // A queue filling up mid-turn is handed to its writer now rather than at the
                 // end of the turn, which may be tens of thousands of frames away.
                 node.take_urgent(&mut urgent);
