@@ -107,8 +107,8 @@ struct Cli {
     #[serde(rename = "sync_interval_ms", skip_serializing_if = "Option::is_none")]
     sync_interval_ms: Option<u64>,
 
-    /// The largest UDP payload the QUIC endpoints accept and probe for [default: 9000];
-    /// 1452 keeps packets within an Ethernet MTU.
+    /// The largest UDP payload the QUIC endpoints accept and probe for by path-MTU discovery
+    /// [default: 1452, within an Ethernet MTU]; e.g. 8952 on a jumbo-frame network.
     #[arg(long, value_name = "BYTES")]
     #[serde(rename = "max_udp_payload", skip_serializing_if = "Option::is_none")]
     max_udp_payload: Option<u16>,

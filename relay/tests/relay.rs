@@ -261,3 +261,35 @@ async fn partition_heals_to_the_union_exactly_once() {
     cloud.shutdown().await;
     origin.shutdown().await;
 }
+
+/// Issue 15, part 3: with a sync interval (here far longer than the test), a publish is
+/// acknowledged once written, without waiting for a sync; a child relay still gets every
+/// chunk published at its parent, because a child waiting for chunks makes the parent sync at
+/// once instead of at the interval; and a relay stopped abruptly keeps what it acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_sync_interval_acks_do_not_wait_and_children_still_get_every_chunk() {
+    init_tracing();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let interval = |dir: &std::path::Path| canopy_relay::RelayConfig { sync_interval_ms: Some(3_600_000), ..config(dir) };
+    let origin = spawn(interval(dirs[0].path())).await;
+    let cloud = spawn(child_config(dirs[1].path(), &origin)).await;
+    let team = filter(TEAM_FILTER);
+    let mut cloud_sub = Client::connect(&cloud).await;
+    assert!(cloud_sub.subscribe(1, team, ReplayMode::CachedAndLive).await.is_empty());
+    let mut publisher = Client::connect(&origin).await;
+    // Acks within the client's wait (seconds), with the next timed sync an hour away.
+    for i in 0..50u128 {
+        publisher.publish_acked(chunk(TEAM | i, &format!("chunk {i}"))).await;
+    }
+    let got = cloud_sub.delivered_until(1, TEAM | 49).await;
+    assert_eq!(names(&got), (0..50u128).map(|i| TEAM | i).collect::<Vec<_>>(), "the child got every chunk");
+
+    cloud.shutdown().await;
+    origin.kill().await;
+    drop(publisher);
+    let origin = spawn(interval(dirs[0].path())).await;
+    let mut reader = Client::connect(&origin).await;
+    let got = reader.subscribe(7, Filter::ALL, ReplayMode::CachedOnly).await;
+    assert_eq!(names(&got), (0..50u128).map(|i| TEAM | i).collect::<Vec<_>>(), "what was acknowledged is kept");
+    origin.shutdown().await;
+}

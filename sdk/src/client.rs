@@ -657,31 +657,34 @@ pub fn now_ms() -> u64 {
 /// bytes), and glibc, once it has seen such a buffer freed, serves the next one from its heap
 /// and zeroes it, so every live endpoint keeps that much resident. A process with a thousand
 /// clients, one endpoint each, held 2.9 GB. An endpoint's driver task runs on the runtime
-/// that made it, hence one per runtime.
-static ENDPOINTS: Mutex<Vec<(tokio::runtime::Id, Weak<quinn::Endpoint>)>> = Mutex::new(Vec::new());
+/// that made it, hence one per runtime (and per [`ConnectOptions::max_udp_payload`], which
+/// sizes that buffer and is told to the relay).
+static ENDPOINTS: Mutex<Vec<(tokio::runtime::Id, u16, Weak<quinn::Endpoint>)>> = Mutex::new(Vec::new());
 
 /// The shared endpoint of the current runtime, opened if it has none.
-fn shared_endpoint() -> Result<Arc<quinn::Endpoint>, ClientError> {
+fn shared_endpoint(max_udp_payload: u16) -> Result<Arc<quinn::Endpoint>, ClientError> {
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| ClientError::Config("Client::connect must be called inside a tokio runtime".into()))?
         .id();
     let mut endpoints = ENDPOINTS.lock().unwrap_or_else(PoisonError::into_inner);
     // Endpoints whose clients are all gone (with their runtime, perhaps) are closed already.
-    endpoints.retain(|(_, endpoint)| endpoint.strong_count() > 0);
-    if let Some(endpoint) = endpoints.iter().filter(|(id, _)| *id == runtime).find_map(|(_, e)| e.upgrade()) {
+    endpoints.retain(|(_, _, endpoint)| endpoint.strong_count() > 0);
+    if let Some(endpoint) =
+        endpoints.iter().filter(|(id, max, _)| *id == runtime && *max == max_udp_payload).find_map(|(_, _, e)| e.upgrade())
+    {
         return Ok(endpoint);
     }
     // A dual-stack wildcard socket reaches IPv4 and IPv6 relays; fall back to IPv4 only.
     let bind = |addr: SocketAddr| -> std::io::Result<quinn::Endpoint> {
         let socket = crate::tls::bind_udp(addr)?;
         let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
-        quinn::Endpoint::new(crate::tls::endpoint_config(crate::tls::DEFAULT_MAX_UDP_PAYLOAD), None, socket, runtime)
+        quinn::Endpoint::new(crate::tls::endpoint_config(max_udp_payload), None, socket, runtime)
     };
     let endpoint = bind(SocketAddr::from(([0u16; 8], 0)))
         .or_else(|_| bind(SocketAddr::from(([0u8; 4], 0))))
         .map_err(|e| ClientError::Config(format!("cannot open a UDP socket: {e}")))?;
     let endpoint = Arc::new(endpoint);
-    endpoints.push((runtime, Arc::downgrade(&endpoint)));
+    endpoints.push((runtime, max_udp_payload, Arc::downgrade(&endpoint)));
     Ok(endpoint)
 }
 
@@ -691,7 +694,7 @@ fn shared_endpoint() -> Result<Arc<quinn::Endpoint>, ClientError> {
 pub async fn probe_fingerprint(addr: SocketAddr, server_name: &str, timeout: Duration) -> Result<String, ClientError> {
     let seen = Arc::new(Mutex::new(None));
     let config = crate::tls::probe_config(seen.clone())?;
-    let endpoint = shared_endpoint()?;
+    let endpoint = shared_endpoint(crate::tls::DEFAULT_MAX_UDP_PAYLOAD)?;
     let addr = match (addr, endpoint.local_addr()) {
         (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
         _ => addr,
@@ -708,7 +711,7 @@ pub async fn probe_fingerprint(addr: SocketAddr, server_name: &str, timeout: Dur
 #[doc(hidden)]
 pub fn open_endpoints() -> usize {
     let endpoints = ENDPOINTS.lock().unwrap_or_else(PoisonError::into_inner);
-    endpoints.iter().filter(|(_, endpoint)| endpoint.strong_count() > 0).count()
+    endpoints.iter().filter(|(_, _, endpoint)| endpoint.strong_count() > 0).count()
 }
 
 /// Everything needed to (re)connect; cheap to clone.
@@ -724,7 +727,8 @@ struct Connector {
 impl Connector {
     fn new(opts: ConnectOptions) -> Result<Self, ClientError> {
         let config = crate::tls::quic_client_config_with_mtu(&opts.trust, opts.max_udp_payload)?;
-        Ok(Connector { opts: Arc::new(opts), endpoint: shared_endpoint()?, config })
+        let endpoint = shared_endpoint(opts.max_udp_payload)?;
+        Ok(Connector { opts: Arc::new(opts), endpoint, config })
     }
 
     async fn establish(&self) -> Result<Session, ClientError> {

@@ -119,14 +119,14 @@ pub fn quic_client_config_with_mtu(trust: &Trust, max_udp_payload: u16) -> Resul
 }
 
 /// The largest UDP payload (bytes of a datagram, without IP and UDP headers) a Canopy QUIC
-/// endpoint accepts and probes for with path-MTU discovery, unless configured otherwise.
+/// endpoint accepts and probes for with path-MTU discovery, unless configured otherwise:
+/// quinn's own default, which fits an Ethernet MTU.
 ///
-/// QUIC starts every path at 1,200 bytes and probes upwards; a probe that is lost only means
-/// the path is narrower, and a path that later shrinks is noticed (black-hole detection).
-/// Above quinn's 1,452 the probes succeed only where the path allows it: on loopback, between
-/// hosts with jumbo frames, on virtual networks. There a 1 KiB chunk no longer needs a packet
-/// of its own, which is most of the cost of a chunk (see `docs/performance.md`).
-pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 9_000;
+/// Larger values let path-MTU discovery use larger datagrams where the path allows them
+/// (loopback, jumbo frames), so a packet carries several 1 KiB chunks; probes larger than the
+/// path are lost and cost nothing else. They were measured slower, not faster, on loopback
+/// (`docs/performance.md`, "Packet size"), hence this default.
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1452;
 
 /// Socket buffer size asked for on every Canopy UDP socket (the kernel caps it at
 /// `net.core.rmem_max` / `wmem_max`). The default of about 200 KiB overflows under a burst of
@@ -141,11 +141,11 @@ pub fn tune_mtu(transport: &mut quinn::TransportConfig, max_udp_payload: u16) {
     transport.mtu_discovery_config(Some(mtu));
 }
 
-/// An endpoint configuration that accepts datagrams of up to `max_udp_payload` bytes (and tells
-/// peers so). Values outside 1,200..=65,527 are clamped.
+/// An endpoint configuration that accepts datagrams of up to `max_udp_payload` bytes, and at
+/// least quinn's default of 1,472 (and tells peers so). Values above 65,527 are clamped.
 pub fn endpoint_config(max_udp_payload: u16) -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
-    let value = max_udp_payload.clamp(1200, 65_527);
+    let value = max_udp_payload.clamp(1472, 65_527);
     config.max_udp_payload_size(value).expect("clamped to the allowed range");
     config
 }
