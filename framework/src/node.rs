@@ -45,7 +45,13 @@
 //! # Durability
 //!
 //! Acks for publishes are held until [`Node::flush`] has made the store durable. A driver
-//! calls it once per batch of received frames, so one fsync covers many publishes.
+//! calls it once per batch of received frames, so one fsync covers many publishes; or, to
+//! keep the fsync off its own thread (group commit), it calls [`Node::begin_sync`], runs the
+//! store's [`Syncer`](crate::store::Syncer) elsewhere and reports back with
+//! [`Node::sync_done`]. With [`NodeConfig::ack_before_sync`] the acks leave once the write is
+//! handed to the OS ([`Node::release_written`]) and the driver syncs on a timer. Either way a
+//! chunk published here reaches a child relay only once it is synced, so no child can hold a
+//! chunk this relay loses in a crash.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
