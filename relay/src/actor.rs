@@ -45,6 +45,8 @@ pub(crate) enum Stop {
 
 /// Messages taken per turn at most, so writers get served under a flood.
 const BATCH: usize = 512;
+/// How long a turn that left a filling queue with a full writer waits for that writer.
+const CONGESTION_WAIT: Duration = Duration::from_millis(2);
 
 /// Unix time in milliseconds.
 pub(crate) fn now_ms() -> u64 {
@@ -116,6 +118,8 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
     let mut sync_due = false;
     // The links with frames waiting, kept between turns for its buffer.
     let mut ready = Vec::new();
+    // A queue crossed half its bound this turn and its writer had no room for it.
+    let mut congested = false;
     loop {
         tokio::select! {
             biased;
@@ -159,10 +163,13 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
             msg = parts.inbox.recv() => {
                 let Some(msg) = msg else { return };
                 let now = now_ms();
-                apply(&mut node, &mut outs, msg, now);
+                congested = apply(&mut node, &mut outs, msg, now);
                 for _ in 1..BATCH {
+                    if congested {
+                        break;
+                    }
                     match parts.inbox.try_recv() {
-                        Ok(msg) => apply(&mut node, &mut outs, msg, now),
+                        Ok(msg) => congested = apply(&mut node, &mut outs, msg, now),
                         Err(_) => break,
                     }
                 }
@@ -229,6 +236,15 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
         }
         push_ready(&mut node, &outs, &mut ready);
         *parts.snapshot.lock().expect("metrics lock") = snapshot(&node);
+        // A subscriber's queue is filling faster than its writer drains it: give the writer a
+        // moment (until it takes frames, at most `CONGESTION_WAIT`) before reading more, so a
+        // burst arriving faster than a reader's path carries it pushes back on the publishers
+        // (through the bounded inbox and QUIC flow control) instead of ending a reader that
+        // keeps up. A reader that stopped is not waited for again: its queue stays full and
+        // never crosses half its bound a second time, so it ends as a slow consumer.
+        if std::mem::take(&mut congested) {
+            let _ = tokio::time::timeout(CONGESTION_WAIT, parts.room.notified()).await;
+        }
     }
 }
 
@@ -245,7 +261,10 @@ fn push_ready<S: Store>(node: &mut Node<S>, outs: &HashMap<LinkId, Arc<dyn Outle
     }
 }
 
-fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet>>, msg: ToNode, now: u64) {
+/// Hands one message to the node; returns whether a queue crossed half its bound and its
+/// writer could not take all of it (the turn should let writers catch up).
+fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet>>, msg: ToNode, now: u64) -> bool {
+    let mut congested = false;
     match msg {
         ToNode::Accepted { link, out } => {
             node.accept(link);
@@ -271,6 +290,7 @@ fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet
                         if room > 0 {
                             out.push(node.drain(link, room, now));
                         }
+                        congested |= node.queued(link) > 0;
                     }
                 }
             }
@@ -285,6 +305,7 @@ fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet
             let _ = reply.send(node.take_parent_refusal(link));
         }
     }
+    congested
 }
 
 #[cfg(test)]

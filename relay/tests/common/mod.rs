@@ -102,7 +102,13 @@ impl Client {
     /// Connects and opens the control stream, without sending anything.
     pub async fn connect_raw(relay: &RelayHandle) -> Client {
         let config = quic_client_config(&Trust::CaPem(relay.cert_pem().to_owned())).unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        // A socket like the SDK's (4 MiB buffers): with the kernel's default the client's own
+        // receive queue drops datagrams under a burst and it falls behind for that alone.
+        let socket = canopy_sdk::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let runtime = quinn::default_runtime().unwrap();
+        let mut endpoint =
+            quinn::Endpoint::new(canopy_sdk::endpoint_config(canopy_sdk::DEFAULT_MAX_UDP_PAYLOAD), None, socket, runtime)
+                .unwrap();
         endpoint.set_default_client_config(config);
         let conn = tokio::time::timeout(WAIT, endpoint.connect(relay.local_addr(), "localhost").unwrap())
             .await
@@ -119,7 +125,13 @@ impl Client {
 
     pub async fn connect_with(addr: SocketAddr, cert_pem: &str, token: Option<&str>) -> Client {
         let config = quic_client_config(&Trust::CaPem(cert_pem.to_owned())).unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        // A socket like the SDK's (4 MiB buffers): with the kernel's default the client's own
+        // receive queue drops datagrams under a burst and it falls behind for that alone.
+        let socket = canopy_sdk::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let runtime = quinn::default_runtime().unwrap();
+        let mut endpoint =
+            quinn::Endpoint::new(canopy_sdk::endpoint_config(canopy_sdk::DEFAULT_MAX_UDP_PAYLOAD), None, socket, runtime)
+                .unwrap();
         endpoint.set_default_client_config(config);
         let conn = tokio::time::timeout(WAIT, endpoint.connect(addr, "localhost").unwrap())
             .await
