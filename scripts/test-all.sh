@@ -8,7 +8,16 @@ cd "$(dirname "$0")/.."
 export CFLAGS_wasm32_wasip2="-nostdlibinc"
 
 # Each step prints the minutes:seconds since the start, so a slow CI run shows where it went.
-step() { printf '\n==> [%02d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
+# It also prints the disk space left and what target/ takes, since a full disk shows up only as a
+# linker failure whose message cargo cuts short.
+step() {
+  printf '\n==> [%02d:%02d] %s (disk free: %s, target/: %s)\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" \
+    "$(df -h --output=avail . | tail -1 | tr -d ' ')" "$(du -sh target 2>/dev/null | cut -f1 || echo none)"
+}
+
+# CI builds from scratch and never rebuilds, so incremental compilation's caches (several GB in
+# target/debug/incremental) only cost disk; a caller may still set CARGO_INCREMENTAL=1.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step "test tools (tmux, installing it if needed)"
 bash scripts/install-test-deps.sh
@@ -58,4 +67,5 @@ step "demos run"
 bash scripts/demo.sh > /dev/null
 $bin/examples/tour > /dev/null
 
+step "done"
 printf '\nall checks passed\n'
