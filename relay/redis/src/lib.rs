@@ -1,0 +1,733 @@
+//! # Canopy chunks on a Redis Cluster
+//!
+//! The storage of a scaled-out origin: several stateless front-ends share one Redis Cluster,
+//! which holds every chunk once. [`RedisStore`] is a cheap, clonable handle over the cluster
+//! connection; its operations are async and batched, so the routing core can later issue them
+//! as requests that complete later.
+//!
+//! # Data layout
+//!
+//! Names are grouped into **buckets** by their top `B` bits ([`RedisStoreConfig::bucket_bits`],
+//! default 12: 4,096 buckets). The keys of one bucket share a hash tag, `{c:BKT}` with `BKT` the
+//! bucket in hex (one digit per 4 bits, e.g. `{c:03f}`), so one bucket lives in one hash slot,
+//! on one primary, and a Lua script can touch all of it atomically:
+//!
+//! | key | type | contents |
+//! | --- | --- | --- |
+//! | `{c:BKT}:n` | sorted set | the bucket's names, 16 bytes big-endian, every score 0: `ZRANGE … BYLEX` walks them in name order (byte order is name order) |
+//! | `{c:BKT}:x` | sorted set | the same names scored by expiry (unix ms), for [`RedisStore::sweep_expired`] |
+//! | `{c:BKT}:` + 16 name bytes | string | the chunk's **record**, set with `PXAT expiry` so that Redis drops it itself when it expires |
+//! | `{c:BKT}:live` | (channel) | the bucket's sharded pub/sub channel ([`RedisStore::bucket_channel`]), for the live fan-out between front-ends |
+//!
+//! A record is a version byte (1), the expiry as a big-endian `u64`, then the payload. A record
+//! read back is untrusted: anything malformed (short, another version, a payload over
+//! [`canopy::MAX_CHUNK_DATA`], an index member that is not 16 bytes) is
+//! [`RedisStoreError::Corrupt`], never a panic.
+//!
+//! # Operations
+//!
+//! - **Insert** is one script per chunk, on the keys of its bucket: if a record exists, equal
+//!   bytes (same expiry and data) are [`InsertOutcome::Duplicate`] and different bytes
+//!   [`InsertOutcome::Conflict`] (the original is kept); otherwise the record is `SET … PXAT`
+//!   and the name added to both sets: [`InsertOutcome::Inserted`]. A batch sends one pipeline
+//!   of `EVALSHA`s per bucket (falling back to `EVAL` when a node lacks the script), all at
+//!   once: the client multiplexes one connection per node, so a batch costs about one round
+//!   trip per node, not one per chunk. Outcomes come back in input order; a second chunk at
+//!   the same name in one batch sees the first.
+//! - **Already expired**: a chunk whose expiry is not after the primary's clock (`TIME`) when
+//!   its script runs is treated as expired on arrival: nothing is written and the outcome is
+//!   `Inserted`, as if it had been stored and evicted at once (a [`canopy::MemoryStore`]
+//!   stores it but never serves it). Expiries past `i64::MAX` ms are stored without `PXAT`.
+//! - **Expiry** on reads does not rely on Redis: [`RedisStore::get`] and [`RedisStore::scan`]
+//!   take `now_ms` and skip a chunk expired at it (expiry ≤ `now_ms`) whatever Redis still
+//!   holds. Redis drops records at expiry on its own clock; the index entries stay until
+//!   [`RedisStore::sweep_expired`] removes them (and any record still there), bucket by bucket.
+//! - **Scan**: a filter of at least `B` bits lies in one bucket and is one `ZRANGE … BYLEX
+//!   LIMIT` there; a shorter one covers whole buckets, read in name order until the limit is
+//!   reached, in growing windows of buckets read concurrently (1, 2, 4, … up to 16). The same
+//!   script returns each page's records with its names, so a page is one round trip. A sparse
+//!   short filter still reads every bucket it covers: `ALL` with 12-bit buckets is 4,096 reads
+//!   (in 16-bucket windows) when little is stored.
+//!
+//! # Durability: what an `Ok` from [`RedisStore::insert_batch`] means
+//!
+//! With [`RedisStoreConfig::min_replicas`] = 0, `Ok` means the owning primaries applied the
+//! inserts, in memory. Redis replication is asynchronous: a primary that fails before its
+//! replicas received a write loses it when a replica is promoted.
+//!
+//! With `min_replicas` = `k` > 0, after the inserts the store sends `WAIT k timeout` once over
+//! each primary connection that ran the batch's scripts (every bucket pipeline ends in `CLIENT
+//! INFO`, which names the connection: server address and client id; the `WAIT` is followed by
+//! `CLIENT INFO` too, and one that reached another connection, as after a failover or a
+//! reconnect, counts as 0 replicas). If any reports fewer than `k`, the batch fails with
+//! [`RedisStoreError::NotReplicated`] and the caller must not acknowledge it; retrying is safe
+//! (the chunks come back `Duplicate`, and the retry's `WAIT` covers the connection's earlier
+//! writes).
+//!
+//! This **narrows but does not close** the window in which a failover loses an acknowledged
+//! write: `WAIT` is not a transaction (the write stays on the primary even when `WAIT` fails),
+//! replicas acknowledge receipt, not persistence, and Redis can still promote a replica that
+//! had not received a write (for example one cut off by a partition, or when the replica that
+//! acknowledged fails too). `WAIT` also covers only writes made over that connection: a
+//! `Duplicate` of a chunk that another front-end (or a connection this handle has since lost)
+//! wrote is as replicated as that writer's own `WAIT` made it. A shard with fewer than `k`
+//! live replicas fails every batch that writes to it, after `wait_timeout_ms`, until a
+//! replica is back.
+//!
+//! # Retries
+//!
+//! The cluster client follows `MOVED`/`ASK` redirects, refreshes its slot map and retries a
+//! bounded number of times ([`RedisStoreConfig::retries`]). An insert retried after its first
+//! attempt was applied (a connection lost before the reply) reports `Duplicate` for a chunk
+//! this call wrote; callers treat `Duplicate` as stored, so this is harmless.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), canopy_redis::RedisStoreError> {
+//! use canopy::{Chunk, Filter, Name};
+//! use canopy_redis::{RedisStore, RedisStoreConfig};
+//!
+//! let store = RedisStore::connect(RedisStoreConfig::new(["redis://127.0.0.1:7000"])).await?;
+//! let chunk = Chunk::new(Name::new(7), 4_000_000_000_000, &b"hi"[..]).unwrap();
+//! store.insert_batch(&[chunk.clone()]).await?;
+//! assert_eq!(store.get(Name::new(7), 0).await?, Some(chunk.clone()));
+//! assert_eq!(store.scan(Filter::ALL, None, 10, 0).await?, vec![chunk]);
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+
+use canopy::{Chunk, Filter, InsertOutcome, Name, StoreError};
+use futures_util::future::try_join_all;
+use futures_util::{StreamExt, TryStreamExt, stream};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Cmd, ErrorKind, ProtocolVersion, RedisError, ServerErrorKind, Value};
+
+mod layout;
+mod scripts;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use layout::{Layout, decode_name, decode_record, encode_record, printable_key};
+pub use layout::{MAX_BUCKET_BITS, RECORD_VERSION, key_slot};
+
+/// Bucket width used by [`RedisStoreConfig::new`]: 12 bits, 4,096 buckets.
+pub const DEFAULT_BUCKET_BITS: u8 = 12;
+
+/// Requests (per-bucket pipelines, sweeps, `WAIT`s) one call keeps in flight at most.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// The most buckets a scan covering several reads at once (it consumes them in name order).
+const SCAN_PREFETCH: u32 = 16;
+
+/// The most names one scan page reads.
+const SCAN_PAGE: usize = 512;
+
+/// The most names one sweep script removes; a bucket with more takes several.
+const SWEEP_BATCH: u64 = 1_000;
+
+/// How to reach the cluster and lay chunks out in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisStoreConfig {
+    /// Seed nodes, e.g. `redis://127.0.0.1:7000`; the client discovers the rest.
+    pub nodes: Vec<String>,
+    /// Names are bucketed by their top `bucket_bits` bits (0..=[`MAX_BUCKET_BITS`]). Every
+    /// front-end of one cluster must use the same value: it decides the keys.
+    pub bucket_bits: u8,
+    /// Replicas that must acknowledge a batch's writes (`WAIT`) before
+    /// [`RedisStore::insert_batch`] succeeds; 0 sends no `WAIT`. See the crate docs for what
+    /// this does and does not guarantee.
+    pub min_replicas: u8,
+    /// How long `WAIT` waits for the replicas, in milliseconds.
+    pub wait_timeout_ms: u64,
+    /// How long the client waits for any reply, in milliseconds (raised to `wait_timeout_ms`
+    /// + 1,000 when shorter, so `WAIT` is not cut off).
+    pub response_timeout_ms: u64,
+    /// How many times the cluster client retries a request (after redirects, connection loss,
+    /// `CLUSTERDOWN`…), waiting between 50 and 1,000 ms, growing, between tries.
+    pub retries: u32,
+}
+
+impl RedisStoreConfig {
+    /// The defaults for `nodes`: 12-bit buckets, no `WAIT` (1 s timeout when enabled), 2 s
+    /// response timeout, 6 retries.
+    pub fn new<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
+        RedisStoreConfig {
+            nodes: nodes.into_iter().map(Into::into).collect(),
+            bucket_bits: DEFAULT_BUCKET_BITS,
+            min_replicas: 0,
+            wait_timeout_ms: 1_000,
+            response_timeout_ms: 2_000,
+            retries: 6,
+        }
+    }
+}
+
+/// Why a [`RedisStore`] operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStoreError {
+    /// The configuration cannot work.
+    #[error("invalid Redis store configuration: {0}")]
+    Config(String),
+    /// Redis or the connection to it failed (after the client's retries).
+    #[error("redis {op}: {source}")]
+    Redis {
+        /// What the store was doing.
+        op: &'static str,
+        /// What went wrong.
+        #[source]
+        source: RedisError,
+    },
+    /// A record or index entry read from Redis is malformed.
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt {
+        /// The key, printable (a record's binary name shown as `0x…`).
+        key: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// Redis answered with something the store's scripts never return.
+    #[error("unexpected reply to {op}: {reply}")]
+    UnexpectedReply {
+        /// What the store was doing.
+        op: &'static str,
+        /// The reply, debug-printed.
+        reply: String,
+    },
+    /// The inserts were applied but fewer replicas than required acknowledged them: the
+    /// caller must not acknowledge the batch (a failover could lose it). Retrying the batch
+    /// is safe; its chunks then come back `Duplicate`.
+    #[error(
+        "only {acked} replica(s) acknowledged the batch within {timeout_ms} ms, {wanted} required: not acknowledging it"
+    )]
+    NotReplicated {
+        /// `min_replicas`.
+        wanted: u8,
+        /// The fewest replicas any written primary reported.
+        acked: u64,
+        /// The `WAIT` timeout used.
+        timeout_ms: u64,
+        /// The outcomes of the batch's inserts, in input order.
+        outcomes: Vec<InsertOutcome>,
+    },
+}
+
+impl From<RedisStoreError> for StoreError {
+    /// `Corrupt` stays `Corrupt`; everything else is a `Backend` failure with its message.
+    fn from(err: RedisStoreError) -> Self {
+        match err {
+            RedisStoreError::Corrupt { key, reason } => StoreError::Corrupt { key, reason },
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+fn redis_err(op: &'static str) -> impl FnOnce(RedisError) -> RedisStoreError {
+    move |source| RedisStoreError::Redis { op, source }
+}
+
+fn unexpected(op: &'static str, reply: &Value) -> RedisStoreError {
+    RedisStoreError::UnexpectedReply { op, reply: format!("{reply:?}") }
+}
+
+/// The connection a `CLIENT INFO` reply describes: the server address it reached (`laddr`)
+/// and its client id there, e.g. `127.0.0.1:7000#12`.
+fn connection_of(op: &'static str, info: &Value) -> Result<String, RedisStoreError> {
+    let text = match info {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes),
+        Value::VerbatimString { text, .. } => text.as_str().into(),
+        Value::SimpleString(text) => text.as_str().into(),
+        Value::ServerError(err) => return Err(redis_err(op)(err.clone().into())),
+        other => return Err(unexpected(op, other)),
+    };
+    let field = |name: &str| text.split_ascii_whitespace().find_map(|f| f.strip_prefix(name));
+    match (field("laddr="), field("id=")) {
+        (Some(addr), Some(id)) => Ok(format!("{addr}#{id}")),
+        _ => Err(RedisStoreError::UnexpectedReply { op, reply: format!("CLIENT INFO without laddr and id: {text}") }),
+    }
+}
+
+/// A Lua script with its SHA1, for `EVALSHA`.
+#[derive(Debug)]
+struct Lua {
+    source: &'static str,
+    sha: String,
+}
+
+impl Lua {
+    fn new(source: &'static str) -> Self {
+        Lua { source, sha: redis::Script::new(source).get_hash().to_owned() }
+    }
+
+    /// `EVALSHA` (or, with `by_sha` false, `EVAL`) of this script.
+    fn cmd(&self, by_sha: bool, keys: &[&[u8]], args: &[&[u8]]) -> Cmd {
+        let mut cmd = if by_sha {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(&self.sha);
+            c
+        } else {
+            let mut c = redis::cmd("EVAL");
+            c.arg(self.source);
+            c
+        };
+        cmd.arg(keys.len());
+        for key in keys {
+            cmd.arg(*key);
+        }
+        for arg in args {
+            cmd.arg(*arg);
+        }
+        cmd
+    }
+}
+
+#[derive(Debug)]
+struct Scripts {
+    insert: Lua,
+    scan: Lua,
+    sweep: Lua,
+}
+
+fn is_noscript(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// Chunk storage on a Redis Cluster (see the crate docs for the layout and guarantees).
+///
+/// Cloning is cheap: clones share the cluster connection (one multiplexed connection per node).
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ClusterConnection,
+    layout: Layout,
+    min_replicas: u8,
+    wait_timeout_ms: u64,
+    scripts: Arc<Scripts>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("bucket_bits", &self.layout.bits())
+            .field("min_replicas", &self.min_replicas)
+            .field("wait_timeout_ms", &self.wait_timeout_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a scan page starts.
+type Start = Bound<Name>;
+
+/// One page of a bucket: its unexpired chunks, and the last name read when the page was full
+/// (more may follow).
+type Page = (Vec<Chunk>, Option<Name>);
+
+impl RedisStore {
+    /// Connects to the cluster (RESP3), discovering its nodes from `config.nodes`. Needs a
+    /// tokio runtime.
+    pub async fn connect(config: RedisStoreConfig) -> Result<Self, RedisStoreError> {
+        let layout = Layout::new(config.bucket_bits).ok_or_else(|| {
+            RedisStoreError::Config(format!(
+                "bucket_bits is {}, at most {MAX_BUCKET_BITS} is supported",
+                config.bucket_bits
+            ))
+        })?;
+        if config.nodes.is_empty() {
+            return Err(RedisStoreError::Config("no cluster nodes given".into()));
+        }
+        let response_timeout = config.response_timeout_ms.max(config.wait_timeout_ms.saturating_add(1_000));
+        let client = ClusterClientBuilder::new(config.nodes.iter().map(String::as_str))
+            .use_protocol(ProtocolVersion::RESP3)
+            .retries(config.retries)
+            .min_retry_wait(50)
+            .max_retry_wait(1_000)
+            .retry_wait_formula(50, 2)
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_millis(response_timeout))
+            .build()
+            .map_err(redis_err("configure the cluster client"))?;
+        let conn = client.get_async_connection().await.map_err(redis_err("connect to the cluster"))?;
+        Ok(RedisStore {
+            conn,
+            layout,
+            min_replicas: config.min_replicas,
+            wait_timeout_ms: config.wait_timeout_ms,
+            scripts: Arc::new(Scripts {
+                insert: Lua::new(scripts::INSERT),
+                scan: Lua::new(scripts::SCAN),
+                sweep: Lua::new(scripts::SWEEP),
+            }),
+        })
+    }
+
+    /// The bucket width in bits.
+    pub fn bucket_bits(&self) -> u8 {
+        self.layout.bits()
+    }
+
+    /// The bucket of `name` (its top `bucket_bits` bits).
+    pub fn bucket_of(&self, name: Name) -> u32 {
+        self.layout.bucket_of(name)
+    }
+
+    /// The buckets `filter` covers, in name order: one for a filter of at least
+    /// `bucket_bits` bits, `2^(bucket_bits - len)` for a shorter one.
+    pub fn buckets_of(&self, filter: Filter) -> impl Iterator<Item = u32> + use<> {
+        self.layout.buckets_of(filter)
+    }
+
+    /// The hash slot holding `bucket`'s keys.
+    pub fn bucket_slot(&self, bucket: u32) -> u16 {
+        self.layout.slot(bucket)
+    }
+
+    /// The sharded pub/sub channel of `bucket` (`{c:BKT}:live`): same hash tag as its keys,
+    /// so `SPUBLISH` goes to the shard that stores the bucket.
+    pub fn bucket_channel(&self, bucket: u32) -> String {
+        self.layout.channel(bucket)
+    }
+
+    /// The key of `name`'s record (for tools and tests that inspect the cluster directly).
+    pub fn record_key(&self, name: Name) -> Vec<u8> {
+        self.layout.record_key(name)
+    }
+
+    /// Runs one script, by SHA and then, if the node lacks it, by source.
+    async fn eval(
+        &self,
+        op: &'static str,
+        lua: &Lua,
+        keys: &[&[u8]],
+        args: &[&[u8]],
+    ) -> Result<Value, RedisStoreError> {
+        let mut conn = self.conn.clone();
+        match lua.cmd(true, keys, args).query_async::<Value>(&mut conn).await {
+            Err(err) if is_noscript(&err) => {
+                lua.cmd(false, keys, args).query_async::<Value>(&mut conn).await.map_err(redis_err(op))
+            }
+            other => other.map_err(redis_err(op)),
+        }
+    }
+
+    /// Inserts `chunks` (insert-if-absent each, see the crate docs), with one pipeline per
+    /// bucket, all in flight together: about one round trip per node for the whole batch.
+    /// Outcomes are in input order.
+    ///
+    /// With `min_replicas` > 0, then sends one `WAIT` per primary connection that took the
+    /// batch's scripts and fails with [`RedisStoreError::NotReplicated`] (carrying the
+    /// outcomes) when any reports fewer replicas in time.
+    pub async fn insert_batch(&self, chunks: &[Chunk]) -> Result<Vec<InsertOutcome>, RedisStoreError> {
+        let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            groups.entry(self.layout.bucket_of(chunk.name())).or_default().push(i);
+        }
+        let records: Vec<Vec<u8>> = chunks.iter().map(encode_record).collect();
+        let records = &records;
+        let mut outcomes = vec![InsertOutcome::Inserted; chunks.len()];
+        // The connections (server address and client id) that ran scripts, each with a slot
+        // it serves, for `WAIT`.
+        let mut written: BTreeMap<String, u16> = BTreeMap::new();
+        let mut results = stream::iter(&groups)
+            .map(|(&bucket, indices)| async move {
+                let (outcomes, connections) = self.insert_bucket(bucket, indices, chunks, records).await?;
+                Ok::<_, RedisStoreError>((bucket, indices, outcomes, connections))
+            })
+            .buffer_unordered(MAX_IN_FLIGHT);
+        while let Some((bucket, indices, bucket_outcomes, connections)) = results.try_next().await? {
+            for connection in connections {
+                written.entry(connection).or_insert_with(|| self.layout.slot(bucket));
+            }
+            for (&i, outcome) in indices.iter().zip(bucket_outcomes) {
+                outcomes[i] = outcome;
+            }
+        }
+        drop(results);
+        if self.min_replicas > 0 && !written.is_empty() {
+            let acked = self.wait_replicas(written).await?;
+            if acked < u64::from(self.min_replicas) {
+                return Err(RedisStoreError::NotReplicated {
+                    wanted: self.min_replicas,
+                    acked,
+                    timeout_ms: self.wait_timeout_ms,
+                    outcomes,
+                });
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// One bucket's inserts: a pipeline of `EVALSHA`s, re-sent as `EVAL`s for any the node
+    /// did not have the script for. Each pipeline ends in `CLIENT INFO`, which names the
+    /// connection that ran it; returns the outcomes and those connections.
+    async fn insert_bucket(
+        &self,
+        bucket: u32,
+        indices: &[usize],
+        chunks: &[Chunk],
+        records: &[Vec<u8>],
+    ) -> Result<(Vec<InsertOutcome>, Vec<String>), RedisStoreError> {
+        const OP: &str = "insert";
+        let names_key = self.layout.names_key(bucket);
+        let expiry_key = self.layout.expiry_key(bucket);
+        let mut outcomes: Vec<Option<InsertOutcome>> = vec![None; indices.len()];
+        let mut connections = Vec::with_capacity(1);
+        // Positions in `indices` still to send.
+        let mut pending: Vec<usize> = (0..indices.len()).collect();
+        let mut by_sha = true;
+        let mut conn = self.conn.clone();
+        while !pending.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &p in &pending {
+                let chunk = &chunks[indices[p]];
+                let name = chunk.name().to_bytes();
+                let expiry = chunk.expiry().to_string();
+                let pxat: &[u8] = if i64::try_from(chunk.expiry()).is_ok() { b"1" } else { b"0" };
+                let record_key = self.layout.record_key(chunk.name());
+                pipe.add_command(self.scripts.insert.cmd(
+                    by_sha,
+                    &[&record_key, names_key.as_bytes(), expiry_key.as_bytes()],
+                    &[&records[indices[p]], &name, expiry.as_bytes(), pxat],
+                ));
+            }
+            // Keyless, so it does not change where the client routes the pipeline.
+            pipe.cmd("CLIENT").arg("INFO");
+            let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(redis_err(OP))?;
+            if replies.len() != pending.len() + 1 {
+                return Err(RedisStoreError::UnexpectedReply {
+                    op: OP,
+                    reply: format!("{} replies to a pipeline of {}", replies.len(), pending.len() + 1),
+                });
+            }
+            let info = replies.pop().expect("checked length");
+            connections.push(connection_of(OP, &info)?);
+            let mut again = Vec::new();
+            for (&p, reply) in pending.iter().zip(replies) {
+                outcomes[p] = Some(match reply {
+                    Value::Int(0 | 3) => InsertOutcome::Inserted,
+                    Value::Int(1) => InsertOutcome::Duplicate,
+                    Value::Int(2) => InsertOutcome::Conflict,
+                    Value::ServerError(err) => {
+                        let err = RedisError::from(err);
+                        if by_sha && is_noscript(&err) {
+                            again.push(p);
+                            continue;
+                        }
+                        return Err(redis_err(OP)(err));
+                    }
+                    other => return Err(unexpected(OP, &other)),
+                });
+            }
+            pending = again;
+            by_sha = false;
+        }
+        let outcomes = outcomes.into_iter().map(|o| o.expect("every position got an outcome")).collect();
+        Ok((outcomes, connections))
+    }
+
+    /// Sends `WAIT min_replicas timeout` once over each connection in `written`, routed by
+    /// the slot given with it and followed by `CLIENT INFO` to check that it reached that
+    /// connection; returns the fewest replicas any acknowledged (0 for a `WAIT` that reached
+    /// another connection, as after a failover or reconnect: it proves nothing about the
+    /// writes).
+    async fn wait_replicas(&self, written: BTreeMap<String, u16>) -> Result<u64, RedisStoreError> {
+        const OP: &str = "wait for replicas";
+        let (wanted, timeout) = (self.min_replicas, self.wait_timeout_ms);
+        stream::iter(written)
+            .map(|(connection, slot)| {
+                let mut conn = self.conn.clone();
+                async move {
+                    let mut pipe = redis::pipe();
+                    pipe.ignore_errors();
+                    pipe.cmd("WAIT").arg(wanted).arg(timeout);
+                    pipe.cmd("CLIENT").arg("INFO");
+                    let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                    let replies = conn.route_pipeline(pipe, 0, 2, route).await.map_err(redis_err(OP))?;
+                    let [acked, info] = <[Value; 2]>::try_from(replies).map_err(|replies| {
+                        RedisStoreError::UnexpectedReply { op: OP, reply: format!("{replies:?}") }
+                    })?;
+                    if connection_of(OP, &info)? != connection {
+                        return Ok(0);
+                    }
+                    match acked {
+                        Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
+                        Value::ServerError(err) => Err(redis_err(OP)(err.into())),
+                        other => Err(unexpected(OP, &other)),
+                    }
+                }
+            })
+            .buffer_unordered(MAX_IN_FLIGHT)
+            .try_fold(u64::MAX, |fewest, acked| async move { Ok(fewest.min(acked)) })
+            .await
+    }
+
+    /// The chunk stored at `name`, unless it is expired at `now_ms` (or absent).
+    pub async fn get(&self, name: Name, now_ms: u64) -> Result<Option<Chunk>, RedisStoreError> {
+        let key = self.layout.record_key(name);
+        let mut conn = self.conn.clone();
+        let record: Option<Vec<u8>> =
+            redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(redis_err("get"))?;
+        match record {
+            None => Ok(None),
+            Some(record) => {
+                let chunk = decode_record(&key, name, record)?;
+                Ok((!chunk.is_expired(now_ms)).then_some(chunk))
+            }
+        }
+    }
+
+    /// The chunks covered by `filter`, in name order, starting after `after` (when given), at
+    /// most `limit`, skipping chunks expired at `now_ms`. To page, pass the last name of one
+    /// page as the next page's `after`.
+    pub async fn scan(
+        &self,
+        filter: Filter,
+        after: Option<Name>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<Chunk>, RedisStoreError> {
+        let (first, last) = filter.range();
+        let (start, start_name) = match after {
+            _ if limit == 0 => return Ok(Vec::new()),
+            Some(after) if after >= last => return Ok(Vec::new()),
+            Some(after) if after >= first => (Bound::Excluded(after), after),
+            _ => (Bound::Included(first), first),
+        };
+        let layout = self.layout;
+        let (mut next, last_bucket) = (layout.bucket_of(start_name), layout.bucket_of(last));
+        let mut out = Vec::new();
+        // Buckets are read in windows read concurrently and consumed in order: 1 bucket first
+        // (a filter of at least `bucket_bits` bits has no other), then twice as many each time
+        // the limit is not reached yet, up to SCAN_PREFETCH.
+        let mut window = 1;
+        loop {
+            let end = last_bucket.min(next.saturating_add(window - 1));
+            let need = (limit - out.len()).min(SCAN_PAGE);
+            let reads = (next..=end).map(|bucket| {
+                let (bucket_first, bucket_last) = layout.bucket_range(bucket);
+                let lo = if bucket_first > start_name { Bound::Included(bucket_first) } else { start };
+                let hi = bucket_last.min(last);
+                async move {
+                    let page = self.scan_page(bucket, lo, hi, need, now_ms).await?;
+                    Ok::<_, RedisStoreError>((bucket, hi, page))
+                }
+            });
+            for (bucket, hi, (mut chunks, mut more)) in try_join_all(reads).await? {
+                loop {
+                    for chunk in chunks {
+                        out.push(chunk);
+                        if out.len() == limit {
+                            return Ok(out);
+                        }
+                    }
+                    let Some(resume) = more else { break };
+                    let need = (limit - out.len()).min(SCAN_PAGE);
+                    (chunks, more) = self.scan_page(bucket, Bound::Excluded(resume), hi, need, now_ms).await?;
+                }
+            }
+            if end == last_bucket {
+                return Ok(out);
+            }
+            next = end + 1;
+            window = (window * 2).min(SCAN_PREFETCH);
+        }
+    }
+
+    /// Reads up to `count` names of `bucket` from `lo` to `hi` with their records.
+    async fn scan_page(
+        &self,
+        bucket: u32,
+        lo: Start,
+        hi: Name,
+        count: usize,
+        now_ms: u64,
+    ) -> Result<Page, RedisStoreError> {
+        const OP: &str = "scan";
+        let names_key = self.layout.names_key(bucket);
+        let prefix = self.layout.record_prefix(bucket);
+        let min: Vec<u8> = match lo {
+            Bound::Included(n) => [&b"["[..], &n.to_bytes()].concat(),
+            Bound::Excluded(n) => [&b"("[..], &n.to_bytes()].concat(),
+            Bound::Unbounded => b"-".to_vec(),
+        };
+        let max = [&b"["[..], &hi.to_bytes()].concat();
+        let count_arg = count.to_string();
+        let reply = self
+            .eval(OP, &self.scripts.scan, &[names_key.as_bytes()], &[&min, &max, count_arg.as_bytes(), &prefix])
+            .await?;
+        let Value::Array(items) = reply else { return Err(unexpected(OP, &reply)) };
+        if items.len() % 2 != 0 || items.len() / 2 > count {
+            return Err(RedisStoreError::UnexpectedReply {
+                op: OP,
+                reply: format!("{} items for a page of {count}", items.len()),
+            });
+        }
+        let full = items.len() / 2 == count;
+        let mut chunks = Vec::with_capacity(items.len() / 2);
+        let mut last_name = None;
+        let mut items = items.into_iter();
+        while let (Some(name), Some(record)) = (items.next(), items.next()) {
+            let Value::BulkString(name) = name else { return Err(unexpected(OP, &name)) };
+            let name = decode_name(names_key.as_bytes(), &name)?;
+            last_name = Some(name);
+            match record {
+                // Redis already dropped the expired record; its index entries await a sweep.
+                Value::Nil => {}
+                Value::BulkString(record) => {
+                    let chunk = decode_record(&self.layout.record_key(name), name, record)?;
+                    if !chunk.is_expired(now_ms) {
+                        chunks.push(chunk);
+                    }
+                }
+                other => {
+                    return Err(RedisStoreError::Corrupt {
+                        key: printable_key(&self.layout.record_key(name)),
+                        reason: format!("record is not a string: {other:?}"),
+                    });
+                }
+            }
+        }
+        Ok((chunks, if full { last_name } else { None }))
+    }
+
+    /// Removes every name expired at `now_ms` (expiry ≤ `now_ms`) from both index sets of
+    /// every bucket, deleting any record Redis still holds for it; returns how many names it
+    /// removed (a chunk Redis already dropped counts once its index entries go).
+    pub async fn sweep_expired(&self, now_ms: u64) -> Result<u64, RedisStoreError> {
+        stream::iter(0..self.layout.bucket_count())
+            .map(|bucket| self.sweep_bucket(bucket, now_ms))
+            .buffer_unordered(MAX_IN_FLIGHT)
+            .try_fold(0, |total, n| async move { Ok(total + n) })
+            .await
+    }
+
+    async fn sweep_bucket(&self, bucket: u32, now_ms: u64) -> Result<u64, RedisStoreError> {
+        const OP: &str = "sweep";
+        let names_key = self.layout.names_key(bucket);
+        let expiry_key = self.layout.expiry_key(bucket);
+        let prefix = self.layout.record_prefix(bucket);
+        let (now, batch) = (now_ms.to_string(), SWEEP_BATCH.to_string());
+        let mut total = 0;
+        loop {
+            let reply = self
+                .eval(
+                    OP,
+                    &self.scripts.sweep,
+                    &[names_key.as_bytes(), expiry_key.as_bytes()],
+                    &[now.as_bytes(), batch.as_bytes(), &prefix],
+                )
+                .await?;
+            let Value::Int(n) = reply else { return Err(unexpected(OP, &reply)) };
+            let n = u64::try_from(n).map_err(|_| unexpected(OP, &reply))?;
+            total += n;
+            if n < SWEEP_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+}
