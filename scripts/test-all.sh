@@ -19,7 +19,7 @@ step() {
 # target/debug/incremental) only cost disk; a caller may still set CARGO_INCREMENTAL=1.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
-step "test tools (tmux, installing it if needed)"
+step "test tools (tmux, Chromium, Redis; installing what is missing)"
 bash scripts/install-test-deps.sh
 
 step "plugins (Wasm for wasm32-wasip2, installing the target if needed; native)"
