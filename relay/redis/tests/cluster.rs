@@ -195,7 +195,8 @@ async fn expired_chunks_are_never_served_and_are_swept() {
     let now = now_ms();
     let live = chunk(0x1111 << 112, now + HOUR, b"live");
     let late = chunk(0x2222 << 112, now - 1_000, b"already expired");
-    let soon = chunk(0x3333 << 112, now + 300, b"expires in Redis");
+    // Long enough for the checks before it expires on a loaded machine.
+    let soon = chunk(0x3333 << 112, now + 1_500, b"expires in Redis");
     let outcomes = store.insert_batch(&[live.clone(), late.clone(), soon.clone()]).await.unwrap();
     assert_eq!(outcomes, vec![InsertOutcome::Inserted; 3]);
 
@@ -213,7 +214,7 @@ async fn expired_chunks_are_never_served_and_are_swept() {
     assert!(store.scan(Filter::ALL, None, 10, live.expiry()).await.unwrap().is_empty());
 
     // Once Redis has dropped the record, the index entry alone serves nothing.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(soon.expiry().saturating_sub(now_ms()) + 300)).await;
     assert_eq!(store.get(soon.name(), 0).await.unwrap(), None);
     assert_eq!(store.scan(Filter::ALL, None, 10, 0).await.unwrap(), std::slice::from_ref(&live));
     let x_key = format!("{{c:{:03x}}}:x", store.bucket_of(soon.name()));
