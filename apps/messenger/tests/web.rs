@@ -172,11 +172,13 @@ async fn only_the_printed_link_opens_a_session_and_only_this_servers_pages_use_i
     origin.shutdown().await;
 }
 
-/// Chromium over WebDriver, headless; chromedriver stopped on drop.
+/// Chromium over WebDriver, headless; chromedriver and its Chromium stopped on drop.
 struct Browser {
     driver: Child,
     client: Client,
     shots: Option<PathBuf>,
+    /// Chromium's profile directory, which names this test's Chromium processes.
+    profile: PathBuf,
 }
 
 impl Browser {
@@ -214,7 +216,7 @@ impl Browser {
         if let Some(dir) = &shots {
             std::fs::create_dir_all(dir).unwrap();
         }
-        Browser { driver, client, shots }
+        Browser { driver, client, shots, profile }
     }
 
     /// Saves a screenshot as `NAME.png` when `CANOPY_SCREENSHOTS` names a directory.
@@ -308,6 +310,10 @@ impl Drop for Browser {
     fn drop(&mut self) {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        // Chromium is chromedriver's child and outlives it (no WebDriver session end can be
+        // awaited here, and a failed test never reaches one): end this test's Chromium by its
+        // profile directory, so no browser keeps running after the test.
+        let _ = Command::new("pkill").arg("-KILL").arg("-f").arg(format!("user-data-dir={}", self.profile.display())).status();
     }
 }
 
