@@ -142,7 +142,7 @@ pub struct Metrics {
 
 /// A sync the driver runs: see [`Node::begin_sync`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SyncTicket(pub u64);
+pub struct SyncTicket(u64);
 
 /// What a sync in flight releases once it is done.
 #[derive(Debug)]

@@ -113,8 +113,11 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
     let mut tick = tokio::time::interval(parts.evict_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // With a sync interval: when the next timed sync is due.
-    let mut sync_tick = tokio::time::interval(parts.sync_interval.unwrap_or(Duration::from_secs(3600)));
-    sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sync_tick = parts.sync_interval.map(|every| {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
     let mut sync_due = false;
     // The links with frames waiting, kept between turns for its buffer.
     let mut ready = Vec::new();
@@ -180,7 +183,7 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
                     tracing::warn!(%err, "evicting expired chunks failed");
                 }
             }
-            _ = sync_tick.tick(), if parts.sync_interval.is_some() => sync_due = true,
+            _ = async { sync_tick.as_mut().expect("guarded").tick().await }, if sync_tick.is_some() => sync_due = true,
         }
         // Deliveries to clients and to the parent leave before the sync, so they never wait
         // for this relay's disk. Acks wait for it (unless the operator chose a sync
