@@ -96,6 +96,9 @@ impl Kind {
     }
 }
 
+/// A table row: figure, its value in a round, scale for the shown value, decimals.
+type Row = (&'static str, fn(&Figures) -> f64, f64, usize);
+
 /// One store's figures in one round.
 #[derive(Clone, Copy, Default)]
 struct Figures {
@@ -301,8 +304,7 @@ fn main() -> anyhow::Result<()> {
     flush(&cluster)?;
 
     let per_chunk_us = 1e3 / cli.batch as f64;
-    // (figure, value in a round, scale for the shown value, decimals)
-    let rows: [(&str, fn(&Figures) -> f64, f64, usize); 7] = [
+    let rows: [Row; 7] = [
         ("insert, chunks/s", |f| f.insert_per_s, 1.0, 0),
         ("insert batch latency p50, ms", |f| f.batch_p50_ms, 1.0, 3),
         ("insert batch latency p99, ms", |f| f.batch_p99_ms, 1.0, 3),
