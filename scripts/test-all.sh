@@ -58,6 +58,9 @@ $bin/model-apply 2 10
 $bin/pipeline-e2e
 # The web UI's live updates beside Secure's follow stream (the full run: --messages 300).
 $bin/web-latency --messages 20
+# The Redis Cluster store beside the memory and fjall stores, on a 3-primary cluster of real
+# redis-server processes (the full run: no flags, docs/origin.md).
+$bin/redis-store --smoke
 
 step "fuzz target builds"
 (cd framework/fuzz && cargo check --locked -q)
