@@ -296,18 +296,12 @@ impl RedisCluster {
     /// while it runs, every running replica's link to its primary is up, and every primary
     /// has its running replicas connected.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), HarnessError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let why = match self.not_ready() {
-                Ok(None) => return Ok(()),
-                Ok(Some(why)) => why,
-                Err(e) => e.to_string(),
-            };
-            if Instant::now() > deadline {
-                return fail(format!("cluster not ready within {timeout:?}: {why}"));
-            }
-            sleep(POLL);
-        }
+        poll_until(timeout, "cluster not ready", || self.why_not_ready())
+    }
+
+    /// Why the cluster is not ready yet (`None`: it is), a failed query included.
+    fn why_not_ready(&self) -> Option<String> {
+        self.not_ready().unwrap_or_else(|e| Some(e.to_string()))
     }
 
     /// Why the cluster is not ready yet, or `None` when it is.
@@ -453,9 +447,8 @@ impl RedisCluster {
     /// slots any more (a replica took them over), and the cluster is ready again (see
     /// [`RedisCluster::wait_ready`]).
     pub fn wait_failover(&self, killed: usize, timeout: Duration) -> Result<(), HarnessError> {
-        let deadline = Instant::now() + timeout;
         let id = &self.nodes[killed].id;
-        loop {
+        poll_until(timeout, &format!("no failover of node {killed}"), || {
             let mut why = None;
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {
                 match cluster_nodes(node.port) {
@@ -475,24 +468,26 @@ impl RedisCluster {
                     break;
                 }
             }
-            let why = match why {
-                Some(why) => why,
-                None => match self.not_ready() {
-                    Ok(None) => return Ok(()),
-                    Ok(Some(why)) => why,
-                    Err(e) => e.to_string(),
-                },
-            };
-            if Instant::now() > deadline {
-                return fail(format!("no failover of node {killed} within {timeout:?}: {why}"));
-            }
-            sleep(POLL);
-        }
+            why.or_else(|| self.why_not_ready())
+        })
     }
 
     /// [`RedisCluster::wait_failover`] with a 30 s deadline.
     pub fn wait_failover_default(&self, killed: usize) -> Result<(), HarnessError> {
         self.wait_failover(killed, FAILOVER_TIMEOUT)
+    }
+}
+
+/// Polls `check` (`None`: done, `Some(why)`: not yet) every [`POLL`] until it is done, or
+/// fails with `what` and the last reason once `timeout` has passed.
+fn poll_until(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<String>) -> Result<(), HarnessError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let Some(why) = check() else { return Ok(()) };
+        if Instant::now() > deadline {
+            return fail(format!("{what} within {timeout:?}: {why}"));
+        }
+        sleep(POLL);
     }
 }
 
