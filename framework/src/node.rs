@@ -92,6 +92,16 @@ pub struct NodeConfig {
     /// Off by default: the ack waits for the sync that covers the publish. Either way, a chunk published here reaches a
     /// child relay only once it is synced (see [`Node::begin_sync`]).
     pub ack_before_sync: bool,
+    /// Hand chunk inserts and replay scans to the driver as [`StoreRequest`]s
+    /// ([`Node::take_store_requests`]) instead of calling the store, and finish each when the
+    /// driver reports its result ([`Node::store_done`]): for a remote store (Redis Cluster),
+    /// whose driver runs the requests of a turn as one pipeline rather than a round trip per
+    /// chunk. The node's own store then keeps only the upstream outbox. Off by default: a
+    /// local store (memory, fjall) answers at once, and the node calls it directly.
+    pub store_requests: bool,
+    /// With `store_requests`: how many requests may be unfinished before the node stops
+    /// taking input from downstream links ([`Node::accepts_input`]).
+    pub max_store_requests: usize,
 }
 
 impl NodeConfig {
@@ -107,6 +117,8 @@ impl NodeConfig {
             outbox_window: 256,
             max_most_recent: 10_000,
             ack_before_sync: false,
+            store_requests: false,
+            max_store_requests: 4096,
         }
     }
 }
@@ -143,6 +155,90 @@ pub struct Metrics {
 /// A sync the driver runs: see [`Node::begin_sync`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SyncTicket(u64);
+
+/// A store operation handed to the driver: see [`NodeConfig::store_requests`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreRequest {
+    /// What to hand back to [`Node::store_done`] with the result.
+    pub ticket: StoreTicket,
+    /// What to do.
+    pub op: StoreOp,
+}
+
+/// Names a [`StoreRequest`] until it is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StoreTicket(u64);
+
+/// A store operation the node asks its driver to run (see [`NodeConfig::store_requests`]),
+/// with the meaning of the [`Store`] method of the same name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    /// [`Store::insert`]: answered with [`StoreReply::Insert`].
+    Insert(Chunk),
+    /// Up to `limit` chunks named `first..=last` that are unexpired at `now`, in name order
+    /// ([`Store::scan_range`]): answered with [`StoreReply::Chunks`]. Fewer than `limit` means
+    /// the range holds no more.
+    Scan {
+        /// The first name of the range.
+        first: Name,
+        /// The last name of the range.
+        last: Name,
+        /// The most chunks to return (at least 1).
+        limit: usize,
+        /// The time expiry is judged at (unix ms).
+        now: u64,
+    },
+    /// The `n` greatest-named chunks under `filter` unexpired at `now`, in ascending name
+    /// order ([`Store::scan_last`]): answered with [`StoreReply::Chunks`].
+    ScanLast {
+        /// The range.
+        filter: Filter,
+        /// How many.
+        n: usize,
+        /// The time expiry is judged at (unix ms).
+        now: u64,
+    },
+}
+
+impl StoreOp {
+    /// Runs the operation on `store`, for a driver whose store is local (the simulator, a
+    /// test): what a remote store's driver does over the network instead.
+    pub fn run(&self, store: &mut dyn Store) -> StoreReply {
+        match self {
+            StoreOp::Insert(chunk) => StoreReply::Insert(store.insert(chunk)),
+            StoreOp::Scan { first, last, limit, now } => {
+                let mut chunks = Vec::new();
+                let result = store.scan_range(*first, *last, *now, &mut |chunk| {
+                    chunks.push(chunk);
+                    if chunks.len() >= *limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                });
+                StoreReply::Chunks(result.map(|()| chunks))
+            }
+            StoreOp::ScanLast { filter, n, now } => StoreReply::Chunks(store.scan_last(*filter, *n, *now)),
+        }
+    }
+}
+
+/// The result of a [`StoreOp`], handed to [`Node::store_done`].
+#[derive(Debug)]
+pub enum StoreReply {
+    /// What [`StoreOp::Insert`] did.
+    Insert(Result<InsertOutcome, StoreError>),
+    /// What [`StoreOp::Scan`] or [`StoreOp::ScanLast`] found.
+    Chunks(Result<Vec<Chunk>, StoreError>),
+}
+
+/// What the node does once a store request is done.
+enum Pending {
+    /// Finish a publish from a downstream link: ack, conflict or error; forward and deliver.
+    Publish { link: LinkId, seq: u64, chunk: Chunk },
+    /// Finish a chunk the parent delivered on upstream subscription `id`: deliver it, and
+    /// hand back the credit it spent.
+    FromParent { link: LinkId, id: u64, chunk: Chunk },
+    /// Continue the replay of subscription `id` of `link` with what the store found (a scan
+    /// asked for `limit` chunks).
+    Replay { link: LinkId, id: u64, limit: usize },
+}
 
 /// What a sync in flight releases once it is done.
 #[derive(Debug)]
@@ -254,10 +350,27 @@ impl Sub {
 }
 
 enum Replay {
-    /// Scan the store onwards from this name (inclusive).
-    From(Name),
+    /// Cached chunks read from the store in name order, a page at a time.
+    From {
+        /// Where the next page starts (inclusive); `None` once the range is read to its end.
+        next: Option<Name>,
+        /// Chunks read and not sent yet (a page that came back larger than the room left, or
+        /// the one chunk read ahead without room to see whether the range is exhausted).
+        fetched: VecDeque<Chunk>,
+        /// The request for the next page, while the driver runs it
+        /// ([`NodeConfig::store_requests`]).
+        reading: Option<u64>,
+    },
     /// A fixed list (for `MostRecent`).
     List(VecDeque<Chunk>),
+    /// The list for `MostRecent`, while the driver reads it ([`NodeConfig::store_requests`]).
+    Listing(u64),
+}
+
+impl Replay {
+    fn from(first: Name) -> Replay {
+        Replay::From { next: Some(first), fetched: VecDeque::new(), reading: None }
+    }
 }
 
 struct Link {
@@ -409,6 +522,12 @@ pub struct Node<S> {
     /// Entries of `dirty` known to be stale (their link drained empty or closed): once they
     /// are half the list, it is compacted.
     dirty_stale: usize,
+    /// Store requests the driver has not taken yet ([`NodeConfig::store_requests`]).
+    requests: Vec<StoreRequest>,
+    /// Store requests not done yet, by ticket, with what to do once they are.
+    pending: HashMap<u64, Pending>,
+    /// The number of the next store request.
+    next_ticket: u64,
 }
 
 /// The most frames [`Node::handle_batch`] matches against the subscriptions at once. A run
@@ -465,6 +584,9 @@ impl<S: Store> Node<S> {
             run: RunBuffers::default(),
             dirty: Vec::new(),
             dirty_stale: 0,
+            requests: Vec::new(),
+            pending: HashMap::new(),
+            next_ticket: 1,
         }
     }
 
@@ -482,6 +604,62 @@ impl<S: Store> Node<S> {
     /// discards what was not synced, then starts a new node on it).
     pub fn into_store(self) -> S {
         self.store
+    }
+
+    /// The store, for a driver that runs [`StoreRequest`]s on it itself (see
+    /// [`StoreOp::run`]).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Moves into `out` the store requests made since the last call, oldest first
+    /// ([`NodeConfig::store_requests`]; without it there are none). The driver runs them, in
+    /// batches as it likes, and reports each result with [`store_done`](Self::store_done).
+    ///
+    /// Results may come back in any order, with one rule: two requests whose names overlap
+    /// (an insert and a scan covering its name, say) must be reported in the order the store
+    /// ran them, since what the scan found decides whether the node still sends the inserted
+    /// chunk live. A driver that reports each pipeline's replies in order, as Redis answers
+    /// them, keeps it.
+    pub fn take_store_requests(&mut self, out: &mut Vec<StoreRequest>) {
+        out.append(&mut self.requests);
+    }
+
+    /// Store requests made and not reported done yet.
+    pub fn store_requests_pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The store request `ticket` is done, with `reply`: the node finishes what waited on it
+    /// (a publish's ack or refusal and its deliveries, a chunk from the parent, a page of a
+    /// replay) at time `now`. A ticket not pending (reported twice) is ignored.
+    pub fn store_done(&mut self, ticket: StoreTicket, reply: StoreReply, now: u64) {
+        self.now = self.now.max(now);
+        let Some(pending) = self.pending.remove(&ticket.0) else { return };
+        match (pending, reply) {
+            (Pending::Publish { link, seq, chunk }, StoreReply::Insert(outcome)) => {
+                self.publish_stored(link, seq, &chunk, outcome, None)
+            }
+            (Pending::FromParent { link, id, chunk }, StoreReply::Insert(outcome)) => {
+                self.spend_upstream_credit(link, id);
+                self.parent_chunk_stored(link, &chunk, outcome, None)
+            }
+            (Pending::Replay { link, id, limit }, StoreReply::Chunks(found)) => {
+                self.replay_read(link, id, ticket.0, limit, found)
+            }
+            // A driver answering an insert with chunks (or the reverse) is a bug in the driver;
+            // what waited on the request would wait for ever, so it fails loudly in tests.
+            (_, reply) => debug_assert!(false, "store reply {reply:?} does not answer its request"),
+        }
+    }
+
+    /// Records a store request for the driver, with what to do once it is done.
+    fn request(&mut self, op: StoreOp, then: Pending) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.pending.insert(ticket, then);
+        self.requests.push(StoreRequest { ticket: StoreTicket(ticket), op });
+        ticket
     }
 
     /// This node's settings.
@@ -621,7 +799,8 @@ impl<S: Store> Node<S> {
     /// sent are ignored; pausing both ends of a relay link could stall them on each other.
     pub fn accepts_input(&self, link: LinkId) -> bool {
         self.links.get(&link).is_some_and(|l| {
-            matches!(l.peer, Peer::Parent | Peer::ParentPending) || l.queue.len() < self.config.max_queue
+            matches!(l.peer, Peer::Parent | Peer::ParentPending)
+                || (l.queue.len() < self.config.max_queue && self.pending.len() < self.config.max_store_requests)
         })
     }
 
@@ -842,10 +1021,7 @@ impl<S: Store> Node<S> {
             (Peer::Downstream, Frame::Credit { id, credit }) => self.on_credit(link, id, credit),
             (Peer::Downstream, Frame::Unsubscribe { id }) => self.on_unsubscribe(link, id),
             (Peer::Downstream, Frame::Publish { seq, chunk }) => self.on_publish(link, seq, &chunk, now, None),
-            (Peer::Parent, Frame::Deliver { id, chunk }) => {
-                self.spend_upstream_credit(link, id);
-                self.on_chunk_from_parent(link, &chunk, now, None)
-            }
+            (Peer::Parent, Frame::Deliver { id, chunk }) => self.on_chunk_from_parent(link, id, &chunk, now, None),
             // An answer about a number still in our queue is not about anything the parent
             // received: ignored, like an unknown number. Otherwise a parent acking (or ending)
             // what it was never sent would let the outbox (or resubscriptions) refill the
@@ -904,7 +1080,12 @@ impl<S: Store> Node<S> {
                 frames.clear();
                 return;
             };
-            let run = frames.iter().take(MATCH_RUN).take_while(|f| run_chunk(peer, f).is_some()).count();
+            // With store requests, chunks are matched when the store has answered, not here.
+            let run = if self.config.store_requests {
+                0
+            } else {
+                frames.iter().take(MATCH_RUN).take_while(|f| run_chunk(peer, f).is_some()).count()
+            };
             if run < 2 {
                 // Not a chunk, or a lone one: the frame-by-frame path.
                 let Some(frame) = frames.pop_front() else { return };
@@ -921,10 +1102,7 @@ impl<S: Store> Node<S> {
                 let targets = Some(buffers.targets(i));
                 match frame {
                     Frame::Publish { seq, chunk } => self.on_publish(link, seq, &chunk, now, targets),
-                    Frame::Deliver { id, chunk } => {
-                        self.spend_upstream_credit(link, id);
-                        self.on_chunk_from_parent(link, &chunk, now, targets)
-                    }
+                    Frame::Deliver { id, chunk } => self.on_chunk_from_parent(link, id, &chunk, now, targets),
                     _ => unreachable!("a run holds only chunks"),
                 }
                 if self.urgent.len() != urgent {
@@ -1039,12 +1217,17 @@ impl<S: Store> Node<S> {
         }
         let replay = match mode {
             ReplayMode::LiveOnly => None,
-            ReplayMode::CachedAndLive | ReplayMode::CachedOnly => Some(Replay::From(filter.name())),
+            ReplayMode::CachedAndLive | ReplayMode::CachedOnly => Some(Replay::from(filter.name())),
             ReplayMode::MostRecent(n) => {
                 let n = n.min(self.config.max_most_recent) as usize;
-                match self.store.scan_last(filter, n, now) {
-                    Ok(list) => Some(Replay::List(list.into())),
-                    Err(err) => return self.error(link, Some(id), ErrorCode::Internal, &err.to_string()),
+                if self.config.store_requests {
+                    let op = StoreOp::ScanLast { filter, n, now };
+                    Some(Replay::Listing(self.request(op, Pending::Replay { link, id, limit: n })))
+                } else {
+                    match self.store.scan_last(filter, n, now) {
+                        Ok(list) => Some(Replay::List(list.into())),
+                        Err(err) => return self.error(link, Some(id), ErrorCode::Internal, &err.to_string()),
+                    }
                 }
             }
         };
@@ -1109,7 +1292,26 @@ impl<S: Store> Node<S> {
             let msg = format!("chunk {name} expired at {} (now {now})", chunk.expiry());
             return self.error(link, Some(seq), ErrorCode::Expired, &msg);
         }
-        match self.store.insert(chunk) {
+        if self.config.store_requests {
+            self.request(StoreOp::Insert(chunk.clone()), Pending::Publish { link, seq, chunk: chunk.clone() });
+            return;
+        }
+        let outcome = self.store.insert(chunk);
+        self.publish_stored(link, seq, chunk, outcome, matched);
+    }
+
+    /// Finishes a publish once the store has decided what it is: acks it (once synced),
+    /// forwards it up and delivers it if it is new; refuses it if it conflicts.
+    fn publish_stored(
+        &mut self,
+        link: LinkId,
+        seq: u64,
+        chunk: &Chunk,
+        outcome: Result<InsertOutcome, StoreError>,
+        matched: Option<&[(LinkId, u64)]>,
+    ) {
+        let name = chunk.name();
+        match outcome {
             Ok(InsertOutcome::Inserted) => {
                 self.metrics.stored += 1;
                 if self.has_parent {
@@ -1156,12 +1358,40 @@ impl<S: Store> Node<S> {
 
     /// Stores a chunk the parent delivered and queues it to the covering subscriptions, those
     /// in `matched` if the caller looked them up already (as [`on_publish`](Self::on_publish)).
-    fn on_chunk_from_parent(&mut self, link: LinkId, chunk: &Chunk, now: u64, matched: Option<&[(LinkId, u64)]>) {
+    ///
+    /// It spent a delivery of upstream subscription `id`'s credit, handed back once the chunk
+    /// is stored: at once, or when the store request is done ([`NodeConfig::store_requests`]),
+    /// so the parent can have no more chunks in flight here than the credit allows.
+    fn on_chunk_from_parent(
+        &mut self,
+        link: LinkId,
+        id: u64,
+        chunk: &Chunk,
+        now: u64,
+        matched: Option<&[(LinkId, u64)]>,
+    ) {
         self.metrics.chunks_in += 1;
         if chunk.is_expired(now) {
+            return self.spend_upstream_credit(link, id);
+        }
+        if self.config.store_requests {
+            self.request(StoreOp::Insert(chunk.clone()), Pending::FromParent { link, id, chunk: chunk.clone() });
             return;
         }
-        match self.store.insert(chunk) {
+        self.spend_upstream_credit(link, id);
+        let outcome = self.store.insert(chunk);
+        self.parent_chunk_stored(link, chunk, outcome, matched);
+    }
+
+    /// Finishes a chunk from the parent once the store has decided what it is.
+    fn parent_chunk_stored(
+        &mut self,
+        link: LinkId,
+        chunk: &Chunk,
+        outcome: Result<InsertOutcome, StoreError>,
+        matched: Option<&[(LinkId, u64)]>,
+    ) {
+        match outcome {
             Ok(InsertOutcome::Inserted) => {
                 self.metrics.stored += 1;
                 self.deliver(chunk, link, matched);
@@ -1204,8 +1434,9 @@ impl<S: Store> Node<S> {
             let Some(sub) = l.subs.get_mut(&id) else { continue };
             match sub.replay() {
                 // The replay has not reached this name yet: it will send the chunk from the
-                // store, in order.
-                Some(Replay::From(next)) if chunk.name() >= *next => continue,
+                // store, in order. (While a page is being read, the page may or may not hold
+                // the chunk: it waits in the backlog until the page tells, see `read_page`.)
+                Some(Replay::From { next: Some(next), reading: None, .. }) if chunk.name() >= *next => continue,
                 // A `CachedOnly` subscription finishing its replay takes nothing live.
                 None if !sub.live => continue,
                 _ => {}
@@ -1303,35 +1534,49 @@ impl<S: Store> Node<S> {
                     }
                     list.is_empty()
                 }
-                Replay::From(next) => {
-                    let (_, end) = filter.range();
-                    // Without room, still look one chunk ahead: an exhausted range finishes
-                    // the replay (and sends `ReplayDone`) even with no credit.
-                    let want = room.max(1);
-                    let mut batch = Vec::new();
-                    let result = self.store.scan_range(*next, end, now, &mut |chunk| {
-                        batch.push(chunk);
-                        if batch.len() >= want { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
-                    });
-                    if let Err(err) = result {
-                        let msg = err.to_string();
-                        return self.error(link, Some(id), ErrorCode::Internal, &msg);
+                // Waiting for the driver to read the list.
+                Replay::Listing(_) => return,
+                Replay::From { next, fetched, reading } => {
+                    if reading.is_some() {
+                        // Waiting for the driver to read the next page.
+                        return;
                     }
-                    // Fewer chunks than asked for: the range is exhausted.
-                    let mut finished = batch.len() < want;
-                    if room > 0 {
-                        if let Some(last) = batch.last() {
-                            match last.name().to_u128().checked_add(1) {
-                                Some(after) if last.name() < end => *next = Name::new(after),
-                                _ => finished = true,
-                            }
+                    let (_, end) = filter.range();
+                    if fetched.is_empty()
+                        && let Some(first) = *next
+                    {
+                        // Without room, still read one chunk ahead: an exhausted range
+                        // finishes the replay (and sends `ReplayDone`) even with no credit.
+                        let limit = room.max(1);
+                        if self.config.store_requests {
+                            let op = StoreOp::Scan { first, last: end, limit, now };
+                            let ticket = self.next_ticket;
+                            self.next_ticket += 1;
+                            self.pending.insert(ticket, Pending::Replay { link, id, limit });
+                            self.requests.push(StoreRequest { ticket: StoreTicket(ticket), op });
+                            *reading = Some(ticket);
+                            return;
                         }
-                        for chunk in batch {
+                        let mut page = Vec::new();
+                        let result = self.store.scan_range(first, end, now, &mut |chunk| {
+                            page.push(chunk);
+                            if page.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                        });
+                        if let Err(err) = result {
+                            let msg = err.to_string();
+                            return self.error(link, Some(id), ErrorCode::Internal, &msg);
+                        }
+                        read_page(next, fetched, &mut work.backlog, page, limit, end);
+                    }
+                    while sent < room {
+                        let Some(chunk) = fetched.pop_front() else { break };
+                        // Read ahead earlier, it may have expired since.
+                        if !chunk.is_expired(now) {
                             l.queue.enqueue(link, &mut self.dirty, Frame::Deliver { id, chunk });
                             sent += 1;
                         }
                     }
-                    finished
+                    fetched.is_empty() && next.is_none()
                 }
             };
             sub.credit -= u32::try_from(sent).expect("at most the credit");
@@ -1368,6 +1613,41 @@ impl<S: Store> Node<S> {
             sub.work = None;
             l.busy.remove(&id);
         }
+    }
+
+    /// The store has read what store request `ticket` asked for subscription `id` of `link`:
+    /// a page of its replay, or its `MostRecent` list. Continues the replay with it, if the
+    /// subscription is still the one that asked.
+    fn replay_read(&mut self, link: LinkId, id: u64, ticket: u64, limit: usize, found: Result<Vec<Chunk>, StoreError>) {
+        let Some(l) = self.links.get_mut(&link) else { return };
+        let Some(sub) = l.subs.get_mut(&id) else { return };
+        let filter = sub.filter();
+        let Some(work) = sub.work.as_deref_mut() else { return };
+        let Some(replay) = work.replay.as_mut() else { return };
+        match replay {
+            Replay::From { next, fetched, reading } if *reading == Some(ticket) => {
+                *reading = None;
+                match found {
+                    Ok(page) => read_page(next, fetched, &mut work.backlog, page, limit, filter.range().1),
+                    // The next pump reads the page again.
+                    Err(err) => return self.error(link, Some(id), ErrorCode::Internal, &err.to_string()),
+                }
+            }
+            Replay::Listing(t) if *t == ticket => match found {
+                Ok(list) => {
+                    // Live chunks held while the list was read: those it holds go with it.
+                    work.backlog.retain(|held| list.binary_search_by_key(&held.name(), Chunk::name).is_err());
+                    *replay = Replay::List(list.into());
+                }
+                Err(err) => {
+                    *replay = Replay::List(VecDeque::new());
+                    self.error(link, Some(id), ErrorCode::Internal, &err.to_string());
+                }
+            },
+            // Another subscription under the same id, or a request already answered.
+            _ => return,
+        }
+        self.pump_sub(link, id, usize::MAX);
     }
 
     // ----- upstream -----
@@ -1608,6 +1888,39 @@ impl<S: Store> Node<S> {
         self.error(link, about, code, message);
         self.events.push_back(Event::Close { link, code });
     }
+}
+
+/// Takes a page the store read for a replay from `*next` onwards (asking for `limit` chunks,
+/// up to `end`): moves the cursor past it (to `None` once the range is exhausted) and keeps
+/// its chunks in `fetched` to send.
+///
+/// Live chunks at names from the old cursor on that were held in `backlog` while the page was
+/// read (see `deliver_to`) are settled here, so that each reaches the subscriber exactly once:
+/// one the page holds goes with the page; one past the new cursor is left to the next page
+/// (it is stored, and that page is read after); the others, behind the new cursor and not in
+/// the page, stay in the backlog and go after the replay, as live chunks the replay passed.
+fn read_page(
+    next: &mut Option<Name>,
+    fetched: &mut VecDeque<Chunk>,
+    backlog: &mut VecDeque<Chunk>,
+    page: Vec<Chunk>,
+    limit: usize,
+    end: Name,
+) {
+    let Some(from) = *next else { return };
+    *next = match page.last() {
+        Some(last) if page.len() >= limit && last.name() < end => Some(Name::new(last.name().to_u128() + 1)),
+        _ => None,
+    };
+    if !backlog.is_empty() {
+        let after = *next;
+        backlog.retain(|held| {
+            let name = held.name();
+            name < from
+                || (page.binary_search_by_key(&name, Chunk::name).is_err() && after.is_none_or(|after| name < after))
+        });
+    }
+    fetched.extend(page);
 }
 
 /// The chunk of `frame` if, arriving from a peer of kind `peer`, it is one that
@@ -2282,6 +2595,166 @@ mod tests {
                 node.links.len()
             );
         }
+    }
+
+    // ----- store requests -----
+
+    /// A node in request mode: an origin with a client publisher on link 2 and a client
+    /// subscriber on link 3, hellos drained.
+    fn origin_with_store_requests(max_store_requests: usize) -> Node<MemoryStore> {
+        let mut config = NodeConfig::new(RelayId(1));
+        config.store_requests = true;
+        config.max_store_requests = max_store_requests;
+        let mut node = Node::new(config, MemoryStore::new(UNLIMITED), false);
+        for link in [2, 3] {
+            node.accept(link);
+            let hello = Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: None };
+            node.handle(link, hello, 0);
+            node.drain(link, usize::MAX, 0);
+        }
+        node
+    }
+
+    fn take_requests(node: &mut Node<MemoryStore>) -> Vec<StoreRequest> {
+        let mut out = Vec::new();
+        node.take_store_requests(&mut out);
+        out
+    }
+
+    /// Runs `request` on the node's own store and reports it done.
+    fn run(node: &mut Node<MemoryStore>, request: StoreRequest) {
+        let reply = request.op.run(node.store_mut());
+        node.store_done(request.ticket, reply, 0);
+    }
+
+    /// Publishes `name` from link 2 and runs its insert at once.
+    fn stored(node: &mut Node<MemoryStore>, seq: u64, name: u128) {
+        node.handle(2, Frame::Publish { seq, chunk: chunk(name) }, 0);
+        for request in take_requests(node) {
+            run(node, request);
+        }
+    }
+
+    /// Issue 16, part 1: with store requests, a publish is decided when the store answers,
+    /// not when it arrives. Nothing is delivered or acknowledged before; the store's answer
+    /// decides between new, duplicate and conflict, whatever order the requests run in.
+    #[test]
+    fn with_store_requests_a_publish_is_finished_by_the_stores_answer() {
+        let mut node = origin_with_store_requests(64);
+        let filter = Filter::new(Name::new(TEN), 8).unwrap();
+        node.handle(3, Frame::Subscribe { id: 1, filter, mode: ReplayMode::LiveOnly, credit: 100 }, 0);
+        assert_eq!(node.drain(3, usize::MAX, 0), vec![Frame::ReplayDone { id: 1 }]);
+
+        let other = Chunk::new(Name::new(TEN), u64::MAX, vec![2]).unwrap();
+        node.handle(2, Frame::Publish { seq: 1, chunk: chunk(TEN) }, 0);
+        node.handle(2, Frame::Publish { seq: 2, chunk: chunk(TEN) }, 0);
+        node.handle(2, Frame::Publish { seq: 3, chunk: other }, 0);
+        let requests = take_requests(&mut node);
+        assert_eq!(requests.len(), 3);
+        assert!(requests.iter().all(|r| matches!(r.op, StoreOp::Insert(_))));
+        assert_eq!(node.store_requests_pending(), 3);
+        node.flush().unwrap();
+        assert_eq!(node.drain(3, usize::MAX, 0), vec![], "nothing is delivered before the store answers");
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![], "nor acknowledged");
+
+        // The store runs the second request first: that copy is the one stored.
+        let mut requests = requests.into_iter();
+        let (first, second, third) = (requests.next().unwrap(), requests.next().unwrap(), requests.next().unwrap());
+        run(&mut node, second);
+        assert_eq!(delivered(&node.drain(3, usize::MAX, 0)), vec![TEN]);
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![], "the ack waits for the sync");
+        node.flush().unwrap();
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![Frame::Ack { seq: 2 }]);
+        run(&mut node, third);
+        run(&mut node, first);
+        node.flush().unwrap();
+        let answers = node.drain(2, usize::MAX, 0);
+        assert!(matches!(answers[0], Frame::Error { code: ErrorCode::Conflict, about: Some(3), .. }), "{answers:?}");
+        assert_eq!(answers[1], Frame::Ack { seq: 1 }, "the duplicate is acknowledged");
+        assert_eq!(node.drain(3, usize::MAX, 0), vec![], "and delivered once only");
+        let m = node.metrics();
+        assert_eq!((m.stored, m.duplicates, m.conflicts), (1, 1, 1));
+        assert_eq!(node.store_requests_pending(), 0);
+        // A ticket reported twice is ignored.
+        node.store_done(StoreTicket(1), StoreReply::Insert(Ok(InsertOutcome::Inserted)), 0);
+        assert_eq!(node.metrics().stored, 1);
+    }
+
+    /// Issue 16, part 1: a live chunk stored while a page of a replay is being read reaches the
+    /// subscriber exactly once, whether the page holds it, stops before it or passes it.
+    #[test]
+    fn a_live_chunk_racing_a_replay_page_reaches_the_subscriber_once() {
+        let mut node = origin_with_store_requests(64);
+        for (seq, n) in [(1, 0), (2, 2), (3, 4)] {
+            stored(&mut node, seq, TEN + n);
+        }
+        let filter = Filter::new(Name::new(TEN), 8).unwrap();
+        node.handle(3, Frame::Subscribe { id: 1, filter, mode: ReplayMode::CachedAndLive, credit: 2 }, 0);
+        let page = take_requests(&mut node);
+        assert!(
+            matches!(&page[..], [StoreRequest { op: StoreOp::Scan { limit: 2, .. }, .. }]),
+            "one page, as large as the credit: {page:?}"
+        );
+        // Stored before the page is read: the page holds TEN+1; TEN+5 lies past it.
+        node.handle(2, Frame::Publish { seq: 4, chunk: chunk(TEN + 1) }, 0);
+        node.handle(2, Frame::Publish { seq: 5, chunk: chunk(TEN + 5) }, 0);
+        for request in take_requests(&mut node) {
+            run(&mut node, request);
+        }
+        assert_eq!(node.drain(3, usize::MAX, 0), vec![], "held while the page is read");
+        run(&mut node, page.into_iter().next().unwrap());
+        let mut got = delivered(&node.drain(3, usize::MAX, 0));
+        assert_eq!(got, vec![TEN, TEN + 1]);
+
+        node.handle(3, Frame::Credit { id: 1, credit: 100 }, 0);
+        let page = take_requests(&mut node);
+        assert!(matches!(&page[..], [StoreRequest { op: StoreOp::Scan { .. }, .. }]), "{page:?}");
+        // Stored after the page is read: the page ends the range, so it goes live.
+        node.handle(2, Frame::Publish { seq: 6, chunk: chunk(TEN + 3) }, 0);
+        let insert = take_requests(&mut node);
+        run(&mut node, page.into_iter().next().unwrap());
+        for request in insert {
+            run(&mut node, request);
+        }
+        let frames = node.drain(3, usize::MAX, 0);
+        got.extend(delivered(&frames));
+        assert!(frames.contains(&Frame::ReplayDone { id: 1 }), "{frames:?}");
+        got.sort_unstable();
+        assert_eq!(got, (0..=5).map(|n| TEN + n).collect::<Vec<_>>(), "each chunk exactly once");
+    }
+
+    /// Issue 16, part 1: `MostRecent` reads its list through the store too; a live chunk stored
+    /// meanwhile is sent once, with the list if it is on it, after it otherwise.
+    #[test]
+    fn a_most_recent_list_read_later_sends_each_chunk_once() {
+        let mut node = origin_with_store_requests(64);
+        for n in 0..4 {
+            stored(&mut node, n + 1, TEN + u128::from(n));
+        }
+        let filter = Filter::new(Name::new(TEN), 8).unwrap();
+        node.handle(3, Frame::Subscribe { id: 1, filter, mode: ReplayMode::MostRecent(2), credit: 100 }, 0);
+        let list = take_requests(&mut node);
+        assert!(matches!(&list[..], [StoreRequest { op: StoreOp::ScanLast { n: 2, .. }, .. }]), "{list:?}");
+        stored(&mut node, 9, TEN + 9);
+        assert_eq!(node.drain(3, usize::MAX, 0), vec![], "held while the list is read");
+        run(&mut node, list.into_iter().next().unwrap());
+        let frames = node.drain(3, usize::MAX, 0);
+        assert_eq!(delivered(&frames), vec![TEN + 3, TEN + 9]);
+        assert_eq!(frames.last(), Some(&Frame::ReplayDone { id: 1 }));
+    }
+
+    /// With store requests, the node stops taking input from downstream links while the
+    /// driver holds `max_store_requests` unfinished, so a slow store bounds what waits on it.
+    #[test]
+    fn unfinished_store_requests_pause_the_input() {
+        let mut node = origin_with_store_requests(2);
+        node.handle(2, Frame::Publish { seq: 1, chunk: chunk(TEN) }, 0);
+        assert!(node.accepts_input(2));
+        node.handle(2, Frame::Publish { seq: 2, chunk: chunk(TEN + 1) }, 0);
+        assert!(!node.accepts_input(2) && !node.accepts_input(3));
+        let first = take_requests(&mut node).into_iter().next().unwrap();
+        run(&mut node, first);
+        assert!(node.accepts_input(2));
     }
 
     #[test]

@@ -9,9 +9,11 @@
 //! invariants of `docs/reliability.md` are checked.
 //!
 //! - `cargo test -p canopy --test sim` runs the CI campaign (500 seeds over an in-memory store
-//!   with a durable/volatile split, 20 over fjall) and the regression seeds.
+//!   with a durable/volatile split, 20 over fjall, and 300 `deferred` seeds whose nodes hand
+//!   every insert and replay read to the simulator as a store request, which it runs after
+//!   random other steps and in random order) and the regression seeds.
 //! - `CANOPY_SIM_SEEDS=100000` runs a long campaign (use `--release`); `CANOPY_SIM_FJALL_SEEDS`
-//!   sizes the fjall one.
+//!   sizes the fjall one, `CANOPY_SIM_DEFERRED_SEEDS` the deferred one.
 //! - A failing seed prints itself; `CANOPY_SIM_SEED=N` replays exactly that seed, with a
 //!   trace of every step when `CANOPY_SIM_TRACE=1`.
 
@@ -19,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use canopy::node::{Event, LinkId, Node, NodeConfig};
+use canopy::node::{Event, LinkId, Node, NodeConfig, StoreOp, StoreReply, StoreRequest};
 use canopy::session::{ClientSession, PublishFailure, SessionEvent, SubEvent};
 use canopy::store::UNLIMITED;
 use canopy::wire::{ErrorCode, Frame, PROTOCOL_VERSION, RelayId, ReplayMode, Role};
@@ -242,6 +244,20 @@ struct Relay<S> {
     inserted: Vec<(Name, usize)>,
     /// Which connection stored each name here first (for the no-echo check).
     stored_from: HashMap<Name, usize>,
+    /// Store requests taken from the node and not run yet (the `deferred` campaign), each
+    /// with what it is for.
+    requests: Vec<(StoreRequest, Purpose)>,
+}
+
+/// What a store request taken from a node is for, as far as the checks need to know.
+#[derive(Debug, Clone, Copy)]
+enum Purpose {
+    /// Inserting a chunk that arrived on this connection.
+    Insert(usize),
+    /// The `MostRecent` list of this client's subscription.
+    List(usize, u64),
+    /// Anything else (a page of a replay).
+    Other,
 }
 
 /// What a subscription's application saw.
@@ -332,6 +348,9 @@ struct World<S> {
     tally: Tally,
     trace: bool,
     shape: Shape,
+    /// The nodes hand their store operations to the simulator as requests, which it runs
+    /// later, delayed by random steps and in random order (`NodeConfig::store_requests`).
+    deferred: bool,
 }
 
 /// A broken invariant.
@@ -346,7 +365,7 @@ macro_rules! check {
 }
 
 impl<S: Crashable> World<S> {
-    fn new(seed: u64, mut store: impl FnMut() -> S, trace: bool) -> Self {
+    fn new(seed: u64, mut store: impl FnMut() -> S, trace: bool, deferred: bool) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed);
         let shape = Shape {
             relays: rng.random_range(2..=10),
@@ -363,6 +382,10 @@ impl<S: Crashable> World<S> {
             config.upstream_credit = rng.random_range(1..=64);
             config.outbox_window = rng.random_range(1..=32);
             config.max_most_recent = rng.random_range(1..=20);
+            if deferred {
+                config.store_requests = true;
+                config.max_store_requests = rng.random_range(1..=32);
+            }
             let parent = (r > 0).then(|| rng.random_range(0..r));
             let node = Node::new(config.clone(), store(), parent.is_some());
             relays.push(Relay {
@@ -373,6 +396,7 @@ impl<S: Crashable> World<S> {
                 parent_conn: None,
                 inserted: Vec::new(),
                 stored_from: HashMap::new(),
+                requests: Vec::new(),
             });
         }
         let clients = (0..shape.clients)
@@ -399,6 +423,7 @@ impl<S: Crashable> World<S> {
             tally: Tally::default(),
             trace,
             shape,
+            deferred,
         };
         for r in 1..world.relays.len() {
             world.connect_relay(r);
@@ -508,6 +533,8 @@ impl<S: Crashable> World<S> {
         let node = self.relays[r].node.take().expect("up");
         self.relays[r].parked = Some(node.into_store().crash());
         self.relays[r].stored_from.clear();
+        // Requests the store never ran die with the process.
+        self.relays[r].requests.clear();
     }
 
     fn restart(&mut self, r: usize) {
@@ -761,6 +788,11 @@ impl<S: Crashable> World<S> {
             }
         }
         self.relays[relay].node.as_mut().expect("up").handle(link, frame, now);
+        let list_for = match (sub_open, down) {
+            (Some((id, _, ReplayMode::MostRecent(_))), Side::Client(c)) => Some((c, id)),
+            _ => None,
+        };
+        self.take_requests(relay, Some(i), list_for);
         if let (Some(name), Some(false)) = (name, before) {
             let node = self.relays[relay].node.as_ref().expect("up");
             if node.store().get(name).expect("store reads").is_some() {
@@ -790,6 +822,7 @@ impl<S: Crashable> World<S> {
                     let node = self.relays[r].node.as_ref().expect("a live conn has a live node");
                     let before = node.store().get(name).expect("store reads").is_some();
                     self.relays[r].node.as_mut().expect("up").handle(link, frame, now);
+                    self.take_requests(r, Some(i), None);
                     let node = self.relays[r].node.as_ref().expect("up");
                     if !before && node.store().get(name).expect("store reads").is_some() {
                         self.relays[r].inserted.push((name, i));
@@ -882,6 +915,65 @@ impl<S: Crashable> World<S> {
     fn flush(&mut self, r: usize) {
         if let Some(node) = self.relays[r].node.as_mut() {
             node.flush().expect("sim stores sync");
+        }
+    }
+
+    /// Takes relay `r`'s new store requests: inserts of chunks that arrived on connection
+    /// `conn`, the list of subscription `list_for`.
+    fn take_requests(&mut self, r: usize, conn: Option<usize>, list_for: Option<(usize, u64)>) {
+        let Some(node) = self.relays[r].node.as_mut() else { return };
+        let mut new = Vec::new();
+        node.take_store_requests(&mut new);
+        for request in new {
+            let purpose = match (&request.op, conn, list_for) {
+                (StoreOp::Insert(_), Some(conn), _) => Purpose::Insert(conn),
+                (StoreOp::ScanLast { .. }, _, Some((c, id))) => Purpose::List(c, id),
+                _ => Purpose::Other,
+            };
+            self.relays[r].requests.push((request, purpose));
+        }
+    }
+
+    /// Runs relay `r`'s store request at `index` of those waiting, and tells the node.
+    fn run_request(&mut self, r: usize, index: usize) {
+        let (request, purpose) = self.relays[r].requests.remove(index);
+        let now = self.now;
+        let node = self.relays[r].node.as_mut().expect("a relay with requests is up");
+        let name = match &request.op {
+            StoreOp::Insert(chunk) => Some(chunk.name()),
+            _ => None,
+        };
+        let before = name.map(|n| node.store().get(n).expect("store reads").is_some());
+        let reply = request.op.run(node.store_mut());
+        self.log(|| format!("relay {r} store runs {:?} for {purpose:?}: {reply:?}", request.op));
+        if let (Purpose::List(c, id), StoreReply::Chunks(Ok(list))) = (purpose, &reply)
+            && let Some(sub) = self.clients[c].subs.get_mut(&id)
+            && let Some((_, _, cached)) = sub.opened.as_mut()
+        {
+            // The most recent chunks are those when the store read them.
+            *cached = list.iter().map(Chunk::name).collect();
+        }
+        let node = self.relays[r].node.as_mut().expect("up");
+        node.store_done(request.ticket, reply, now);
+        if let (Some(name), Some(false), Purpose::Insert(conn)) = (name, before, purpose)
+            && node.store().get(name).expect("store reads").is_some()
+        {
+            self.relays[r].inserted.push((name, conn));
+            self.relays[r].stored_from.insert(name, conn);
+        }
+        self.take_requests(r, None, None);
+    }
+
+    /// Runs up to `n` store requests, each a random one of a random relay's.
+    fn run_random_requests(&mut self, n: usize) {
+        for _ in 0..n {
+            let waiting: Vec<usize> = (0..self.relays.len()).filter(|&r| !self.relays[r].requests.is_empty()).collect();
+            if waiting.is_empty() {
+                return;
+            }
+            let r = waiting[self.rng.random_range(0..waiting.len())];
+            let index = self.rng.random_range(0..self.relays[r].requests.len());
+            self.run_request(r, index);
         }
     }
 
@@ -1018,6 +1110,13 @@ impl<S: Crashable> World<S> {
                 }
             }
         }
+        if self.deferred {
+            for r in 0..nr {
+                self.take_requests(r, None, None);
+            }
+            let n = self.rng.random_range(0..=3);
+            self.run_random_requests(n);
+        }
         for r in 0..nr {
             self.node_events(r)?;
         }
@@ -1051,6 +1150,12 @@ impl<S: Crashable> World<S> {
         for round in 0..100_000 {
             let mut moved = false;
             for r in 0..self.relays.len() {
+                self.take_requests(r, None, None);
+                while !self.relays[r].requests.is_empty() {
+                    let index = self.rng.random_range(0..self.relays[r].requests.len());
+                    self.run_request(r, index);
+                    moved = true;
+                }
                 self.flush(r);
                 for i in self.conns_of(r) {
                     moved |= self.drain_into(r, i, usize::MAX);
@@ -1270,8 +1375,8 @@ impl<S: Crashable> World<S> {
 }
 
 /// Runs one seed; `Err` names the broken invariant.
-fn run_seed<S: Crashable>(seed: u64, store: impl FnMut() -> S, trace: bool) -> Result<Tally, Failure> {
-    let mut world = World::new(seed, store, trace);
+fn run_seed<S: Crashable>(seed: u64, store: impl FnMut() -> S, trace: bool, deferred: bool) -> Result<Tally, Failure> {
+    let mut world = World::new(seed, store, trace, deferred);
     for _ in 0..world.shape.steps {
         world.random_step()?;
     }
@@ -1284,10 +1389,10 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name} must be a number")))
 }
 
-fn campaign<S: Crashable>(label: &str, seeds: u64, mut store: impl FnMut() -> S) {
+fn campaign<S: Crashable>(label: &str, seeds: u64, deferred: bool, mut store: impl FnMut() -> S) {
     let trace = std::env::var_os("CANOPY_SIM_TRACE").is_some();
     if let Some(seed) = env_u64("CANOPY_SIM_SEED") {
-        match run_seed(seed, &mut store, trace) {
+        match run_seed(seed, &mut store, trace, deferred) {
             Ok(t) => eprintln!("{label}: seed {seed} passed: {t:?}"),
             Err(e) => panic!("{label}: seed {seed} failed: {e}"),
         }
@@ -1298,7 +1403,7 @@ fn campaign<S: Crashable>(label: &str, seeds: u64, mut store: impl FnMut() -> S)
     let first = env_u64("CANOPY_SIM_FIRST_SEED").unwrap_or(0);
     let mut failed = Vec::new();
     for seed in REGRESSION_SEEDS.iter().copied().chain(first..first + seeds) {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(seed, &mut store, false))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(seed, &mut store, false, deferred))) {
             Ok(Ok(t)) => total += t,
             Ok(Err(e)) => {
                 eprintln!(
@@ -1328,10 +1433,18 @@ fn campaign<S: Crashable>(label: &str, seeds: u64, mut store: impl FnMut() -> S)
 
 #[test]
 fn memory() {
-    campaign("memory", env_u64("CANOPY_SIM_SEEDS").unwrap_or(500), SimStore::new);
+    campaign("memory", env_u64("CANOPY_SIM_SEEDS").unwrap_or(500), false, SimStore::new);
 }
 
 #[test]
 fn fjall() {
-    campaign("fjall", env_u64("CANOPY_SIM_FJALL_SEEDS").unwrap_or(20), FjallSim::new);
+    campaign("fjall", env_u64("CANOPY_SIM_FJALL_SEEDS").unwrap_or(20), false, FjallSim::new);
+}
+
+/// The store answers later: every insert and replay read is a request that the simulator
+/// runs after random other steps, in random order (as a remote store's driver would), over
+/// the same in-memory store with a durable/volatile split.
+#[test]
+fn deferred() {
+    campaign("deferred", env_u64("CANOPY_SIM_DEFERRED_SEEDS").unwrap_or(300), true, SimStore::new);
 }

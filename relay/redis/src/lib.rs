@@ -291,6 +291,7 @@ impl Lua {
 struct Scripts {
     insert: Lua,
     scan: Lua,
+    scan_rev: Lua,
     sweep: Lua,
 }
 
@@ -360,6 +361,7 @@ impl RedisStore {
             scripts: Arc::new(Scripts {
                 insert: Lua::new(scripts::INSERT),
                 scan: Lua::new(scripts::SCAN),
+                scan_rev: Lua::new(scripts::SCAN_REV),
                 sweep: Lua::new(scripts::SWEEP),
             }),
         })
@@ -592,12 +594,30 @@ impl RedisStore {
         now_ms: u64,
     ) -> Result<Vec<Chunk>, RedisStoreError> {
         let (first, last) = filter.range();
-        let (start, start_name) = match after {
-            _ if limit == 0 => return Ok(Vec::new()),
+        let first = match after {
             Some(after) if after >= last => return Ok(Vec::new()),
-            Some(after) if after >= first => (Bound::Excluded(after), after),
-            _ => (Bound::Included(first), first),
+            Some(after) if after >= first => Name::new(after.to_u128() + 1),
+            _ => first,
         };
+        self.scan_range(first, last, limit, now_ms).await
+    }
+
+    /// The chunks named `first..=last`, in name order, at most `limit`, skipping chunks
+    /// expired at `now_ms`: [`scan`](Self::scan) over a range that need not be a filter's (a
+    /// replay resuming from a cursor, as the routing core's [`StoreOp::Scan`] asks).
+    ///
+    /// [`StoreOp::Scan`]: canopy::node::StoreOp::Scan
+    pub async fn scan_range(
+        &self,
+        first: Name,
+        last: Name,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<Chunk>, RedisStoreError> {
+        if limit == 0 || first > last {
+            return Ok(Vec::new());
+        }
+        let (start, start_name) = (Bound::Included(first), first);
         let layout = self.layout;
         let (mut next, last_bucket) = (layout.bucket_of(start_name), layout.bucket_of(last));
         let mut out = Vec::new();
@@ -638,6 +658,61 @@ impl RedisStore {
         }
     }
 
+    /// The `n` greatest-named chunks covered by `filter` that are unexpired at `now_ms`, in
+    /// ascending name order (most-recent-N replay: names end in sequence numbers). Reads the
+    /// filter's buckets from the last one down, a page at a time, until it has `n`.
+    pub async fn scan_last(&self, filter: Filter, n: usize, now_ms: u64) -> Result<Vec<Chunk>, RedisStoreError> {
+        let (first, last) = filter.range();
+        let mut out: Vec<Chunk> = Vec::new();
+        if n == 0 {
+            return Ok(out);
+        }
+        for bucket in self.layout.buckets_of(filter).rev() {
+            let (bucket_first, bucket_last) = self.layout.bucket_range(bucket);
+            let (lo, mut hi) = (bucket_first.max(first), Bound::Included(bucket_last.min(last)));
+            loop {
+                let need = (n - out.len()).min(SCAN_PAGE);
+                let (chunks, more) = self.scan_page_rev(bucket, lo, hi, need, now_ms).await?;
+                out.extend(chunks);
+                if out.len() >= n {
+                    out.truncate(n);
+                    out.reverse();
+                    return Ok(out);
+                }
+                let Some(resume) = more else { break };
+                hi = Bound::Excluded(resume);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Reads up to `count` names of `bucket` from `hi` down to `lo` with their records, in
+    /// descending name order; the page's last (lowest) name when it was full.
+    async fn scan_page_rev(
+        &self,
+        bucket: u32,
+        lo: Name,
+        hi: Start,
+        count: usize,
+        now_ms: u64,
+    ) -> Result<Page, RedisStoreError> {
+        const OP: &str = "scan_last";
+        let names_key = self.layout.names_key(bucket);
+        let prefix = self.layout.record_prefix(bucket);
+        let max: Vec<u8> = match hi {
+            Bound::Included(n) => [&b"["[..], &n.to_bytes()].concat(),
+            Bound::Excluded(n) => [&b"("[..], &n.to_bytes()].concat(),
+            Bound::Unbounded => b"+".to_vec(),
+        };
+        let min = [&b"["[..], &lo.to_bytes()].concat();
+        let count_arg = count.to_string();
+        let reply = self
+            .eval(OP, &self.scripts.scan_rev, &[names_key.as_bytes()], &[&max, &min, count_arg.as_bytes(), &prefix])
+            .await?;
+        self.decode_page(OP, &names_key, reply, count, now_ms)
+    }
+
     /// Reads up to `count` names of `bucket` from `lo` to `hi` with their records.
     async fn scan_page(
         &self,
@@ -660,10 +735,23 @@ impl RedisStore {
         let reply = self
             .eval(OP, &self.scripts.scan, &[names_key.as_bytes()], &[&min, &max, count_arg.as_bytes(), &prefix])
             .await?;
-        let Value::Array(items) = reply else { return Err(unexpected(OP, &reply)) };
+        self.decode_page(OP, &names_key, reply, count, now_ms)
+    }
+
+    /// Decodes a page as the scan scripts return it (`[name, record-or-nil, …]`), keeping the
+    /// chunks unexpired at `now_ms`; with the page's last name when it was full.
+    fn decode_page(
+        &self,
+        op: &'static str,
+        names_key: &str,
+        reply: Value,
+        count: usize,
+        now_ms: u64,
+    ) -> Result<Page, RedisStoreError> {
+        let Value::Array(items) = reply else { return Err(unexpected(op, &reply)) };
         if items.len() % 2 != 0 || items.len() / 2 > count {
             return Err(RedisStoreError::UnexpectedReply {
-                op: OP,
+                op,
                 reply: format!("{} items for a page of {count}", items.len()),
             });
         }
@@ -672,7 +760,7 @@ impl RedisStore {
         let mut last_name = None;
         let mut items = items.into_iter();
         while let (Some(name), Some(record)) = (items.next(), items.next()) {
-            let Value::BulkString(name) = name else { return Err(unexpected(OP, &name)) };
+            let Value::BulkString(name) = name else { return Err(unexpected(op, &name)) };
             let name = decode_name(names_key.as_bytes(), &name)?;
             last_name = Some(name);
             match record {

@@ -48,6 +48,18 @@ end
 return out
 "#;
 
+/// [`SCAN`] walking down: `ARGV[1]` and `ARGV[2]` the upper and lower `BYLEX` bounds; returns
+/// the pairs in descending name order.
+pub(crate) const SCAN_REV: &str = r#"
+local names = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'BYLEX', 'REV', 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for i, name in ipairs(names) do
+  out[2 * i - 1] = name
+  out[2 * i] = redis.call('GET', ARGV[4] .. name)
+end
+return out
+"#;
+
 /// Removes up to `ARGV[2]` names expired at `ARGV[1]` (score ≤ now) from both index sets and
 /// deletes their records.
 ///

@@ -175,6 +175,26 @@ async fn scans_match_memory_store() {
                 assert_eq!(paged, expected, "scan {filter} at {now} in pages of {limit}");
             }
         }
+        // The most recent N, as `MostRecent(n)` replays ask for them.
+        for n in [1, 3, 50, 100_000] {
+            for now in [0, base + 500] {
+                let expected = mem.scan_last(filter, n, now).unwrap();
+                assert_eq!(store.scan_last(filter, n, now).await.unwrap(), expected, "last {n} of {filter} at {now}");
+            }
+        }
+        // A range that is not a filter's, as a replay resuming from its cursor reads it.
+        let (first, last) = filter.range();
+        let mid = Name::new(first.to_u128() + (last.to_u128() - first.to_u128()) / 3);
+        for limit in [1, 9, 100_000] {
+            let mut expected = Vec::new();
+            mem.scan_range(mid, last, base + 500, &mut |c| {
+                expected.push(c);
+                if expected.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            })
+            .unwrap();
+            let got = store.scan_range(mid, last, limit, base + 500).await.unwrap();
+            assert_eq!(got, expected, "range {mid}..={last} of {filter}, limit {limit}");
+        }
         // Resuming after a name that is not stored, inside and outside the filter.
         let (first, last) = filter.range();
         let probes = [first.to_u128(), first.to_u128().saturating_sub(1), last.to_u128(), rng.random()];
