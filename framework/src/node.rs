@@ -1435,7 +1435,7 @@ impl<S: Store> Node<S> {
             match sub.replay() {
                 // The replay has not reached this name yet: it will send the chunk from the
                 // store, in order. (While a page is being read, the page may or may not hold
-                // the chunk: it waits in the backlog until the page tells, see `read_page`.)
+                // the chunk: it waits in the backlog until the page tells, see `settle_page`.)
                 Some(Replay::From { next: Some(next), reading: None, .. }) if chunk.name() >= *next => continue,
                 // A `CachedOnly` subscription finishing its replay takes nothing live.
                 None if !sub.live => continue,
@@ -1566,7 +1566,15 @@ impl<S: Store> Node<S> {
                             let msg = err.to_string();
                             return self.error(link, Some(id), ErrorCode::Internal, &msg);
                         }
-                        read_page(next, fetched, &mut work.backlog, page, limit, end);
+                        settle_page(next, &mut work.backlog, &page, limit, end);
+                        // Read just now with room for all of it (but the chunk read ahead
+                        // without room): straight into the queue.
+                        let mut page = page.into_iter();
+                        for chunk in page.by_ref().take(room) {
+                            l.queue.enqueue(link, &mut self.dirty, Frame::Deliver { id, chunk });
+                            sent += 1;
+                        }
+                        fetched.extend(page);
                     }
                     while sent < room {
                         let Some(chunk) = fetched.pop_front() else { break };
@@ -1628,7 +1636,10 @@ impl<S: Store> Node<S> {
             Replay::From { next, fetched, reading } if *reading == Some(ticket) => {
                 *reading = None;
                 match found {
-                    Ok(page) => read_page(next, fetched, &mut work.backlog, page, limit, filter.range().1),
+                    Ok(page) => {
+                        settle_page(next, &mut work.backlog, &page, limit, filter.range().1);
+                        fetched.extend(page);
+                    }
                     // The next pump reads the page again.
                     Err(err) => return self.error(link, Some(id), ErrorCode::Internal, &err.to_string()),
                 }
@@ -1891,22 +1902,15 @@ impl<S: Store> Node<S> {
 }
 
 /// Takes a page the store read for a replay from `*next` onwards (asking for `limit` chunks,
-/// up to `end`): moves the cursor past it (to `None` once the range is exhausted) and keeps
-/// its chunks in `fetched` to send.
+/// up to `end`): moves the cursor past it (to `None` once the range is exhausted). The caller
+/// then sends the page's chunks or keeps them to send.
 ///
 /// Live chunks at names from the old cursor on that were held in `backlog` while the page was
 /// read (see `deliver_to`) are settled here, so that each reaches the subscriber exactly once:
 /// one the page holds goes with the page; one past the new cursor is left to the next page
 /// (it is stored, and that page is read after); the others, behind the new cursor and not in
 /// the page, stay in the backlog and go after the replay, as live chunks the replay passed.
-fn read_page(
-    next: &mut Option<Name>,
-    fetched: &mut VecDeque<Chunk>,
-    backlog: &mut VecDeque<Chunk>,
-    page: Vec<Chunk>,
-    limit: usize,
-    end: Name,
-) {
+fn settle_page(next: &mut Option<Name>, backlog: &mut VecDeque<Chunk>, page: &[Chunk], limit: usize, end: Name) {
     let Some(from) = *next else { return };
     *next = match page.last() {
         Some(last) if page.len() >= limit && last.name() < end => Some(Name::new(last.name().to_u128() + 1)),
@@ -1920,7 +1924,6 @@ fn read_page(
                 || (page.binary_search_by_key(&name, Chunk::name).is_err() && after.is_none_or(|after| name < after))
         });
     }
-    fetched.extend(page);
 }
 
 /// The chunk of `frame` if, arriving from a peer of kind `peer`, it is one that
