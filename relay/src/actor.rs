@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use canopy::node::{Event, LinkId, Node, ParentRefusal, SyncTicket};
+use canopy::node::{Event, LinkId, Node, ParentRefusal, StoreOp, StoreReply, StoreRequest, StoreTicket, SyncTicket};
 use canopy::wire::Frame;
 use canopy::{Store, StoreError, StoreStats, Syncer};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -64,6 +64,60 @@ pub(crate) struct ActorParts {
     /// with `ack_before_sync`) and the store is synced at least this often. `None`: every
     /// turn's publishes are synced, and acknowledged after.
     pub sync_interval: Option<Duration>,
+    /// The Redis Cluster an origin front-end keeps its chunks in: the node (configured with
+    /// `store_requests`) hands its inserts and reads over as requests, run here in batches.
+    pub remote: Option<canopy_redis::RedisStore>,
+}
+
+/// The results of one batch of store requests.
+type Replies = Vec<(StoreTicket, StoreReply)>;
+
+/// Runs one batch of the node's store requests on the Redis Cluster and sends back the
+/// results, in an order the node can take (see `Node::take_store_requests`): every insert of
+/// the batch runs first, as one `insert_batch` (a pipeline per bucket, all in flight at once),
+/// and only then the reads, concurrently, so a read sees every insert reported before it.
+/// Batches run one at a time, so a later batch's inserts never overtake an earlier batch's
+/// reads.
+async fn run_remote(store: canopy_redis::RedisStore, requests: Vec<StoreRequest>, done: mpsc::UnboundedSender<Replies>) {
+    let (inserts, reads): (Vec<StoreRequest>, Vec<StoreRequest>) =
+        requests.into_iter().partition(|r| matches!(r.op, StoreOp::Insert(_)));
+    let mut replies: Replies = Vec::with_capacity(inserts.len() + reads.len());
+    if !inserts.is_empty() {
+        let chunks: Vec<canopy::Chunk> = inserts
+            .iter()
+            .map(|r| match &r.op {
+                StoreOp::Insert(chunk) => chunk.clone(),
+                _ => unreachable!("partitioned"),
+            })
+            .collect();
+        match store.insert_batch(&chunks).await {
+            Ok(outcomes) => {
+                replies.extend(inserts.iter().zip(outcomes).map(|(r, outcome)| (r.ticket, StoreReply::Insert(Ok(outcome)))))
+            }
+            // Not one of them is acknowledged: their publishers retry, and a retry of a chunk
+            // that was written after all comes back a duplicate, which is acknowledged.
+            Err(err) => {
+                tracing::warn!(%err, chunks = chunks.len(), "inserting into the Redis store failed");
+                let message = err.to_string();
+                replies.extend(
+                    inserts.iter().map(|r| (r.ticket, StoreReply::Insert(Err(StoreError::Backend(message.clone()))))),
+                );
+            }
+        }
+    }
+    let reads = reads.into_iter().map(|request| {
+        let store = store.clone();
+        async move {
+            let found = match request.op {
+                StoreOp::Scan { first, last, limit, now } => store.scan_range(first, last, limit, now).await,
+                StoreOp::ScanLast { filter, n, now } => store.scan_last(filter, n, now).await,
+                StoreOp::Insert(_) => unreachable!("partitioned"),
+            };
+            (request.ticket, StoreReply::Chunks(found.map_err(|err| StoreError::Backend(err.to_string()))))
+        }
+    });
+    replies.extend(futures_util::future::join_all(reads).await);
+    let _ = done.send(replies);
 }
 
 /// The store's syncs, run on a thread of their own (group commit): one at a time, each
@@ -123,9 +177,26 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
     let mut ready = Vec::new();
     // A queue crossed half its bound this turn and its writer had no room for it.
     let mut congested = false;
+    // Store requests (an origin front-end): the batch in flight, and where its results arrive.
+    let (remote_tx, mut remote_rx) = mpsc::unbounded_channel::<Replies>();
+    let mut remote_in_flight = false;
+    let sweeping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut requests = Vec::new();
+    let max_requests = node.config().max_store_requests;
     loop {
+        // With as many store requests unfinished as the node allows, read no more input until
+        // the store catches up: the connections' readers then wait on the bounded inbox, and
+        // QUIC flow control pushes back on the publishers.
+        let store_full = node.store_requests_pending() >= max_requests;
         tokio::select! {
             biased;
+            Some(replies) = remote_rx.recv(), if remote_in_flight => {
+                remote_in_flight = false;
+                let now = now_ms();
+                for (ticket, reply) in replies {
+                    node.store_done(ticket, reply, now);
+                }
+            }
             done = async { sync.as_mut().expect("guarded").done.recv().await }, if sync.is_some() => match done {
                 Some((ticket, result)) => {
                     sync.as_mut().expect("guarded").in_flight = false;
@@ -163,7 +234,7 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
                     }
                 }
             }
-            msg = parts.inbox.recv() => {
+            msg = parts.inbox.recv(), if !store_full => {
                 let Some(msg) = msg else { return };
                 let now = now_ms();
                 congested = apply(&mut node, &mut outs, msg, now);
@@ -182,6 +253,19 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
                 if let Err(err) = node.tick(now_ms()) {
                     tracing::warn!(%err, "evicting expired chunks failed");
                 }
+                // A front-end sweeps the cluster's expired index entries (Redis drops the
+                // records itself); one sweep at a time.
+                if let Some(store) = &parts.remote
+                    && !sweeping.swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
+                    let (store, sweeping) = (store.clone(), sweeping.clone());
+                    tokio::spawn(async move {
+                        if let Err(err) = store.sweep_expired(now_ms()).await {
+                            tracing::warn!(%err, "sweeping expired chunks from the Redis store failed");
+                        }
+                        sweeping.store(false, std::sync::atomic::Ordering::Release);
+                    });
+                }
             }
             _ = async { sync_tick.as_mut().expect("guarded").tick().await }, if sync_tick.is_some() => sync_due = true,
         }
@@ -194,6 +278,15 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
         // them), so no child can hold a chunk this relay lost. On failure the acks stay held
         // and a later sync covers them. The metrics go first, so whoever has seen a delivery
         // sees it counted too.
+        if let Some(store) = &parts.remote
+            && !remote_in_flight
+        {
+            node.take_store_requests(&mut requests);
+            if !requests.is_empty() {
+                remote_in_flight = true;
+                tokio::spawn(run_remote(store.clone(), std::mem::take(&mut requests), remote_tx.clone()));
+            }
+        }
         *parts.snapshot.lock().expect("metrics lock") = snapshot(&node);
         if let Err(err) = node.release_written() {
             tracing::error!(%err, "writing the store failed; acks are held");
@@ -404,6 +497,7 @@ mod tests {
             snapshot: Arc::new(Mutex::new(RelayMetrics::default())),
             evict_interval: Duration::from_secs(3600),
             sync_interval: None,
+            remote: None,
         };
         let done = spawn(node, parts).unwrap();
 

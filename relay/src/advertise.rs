@@ -21,12 +21,15 @@ use canopy_sdk::discovery::mdns::{SERVICE_TYPE, instance_name, txt_properties};
 use mdns_sd::{DaemonEvent, IfKind, ServiceDaemon, ServiceInfo};
 use serde::{Deserialize, Serialize};
 
-/// The role a relay announces (TXT `role`).
+/// The role a relay has, and announces (TXT `role`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum RelayRole {
     /// The root of a tree: no parent.
     Origin,
+    /// One of several stateless front-ends that together are the origin, over a shared Redis
+    /// Cluster (`store = "redis://…"`): no parent, no chunks of its own.
+    OriginFrontend,
     /// A cloud relay, between local relays and the origin.
     Cloud,
     /// A relay on the local network, near its endpoints.
@@ -43,6 +46,7 @@ impl RelayRole {
     pub fn as_str(self) -> &'static str {
         match self {
             RelayRole::Origin => "origin",
+            RelayRole::OriginFrontend => "origin-frontend",
             RelayRole::Cloud => "cloud",
             RelayRole::Local => "local",
         }

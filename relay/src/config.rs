@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::advertise::RelayRole;
 
-/// Which storage backend holds the relay's chunks and outbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// Which storage backend holds the relay's chunks and outbox. Written as `fjall`, `memory`,
+/// or the Redis Cluster's nodes as `redis://HOST:PORT,redis://HOST:PORT,…`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum StoreKind {
     /// The durable fjall store under `<data>/store` (the default).
     #[default]
@@ -24,6 +25,51 @@ pub enum StoreKind {
     /// An in-memory store: everything is lost when the relay stops. For tests and
     /// throw-away relays.
     Memory,
+    /// A Redis Cluster shared by the front-ends of one origin (role `origin-frontend`,
+    /// `docs/origin.md`): the relay keeps no chunks of its own. `nodes` are where the cluster
+    /// client starts discovering the cluster (`redis://HOST:PORT`, or `rediss://` for TLS);
+    /// one reachable node is enough, more survive one being down.
+    Redis {
+        /// The seed nodes' URLs.
+        nodes: Vec<String>,
+    },
+}
+
+impl std::str::FromStr for StoreKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<StoreKind, String> {
+        match text {
+            "fjall" => Ok(StoreKind::Fjall),
+            "memory" => Ok(StoreKind::Memory),
+            _ if text.starts_with("redis://") || text.starts_with("rediss://") => {
+                let nodes: Vec<String> = text.split(',').map(str::trim).map(str::to_owned).collect();
+                if let Some(bad) = nodes.iter().find(|n| !(n.starts_with("redis://") || n.starts_with("rediss://")) || n.len() <= "redis://".len()) {
+                    return Err(format!("store {text:?}: {bad:?} is not a redis://HOST:PORT node"));
+                }
+                Ok(StoreKind::Redis { nodes })
+            }
+            other => Err(format!("unknown store {other:?}: use fjall, memory or redis://HOST:PORT,…")),
+        }
+    }
+}
+
+impl TryFrom<String> for StoreKind {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<StoreKind, String> {
+        text.parse()
+    }
+}
+
+impl From<StoreKind> for String {
+    fn from(kind: StoreKind) -> String {
+        match kind {
+            StoreKind::Fjall => "fjall".into(),
+            StoreKind::Memory => "memory".into(),
+            StoreKind::Redis { nodes } => nodes.join(","),
+        }
+    }
 }
 
 /// One access rule: what a connection presenting `token` may do.
@@ -151,8 +197,13 @@ pub struct RelayConfig {
     /// Store capacity in bytes; the earliest-expiring chunks are evicted beyond it.
     /// Default 1 GiB.
     pub capacity_bytes: u64,
-    /// Storage backend: `fjall` (default, durable) or `memory`.
+    /// Storage backend: `fjall` (default, durable), `memory`, or a Redis Cluster shared by an
+    /// origin's front-ends, `redis://HOST:PORT,…` (needs role `origin-frontend`).
     pub store: StoreKind,
+    /// With a Redis store: how many replicas must have each batch of inserts before its
+    /// publishes are acknowledged (`WAIT`; `docs/origin.md` says what this guarantees and what
+    /// not). Default 0: acknowledged once the primaries applied them.
+    pub redis_min_replicas: u8,
     /// TCP address for the Prometheus endpoint (`GET /metrics`). None disables it.
     pub metrics_listen: Option<SocketAddr>,
     /// Access rules. With none, every connection may publish and subscribe everything (a
@@ -191,8 +242,10 @@ pub struct RelayConfig {
     /// port, addresses, id, role, protocol version and certificate fingerprint; see
     /// [`crate::advertise`]). Needs the QUIC listener. Default false.
     pub advertise: bool,
-    /// The role announced with `advertise`: `origin`, `cloud` or `local`. Default: `origin`
-    /// without a parent, else `local`.
+    /// The relay's role, announced with `advertise`: `origin`, `origin-frontend` (one of
+    /// several front-ends of an origin over a Redis store), `cloud` or `local`. Default:
+    /// `origin-frontend` with a Redis store, else `origin` without a parent and `local` with
+    /// one.
     pub role: Option<RelayRole>,
     /// Plugins to load, each a `[[plugin]]` table.
     #[serde(rename = "plugin")]
@@ -225,6 +278,7 @@ impl Default for RelayConfig {
             parent_token: None,
             capacity_bytes: 1 << 30,
             store: StoreKind::Fjall,
+            redis_min_replicas: 0,
             metrics_listen: None,
             access: Vec::new(),
             max_queue: 1024,
@@ -288,6 +342,17 @@ impl RelayConfig {
         }
         if let Some(id) = &self.id {
             parse_relay_id(id)?;
+        }
+        let redis = matches!(self.store, StoreKind::Redis { .. });
+        let frontend = self.role == Some(RelayRole::OriginFrontend);
+        if frontend && !redis {
+            bail!("role origin-frontend needs a Redis store (store = \"redis://HOST:PORT,…\"): the front-ends of an origin share it");
+        }
+        if redis && self.role.is_some_and(|role| role != RelayRole::OriginFrontend) {
+            bail!("a Redis store is for the origin's front-ends: role must be origin-frontend, not {}", self.role.expect("checked"));
+        }
+        if redis && self.parent.is_some() {
+            bail!("an origin front-end (Redis store) has no parent: it is the root of the tree");
         }
         if let Some(path) = &self.unix_listen
             && path.as_os_str().is_empty()

@@ -184,7 +184,21 @@ impl Relay {
             _ => None,
         };
 
+        // An origin front-end's chunks live in the Redis Cluster: the node hands its store
+        // operations to the actor as requests, which it runs there in batches.
+        let remote = match &config.store {
+            StoreKind::Redis { nodes } => {
+                let mut redis = canopy_redis::RedisStoreConfig::new(nodes.iter().cloned());
+                redis.min_replicas = config.redis_min_replicas;
+                let store = canopy_redis::RedisStore::connect(redis)
+                    .await
+                    .with_context(|| format!("connecting to the Redis Cluster at {}", nodes.join(",")))?;
+                Some(store)
+            }
+            _ => None,
+        };
         let node_config = NodeConfig {
+            store_requests: remote.is_some(),
             parent_token: config.parent_token.clone(),
             access,
             max_queue: config.max_queue,
@@ -204,13 +218,14 @@ impl Relay {
             snapshot: snapshot.clone(),
             evict_interval: Duration::from_millis(config.evict_interval_ms),
             sync_interval: config.sync_interval_ms.map(Duration::from_millis),
+            remote,
         };
         let shared = Arc::new(Shared { to_node, stop: stop_rx.clone(), room: room.clone(), next_link: AtomicU64::new(1), max_udp_payload: config.max_udp_payload });
         let (node_done, plugins) = task_ext::block_in_place_or_run(|| -> anyhow::Result<_> {
             let host = plugin::Host { to_node: shared.to_node.clone(), room: room.clone(), link_id: &|| shared.link_id() };
             let cache = config.plugin_cache.clone().unwrap_or_else(|| config.data.join("plugin-cache"));
             // Plugins start before the node actor; what their `init` sends waits in its inbox.
-            Ok(match config.store {
+            Ok(match &config.store {
                 StoreKind::Fjall => {
                     let dir = config.data.join("store");
                     let store = FjallStore::open(&dir, config.capacity_bytes)
@@ -221,6 +236,15 @@ impl Relay {
                     (actor::spawn(Node::new(node_config, store, has_parent), parts)?, plugins)
                 }
                 StoreKind::Memory => {
+                    let plugins = plugin::start_all(&config.plugins, &cache, &host, |_| {
+                        Ok(Box::new(MemoryState::new()) as Box<dyn StateStore>)
+                    })?;
+                    let store = MemoryStore::new(config.capacity_bytes);
+                    (actor::spawn(Node::new(node_config, store, has_parent), parts)?, plugins)
+                }
+                // The node's own store is left with nothing to hold: a front-end has no parent,
+                // so no outbox, and its chunks are in Redis. Plugins keep their state in memory.
+                StoreKind::Redis { .. } => {
                     let plugins = plugin::start_all(&config.plugins, &cache, &host, |_| {
                         Ok(Box::new(MemoryState::new()) as Box<dyn StateStore>)
                     })?;
@@ -276,7 +300,11 @@ impl Relay {
         }
         let advertisement = match (config.advertise, local_addr) {
             (true, Some(listen)) => {
-                let role = config.role.unwrap_or(RelayRole::default_for(has_parent));
+                let role = match (config.role, &config.store) {
+                    (Some(role), _) => role,
+                    (None, StoreKind::Redis { .. }) => RelayRole::OriginFrontend,
+                    (None, _) => RelayRole::default_for(has_parent),
+                };
                 let a = advertise::Announcement { listen, id, role, fingerprint: identity.fingerprint.clone() };
                 let advertisement = advertise::Advertisement::start(&a)?;
                 if let Some(log) = advertisement.log_events() {

@@ -83,10 +83,18 @@ struct Cli {
     #[serde(rename = "capacity_bytes", skip_serializing_if = "Option::is_none")]
     capacity: Option<u64>,
 
-    /// Storage backend: fjall (durable, default) or memory.
+    /// Storage backend: fjall (durable, default), memory, or the Redis Cluster an origin's
+    /// front-ends share, as redis://HOST:PORT,redis://HOST:PORT,… (with --role
+    /// origin-frontend; docs/origin.md).
     #[arg(long, value_name = "KIND", value_parser = parse_store)]
     #[serde(skip_serializing_if = "Option::is_none")]
     store: Option<StoreKind>,
+
+    /// With a Redis store: replicas that must have each batch of inserts before its
+    /// publishes are acknowledged (WAIT) [default: 0].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_min_replicas: Option<u8>,
 
     /// Announce this relay on the local network by mDNS (_canopy._udp.local.: its QUIC port,
     /// addresses, relay id, role, protocol version and certificate fingerprint).
@@ -94,8 +102,9 @@ struct Cli {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     advertise: bool,
 
-    /// The role announced with --advertise: origin, cloud or local [default: origin without
-    /// a parent, else local].
+    /// The relay's role, announced with --advertise: origin, origin-frontend, cloud or local
+    /// [default: origin-frontend with a Redis store, else origin without a parent and local
+    /// with one].
     #[arg(long, value_name = "ROLE", value_parser = parse_role)]
     #[serde(skip_serializing_if = "Option::is_none")]
     role: Option<RelayRole>,
@@ -122,18 +131,15 @@ struct Cli {
 fn parse_role(text: &str) -> Result<RelayRole, String> {
     match text {
         "origin" => Ok(RelayRole::Origin),
+        "origin-frontend" => Ok(RelayRole::OriginFrontend),
         "cloud" => Ok(RelayRole::Cloud),
         "local" => Ok(RelayRole::Local),
-        other => Err(format!("unknown role {other:?}: use origin, cloud or local")),
+        other => Err(format!("unknown role {other:?}: use origin, origin-frontend, cloud or local")),
     }
 }
 
 fn parse_store(text: &str) -> Result<StoreKind, String> {
-    match text {
-        "fjall" => Ok(StoreKind::Fjall),
-        "memory" => Ok(StoreKind::Memory),
-        other => Err(format!("unknown store {other:?}: use fjall or memory")),
-    }
+    text.parse()
 }
 
 /// Config keys that may come from `CANOPY_<KEY>` environment variables.
@@ -151,6 +157,7 @@ const ENV_KEYS: &[&str] = &[
     "parent_token",
     "capacity_bytes",
     "store",
+    "redis_min_replicas",
     "metrics_listen",
     "max_queue",
     "max_backlog",

@@ -434,12 +434,17 @@ impl RedisStore {
         // The connections (server address and client id) that ran scripts, each with a slot
         // it serves, for `WAIT`.
         let mut written: BTreeMap<String, u16> = BTreeMap::new();
-        let mut results = stream::iter(&groups)
+        // The futures are made up front, not by a closure over the stream, so that the
+        // whole batch is `Send` and can run on a spawned task (a closure over references
+        // would need to be general over their lifetimes, which the compiler cannot show).
+        let buckets: Vec<_> = groups
+            .iter()
             .map(|(&bucket, indices)| async move {
                 let (outcomes, connections) = self.insert_bucket(bucket, indices, chunks, records).await?;
                 Ok::<_, RedisStoreError>((bucket, indices, outcomes, connections))
             })
-            .buffer_unordered(MAX_IN_FLIGHT);
+            .collect();
+        let mut results = stream::iter(buckets).buffer_unordered(MAX_IN_FLIGHT);
         while let Some((bucket, indices, bucket_outcomes, connections)) = results.try_next().await? {
             for connection in connections {
                 written.entry(connection).or_insert_with(|| self.layout.slot(bucket));
