@@ -305,6 +305,9 @@ fn is_noscript(err: &RedisError) -> bool {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ClusterConnection,
+    /// This handle's id (random per connect), prefixed to the live messages of its inserts so
+    /// that its own [`LiveFeed`] can leave them out.
+    writer: [u8; 16],
     layout: Layout,
     min_replicas: u8,
     wait_timeout_ms: u64,
@@ -332,6 +335,26 @@ impl RedisStore {
     /// Connects to the cluster (RESP3), discovering its nodes from `config.nodes`. Needs a
     /// tokio runtime.
     pub async fn connect(config: RedisStoreConfig) -> Result<Self, RedisStoreError> {
+        Self::open(config, None).await
+    }
+
+    /// Connects like [`connect`](Self::connect), and also to the live fan-out: the returned
+    /// [`LiveFeed`] yields the chunks other front-ends store in the buckets this handle
+    /// subscribes to ([`subscribe_buckets`](Self::subscribe_buckets)), and the fences it sends
+    /// itself ([`fence`](Self::fence)).
+    pub async fn connect_live(config: RedisStoreConfig) -> Result<(Self, LiveFeed), RedisStoreError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let store = Self::open(config, Some(tx)).await?;
+        let mut conn = store.conn.clone();
+        conn.ssubscribe(store.fence_channel()).await.map_err(redis_err("subscribe to the fence channel"))?;
+        let feed = LiveFeed { rx, writer: store.writer, layout: store.layout, fence: store.fence_channel() };
+        Ok((store, feed))
+    }
+
+    async fn open(
+        config: RedisStoreConfig,
+        push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+    ) -> Result<Self, RedisStoreError> {
         let layout = Layout::new(config.bucket_bits).ok_or_else(|| {
             RedisStoreError::Config(format!(
                 "bucket_bits is {}, at most {MAX_BUCKET_BITS} is supported",
@@ -349,12 +372,18 @@ impl RedisStore {
             .max_retry_wait(1_000)
             .retry_wait_formula(50, 2)
             .connection_timeout(Duration::from_secs(1))
-            .response_timeout(Duration::from_millis(response_timeout))
+            .response_timeout(Duration::from_millis(response_timeout));
+        let client = match push {
+            Some(push) => client.push_sender(push),
+            None => client,
+        };
+        let client = client
             .build()
             .map_err(redis_err("configure the cluster client"))?;
         let conn = client.get_async_connection().await.map_err(redis_err("connect to the cluster"))?;
         Ok(RedisStore {
             conn,
+            writer: rand::random::<u128>().to_be_bytes(),
             layout,
             min_replicas: config.min_replicas,
             wait_timeout_ms: config.wait_timeout_ms,
@@ -392,6 +421,64 @@ impl RedisStore {
     /// so `SPUBLISH` goes to the shard that stores the bucket.
     pub fn bucket_channel(&self, bucket: u32) -> String {
         self.layout.channel(bucket)
+    }
+
+    /// This handle's 16-byte id, which the live messages of its inserts carry.
+    pub fn writer(&self) -> [u8; 16] {
+        self.writer
+    }
+
+    /// The channel this handle's fences go over: its own, so that only it hears them.
+    fn fence_channel(&self) -> String {
+        format!("{{f:{}}}:fence", hex(&self.writer))
+    }
+
+    /// Subscribes the live feed to `buckets` (`SSUBSCRIBE` to each one's channel, on the
+    /// primary that owns it). Returns once every primary has confirmed: a chunk stored in one of
+    /// them from then on reaches the feed, and reaches it before the reply to any later read of
+    /// that bucket over this handle. After a lost connection the client subscribes again by
+    /// itself; the feed says so first ([`LiveEvent::Disconnected`]).
+    pub async fn subscribe_buckets(&self, buckets: &[u32]) -> Result<(), RedisStoreError> {
+        let subscribes: Vec<_> = buckets
+            .iter()
+            .map(|&bucket| {
+                let mut conn = self.conn.clone();
+                let channel = self.layout.channel(bucket);
+                async move { conn.ssubscribe(channel).await.map_err(redis_err("subscribe to a bucket")) }
+            })
+            .collect();
+        stream::iter(subscribes).buffer_unordered(MAX_IN_FLIGHT).try_collect::<Vec<()>>().await?;
+        Ok(())
+    }
+
+    /// Ends the live feed's subscriptions to `buckets` (`SUNSUBSCRIBE`).
+    pub async fn unsubscribe_buckets(&self, buckets: &[u32]) -> Result<(), RedisStoreError> {
+        let unsubscribes: Vec<_> = buckets
+            .iter()
+            .map(|&bucket| {
+                let mut conn = self.conn.clone();
+                let channel = self.layout.channel(bucket);
+                async move { conn.sunsubscribe(channel).await.map_err(redis_err("unsubscribe from a bucket")) }
+            })
+            .collect();
+        stream::iter(unsubscribes).buffer_unordered(MAX_IN_FLIGHT).try_collect::<Vec<()>>().await?;
+        Ok(())
+    }
+
+    /// Sends `token` through this handle's own fence channel: it comes out of the live feed
+    /// as [`LiveEvent::Fence`] after every live message that reached this handle before the
+    /// fence was sent. A driver that fences after a read therefore knows, once the fence is
+    /// out, that the feed has given it every chunk stored before the read ran (the feed's
+    /// messages pass through one queue in the order the connections received them).
+    pub async fn fence(&self, token: u64) -> Result<(), RedisStoreError> {
+        let mut conn = self.conn.clone();
+        let _: Value = redis::cmd("SPUBLISH")
+            .arg(self.fence_channel())
+            .arg(&token.to_be_bytes())
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("fence"))?;
+        Ok(())
     }
 
     /// The key of `name`'s record (for tools and tests that inspect the cluster directly).
@@ -481,6 +568,7 @@ impl RedisStore {
         const OP: &str = "insert";
         let names_key = self.layout.names_key(bucket);
         let expiry_key = self.layout.expiry_key(bucket);
+        let channel = self.layout.channel(bucket);
         let mut outcomes: Vec<Option<InsertOutcome>> = vec![None; indices.len()];
         let mut connections = Vec::with_capacity(1);
         // Positions in `indices` still to send.
@@ -499,7 +587,7 @@ impl RedisStore {
                 pipe.add_command(self.scripts.insert.cmd(
                     by_sha,
                     &[&record_key, names_key.as_bytes(), expiry_key.as_bytes()],
-                    &[&records[indices[p]], &name, expiry.as_bytes(), pxat],
+                    &[&records[indices[p]], &name, expiry.as_bytes(), pxat, channel.as_bytes(), &self.writer],
                 ));
             }
             // Keyless, so it does not change where the client routes the pipeline.
@@ -821,6 +909,95 @@ impl RedisStore {
             if n < SWEEP_BATCH {
                 return Ok(total);
             }
+        }
+    }
+}
+
+/// Lowercase hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the live feed of a [`RedisStore`] yields: see [`RedisStore::connect_live`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiveEvent {
+    /// Another handle (another front-end) stored this chunk in a subscribed bucket. The feed
+    /// leaves out its own handle's inserts.
+    Chunk(Chunk),
+    /// A fence this handle sent ([`RedisStore::fence`]).
+    Fence(u64),
+    /// A connection to a node was lost. The client reconnects and subscribes again by itself,
+    /// but chunks stored meanwhile were not heard: live subscribers may have missed some, and
+    /// should recover them from the store.
+    Disconnected,
+    /// A live message that does not decode (what was wrong with it); it is skipped.
+    Malformed(String),
+}
+
+/// The live fan-out of a [`RedisStore`] opened with [`RedisStore::connect_live`].
+#[derive(Debug)]
+pub struct LiveFeed {
+    rx: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    writer: [u8; 16],
+    layout: Layout,
+    fence: String,
+}
+
+impl LiveFeed {
+    /// The next event; `None` once the store's connection is gone for good.
+    pub async fn recv(&mut self) -> Option<LiveEvent> {
+        loop {
+            let push = self.rx.recv().await?;
+            if let Some(event) = self.decode(push) {
+                return Some(event);
+            }
+        }
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&mut self) -> Option<LiveEvent> {
+        loop {
+            let push = self.rx.try_recv().ok()?;
+            if let Some(event) = self.decode(push) {
+                return Some(event);
+            }
+        }
+    }
+
+    /// What a push message means to the feed; `None` for those it skips (subscription
+    /// confirmations, its own inserts).
+    fn decode(&self, push: redis::PushInfo) -> Option<LiveEvent> {
+        match push.kind {
+            redis::PushKind::Disconnection => Some(LiveEvent::Disconnected),
+            redis::PushKind::SMessage => {
+                let mut data = push.data.into_iter();
+                let (Some(Value::BulkString(channel)), Some(Value::BulkString(message))) = (data.next(), data.next())
+                else {
+                    return Some(LiveEvent::Malformed("a sharded message without channel and payload".into()));
+                };
+                if channel == self.fence.as_bytes() {
+                    return Some(match <[u8; 8]>::try_from(message.as_slice()) {
+                        Ok(token) => LiveEvent::Fence(u64::from_be_bytes(token)),
+                        Err(_) => LiveEvent::Malformed(format!("a fence of {} bytes", message.len())),
+                    });
+                }
+                if message.len() < 32 {
+                    return Some(LiveEvent::Malformed(format!("a live message of {} bytes", message.len())));
+                }
+                if message[..16] == self.writer {
+                    return None;
+                }
+                let name = match decode_name(&channel, &message[16..32]) {
+                    Ok(name) => name,
+                    Err(err) => return Some(LiveEvent::Malformed(err.to_string())),
+                };
+                let key = self.layout.record_key(name);
+                Some(match decode_record(&key, name, message[32..].to_vec()) {
+                    Ok(chunk) => LiveEvent::Chunk(chunk),
+                    Err(err) => LiveEvent::Malformed(err.to_string()),
+                })
+            }
+            _ => None,
         }
     }
 }

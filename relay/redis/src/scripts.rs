@@ -8,7 +8,12 @@
 ///
 /// `KEYS[1]` record key, `KEYS[2]` names set, `KEYS[3]` expiry set; `ARGV[1]` record bytes,
 /// `ARGV[2]` name (16 bytes), `ARGV[3]` expiry (unix ms, decimal), `ARGV[4]` `"1"` to set the
-/// record with `PXAT expiry` (`"0"` past `i64::MAX`, which Redis cannot take).
+/// record with `PXAT expiry` (`"0"` past `i64::MAX`, which Redis cannot take), `ARGV[5]` the
+/// bucket's channel, `ARGV[6]` the writer's id.
+///
+/// A chunk newly stored is also published on the bucket's sharded channel, `ARGV[5]`, as
+/// `ARGV[6]` (the writing store's 16-byte id) ‖ name ‖ record, in the same atomic step: every
+/// front-end subscribed to the bucket hears of exactly the chunks stored in it.
 ///
 /// Returns 0 Inserted, 1 Duplicate, 2 Conflict, 3 already expired on the server's clock
 /// (nothing written).
@@ -28,6 +33,7 @@ else
 end
 redis.call('ZADD', KEYS[2], 0, ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+redis.call('SPUBLISH', ARGV[5], ARGV[6] .. ARGV[2] .. ARGV[1])
 return 0
 "#;
 

@@ -437,3 +437,53 @@ fn canopy_redis_record(chunk: &Chunk) -> Vec<u8> {
     record.extend_from_slice(chunk.data());
     record
 }
+
+/// The live fan-out: a chunk newly stored is published on its bucket's channel in the same
+/// script, so another handle subscribed to the bucket hears of it (a duplicate or conflict is
+/// not published again); a handle does not hear its own inserts; a fence comes out after what
+/// arrived before it; unsubscribing stops the messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_feed_carries_new_chunks_of_subscribed_buckets() {
+    use canopy_redis::LiveEvent;
+    let cluster = RedisCluster::start(3, 0).unwrap();
+    let config = RedisStoreConfig::new(cluster.urls());
+    let (reader, mut feed) = RedisStore::connect_live(config.clone()).await.unwrap();
+    let (writer, mut writer_feed) = RedisStore::connect_live(config).await.unwrap();
+    assert_ne!(reader.writer(), writer.writer());
+    let base = now_ms() + HOUR;
+    let here: u128 = 0x123 << 116;
+    let elsewhere: u128 = 0x456 << 116;
+    let bucket = reader.bucket_of(Name::new(here));
+    reader.subscribe_buckets(&[bucket]).await.unwrap();
+    writer.subscribe_buckets(&[bucket]).await.unwrap();
+
+    let first = chunk(here | 1, base, b"first");
+    let outside = chunk(elsewhere | 1, base, b"not subscribed");
+    let conflicting = chunk(here | 1, base, b"other bytes");
+    assert_eq!(
+        writer.insert_batch(&[first.clone(), outside, first.clone(), conflicting]).await.unwrap(),
+        vec![InsertOutcome::Inserted, InsertOutcome::Inserted, InsertOutcome::Duplicate, InsertOutcome::Conflict]
+    );
+    let own = chunk(here | 2, base, b"the reader's own");
+    reader.insert_batch(std::slice::from_ref(&own)).await.unwrap();
+    reader.fence(7).await.unwrap();
+    let mut events = Vec::new();
+    while events.last() != Some(&LiveEvent::Fence(7)) {
+        let event = tokio::time::timeout(Duration::from_secs(10), feed.recv()).await.expect("the fence comes").unwrap();
+        events.push(event);
+    }
+    assert_eq!(events, vec![LiveEvent::Chunk(first.clone()), LiveEvent::Fence(7)], "one message, the other handle's");
+    // The writer hears the reader's insert, not its own, and not the reader's fence.
+    writer.fence(8).await.unwrap();
+    let mut events = Vec::new();
+    while events.last() != Some(&LiveEvent::Fence(8)) {
+        events.push(tokio::time::timeout(Duration::from_secs(10), writer_feed.recv()).await.unwrap().unwrap());
+    }
+    assert_eq!(events, vec![LiveEvent::Chunk(own), LiveEvent::Fence(8)]);
+
+    reader.unsubscribe_buckets(&[bucket]).await.unwrap();
+    writer.insert_batch(&[chunk(here | 3, base, b"after")]).await.unwrap();
+    reader.fence(9).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), feed.recv()).await.unwrap().unwrap();
+    assert_eq!(event, LiveEvent::Fence(9), "nothing after unsubscribing");
+}
