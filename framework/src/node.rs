@@ -61,8 +61,12 @@ use crate::store::{InsertOutcome, Store, StoreError};
 use crate::wire::{ErrorCode, Frame, PROTOCOL_VERSION, RelayId, ReplayMode, Role};
 use crate::{Chunk, Filter, Name, SubscriptionTable};
 
-/// A connection, as numbered by the driver. Ids are never reused while the node runs.
+/// A connection, as numbered by the driver. Ids are never reused while the node runs, and
+/// [`NO_LINK`] is never one.
 pub type LinkId = u64;
+
+/// No link: where a chunk another front-end stored comes from ([`Node::stored_elsewhere`]).
+pub const NO_LINK: LinkId = LinkId::MAX;
 
 /// Settings of a [`Node`].
 #[derive(Debug, Clone)]
@@ -150,6 +154,12 @@ pub struct Metrics {
     pub parent_refusals: u64,
     /// The code of the latest of those refusals.
     pub last_parent_refusal: Option<ErrorCode>,
+    /// Chunks another front-end stored in the shared store, heard from its live feed
+    /// ([`Node::stored_elsewhere`]).
+    pub shared_in: u64,
+    /// Live subscriptions ended because the shared store's live feed had a gap
+    /// ([`Node::live_gap`]).
+    pub live_gaps: u64,
 }
 
 /// A sync the driver runs: see [`Node::begin_sync`].
@@ -528,6 +538,11 @@ pub struct Node<S> {
     pending: HashMap<u64, Pending>,
     /// The number of the next store request.
     next_ticket: u64,
+    /// With store requests: the filters of live subscriptions, with how many use each, whose
+    /// chunks stored by others the driver must hear of (see [`Node::take_interest`]).
+    shared: BTreeMap<Filter, usize>,
+    /// Changes to `shared`'s filters not yet taken by the driver.
+    interest: Vec<(Filter, bool)>,
 }
 
 /// The most frames [`Node::handle_batch`] matches against the subscriptions at once. A run
@@ -587,6 +602,8 @@ impl<S: Store> Node<S> {
             requests: Vec::new(),
             pending: HashMap::new(),
             next_ticket: 1,
+            shared: BTreeMap::new(),
+            interest: Vec::new(),
         }
     }
 
@@ -650,6 +667,58 @@ impl<S: Store> Node<S> {
             // A driver answering an insert with chunks (or the reverse) is a bug in the driver;
             // what waited on the request would wait for ever, so it fails loudly in tests.
             (_, reply) => debug_assert!(false, "store reply {reply:?} does not answer its request"),
+        }
+    }
+
+    /// Moves into `out` the changes, since the last call, to the filters whose new chunks this
+    /// node needs to hear of when others store them in a shared store
+    /// ([`NodeConfig::store_requests`]): `(filter, true)` when a live subscription first
+    /// needs `filter`, `(filter, false)` when the last one using it ends. The driver subscribes
+    /// the store's live feed accordingly, and must have subscribed before it runs the store
+    /// requests taken in the same turn (a replay's read), so that no chunk falls between the
+    /// read and the feed.
+    pub fn take_interest(&mut self, out: &mut Vec<(Filter, bool)>) {
+        out.append(&mut self.interest);
+    }
+
+    /// Another front-end of a shared store stored `chunk` (the driver heard it on the store's
+    /// live feed): it goes to this node's covering live subscriptions, as a chunk stored here
+    /// would. A replay reading the store meanwhile settles it against what it reads (see
+    /// [`take_store_requests`](Self::take_store_requests)), so each subscriber gets it once,
+    /// provided the driver hands over every chunk the feed delivered before the reply to a
+    /// read ahead of that reply.
+    pub fn stored_elsewhere(&mut self, chunk: &Chunk, now: u64) {
+        self.now = self.now.max(now);
+        if chunk.is_expired(now) {
+            return;
+        }
+        self.metrics.shared_in += 1;
+        self.deliver(chunk, NO_LINK, None);
+    }
+
+    /// The shared store's live feed had a gap (a connection to it was lost): chunks stored
+    /// meanwhile may not have been heard. Every live subscription ends with `SlowConsumer`,
+    /// the error a subscriber already recovers from: it subscribes again, and its replay
+    /// brings back what it missed. Subscriptions still replaying (`CachedOnly` ones) read the
+    /// store and are not affected.
+    pub fn live_gap(&mut self) {
+        let mut ended: Vec<(LinkId, u64)> = self
+            .links
+            .iter()
+            .flat_map(|(&link, l)| l.subs.iter().filter(|(_, sub)| sub.live).map(move |(&id, _)| (link, id)))
+            .collect();
+        ended.sort_unstable();
+        for (link, id) in ended {
+            let Some(l) = self.links.get_mut(&link) else { continue };
+            l.busy.remove(&id);
+            let Some(sub) = l.subs.remove(&id) else { continue };
+            self.drop_sub(link, id, &sub);
+            self.metrics.live_gaps += 1;
+            let msg = format!(
+                "subscription {id} to {} was ended: the origin's shared store lost its live feed for a moment; resubscribe to recover from the cache",
+                sub.filter()
+            );
+            self.error(link, Some(id), ErrorCode::SlowConsumer, &msg);
         }
     }
 
@@ -1665,6 +1734,13 @@ impl<S: Store> Node<S> {
 
     /// A downstream filter needs live chunks from above.
     fn want(&mut self, filter: Filter) {
+        if self.config.store_requests {
+            let count = self.shared.entry(filter).or_insert(0);
+            *count += 1;
+            if *count == 1 {
+                self.interest.push((filter, true));
+            }
+        }
         if !self.has_parent {
             return;
         }
@@ -1691,6 +1767,15 @@ impl<S: Store> Node<S> {
 
     /// A downstream filter no longer needs live chunks.
     fn unwant(&mut self, filter: Filter) {
+        if self.config.store_requests
+            && let Some(count) = self.shared.get_mut(&filter)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.shared.remove(&filter);
+                self.interest.push((filter, false));
+            }
+        }
         if !self.has_parent {
             return;
         }

@@ -10,12 +10,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use canopy::node::{Event, LinkId, Node, ParentRefusal, StoreOp, StoreReply, StoreRequest, StoreTicket, SyncTicket};
+use canopy::node::{Event, LinkId, Node, ParentRefusal, SyncTicket};
 use canopy::wire::Frame;
 use canopy::{Store, StoreError, StoreStats, Syncer};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::RelayMetrics;
+use crate::frontend::Frontend;
 use crate::link::{NORMAL, Outlet};
 
 /// Messages the connection tasks send the node actor.
@@ -65,59 +66,9 @@ pub(crate) struct ActorParts {
     /// turn's publishes are synced, and acknowledged after.
     pub sync_interval: Option<Duration>,
     /// The Redis Cluster an origin front-end keeps its chunks in: the node (configured with
-    /// `store_requests`) hands its inserts and reads over as requests, run here in batches.
-    pub remote: Option<canopy_redis::RedisStore>,
-}
-
-/// The results of one batch of store requests.
-type Replies = Vec<(StoreTicket, StoreReply)>;
-
-/// Runs one batch of the node's store requests on the Redis Cluster and sends back the
-/// results, in an order the node can take (see `Node::take_store_requests`): every insert of
-/// the batch runs first, as one `insert_batch` (a pipeline per bucket, all in flight at once),
-/// and only then the reads, concurrently, so a read sees every insert reported before it.
-/// Batches run one at a time, so a later batch's inserts never overtake an earlier batch's
-/// reads.
-async fn run_remote(store: canopy_redis::RedisStore, requests: Vec<StoreRequest>, done: mpsc::UnboundedSender<Replies>) {
-    let (inserts, reads): (Vec<StoreRequest>, Vec<StoreRequest>) =
-        requests.into_iter().partition(|r| matches!(r.op, StoreOp::Insert(_)));
-    let mut replies: Replies = Vec::with_capacity(inserts.len() + reads.len());
-    if !inserts.is_empty() {
-        let chunks: Vec<canopy::Chunk> = inserts
-            .iter()
-            .map(|r| match &r.op {
-                StoreOp::Insert(chunk) => chunk.clone(),
-                _ => unreachable!("partitioned"),
-            })
-            .collect();
-        match store.insert_batch(&chunks).await {
-            Ok(outcomes) => {
-                replies.extend(inserts.iter().zip(outcomes).map(|(r, outcome)| (r.ticket, StoreReply::Insert(Ok(outcome)))))
-            }
-            // Not one of them is acknowledged: their publishers retry, and a retry of a chunk
-            // that was written after all comes back a duplicate, which is acknowledged.
-            Err(err) => {
-                tracing::warn!(%err, chunks = chunks.len(), "inserting into the Redis store failed");
-                let message = err.to_string();
-                replies.extend(
-                    inserts.iter().map(|r| (r.ticket, StoreReply::Insert(Err(StoreError::Backend(message.clone()))))),
-                );
-            }
-        }
-    }
-    let reads = reads.into_iter().map(|request| {
-        let store = store.clone();
-        async move {
-            let found = match request.op {
-                StoreOp::Scan { first, last, limit, now } => store.scan_range(first, last, limit, now).await,
-                StoreOp::ScanLast { filter, n, now } => store.scan_last(filter, n, now).await,
-                StoreOp::Insert(_) => unreachable!("partitioned"),
-            };
-            (request.ticket, StoreReply::Chunks(found.map_err(|err| StoreError::Backend(err.to_string()))))
-        }
-    });
-    replies.extend(futures_util::future::join_all(reads).await);
-    let _ = done.send(replies);
+    /// `store_requests`) hands its inserts and reads over as requests, run there in batches
+    /// (see [`crate::frontend`]).
+    pub frontend: Option<Frontend>,
 }
 
 /// The store's syncs, run on a thread of their own (group commit): one at a time, each
@@ -157,9 +108,16 @@ pub(crate) fn spawn<S: Store + 'static>(node: Node<S>, parts: ActorParts) -> any
     Ok(done_rx)
 }
 
-fn snapshot<S: Store>(node: &Node<S>) -> RelayMetrics {
+fn snapshot<S: Store>(node: &Node<S>, frontend: Option<&Frontend>) -> RelayMetrics {
     let store: StoreStats = node.store().stats();
-    RelayMetrics { node: node.metrics(), store, subscriptions: node.subscriptions(), links: node.links(), parent_connected: node.parent_connected() }
+    RelayMetrics {
+        node: node.metrics(),
+        store,
+        subscriptions: node.subscriptions(),
+        links: node.links(),
+        parent_connected: node.parent_connected(),
+        frontend: frontend.map(Frontend::metrics),
+    }
 }
 
 async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Option<SyncThread>) {
@@ -177,11 +135,7 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
     let mut ready = Vec::new();
     // A queue crossed half its bound this turn and its writer had no room for it.
     let mut congested = false;
-    // Store requests (an origin front-end): the batch in flight, and where its results arrive.
-    let (remote_tx, mut remote_rx) = mpsc::unbounded_channel::<Replies>();
-    let mut remote_in_flight = false;
-    let sweeping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut requests = Vec::new();
+    let mut frontend = parts.frontend.take();
     let max_requests = node.config().max_store_requests;
     loop {
         // With as many store requests unfinished as the node allows, read no more input until
@@ -190,12 +144,8 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
         let store_full = node.store_requests_pending() >= max_requests;
         tokio::select! {
             biased;
-            Some(replies) = remote_rx.recv(), if remote_in_flight => {
-                remote_in_flight = false;
-                let now = now_ms();
-                for (ticket, reply) in replies {
-                    node.store_done(ticket, reply, now);
-                }
+            wake = async { frontend.as_mut().expect("guarded").next().await }, if frontend.is_some() => {
+                frontend.as_mut().expect("guarded").handle(wake, &mut node);
             }
             done = async { sync.as_mut().expect("guarded").done.recv().await }, if sync.is_some() => match done {
                 Some((ticket, result)) => {
@@ -229,7 +179,7 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
                             let frames = node.drain(link, usize::MAX, now_ms());
                             out.close(frames, NORMAL);
                         }
-                        *parts.snapshot.lock().expect("metrics lock") = snapshot(&node);
+                        *parts.snapshot.lock().expect("metrics lock") = snapshot(&node, frontend.as_ref());
                         return;
                     }
                 }
@@ -253,18 +203,8 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
                 if let Err(err) = node.tick(now_ms()) {
                     tracing::warn!(%err, "evicting expired chunks failed");
                 }
-                // A front-end sweeps the cluster's expired index entries (Redis drops the
-                // records itself); one sweep at a time.
-                if let Some(store) = &parts.remote
-                    && !sweeping.swap(true, std::sync::atomic::Ordering::AcqRel)
-                {
-                    let (store, sweeping) = (store.clone(), sweeping.clone());
-                    tokio::spawn(async move {
-                        if let Err(err) = store.sweep_expired(now_ms()).await {
-                            tracing::warn!(%err, "sweeping expired chunks from the Redis store failed");
-                        }
-                        sweeping.store(false, std::sync::atomic::Ordering::Release);
-                    });
+                if let Some(frontend) = &frontend {
+                    frontend.tick();
                 }
             }
             _ = async { sync_tick.as_mut().expect("guarded").tick().await }, if sync_tick.is_some() => sync_due = true,
@@ -278,16 +218,10 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
         // them), so no child can hold a chunk this relay lost. On failure the acks stay held
         // and a later sync covers them. The metrics go first, so whoever has seen a delivery
         // sees it counted too.
-        if let Some(store) = &parts.remote
-            && !remote_in_flight
-        {
-            node.take_store_requests(&mut requests);
-            if !requests.is_empty() {
-                remote_in_flight = true;
-                tokio::spawn(run_remote(store.clone(), std::mem::take(&mut requests), remote_tx.clone()));
-            }
+        if let Some(frontend) = &mut frontend {
+            frontend.after_turn(&mut node);
         }
-        *parts.snapshot.lock().expect("metrics lock") = snapshot(&node);
+        *parts.snapshot.lock().expect("metrics lock") = snapshot(&node, frontend.as_ref());
         if let Err(err) = node.release_written() {
             tracing::error!(%err, "writing the store failed; acks are held");
         }
@@ -331,7 +265,7 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
             node.link_closed(link);
         }
         push_ready(&mut node, &outs, &mut ready);
-        *parts.snapshot.lock().expect("metrics lock") = snapshot(&node);
+        *parts.snapshot.lock().expect("metrics lock") = snapshot(&node, frontend.as_ref());
         // A subscriber's queue is filling faster than its writer drains it: give the writer a
         // moment (until it takes frames, at most `CONGESTION_WAIT`) before reading more, so a
         // burst arriving faster than a reader's path carries it pushes back on the publishers
@@ -497,7 +431,7 @@ mod tests {
             snapshot: Arc::new(Mutex::new(RelayMetrics::default())),
             evict_interval: Duration::from_secs(3600),
             sync_interval: None,
-            remote: None,
+            frontend: None,
         };
         let done = spawn(node, parts).unwrap();
 

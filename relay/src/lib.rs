@@ -28,6 +28,8 @@
 //! See `docs/relay.md` for configuration and running a tree of relays.
 
 mod actor;
+mod frontend;
+pub use frontend::FrontendMetrics;
 pub mod advertise;
 pub mod config;
 mod link;
@@ -72,6 +74,8 @@ pub struct RelayMetrics {
     pub links: usize,
     /// Whether the link to the parent is up (always false without a parent).
     pub parent_connected: bool,
+    /// An origin front-end's counters of its shared store (`None` for other relays).
+    pub frontend: Option<FrontendMetrics>,
 }
 
 /// Messages in flight from connection tasks to the node actor at most; readers wait beyond
@@ -190,10 +194,10 @@ impl Relay {
             StoreKind::Redis { nodes } => {
                 let mut redis = canopy_redis::RedisStoreConfig::new(nodes.iter().cloned());
                 redis.min_replicas = config.redis_min_replicas;
-                let store = canopy_redis::RedisStore::connect(redis)
+                let (store, feed) = canopy_redis::RedisStore::connect_live(redis)
                     .await
                     .with_context(|| format!("connecting to the Redis Cluster at {}", nodes.join(",")))?;
-                Some(store)
+                Some(frontend::Frontend::new(store, feed))
             }
             _ => None,
         };
@@ -218,7 +222,7 @@ impl Relay {
             snapshot: snapshot.clone(),
             evict_interval: Duration::from_millis(config.evict_interval_ms),
             sync_interval: config.sync_interval_ms.map(Duration::from_millis),
-            remote,
+            frontend: remote,
         };
         let shared = Arc::new(Shared { to_node, stop: stop_rx.clone(), room: room.clone(), next_link: AtomicU64::new(1), max_udp_payload: config.max_udp_payload });
         let (node_done, plugins) = task_ext::block_in_place_or_run(|| -> anyhow::Result<_> {

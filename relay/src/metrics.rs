@@ -73,6 +73,16 @@ pub fn render(m: &RelayMetrics, plugins: &[(String, PluginStats)]) -> String {
     )]);
     metric("canopy_store_bytes", "gauge", "Bytes stored, as counted against capacity.", &[("", m.store.bytes)]);
     metric("canopy_store_chunks", "gauge", "Chunks stored.", &[("", m.store.chunks)]);
+    if let Some(f) = &m.frontend {
+        metric("canopy_frontend_shared_in_total", "counter", "Chunks other front-ends stored in the shared store, heard on its live feed.", &[("", n.shared_in)]);
+        metric("canopy_frontend_live_gaps_total", "counter", "Live subscriptions ended because the shared store's live feed had a gap (they recover from the cache).", &[("", n.live_gaps)]);
+        metric("canopy_frontend_batches_total", "counter", "Batches of store requests run on the shared store.", &[("", f.batches)]);
+        metric("canopy_frontend_requests_total", "counter", "Store requests (inserts and reads) run on the shared store.", &[("", f.requests)]);
+        metric("canopy_frontend_failed_batches_total", "counter", "Batches in which an insert or a read failed.", &[("", f.failed_batches)]);
+        metric("canopy_frontend_feed_gaps_total", "counter", "Gaps in the shared store's live feed (lost connections, failed subscriptions, lost fences).", &[("", f.feed_gaps)]);
+        metric("canopy_frontend_feed_malformed_total", "counter", "Live feed messages that did not decode (skipped).", &[("", f.malformed)]);
+        metric("canopy_frontend_buckets_subscribed", "gauge", "Buckets of the shared store this front-end's live feed is subscribed to.", &[("", f.buckets_subscribed)]);
+    }
     let per_plugin = |f: fn(&PluginStats) -> u64| -> Vec<(String, u64)> {
         plugins.iter().map(|(name, s)| (format!("{{plugin=\"{}\"}}", name.escape_default()), f(s))).collect()
     };

@@ -4,7 +4,7 @@
 
 mod common;
 
-use canopy::wire::{ErrorCode, ReplayMode};
+use canopy::wire::{ErrorCode, Frame, ReplayMode};
 use canopy::{Chunk, Filter};
 use canopy_redis::testing::RedisCluster;
 use canopy_relay::{RelayConfig, RelayHandle, RelayRole, StoreKind};
@@ -128,4 +128,97 @@ async fn a_frontend_needs_a_redis_store_and_no_parent() {
     assert!(child.validate().unwrap_err().to_string().contains("has no parent"));
     assert_eq!("redis://a:1, redis://b:2".parse::<StoreKind>(), Ok(StoreKind::Redis { nodes: vec!["redis://a:1".into(), "redis://b:2".into()] }));
     assert!("redis://a:1,b:2".parse::<StoreKind>().unwrap_err().contains("\"b:2\" is not a redis://HOST:PORT node"));
+}
+
+/// Collects subscription 1's deliveries on `client` until every name of `want` has arrived,
+/// failing on a name delivered twice or one not in `want`.
+async fn exactly_once(client: &mut Client, want: &std::collections::BTreeSet<u128>, who: &str) {
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < want.len() {
+        match client.recv().await.unwrap_or_else(|| panic!("{who}: stream ended")) {
+            Frame::Deliver { id: 1, chunk } => {
+                let name = chunk.name().to_u128();
+                assert!(want.contains(&name), "{who}: {name:#x} was not published");
+                assert!(got.insert(name), "{who}: {name:#x} delivered twice");
+            }
+            Frame::Deliver { .. } | Frame::Ack { .. } => {}
+            other => panic!("{who}: unexpected {other:?}"),
+        }
+    }
+}
+
+/// Issue 16: two front-ends over one cluster are one origin. With a cloud relay below each and
+/// subscribers at all four relays, chunks published on either side (directly at a front-end
+/// and through a cloud relay) reach every covering subscriber exactly once and are stored once;
+/// the same chunk published on both sides is acknowledged on both and stored once; other bytes
+/// at a stored name are refused on either side, the original kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_frontends_are_one_origin() {
+    init_tracing();
+    let cluster = RedisCluster::start(3, 0).unwrap();
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = frontend(dirs[0].path(), &cluster).await;
+    let b = frontend(dirs[1].path(), &cluster).await;
+    let cloud_a = spawn(child_config(dirs[2].path(), &a)).await;
+    let cloud_b = spawn(child_config(dirs[3].path(), &b)).await;
+    let team = filter(TEAM_FILTER);
+
+    // A chunk stored before anyone subscribes: every subscriber gets it from a replay.
+    let mut early = Client::connect(&a).await;
+    let first = chunk(TEAM | 0xfff, "before the subscriptions");
+    early.publish_acked(first.clone()).await;
+
+    let mut subscribers = Vec::new();
+    for (who, relay) in [("front-end a", &a), ("front-end b", &b), ("cloud a", &cloud_a), ("cloud b", &cloud_b)] {
+        let mut client = Client::connect(relay).await;
+        let replayed = client.subscribe(1, team, ReplayMode::CachedAndLive).await;
+        subscribers.push((who, client, replayed));
+    }
+    let mut via_a = Client::connect(&cloud_a).await;
+    let mut at_b = Client::connect(&b).await;
+    let mut via_b = Client::connect(&cloud_b).await;
+    let mut want: std::collections::BTreeSet<u128> = [TEAM | 0xfff].into();
+    for i in 0..60u128 {
+        let (client, name) = match i % 3 {
+            0 => (&mut via_a, TEAM | (0x1000 + i)),
+            1 => (&mut at_b, TEAM | (0x2000 + i)),
+            _ => (&mut via_b, TEAM | (0x3000 + i)),
+        };
+        client.publish_acked(chunk(name, "spoken")).await;
+        want.insert(name);
+    }
+    // The same chunk on both sides: both acknowledged, one stored copy.
+    let both = chunk(TEAM | 0x4000, "said twice");
+    via_a.publish_acked(both.clone()).await;
+    at_b.publish_acked(both.clone()).await;
+    want.insert(TEAM | 0x4000);
+    // Other bytes at a stored name, on the other side: refused, the original kept.
+    let forged = Chunk::new(first.name(), first.expiry(), b"forged".to_vec()).unwrap();
+    let seq = at_b.publish(forged).await;
+    assert_eq!(at_b.expect_error().await, (ErrorCode::Conflict, Some(seq)));
+
+    for (who, client, replayed) in &mut subscribers {
+        // What a subscriber got in its replay counts; the rest comes live, each once.
+        let mut rest = want.clone();
+        for chunk in replayed.iter() {
+            assert!(rest.remove(&chunk.name().to_u128()), "{who}: replayed {} twice or unasked", chunk.name());
+        }
+        exactly_once(client, &rest, who).await;
+    }
+    // Nothing more comes: a last chunk is the next delivery everywhere.
+    via_b.publish_acked(chunk(TEAM | 0x5000, "last")).await;
+    for (who, client, _) in &mut subscribers {
+        exactly_once(client, &[TEAM | 0x5000].into(), who).await;
+    }
+    assert_eq!(records_in(&cluster), want.len() + 1, "every chunk stored once in the cluster");
+    let mut reader = Client::connect(&b).await;
+    let kept = reader.subscribe(2, Filter::exact(first.name()), ReplayMode::CachedOnly).await;
+    assert_eq!(kept, vec![first]);
+    let (ma, mb) = (a.metrics(), b.metrics());
+    assert!(mb.node.shared_in > 0 && ma.node.shared_in > 0, "each front-end heard the other's chunks: {ma:?} {mb:?}");
+    assert_eq!(ma.frontend.unwrap().feed_gaps + mb.frontend.unwrap().feed_gaps, 0);
+
+    for relay in [cloud_a, cloud_b, a, b] {
+        relay.shutdown().await;
+    }
 }
