@@ -106,6 +106,12 @@ pub struct NodeConfig {
     /// With `store_requests`: how many requests may be unfinished before the node stops
     /// taking input from downstream links ([`Node::accepts_input`]).
     pub max_store_requests: usize,
+    /// For a front-end of an origin made of several (over a shared store): the origin's
+    /// identity, shared by all its front-ends. Hellos name it after this relay's own id, so
+    /// every relay below sees the same origin at the end of its path through whichever
+    /// front-end, and a relay presenting the origin's id (or this front-end's) is refused as
+    /// a cycle.
+    pub origin: Option<RelayId>,
 }
 
 impl NodeConfig {
@@ -123,6 +129,7 @@ impl NodeConfig {
             ack_before_sync: false,
             store_requests: false,
             max_store_requests: 4096,
+            origin: None,
         }
     }
 }
@@ -579,12 +586,14 @@ impl<S: Store> Node<S> {
     /// A node with no links. `has_parent` says whether this relay is configured with a
     /// parent (the origin has none): only then is the outbox kept.
     pub fn new(config: NodeConfig, store: S, has_parent: bool) -> Self {
+        // A front-end's path to the origin is the origin itself (it has no parent).
+        let up = Upstream { path: config.origin.filter(|_| !has_parent).into_iter().collect(), ..Upstream::default() };
         Node {
             config,
             store,
             table: SubscriptionTable::new(),
             links: HashMap::new(),
-            up: Upstream::default(),
+            up,
             unacked: Vec::new(),
             unsynced: false,
             syncing: VecDeque::new(),

@@ -176,9 +176,11 @@ pub struct RelayConfig {
     /// This relay's 128-bit id in hex (`0x` prefix optional). Default: random on first start,
     /// then persisted in `<data>/relay-id`.
     pub id: Option<String>,
-    /// The parent relay, as `HOST:PORT`, or `dns:DOMAIN` for the domain's origin service
-    /// (`_canopy-origin._udp.DOMAIN` SRV, resolved again on every reconnect; the candidates
-    /// are tried in SRV order). None for the origin relay.
+    /// The parent relay, as `HOST:PORT`; or a list, `HOST:PORT,HOST:PORT,…` (an origin's
+    /// front-ends, tried in order on every reconnect, so a child fails over between them); or
+    /// `dns:DOMAIN` for the domain's origin service (`_canopy-origin._udp.DOMAIN` SRV, resolved
+    /// again on every reconnect; the candidates are tried in SRV order). None for the origin
+    /// relay.
     pub parent: Option<String>,
     /// With `parent = "dns:DOMAIN"`: trust the certificate fingerprints DNS publishes for
     /// the origin's front-ends (TXT `canopy-fp=HEX`). Without it, `parent_ca` or

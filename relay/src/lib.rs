@@ -184,7 +184,10 @@ impl Relay {
                     max_udp_payload: config.max_udp_payload,
                 })
             }
-            (Some(parent), Some(trust)) => Some(ParentTarget::Addr { addr: parent.clone(), config: canopy_sdk::quic_client_config_with_mtu(&trust, config.max_udp_payload)? }),
+            (Some(parent), Some(trust)) => Some(ParentTarget::Addr {
+                addrs: parent.split(',').map(|addr| addr.trim().to_owned()).collect(),
+                config: canopy_sdk::quic_client_config_with_mtu(&trust, config.max_udp_payload)?,
+            }),
             _ => None,
         };
 
@@ -197,12 +200,19 @@ impl Relay {
                 let (store, feed) = canopy_redis::RedisStore::connect_live(redis)
                     .await
                     .with_context(|| format!("connecting to the Redis Cluster at {}", nodes.join(",")))?;
-                Some(frontend::Frontend::new(store, feed))
+                let origin = store.origin_id().await.context("reading the origin's id from the Redis Cluster")?;
+                tracing::info!(origin = %RelayId(origin), "an origin front-end");
+                Some((frontend::Frontend::new(store, feed), RelayId(origin)))
             }
             _ => None,
         };
+        let (remote, origin) = match remote {
+            Some((frontend, origin)) => (Some(frontend), Some(origin)),
+            None => (None, None),
+        };
         let node_config = NodeConfig {
             store_requests: remote.is_some(),
+            origin,
             parent_token: config.parent_token.clone(),
             access,
             max_queue: config.max_queue,
@@ -674,10 +684,11 @@ async fn parent_loop(
 /// Where the parent is: one address, or a domain's origin service found by DNS on every
 /// (re)connect, whose candidates are tried in SRV order.
 enum ParentTarget {
-    /// `HOST:PORT`, trusted as configured.
+    /// `HOST:PORT`, or several (`HOST:PORT,HOST:PORT,…`: an origin's front-ends, tried in
+    /// order on every reconnect), trusted as configured.
     Addr {
-        /// The address.
-        addr: String,
+        /// The addresses.
+        addrs: Vec<String>,
         /// Its QUIC/TLS configuration.
         config: quinn::ClientConfig,
     },
@@ -697,7 +708,7 @@ enum ParentTarget {
 impl std::fmt::Display for ParentTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ParentTarget::Addr { addr, .. } => f.write_str(addr),
+            ParentTarget::Addr { addrs, .. } => f.write_str(&addrs.join(",")),
             ParentTarget::Dns { domain, .. } => write!(f, "dns:{domain}"),
         }
     }
@@ -718,11 +729,14 @@ impl ParentTarget {
     /// left out (and said why).
     async fn candidates(&self) -> anyhow::Result<Vec<ParentCandidate>> {
         match self {
-            ParentTarget::Addr { addr, config } => {
-                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(host, _)| host);
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                Ok(vec![ParentCandidate { label: addr.clone(), addr: addr.clone(), server_name: host.to_string(), config: config.clone() }])
-            }
+            ParentTarget::Addr { addrs, config } => Ok(addrs
+                .iter()
+                .map(|addr| {
+                    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(host, _)| host);
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    ParentCandidate { label: addr.clone(), addr: addr.clone(), server_name: host.to_string(), config: config.clone() }
+                })
+                .collect()),
             ParentTarget::Dns { domain, trust, dns, max_udp_payload } => {
                 let found = canopy_sdk::discovery::lookup(domain, canopy_sdk::discovery::Service::Origin, dns).await?;
                 let mut out = Vec::new();

@@ -222,3 +222,84 @@ async fn two_frontends_are_one_origin() {
         relay.shutdown().await;
     }
 }
+
+/// Issue 16: a child lists the origin's front-ends as its parent (`HOST:PORT,HOST:PORT`). When
+/// the front-end it uses dies, it moves to the other, and nothing it acknowledged is lost:
+/// everything reaches the cluster once and every subscriber once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_fail_over_between_frontends_and_lose_nothing_acknowledged() {
+    init_tracing();
+    let cluster = RedisCluster::start(3, 0).unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = frontend(dirs[0].path(), &cluster).await;
+    let b = frontend(dirs[1].path(), &cluster).await;
+    // Each front-end has its own self-signed certificate here: the child trusts both.
+    let both = dirs[2].path().join("origin-ca.pem");
+    std::fs::write(&both, format!("{}{}", a.cert_pem(), b.cert_pem())).unwrap();
+    let cloud = spawn(RelayConfig {
+        parent: Some(format!("{},{}", a.local_addr(), b.local_addr())),
+        parent_ca: Some(both),
+        ..config(dirs[2].path())
+    })
+    .await;
+    let team = filter(TEAM_FILTER);
+    let mut at_b = Client::connect(&b).await;
+    assert!(at_b.subscribe(1, team, ReplayMode::CachedAndLive).await.is_empty());
+    let mut at_cloud = Client::connect(&cloud).await;
+    assert!(at_cloud.subscribe(1, team, ReplayMode::CachedAndLive).await.is_empty());
+    let mut publisher = Client::connect(&cloud).await;
+
+    let before: std::collections::BTreeSet<u128> = (0..20).map(|i| TEAM | i).collect();
+    for &name in &before {
+        publisher.publish_acked(chunk(name, "before")).await;
+    }
+    exactly_once(&mut at_b, &before, "front-end b, before").await;
+    eventually("the cloud relay uses front-end a", || a.metrics().links >= 1 && cloud.metrics().parent_connected).await;
+
+    a.kill().await;
+    let after: std::collections::BTreeSet<u128> = (20..40).map(|i| TEAM | i).collect();
+    for &name in &after {
+        publisher.publish_acked(chunk(name, "after")).await;
+    }
+    exactly_once(&mut at_b, &after, "front-end b, after").await;
+    let all: std::collections::BTreeSet<u128> = before.union(&after).copied().collect();
+    exactly_once(&mut at_cloud, &all, "the cloud relay's subscriber").await;
+    eventually("everything acknowledged is in the cluster", || records_in(&cluster) == 40).await;
+    // The cloud relay resubscribed at b, whose replay brought nothing new: a last chunk is the
+    // next delivery.
+    publisher.publish_acked(chunk(TEAM | 99, "last")).await;
+    exactly_once(&mut at_cloud, &[TEAM | 99].into(), "the cloud relay's subscriber, last").await;
+    eventually("the cloud relay's outbox drains", || cloud.metrics().store.outbox == 0).await;
+    assert_eq!(records_in(&cluster), 41);
+    cloud.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Issue 16: the front-ends present one origin identity (kept in the cluster) after their own
+/// ids, so a relay presenting the origin's id below one of them is refused as a cycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontends_share_the_origin_identity_and_cycles_are_refused() {
+    init_tracing();
+    let cluster = RedisCluster::start(3, 0).unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = frontend(dirs[0].path(), &cluster).await;
+    let b = frontend(dirs[1].path(), &cluster).await;
+    let key = b"{canopy}:origin";
+    let origin: String = redis::cmd("GET").arg(&key[..]).query(&mut primary(&cluster, key)).unwrap();
+    assert_eq!(origin.len(), 32, "one origin id, created by the first front-end");
+    assert_ne!(a.id(), b.id(), "each front-end keeps its own relay id");
+
+    // A relay claiming the origin's id, below front-end b: a cycle.
+    let impostor = spawn(RelayConfig { id: Some(origin.clone()), ..child_config(dirs[2].path(), &b) }).await;
+    eventually("the impostor is refused", || impostor.metrics().node.parent_refusals >= 1).await;
+    assert_eq!(impostor.metrics().node.last_parent_refusal, Some(ErrorCode::Cycle));
+    assert!(!impostor.metrics().parent_connected);
+    impostor.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A connection to the primary holding `key`.
+fn primary(cluster: &RedisCluster, key: &[u8]) -> redis::Connection {
+    cluster.connection(cluster.primary_for_key(key).unwrap()).unwrap()
+}

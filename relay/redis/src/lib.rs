@@ -423,6 +423,23 @@ impl RedisStore {
         self.layout.channel(bucket)
     }
 
+    /// The identity of the origin this cluster stores for: a random 128-bit id the first
+    /// front-end to ask creates (`SET … NX` on the key `{canopy}:origin`) and every other one
+    /// reads, so all front-ends of one cluster present the same origin in their hellos.
+    pub async fn origin_id(&self) -> Result<u128, RedisStoreError> {
+        const OP: &str = "origin id";
+        const KEY: &str = "{canopy}:origin";
+        let mut conn = self.conn.clone();
+        let fresh = format!("{:032x}", rand::random::<u128>());
+        let _: Value = redis::cmd("SET").arg(KEY).arg(&fresh).arg("NX").query_async(&mut conn).await.map_err(redis_err(OP))?;
+        let stored: Option<String> = redis::cmd("GET").arg(KEY).query_async(&mut conn).await.map_err(redis_err(OP))?;
+        let stored = stored.ok_or_else(|| RedisStoreError::UnexpectedReply { op: OP, reply: "the origin id vanished".into() })?;
+        u128::from_str_radix(&stored, 16).map_err(|_| RedisStoreError::Corrupt {
+            key: KEY.into(),
+            reason: format!("origin id {stored:?} is not 32 hex digits"),
+        })
+    }
+
     /// This handle's 16-byte id, which the live messages of its inserts carry.
     pub fn writer(&self) -> [u8; 16] {
         self.writer
