@@ -203,7 +203,7 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
                 if let Err(err) = node.tick(now_ms()) {
                     tracing::warn!(%err, "evicting expired chunks failed");
                 }
-                if let Some(frontend) = &frontend {
+                if let Some(frontend) = &mut frontend {
                     frontend.tick();
                 }
             }

@@ -38,6 +38,11 @@ use crate::actor::now_ms;
 /// applied anyway and the live subscriptions are ended, as after any gap in the feed.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often a front-end sweeps the cluster's expired index entries. A sweep reads every
+/// bucket; the records themselves expire in Redis on time, and reads skip expired chunks, so
+/// this only bounds how long dead index entries linger.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 /// The results of one batch of store requests.
 type Replies = Vec<(StoreTicket, StoreReply)>;
 
@@ -106,6 +111,8 @@ pub(crate) struct Frontend {
     requests: Vec<StoreRequest>,
     interest: Vec<(Filter, bool)>,
     sweeping: Arc<AtomicBool>,
+    /// When the last sweep began.
+    swept: Option<Instant>,
     metrics: FrontendMetrics,
 }
 
@@ -127,6 +134,7 @@ impl Frontend {
             requests: Vec::new(),
             interest: Vec::new(),
             sweeping: Arc::new(AtomicBool::new(false)),
+            swept: None,
             metrics: FrontendMetrics::default(),
         }
     }
@@ -253,11 +261,12 @@ impl Frontend {
     }
 
     /// On the actor's eviction tick: sweeps the cluster's expired index entries (Redis drops
-    /// the records itself), one sweep at a time.
-    pub(crate) fn tick(&self) {
-        if self.sweeping.swap(true, Ordering::AcqRel) {
+    /// the records itself), one sweep at a time, every [`SWEEP_EVERY`].
+    pub(crate) fn tick(&mut self) {
+        if self.swept.is_some_and(|at| at.elapsed() < SWEEP_EVERY) || self.sweeping.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.swept = Some(Instant::now());
         let (store, sweeping) = (self.store.clone(), self.sweeping.clone());
         tokio::spawn(async move {
             if let Err(err) = store.sweep_expired(now_ms()).await {

@@ -303,3 +303,94 @@ async fn frontends_share_the_origin_identity_and_cycles_are_refused() {
 fn primary(cluster: &RedisCluster, key: &[u8]) -> redis::Connection {
     cluster.connection(cluster.primary_for_key(key).unwrap()).unwrap()
 }
+
+/// Publishes `chunk` until it is acknowledged, retrying after refusals (a shard failing over,
+/// or without the replica `WAIT` asks for) until `deadline`; returns how many tries it took.
+async fn publish_until_acked(client: &mut Client, chunk: &Chunk, deadline: std::time::Instant) -> usize {
+    for attempt in 1.. {
+        let seq = client.publish(chunk.clone()).await;
+        loop {
+            match client.recv().await.expect("the front-end answers") {
+                Frame::Ack { seq: s } if s == seq => return attempt,
+                Frame::Error { about: Some(s), code, message } if s == seq => {
+                    assert!(std::time::Instant::now() < deadline, "still refused at the deadline: {code} {message}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    unreachable!()
+}
+
+/// Issue 16: a Redis primary dies and its replica takes over. With `redis_min_replicas = 1`
+/// (acknowledge after `WAIT 1`), every acknowledged chunk is still served afterwards;
+/// publishing resumes once the shard has a replica again (until then its publishes are refused,
+/// not acknowledged); a live subscriber that may have missed chunks while the feed was cut is
+/// told to resubscribe, and its new replay holds everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_chunks_survive_a_redis_failover() {
+    init_tracing();
+    let mut cluster = RedisCluster::start(3, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = spawn(RelayConfig { redis_min_replicas: 1, ..frontend_config(dir.path(), &cluster) }).await;
+    let team = filter(TEAM_FILTER);
+    let mut reader = Client::connect(&a).await;
+    assert!(reader.subscribe(1, team, ReplayMode::CachedAndLive).await.is_empty());
+    let mut publisher = Client::connect(&a).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut acked = Vec::new();
+    for i in 0..30u128 {
+        let c = chunk(TEAM | i, "before the failover");
+        publish_until_acked(&mut publisher, &c, deadline).await;
+        acked.push(c);
+    }
+
+    // The primary of the team's bucket dies; its replica takes over.
+    let victim = cluster.primary_for_slot(canopy_redis::key_slot(b"{c:0a0}")).unwrap();
+    tokio::task::block_in_place(|| {
+        cluster.kill(victim);
+        cluster.wait_failover_default(victim).unwrap();
+    });
+    // Without a replica, the promoted primary's writes cannot be acknowledged: a publish now
+    // is refused (the store timed out, or too few replicas answered `WAIT`), never acked.
+    let during = chunk(TEAM | 100, "while the shard has no replica");
+    let seq = publisher.publish(during.clone()).await;
+    let answer = publisher.recv_until(|f| matches!(f, Frame::Ack { seq: s } | Frame::Error { about: Some(s), .. } if *s == seq)).await;
+    assert!(matches!(answer.last(), Some(Frame::Error { code: ErrorCode::Internal, .. })), "{answer:?}");
+    tokio::task::block_in_place(|| {
+        cluster.restart(victim).unwrap();
+        cluster.wait_ready(std::time::Duration::from_secs(30)).unwrap();
+    });
+    publish_until_acked(&mut publisher, &during, deadline).await;
+    acked.push(during);
+    for i in 30..60u128 {
+        let c = chunk(TEAM | i, "after the failover");
+        publish_until_acked(&mut publisher, &c, deadline).await;
+        acked.push(c);
+    }
+    acked.sort_by_key(Chunk::name);
+
+    // Everything acknowledged is served, from the promoted primary.
+    let mut late = Client::connect(&a).await;
+    assert_eq!(late.subscribe(1, team, ReplayMode::CachedOnly).await, acked);
+    // The live subscriber: either it heard everything, or it was told it may have missed some
+    // (the feed lost its connection to the dead primary) and its new replay has it all.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut ended = false;
+    while !ended && seen.len() < acked.len() {
+        match reader.recv().await.expect("the subscriber is served") {
+            Frame::Deliver { id: 1, chunk } => {
+                assert!(seen.insert(chunk.name()), "{} twice", chunk.name());
+            }
+            Frame::Error { about: Some(1), code: ErrorCode::SlowConsumer, .. } => ended = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    if ended {
+        assert_eq!(reader.subscribe(2, team, ReplayMode::CachedAndLive).await, acked);
+        assert!(a.metrics().node.live_gaps >= 1);
+    }
+    a.shutdown().await;
+}

@@ -129,6 +129,9 @@ const SCAN_PREFETCH: u32 = 16;
 /// The most names one scan page reads.
 const SCAN_PAGE: usize = 512;
 
+/// Buckets one [`RedisStore::sweep_expired`] sweeps at once.
+pub const SWEEP_IN_FLIGHT: usize = 8;
+
 /// The most names one sweep script removes; a bucket with more takes several.
 const SWEEP_BATCH: u64 = 1_000;
 
@@ -896,10 +899,14 @@ impl RedisStore {
     /// Removes every name expired at `now_ms` (expiry ≤ `now_ms`) from both index sets of
     /// every bucket, deleting any record Redis still holds for it; returns how many names it
     /// removed (a chunk Redis already dropped counts once its index entries go).
+    ///
+    /// It visits every bucket (4,096 scripts with the default width), a few at a time
+    /// ([`SWEEP_IN_FLIGHT`]) so that a sweep never crowds out the inserts and reads sharing
+    /// the connection; run it every few tens of seconds, not every second.
     pub async fn sweep_expired(&self, now_ms: u64) -> Result<u64, RedisStoreError> {
         stream::iter(0..self.layout.bucket_count())
             .map(|bucket| self.sweep_bucket(bucket, now_ms))
-            .buffer_unordered(MAX_IN_FLIGHT)
+            .buffer_unordered(SWEEP_IN_FLIGHT)
             .try_fold(0, |total, n| async move { Ok(total + n) })
             .await
     }
