@@ -442,7 +442,6 @@ async fn stress_two_frontends_against_the_real_cluster() {
     let seen: Seen = Arc::default();
     let stop = Arc::new(tokio::sync::Notify::new());
     let mut subs: Vec<(usize, u64, Filter, ReplayMode, bool)> = Vec::new(); // (client, id, filter, mode, before publishing)
-    let mut readers = Vec::new();
     // Connects subscriber `c` to `relay`, subscribes, and returns once every subscription's
     // `ReplayDone` is in (so a `LiveOnly` one opened before the publishing is open throughout);
     // a task then keeps reading.
@@ -473,7 +472,8 @@ async fn stress_two_frontends_against_the_real_cluster() {
                     replaying.remove(&id);
                 }
             }
-            tokio::spawn(async move {
+            // Detached: it ends when told to stop, or with the connection.
+            drop(tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         () = stop.notified() => return,
@@ -485,7 +485,7 @@ async fn stress_two_frontends_against_the_real_cluster() {
                         },
                     }
                 }
-            })
+            }));
         }
     };
     let modes = [ReplayMode::CachedAndLive, ReplayMode::LiveOnly, ReplayMode::CachedAndLive, ReplayMode::MostRecent(3)];
@@ -493,13 +493,14 @@ async fn stress_two_frontends_against_the_real_cluster() {
     for _ in 0..4 {
         let relay = relays[rng.random_range(0..4)];
         let specs = (1..=2).map(|id| (id, filters[rng.random_range(0..filters.len())], modes[rng.random_range(0..modes.len())])).collect();
-        readers.push(open(next_client, relay, specs, true, &mut subs).await);
+        open(next_client, relay, specs, true, &mut subs).await;
         next_client += 1;
     }
 
     // Publishers: each its own task and client on a random relay.
     // Name → the values acknowledged for it, each with whether a front-end acknowledged it.
-    let acked: Arc<Mutex<BTreeMap<u128, BTreeSet<(Vec<u8>, bool)>>>> = Arc::default();
+    type Acked = Arc<Mutex<BTreeMap<u128, BTreeSet<(Vec<u8>, bool)>>>>;
+    let acked: Acked = Arc::default();
     let mut publishers = Vec::new();
     let expiry = now_ms() + 3_600_000;
     for p in 0..4usize {
@@ -533,7 +534,7 @@ async fn stress_two_frontends_against_the_real_cluster() {
         tokio::time::sleep(std::time::Duration::from_millis(rng.random_range(5..40))).await;
         let relay = relays[rng.random_range(0..4)];
         let specs = vec![(1, filters[rng.random_range(0..filters.len())], ReplayMode::CachedAndLive)];
-        readers.push(open(next_client, relay, specs, false, &mut subs).await);
+        open(next_client, relay, specs, false, &mut subs).await;
         next_client += 1;
     }
     for p in publishers {
