@@ -39,7 +39,7 @@ pub async fn relay_restart(data: &Path, listen: SocketAddr, store: StoreKind) ->
     within("the port to be free again", async {
         let mut attempts = 0u32;
         loop {
-            let config = RelayConfig { listen, data: data.to_path_buf(), store, ..RelayConfig::default() };
+            let config = RelayConfig { listen, data: data.to_path_buf(), store: store.clone(), ..RelayConfig::default() };
             match Relay::spawn(config).await {
                 Ok(relay) => {
                     if attempts > 0 {
