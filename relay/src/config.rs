@@ -27,8 +27,8 @@ pub enum StoreKind {
     Memory,
     /// A Redis Cluster shared by the front-ends of one origin (role `origin-frontend`,
     /// `docs/origin.md`): the relay keeps no chunks of its own. `nodes` are where the cluster
-    /// client starts discovering the cluster (`redis://HOST:PORT`, or `rediss://` for TLS);
-    /// one reachable node is enough, more survive one being down.
+    /// client starts discovering the cluster (`redis://HOST:PORT`; TLS, `rediss://`, is not
+    /// built in yet): one reachable node is enough, more survive one being down.
     Redis {
         /// The seed nodes' URLs.
         nodes: Vec<String>,
@@ -42,9 +42,12 @@ impl std::str::FromStr for StoreKind {
         match text {
             "fjall" => Ok(StoreKind::Fjall),
             "memory" => Ok(StoreKind::Memory),
-            _ if text.starts_with("redis://") || text.starts_with("rediss://") => {
+            _ if text.starts_with("rediss://") => {
+                Err(format!("store {text:?}: TLS to Redis (rediss://) is not built in yet; use redis:// on a trusted network"))
+            }
+            _ if text.starts_with("redis://") => {
                 let nodes: Vec<String> = text.split(',').map(str::trim).map(str::to_owned).collect();
-                if let Some(bad) = nodes.iter().find(|n| !(n.starts_with("redis://") || n.starts_with("rediss://")) || n.len() <= "redis://".len()) {
+                if let Some(bad) = nodes.iter().find(|n| !n.starts_with("redis://") || n.len() <= "redis://".len()) {
                     return Err(format!("store {text:?}: {bad:?} is not a redis://HOST:PORT node"));
                 }
                 Ok(StoreKind::Redis { nodes })

@@ -128,6 +128,7 @@ async fn a_frontend_needs_a_redis_store_and_no_parent() {
     assert!(child.validate().unwrap_err().to_string().contains("has no parent"));
     assert_eq!("redis://a:1, redis://b:2".parse::<StoreKind>(), Ok(StoreKind::Redis { nodes: vec!["redis://a:1".into(), "redis://b:2".into()] }));
     assert!("redis://a:1,b:2".parse::<StoreKind>().unwrap_err().contains("\"b:2\" is not a redis://HOST:PORT node"));
+    assert!("rediss://a:1".parse::<StoreKind>().unwrap_err().contains("not built in yet"));
 }
 
 /// Collects subscription 1's deliveries on `client` until every name of `want` has arrived,
