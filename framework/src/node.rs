@@ -423,6 +423,7 @@ impl Queue {
     /// Queues `frame` to send on link `id`. The first frame queued since the link was last
     /// drained empty also puts it on `dirty`, the node's list of links with frames waiting,
     /// which [`Node::ready_links`] reads instead of scanning every link.
+    #[inline]
     fn enqueue(&mut self, id: LinkId, dirty: &mut Vec<LinkId>, frame: Frame) {
         if !self.listed {
             self.listed = true;
