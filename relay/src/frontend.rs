@@ -43,6 +43,9 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 /// this only bounds how long dead index entries linger.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
+/// Live messages handled at most per turn of the actor, besides the ones that woke it.
+const FEED_PER_TURN: usize = 4096;
+
 /// The results of one batch of store requests.
 type Replies = Vec<(StoreTicket, StoreReply)>;
 
@@ -147,9 +150,8 @@ impl Frontend {
     pub(crate) async fn next(&mut self) -> Wake {
         let deadline = self.held.as_ref().map(|(_, _, until)| *until);
         let waiting_batch = self.in_flight && self.held.is_none();
+        // Fairness, not order, decides here: read results wait for their fence anyway.
         tokio::select! {
-            biased;
-            // The feed first: live messages that arrived before a batch's results go first.
             event = async { self.feed.as_mut().expect("guarded").recv().await }, if self.feed.is_some() => Wake::Feed(event),
             Some(done) = self.done_rx.recv(), if waiting_batch => Wake::Done(done),
             () = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => Wake::FenceTimeout,
@@ -219,9 +221,20 @@ impl Frontend {
         }
     }
 
-    /// After a turn of the actor: takes the node's changes of interest and its store requests
-    /// and, unless a batch is running, starts the next one.
+    /// After a turn of the actor: handles what the feed and the running batch have ready (so
+    /// that neither waits while the actor is busy with its links), takes the node's changes of
+    /// interest and its store requests and, unless a batch is running, starts the next one.
     pub(crate) fn after_turn<S: Store>(&mut self, node: &mut Node<S>) {
+        for _ in 0..FEED_PER_TURN {
+            let Some(event) = self.feed.as_mut().and_then(LiveFeed::try_recv) else { break };
+            self.handle(Wake::Feed(Some(event)), node);
+        }
+        if self.in_flight
+            && self.held.is_none()
+            && let Ok(done) = self.done_rx.try_recv()
+        {
+            self.handle(Wake::Done(done), node);
+        }
         node.take_interest(&mut self.interest);
         for (filter, added) in self.interest.drain(..) {
             for bucket in self.store.buckets_of(filter) {
