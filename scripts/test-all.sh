@@ -61,6 +61,8 @@ $bin/web-latency --messages 20
 # The Redis Cluster store beside the memory and fjall stores, on a 3-primary cluster of real
 # redis-server processes (the full run: no flags, docs/origin.md).
 $bin/redis-store --smoke
+# One and two origin front-ends over a Redis Cluster beside single origins (docs/origin.md).
+$bin/origin-bench --smoke
 
 step "fuzz target builds"
 (cd framework/fuzz && cargo check --locked -q)
