@@ -1295,6 +1295,13 @@ impl<S: Store> Node<S> {
             self.drop_sub(link, id, &old);
         }
         let replay = match mode {
+            // With a shared store, `ReplayDone` promises that chunks stored from then on by
+            // anyone arrive: it waits for an empty read, which the driver runs only once it has
+            // subscribed to the store's live feed for this filter (see `take_interest`).
+            ReplayMode::LiveOnly if self.config.store_requests => {
+                let op = StoreOp::ScanLast { filter, n: 0, now };
+                Some(Replay::Listing(self.request(op, Pending::Replay { link, id, limit: 0 })))
+            }
             ReplayMode::LiveOnly => None,
             ReplayMode::CachedAndLive | ReplayMode::CachedOnly => Some(Replay::from(filter.name())),
             ReplayMode::MostRecent(n) => {
@@ -2741,6 +2748,16 @@ mod tests {
         let mut node = origin_with_store_requests(64);
         let filter = Filter::new(Name::new(TEN), 8).unwrap();
         node.handle(3, Frame::Subscribe { id: 1, filter, mode: ReplayMode::LiveOnly, credit: 100 }, 0);
+        // `ReplayDone` waits for an empty read, which the driver runs once it hears the
+        // filter's chunks stored by others.
+        let mut interest = Vec::new();
+        node.take_interest(&mut interest);
+        assert_eq!(interest, vec![(filter, true)]);
+        assert_eq!(node.drain(3, usize::MAX, 0), vec![]);
+        for request in take_requests(&mut node) {
+            assert_eq!(request.op, StoreOp::ScanLast { filter, n: 0, now: 0 });
+            run(&mut node, request);
+        }
         assert_eq!(node.drain(3, usize::MAX, 0), vec![Frame::ReplayDone { id: 1 }]);
 
         let other = Chunk::new(Name::new(TEN), u64::MAX, vec![2]).unwrap();

@@ -598,3 +598,34 @@ async fn stress_two_frontends_against_the_real_cluster() {
     }
     eprintln!("stress seed {seed}: {} names acknowledged, {} subscriptions checked", acked.len(), subs.len());
 }
+
+/// Issue 16: a `LiveOnly` subscription's `ReplayDone` from a front-end promises every chunk
+/// stored afterwards, through any front-end: it comes only once the front-end hears the
+/// filter's buckets. Each round opens a fresh subscription and publishes on the other
+/// front-end right after its `ReplayDone`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_only_at_one_frontend_hears_the_other_right_after_replay_done() {
+    init_tracing();
+    let cluster = RedisCluster::start(3, 0).unwrap();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = frontend(dirs[0].path(), &cluster).await;
+    let b = frontend(dirs[1].path(), &cluster).await;
+    let mut publisher = Client::connect(&b).await;
+    let mut flood = Client::connect(&a).await;
+    for round in 0..20u128 {
+        // A filter of its own each round, so the front-end subscribes to new buckets; and a
+        // flood of publishes into the front-end just before, so that its store is busy and
+        // subscribing to the buckets takes a while.
+        let base = (round + 1) << 120;
+        for i in 0..300u128 {
+            flood.publish(chunk((0xf0 << 120) | (round << 16) | i, "flood")).await;
+        }
+        let mut reader = Client::connect(&a).await;
+        let f = canopy::Filter::new(canopy::Name::new(base), 8).unwrap();
+        assert!(reader.subscribe(1, f, ReplayMode::LiveOnly).await.is_empty());
+        publisher.publish_acked(chunk(base | 1, "right after")).await;
+        exactly_once(&mut reader, &[base | 1].into(), &format!("round {round}")).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
