@@ -145,6 +145,16 @@ async fn start(system: System, cluster: &RedisCluster, dirs: &[tempfile::TempDir
     Ok(relays)
 }
 
+/// Subscribes `client` to the prefix, live only, and waits for `ReplayDone`: from then on
+/// every chunk stored anywhere in the origin reaches it.
+async fn subscribe_live(client: &Client) -> anyhow::Result<canopy_sdk::Subscription> {
+    let mut sub = client.subscribe(prefix(), ReplayMode::LiveOnly).await?;
+    match tokio::time::timeout(Duration::from_secs(30), sub.next()).await.context("no ReplayDone")? {
+        Some(SubEvent::ReplayDone) => Ok(sub),
+        other => anyhow::bail!("subscribing: {other:?}"),
+    }
+}
+
 async fn connect(relay: &RelayHandle) -> anyhow::Result<Client> {
     let options = ConnectOptions::new(relay.local_addr(), Trust::CaPem(relay.cert_pem().to_string()));
     Ok(Client::connect(options).await?)
@@ -180,7 +190,7 @@ async fn run_system(cli: &Cli, system: System, round: usize, cluster: &RedisClus
     let mut subscribers = Vec::new();
     for relay in &relays {
         let client = connect(relay).await?;
-        let sub = client.subscribe(prefix(), ReplayMode::LiveOnly).await?;
+        let sub = subscribe_live(&client).await?;
         subscribers.push((client, sub));
     }
     let mut publishers = Vec::new();
@@ -231,7 +241,7 @@ async fn run_system(cli: &Cli, system: System, round: usize, cluster: &RedisClus
     // 2. Latency, from the first relay to the last.
     let arrivals = Arc::new(Mutex::new(HashMap::new()));
     let reader = connect(relays.last().expect("a relay")).await?;
-    let sub = reader.subscribe(prefix(), ReplayMode::LiveOnly).await?;
+    let sub = subscribe_live(&reader).await?;
     let watch = tokio::spawn(drain(sub, cli.paced, Some(arrivals.clone())));
     let writer = connect(&relays[0]).await?;
     let mut sent = HashMap::new();
