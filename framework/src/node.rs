@@ -257,6 +257,28 @@ enum Pending {
     Replay { link: LinkId, id: u64, limit: usize },
 }
 
+/// The store requests of a node ([`NodeConfig::store_requests`]).
+#[derive(Default)]
+struct Requests {
+    /// Made and not taken by the driver yet.
+    queue: Vec<StoreRequest>,
+    /// Not done yet, by ticket, with what to do once they are.
+    pending: HashMap<u64, Pending>,
+    /// The last ticket handed out.
+    last: u64,
+}
+
+impl Requests {
+    /// Records a store request for the driver, with what to do once it is done; returns its
+    /// ticket.
+    fn push(&mut self, op: StoreOp, then: Pending) -> u64 {
+        self.last += 1;
+        self.pending.insert(self.last, then);
+        self.queue.push(StoreRequest { ticket: StoreTicket(self.last), op });
+        self.last
+    }
+}
+
 /// What a sync in flight releases once it is done.
 #[derive(Debug)]
 struct PendingSync {
@@ -540,12 +562,8 @@ pub struct Node<S> {
     /// Entries of `dirty` known to be stale (their link drained empty or closed): once they
     /// are half the list, it is compacted.
     dirty_stale: usize,
-    /// Store requests the driver has not taken yet ([`NodeConfig::store_requests`]).
-    requests: Vec<StoreRequest>,
-    /// Store requests not done yet, by ticket, with what to do once they are.
-    pending: HashMap<u64, Pending>,
-    /// The number of the next store request.
-    next_ticket: u64,
+    /// Store requests ([`NodeConfig::store_requests`]).
+    requests: Requests,
     /// With store requests: the filters of live subscriptions, with how many use each, whose
     /// chunks stored by others the driver must hear of (see [`Node::take_interest`]).
     shared: BTreeMap<Filter, usize>,
@@ -609,9 +627,7 @@ impl<S: Store> Node<S> {
             run: RunBuffers::default(),
             dirty: Vec::new(),
             dirty_stale: 0,
-            requests: Vec::new(),
-            pending: HashMap::new(),
-            next_ticket: 1,
+            requests: Requests::default(),
             shared: BTreeMap::new(),
             interest: Vec::new(),
         }
@@ -649,12 +665,12 @@ impl<S: Store> Node<S> {
     /// chunk live. A driver that reports each pipeline's replies in order, as Redis answers
     /// them, keeps it.
     pub fn take_store_requests(&mut self, out: &mut Vec<StoreRequest>) {
-        out.append(&mut self.requests);
+        out.append(&mut self.requests.queue);
     }
 
     /// Store requests made and not reported done yet.
     pub fn store_requests_pending(&self) -> usize {
-        self.pending.len()
+        self.requests.pending.len()
     }
 
     /// The store request `ticket` is done, with `reply`: the node finishes what waited on it
@@ -662,7 +678,7 @@ impl<S: Store> Node<S> {
     /// replay) at time `now`. A ticket not pending (reported twice) is ignored.
     pub fn store_done(&mut self, ticket: StoreTicket, reply: StoreReply, now: u64) {
         self.now = self.now.max(now);
-        let Some(pending) = self.pending.remove(&ticket.0) else { return };
+        let Some(pending) = self.requests.pending.remove(&ticket.0) else { return };
         match (pending, reply) {
             (Pending::Publish { link, seq, chunk }, StoreReply::Insert(outcome)) => {
                 self.publish_stored(link, seq, &chunk, outcome, None)
@@ -719,26 +735,16 @@ impl<S: Store> Node<S> {
             .collect();
         ended.sort_unstable();
         for (link, id) in ended {
-            let Some(l) = self.links.get_mut(&link) else { continue };
-            l.busy.remove(&id);
-            let Some(sub) = l.subs.remove(&id) else { continue };
-            self.drop_sub(link, id, &sub);
-            self.metrics.live_gaps += 1;
-            let msg = format!(
-                "subscription {id} to {} was ended: the origin's shared store lost its live feed for a moment; resubscribe to recover from the cache",
-                sub.filter()
-            );
-            self.error(link, Some(id), ErrorCode::SlowConsumer, &msg);
+            let ended = self.end_slow(link, id, |id, sub| {
+                format!(
+                    "subscription {id} to {} was ended: the origin's shared store lost its live feed for a moment; resubscribe to recover from the cache",
+                    sub.filter()
+                )
+            });
+            if ended {
+                self.metrics.live_gaps += 1;
+            }
         }
-    }
-
-    /// Records a store request for the driver, with what to do once it is done.
-    fn request(&mut self, op: StoreOp, then: Pending) -> u64 {
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        self.pending.insert(ticket, then);
-        self.requests.push(StoreRequest { ticket: StoreTicket(ticket), op });
-        ticket
     }
 
     /// This node's settings.
@@ -879,7 +885,7 @@ impl<S: Store> Node<S> {
     pub fn accepts_input(&self, link: LinkId) -> bool {
         self.links.get(&link).is_some_and(|l| {
             matches!(l.peer, Peer::Parent | Peer::ParentPending)
-                || (l.queue.len() < self.config.max_queue && self.pending.len() < self.config.max_store_requests)
+                || (l.queue.len() < self.config.max_queue && self.requests.pending.len() < self.config.max_store_requests)
         })
     }
 
@@ -1300,7 +1306,7 @@ impl<S: Store> Node<S> {
             // subscribed to the store's live feed for this filter (see `take_interest`).
             ReplayMode::LiveOnly if self.config.store_requests => {
                 let op = StoreOp::ScanLast { filter, n: 0, now };
-                Some(Replay::Listing(self.request(op, Pending::Replay { link, id, limit: 0 })))
+                Some(Replay::Listing(self.requests.push(op, Pending::Replay { link, id, limit: 0 })))
             }
             ReplayMode::LiveOnly => None,
             ReplayMode::CachedAndLive | ReplayMode::CachedOnly => Some(Replay::from(filter.name())),
@@ -1308,7 +1314,7 @@ impl<S: Store> Node<S> {
                 let n = n.min(self.config.max_most_recent) as usize;
                 if self.config.store_requests {
                     let op = StoreOp::ScanLast { filter, n, now };
-                    Some(Replay::Listing(self.request(op, Pending::Replay { link, id, limit: n })))
+                    Some(Replay::Listing(self.requests.push(op, Pending::Replay { link, id, limit: n })))
                 } else {
                     match self.store.scan_last(filter, n, now) {
                         Ok(list) => Some(Replay::List(list.into())),
@@ -1379,7 +1385,7 @@ impl<S: Store> Node<S> {
             return self.error(link, Some(seq), ErrorCode::Expired, &msg);
         }
         if self.config.store_requests {
-            self.request(StoreOp::Insert(chunk.clone()), Pending::Publish { link, seq, chunk: chunk.clone() });
+            self.requests.push(StoreOp::Insert(chunk.clone()), Pending::Publish { link, seq, chunk: chunk.clone() });
             return;
         }
         let outcome = self.store.insert(chunk);
@@ -1461,7 +1467,7 @@ impl<S: Store> Node<S> {
             return self.spend_upstream_credit(link, id);
         }
         if self.config.store_requests {
-            self.request(StoreOp::Insert(chunk.clone()), Pending::FromParent { link, id, chunk: chunk.clone() });
+            self.requests.push(StoreOp::Insert(chunk.clone()), Pending::FromParent { link, id, chunk: chunk.clone() });
             return;
         }
         self.spend_upstream_credit(link, id);
@@ -1545,17 +1551,26 @@ impl<S: Store> Node<S> {
     }
 
     fn slow_consumer(&mut self, link: LinkId, id: u64) {
-        let Some(l) = self.links.get_mut(&link) else { return };
+        if self.end_slow(link, id, |id, sub| {
+            format!(
+                "subscription {id} to {} fell {} chunks behind and was ended; resubscribe to recover from the cache",
+                sub.filter(),
+                sub.backlog_len()
+            )
+        }) {
+            self.metrics.slow_consumers += 1;
+        }
+    }
+
+    /// Ends subscription `id` of `link` with `SlowConsumer` and the message `why` gives, the
+    /// error subscribers recover from by subscribing again; returns whether it was open.
+    fn end_slow(&mut self, link: LinkId, id: u64, why: impl FnOnce(u64, &Sub) -> String) -> bool {
+        let Some(l) = self.links.get_mut(&link) else { return false };
         l.busy.remove(&id);
-        let Some(sub) = l.subs.remove(&id) else { return };
+        let Some(sub) = l.subs.remove(&id) else { return false };
         self.drop_sub(link, id, &sub);
-        self.metrics.slow_consumers += 1;
-        let msg = format!(
-            "subscription {id} to {} fell {} chunks behind and was ended; resubscribe to recover from the cache",
-            sub.filter(),
-            sub.backlog_len()
-        );
-        self.error(link, Some(id), ErrorCode::SlowConsumer, &msg);
+        self.error(link, Some(id), ErrorCode::SlowConsumer, &why(id, &sub));
+        true
     }
 
     /// Continues the busy subscriptions of `link` (replays and backlogs) while its queue has
@@ -1636,11 +1651,7 @@ impl<S: Store> Node<S> {
                         let limit = room.max(1);
                         if self.config.store_requests {
                             let op = StoreOp::Scan { first, last: end, limit, now };
-                            let ticket = self.next_ticket;
-                            self.next_ticket += 1;
-                            self.pending.insert(ticket, Pending::Replay { link, id, limit });
-                            self.requests.push(StoreRequest { ticket: StoreTicket(ticket), op });
-                            *reading = Some(ticket);
+                            *reading = Some(self.requests.push(op, Pending::Replay { link, id, limit }));
                             return;
                         }
                         let mut page = Vec::new();

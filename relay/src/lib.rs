@@ -206,10 +206,7 @@ impl Relay {
             }
             _ => None,
         };
-        let (remote, origin) = match remote {
-            Some((frontend, origin)) => (Some(frontend), Some(origin)),
-            None => (None, None),
-        };
+        let (remote, origin) = remote.unzip();
         let node_config = NodeConfig {
             store_requests: remote.is_some(),
             origin,
@@ -249,16 +246,10 @@ impl Relay {
                     })?;
                     (actor::spawn(Node::new(node_config, store, has_parent), parts)?, plugins)
                 }
-                StoreKind::Memory => {
-                    let plugins = plugin::start_all(&config.plugins, &cache, &host, |_| {
-                        Ok(Box::new(MemoryState::new()) as Box<dyn StateStore>)
-                    })?;
-                    let store = MemoryStore::new(config.capacity_bytes);
-                    (actor::spawn(Node::new(node_config, store, has_parent), parts)?, plugins)
-                }
-                // The node's own store is left with nothing to hold: a front-end has no parent,
-                // so no outbox, and its chunks are in Redis. Plugins keep their state in memory.
-                StoreKind::Redis { .. } => {
+                // A front-end's (Redis) own store is left with nothing to hold: it has no
+                // parent, so no outbox, and its chunks are in Redis. Plugins keep their state in
+                // memory.
+                StoreKind::Memory | StoreKind::Redis { .. } => {
                     let plugins = plugin::start_all(&config.plugins, &cache, &host, |_| {
                         Ok(Box::new(MemoryState::new()) as Box<dyn StateStore>)
                     })?;

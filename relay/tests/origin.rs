@@ -26,19 +26,18 @@ fn frontend_config(dir: &std::path::Path, cluster: &RedisCluster) -> RelayConfig
     }
 }
 
-/// Every chunk record on the cluster's primaries (keys `{c:xyz}:` + 16 name bytes).
-fn records_in(cluster: &RedisCluster) -> usize {
-    let mut count = 0;
-    for node in cluster.primaries().unwrap() {
-        let mut con = cluster.connection(node).unwrap();
-        let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut con).unwrap();
-        count += keys.iter().filter(|k| k.len() == 8 + 16).count();
-    }
-    count
-}
-
 async fn frontend(dir: &std::path::Path, cluster: &RedisCluster) -> RelayHandle {
     spawn(frontend_config(dir, cluster)).await
+}
+
+/// A 3-primary cluster with two front-ends over it, in the first two of `dirs` data
+/// directories (the others are for the test's further relays).
+async fn two_frontends(dirs: usize) -> (RedisCluster, Vec<tempfile::TempDir>, RelayHandle, RelayHandle) {
+    let cluster = RedisCluster::start(3, 0).unwrap();
+    let dirs: Vec<_> = (0..dirs).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = frontend(dirs[0].path(), &cluster).await;
+    let b = frontend(dirs[1].path(), &cluster).await;
+    (cluster, dirs, a, b)
 }
 
 /// One front-end is a whole origin: publishes are stored in the cluster once (a duplicate is
@@ -69,7 +68,7 @@ async fn a_frontend_keeps_its_chunks_in_the_cluster() {
     publisher.publish_acked(original.clone()).await;
     let seq = publisher.publish(Chunk::new(original.name(), original.expiry(), b"forged".to_vec()).unwrap()).await;
     assert_eq!(publisher.expect_error().await, (ErrorCode::Conflict, Some(seq)));
-    assert_eq!(records_in(&cluster), 300 + spread.len(), "every chunk stored once");
+    assert_eq!(cluster.record_count().unwrap(), 300 + spread.len(), "every chunk stored once");
 
     // Replays: whole (in pages of the credit), most recent, cached only, across buckets.
     let mut reader = Client::connect(&origin).await;
@@ -99,7 +98,7 @@ async fn a_frontend_keeps_its_chunks_in_the_cluster() {
     assert_eq!(names(&replay), (0..300).chain([1000]).map(|i| TEAM | i).collect::<Vec<_>>());
     below.publish_acked(chunk(TEAM | 2000, "from below")).await;
     assert_eq!(names(&reader.delivered_until(1, TEAM | 2000).await), vec![TEAM | 2000]);
-    eventually("the cloud relay's publish is in the cluster", || records_in(&cluster) == 302 + spread.len()).await;
+    eventually("the cloud relay's publish is in the cluster", || cluster.record_count().unwrap() == 302 + spread.len()).await;
 
     // A second front-end over the same cluster serves what the first stored.
     let second = frontend(dirs[2].path(), &cluster).await;
@@ -156,10 +155,7 @@ async fn exactly_once(client: &mut Client, want: &std::collections::BTreeSet<u12
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_frontends_are_one_origin() {
     init_tracing();
-    let cluster = RedisCluster::start(3, 0).unwrap();
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = frontend(dirs[0].path(), &cluster).await;
-    let b = frontend(dirs[1].path(), &cluster).await;
+    let (cluster, dirs, a, b) = two_frontends(4).await;
     let cloud_a = spawn(child_config(dirs[2].path(), &a)).await;
     let cloud_b = spawn(child_config(dirs[3].path(), &b)).await;
     let team = filter(TEAM_FILTER);
@@ -211,7 +207,7 @@ async fn two_frontends_are_one_origin() {
     for (who, client, _) in &mut subscribers {
         exactly_once(client, &[TEAM | 0x5000].into(), who).await;
     }
-    assert_eq!(records_in(&cluster), want.len() + 1, "every chunk stored once in the cluster");
+    assert_eq!(cluster.record_count().unwrap(), want.len() + 1, "every chunk stored once in the cluster");
     let mut reader = Client::connect(&b).await;
     let kept = reader.subscribe(2, Filter::exact(first.name()), ReplayMode::CachedOnly).await;
     assert_eq!(kept, vec![first]);
@@ -230,10 +226,7 @@ async fn two_frontends_are_one_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_fail_over_between_frontends_and_lose_nothing_acknowledged() {
     init_tracing();
-    let cluster = RedisCluster::start(3, 0).unwrap();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = frontend(dirs[0].path(), &cluster).await;
-    let b = frontend(dirs[1].path(), &cluster).await;
+    let (cluster, dirs, a, b) = two_frontends(3).await;
     // Each front-end has its own self-signed certificate here: the child trusts both.
     let both = dirs[2].path().join("origin-ca.pem");
     std::fs::write(&both, format!("{}{}", a.cert_pem(), b.cert_pem())).unwrap();
@@ -265,13 +258,13 @@ async fn children_fail_over_between_frontends_and_lose_nothing_acknowledged() {
     exactly_once(&mut at_b, &after, "front-end b, after").await;
     let all: std::collections::BTreeSet<u128> = before.union(&after).copied().collect();
     exactly_once(&mut at_cloud, &all, "the cloud relay's subscriber").await;
-    eventually("everything acknowledged is in the cluster", || records_in(&cluster) == 40).await;
+    eventually("everything acknowledged is in the cluster", || cluster.record_count().unwrap() == 40).await;
     // The cloud relay resubscribed at b, whose replay brought nothing new: a last chunk is the
     // next delivery.
     publisher.publish_acked(chunk(TEAM | 99, "last")).await;
     exactly_once(&mut at_cloud, &[TEAM | 99].into(), "the cloud relay's subscriber, last").await;
     eventually("the cloud relay's outbox drains", || cloud.metrics().store.outbox == 0).await;
-    assert_eq!(records_in(&cluster), 41);
+    assert_eq!(cluster.record_count().unwrap(), 41);
     cloud.shutdown().await;
     b.shutdown().await;
 }
@@ -281,10 +274,7 @@ async fn children_fail_over_between_frontends_and_lose_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frontends_share_the_origin_identity_and_cycles_are_refused() {
     init_tracing();
-    let cluster = RedisCluster::start(3, 0).unwrap();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = frontend(dirs[0].path(), &cluster).await;
-    let b = frontend(dirs[1].path(), &cluster).await;
+    let (cluster, dirs, a, b) = two_frontends(3).await;
     let key = b"{canopy}:origin";
     let origin: String = redis::cmd("GET").arg(&key[..]).query(&mut primary(&cluster, key)).unwrap();
     assert_eq!(origin.len(), 32, "one origin id, created by the first front-end");
@@ -420,10 +410,7 @@ async fn stress_two_frontends_against_the_real_cluster() {
     eprintln!("stress seed {seed} (the run is not replayable: Redis and the network are real)");
     let rounds: usize = std::env::var("CANOPY_STRESS_PUBLISHES").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
     let mut rng = SmallRng::seed_from_u64(seed);
-    let cluster = RedisCluster::start(3, 0).unwrap();
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = frontend(dirs[0].path(), &cluster).await;
-    let b = frontend(dirs[1].path(), &cluster).await;
+    let (cluster, dirs, a, b) = two_frontends(4).await;
     let cloud_a = spawn(child_config(dirs[2].path(), &a)).await;
     let cloud_b = spawn(child_config(dirs[3].path(), &b)).await;
     let relays = [&a, &b, &cloud_a, &cloud_b];
@@ -561,7 +548,7 @@ async fn stress_two_frontends_against_the_real_cluster() {
             assert_eq!(*v, stored, "{name:#x}: the cluster lost the value a front-end acknowledged");
         }
     }
-    assert_eq!(records_in(&cluster), stored.len());
+    assert_eq!(cluster.record_count().unwrap(), stored.len());
 
     // Each subscription: no name twice; the ones that replay the cache or were open throughout
     // get every acknowledged chunk under their filter.
@@ -606,10 +593,7 @@ async fn stress_two_frontends_against_the_real_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_only_at_one_frontend_hears_the_other_right_after_replay_done() {
     init_tracing();
-    let cluster = RedisCluster::start(3, 0).unwrap();
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = frontend(dirs[0].path(), &cluster).await;
-    let b = frontend(dirs[1].path(), &cluster).await;
+    let (_cluster, _dirs, a, b) = two_frontends(2).await;
     let mut publisher = Client::connect(&b).await;
     let mut flood = Client::connect(&a).await;
     for round in 0..20u128 {

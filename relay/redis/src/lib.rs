@@ -294,7 +294,6 @@ impl Lua {
 struct Scripts {
     insert: Lua,
     scan: Lua,
-    scan_rev: Lua,
     sweep: Lua,
 }
 
@@ -393,7 +392,6 @@ impl RedisStore {
             scripts: Arc::new(Scripts {
                 insert: Lua::new(scripts::INSERT),
                 scan: Lua::new(scripts::SCAN),
-                scan_rev: Lua::new(scripts::SCAN_REV),
                 sweep: Lua::new(scripts::SWEEP),
             }),
         })
@@ -459,29 +457,29 @@ impl RedisStore {
     /// that bucket over this handle. After a lost connection the client subscribes again by
     /// itself; the feed says so first ([`LiveEvent::Disconnected`]).
     pub async fn subscribe_buckets(&self, buckets: &[u32]) -> Result<(), RedisStoreError> {
-        let subscribes: Vec<_> = buckets
-            .iter()
-            .map(|&bucket| {
-                let mut conn = self.conn.clone();
-                let channel = self.layout.channel(bucket);
-                async move { conn.ssubscribe(channel).await.map_err(redis_err("subscribe to a bucket")) }
-            })
-            .collect();
-        stream::iter(subscribes).buffer_unordered(MAX_IN_FLIGHT).try_collect::<Vec<()>>().await?;
-        Ok(())
+        self.channels(buckets, true).await
     }
 
     /// Ends the live feed's subscriptions to `buckets` (`SUNSUBSCRIBE`).
     pub async fn unsubscribe_buckets(&self, buckets: &[u32]) -> Result<(), RedisStoreError> {
-        let unsubscribes: Vec<_> = buckets
+        self.channels(buckets, false).await
+    }
+
+    /// `SSUBSCRIBE`s (`subscribe`) or `SUNSUBSCRIBE`s the channels of `buckets`, all at once.
+    async fn channels(&self, buckets: &[u32], subscribe: bool) -> Result<(), RedisStoreError> {
+        let op = if subscribe { "subscribe to a bucket" } else { "unsubscribe from a bucket" };
+        let commands: Vec<_> = buckets
             .iter()
             .map(|&bucket| {
                 let mut conn = self.conn.clone();
                 let channel = self.layout.channel(bucket);
-                async move { conn.sunsubscribe(channel).await.map_err(redis_err("unsubscribe from a bucket")) }
+                async move {
+                    let result = if subscribe { conn.ssubscribe(channel).await } else { conn.sunsubscribe(channel).await };
+                    result.map_err(redis_err(op))
+                }
             })
             .collect();
-        stream::iter(unsubscribes).buffer_unordered(MAX_IN_FLIGHT).try_collect::<Vec<()>>().await?;
+        stream::iter(commands).buffer_unordered(MAX_IN_FLIGHT).try_collect::<Vec<()>>().await?;
         Ok(())
     }
 
@@ -746,7 +744,7 @@ impl RedisStore {
                 let lo = if bucket_first > start_name { Bound::Included(bucket_first) } else { start };
                 let hi = bucket_last.min(last);
                 async move {
-                    let page = self.scan_page(bucket, lo, hi, need, now_ms).await?;
+                    let page = self.scan_page(bucket, lo, hi, false, need, now_ms).await?;
                     Ok::<_, RedisStoreError>((bucket, hi, page))
                 }
             });
@@ -760,7 +758,7 @@ impl RedisStore {
                     }
                     let Some(resume) = more else { break };
                     let need = (limit - out.len()).min(SCAN_PAGE);
-                    (chunks, more) = self.scan_page(bucket, Bound::Excluded(resume), hi, need, now_ms).await?;
+                    (chunks, more) = self.scan_page(bucket, Bound::Excluded(resume), hi, false, need, now_ms).await?;
                 }
             }
             if end == last_bucket {
@@ -785,7 +783,7 @@ impl RedisStore {
             let (lo, mut hi) = (bucket_first.max(first), Bound::Included(bucket_last.min(last)));
             loop {
                 let need = (n - out.len()).min(SCAN_PAGE);
-                let (chunks, more) = self.scan_page_rev(bucket, lo, hi, need, now_ms).await?;
+                let (chunks, more) = self.scan_page(bucket, hi, lo, true, need, now_ms).await?;
                 out.extend(chunks);
                 if out.len() >= n {
                     out.truncate(n);
@@ -800,53 +798,37 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Reads up to `count` names of `bucket` from `hi` down to `lo` with their records, in
-    /// descending name order; the page's last (lowest) name when it was full.
-    async fn scan_page_rev(
-        &self,
-        bucket: u32,
-        lo: Name,
-        hi: Start,
-        count: usize,
-        now_ms: u64,
-    ) -> Result<Page, RedisStoreError> {
-        const OP: &str = "scan_last";
-        let names_key = self.layout.names_key(bucket);
-        let prefix = self.layout.record_prefix(bucket);
-        let max: Vec<u8> = match hi {
-            Bound::Included(n) => [&b"["[..], &n.to_bytes()].concat(),
-            Bound::Excluded(n) => [&b"("[..], &n.to_bytes()].concat(),
-            Bound::Unbounded => b"+".to_vec(),
-        };
-        let min = [&b"["[..], &lo.to_bytes()].concat();
-        let count_arg = count.to_string();
-        let reply = self
-            .eval(OP, &self.scripts.scan_rev, &[names_key.as_bytes()], &[&max, &min, count_arg.as_bytes(), &prefix])
-            .await?;
-        self.decode_page(OP, &names_key, reply, count, now_ms)
-    }
-
-    /// Reads up to `count` names of `bucket` from `lo` to `hi` with their records.
+    /// Reads up to `count` names of `bucket` with their records, from `from` on to `to`
+    /// (inclusive): upwards, or downwards when `down`. Returns the page's chunks in the order
+    /// read, and its last name when it was full (more may follow).
     async fn scan_page(
         &self,
         bucket: u32,
-        lo: Start,
-        hi: Name,
+        from: Start,
+        to: Name,
+        down: bool,
         count: usize,
         now_ms: u64,
     ) -> Result<Page, RedisStoreError> {
         const OP: &str = "scan";
         let names_key = self.layout.names_key(bucket);
         let prefix = self.layout.record_prefix(bucket);
-        let min: Vec<u8> = match lo {
+        let start: Vec<u8> = match from {
             Bound::Included(n) => [&b"["[..], &n.to_bytes()].concat(),
             Bound::Excluded(n) => [&b"("[..], &n.to_bytes()].concat(),
+            Bound::Unbounded if down => b"+".to_vec(),
             Bound::Unbounded => b"-".to_vec(),
         };
-        let max = [&b"["[..], &hi.to_bytes()].concat();
+        let end = [&b"["[..], &to.to_bytes()].concat();
         let count_arg = count.to_string();
+        let direction: &[u8] = if down { b"1" } else { b"0" };
         let reply = self
-            .eval(OP, &self.scripts.scan, &[names_key.as_bytes()], &[&min, &max, count_arg.as_bytes(), &prefix])
+            .eval(
+                OP,
+                &self.scripts.scan,
+                &[names_key.as_bytes()],
+                &[&start, &end, count_arg.as_bytes(), &prefix, direction],
+            )
             .await?;
         self.decode_page(OP, &names_key, reply, count, now_ms)
     }

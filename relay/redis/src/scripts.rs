@@ -39,25 +39,19 @@ return 0
 
 /// One page of a bucket's names in a lexicographic range, each followed by its record.
 ///
-/// `KEYS[1]` names set; `ARGV[1]` and `ARGV[2]` the `BYLEX` bounds (`[`/`(` + 16 bytes),
-/// `ARGV[3]` page size, `ARGV[4]` the bucket's record prefix.
+/// `KEYS[1]` names set; `ARGV[1]` and `ARGV[2]` the `BYLEX` bounds where the page starts and
+/// where it may end (`[`/`(` + 16 bytes), `ARGV[3]` page size, `ARGV[4]` the bucket's record
+/// prefix, `ARGV[5]` `"1"` to read downwards (`REV`: `ARGV[1]` is then the upper bound).
 ///
-/// Returns `[name, record-or-nil, name, record-or-nil, …]`, in name order. A missing record is
-/// one Redis has already expired (its index entries wait for `sweep_expired`).
+/// Returns `[name, record-or-nil, name, record-or-nil, …]`, in the order read. A missing record
+/// is one Redis has already expired (its index entries wait for `sweep_expired`).
 pub(crate) const SCAN: &str = r#"
-local names = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'BYLEX', 'LIMIT', 0, tonumber(ARGV[3]))
-local out = {}
-for i, name in ipairs(names) do
-  out[2 * i - 1] = name
-  out[2 * i] = redis.call('GET', ARGV[4] .. name)
+local names
+if ARGV[5] == '1' then
+  names = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'BYLEX', 'REV', 'LIMIT', 0, tonumber(ARGV[3]))
+else
+  names = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'BYLEX', 'LIMIT', 0, tonumber(ARGV[3]))
 end
-return out
-"#;
-
-/// [`SCAN`] walking down: `ARGV[1]` and `ARGV[2]` the upper and lower `BYLEX` bounds; returns
-/// the pairs in descending name order.
-pub(crate) const SCAN_REV: &str = r#"
-local names = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'BYLEX', 'REV', 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for i, name in ipairs(names) do
   out[2 * i - 1] = name

@@ -394,6 +394,20 @@ impl RedisCluster {
         Ok(if line.flags.iter().any(|f| f == "master") { Role::Primary } else { Role::Replica })
     }
 
+    /// How many chunk records the primaries hold (keys of a tag, `:` and 16 name bytes, with
+    /// the default 12-bit buckets), read with `KEYS *`: for tests that check each chunk is
+    /// stored once.
+    pub fn record_count(&self) -> Result<usize, HarnessError> {
+        let mut count = 0;
+        for node in self.primaries()? {
+            let mut con = self.connection(node)?;
+            let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut con).map_err(|e| HarnessError(format!("KEYS on node {node}: {e}")))?;
+            // `{c:xyz}:` is 8 bytes with 12-bit buckets; the index keys are `{c:xyz}:n`, `:x`.
+            count += keys.iter().filter(|k| k.len() == 8 + 16).count();
+        }
+        Ok(count)
+    }
+
     /// The indices of the nodes the cluster sees as primaries owning slots.
     pub fn primaries(&self) -> Result<Vec<usize>, HarnessError> {
         let port = self.any_running()?;
