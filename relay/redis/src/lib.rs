@@ -178,14 +178,15 @@ pub enum RedisStoreError {
     /// The configuration cannot work.
     #[error("invalid Redis store configuration: {0}")]
     Config(String),
-    /// Redis or the connection to it failed (after the client's retries).
-    #[error("redis {op}: {source}")]
+    /// Redis or the connection to it failed (after the client's retries). The message
+    /// carries Redis's own, so it is not also the error's `source` (a chain would say it
+    /// twice).
+    #[error("redis {op}: {error}")]
     Redis {
         /// What the store was doing.
         op: &'static str,
         /// What went wrong.
-        #[source]
-        source: RedisError,
+        error: RedisError,
     },
     /// A record or index entry read from Redis is malformed.
     #[error("corrupt record {key}: {reason}")]
@@ -232,7 +233,7 @@ impl From<RedisStoreError> for StoreError {
 }
 
 fn redis_err(op: &'static str) -> impl FnOnce(RedisError) -> RedisStoreError {
-    move |source| RedisStoreError::Redis { op, source }
+    move |error| RedisStoreError::Redis { op, error }
 }
 
 fn unexpected(op: &'static str, reply: &Value) -> RedisStoreError {
