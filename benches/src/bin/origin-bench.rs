@@ -249,19 +249,21 @@ async fn run_system(cli: &Cli, system: System, round: usize, cluster: &RedisClus
     let period = Duration::from_secs_f64(1.0 / cli.rate.max(1) as f64);
     let mut ticker = tokio::time::interval(period);
     let mut in_flight = FuturesUnordered::new();
-    for i in 0..cli.paced {
-        ticker.tick().await;
-        let chunk = Chunk::new(name(round, (cli.chunks + i) as u64), expiry, data.clone())?;
-        let at = Instant::now();
-        sent.insert(chunk.name(), at);
-        let writer = writer.clone();
-        in_flight.push(async move { writer.publish(chunk).await.map(|()| at.elapsed()) });
-        while let Some(Some(result)) = futures_util::FutureExt::now_or_never(in_flight.next()) {
-            acks.push(result?.as_secs_f64() * 1e6);
+    let mut i = 0;
+    // The acks are awaited beside the ticker, not polled at its ticks, so an ack's time is
+    // when it arrived rather than the next tick (which would round every ack up to a period).
+    while i < cli.paced || !in_flight.is_empty() {
+        tokio::select! {
+            _ = ticker.tick(), if i < cli.paced => {
+                let chunk = Chunk::new(name(round, (cli.chunks + i) as u64), expiry, data.clone())?;
+                let at = Instant::now();
+                sent.insert(chunk.name(), at);
+                let writer = writer.clone();
+                in_flight.push(async move { writer.publish(chunk).await.map(|()| at.elapsed()) });
+                i += 1;
+            }
+            Some(result) = in_flight.next(), if !in_flight.is_empty() => acks.push(result?.as_secs_f64() * 1e6),
         }
-    }
-    while let Some(result) = in_flight.next().await {
-        acks.push(result?.as_secs_f64() * 1e6);
     }
     watch.await??;
     let arrivals = std::mem::take(&mut *arrivals.lock().expect("lock"));
