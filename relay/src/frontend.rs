@@ -22,13 +22,13 @@
 //! `SlowConsumer`, from which subscribers recover through the cache ([`Node::live_gap`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use canopy::node::{Node, StoreOp, StoreReply, StoreRequest, StoreTicket};
 use canopy::{Filter, Store, StoreError};
-use canopy_redis::{LiveEvent, LiveFeed, RedisStore};
+use canopy_redis::{ClusterView, LiveEvent, LiveFeed, RedisStore};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -42,6 +42,10 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 /// bucket; the records themselves expire in Redis on time, and reads skip expired chunks, so
 /// this only bounds how long dead index entries linger.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// How often a front-end asks the cluster for its view (`INFO` on every primary, for the
+/// `canopy_cluster_*` metrics): at most this often, on the actor's eviction tick.
+const CLUSTER_VIEW_EVERY: Duration = Duration::from_secs(1);
 
 /// Live messages handled at most per turn of the actor, besides the ones that woke it.
 const FEED_PER_TURN: usize = 4096;
@@ -90,6 +94,12 @@ pub struct FrontendMetrics {
     pub feed_gaps: u64,
     /// Live messages that did not decode (skipped).
     pub malformed: u64,
+    /// The cluster's totals as its primaries last reported them (`None` until the first
+    /// answer): the same for every front-end of the cluster, up to
+    /// [`CLUSTER_VIEW_EVERY`] of staleness.
+    pub cluster: Option<ClusterView>,
+    /// Times asking the cluster for its view failed (the last view is kept).
+    pub cluster_view_failures: u64,
 }
 
 /// The state of an origin front-end's shared store, driven by the node actor.
@@ -116,7 +126,19 @@ pub(crate) struct Frontend {
     sweeping: Arc<AtomicBool>,
     /// When the last sweep began.
     swept: Option<Instant>,
+    /// The cluster's view, refreshed by a task every [`CLUSTER_VIEW_EVERY`].
+    view: Arc<ViewState>,
+    /// When the last refresh of the view began.
+    viewed: Option<Instant>,
     metrics: FrontendMetrics,
+}
+
+/// The cluster's view and its refreshes, shared with the task that asks the cluster.
+#[derive(Default)]
+struct ViewState {
+    last: Mutex<Option<ClusterView>>,
+    failures: AtomicU64,
+    asking: AtomicBool,
 }
 
 impl Frontend {
@@ -138,12 +160,19 @@ impl Frontend {
             interest: Vec::new(),
             sweeping: Arc::new(AtomicBool::new(false)),
             swept: None,
+            view: Arc::default(),
+            viewed: None,
             metrics: FrontendMetrics::default(),
         }
     }
 
     pub(crate) fn metrics(&self) -> FrontendMetrics {
-        FrontendMetrics { buckets_subscribed: self.subscribed.len() as u64, ..self.metrics }
+        FrontendMetrics {
+            buckets_subscribed: self.subscribed.len() as u64,
+            cluster: *self.view.last.lock().expect("cluster view lock"),
+            cluster_view_failures: self.view.failures.load(Ordering::Relaxed),
+            ..self.metrics
+        }
     }
 
     /// Waits for the next thing the front-end must handle.
@@ -273,9 +302,24 @@ impl Frontend {
         tokio::spawn(run(self.store.clone(), batch, self.done_tx.clone()));
     }
 
-    /// On the actor's eviction tick: sweeps the cluster's expired index entries (Redis drops
-    /// the records itself), one sweep at a time, every [`SWEEP_EVERY`].
+    /// On the actor's eviction tick: asks the cluster for its view (at most every
+    /// [`CLUSTER_VIEW_EVERY`], one request at a time) and sweeps its expired index entries
+    /// (Redis drops the records itself), one sweep at a time, every [`SWEEP_EVERY`].
     pub(crate) fn tick(&mut self) {
+        if self.viewed.is_none_or(|at| at.elapsed() >= CLUSTER_VIEW_EVERY) && !self.view.asking.swap(true, Ordering::AcqRel) {
+            self.viewed = Some(Instant::now());
+            let (store, view) = (self.store.clone(), self.view.clone());
+            tokio::spawn(async move {
+                match store.cluster_view().await {
+                    Ok(fresh) => *view.last.lock().expect("cluster view lock") = Some(fresh),
+                    Err(err) => {
+                        view.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%err, "asking the Redis Cluster for its view failed");
+                    }
+                }
+                view.asking.store(false, Ordering::Release);
+            });
+        }
         if self.swept.is_some_and(|at| at.elapsed() < SWEEP_EVERY) || self.sweeping.swap(true, Ordering::AcqRel) {
             return;
         }

@@ -82,6 +82,18 @@ pub fn render(m: &RelayMetrics, plugins: &[(String, PluginStats)]) -> String {
         metric("canopy_frontend_feed_gaps_total", "counter", "Gaps in the shared store's live feed (lost connections, failed subscriptions, lost fences).", &[("", f.feed_gaps)]);
         metric("canopy_frontend_feed_malformed_total", "counter", "Live feed messages that did not decode (skipped).", &[("", f.malformed)]);
         metric("canopy_frontend_buckets_subscribed", "gauge", "Buckets of the shared store this front-end's live feed is subscribed to.", &[("", f.buckets_subscribed)]);
+        metric("canopy_frontend_cluster_view_failures_total", "counter", "Times asking the Redis Cluster for its view (INFO on every primary) failed.", &[("", f.cluster_view_failures)]);
+        // The cluster's view: the same on every front-end of one cluster (sum or max it, do not
+        // add the front-ends up).
+        if let Some(c) = &f.cluster {
+            metric("canopy_cluster_state_ok", "gauge", "1 when the Redis Cluster reports cluster_state:ok (every slot served).", &[("", u64::from(c.state_ok))]);
+            metric("canopy_cluster_primaries", "gauge", "Redis primaries owning slots that answered.", &[("", c.primaries)]);
+            metric("canopy_cluster_replicas", "gauge", "Replicas connected to those primaries.", &[("", c.replicas)]);
+            metric("canopy_cluster_chunks", "gauge", "Chunks stored in the cluster (records with an expiry, over all primaries).", &[("", c.chunks)]);
+            metric("canopy_cluster_max_primary_chunks", "gauge", "Chunks on the fullest primary (against chunks / primaries: how evenly the buckets in use spread).", &[("", c.max_primary_chunks)]);
+            metric("canopy_cluster_keys", "gauge", "Keys in the cluster: chunk records, two index sets per bucket in use, the origin id.", &[("", c.keys)]);
+            metric("canopy_cluster_used_memory_bytes", "gauge", "Memory the primaries use (used_memory), in bytes.", &[("", c.used_memory_bytes)]);
+        }
     }
     let per_plugin = |f: fn(&PluginStats) -> u64| -> Vec<(String, u64)> {
         plugins.iter().map(|(name, s)| (format!("{{plugin=\"{}\"}}", name.escape_default()), f(s))).collect()

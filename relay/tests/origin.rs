@@ -214,6 +214,18 @@ async fn two_frontends_are_one_origin() {
     let (ma, mb) = (a.metrics(), b.metrics());
     assert!(mb.node.shared_in > 0 && ma.node.shared_in > 0, "each front-end heard the other's chunks: {ma:?} {mb:?}");
     assert_eq!(ma.frontend.unwrap().feed_gaps + mb.frontend.unwrap().feed_gaps, 0);
+    // Each front-end's metrics carry the cluster's view, the same on both: every chunk once.
+    let stored = (want.len() + 1) as u64;
+    let view_of = |relay: &RelayHandle| relay.metrics().frontend.and_then(|f| f.cluster);
+    let settled = |relay: &RelayHandle| view_of(relay).is_some_and(|v| v.chunks == stored);
+    eventually("both front-ends report the cluster's chunks", || settled(&a) && settled(&b)).await;
+    let view = view_of(&a).unwrap();
+    assert!(view.state_ok && view.primaries == 3 && view.replicas == 0, "{view:?}");
+    // The origin id is a key too, and every bucket in use has its two index sets.
+    assert!(view.keys >= stored + 3 && view.max_primary_chunks <= stored, "{view:?}");
+    let text = canopy_relay::metrics::render(&a.metrics(), &[]);
+    assert!(text.contains(&format!("\ncanopy_cluster_chunks {stored}\n")), "{text}");
+    assert!(text.contains("\ncanopy_cluster_state_ok 1\n") && text.contains("\ncanopy_cluster_primaries 3\n"), "{text}");
 
     for relay in [cloud_a, cloud_b, a, b] {
         relay.shutdown().await;

@@ -106,7 +106,7 @@ use futures_util::future::try_join_all;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ErrorKind, ProtocolVersion, RedisError, ServerErrorKind, Value};
 
 mod layout;
@@ -230,6 +230,70 @@ impl From<RedisStoreError> for StoreError {
             other => StoreError::Backend(other.to_string()),
         }
     }
+}
+
+/// The cluster's totals as its primaries report them ([`RedisStore::cluster_view`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterView {
+    /// `CLUSTER INFO` says `cluster_state:ok` (every slot served).
+    pub state_ok: bool,
+    /// Primaries that answered (the primaries owning slots, as the client knows them).
+    pub primaries: u64,
+    /// Replicas connected to those primaries.
+    pub replicas: u64,
+    /// Chunk records: keys with an expiry, which every record has and no index has. (A
+    /// record whose expiry is past `i64::MAX` ms, stored without one, is not counted.)
+    pub chunks: u64,
+    /// The most chunk records on one primary: against `chunks / primaries`, how unevenly the
+    /// buckets in use spread.
+    pub max_primary_chunks: u64,
+    /// Every key: records, two index sets per bucket in use, the origin id.
+    pub keys: u64,
+    /// Memory the primaries use (`used_memory`), in bytes.
+    pub used_memory_bytes: u64,
+}
+
+/// The text of an `INFO`-like reply (a bulk string in RESP2, a verbatim string in RESP3).
+fn text_of(reply: &Value) -> Option<String> {
+    match reply {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+}
+
+/// What [`RedisStore::cluster_view`] reads from one primary's `INFO`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct InfoFields {
+    used_memory: u64,
+    connected_replicas: u64,
+    keyspace_keys: u64,
+    keyspace_expires: u64,
+}
+
+/// Parses the fields of an `INFO` reply it needs; absent or unparsable ones count as 0 (an
+/// empty database has no `db0` line at all).
+fn info_fields(text: &str) -> InfoFields {
+    let mut fields = InfoFields::default();
+    for line in text.lines() {
+        let Some((key, value)) = line.trim().split_once(':') else { continue };
+        match key {
+            "used_memory" => fields.used_memory = value.parse().unwrap_or(0),
+            "connected_slaves" => fields.connected_replicas = value.parse().unwrap_or(0),
+            _ if key.starts_with("db") && key[2..].bytes().all(|b| b.is_ascii_digit()) => {
+                for pair in value.split(',') {
+                    match pair.split_once('=') {
+                        Some(("keys", n)) => fields.keyspace_keys += n.parse().unwrap_or(0),
+                        Some(("expires", n)) => fields.keyspace_expires += n.parse().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    fields
 }
 
 fn redis_err(op: &'static str) -> impl FnOnce(RedisError) -> RedisStoreError {
@@ -498,6 +562,42 @@ impl RedisStore {
             .await
             .map_err(redis_err("fence"))?;
         Ok(())
+    }
+
+    /// The cluster as its primaries report it: `INFO memory keyspace replication` on every
+    /// primary (one request each, concurrently) and `CLUSTER INFO` on one node. For a front-end's
+    /// metrics; a primary that does not answer makes the whole call fail (and the caller keeps
+    /// its last view).
+    pub async fn cluster_view(&self) -> Result<ClusterView, RedisStoreError> {
+        const OP: &str = "cluster view";
+        let mut conn = self.conn.clone();
+        let mut info = redis::cmd("INFO");
+        info.arg("memory").arg("keyspace").arg("replication");
+        let replies = conn
+            .route_command(info, RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)))
+            .await
+            .map_err(redis_err(OP))?;
+        let Value::Map(replies) = replies else { return Err(unexpected(OP, &replies)) };
+        let mut view = ClusterView::default();
+        for (_, reply) in &replies {
+            let text = text_of(reply).ok_or_else(|| unexpected(OP, reply))?;
+            let fields = info_fields(&text);
+            let chunks = fields.keyspace_expires;
+            view.primaries += 1;
+            view.replicas += fields.connected_replicas;
+            view.keys += fields.keyspace_keys;
+            view.chunks += chunks;
+            view.max_primary_chunks = view.max_primary_chunks.max(chunks);
+            view.used_memory_bytes += fields.used_memory;
+        }
+        let state = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async::<Value>(&mut conn)
+            .await
+            .map_err(redis_err(OP))?;
+        let text = text_of(&state).ok_or_else(|| unexpected(OP, &state))?;
+        view.state_ok = text.lines().any(|line| line.trim() == "cluster_state:ok");
+        Ok(view)
     }
 
     /// The key of `name`'s record (for tools and tests that inspect the cluster directly).
@@ -1006,5 +1106,23 @@ impl LiveFeed {
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{InfoFields, info_fields};
+
+    #[test]
+    fn info_fields_reads_memory_replication_and_every_database() {
+        let text = "# Memory\r\nused_memory:1048576\r\nused_memory_human:1.00M\r\n\r\n# Replication\r\nrole:master\r\nconnected_slaves:1\r\nslave0:ip=127.0.0.1,port=7003,state=online,offset=42,lag=0\r\n\r\n# Keyspace\r\ndb0:keys=25,expires=20,avg_ttl=3599000\r\ndb1:keys=2,expires=1,avg_ttl=0\r\n";
+        assert_eq!(info_fields(text), InfoFields { used_memory: 1_048_576, connected_replicas: 1, keyspace_keys: 27, keyspace_expires: 21 });
+    }
+
+    #[test]
+    fn info_fields_counts_an_empty_or_garbled_reply_as_zero() {
+        assert_eq!(info_fields(""), InfoFields::default());
+        assert_eq!(info_fields("# Keyspace\r\n"), InfoFields::default());
+        assert_eq!(info_fields("used_memory:lots\ndbx:keys=3\ndb0:keys=,expires=-1\n:\n"), InfoFields::default());
     }
 }

@@ -96,6 +96,17 @@ async fn every_chunk_is_stored_once() {
         indexed += card;
     }
     assert_eq!(indexed, chunks.len());
+
+    // The cluster's view, as a front-end's metrics report it: every record once, spread over
+    // the three primaries, two index sets per bucket in use besides the records.
+    let view = store.cluster_view().await.unwrap();
+    let buckets = chunks.iter().map(|c| store.bucket_of(c.name())).collect::<HashSet<u32>>().len() as u64;
+    assert!(view.state_ok, "{view:?}");
+    assert_eq!((view.primaries, view.replicas), (3, 0), "{view:?}");
+    assert_eq!(view.chunks, chunks.len() as u64, "{view:?}");
+    assert_eq!(view.keys, chunks.len() as u64 + 2 * buckets, "{view:?}");
+    assert!(view.max_primary_chunks >= 100 && view.max_primary_chunks < 300, "{view:?}");
+    assert!(view.used_memory_bytes > 300 * 10, "{view:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,6 +326,8 @@ async fn acked_chunks_survive_a_failover() {
     let acked: Vec<Chunk> = (0..300).map(|i: u32| chunk(rng.random(), expiry, &i.to_be_bytes())).collect();
     let outcomes = store.insert_batch(&acked).await.unwrap();
     assert!(outcomes.iter().all(|o| *o == InsertOutcome::Inserted));
+    let view = store.cluster_view().await.unwrap();
+    assert_eq!((view.primaries, view.replicas, view.chunks), (3, 3, 300), "{view:?}");
 
     let slot_of = |c: &Chunk| store.bucket_slot(store.bucket_of(c.name()));
     let victim = cluster.primary_for_slot(slot_of(&acked[0])).unwrap();
