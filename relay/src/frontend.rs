@@ -22,14 +22,15 @@
 //! `SlowConsumer`, from which subscribers recover through the cache ([`Node::live_gap`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::future::Future;
 use std::time::Duration;
 
 use canopy::node::{Node, StoreOp, StoreReply, StoreRequest, StoreTicket};
 use canopy::{Filter, Store, StoreError};
-use canopy_redis::{ClusterView, LiveEvent, LiveFeed, RedisStore};
+use canopy_redis::{ClusterView, LiveEvent, LiveFeed, RedisStore, RedisStoreError};
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::actor::now_ms;
@@ -95,8 +96,8 @@ pub struct FrontendMetrics {
     /// Live messages that did not decode (skipped).
     pub malformed: u64,
     /// The cluster's totals as its primaries last reported them (`None` until the first
-    /// answer): the same for every front-end of the cluster, up to
-    /// [`CLUSTER_VIEW_EVERY`] of staleness.
+    /// answer): the same for every front-end of the cluster, taken every
+    /// [`CLUSTER_VIEW_EVERY`] and read on the next eviction tick.
     pub cluster: Option<ClusterView>,
     /// Times asking the cluster for its view failed (the last view is kept).
     pub cluster_view_failures: u64,
@@ -123,22 +124,45 @@ pub(crate) struct Frontend {
     changed: HashSet<u32>,
     requests: Vec<StoreRequest>,
     interest: Vec<(Filter, bool)>,
-    sweeping: Arc<AtomicBool>,
-    /// When the last sweep began.
-    swept: Option<Instant>,
-    /// The cluster's view, refreshed by a task every [`CLUSTER_VIEW_EVERY`].
-    view: Arc<ViewState>,
-    /// When the last refresh of the view began.
-    viewed: Option<Instant>,
+    /// Sweeps of the expired index entries, every [`SWEEP_EVERY`].
+    sweep: Periodic<()>,
+    /// Asking the cluster for its view, every [`CLUSTER_VIEW_EVERY`].
+    view: Periodic<Result<ClusterView, RedisStoreError>>,
     metrics: FrontendMetrics,
 }
 
-/// The cluster's view and its refreshes, shared with the task that asks the cluster.
-#[derive(Default)]
-struct ViewState {
-    last: Mutex<Option<ClusterView>>,
-    failures: AtomicU64,
-    asking: AtomicBool,
+/// A background job the front-end runs now and then on the cluster (the sweep, the cluster's
+/// view): one run at a time, started at most every `every`.
+struct Periodic<T> {
+    every: Duration,
+    /// When the last run began.
+    started: Option<Instant>,
+    task: Option<JoinHandle<T>>,
+}
+
+impl<T: Send + 'static> Periodic<T> {
+    fn new(every: Duration) -> Self {
+        Periodic { every, started: None, task: None }
+    }
+
+    /// What the last run returned, once it has ended (given once; `None` for a run that
+    /// panicked).
+    fn finished(&mut self) -> Option<T> {
+        if !self.task.as_ref()?.is_finished() {
+            return None;
+        }
+        self.task.take()?.now_or_never()?.ok()
+    }
+
+    /// Starts `job` unless a run is still going or the last one began less than `every` ago.
+    fn start_if_due<F: Future<Output = T> + Send + 'static>(&mut self, job: impl FnOnce() -> F) {
+        let running = self.task.as_ref().is_some_and(|task| !task.is_finished());
+        if running || self.started.is_some_and(|at| at.elapsed() < self.every) {
+            return;
+        }
+        self.started = Some(Instant::now());
+        self.task = Some(tokio::spawn(job()));
+    }
 }
 
 impl Frontend {
@@ -158,21 +182,14 @@ impl Frontend {
             changed: HashSet::new(),
             requests: Vec::new(),
             interest: Vec::new(),
-            sweeping: Arc::new(AtomicBool::new(false)),
-            swept: None,
-            view: Arc::default(),
-            viewed: None,
+            sweep: Periodic::new(SWEEP_EVERY),
+            view: Periodic::new(CLUSTER_VIEW_EVERY),
             metrics: FrontendMetrics::default(),
         }
     }
 
     pub(crate) fn metrics(&self) -> FrontendMetrics {
-        FrontendMetrics {
-            buckets_subscribed: self.subscribed.len() as u64,
-            cluster: *self.view.last.lock().expect("cluster view lock"),
-            cluster_view_failures: self.view.failures.load(Ordering::Relaxed),
-            ..self.metrics
-        }
+        FrontendMetrics { buckets_subscribed: self.subscribed.len() as u64, ..self.metrics }
     }
 
     /// Waits for the next thing the front-end must handle.
@@ -302,34 +319,26 @@ impl Frontend {
         tokio::spawn(run(self.store.clone(), batch, self.done_tx.clone()));
     }
 
-    /// On the actor's eviction tick: asks the cluster for its view (at most every
-    /// [`CLUSTER_VIEW_EVERY`], one request at a time) and sweeps its expired index entries
-    /// (Redis drops the records itself), one sweep at a time, every [`SWEEP_EVERY`].
+    /// On the actor's eviction tick: takes the cluster's view the last request brought and
+    /// asks again (at most every [`CLUSTER_VIEW_EVERY`]), and sweeps the cluster's expired
+    /// index entries (Redis drops the records itself) every [`SWEEP_EVERY`]; one of each at a
+    /// time.
     pub(crate) fn tick(&mut self) {
-        if self.viewed.is_none_or(|at| at.elapsed() >= CLUSTER_VIEW_EVERY) && !self.view.asking.swap(true, Ordering::AcqRel) {
-            self.viewed = Some(Instant::now());
-            let (store, view) = (self.store.clone(), self.view.clone());
-            tokio::spawn(async move {
-                match store.cluster_view().await {
-                    Ok(fresh) => *view.last.lock().expect("cluster view lock") = Some(fresh),
-                    Err(err) => {
-                        view.failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%err, "asking the Redis Cluster for its view failed");
-                    }
-                }
-                view.asking.store(false, Ordering::Release);
-            });
+        match self.view.finished() {
+            Some(Ok(view)) => self.metrics.cluster = Some(view),
+            Some(Err(err)) => {
+                self.metrics.cluster_view_failures += 1;
+                tracing::debug!(%err, "asking the Redis Cluster for its view failed");
+            }
+            None => {}
         }
-        if self.swept.is_some_and(|at| at.elapsed() < SWEEP_EVERY) || self.sweeping.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.swept = Some(Instant::now());
-        let (store, sweeping) = (self.store.clone(), self.sweeping.clone());
-        tokio::spawn(async move {
+        let store = self.store.clone();
+        self.view.start_if_due(|| async move { store.cluster_view().await });
+        let store = self.store.clone();
+        self.sweep.start_if_due(|| async move {
             if let Err(err) = store.sweep_expired(now_ms()).await {
                 tracing::warn!(%err, "sweeping expired chunks from the Redis store failed");
             }
-            sweeping.store(false, Ordering::Release);
         });
     }
 }
