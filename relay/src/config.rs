@@ -173,6 +173,12 @@ pub struct RelayConfig {
     /// created with mode 0600 (the owner only may connect), replaces a stale socket file left
     /// by a relay that is gone, and is removed at shutdown. Default none.
     pub unix_listen: Option<PathBuf>,
+    /// A TCP address to accept links on as well, over TLS 1.3 with the same certificate as
+    /// QUIC (ALPN `canopy/2`): the same frames and framing as the QUIC control stream, for
+    /// networks that block UDP and for clients that want TCP's cheaper per-message path
+    /// (SDK address `tcp://HOST:PORT`). Port 0 picks a free port (the binary prints
+    /// `listening on tcp://ADDR`). Default none.
+    pub tcp_listen: Option<SocketAddr>,
     /// Directory for the store, the TLS certificate and key, and the relay id. Default:
     /// `$XDG_DATA_HOME/canopy-relay`, or `./canopy-data` when `XDG_DATA_HOME` is unset.
     pub data: PathBuf,
@@ -273,6 +279,7 @@ impl Default for RelayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             quic_listen: true,
             unix_listen: None,
+            tcp_listen: None,
             data: default_data_dir(),
             id: None,
             parent: None,
@@ -359,6 +366,11 @@ impl RelayConfig {
         if redis && self.parent.is_some() {
             bail!("an origin front-end (Redis store) has no parent: it is the root of the tree");
         }
+        if let Some(parent) = &self.parent
+            && parent.split(',').any(|p| p.trim().starts_with("tcp://"))
+        {
+            bail!("parent {parent:?}: a relay reaches its parent over QUIC; tcp:// addresses are for clients");
+        }
         if let Some(path) = &self.unix_listen
             && path.as_os_str().is_empty()
         {
@@ -367,8 +379,8 @@ impl RelayConfig {
         if self.advertise && !self.quic_listen {
             bail!("advertise needs the QUIC listener (quic_listen = true): mDNS announces its port");
         }
-        if !self.quic_listen && self.unix_listen.is_none() && self.plugins.is_empty() {
-            bail!("quic_listen = false needs unix_listen (or a plugin): the relay would serve nothing");
+        if !self.quic_listen && self.unix_listen.is_none() && self.tcp_listen.is_none() && self.plugins.is_empty() {
+            bail!("quic_listen = false needs unix_listen, tcp_listen or a plugin: the relay would serve nothing");
         }
         self.access_rules()?;
         let mut names = std::collections::HashSet::new();

@@ -36,6 +36,7 @@ mod link;
 pub mod metrics;
 mod plugin;
 mod socket;
+mod tcp;
 pub mod tls;
 #[cfg(unix)]
 mod unix;
@@ -137,8 +138,10 @@ pub struct RelayHandle {
     /// The Unix socket file, removed when dropped.
     #[cfg(unix)]
     unix_socket: Option<unix::SocketFile>,
-    /// Connections open on the Unix socket.
-    unix_links: Arc<AtomicUsize>,
+    /// Connections open on the Unix socket and the TCP listener.
+    stream_links: Arc<AtomicUsize>,
+    /// The TCP listener's address (`tcp_listen`).
+    tcp_addr: Option<SocketAddr>,
     /// The mDNS announcement (`advertise`), withdrawn first when stopping.
     advertisement: Option<advertise::Advertisement>,
 }
@@ -268,12 +271,19 @@ impl Relay {
             tasks.push(tokio::spawn(accept_loop(quic.clone(), shared.clone())));
             (endpoint, socket_released) = (Some(quic), Some(released));
         }
-        let unix_links = Arc::new(AtomicUsize::new(0));
+        let stream_links = Arc::new(AtomicUsize::new(0));
+        let mut tcp_addr = None;
+        if let Some(addr) = config.tcp_listen {
+            let listener = tcp::bind(addr).await?;
+            tcp_addr = Some(listener.local_addr()?);
+            let tls = Arc::new(tls::tls_server_config(&identity)?);
+            tasks.push(tokio::spawn(tcp::accept_loop(listener, tls, shared.clone(), stream_links.clone())));
+        }
         #[cfg(unix)]
         let unix_socket = match &config.unix_listen {
             Some(path) => {
                 let (listener, file) = unix::bind(path)?;
-                tasks.push(tokio::spawn(unix::accept_loop(listener, shared.clone(), unix_links.clone())));
+                tasks.push(tokio::spawn(unix::accept_loop(listener, shared.clone(), stream_links.clone())));
                 Some(file)
             }
             None => None,
@@ -319,7 +329,7 @@ impl Relay {
             }
             _ => None,
         };
-        tracing::info!(%id, listen = ?local_addr, unix = ?config.unix_listen, cert = %identity.cert_path.display(), fingerprint = %identity.fingerprint, "relay started");
+        tracing::info!(%id, listen = ?local_addr, tcp = ?tcp_addr, unix = ?config.unix_listen, cert = %identity.cert_path.display(), fingerprint = %identity.fingerprint, "relay started");
         Ok(RelayHandle {
             local_addr,
             cert_pem: identity.cert_pem,
@@ -336,7 +346,8 @@ impl Relay {
             plugins,
             #[cfg(unix)]
             unix_socket,
-            unix_links,
+            stream_links,
+            tcp_addr,
             advertisement,
         })
     }
@@ -385,6 +396,11 @@ impl RelayHandle {
     /// (`quic_listen = false`).
     pub fn quic_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// The address the TLS-over-TCP listener is bound to (`tcp_listen`), if any.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// The path of the Unix socket the relay accepts links on (`unix_listen`), if any.
@@ -486,7 +502,7 @@ impl RelayHandle {
             // Let writers send the last frames and close their links.
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 while self.endpoint.as_ref().is_some_and(|e| e.open_connections() > 0)
-                    || self.unix_links.load(Ordering::Relaxed) > 0
+                    || self.stream_links.load(Ordering::Relaxed) > 0
                 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }

@@ -41,6 +41,12 @@ struct Cli {
     #[serde(rename = "unix_listen", skip_serializing_if = "Option::is_none")]
     unix_listen: Option<PathBuf>,
 
+    /// Also accept links over TLS on TCP at ADDR (same certificate; clients connect to
+    /// tcp://HOST:PORT; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR")]
+    #[serde(rename = "tcp_listen", skip_serializing_if = "Option::is_none")]
+    tcp_listen: Option<SocketAddr>,
+
     /// Data directory: store, certificate, key and relay id
     /// [default: $XDG_DATA_HOME/canopy-relay or ./canopy-data].
     #[arg(long, value_name = "DIR")]
@@ -147,6 +153,7 @@ const ENV_KEYS: &[&str] = &[
     "listen",
     "quic_listen",
     "unix_listen",
+    "tcp_listen",
     "data",
     "id",
     "parent",
@@ -209,6 +216,9 @@ async fn run() -> anyhow::Result<()> {
     println!("certificate {} sha256 {}", relay.cert_path().display(), relay.fingerprint());
     if let Some(addr) = relay.quic_addr() {
         println!("listening on {addr}");
+    }
+    if let Some(addr) = relay.tcp_addr() {
+        println!("listening on tcp://{addr}");
     }
     if let Some(path) = relay.unix_path() {
         println!("unix socket {}", path.display());

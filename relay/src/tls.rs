@@ -1,4 +1,5 @@
-//! TLS for the relay: its self-signed identity and the QUIC server config.
+//! TLS for the relay: its self-signed identity, and the server configs of QUIC and of TLS
+//! over TCP.
 //!
 //! Only the `ring` crypto provider is used, and only TLS 1.3 (QUIC requires it). The client
 //! side — trusting a parent by CA or pinned fingerprint — is the SDK's
@@ -100,15 +101,22 @@ fn transport(max_udp_payload: u16) -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
-/// The QUIC server config for `identity`, offering ALPN `canopy/2`, probing paths up to
-/// `max_udp_payload` bytes.
-pub fn server_config(identity: &Identity, max_udp_payload: u16) -> anyhow::Result<quinn::ServerConfig> {
+/// The TLS 1.3 server config for `identity`, offering ALPN `canopy/2`: QUIC's, and the TCP
+/// listener's (`tcp_listen`) as it is.
+pub fn tls_server_config(identity: &Identity) -> anyhow::Result<rustls::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(identity.chain.clone(), identity.key_der.clone_key())
         .context("building the TLS server config")?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// The QUIC server config for `identity`, offering ALPN `canopy/2`, probing paths up to
+/// `max_udp_payload` bytes.
+pub fn server_config(identity: &Identity, max_udp_payload: u16) -> anyhow::Result<quinn::ServerConfig> {
+    let tls = tls_server_config(identity)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC server config")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(max_udp_payload));

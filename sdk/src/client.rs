@@ -66,6 +66,7 @@ pub use canopy::session::SubEvent;
 use canopy::session::{ClientSession, PublishFailure, SessionEvent};
 use canopy::wire::{self, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION, ReplayMode, Role};
 use canopy::{Chunk, Filter, MAX_CHUNK_DATA, Name};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -75,6 +76,20 @@ use crate::Trust;
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest pause between reconnect attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How a client reaches its relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// QUIC with TLS 1.3 over UDP, to the relay's `listen` address (the default).
+    #[default]
+    Quic,
+    /// TLS 1.3 over TCP, to the relay's `tcp_listen` address: the same protocol on one TCP
+    /// connection, for networks that block UDP, and cheaper per message where packet loss is
+    /// rare (one machine, a LAN): TCP carries many chunks per segment and TLS record, where
+    /// QUIC seals and acknowledges each ~1 KiB chunk as a packet of its own. Head-of-line
+    /// blocking is no worse than QUIC's, since a link is one QUIC stream as well.
+    Tcp,
+}
 
 /// Where and how to connect to a relay.
 ///
@@ -87,8 +102,11 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     /// The relay's address: `host:port` or an IP socket address (`127.0.0.1:4433`,
-    /// `[::1]:4433`). Names are resolved again on every reconnect.
+    /// `[::1]:4433`), without a scheme. Names are resolved again on every reconnect.
     pub addr: String,
+    /// QUIC (the default) or TLS over TCP; [`ConnectOptions::new`] takes it from the
+    /// address's scheme (`quic://`, `tcp://`).
+    pub transport: Transport,
     /// How to trust the relay's certificate.
     pub trust: Trust,
     /// The authentication token sent in `Hello`, if the relay requires one.
@@ -110,17 +128,27 @@ pub struct ConnectOptions {
 
 impl ConnectOptions {
     /// Options with the defaults: no token, server name `localhost`, 1024-event subscription
-    /// buffers, 10 s connect timeout.
+    /// buffers, 10 s connect timeout. The address may carry a scheme: `tcp://HOST:PORT` for
+    /// TLS over TCP ([`Transport::Tcp`]), `quic://HOST:PORT` or none for QUIC.
     ///
     /// ```
-    /// use canopy_sdk::{ConnectOptions, Trust};
+    /// use canopy_sdk::{ConnectOptions, Transport, Trust};
     /// let addr: std::net::SocketAddr = "127.0.0.1:4433".parse().unwrap();
     /// let opts = ConnectOptions::new(addr, Trust::CaPem(String::new()));
-    /// assert_eq!(opts.addr, "127.0.0.1:4433");
+    /// assert_eq!((opts.addr.as_str(), opts.transport), ("127.0.0.1:4433", Transport::Quic));
+    /// let opts = ConnectOptions::new("tcp://relay.example:4434", Trust::CaPem(String::new()));
+    /// assert_eq!((opts.addr.as_str(), opts.transport), ("relay.example:4434", Transport::Tcp));
     /// ```
     pub fn new(addr: impl ToString, trust: Trust) -> Self {
+        let addr = addr.to_string();
+        let (transport, addr) = match (addr.strip_prefix("tcp://"), addr.strip_prefix("quic://")) {
+            (Some(rest), _) => (Transport::Tcp, rest.to_owned()),
+            (_, Some(rest)) => (Transport::Quic, rest.to_owned()),
+            _ => (Transport::Quic, addr),
+        };
         ConnectOptions {
-            addr: addr.to_string(),
+            addr,
+            transport,
             trust,
             token: None,
             server_name: "localhost".into(),
@@ -718,17 +746,34 @@ pub fn open_endpoints() -> usize {
 #[derive(Clone)]
 struct Connector {
     opts: Arc<ConnectOptions>,
-    /// Shared with the runtime's other clients: closing this client closes its connection,
-    /// never the endpoint; the endpoint closes when its last client is dropped.
-    endpoint: Arc<quinn::Endpoint>,
-    config: quinn::ClientConfig,
+    dialer: Dialer,
+}
+
+/// How a [`Connector`] opens a connection.
+#[derive(Clone)]
+enum Dialer {
+    Quic {
+        /// Shared with the runtime's other clients: closing this client closes its
+        /// connection, never the endpoint; the endpoint closes when its last client is
+        /// dropped.
+        endpoint: Arc<quinn::Endpoint>,
+        config: quinn::ClientConfig,
+    },
+    Tcp(tokio_rustls::TlsConnector),
 }
 
 impl Connector {
     fn new(opts: ConnectOptions) -> Result<Self, ClientError> {
-        let config = crate::tls::quic_client_config_with_mtu(&opts.trust, opts.max_udp_payload)?;
-        let endpoint = shared_endpoint(opts.max_udp_payload)?;
-        Ok(Connector { opts: Arc::new(opts), endpoint, config })
+        let dialer = match opts.transport {
+            Transport::Quic => Dialer::Quic {
+                config: crate::tls::quic_client_config_with_mtu(&opts.trust, opts.max_udp_payload)?,
+                endpoint: shared_endpoint(opts.max_udp_payload)?,
+            },
+            Transport::Tcp => {
+                Dialer::Tcp(tokio_rustls::TlsConnector::from(Arc::new(crate::tls::client_config(&opts.trust)?)))
+            }
+        };
+        Ok(Connector { opts: Arc::new(opts), dialer })
     }
 
     async fn establish(&self) -> Result<Session, ClientError> {
@@ -745,19 +790,34 @@ impl Connector {
             .map_err(|e| addr_err(e.to_string()))?
             .next()
             .ok_or_else(|| addr_err("no addresses".into()))?;
-        // A dual-stack socket needs IPv4 peers in their IPv6-mapped form.
-        let addr = match (addr, self.endpoint.local_addr()) {
-            (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
-            _ => addr,
-        };
         let connect_err = |message: String| ClientError::Connect { addr: opts.addr.clone(), message };
-        let conn = self
-            .endpoint
-            .connect_with(self.config.clone(), addr, &opts.server_name)
-            .map_err(|e| connect_err(e.to_string()))?
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+        let (conn, mut send, mut recv) = match &self.dialer {
+            Dialer::Quic { endpoint, config } => {
+                // A dual-stack socket needs IPv4 peers in their IPv6-mapped form.
+                let addr = match (addr, endpoint.local_addr()) {
+                    (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => {
+                        SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                    }
+                    _ => addr,
+                };
+                let conn = endpoint
+                    .connect_with(config.clone(), addr, &opts.server_name)
+                    .map_err(|e| connect_err(e.to_string()))?
+                    .await
+                    .map_err(|e| connect_err(e.to_string()))?;
+                let (send, recv) = conn.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+                (Conn::Quic(conn), SendHalf::Quic(send), RecvHalf::Quic(recv))
+            }
+            Dialer::Tcp(tls) => {
+                let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| connect_err(e.to_string()))?;
+                crate::tls::tune_tcp(&stream).map_err(|e| connect_err(format!("setting socket options: {e}")))?;
+                let server_name = rustls::pki_types::ServerName::try_from(opts.server_name.clone())
+                    .map_err(|e| ClientError::Config(format!("server name {:?}: {e}", opts.server_name)))?;
+                let stream = tls.connect(server_name, stream).await.map_err(|e| connect_err(e.to_string()))?;
+                let (recv, send) = tokio::io::split(stream);
+                (Conn::Tcp(None), SendHalf::Tcp(send), RecvHalf::Tcp(recv))
+            }
+        };
         let hello = Frame::Hello {
             version: PROTOCOL_VERSION,
             role: Role::Client,
@@ -791,45 +851,130 @@ impl Connector {
                 Err(e) => return Err(connect_err(e.to_string())),
             }
         }
-        info!(relay = %opts.addr, "connected");
+        info!(relay = %opts.addr, transport = ?opts.transport, "connected");
 
-        let (writer, mut frames) = mpsc::unbounded_channel::<Vec<u8>>();
-        tokio::spawn(async move {
-            // What piled up while the last write was under way goes out as one write, so a
-            // burst of publishes fills whole QUIC packets instead of one packet per chunk.
-            let mut pending = Vec::new();
-            while frames.recv_many(&mut pending, WRITE_BATCH).await > 0 {
-                let result = if pending.len() == 1 {
-                    send.write_all(&pending[0]).await
-                } else {
-                    let mut joined = Vec::with_capacity(pending.iter().map(Vec::len).sum());
-                    for bytes in &pending {
-                        joined.extend_from_slice(bytes);
-                    }
-                    send.write_all(&joined).await
-                };
-                pending.clear();
-                if let Err(e) = result {
-                    debug!("control stream write failed: {e}");
-                    return;
-                }
-            }
-            let _ = send.finish();
-        });
+        let (writer, frames) = mpsc::unbounded_channel::<Vec<u8>>();
+        let task = tokio::spawn(send.run(frames));
+        let conn = match conn {
+            Conn::Tcp(_) => Conn::Tcp(Some(task.abort_handle())),
+            quic => quic,
+        };
         Ok(Session { link: Link { conn, writer }, recv, decoder })
+    }
+}
+
+/// A connection's send half: the control stream's (QUIC) or the TLS stream's (TCP).
+enum SendHalf {
+    Quic(quinn::SendStream),
+    Tcp(tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl SendHalf {
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            SendHalf::Quic(send) => send.write_all(bytes).await.map_err(std::io::Error::from),
+            SendHalf::Tcp(send) => send.write_all(bytes).await,
+        }
+    }
+
+    /// The writer task: sends what the driver queues until the queue closes, then ends the
+    /// stream.
+    async fn run(mut self, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+        // What piled up while the last write was under way goes out as one write, so a
+        // burst of publishes fills whole packets instead of one packet per chunk.
+        let mut pending = Vec::new();
+        while frames.recv_many(&mut pending, WRITE_BATCH).await > 0 {
+            let result = if pending.len() == 1 {
+                self.write_all(&pending[0]).await
+            } else {
+                let mut joined = Vec::with_capacity(pending.iter().map(Vec::len).sum());
+                for bytes in &pending {
+                    joined.extend_from_slice(bytes);
+                }
+                self.write_all(&joined).await
+            };
+            pending.clear();
+            if let Err(e) = result {
+                debug!("control stream write failed: {e}");
+                return;
+            }
+        }
+        match self {
+            SendHalf::Quic(mut send) => {
+                let _ = send.finish();
+            }
+            // TLS's close_notify, then the end of the stream.
+            SendHalf::Tcp(mut send) => {
+                let _ = send.shutdown().await;
+            }
+        }
+    }
+}
+
+/// A connection's receive half.
+enum RecvHalf {
+    Quic(quinn::RecvStream),
+    Tcp(tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl RecvHalf {
+    /// Reads some bytes; `None` at the end of the stream. Cancel-safe, as both reads are.
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        match self {
+            RecvHalf::Quic(recv) => recv.read(buf).await.map_err(std::io::Error::from),
+            RecvHalf::Tcp(recv) => match recv.read(buf).await? {
+                0 => Ok(None),
+                n => Ok(Some(n)),
+            },
+        }
+    }
+}
+
+/// What closes a connection.
+enum Conn {
+    Quic(quinn::Connection),
+    /// The writer task, stopped [`LINGER`] after the link is dropped if it is still writing (a
+    /// relay that stopped reading).
+    Tcp(Option<tokio::task::AbortHandle>),
+}
+
+/// How long a TCP link's writer may go on sending what was queued after the link is closed.
+const LINGER: Duration = Duration::from_secs(3);
+
+impl Conn {
+    /// Closes the connection now (QUIC). A TCP link closes when its [`Link`] is dropped, after
+    /// what was queued, with TLS's `close_notify`.
+    fn close(&self, code: u32, reason: &[u8]) {
+        if let Conn::Quic(conn) = self {
+            conn.close(code.into(), reason);
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Conn::Tcp(Some(task)) = self
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let task = task.clone();
+            runtime.spawn(async move {
+                tokio::time::sleep(LINGER).await;
+                task.abort();
+            });
+        }
     }
 }
 
 /// One live connection.
 struct Session {
     link: Link,
-    recv: quinn::RecvStream,
+    recv: RecvHalf,
     decoder: FrameDecoder,
 }
 
 /// The sending side of a live connection.
 struct Link {
-    conn: quinn::Connection,
+    conn: Conn,
     writer: mpsc::UnboundedSender<Vec<u8>>,
 }
 
@@ -1037,13 +1182,13 @@ impl Driver {
                 done = async { probe.0.as_mut().expect("guarded").await }, if probe.0.is_some() => {
                     probe.0 = None;
                     if let Ok(Ok((next, index))) = done {
-                        s.conn.close(0u32.into(), b"moving to a preferred relay");
+                        s.conn.close(0, b"moving to a preferred relay");
                         return SessionEnd::Preferred(next, index);
                     }
                 }
                 cmd = self.cmd_rx.recv() => match cmd {
                     None | Some(Command::Close) => {
-                        s.conn.close(0u32.into(), b"client closed");
+                        s.conn.close(0, b"client closed");
                         return SessionEnd::Closed;
                     }
                     Some(cmd) => {
@@ -1054,7 +1199,7 @@ impl Driver {
                             match self.cmd_rx.try_recv() {
                                 Ok(Command::Close) => {
                                     self.flush(&s);
-                                    s.conn.close(0u32.into(), b"client closed");
+                                    s.conn.close(0, b"client closed");
                                     return SessionEnd::Closed;
                                 }
                                 Ok(cmd) => self.command(cmd),
@@ -1080,7 +1225,7 @@ impl Driver {
                             Ok(None) => break,
                             Err(e) => {
                                 s.send(&Frame::Error { code: e.error_code(), about: None, message: e.to_string() });
-                                s.conn.close(1u32.into(), b"malformed frame");
+                                s.conn.close(1, b"malformed frame");
                                 return SessionEnd::Lost(format!("relay sent bytes that do not decode: {e}"));
                             }
                         }

@@ -389,7 +389,8 @@ pub async fn connect_first(candidates: &[Found], config: &TrustConfig, base: &Co
                 continue;
             }
         };
-        let opts = ConnectOptions { addr: found.addr.to_string(), trust, server_name, ..base.clone() };
+        // mDNS and DNS announce the QUIC port.
+        let opts = ConnectOptions { addr: found.addr.to_string(), transport: crate::Transport::Quic, trust, server_name, ..base.clone() };
         match Client::connect(opts).await {
             Ok(client) => {
                 if let (Some(fp), Some(file)) = (new, &config.known) {

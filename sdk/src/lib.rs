@@ -1,6 +1,7 @@
 //! # Canopy client SDK
 //!
-//! Connect to a Canopy relay over QUIC + TLS 1.3, publish immutable [`Chunk`]s and subscribe
+//! Connect to a Canopy relay over QUIC + TLS 1.3 (or TLS 1.3 over TCP, `tcp://HOST:PORT`, to a
+//! relay's `tcp_listen`), publish immutable [`Chunk`]s and subscribe
 //! to [`Filter`]s over their 128-bit [`Name`]s. The `canopy` command-line tool in this package
 //! is built on it.
 //!
@@ -90,11 +91,11 @@ pub mod tool;
 
 pub use client::{
     Client, ClientError, ConnectOptions, ConnectionEvent, MAX_BACKOFF, MIN_BACKOFF, PublishError, SubEvent,
-    Subscription, now_ms, open_endpoints, probe_fingerprint,
+    Subscription, Transport, now_ms, open_endpoints, probe_fingerprint,
 };
 pub use tls::{
     DEFAULT_MAX_UDP_PAYLOAD, Trust, UDP_SOCKET_BUFFER, bind_udp, endpoint_config, fingerprint, parse_fingerprint,
-    quic_client_config, quic_client_config_with_mtu, tune_mtu,
+    quic_client_config, quic_client_config_with_mtu, tune_mtu, tune_tcp,
 };
 
 pub use canopy::wire::{ErrorCode, ReplayMode};

@@ -1,4 +1,4 @@
-//! The SDK against real in-process relays over QUIC on 127.0.0.1.
+//! The SDK against real in-process relays over QUIC (and TLS over TCP) on 127.0.0.1.
 
 mod common;
 
@@ -231,5 +231,122 @@ async fn reconnects_are_reported_and_a_live_only_subscription_reports_the_gap() 
     }
     assert_eq!(c.name(), Name::new(2));
     assert_eq!(next_chunk(&mut cached).await.name(), Name::new(2));
+    second.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS over TCP (`tcp://`, the relay's `tcp_listen`)
+
+#[tokio::test]
+async fn tcp_and_quic_clients_share_one_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let relay = relay_with_tcp(dir.path(), any, any, StoreKind::Memory).await;
+    let tcp = within("connect over TCP", Client::connect(tcp_options(&relay))).await.expect("TCP client connects");
+    let quic = client(&relay).await;
+
+    // Cached chunks replay over TCP, in name order, then live ones from QUIC arrive.
+    for n in [3u128, 1, 2] {
+        within("ack", quic.publish(chunk(n, "quic"))).await.unwrap();
+    }
+    let mut over_tcp = tcp.subscribe(Filter::ALL, ReplayMode::CachedAndLive).await.unwrap();
+    for n in 1..=3u128 {
+        assert_eq!(next_chunk(&mut over_tcp).await.name(), Name::new(n));
+    }
+    assert_eq!(next(&mut over_tcp).await, SubEvent::ReplayDone);
+    let mut over_quic = quic.subscribe(Filter::ALL, ReplayMode::LiveOnly).await.unwrap();
+    assert_eq!(next(&mut over_quic).await, SubEvent::ReplayDone);
+    within("ack", quic.publish(chunk(4, "live from quic"))).await.unwrap();
+    let c = next_chunk(&mut over_tcp).await;
+    assert_eq!((c.name(), c.data().as_ref()), (Name::new(4), &b"live from quic"[..]));
+
+    // Publishes over TCP: acked, delivered to QUIC, typed errors, and the link stays up.
+    within("ack", tcp.publish(chunk(5, "from tcp"))).await.unwrap();
+    let c = next_chunk(&mut over_quic).await;
+    assert_eq!((c.name(), c.data().as_ref()), (Name::new(5), &b"from tcp"[..]));
+    assert!(matches!(within("answer", tcp.publish(chunk(5, "other"))).await, Err(PublishError::Conflict { .. })));
+    // A burst of concurrent 1 KB publishes: every chunk acked, and delivered exactly once.
+    let burst: Vec<_> = (100..400u128).map(|n| chunk(n, &"x".repeat(1000))).collect();
+    for r in futures_join(&tcp, burst).await {
+        r.unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 100..400u128 {
+        assert!(seen.insert(next_chunk(&mut over_quic).await.name()), "a chunk arrived twice");
+    }
+    assert_eq!(seen, (100..400u128).map(Name::new).collect());
+    tcp.close();
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn tcp_trust_is_checked_like_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let relay = relay_with_tcp(dir.path(), any, any, StoreKind::Memory).await;
+    let addr = format!("tcp://{}", relay.tcp_addr().unwrap());
+    let pinned = ConnectOptions::new(&addr, Trust::Fingerprint(relay.fingerprint().into()));
+    let client = within("connect", Client::connect(pinned)).await.expect("pinned fingerprint accepted over TCP");
+    within("ack", client.publish(chunk(1, "pinned"))).await.unwrap();
+    let wrong = ConnectOptions::new(&addr, Trust::Fingerprint(canopy_sdk::fingerprint(b"another certificate")));
+    match within("refusal", Client::connect(wrong)).await {
+        Err(ClientError::Connect { message, .. }) => assert!(message.contains("certificate") || message.contains("fingerprint"), "{message}"),
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+    // A relay without a TCP listener: refused at once, with the address in the error.
+    let quic_only = relay.local_addr();
+    let refused = ConnectOptions::new(format!("tcp://{quic_only}"), Trust::CaPem(relay.cert_pem().into()));
+    match within("refusal", Client::connect(refused)).await {
+        Err(e @ ClientError::Connect { .. }) => assert!(e.to_string().contains(&quic_only.to_string()), "{e}"),
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tcp_subscription_resumes_after_relay_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let first = relay_with_tcp(dir.path(), any, any, StoreKind::Fjall).await;
+    let (quic_addr, tcp_addr) = (first.local_addr(), first.tcp_addr().unwrap());
+    let subscriber = within("connect", Client::connect(tcp_options(&first))).await.unwrap();
+    let mut events = subscriber.connection_events();
+    let mut sub = subscriber.subscribe(Filter::ALL, ReplayMode::CachedAndLive).await.unwrap();
+    assert_eq!(next(&mut sub).await, SubEvent::ReplayDone);
+    within("ack", subscriber.publish(chunk(1, "before"))).await.unwrap();
+    first.shutdown().await;
+    match within("the loss", events.recv()).await.unwrap() {
+        ConnectionEvent::Disconnected { .. } => {}
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+
+    // Same ports, same data: the TCP client reconnects by itself and resubscribes.
+    let second = within("the ports to be free again", async {
+        loop {
+            let config = canopy_relay::RelayConfig {
+                listen: quic_addr,
+                tcp_listen: Some(tcp_addr),
+                data: dir.path().to_path_buf(),
+                store: StoreKind::Fjall,
+                ..canopy_relay::RelayConfig::default()
+            };
+            match canopy_relay::Relay::spawn(config).await {
+                Ok(relay) => return relay,
+                Err(e) if format!("{e:#}").contains("binding") => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                Err(e) => panic!("relay restart: {e:#}"),
+            }
+        }
+    })
+    .await;
+    let publisher = client(&second).await;
+    within("ack", publisher.publish(chunk(2, "after"))).await.unwrap();
+    assert_eq!(within("connected", events.recv()).await.unwrap(), ConnectionEvent::Connected);
+    // Its own chunk 1 was never delivered to it (no echo), so the resubscription replays it,
+    // then 2, whether 2 came before the reconnect (replayed) or after (live).
+    let c = next_chunk(&mut sub).await;
+    assert_eq!((c.name(), c.data().as_ref()), (Name::new(1), &b"before"[..]));
+    let c = next_chunk(&mut sub).await;
+    assert_eq!((c.name(), c.data().as_ref()), (Name::new(2), &b"after"[..]));
+    within("ack", subscriber.publish(chunk(3, "from the resumed client"))).await.unwrap();
     second.shutdown().await;
 }

@@ -43,6 +43,9 @@
 //!   per-connection pending limit in 1 KiB messages: none of the systems pushes back from
 //!   subscribers to the publisher, and with 1024 a subscriber that falls 1024 chunks behind a
 //!   full-speed publisher is ended as a slow consumer.
+//! - `canopy-tcp`: `canopy-memory` with the relay's `--tcp-listen` and the clients on
+//!   `tcp://` (TLS 1.3 over TCP, the transport NATS and MQTT use here), everything else the
+//!   same.
 //! - `nats`: nats-server core publish, fire and forget (the client's buffer is the only
 //!   back-pressure), one `flush` (PING/PONG) at the end.
 //! - `nats-flush`: the same with a `flush` after every `--window` publishes: the publisher
@@ -123,6 +126,7 @@ const JETSTREAM_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
     CanopyMemory,
+    CanopyTcp,
     CanopyFjall,
     CanopyFjallInterval,
     Nats,
@@ -132,8 +136,9 @@ enum System {
 }
 
 impl System {
-    const ALL: [System; 7] = [
+    const ALL: [System; 8] = [
         System::CanopyMemory,
+        System::CanopyTcp,
         System::CanopyFjall,
         System::CanopyFjallInterval,
         System::Nats,
@@ -145,6 +150,7 @@ impl System {
     fn label(self) -> &'static str {
         match self {
             System::CanopyMemory => "canopy-memory",
+            System::CanopyTcp => "canopy-tcp",
             System::CanopyFjall => "canopy-fjall",
             System::CanopyFjallInterval => "canopy-fjall-interval",
             System::Nats => "nats",
@@ -158,6 +164,7 @@ impl System {
     fn semantics(self, sync_interval_ms: u64) -> String {
         match self {
             System::CanopyMemory => "relay Ack: stored in memory and routed".into(),
+            System::CanopyTcp => "as canopy-memory, clients over TLS on TCP (tcp_listen)".into(),
             System::CanopyFjall => "relay Ack after the fsync of the chunk's batch (fsync per batch)".into(),
             System::CanopyFjallInterval => {
                 format!("relay Ack once written; fsync every {sync_interval_ms} ms (--sync-interval-ms)")
@@ -170,7 +177,7 @@ impl System {
     }
 
     fn is_canopy(self) -> bool {
-        matches!(self, System::CanopyMemory | System::CanopyFjall | System::CanopyFjallInterval)
+        matches!(self, System::CanopyMemory | System::CanopyTcp | System::CanopyFjall | System::CanopyFjallInterval)
     }
 
     fn is_nats(self) -> bool {
@@ -235,7 +242,7 @@ struct Args {
 const USAGE: &str = "\
 pubsub-bench [--smoke] [--messages N] [--warmup N] [--window N]
              [--cases 1x1,1x10,10x10,1x100 (PUBSxSUBS)] [--fanout 1,10 (= --cases 1x1,1x10)]
-             [--systems canopy-memory,canopy-fjall,canopy-fjall-interval,nats,nats-flush,jetstream,mosquitto]
+             [--systems canopy-memory,canopy-tcp,canopy-fjall,canopy-fjall-interval,nats,nats-flush,jetstream,mosquitto]
              [--relay PATH-TO-canopy-relay] [--relay-max-queue FRAMES] [--sync-interval-ms MS]
              [--publish-timeout SECS] [--paced-rate PER-SEC (0: skip)] [--paced-messages N] [--rounds N]
              [--mtu N (run in a fresh network namespace, lo at MTU N; needs root)]";
@@ -266,7 +273,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.messages = 200;
                 args.warmup = 50;
                 args.cases = vec![Case { pubs: 1, subs: 1 }, Case { pubs: 10, subs: 10 }];
-                args.systems = vec![System::CanopyMemory, System::CanopyFjall, System::CanopyFjallInterval];
+                args.systems = vec![System::CanopyMemory, System::CanopyTcp, System::CanopyFjall, System::CanopyFjallInterval];
                 args.publish_timeout = Duration::from_secs(30);
                 args.paced_rate = 1_000;
                 args.paced_messages = 100;
@@ -525,12 +532,15 @@ fn start_relay(relay: &Path, store: &str, extra: &[String], max_queue: usize, di
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // With --tcp-listen the relay prints its QUIC address, then `tcp://ADDR`: the
+            // clients use the last one printed.
             if let Some(addr) = line.strip_prefix("listening on ") {
                 let _ = tx.send(addr.trim().to_string());
             }
         }
     });
-    let addr = match rx.recv_timeout(SETUP_TIMEOUT) {
+    let tcp = extra.iter().any(|a| a == "--tcp-listen");
+    let mut addr = match rx.recv_timeout(SETUP_TIMEOUT) {
         Ok(addr) => addr,
         Err(_) => bail!(
             server
@@ -538,6 +548,9 @@ fn start_relay(relay: &Path, store: &str, extra: &[String], max_queue: usize, di
                 .unwrap_or_else(|| "canopy-relay printed no `listening on` line".into())
         ),
     };
+    if tcp {
+        addr = rx.recv_timeout(SETUP_TIMEOUT).context("canopy-relay printed no `listening on tcp://` line")?;
+    }
     let ca_path = data.join("cert.pem");
     let ca_pem = std::fs::read_to_string(&ca_path).context("relay cert.pem")?;
     Ok(Started { server, addr, ca_pem })
@@ -610,6 +623,10 @@ fn start_system(system: System, args: &Args, relay: Option<&Path>, dir: &Path) -
     let q = args.relay_max_queue;
     match system {
         System::CanopyMemory => start_relay(relay()?, "memory", &[], q, dir),
+        System::CanopyTcp => {
+            let extra = ["--tcp-listen".to_string(), "127.0.0.1:0".to_string()];
+            start_relay(relay()?, "memory", &extra, q, dir)
+        }
         System::CanopyFjall => start_relay(relay()?, "fjall", &[], q, dir),
         System::CanopyFjallInterval => {
             let extra = ["--sync-interval-ms".to_string(), args.sync_interval_ms.to_string()];
@@ -782,7 +799,7 @@ enum Sub {
 
 async fn subscriber(system: System, s: &Started, index: usize) -> anyhow::Result<Sub> {
     match system {
-        System::CanopyMemory | System::CanopyFjall | System::CanopyFjallInterval => {
+        System::CanopyMemory | System::CanopyTcp | System::CanopyFjall | System::CanopyFjallInterval => {
             let client = canopy_client(s).await?;
             let filter = Filter::new(Name::new(NAME_BASE), 8)?;
             let mut sub = client.subscribe(filter, ReplayMode::LiveOnly).await?;
@@ -927,7 +944,7 @@ enum Publisher {
 impl Publisher {
     async fn connect(system: System, s: &Started, window: usize, index: usize) -> anyhow::Result<Publisher> {
         Ok(match system {
-            System::CanopyMemory | System::CanopyFjall | System::CanopyFjallInterval => {
+            System::CanopyMemory | System::CanopyTcp | System::CanopyFjall | System::CanopyFjallInterval => {
                 Publisher::Canopy(canopy_client(s).await?)
             }
             System::Nats => Publisher::Nats { client: nats_client(s).await?, flush_every: None },
@@ -1338,8 +1355,10 @@ fn error_summary(errors: &[String]) -> String {
 }
 
 /// The comparisons of the ratio table: Canopy system, peer, what the pair means.
-const PAIRS: [(System, System, &str); 5] = [
+const PAIRS: [(System, System, &str); 7] = [
     (System::CanopyMemory, System::Nats, "core NATS, fire and forget"),
+    (System::CanopyTcp, System::Nats, "core NATS; Canopy's clients over TLS/TCP too"),
+    (System::CanopyTcp, System::NatsFlush, "core NATS, flush per window; both over TLS/TCP"),
     (System::CanopyMemory, System::NatsFlush, "core NATS, flush per window"),
     (System::CanopyMemory, System::Mosquitto, "MQTT QoS 1 publish"),
     (System::CanopyFjallInterval, System::JetStream, "like for like: ack on write, fsync later"),

@@ -32,6 +32,20 @@ pub async fn relay_at(data: &Path, listen: SocketAddr, store: StoreKind) -> Rela
     Relay::spawn(config).await.expect("relay starts")
 }
 
+/// A relay that also accepts TLS over TCP, both listeners on free ports (or `tcp` for the TCP
+/// one), memory store unless `store` says otherwise.
+pub async fn relay_with_tcp(data: &Path, listen: SocketAddr, tcp: SocketAddr, store: StoreKind) -> RelayHandle {
+    logs();
+    let config = RelayConfig { listen, tcp_listen: Some(tcp), data: data.to_path_buf(), store, ..RelayConfig::default() };
+    Relay::spawn(config).await.expect("relay starts")
+}
+
+/// Options for the relay's TLS-over-TCP listener (`tcp://`), trusting its certificate.
+pub fn tcp_options(relay: &RelayHandle) -> ConnectOptions {
+    let addr = relay.tcp_addr().expect("the relay has a TCP listener");
+    ConnectOptions::new(format!("tcp://{addr}"), Trust::CaPem(relay.cert_pem().to_string()))
+}
+
 /// Like [`relay_at`], but retries while the port is still held: a relay that just shut down
 /// releases its UDP socket when quinn's endpoint driver next runs, which may be just after
 /// `shutdown()` returns.
