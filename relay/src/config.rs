@@ -330,6 +330,11 @@ impl RelayConfig {
 
     /// Checks settings that serde cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(parent) = &self.parent
+            && parent.split(',').any(|p| p.trim().starts_with("tcp://"))
+        {
+            bail!("parent {parent:?}: a relay reaches its parent over QUIC; tcp:// addresses are for clients");
+        }
         if self.max_queue == 0 {
             bail!("max_queue must be at least 1");
         }
@@ -365,11 +370,6 @@ impl RelayConfig {
         }
         if redis && self.parent.is_some() {
             bail!("an origin front-end (Redis store) has no parent: it is the root of the tree");
-        }
-        if let Some(parent) = &self.parent
-            && parent.split(',').any(|p| p.trim().starts_with("tcp://"))
-        {
-            bail!("parent {parent:?}: a relay reaches its parent over QUIC; tcp:// addresses are for clients");
         }
         if let Some(path) = &self.unix_listen
             && path.as_os_str().is_empty()

@@ -294,4 +294,21 @@ mod tests {
         let cli = Cli::parse_from(["canopy-relay", "--advertise", "--no-quic", "--unix-listen", "/tmp/n.sock"]);
         assert!(load_config(&cli).unwrap().validate().unwrap_err().to_string().contains("advertise needs the QUIC listener"));
     }
+
+    #[test]
+    fn tcp_listen_comes_from_flag_file_or_env_and_parents_stay_on_quic() {
+        let cli = Cli::parse_from(["canopy-relay", "--no-quic", "--tcp-listen", "127.0.0.1:0"]);
+        let config = load_config(&cli).unwrap();
+        assert_eq!(config.tcp_listen, Some("127.0.0.1:0".parse().unwrap()));
+        // A TCP listener alone is something to serve.
+        config.validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, "tcp_listen = \"0.0.0.0:4434\"\nparent = \"tcp://origin:4434\"\n").unwrap();
+        let config = load_config(&Cli::parse_from(["canopy-relay", "--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(config.tcp_listen, Some("0.0.0.0:4434".parse().unwrap()));
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("reaches its parent over QUIC"), "{err}");
+        assert!(Cli::try_parse_from(["canopy-relay", "--tcp-listen", "not-an-address"]).is_err());
+    }
 }

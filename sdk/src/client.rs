@@ -784,13 +784,18 @@ impl Connector {
 
     async fn establish_inner(&self) -> Result<Session, ClientError> {
         let opts = &self.opts;
-        let addr_err = |message: String| ClientError::Resolve { addr: opts.addr.clone(), message };
+        // Errors name the relay as it was given, scheme included.
+        let shown = match opts.transport {
+            Transport::Quic => opts.addr.clone(),
+            Transport::Tcp => format!("tcp://{}", opts.addr),
+        };
+        let addr_err = |message: String| ClientError::Resolve { addr: shown.clone(), message };
         let addr = tokio::net::lookup_host(opts.addr.as_str())
             .await
             .map_err(|e| addr_err(e.to_string()))?
             .next()
             .ok_or_else(|| addr_err("no addresses".into()))?;
-        let connect_err = |message: String| ClientError::Connect { addr: opts.addr.clone(), message };
+        let connect_err = |message: String| ClientError::Connect { addr: shown.clone(), message };
         let (conn, mut send, mut recv) = match &self.dialer {
             Dialer::Quic { endpoint, config } => {
                 // A dual-stack socket needs IPv4 peers in their IPv6-mapped form.

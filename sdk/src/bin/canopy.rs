@@ -143,9 +143,9 @@ enum PluginCommand {
 
 #[derive(Args)]
 struct RelayArgs {
-    /// The relay: `host:port`; `dns:DOMAIN` to find the domain's relays by DNS (its cloud
-    /// relays, then its origin; the first trusted and reachable one is used); or `mdns:` to
-    /// find relays on the local network by mDNS (`mdns:RELAY_ID` for one relay; the first
+    /// The relay: `host:port` (QUIC) or `tcp://host:port` (TLS over TCP, to the relay's
+    /// `--tcp-listen`); `dns:DOMAIN` to find the domain's relays by DNS (its cloud relays,
+    /// then its origin; the first trusted and reachable one is used); or `mdns:` to find relays on the local network by mDNS (`mdns:RELAY_ID` for one relay; the first
     /// trusted and reachable one is used).
     #[arg(long, env = "CANOPY_RELAY")]
     relay: String,
