@@ -66,7 +66,7 @@ pub use canopy::session::SubEvent;
 use canopy::session::{ClientSession, PublishFailure, SessionEvent};
 use canopy::wire::{self, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION, ReplayMode, Role};
 use canopy::{Chunk, Filter, MAX_CHUNK_DATA, Name};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -819,8 +819,9 @@ impl Connector {
                 let server_name = rustls::pki_types::ServerName::try_from(opts.server_name.clone())
                     .map_err(|e| ClientError::Config(format!("server name {:?}: {e}", opts.server_name)))?;
                 let stream = tls.connect(server_name, stream).await.map_err(|e| connect_err(e.to_string()))?;
-                let (recv, send) = tokio::io::split(stream);
-                (Conn::Tcp(None), SendHalf::Tcp(send), RecvHalf::Tcp(recv))
+                let out = Arc::new(Mutex::new(Vec::new()));
+                let io = TcpIo { stream: Some(stream), out: out.clone(), sending: Vec::new(), sent: 0 };
+                (Conn::Tcp, SendHalf::Tcp(out), RecvHalf::Tcp(io))
             }
         };
         let hello = Frame::Hello {
@@ -858,76 +859,148 @@ impl Connector {
         }
         info!(relay = %opts.addr, transport = ?opts.transport, "connected");
 
-        let (writer, frames) = mpsc::unbounded_channel::<Vec<u8>>();
-        let task = tokio::spawn(send.run(frames));
-        let conn = match conn {
-            Conn::Tcp(_) => Conn::Tcp(Some(task.abort_handle())),
-            quic => quic,
+        let writer = match send {
+            SendHalf::Quic(send) => {
+                let (writer, frames) = mpsc::unbounded_channel::<Vec<u8>>();
+                tokio::spawn(write_quic(send, frames));
+                Writer::Task(writer)
+            }
+            SendHalf::Tcp(out) => Writer::Buffer(out),
         };
         Ok(Session { link: Link { conn, writer }, recv, decoder })
     }
 }
 
-/// A connection's send half: the control stream's (QUIC) or the TLS stream's (TCP).
+/// A connection's send half: the control stream (QUIC), or the buffer the driver's reads
+/// write out from (TCP, [`TcpIo`]).
 enum SendHalf {
     Quic(quinn::SendStream),
-    Tcp(tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+    Tcp(Arc<Mutex<Vec<u8>>>),
 }
 
 impl SendHalf {
+    /// Sends `bytes` (QUIC), or queues them for the next read (TCP).
     async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         match self {
             SendHalf::Quic(send) => send.write_all(bytes).await.map_err(std::io::Error::from),
-            SendHalf::Tcp(send) => send.write_all(bytes).await,
+            SendHalf::Tcp(out) => {
+                out.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(bytes);
+                Ok(())
+            }
         }
     }
+}
 
-    /// The writer task: sends what the driver queues until the queue closes, then ends the
-    /// stream.
-    async fn run(mut self, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
-        // What piled up while the last write was under way goes out as one write, so a
-        // burst of publishes fills whole packets instead of one packet per chunk.
-        let mut pending = Vec::new();
-        while frames.recv_many(&mut pending, WRITE_BATCH).await > 0 {
-            let result = if pending.len() == 1 {
-                self.write_all(&pending[0]).await
-            } else {
-                let mut joined = Vec::with_capacity(pending.iter().map(Vec::len).sum());
-                for bytes in &pending {
-                    joined.extend_from_slice(bytes);
+/// The QUIC writer task: sends what the driver queues until the queue closes, then finishes
+/// the stream.
+async fn write_quic(mut send: quinn::SendStream, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+    // What piled up while the last write was under way goes out as one write, so a burst of
+    // publishes fills whole packets instead of one packet per chunk.
+    let mut pending = Vec::new();
+    while frames.recv_many(&mut pending, WRITE_BATCH).await > 0 {
+        let result = if pending.len() == 1 {
+            send.write_all(&pending[0]).await
+        } else {
+            let mut joined = Vec::with_capacity(pending.iter().map(Vec::len).sum());
+            for bytes in &pending {
+                joined.extend_from_slice(bytes);
+            }
+            send.write_all(&joined).await
+        };
+        pending.clear();
+        if let Err(e) = result {
+            debug!("control stream write failed: {e}");
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// A TCP link's TLS stream, read and written by the driver task itself: each read first
+/// writes out what the driver queued since (as far as the socket takes it), so a publish
+/// reaches the socket without waking another task. (QUIC has a writer task: quinn's stream
+/// writes wake its connection task anyway.)
+struct TcpIo {
+    /// `None` once handed to the closing task.
+    stream: Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    /// What the driver queued ([`Writer::Buffer`]).
+    out: Arc<Mutex<Vec<u8>>>,
+    /// Taken from `out`, being written; `sent` bytes of it are.
+    sending: Vec<u8>,
+    sent: usize,
+}
+
+impl TcpIo {
+    /// Writes what is queued as far as the socket takes it, then reads. Ready with the bytes
+    /// read (0 at the end of the stream) or the first error of either.
+    fn poll_io(&mut self, cx: &mut std::task::Context<'_>, buf: &mut [u8]) -> std::task::Poll<std::io::Result<usize>> {
+        use std::pin::Pin;
+        use std::task::Poll;
+        let stream = self.stream.as_mut().expect("open while the session runs");
+        let mut wrote = false;
+        loop {
+            if self.sent == self.sending.len() {
+                self.sending.clear();
+                self.sent = 0;
+                std::mem::swap(&mut self.sending, &mut *self.out.lock().unwrap_or_else(PoisonError::into_inner));
+                if self.sending.is_empty() {
+                    break;
                 }
-                self.write_all(&joined).await
-            };
-            pending.clear();
-            if let Err(e) = result {
-                debug!("control stream write failed: {e}");
-                return;
+            }
+            match Pin::new(&mut *stream).poll_write(cx, &self.sending[self.sent..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.sent += n;
+                    wrote = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
             }
         }
-        match self {
-            SendHalf::Quic(mut send) => {
-                let _ = send.finish();
-            }
-            // TLS's close_notify, then the end of the stream.
-            SendHalf::Tcp(mut send) => {
-                let _ = send.shutdown().await;
-            }
+        // TLS records the stream holds go to the socket now.
+        if wrote && let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
+            return Poll::Ready(Err(e));
         }
+        let mut read = tokio::io::ReadBuf::new(buf);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(read.filled().len())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for TcpIo {
+    /// Sends what is still queued, then TLS's `close_notify` and the end of the stream, in a
+    /// task of its own and for [`LINGER`] at most (a relay that stopped reading).
+    fn drop(&mut self) {
+        let Some(mut stream) = self.stream.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let mut rest = self.sending.split_off(self.sent);
+        rest.append(&mut self.out.lock().unwrap_or_else(PoisonError::into_inner));
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(LINGER, async {
+                stream.write_all(&rest).await?;
+                stream.shutdown().await
+            })
+            .await;
+        });
     }
 }
 
 /// A connection's receive half.
 enum RecvHalf {
     Quic(quinn::RecvStream),
-    Tcp(tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+    Tcp(TcpIo),
 }
 
 impl RecvHalf {
-    /// Reads some bytes; `None` at the end of the stream. Cancel-safe, as both reads are.
+    /// Reads some bytes; `None` at the end of the stream. Cancel-safe, as both reads are (a
+    /// TCP read writes queued bytes first; what it wrote stays written).
     async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
         match self {
             RecvHalf::Quic(recv) => recv.read(buf).await.map_err(std::io::Error::from),
-            RecvHalf::Tcp(recv) => match recv.read(buf).await? {
+            RecvHalf::Tcp(io) => match std::future::poll_fn(|cx| io.poll_io(cx, buf)).await? {
                 0 => Ok(None),
                 n => Ok(Some(n)),
             },
@@ -938,16 +1011,15 @@ impl RecvHalf {
 /// What closes a connection.
 enum Conn {
     Quic(quinn::Connection),
-    /// The writer task, stopped [`LINGER`] after the link is dropped if it is still writing (a
-    /// relay that stopped reading).
-    Tcp(Option<tokio::task::AbortHandle>),
+    /// Closes as its [`TcpIo`] is dropped.
+    Tcp,
 }
 
-/// How long a TCP link's writer may go on sending what was queued after the link is closed.
+/// How long a TCP link may go on sending what was queued after it is closed.
 const LINGER: Duration = Duration::from_secs(3);
 
 impl Conn {
-    /// Closes the connection now (QUIC). A TCP link closes when its [`Link`] is dropped, after
+    /// Closes the connection now (QUIC). A TCP link closes when its [`TcpIo`] is dropped, after
     /// what was queued, with TLS's `close_notify`.
     fn close(&self, code: u32, reason: &[u8]) {
         if let Conn::Quic(conn) = self {
@@ -956,18 +1028,12 @@ impl Conn {
     }
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        if let Conn::Tcp(Some(task)) = self
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let task = task.clone();
-            runtime.spawn(async move {
-                tokio::time::sleep(LINGER).await;
-                task.abort();
-            });
-        }
-    }
+/// Where a [`Link`]'s encoded frames go.
+enum Writer {
+    /// The QUIC writer task.
+    Task(mpsc::UnboundedSender<Vec<u8>>),
+    /// The TCP buffer the driver's next read writes out.
+    Buffer(Arc<Mutex<Vec<u8>>>),
 }
 
 /// One live connection.
@@ -980,30 +1046,34 @@ struct Session {
 /// The sending side of a live connection.
 struct Link {
     conn: Conn,
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    writer: Writer,
 }
 
 impl Link {
     fn send(&self, frame: &Frame) {
-        match wire::encode_to_vec(frame) {
-            // If the writer has stopped the connection is broken; the reader will notice.
-            Ok(bytes) => {
-                let _ = self.writer.send(bytes);
-            }
-            Err(e) => warn!("dropping a frame that does not encode: {e}"),
-        }
+        self.send_all(&mut vec![frame.clone()]);
     }
 
-    /// Sends many frames as one buffer: one allocation, one channel message, one stream write.
+    /// Sends many frames as one buffer: for QUIC one allocation, one channel message, one
+    /// stream write; for TCP they join what the next read writes out.
     fn send_all(&self, frames: &mut Vec<Frame>) {
-        let mut bytes = Vec::new();
-        for frame in frames.drain(..) {
-            if let Err(e) = wire::encode(&frame, &mut bytes) {
-                warn!("dropping a frame that does not encode: {e}");
+        let encode = |out: &mut Vec<u8>, frames: &mut Vec<Frame>| {
+            for frame in frames.drain(..) {
+                if let Err(e) = wire::encode(&frame, out) {
+                    warn!("dropping a frame that does not encode: {e}");
+                }
             }
-        }
-        if !bytes.is_empty() {
-            let _ = self.writer.send(bytes);
+        };
+        match &self.writer {
+            Writer::Task(writer) => {
+                let mut bytes = Vec::new();
+                encode(&mut bytes, frames);
+                if !bytes.is_empty() {
+                    // If the writer has stopped the connection is broken; the reader will notice.
+                    let _ = writer.send(bytes);
+                }
+            }
+            Writer::Buffer(out) => encode(&mut out.lock().unwrap_or_else(PoisonError::into_inner), frames),
         }
     }
 }
