@@ -253,7 +253,10 @@ pub(crate) async fn writer<W: LinkSend>(mut send: W, out: Arc<LinkOut>, room: Ar
         // The node may drain more into the buffer now, and the reader read more.
         room.notify_one();
         out.drained.notify_one();
-        if send.write_all(&buf).await.is_err() {
+        // The flush matters for TLS over TCP: a write the socket had no room for leaves TLS
+        // records behind in the TLS stream, and nothing but a flush (or the next write) sends
+        // them.
+        if send.write_all(&buf).await.is_err() || send.flush().await.is_err() {
             return;
         }
         if buf.capacity() > BUF_KEEP && buf.len() < buf.capacity() / 4 {

@@ -821,7 +821,7 @@ impl Connector {
                 let stream = tls.connect(server_name, stream).await.map_err(|e| connect_err(e.to_string()))?;
                 let out = Arc::new(Mutex::new(Vec::new()));
                 let io = TcpIo { stream: Some(stream), out: out.clone(), sending: Vec::new(), sent: 0 };
-                (Conn::Tcp, SendHalf::Tcp(out), RecvHalf::Tcp(io))
+                (Conn::Tcp, SendHalf::Tcp(out), RecvHalf::Tcp(Box::new(io)))
             }
         };
         let hello = Frame::Hello {
@@ -937,7 +937,6 @@ impl TcpIo {
         use std::pin::Pin;
         use std::task::Poll;
         let stream = self.stream.as_mut().expect("open while the session runs");
-        let mut wrote = false;
         loop {
             if self.sent == self.sending.len() {
                 self.sending.clear();
@@ -949,16 +948,15 @@ impl TcpIo {
             }
             match Pin::new(&mut *stream).poll_write(cx, &self.sending[self.sent..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    self.sent += n;
-                    wrote = true;
-                }
+                Poll::Ready(Ok(n)) => self.sent += n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => break,
             }
         }
-        // TLS records the stream holds go to the socket now.
-        if wrote && let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
+        // TLS records the stream still holds (a write the socket had no room for accepts the
+        // bytes and keeps their records) go to the socket now, or when it has room: this read
+        // is woken then too.
+        if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
             return Poll::Ready(Err(e));
         }
         let mut read = tokio::io::ReadBuf::new(buf);
@@ -991,7 +989,8 @@ impl Drop for TcpIo {
 /// A connection's receive half.
 enum RecvHalf {
     Quic(quinn::RecvStream),
-    Tcp(TcpIo),
+    /// Boxed: the TLS stream is a kilobyte.
+    Tcp(Box<TcpIo>),
 }
 
 impl RecvHalf {

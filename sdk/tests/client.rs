@@ -350,3 +350,34 @@ async fn a_tcp_subscription_resumes_after_relay_restart() {
     within("ack", subscriber.publish(chunk(3, "from the resumed client"))).await.unwrap();
     second.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_replay_arrives_whole_over_tcp() {
+    // Megabytes each way over TLS on TCP (4 MB of publishes, their acks, a 4 MB replay), then
+    // one chunk on its own: nothing is left behind in a TLS stream at the end of a burst.
+    let dir = tempfile::tempdir().unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let relay = relay_with_tcp(dir.path(), any, any, StoreKind::Memory).await;
+    let publisher = within("connect", Client::connect(tcp_options(&relay))).await.unwrap();
+    const N: u128 = 4000;
+    let data = "r".repeat(1000);
+    for batch in (0..N).collect::<Vec<_>>().chunks(500) {
+        let chunks = batch.iter().map(|&n| chunk(n, &data)).collect();
+        for r in within("acks", futures_join(&publisher, chunks)).await {
+            r.unwrap();
+        }
+    }
+    let mut opts = tcp_options(&relay);
+    opts.subscription_buffer = 1 << 16;
+    let subscriber = within("connect", Client::connect(opts)).await.unwrap();
+    let mut sub = subscriber.subscribe(Filter::ALL, ReplayMode::CachedAndLive).await.unwrap();
+    for n in 0..N {
+        let c = next_chunk(&mut sub).await;
+        assert_eq!((c.name(), c.data().len()), (Name::new(n), 1000));
+    }
+    assert_eq!(next(&mut sub).await, SubEvent::ReplayDone);
+    // The last publish after the burst arrives live, on its own.
+    within("ack", publisher.publish(chunk(N, "last"))).await.unwrap();
+    assert_eq!(next_chunk(&mut sub).await.name(), Name::new(N));
+    relay.shutdown().await;
+}
