@@ -228,6 +228,9 @@ struct Args {
     relay_max_queue: usize,
     /// `--sync-interval-ms` of `canopy-fjall-interval`.
     sync_interval_ms: u64,
+    /// `--canopy-tcp`: the fjall systems' clients over TLS on TCP too (`canopy-memory` stays
+    /// on QUIC beside `canopy-tcp`).
+    canopy_tcp: bool,
     publish_timeout: Duration,
     /// Payloads per second of the paced (latency) pass, all publishers together; 0 skips it.
     paced_rate: u64,
@@ -243,7 +246,7 @@ const USAGE: &str = "\
 pubsub-bench [--smoke] [--messages N] [--warmup N] [--window N]
              [--cases 1x1,1x10,10x10,1x100 (PUBSxSUBS)] [--fanout 1,10 (= --cases 1x1,1x10)]
              [--systems canopy-memory,canopy-tcp,canopy-fjall,canopy-fjall-interval,nats,nats-flush,jetstream,mosquitto]
-             [--relay PATH-TO-canopy-relay] [--relay-max-queue FRAMES] [--sync-interval-ms MS]
+             [--relay PATH-TO-canopy-relay] [--relay-max-queue FRAMES] [--sync-interval-ms MS] [--canopy-tcp]
              [--publish-timeout SECS] [--paced-rate PER-SEC (0: skip)] [--paced-messages N] [--rounds N]
              [--mtu N (run in a fresh network namespace, lo at MTU N; needs root)]";
 
@@ -257,6 +260,7 @@ fn parse_args() -> anyhow::Result<Args> {
         relay: None,
         relay_max_queue: 65_536,
         sync_interval_ms: 200,
+        canopy_tcp: false,
         publish_timeout: Duration::from_secs(300),
         paced_rate: 1_000,
         paced_messages: 2_000,
@@ -303,6 +307,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--relay" => args.relay = Some(value()?.into()),
             "--relay-max-queue" => args.relay_max_queue = value()?.parse()?,
             "--sync-interval-ms" => args.sync_interval_ms = value()?.parse()?,
+            "--canopy-tcp" => args.canopy_tcp = true,
             "--paced-rate" => args.paced_rate = value()?.parse()?,
             "--paced-messages" => args.paced_messages = value()?.parse()?,
             "--rounds" => args.rounds = value()?.parse()?,
@@ -627,9 +632,14 @@ fn start_system(system: System, args: &Args, relay: Option<&Path>, dir: &Path) -
             let extra = ["--tcp-listen".to_string(), "127.0.0.1:0".to_string()];
             start_relay(relay()?, "memory", &extra, q, dir)
         }
-        System::CanopyFjall => start_relay(relay()?, "fjall", &[], q, dir),
-        System::CanopyFjallInterval => {
-            let extra = ["--sync-interval-ms".to_string(), args.sync_interval_ms.to_string()];
+        System::CanopyFjall | System::CanopyFjallInterval => {
+            let mut extra = Vec::new();
+            if system == System::CanopyFjallInterval {
+                extra.extend(["--sync-interval-ms".to_string(), args.sync_interval_ms.to_string()]);
+            }
+            if args.canopy_tcp {
+                extra.extend(["--tcp-listen".to_string(), "127.0.0.1:0".to_string()]);
+            }
             start_relay(relay()?, "fjall", &extra, q, dir)
         }
         System::Nats | System::NatsFlush => start_nats(dir, &peer_cert(dir)?, false),
@@ -1434,6 +1444,16 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
         args.systems.retain(|&s| s != System::CanopyFjallInterval);
         skipped = Some(why);
     }
+    // Likewise a relay from before `--tcp-listen`, for canopy-tcp and --canopy-tcp.
+    if let Some(relay) = &relay
+        && (args.canopy_tcp || args.systems.contains(&System::CanopyTcp))
+        && !relay_has_flag(relay, "--tcp-listen")
+    {
+        let why = format!("TLS over TCP SKIPPED: {} has no --tcp-listen (its --help does not list it); rebuild the relay", relay.display());
+        println!("{why}");
+        args.systems.retain(|&s| s != System::CanopyTcp && !(args.canopy_tcp && matches!(s, System::CanopyFjall | System::CanopyFjallInterval)));
+        skipped = Some(why);
+    }
     let mut passes = vec![Pass::Throughput];
     if args.paced_rate > 0 {
         passes.push(Pass::Paced(args.paced_rate));
@@ -1456,6 +1476,9 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
         lo_mtu(),
         loadavg()
     );
+    if args.canopy_tcp {
+        println!("--canopy-tcp: canopy-fjall and canopy-fjall-interval clients over TLS on TCP");
+    }
     if args.systems.iter().any(|s| s.is_nats()) {
         println!("peer: {}", peer_version("nats-server", "--version"));
     }
