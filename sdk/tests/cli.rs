@@ -95,6 +95,31 @@ async fn cli_conflicting_pub_fails_with_the_relay_error() {
 }
 
 #[tokio::test]
+async fn cli_pub_and_sub_over_tls_on_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let relay = relay_with_tcp(dir.path(), any, any, canopy_relay::StoreKind::Memory).await;
+    let tcp = format!("tcp://{}", relay.tcp_addr().unwrap());
+    let fp = relay.fingerprint().to_string();
+    let name = "0x0000000000000000000000000000002c";
+    let out = canopy(args(&["pub", "--relay", &tcp, "--fingerprint", &fp, name, "over tcp"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = canopy(args(&["pub", "--relay", &tcp, "--fingerprint", &fp, name, "different"])).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).to_lowercase().contains("conflict"));
+    let out = canopy(args(&["sub", "--relay", &tcp, "--fingerprint", &fp, &format!("{name}/128"), "--mode", "cached"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().map(|l| l.split(' ').nth(2)).collect::<Vec<_>>(), vec![Some("over")], "{stdout}");
+    // tcp:// to the QUIC port: nothing listens on TCP there; the error names the address as given.
+    let wrong = format!("tcp://{}", relay.local_addr());
+    let out = canopy(args(&["pub", "--relay", &wrong, "--fingerprint", &fp, name, "x"])).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&wrong), "{}", String::from_utf8_lossy(&out.stderr));
+    relay.shutdown().await;
+}
+
+#[tokio::test]
 async fn cli_stat_prints_the_relays_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let config = canopy_relay::RelayConfig {
