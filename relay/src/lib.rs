@@ -611,13 +611,41 @@ where
     if shared.to_node.send(msg).await.is_err() {
         bail!("relay stopping");
     }
-    let writer = tokio::spawn(link::writer(send, out.clone(), shared.room.clone()));
+    // Aborted with this task: a relay that stops aborts the tasks of its TCP and Unix links
+    // (their accept loops hold them), and the writer goes with them.
+    let mut writer = AbortOnDrop(tokio::spawn(link::writer(send, out.clone(), shared.room.clone())));
     // The parent is always read: pausing both ends of a relay link on full writers could
     // stall them on each other (the routing core bounds what it sends the parent).
-    link::reader(recv, link, shared.to_node.clone(), out.clone(), stop, !parent).await;
-    let _ = shared.to_node.send(ToNode::Closed { link }).await;
-    let _ = writer.await;
+    let reading = link::reader(recv, link, shared.to_node.clone(), out.clone(), stop, !parent);
+    tokio::pin!(reading);
+    let writer_done = tokio::select! {
+        () = &mut reading => false,
+        _ = &mut writer.0 => true,
+    };
+    if writer_done {
+        // This side ended the link: its last frames are sent and its stream finished. Closing a
+        // QUIC connection ends the reader too; a byte stream (TCP, Unix) is only half closed, so
+        // read on until the peer closes its end, LINGER at most: the peer gets the last frames
+        // rather than a reset, and a peer that never closes does not keep the link open.
+        let _ = tokio::time::timeout(link::LINGER, &mut reading).await;
+    }
+    if shared.to_node.send(ToNode::Closed { link }).await.is_err() {
+        // The node is gone (the relay is being killed): it will never close the writer.
+        out.close(Vec::new(), link::NORMAL);
+    }
+    if !writer_done {
+        let _ = (&mut writer.0).await;
+    }
     Ok(())
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Runs a QUIC link on its control stream, then closes the connection.

@@ -26,7 +26,7 @@ use crate::actor::{Stop, ToNode};
 pub(crate) const WRITER_CAPACITY: usize = 256;
 
 /// How long a closing link waits for the peer to acknowledge the last frames.
-const LINGER: Duration = Duration::from_secs(3);
+pub(crate) const LINGER: Duration = Duration::from_secs(3);
 
 #[derive(Default)]
 struct OutState {
@@ -323,6 +323,9 @@ pub(crate) async fn reader<R: AsyncRead + Unpin>(
                     }
                 };
                 if !frames.is_empty() && to_node.send(ToNode::Frames { link, frames }).await.is_err() {
+                    // The node is gone (the relay is being killed) and will never close the
+                    // writer: close it here, so it ends.
+                    out.close(Vec::new(), NORMAL);
                     return;
                 }
                 // The node never sees these frames, so the answers go straight to the writer;

@@ -32,14 +32,22 @@ pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Accepts connections until the task is aborted; each is served as a downstream link.
+///
+/// The links' tasks belong to this one: aborting it (the relay stopping, after its grace
+/// period) aborts them, so no link outlives the relay.
 pub(crate) async fn accept_loop(listener: TcpListener, tls: Arc<rustls::ServerConfig>, shared: Arc<Shared>, open: Arc<AtomicUsize>) {
     let acceptor = TlsAcceptor::from(tls);
+    let mut links = tokio::task::JoinSet::new();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = links.join_next(), if !links.is_empty() => continue,
+        };
+        match accepted {
             Ok((stream, remote)) => {
                 let (shared, open, acceptor) = (shared.clone(), open.clone(), acceptor.clone());
                 open.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
+                links.spawn(async move {
                     if let Err(err) = serve(stream, acceptor, &shared).await {
                         tracing::debug!(%remote, "TCP link ended: {err:#}");
                     }
@@ -93,6 +101,6 @@ impl LinkSend for TcpSend {
     /// Sends TLS's `close_notify` and shuts the socket down for writing: the peer reads what
     /// was sent, then the end of the stream. The error code went out as an `Error` frame.
     async fn finish(mut self, _code: ErrorCode) {
-        let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.0.shutdown()).await;
+        let _ = tokio::time::timeout(crate::link::LINGER, self.0.shutdown()).await;
     }
 }

@@ -76,14 +76,22 @@ pub(crate) fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
 }
 
 /// Accepts connections until the task is aborted; each is served as a downstream link.
+///
+/// The links' tasks belong to this one: aborting it (the relay stopping, after its grace
+/// period) aborts them, so no link outlives the relay.
 pub(crate) async fn accept_loop(listener: UnixListener, shared: Arc<Shared>, open: Arc<AtomicUsize>) {
+    let mut links = tokio::task::JoinSet::new();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = links.join_next(), if !links.is_empty() => continue,
+        };
+        match accepted {
             Ok((stream, _)) => {
                 let shared = shared.clone();
                 let open = open.clone();
                 open.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
+                links.spawn(async move {
                     if let Err(err) = serve(stream, &shared).await {
                         tracing::debug!("Unix link ended: {err:#}");
                     }

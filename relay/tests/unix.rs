@@ -387,3 +387,39 @@ fn oversized_and_malformed_frames_on_the_unix_socket_close_only_that_link() {
     drop(good);
     rt.block_on(relay.shutdown());
 }
+
+#[test]
+fn a_refused_peer_that_never_closes_its_end_is_dropped_after_the_linger() {
+    // The relay ends the link (a wrong token) and half-closes the socket; a peer that never
+    // closes its end must not keep the link (and its reader task) for ever: the relay drops
+    // the socket after LINGER (3 s), and the peer's writes fail from then on.
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let rule = AccessRule { token: "secure".into(), publish: vec![], subscribe: vec![] };
+    let relay = rt.block_on(spawn(RelayConfig { access: vec![rule], ..unix_config(dir.path()) }));
+    let mut peer = std::os::unix::net::UnixStream::connect(relay.unix_path().unwrap()).unwrap();
+    let hello = Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: Some("wrong".into()) };
+    peer.write_all(&wire::encode_to_vec(&hello).unwrap()).unwrap();
+    peer.set_read_timeout(Some(WAIT)).unwrap();
+    let mut bytes = Vec::new();
+    peer.read_to_end(&mut bytes).expect("the relay's answer, then the end of its stream");
+    let mut decoder = FrameDecoder::new();
+    decoder.extend(&bytes);
+    assert!(
+        matches!(decoder.next_frame(), Ok(Some(Frame::Error { code: ErrorCode::Unauthenticated, .. }))),
+        "{bytes:?}"
+    );
+    // Still open on this side: a frame now is read (and ignored) while the relay lingers, and
+    // refused once it has dropped the socket.
+    let started = Instant::now();
+    let ping = wire::encode_to_vec(&hello).unwrap();
+    let dropped = loop {
+        if peer.write_all(&ping).is_err() {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < WAIT, "the relay still holds a refused link after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(dropped < Duration::from_secs(10), "{dropped:?}");
+    rt.block_on(relay.shutdown());
+}

@@ -785,10 +785,7 @@ impl Connector {
     async fn establish_inner(&self) -> Result<Session, ClientError> {
         let opts = &self.opts;
         // Errors name the relay as it was given, scheme included.
-        let shown = match opts.transport {
-            Transport::Quic => opts.addr.clone(),
-            Transport::Tcp => format!("tcp://{}", opts.addr),
-        };
+        let shown = shown_addr(opts);
         let addr_err = |message: String| ClientError::Resolve { addr: shown.clone(), message };
         let addr = tokio::net::lookup_host(opts.addr.as_str())
             .await
@@ -820,7 +817,7 @@ impl Connector {
                     .map_err(|e| ClientError::Config(format!("server name {:?}: {e}", opts.server_name)))?;
                 let stream = tls.connect(server_name, stream).await.map_err(|e| connect_err(e.to_string()))?;
                 let out = Arc::new(Mutex::new(Vec::new()));
-                let io = TcpIo { stream: Some(stream), out: out.clone(), sending: Vec::new(), sent: 0 };
+                let io = TcpIo { stream: Some(stream), out: out.clone(), sending: Vec::new(), sent: 0, write_error: None };
                 (Conn::Tcp, SendHalf::Tcp(out), RecvHalf::Tcp(Box::new(io)))
             }
         };
@@ -928,42 +925,65 @@ struct TcpIo {
     /// Taken from `out`, being written; `sent` bytes of it are.
     sending: Vec<u8>,
     sent: usize,
+    /// A write failed: reported once what can still be read is read.
+    write_error: Option<std::io::Error>,
 }
 
 impl TcpIo {
     /// Writes what is queued as far as the socket takes it, then reads. Ready with the bytes
-    /// read (0 at the end of the stream) or the first error of either.
+    /// read (0 at the end of the stream) or an error; a failed write is reported once what can
+    /// still be read is read.
     fn poll_io(&mut self, cx: &mut std::task::Context<'_>, buf: &mut [u8]) -> std::task::Poll<std::io::Result<usize>> {
         use std::pin::Pin;
         use std::task::Poll;
         let stream = self.stream.as_mut().expect("open while the session runs");
+        if self.write_error.is_none() {
+            self.write_error = Self::poll_send(stream, &mut self.sending, &mut self.sent, &self.out, cx).err();
+        }
+        // Reads go on after a failed write: what the relay sent before it went (its `Error`
+        // frame, say) is read first, and the failure reported after it.
+        let mut read = tokio::io::ReadBuf::new(buf);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if !read.filled().is_empty() => Poll::Ready(Ok(read.filled().len())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.write_error.take().unwrap_or(e))),
+            ready_or_pending => match self.write_error.take() {
+                Some(e) => Poll::Ready(Err(e)),
+                None => ready_or_pending.map(|r| r.map(|()| 0)),
+            },
+        }
+    }
+
+    /// Writes what is queued as far as the socket takes it, and flushes: TLS records the stream
+    /// still holds (a write the socket had no room for accepts the bytes and keeps their
+    /// records) go to the socket now, or when it has room, which wakes the task too.
+    fn poll_send(
+        stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        sending: &mut Vec<u8>,
+        sent: &mut usize,
+        out: &Mutex<Vec<u8>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::io::Result<()> {
+        use std::pin::Pin;
+        use std::task::Poll;
         loop {
-            if self.sent == self.sending.len() {
-                self.sending.clear();
-                self.sent = 0;
-                std::mem::swap(&mut self.sending, &mut *self.out.lock().unwrap_or_else(PoisonError::into_inner));
-                if self.sending.is_empty() {
+            if *sent == sending.len() {
+                sending.clear();
+                *sent = 0;
+                std::mem::swap(sending, &mut *out.lock().unwrap_or_else(PoisonError::into_inner));
+                if sending.is_empty() {
                     break;
                 }
             }
-            match Pin::new(&mut *stream).poll_write(cx, &self.sending[self.sent..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => self.sent += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            match Pin::new(&mut *stream).poll_write(cx, &sending[*sent..]) {
+                Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => *sent += n,
+                Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => break,
             }
         }
-        // TLS records the stream still holds (a write the socket had no room for accepts the
-        // bytes and keeps their records) go to the socket now, or when it has room: this read
-        // is woken then too.
-        if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
-            return Poll::Ready(Err(e));
-        }
-        let mut read = tokio::io::ReadBuf::new(buf);
-        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(read.filled().len())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
+        match Pin::new(&mut *stream).poll_flush(cx) {
+            Poll::Ready(Err(e)) => Err(e),
+            _ => Ok(()),
         }
     }
 }
@@ -1100,6 +1120,14 @@ impl Drop for Probe {
     }
 }
 
+/// The relay's address as the user gave it: with `tcp://` for TLS over TCP.
+fn shown_addr(opts: &ConnectOptions) -> String {
+    match opts.transport {
+        Transport::Quic => opts.addr.clone(),
+        Transport::Tcp => format!("tcp://{}", opts.addr),
+    }
+}
+
 /// The first of `candidates[..upto]` that can be reached, in order, and its index; every
 /// failure, in order, if none.
 async fn establish_any(candidates: &[Connector], upto: usize) -> Result<(Session, usize), ClientError> {
@@ -1108,10 +1136,10 @@ async fn establish_any(candidates: &[Connector], upto: usize) -> Result<(Session
         match c.establish().await {
             Ok(session) => return Ok((session, i)),
             Err(e) if candidates.len() == 1 => return Err(e),
-            Err(e) => failures.push(format!("{}: {e}", c.opts.addr)),
+            Err(e) => failures.push(format!("{}: {e}", shown_addr(&c.opts))),
         }
     }
-    Err(ClientError::Connect { addr: candidates.iter().take(upto).map(|c| c.opts.addr.as_str()).collect::<Vec<_>>().join(", "), message: failures.join("; ") })
+    Err(ClientError::Connect { addr: candidates.iter().take(upto).map(|c| shown_addr(&c.opts)).collect::<Vec<_>>().join(", "), message: failures.join("; ") })
 }
 
 /// Where a publish's answer goes.

@@ -169,14 +169,21 @@ pub fn bind_udp(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSock
 /// Sets what a Canopy link's TCP socket needs (`tcp://` relays, the relay's `tcp_listen`):
 /// no Nagle delay, since each side already sends a turn's frames as one write; and
 /// keep-alives (first probe after 5 s of silence, then every 5 s, dropped after 3 unanswered),
-/// so a peer that vanished is noticed in about 20 s, as QUIC's idle timeout notices it.
+/// so a peer that vanished is noticed in about 20 s, as QUIC's idle timeout notices it. The
+/// kernel sends no keep-alives while sent data waits for its acknowledgement, so on Linux a
+/// user timeout (`TCP_USER_TIMEOUT`, 20 s) covers that case: without it a link with a publish
+/// in flight would wait out TCP's retransmissions, about 15 minutes.
 pub fn tune_tcp(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
     const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
     stream.set_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(KEEPALIVE);
     #[cfg(any(target_os = "linux", target_os = "android", target_vendor = "apple", target_os = "freebsd", target_os = "windows"))]
     let keepalive = keepalive.with_retries(3);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(&keepalive)?;
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    socket.set_tcp_user_timeout(Some(std::time::Duration::from_secs(20)))?;
+    Ok(())
 }
 
 /// Builds the rustls client configuration (TLS 1.3 only, ALPN `canopy/2`).
