@@ -1,7 +1,9 @@
 //! The node actor: the one task that owns the routing core ([`Node`]) and its store.
 //!
 //! It runs on a thread of its own (with a single-threaded tokio runtime), so the store's
-//! blocking writes and fsyncs never stall the network tasks. Each turn it takes a batch of
+//! blocking writes and fsyncs never stall the network tasks. The node sits behind a lock:
+//! with the memory store, a link reader with a small batch runs the turn itself when the
+//! node is free ([`Turns`]), which saves a chunk a wake-up of this thread. Each turn it takes a batch of
 //! messages from the connection tasks, hands the frames to the node, flushes once (one fsync
 //! per batch releases all the acks of the batch), closes links the node asked to close, and
 //! moves queued frames into the writers' buffers as far as they have room.
@@ -17,7 +19,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::RelayMetrics;
 use crate::frontend::Frontend;
-use crate::link::{NORMAL, Outlet};
+use crate::link::{LinkOut, NORMAL, Outlet};
 
 /// Messages the connection tasks send the node actor.
 pub(crate) enum ToNode {
@@ -47,7 +49,7 @@ pub(crate) enum Stop {
 /// Messages taken per turn at most, so writers get served under a flood.
 const BATCH: usize = 512;
 /// How long a turn that left a filling queue with a full writer waits for that writer.
-const CONGESTION_WAIT: Duration = Duration::from_millis(2);
+pub(crate) const CONGESTION_WAIT: Duration = Duration::from_millis(2);
 
 /// Unix time in milliseconds.
 pub(crate) fn now_ms() -> u64 {
@@ -72,15 +74,17 @@ pub(crate) struct ActorParts {
 }
 
 /// The store's syncs, run on a thread of their own (group commit): one at a time, each
-/// covering everything written before it began.
+/// covering everything written before it began. The node's turns hand it tickets; the actor
+/// hears back on `done`.
 struct SyncThread {
     tickets: std::sync::mpsc::Sender<SyncTicket>,
-    done: mpsc::UnboundedReceiver<(SyncTicket, Result<(), StoreError>)>,
     in_flight: bool,
 }
 
+type SyncDone = mpsc::UnboundedReceiver<(SyncTicket, Result<(), StoreError>)>;
+
 impl SyncThread {
-    fn spawn(mut syncer: Box<dyn Syncer>) -> anyhow::Result<SyncThread> {
+    fn spawn(mut syncer: Box<dyn Syncer>) -> anyhow::Result<(SyncThread, SyncDone)> {
         let (tickets, rx) = std::sync::mpsc::channel::<SyncTicket>();
         let (done_tx, done) = mpsc::unbounded_channel();
         std::thread::Builder::new().name("canopy-sync".into()).spawn(move || {
@@ -91,21 +95,104 @@ impl SyncThread {
                 }
             }
         })?;
-        Ok(SyncThread { tickets, done, in_flight: false })
+        Ok((SyncThread { tickets, in_flight: false }, done))
     }
 }
 
-/// Starts the actor on its own thread; the returned receiver fires when it has stopped and
-/// dropped the node (and so closed the store).
-pub(crate) fn spawn<S: Store + 'static>(node: Node<S>, parts: ActorParts) -> anyhow::Result<oneshot::Receiver<()>> {
+/// Frames a reader's batch holds at most to be routed on the reader's own thread
+/// ([`Turns`]); larger batches go to the node's thread, so reading and routing overlap.
+pub(crate) const INLINE_FRAMES: usize = 8;
+
+/// Runs a turn of the node for a link reader's frames on the reader's own thread.
+///
+/// Handing a chunk to the node's thread wakes that thread, and on an idle machine the
+/// scheduler puts it on another, idle, CPU, which takes tens of microseconds to wake (a
+/// third of a delivery's latency on a 2-vCPU VM, docs/performance.md). A reader with a small
+/// batch, while the node is free, routes it itself instead: the chunk goes from the
+/// publisher's socket to the subscriber's writer on one thread.
+pub(crate) trait Turns: Send + Sync {
+    /// Runs the turn if the node is free and nothing this link sent earlier waits in the
+    /// inbox (so frames stay in order); otherwise gives the frames back for the inbox.
+    /// `Ok(true)`: a subscriber's queue is filling faster than its writer drains it.
+    fn try_turn(&self, link: LinkId, out: &LinkOut, frames: Vec<Frame>) -> Result<bool, Vec<Frame>>;
+}
+
+/// The node and what a turn needs. The actor's thread holds it for its turns; a link reader
+/// holds it for an inline turn ([`Turns`]). `None` once the actor has stopped (the node,
+/// and so the store, is dropped then).
+type Shared<S> = Mutex<Option<Core<S>>>;
+
+struct Core<S: Store> {
+    node: Node<S>,
+    outs: HashMap<LinkId, Arc<dyn Outlet>>,
+    /// The links with frames waiting, kept between turns for its buffer.
+    ready: Vec<LinkId>,
+    room: Arc<Notify>,
+    snapshot: Arc<Mutex<RelayMetrics>>,
+    sync_interval: Option<Duration>,
+    /// With a sync interval: a timed sync is due.
+    sync_due: bool,
+    /// `None`: sync on this thread (no syncer, or the sync thread died).
+    sync: Option<SyncThread>,
+}
+
+impl<S: Store + Send + 'static> Turns for Shared<S> {
+    fn try_turn(&self, link: LinkId, out: &LinkOut, frames: Vec<Frame>) -> Result<bool, Vec<Frame>> {
+        let Ok(mut guard) = self.try_lock() else { return Err(frames) };
+        let Some(core) = guard.as_mut() else { return Err(frames) };
+        if out.in_inbox() > 0 {
+            return Err(frames);
+        }
+        let congested = core.apply(ToNode::Frames { link, frames }, now_ms());
+        core.end_turn(None);
+        Ok(congested)
+    }
+}
+
+/// Locks the node for the actor's thread.
+fn lock<S: Store>(shared: &Shared<S>) -> std::sync::MutexGuard<'_, Option<Core<S>>> {
+    shared.lock().expect("node lock")
+}
+
+/// Starts the actor on its own thread. With `inline`, link readers may run small turns
+/// themselves ([`Turns`], returned); only for stores whose writes do not block.
+pub(crate) fn spawn<S: Store + Send + 'static>(
+    node: Node<S>,
+    parts: ActorParts,
+    inline: bool,
+) -> anyhow::Result<Started> {
     let (done_tx, done_rx) = oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-    let sync = node.store().syncer().map(SyncThread::spawn).transpose()?;
+    let (sync, sync_done) = node.store().syncer().map(SyncThread::spawn).transpose()?.unzip();
+    // An origin front-end's turns run store requests against Redis: they stay on the actor.
+    let inline = inline && parts.frontend.is_none();
+    let core = Core {
+        node,
+        outs: HashMap::new(),
+        ready: Vec::new(),
+        room: parts.room.clone(),
+        snapshot: parts.snapshot.clone(),
+        sync_interval: parts.sync_interval,
+        sync_due: false,
+        sync,
+    };
+    let shared: Arc<Shared<S>> = Arc::new(Mutex::new(Some(core)));
+    let turns = inline.then(|| shared.clone() as Arc<dyn Turns>);
     std::thread::Builder::new().name("canopy-node".into()).spawn(move || {
-        runtime.block_on(run(node, parts, sync));
+        runtime.block_on(run(&shared, parts, sync_done));
+        // Drops the node and its store, whoever else holds the lock's `Arc`.
+        drop(lock(&shared).take());
         let _ = done_tx.send(());
     })?;
-    Ok(done_rx)
+    Ok(Started { done: done_rx, turns })
+}
+
+/// A started actor.
+pub(crate) struct Started {
+    /// Fires when the actor has stopped and dropped the node (and so closed the store).
+    pub(crate) done: oneshot::Receiver<()>,
+    /// For link readers to run small turns themselves; `None` unless asked for.
+    pub(crate) turns: Option<Arc<dyn Turns>>,
 }
 
 fn snapshot<S: Store>(node: &Node<S>, frontend: Option<&Frontend>) -> RelayMetrics {
@@ -120,95 +207,9 @@ fn snapshot<S: Store>(node: &Node<S>, frontend: Option<&Frontend>) -> RelayMetri
     }
 }
 
-async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Option<SyncThread>) {
-    let mut outs: HashMap<LinkId, Arc<dyn Outlet>> = HashMap::new();
-    let mut tick = tokio::time::interval(parts.evict_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // With a sync interval: when the next timed sync is due.
-    let mut sync_tick = parts.sync_interval.map(|every| {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick
-    });
-    let mut sync_due = false;
-    // The links with frames waiting, kept between turns for its buffer.
-    let mut ready = Vec::new();
-    // A queue crossed half its bound this turn and its writer had no room for it.
-    let mut congested = false;
-    let mut frontend = parts.frontend.take();
-    let max_requests = node.config().max_store_requests;
-    loop {
-        // With as many store requests unfinished as the node allows, read no more input until
-        // the store catches up: the connections' readers then wait on the bounded inbox, and
-        // QUIC flow control pushes back on the publishers.
-        let store_full = node.store_requests_pending() >= max_requests;
-        tokio::select! {
-            biased;
-            wake = async { frontend.as_mut().expect("guarded").next().await }, if frontend.is_some() => {
-                frontend.as_mut().expect("guarded").handle(wake, &mut node);
-            }
-            done = async { sync.as_mut().expect("guarded").done.recv().await }, if sync.is_some() => match done {
-                Some((ticket, result)) => {
-                    sync.as_mut().expect("guarded").in_flight = false;
-                    match result {
-                        Ok(()) => node.sync_done(ticket),
-                        Err(err) => {
-                            tracing::error!(%err, "syncing the store failed; acks are held");
-                            node.sync_failed(ticket);
-                        }
-                    }
-                }
-                // The sync thread died: sync here from now on (a sync here covers what it had
-                // in hand too).
-                None => {
-                    tracing::error!("the sync thread is gone; syncing on the node's thread");
-                    sync = None;
-                }
-            },
-            changed = parts.stop.changed() => {
-                // A dropped handle (no sender left) is a kill.
-                let stop = if changed.is_err() { Stop::Kill } else { *parts.stop.borrow() };
-                match stop {
-                    Stop::Running => continue,
-                    Stop::Kill => return,
-                    Stop::Graceful => {
-                        if let Err(err) = node.flush() {
-                            tracing::error!(%err, "final flush failed");
-                        }
-                        for (link, out) in outs.drain() {
-                            let frames = node.drain(link, usize::MAX, now_ms());
-                            out.close(frames, NORMAL);
-                        }
-                        *parts.snapshot.lock().expect("metrics lock") = snapshot(&node, frontend.as_ref());
-                        return;
-                    }
-                }
-            }
-            msg = parts.inbox.recv(), if !store_full => {
-                let Some(msg) = msg else { return };
-                let now = now_ms();
-                congested = apply(&mut node, &mut outs, msg, now);
-                for _ in 1..BATCH {
-                    if congested {
-                        break;
-                    }
-                    match parts.inbox.try_recv() {
-                        Ok(msg) => congested = apply(&mut node, &mut outs, msg, now),
-                        Err(_) => break,
-                    }
-                }
-            }
-            () = parts.room.notified() => {}
-            _ = tick.tick() => {
-                if let Err(err) = node.tick(now_ms()) {
-                    tracing::warn!(%err, "evicting expired chunks failed");
-                }
-                if let Some(frontend) = &mut frontend {
-                    frontend.tick();
-                }
-            }
-            _ = async { sync_tick.as_mut().expect("guarded").tick().await }, if sync_tick.is_some() => sync_due = true,
-        }
+impl<S: Store> Core<S> {
+    /// What ends every turn, on whichever thread ran it.
+    fn end_turn(&mut self, mut frontend: Option<&mut Frontend>) {
         // Deliveries to clients and to the parent leave before the sync, so they never wait
         // for this relay's disk. Acks wait for it (unless the operator chose a sync
         // interval): one sync for everything written meanwhile releases every ack held on it,
@@ -218,30 +219,31 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
         // them), so no child can hold a chunk this relay lost. On failure the acks stay held
         // and a later sync covers them. The metrics go first, so whoever has seen a delivery
         // sees it counted too.
-        if let Some(frontend) = &mut frontend {
-            frontend.after_turn(&mut node);
+        let node = &mut self.node;
+        if let Some(frontend) = frontend.as_deref_mut() {
+            frontend.after_turn(node);
         }
-        *parts.snapshot.lock().expect("metrics lock") = snapshot(&node, frontend.as_ref());
+        *self.snapshot.lock().expect("metrics lock") = snapshot(node, frontend.as_deref());
         if let Err(err) = node.release_written() {
             tracing::error!(%err, "writing the store failed; acks are held");
         }
-        push_ready(&mut node, &outs, &mut ready);
+        push_ready(node, &self.outs, &self.room, &mut self.ready);
         // Sync when publishes wait for their acks, when a timed sync is due, or when a child
         // relay waits for chunks.
-        let want = match parts.sync_interval {
+        let want = match self.sync_interval {
             None => node.needs_sync(),
-            Some(_) => (sync_due && node.needs_sync()) || node.child_waits_for_sync(),
+            Some(_) => (self.sync_due && node.needs_sync()) || node.child_waits_for_sync(),
         };
         if want {
-            sync_due = false;
-            match &mut sync {
+            self.sync_due = false;
+            match &mut self.sync {
                 // On the sync thread: at most one at a time, each covering all writes so far.
                 Some(thread) if !thread.in_flight => match node.begin_sync() {
                     Ok(Some(ticket)) => {
                         thread.in_flight = true;
                         if thread.tickets.send(ticket).is_err() {
                             tracing::error!("the sync thread is gone; syncing here");
-                            sync = None;
+                            self.sync = None;
                             node.sync_failed(ticket);
                         }
                     }
@@ -259,13 +261,142 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
         let now = now_ms();
         while let Some(Event::Close { link, code }) = node.poll_event() {
             let frames = node.drain(link, usize::MAX, now);
-            if let Some(out) = outs.remove(&link) {
+            if let Some(out) = self.outs.remove(&link) {
                 out.close(frames, code);
             }
             node.link_closed(link);
         }
-        push_ready(&mut node, &outs, &mut ready);
-        *parts.snapshot.lock().expect("metrics lock") = snapshot(&node, frontend.as_ref());
+        push_ready(node, &self.outs, &self.room, &mut self.ready);
+        *self.snapshot.lock().expect("metrics lock") = snapshot(node, frontend.as_deref());
+    }
+
+    /// Hands one message to the node; returns whether a queue crossed half its bound and
+    /// its writer could not take all of it (the turn should let writers catch up).
+    fn apply(&mut self, msg: ToNode, now: u64) -> bool {
+        apply(&mut self.node, &mut self.outs, &self.room, msg, now)
+    }
+
+    /// [`Core::apply`] for a message taken from the inbox: the link's count of messages
+    /// waiting there goes down.
+    fn apply_queued(&mut self, msg: ToNode, now: u64) -> bool {
+        let link = match &msg {
+            ToNode::Frames { link, .. } | ToNode::Accepted { link, .. } | ToNode::ParentConnected { link, .. } => Some(*link),
+            _ => None,
+        };
+        let congested = self.apply(msg, now);
+        if let Some(out) = link.and_then(|link| self.outs.get(&link)) {
+            out.taken_from_inbox();
+        }
+        congested
+    }
+}
+
+async fn run<S: Store>(shared: &Shared<S>, mut parts: ActorParts, mut sync_done: Option<SyncDone>) {
+    let mut tick = tokio::time::interval(parts.evict_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // With a sync interval: when the next timed sync is due.
+    let mut sync_tick = parts.sync_interval.map(|every| {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
+    // A queue crossed half its bound this turn and its writer had no room for it.
+    let mut congested = false;
+    let mut frontend = parts.frontend.take();
+    loop {
+        // With as many store requests unfinished as the node allows, read no more input until
+        // the store catches up: the connections' readers then wait on the bounded inbox, and
+        // QUIC flow control pushes back on the publishers.
+        let store_full = {
+            let guard = lock(shared);
+            let node = &guard.as_ref().expect("held until the actor ends").node;
+            node.store_requests_pending() >= node.config().max_store_requests
+        };
+        tokio::select! {
+            biased;
+            wake = async { frontend.as_mut().expect("guarded").next().await }, if frontend.is_some() => {
+                let mut guard = lock(shared);
+                let core = guard.as_mut().expect("held until the actor ends");
+                frontend.as_mut().expect("guarded").handle(wake, &mut core.node);
+            }
+            done = async { sync_done.as_mut().expect("guarded").recv().await }, if sync_done.is_some() => {
+                let mut guard = lock(shared);
+                let core = guard.as_mut().expect("held until the actor ends");
+                match done {
+                    Some((ticket, result)) => {
+                        if let Some(thread) = &mut core.sync {
+                            thread.in_flight = false;
+                        }
+                        match result {
+                            Ok(()) => core.node.sync_done(ticket),
+                            Err(err) => {
+                                tracing::error!(%err, "syncing the store failed; acks are held");
+                                core.node.sync_failed(ticket);
+                            }
+                        }
+                    }
+                    // The sync thread died: sync here from now on (a sync here covers what it
+                    // had in hand too).
+                    None => {
+                        tracing::error!("the sync thread is gone; syncing on the node's thread");
+                        core.sync = None;
+                        sync_done = None;
+                    }
+                }
+            }
+            changed = parts.stop.changed() => {
+                // A dropped handle (no sender left) is a kill.
+                let stop = if changed.is_err() { Stop::Kill } else { *parts.stop.borrow() };
+                match stop {
+                    Stop::Running => continue,
+                    Stop::Kill => return,
+                    Stop::Graceful => {
+                        let mut guard = lock(shared);
+                        let core = guard.as_mut().expect("held until the actor ends");
+                        if let Err(err) = core.node.flush() {
+                            tracing::error!(%err, "final flush failed");
+                        }
+                        for (link, out) in core.outs.drain() {
+                            let frames = core.node.drain(link, usize::MAX, now_ms());
+                            out.close(frames, NORMAL);
+                        }
+                        *parts.snapshot.lock().expect("metrics lock") = snapshot(&core.node, frontend.as_ref());
+                        return;
+                    }
+                }
+            }
+            msg = parts.inbox.recv(), if !store_full => {
+                let Some(msg) = msg else { return };
+                let mut guard = lock(shared);
+                let core = guard.as_mut().expect("held until the actor ends");
+                let now = now_ms();
+                congested = core.apply_queued(msg, now);
+                for _ in 1..BATCH {
+                    if congested {
+                        break;
+                    }
+                    match parts.inbox.try_recv() {
+                        Ok(msg) => congested = core.apply_queued(msg, now),
+                        Err(_) => break,
+                    }
+                }
+            }
+            () = parts.room.notified() => {}
+            _ = tick.tick() => {
+                let mut guard = lock(shared);
+                let core = guard.as_mut().expect("held until the actor ends");
+                if let Err(err) = core.node.tick(now_ms()) {
+                    tracing::warn!(%err, "evicting expired chunks failed");
+                }
+                if let Some(frontend) = &mut frontend {
+                    frontend.tick();
+                }
+            }
+            _ = async { sync_tick.as_mut().expect("guarded").tick().await }, if sync_tick.is_some() => {
+                lock(shared).as_mut().expect("held until the actor ends").sync_due = true;
+            }
+        }
+        lock(shared).as_mut().expect("held until the actor ends").end_turn(frontend.as_mut());
         // A subscriber's queue is filling faster than its writer drains it: give the writer a
         // moment (until it takes frames, at most `CONGESTION_WAIT`) before reading more, so a
         // burst arriving faster than a reader's path carries it pushes back on the publishers
@@ -279,21 +410,33 @@ async fn run<S: Store>(mut node: Node<S>, mut parts: ActorParts, mut sync: Optio
 }
 
 /// Hands each link with frames waiting as many as its outlet has room for.
-fn push_ready<S: Store>(node: &mut Node<S>, outs: &HashMap<LinkId, Arc<dyn Outlet>>, ready: &mut Vec<LinkId>) {
+fn push_ready<S: Store>(node: &mut Node<S>, outs: &HashMap<LinkId, Arc<dyn Outlet>>, room: &Notify, ready: &mut Vec<LinkId>) {
     let now = now_ms();
     node.ready_links_into(ready);
     for &link in ready.iter() {
-        let Some(out) = outs.get(&link) else { continue };
-        let room = out.room();
-        if room > 0 {
-            out.push(node.drain(link, room, now));
+        if let Some(out) = outs.get(&link) {
+            hand_over(node, link, out.as_ref(), room, now);
         }
     }
 }
 
+/// Moves as many of `link`'s queued frames into its outlet as it has room for; if some are
+/// left, the outlet notifies `room` once it has room again. Returns whether some are left.
+fn hand_over<S: Store>(node: &mut Node<S>, link: LinkId, out: &dyn Outlet, room: &Notify, now: u64) -> bool {
+    let space = out.room();
+    if space > 0 {
+        out.push(node.drain(link, space, now));
+    }
+    let left = node.queued(link) > 0;
+    if left {
+        out.wait_for_room(room);
+    }
+    left
+}
+
 /// Hands one message to the node; returns whether a queue crossed half its bound and its
 /// writer could not take all of it (the turn should let writers catch up).
-fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet>>, msg: ToNode, now: u64) -> bool {
+fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet>>, room: &Notify, msg: ToNode, now: u64) -> bool {
     let mut congested = false;
     match msg {
         ToNode::Accepted { link, out } => {
@@ -316,11 +459,7 @@ fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet
                 node.take_urgent(&mut urgent);
                 for link in urgent.drain(..) {
                     if let Some(out) = outs.get(&link) {
-                        let room = out.room();
-                        if room > 0 {
-                            out.push(node.drain(link, room, now));
-                        }
-                        congested |= node.queued(link) > 0;
+                        congested |= hand_over(node, link, out.as_ref(), room, now);
                     }
                 }
             }
@@ -417,6 +556,71 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_routes_its_frames_itself_only_while_none_of_its_earlier_ones_wait_in_the_inbox() {
+        let node = Node::new(NodeConfig::new(RelayId(1)), MemoryStore::new(UNLIMITED), false);
+        let core = Core {
+            node,
+            outs: HashMap::new(),
+            ready: Vec::new(),
+            room: Arc::new(Notify::new()),
+            snapshot: Arc::new(Mutex::new(RelayMetrics::default())),
+            sync_interval: None,
+            sync_due: false,
+            sync: None,
+        };
+        let shared: Shared<MemoryStore> = Mutex::new(Some(core));
+        let hello = || Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: None };
+        let now = now_ms();
+        // A subscriber, through the inbox as the actor's thread would take it.
+        let (sub_tx, sub) = std_mpsc::channel();
+        {
+            let mut guard = lock(&shared);
+            let core = guard.as_mut().unwrap();
+            core.apply_queued(ToNode::Accepted { link: 1, out: Arc::new(Tap(sub_tx)) }, now);
+            let subscribe = Frame::Subscribe { id: 7, filter: Filter::ALL, mode: ReplayMode::LiveOnly, credit: 100 };
+            core.apply_queued(ToNode::Frames { link: 1, frames: vec![hello(), subscribe] }, now);
+            core.end_turn(None);
+        }
+        next(&sub, "hello", |f| matches!(f, Frame::Hello { .. }));
+
+        // The publisher's link is in the inbox, not yet known to the node: its reader may not
+        // pass it.
+        let publisher = LinkOut::new();
+        publisher.sent_to_inbox();
+        let chunk = |n: u128| Chunk::new(Name::new(n), now + 60_000, b"hot".to_vec()).unwrap();
+        let refused = shared.try_turn(2, &publisher, vec![hello()]).expect_err("the link's Accepted waits in the inbox");
+        assert_eq!(refused.len(), 1, "the frames come back whole");
+        lock(&shared).as_mut().unwrap().apply_queued(ToNode::Accepted { link: 2, out: publisher.clone() }, now);
+        assert_eq!(publisher.in_inbox(), 0);
+
+        // Now it routes on its own thread: the subscriber's outlet has the chunk and the
+        // publisher's writer its hello and ack, with no actor running.
+        let room = publisher.room();
+        assert_eq!(shared.try_turn(2, &publisher, vec![hello(), Frame::Publish { seq: 1, chunk: chunk(42) }]), Ok(false));
+        let delivered = next(&sub, "delivery", |f| matches!(f, Frame::Deliver { .. }));
+        assert!(matches!(delivered, Frame::Deliver { id: 7, chunk: c } if c == chunk(42)));
+        assert_eq!(publisher.room(), room - 2, "hello and ack queued for the publisher's writer");
+
+        // A batch of its in the inbox again: later frames wait behind it.
+        publisher.sent_to_inbox();
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 3, chunk: chunk(44) }]).is_err());
+        lock(&shared).as_mut().unwrap().apply_queued(ToNode::Frames { link: 2, frames: vec![Frame::Publish { seq: 2, chunk: chunk(43) }] }, now);
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 3, chunk: chunk(44) }]).is_ok());
+        lock(&shared).as_mut().unwrap().end_turn(None);
+        for name in [43, 44] {
+            let delivered = next(&sub, "delivery", |f| matches!(f, Frame::Deliver { .. }));
+            assert!(matches!(delivered, Frame::Deliver { chunk: c, .. } if c == chunk(name)), "in order");
+        }
+
+        // While the actor's thread holds the node, and once it has stopped, frames go back.
+        let guard = lock(&shared);
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 4, chunk: chunk(45) }]).is_err());
+        drop(guard);
+        *lock(&shared) = None;
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 4, chunk: chunk(45) }]).is_err());
+    }
+
+    #[test]
     fn subscribers_get_a_chunk_while_its_sync_is_still_running_and_the_ack_waits_for_it() {
         let (started_tx, started) = std_mpsc::channel();
         let (go, go_rx) = std_mpsc::channel();
@@ -433,7 +637,7 @@ mod tests {
             sync_interval: None,
             frontend: None,
         };
-        let done = spawn(node, parts).unwrap();
+        let done = spawn(node, parts, false).unwrap().done;
 
         let hello = || Frame::Hello { version: PROTOCOL_VERSION, role: Role::Client, relay_path: vec![], token: None };
         let (sub_tx, sub) = std_mpsc::channel();

@@ -5,7 +5,8 @@
 //!
 //! Data flows one way. Each link's reader task (a QUIC connection's control stream, or a
 //! connection on the Unix socket, see [`RelayConfig::unix_listen`]) decodes frames and sends them to the **node actor**, the single task that owns the `Node` and its
-//! store. The actor handles a batch of frames, syncs the store once for the batch (releasing
+//! store (a reader with a small batch runs the actor's turn itself when the node is free, with
+//! the memory store). The actor handles a batch of frames, syncs the store once for the batch (releasing
 //! the acks), and moves the frames the node queued into each link's writer buffer as far as
 //! the writer has room; writer tasks encode them onto the stream. A parent task keeps the
 //! connection to the parent relay up, reconnecting with capped exponential backoff; the node
@@ -108,6 +109,8 @@ struct Shared {
     next_link: AtomicU64,
     /// The largest UDP payload the QUIC endpoints accept and probe for.
     max_udp_payload: u16,
+    /// Small turns run on link readers' threads (memory store); set once the actor runs.
+    turns: std::sync::OnceLock<Arc<dyn actor::Turns>>,
 }
 
 impl Shared {
@@ -234,7 +237,7 @@ impl Relay {
             sync_interval: config.sync_interval_ms.map(Duration::from_millis),
             frontend: remote,
         };
-        let shared = Arc::new(Shared { to_node, stop: stop_rx.clone(), room: room.clone(), next_link: AtomicU64::new(1), max_udp_payload: config.max_udp_payload });
+        let shared = Arc::new(Shared { to_node, stop: stop_rx.clone(), room: room.clone(), next_link: AtomicU64::new(1), max_udp_payload: config.max_udp_payload, turns: std::sync::OnceLock::new() });
         let (node_done, plugins) = task_ext::block_in_place_or_run(|| -> anyhow::Result<_> {
             let host = plugin::Host { to_node: shared.to_node.clone(), room: room.clone(), link_id: &|| shared.link_id() };
             let cache = config.plugin_cache.clone().unwrap_or_else(|| config.data.join("plugin-cache"));
@@ -247,7 +250,8 @@ impl Relay {
                     let plugins = plugin::start_all(&config.plugins, &cache, &host, |name| {
                         Ok(Box::new(store.plugin_state(name)?) as Box<dyn StateStore>)
                     })?;
-                    (actor::spawn(Node::new(node_config, store, has_parent), parts)?, plugins)
+                    // Fjall's writes can block on the disk: its turns stay on the node's thread.
+                    (actor::spawn(Node::new(node_config, store, has_parent), parts, false)?, plugins)
                 }
                 // A front-end's (Redis) own store is left with nothing to hold: it has no
                 // parent, so no outbox, and its chunks are in Redis. Plugins keep their state in
@@ -257,10 +261,14 @@ impl Relay {
                         Ok(Box::new(MemoryState::new()) as Box<dyn StateStore>)
                     })?;
                     let store = MemoryStore::new(config.capacity_bytes);
-                    (actor::spawn(Node::new(node_config, store, has_parent), parts)?, plugins)
+                    (actor::spawn(Node::new(node_config, store, has_parent), parts, true)?, plugins)
                 }
             })
         })?;
+        let actor::Started { done: node_done, turns } = node_done;
+        if let Some(turns) = turns {
+            let _ = shared.turns.set(turns);
+        }
 
         let mut tasks = Vec::new();
         let (mut endpoint, mut socket_released, mut local_addr) = (None, None, None);
@@ -603,6 +611,7 @@ where
     W: LinkSend,
 {
     let out = LinkOut::new();
+    out.sent_to_inbox();
     let msg = if parent {
         ToNode::ParentConnected { link, out: out.clone() }
     } else {
@@ -616,7 +625,9 @@ where
     let mut writer = AbortOnDrop(tokio::spawn(link::writer(send, out.clone(), shared.room.clone())));
     // The parent is always read: pausing both ends of a relay link on full writers could
     // stall them on each other (the routing core bounds what it sends the parent).
-    let reading = link::reader(recv, link, shared.to_node.clone(), out.clone(), stop, !parent);
+    // The parent's frames always go to the node's thread.
+    let inline = if parent { None } else { shared.turns.get().map(|turns| link::Inline { turns: turns.clone(), room: shared.room.clone() }) };
+    let reading = link::reader(recv, link, shared.to_node.clone(), inline, out.clone(), stop, !parent);
     tokio::pin!(reading);
     let writer_done = tokio::select! {
         () = &mut reading => false,

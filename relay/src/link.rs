@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,7 +20,7 @@ use canopy::wire::{self, ErrorCode, Frame, FrameDecoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::actor::{Stop, ToNode};
+use crate::actor::{INLINE_FRAMES, Stop, ToNode, Turns};
 
 /// Frames a writer holds at most before the node stops draining into it; the node's own
 /// per-link queue (`max_queue`) is the real bound.
@@ -34,6 +35,10 @@ struct OutState {
     /// Set once the link is closing: the writer sends what is queued, then closes with this
     /// code. Later frames are dropped.
     closing: Option<ErrorCode>,
+    /// The node holds more frames for this link than the buffer had room for: the writer
+    /// wakes the node when it takes frames. Otherwise it does not, so a link that keeps up
+    /// costs the node no wake-up per write.
+    node_waiting: bool,
 }
 
 /// Where the node actor puts the frames of one link: a QUIC writer's buffer ([`LinkOut`]) or
@@ -45,6 +50,13 @@ pub(crate) trait Outlet: Send + Sync {
     fn push(&self, frames: Vec<Frame>);
     /// Queues the last frames and closes the link after them. Only the first call counts.
     fn close(&self, frames: Vec<Frame>, code: ErrorCode);
+    /// The node holds more frames for this link than it could push: `room` is to be
+    /// notified once there is room again (at once if there is already). An outlet that
+    /// notifies `room` whenever it takes frames needs nothing more.
+    fn wait_for_room(&self, _room: &Notify) {}
+    /// The node took one of this link's messages from its inbox (see
+    /// [`LinkOut::sent_to_inbox`]).
+    fn taken_from_inbox(&self) {}
 }
 
 impl Outlet for LinkOut {
@@ -57,6 +69,22 @@ impl Outlet for LinkOut {
     fn close(&self, frames: Vec<Frame>, code: ErrorCode) {
         LinkOut::close(self, frames, code)
     }
+    fn taken_from_inbox(&self) {
+        self.in_inbox.fetch_sub(1, Ordering::Relaxed);
+    }
+    fn wait_for_room(&self, room: &Notify) {
+        let mut state = self.state.lock().expect("link buffer lock");
+        if state.closing.is_some() {
+            return;
+        }
+        if state.frames.len() < WRITER_CAPACITY {
+            // The writer took frames since the node looked: there is room now.
+            drop(state);
+            room.notify_one();
+        } else {
+            state.node_waiting = true;
+        }
+    }
 }
 
 /// The buffer between the node actor and one link's writer task.
@@ -66,11 +94,25 @@ pub(crate) struct LinkOut {
     wake: Notify,
     /// Wakes the reader when the writer took frames, freeing room.
     drained: Notify,
+    /// This link's messages in the node's inbox, not yet applied: while there are any, its
+    /// reader does not route frames itself ([`crate::actor::Turns`]), which would pass them.
+    /// Changed only with the node locked.
+    in_inbox: AtomicUsize,
 }
 
 impl LinkOut {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(LinkOut::default())
+    }
+
+    /// Counts a message of this link about to go into the node's inbox.
+    pub(crate) fn sent_to_inbox(&self) {
+        self.in_inbox.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This link's messages in the node's inbox, not yet applied.
+    pub(crate) fn in_inbox(&self) -> usize {
+        self.in_inbox.load(Ordering::Relaxed)
     }
 
     /// How many more frames the writer takes now (0 once closing).
@@ -180,6 +222,77 @@ impl LinkSend for tokio::net::unix::OwnedWriteHalf {
     }
 }
 
+/// A listener whose connections become stream links (TLS over TCP, Unix sockets).
+pub(crate) trait Listener: Send + 'static {
+    /// One accepted connection.
+    type Stream: Send + 'static;
+    /// What the log calls it ("TCP", "Unix").
+    const KIND: &'static str;
+    /// The next connection.
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = (tokio::net::TcpStream, std::net::SocketAddr);
+    const KIND: &'static str = "TCP";
+    async fn accept(&self) -> io::Result<Self::Stream> {
+        tokio::net::TcpListener::accept(self).await
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    const KIND: &'static str = "Unix";
+    async fn accept(&self) -> io::Result<Self::Stream> {
+        tokio::net::UnixListener::accept(self).await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts connections on `listener` until the task is aborted, serving each with `serve`
+/// as a downstream link; `open` counts the links being served.
+///
+/// The links' tasks belong to this one: aborting it (the relay stopping, after its grace
+/// period) aborts them, so no link outlives the relay.
+pub(crate) async fn accept_links<L, F, Fut>(listener: L, open: Arc<std::sync::atomic::AtomicUsize>, serve: F)
+where
+    L: Listener,
+    F: Fn(L::Stream) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    use std::sync::atomic::Ordering;
+    let mut links = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = links.join_next(), if !links.is_empty() => continue,
+        };
+        match accepted {
+            Ok(stream) => {
+                let (open, link) = (open.clone(), serve(stream));
+                open.fetch_add(1, Ordering::Relaxed);
+                links.spawn(async move {
+                    if let Err(err) = link.await {
+                        tracing::debug!("{} link ended: {err:#}", L::KIND);
+                    }
+                    open.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(err) => {
+                // Out of descriptors and the like: back off rather than spin.
+                tracing::warn!(%err, "accepting on the {} listener failed", L::KIND);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// What a link reader needs to route small batches itself ([`Turns`]).
+pub(crate) struct Inline {
+    pub(crate) turns: Arc<dyn Turns>,
+    /// Notified when a writer takes frames the node waits to hand it.
+    pub(crate) room: Arc<Notify>,
+}
+
 /// The largest buffer a link keeps between batches; larger ones are freed after a small batch.
 const BUF_KEEP: usize = 16 * 1024;
 
@@ -231,9 +344,9 @@ pub(crate) async fn writer<W: LinkSend>(mut send: W, out: Arc<LinkOut>, room: Ar
     // links should not each hold the buffer of their busiest moment.
     let mut buf = Vec::new();
     let code = loop {
-        let (batch, closing) = {
+        let (batch, closing, node_waiting) = {
             let mut state = out.state.lock().expect("link buffer lock");
-            (std::mem::take(&mut state.frames), state.closing)
+            (std::mem::take(&mut state.frames), state.closing, std::mem::take(&mut state.node_waiting))
         };
         if batch.is_empty() {
             if let Some(code) = closing {
@@ -250,8 +363,11 @@ pub(crate) async fn writer<W: LinkSend>(mut send: W, out: Arc<LinkOut>, room: Ar
                 tracing::error!(%err, ?frame, "a frame could not be encoded; dropped");
             }
         }
-        // The node may drain more into the buffer now, and the reader read more.
-        room.notify_one();
+        // The node may drain more into the buffer now (if it has more for this link), and
+        // the reader read more.
+        if node_waiting {
+            room.notify_one();
+        }
         out.drained.notify_one();
         // The flush matters for TLS over TCP: a write the socket had no room for leaves TLS
         // records behind in the TLS stream, and nothing but a flush (or the next write) sends
@@ -276,6 +392,7 @@ pub(crate) async fn reader<R: AsyncRead + Unpin>(
     mut recv: R,
     link: LinkId,
     to_node: mpsc::Sender<ToNode>,
+    inline: Option<Inline>,
     out: Arc<LinkOut>,
     mut stop: watch::Receiver<Stop>,
     pause_when_full: bool,
@@ -322,11 +439,34 @@ pub(crate) async fn reader<R: AsyncRead + Unpin>(
                         Err(err) => break Some(err),
                     }
                 };
-                if !frames.is_empty() && to_node.send(ToNode::Frames { link, frames }).await.is_err() {
-                    // The node is gone (the relay is being killed) and will never close the
-                    // writer: close it here, so it ends.
-                    out.close(Vec::new(), NORMAL);
-                    return;
+                // A small batch is routed right here when the node is free (see `Turns`);
+                // the rest goes to the node's thread.
+                let frames = match &inline {
+                    Some(Inline { turns, room }) if !frames.is_empty() && frames.len() <= INLINE_FRAMES => {
+                        match turns.try_turn(link, &out, frames) {
+                            Ok(congested) => {
+                                if congested {
+                                    // As the node's thread does after such a turn: give the
+                                    // writers a moment before reading more, then pass the
+                                    // wake-up on to the node, which may be waiting for it too.
+                                    let _ = tokio::time::timeout(crate::actor::CONGESTION_WAIT, room.notified()).await;
+                                    room.notify_one();
+                                }
+                                Vec::new()
+                            }
+                            Err(frames) => frames,
+                        }
+                    }
+                    _ => frames,
+                };
+                if !frames.is_empty() {
+                    out.sent_to_inbox();
+                    if to_node.send(ToNode::Frames { link, frames }).await.is_err() {
+                        // The node is gone (the relay is being killed) and will never close
+                        // the writer: close it here, so it ends.
+                        out.close(Vec::new(), NORMAL);
+                        return;
+                    }
                 }
                 // The node never sees these frames, so the answers go straight to the writer;
                 // a peer that floods such frames without reading the answers fills it, and

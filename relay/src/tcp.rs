@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,67 +31,31 @@ pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding the TCP listener {addr}"))
 }
 
-/// Accepts connections until the task is aborted; each is served as a downstream link.
-///
-/// The links' tasks belong to this one: aborting it (the relay stopping, after its grace
-/// period) aborts them, so no link outlives the relay.
+/// Accepts connections until the task is aborted; each is served as a downstream link
+/// ([`crate::link::accept_links`]).
 pub(crate) async fn accept_loop(listener: TcpListener, tls: Arc<rustls::ServerConfig>, shared: Arc<Shared>, open: Arc<AtomicUsize>) {
     let acceptor = TlsAcceptor::from(tls);
-    let mut links = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            Some(_) = links.join_next(), if !links.is_empty() => continue,
-        };
-        match accepted {
-            Ok((stream, remote)) => {
-                let (shared, open, acceptor) = (shared.clone(), open.clone(), acceptor.clone());
-                open.fetch_add(1, Ordering::Relaxed);
-                links.spawn(async move {
-                    if let Err(err) = serve(stream, acceptor, &shared).await {
-                        tracing::debug!(%remote, "TCP link ended: {err:#}");
-                    }
-                    open.fetch_sub(1, Ordering::Relaxed);
-                });
-            }
-            Err(err) => {
-                // Out of descriptors and the like: back off rather than spin.
-                tracing::warn!(%err, "accepting on the TCP listener failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    crate::link::accept_links(listener, open, move |(stream, remote)| {
+        let (shared, acceptor) = (shared.clone(), acceptor.clone());
+        async move { serve(stream, remote, acceptor, &shared).await }
+    })
+    .await;
 }
 
-async fn serve(stream: TcpStream, acceptor: TlsAcceptor, shared: &Shared) -> anyhow::Result<()> {
+async fn serve(stream: TcpStream, remote: SocketAddr, acceptor: TlsAcceptor, shared: &Shared) -> anyhow::Result<()> {
     canopy_sdk::tune_tcp(&stream).context("setting socket options")?;
-    let remote = stream.peer_addr().ok();
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
         .context("no TLS handshake in time")?
         .context("TLS handshake")?;
     let (recv, send) = tokio::io::split(tls);
     let link = shared.link_id();
-    tracing::debug!(link, ?remote, "TCP link opened");
-    crate::run_link(link, recv, TcpSend(send), shared, false, shared.stop.clone()).await
+    tracing::debug!(link, %remote, "TCP link opened");
+    crate::run_link(link, recv, send, shared, false, shared.stop.clone()).await
 }
 
 /// The sending half of a TLS-over-TCP link.
-pub(crate) struct TcpSend(WriteHalf<TlsStream<TcpStream>>);
-
-impl tokio::io::AsyncWrite for TcpSend {
-    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl LinkSend for TcpSend {
+impl LinkSend for WriteHalf<TlsStream<TcpStream>> {
     async fn gone(&self) {
         // As on a Unix socket, the reader sees the peer go (end of stream, an error, or the
         // keep-alives failing) and closes the link, which wakes the writer.
@@ -101,6 +65,6 @@ impl LinkSend for TcpSend {
     /// Sends TLS's `close_notify` and shuts the socket down for writing: the peer reads what
     /// was sent, then the end of the stream. The error code went out as an `Error` frame.
     async fn finish(mut self, _code: ErrorCode) {
-        let _ = tokio::time::timeout(crate::link::LINGER, self.0.shutdown()).await;
+        let _ = tokio::time::timeout(crate::link::LINGER, self.shutdown()).await;
     }
 }

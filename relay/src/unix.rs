@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use anyhow::{Context, bail};
 use tokio::net::{UnixListener, UnixSocket, UnixStream};
@@ -75,36 +75,14 @@ pub(crate) fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
     Ok((listener, file))
 }
 
-/// Accepts connections until the task is aborted; each is served as a downstream link.
-///
-/// The links' tasks belong to this one: aborting it (the relay stopping, after its grace
-/// period) aborts them, so no link outlives the relay.
+/// Accepts connections until the task is aborted; each is served as a downstream link
+/// ([`crate::link::accept_links`]).
 pub(crate) async fn accept_loop(listener: UnixListener, shared: Arc<Shared>, open: Arc<AtomicUsize>) {
-    let mut links = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            Some(_) = links.join_next(), if !links.is_empty() => continue,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let shared = shared.clone();
-                let open = open.clone();
-                open.fetch_add(1, Ordering::Relaxed);
-                links.spawn(async move {
-                    if let Err(err) = serve(stream, &shared).await {
-                        tracing::debug!("Unix link ended: {err:#}");
-                    }
-                    open.fetch_sub(1, Ordering::Relaxed);
-                });
-            }
-            Err(err) => {
-                // Out of descriptors and the like: back off rather than spin.
-                tracing::warn!(%err, "accepting on the Unix socket failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
+    crate::link::accept_links(listener, open, move |stream| {
+        let shared = shared.clone();
+        async move { serve(stream, &shared).await }
+    })
+    .await;
 }
 
 async fn serve(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {

@@ -98,7 +98,6 @@ use anyhow::{Context, anyhow, bail, ensure};
 use async_nats::jetstream;
 use bytes::{BufMut, Bytes, BytesMut};
 use canopy_sdk::{Chunk, Client, ConnectOptions, Filter, Name, ReplayMode, SubEvent, Subscription, Trust};
-use futures_util::stream::FuturesUnordered;
 use futures_util::{StreamExt, TryFutureExt};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -898,6 +897,12 @@ impl Pace {
 /// Sends `seqs` with at most `window` unacknowledged: `send` hands the payload to the client
 /// and returns the future of its acknowledgement. Keeps the outstanding acks moving while
 /// waiting for a paced slot.
+///
+/// The acks are awaited oldest first (every system here acknowledges in order) from a plain
+/// queue, not a `FuturesUnordered`: that one wakes its task again whenever it has polled all
+/// of its futures, which tokio takes for a yield, so it queues the task for any worker and
+/// wakes an idle one, a cross-CPU hop per publish that core NATS's fire-and-forget loop never
+/// pays (about a third of the acked systems' paced latency at 1→1; docs/performance.md).
 async fn windowed<S, SF, A>(seqs: Range<u64>, window: usize, pace: Option<Pace>, mut send: S) -> anyhow::Result<()>
 where
     S: FnMut(u64) -> SF,
@@ -905,31 +910,45 @@ where
     A: Future<Output = anyhow::Result<()>>,
 {
     let first = seqs.start;
-    let mut inflight = FuturesUnordered::new();
+    let mut inflight = AckQueue(std::collections::VecDeque::new());
     for seq in seqs {
-        if inflight.len() >= window {
-            inflight.next().await.expect("non-empty")?;
+        if inflight.0.len() >= window {
+            inflight.oldest().await?;
         }
         if let Some(pace) = pace {
             let sleep = tokio::time::sleep_until(pace.due(seq - first));
             tokio::pin!(sleep);
-            while !inflight.is_empty() {
+            while !inflight.0.is_empty() {
                 tokio::select! {
                     _ = &mut sleep => break,
-                    answer = inflight.next() => answer.expect("non-empty")?,
+                    answer = inflight.oldest() => answer?,
                 }
             }
             sleep.await;
         }
-        // Not `inflight.push(send(seq).await?)`: `push` takes `&self`, and a `&FuturesUnordered`
-        // held across the await would make this future `Send` only for `Sync` ack futures.
-        let ack = send(seq).await?;
-        inflight.push(ack);
+        let mut ack = Box::pin(send(seq).await?);
+        // Polled once now, so the publish leaves now (Canopy's `publish` sends on first poll).
+        match futures_util::poll!(ack.as_mut()) {
+            std::task::Poll::Ready(answer) => answer?,
+            std::task::Poll::Pending => inflight.0.push_back(ack),
+        }
     }
-    while let Some(answer) = inflight.next().await {
-        answer?;
+    while !inflight.0.is_empty() {
+        inflight.oldest().await?;
     }
     Ok(())
+}
+
+/// Outstanding acknowledgements, oldest first.
+struct AckQueue<A>(std::collections::VecDeque<std::pin::Pin<Box<A>>>);
+
+impl<A: Future<Output = anyhow::Result<()>>> AckQueue<A> {
+    /// Waits for the oldest (there must be one) and removes it.
+    async fn oldest(&mut self) -> anyhow::Result<()> {
+        let answer = std::future::poll_fn(|cx| self.0.front_mut().expect("non-empty").as_mut().poll(cx)).await;
+        self.0.pop_front();
+        answer
+    }
 }
 
 /// The publishing side of one system (one connection).
