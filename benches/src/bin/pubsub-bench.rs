@@ -74,6 +74,12 @@
 //! during the measured pass ÷ payloads published; `cli` the same for this process (every
 //! publisher and subscriber).
 //!
+//! **Threads.** `--threads N` gives every process of the run N worker threads, alike: the
+//! bench's clients (its tokio runtime), the relay's network runtime (`TOKIO_WORKER_THREADS`)
+//! and nats-server (`GOMAXPROCS`). Unset, each takes its own default, one per core. On a
+//! quiet 2-vCPU machine, latency depends on it: idle workers woken on the idle CPU cost tens
+//! of microseconds each (docs/performance.md, "Wake-ups across CPUs").
+//!
 //! **MTU.** Loopback's MTU (printed in the header) is 65 536 on Linux, far above the 1 500
 //! bytes of most real networks, and packet sizes decide how much per-packet work TCP and QUIC
 //! do. `--mtu N` re-runs the bench (the same arguments without `--mtu`) inside a network
@@ -239,7 +245,15 @@ struct Args {
     smoke: bool,
     /// Run inside a fresh network namespace whose `lo` has this MTU.
     mtu: Option<u32>,
+    /// Worker threads for every process of the run (see [`THREADS`]).
+    threads: Option<usize>,
 }
+
+/// `--threads N`: the worker threads of every process in the run, set alike for all: the
+/// bench's clients (its tokio runtime), the relay's network runtime (`TOKIO_WORKER_THREADS`)
+/// and nats-server (`GOMAXPROCS`); mosquitto has one thread anyway. Unset, each process takes
+/// its own default (one per core).
+static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 const USAGE: &str = "\
 pubsub-bench [--smoke] [--messages N] [--warmup N] [--window N]
@@ -247,7 +261,9 @@ pubsub-bench [--smoke] [--messages N] [--warmup N] [--window N]
              [--systems canopy-memory,canopy-tcp,canopy-fjall,canopy-fjall-interval,nats,nats-flush,jetstream,mosquitto]
              [--relay PATH-TO-canopy-relay] [--relay-max-queue FRAMES] [--sync-interval-ms MS] [--canopy-tcp]
              [--publish-timeout SECS] [--paced-rate PER-SEC (0: skip)] [--paced-messages N] [--rounds N]
-             [--mtu N (run in a fresh network namespace, lo at MTU N; needs root)]";
+             [--mtu N (run in a fresh network namespace, lo at MTU N; needs root)]
+             [--threads N (worker threads of the bench's clients, the relay's network runtime
+                           and nats-server alike; default: each its own, one per core)]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -266,6 +282,7 @@ fn parse_args() -> anyhow::Result<Args> {
         rounds: 3,
         smoke: false,
         mtu: None,
+        threads: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -312,6 +329,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rounds" => args.rounds = value()?.parse()?,
             "--publish-timeout" => args.publish_timeout = Duration::from_secs(value()?.parse()?),
             "--mtu" => args.mtu = Some(value()?.parse()?),
+            "--threads" => args.threads = Some(value()?.parse()?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -531,6 +549,9 @@ fn start_relay(relay: &Path, store: &str, extra: &[String], max_queue: usize, di
         .env("RUST_LOG", "warn")
         .env("CANOPY_MAX_QUEUE", max_queue.to_string())
         .stdout(Stdio::piped());
+    if let Some(n) = THREADS.get() {
+        cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+    }
     let mut server = Server::spawn("canopy-relay", &mut cmd, dir.join("relay.log"))?;
     let stdout = server.child.stdout.take().context("relay stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -590,6 +611,9 @@ fn start_nats(dir: &Path, tls: &PeerCert, jetstream: bool) -> anyhow::Result<Sta
     drop(f);
     let mut cmd = Command::new(peer_binary("nats-server"));
     cmd.arg("-c").arg(&conf).stdout(Stdio::null());
+    if let Some(n) = THREADS.get() {
+        cmd.env("GOMAXPROCS", n.to_string());
+    }
     if jetstream {
         cmd.arg("-js");
     }
@@ -1485,7 +1509,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     println!(
         "pubsub-bench: payloads of {PAYLOAD} B; throughput pass {} + {} warm-up, window {} per publisher; \
          {paced}; cases (publishers→subscribers) {}; relay max_queue {}; \
-         {} round(s), medians shown; loopback MTU {}; load average {}",
+         {} round(s), medians shown; loopback MTU {}; worker threads {}; load average {}",
         args.messages,
         args.warmup,
         args.window,
@@ -1493,6 +1517,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
         args.relay_max_queue,
         args.rounds,
         lo_mtu(),
+        args.threads.map_or("each process's default".to_string(), |n| format!("{n} in every process")),
         loadavg()
     );
     if args.canopy_tcp {
@@ -1638,7 +1663,13 @@ fn main() -> anyhow::Result<()> {
     if let Some(mtu) = args.mtu {
         return in_netns(mtu);
     }
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        ensure!(n > 0, "--threads must be positive");
+        let _ = THREADS.set(n);
+        runtime.worker_threads(n);
+    }
+    runtime.enable_all().build()?.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
