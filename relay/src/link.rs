@@ -128,6 +128,13 @@ impl LinkOut {
         state.closing.is_none() && state.frames.len() >= WRITER_CAPACITY
     }
 
+    /// Takes every queued frame for the writer, with the closing code if the link is closing
+    /// and whether the node was waiting for room (it is to be woken, and stops waiting).
+    fn take(&self) -> (VecDeque<Frame>, Option<ErrorCode>, bool) {
+        let mut state = self.state.lock().expect("link buffer lock");
+        (std::mem::take(&mut state.frames), state.closing, std::mem::take(&mut state.node_waiting))
+    }
+
     /// Queues frames for the writer (dropped if the link is closing).
     pub(crate) fn push(&self, frames: Vec<Frame>) {
         if frames.is_empty() {
@@ -344,10 +351,7 @@ pub(crate) async fn writer<W: LinkSend>(mut send: W, out: Arc<LinkOut>, room: Ar
     // links should not each hold the buffer of their busiest moment.
     let mut buf = Vec::new();
     let code = loop {
-        let (batch, closing, node_waiting) = {
-            let mut state = out.state.lock().expect("link buffer lock");
-            (std::mem::take(&mut state.frames), state.closing, std::mem::take(&mut state.node_waiting))
-        };
+        let (batch, closing, node_waiting) = out.take();
         if batch.is_empty() {
             if let Some(code) = closing {
                 break code;
@@ -494,7 +498,49 @@ pub(crate) async fn reader<R: AsyncRead + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use super::ReadBuf;
+    use std::pin::pin;
+
+    use canopy::wire::Frame;
+    use tokio::sync::Notify;
+
+    use super::{LinkOut, Outlet, ReadBuf, WRITER_CAPACITY};
+
+    /// Whether `room` holds a wake-up (a `notify_one` with nobody waiting).
+    fn woken(room: &Notify) -> bool {
+        let waiter = pin!(room.notified());
+        let waker = std::task::Waker::noop();
+        waiter.poll(&mut std::task::Context::from_waker(waker)).is_ready()
+    }
+
+    #[test]
+    fn the_writer_wakes_the_node_only_when_the_node_waits_for_room() {
+        let out = LinkOut::new();
+        let room = Notify::new();
+        let ack = |seq| Frame::Ack { seq };
+        // Frames the buffer had room for: taking them wakes no one.
+        out.push(vec![ack(1), ack(2)]);
+        let (frames, closing, node_waiting) = out.take();
+        assert_eq!((frames.len(), closing, node_waiting), (2, None, false));
+        assert!(!woken(&room));
+
+        // The node has more than the buffer takes: it waits, and the writer's next take
+        // wakes it, once.
+        out.push((0..WRITER_CAPACITY as u64).map(ack).collect());
+        assert_eq!(out.room(), 0);
+        out.wait_for_room(&room);
+        assert!(!woken(&room), "no room yet");
+        let (frames, _, node_waiting) = out.take();
+        assert_eq!((frames.len(), node_waiting), (WRITER_CAPACITY, true));
+        out.push(vec![ack(9)]);
+        assert!(!out.take().2, "woken once per wait");
+
+        // The writer took frames between the node's look at the room and its wait: the wait
+        // wakes at once rather than never.
+        out.push(vec![ack(10)]);
+        out.wait_for_room(&room);
+        assert!(woken(&room));
+        assert!(!out.take().2);
+    }
 
     #[test]
     fn read_buffer_grows_while_reads_fill_it_and_shrinks_when_they_stop() {
