@@ -122,6 +122,57 @@ pub(crate) trait Turns: Send + Sync {
 /// and so the store, is dropped then).
 type Shared<S> = Mutex<Option<Core<S>>>;
 
+/// The outlets a turn handed frames to, to wake once their frames are in.
+///
+/// Which task runs next, and where, matters on tokio's multi-threaded scheduler: a task
+/// woken on a worker thread goes to that worker's one-task "next" slot and pushes the task
+/// already there to the run queue, and that wakes an idle worker to steal it, which costs
+/// 45–60 µs on the machines measured when its vCPU idles, or preempts the thread that woke
+/// it when both CPUs are busy (`docs/performance.md`, "Wake-ups across CPUs").
+///
+/// So a turn a link reader runs on a worker (inline) holds its wakes and wakes only the
+/// first writer it handed frames to (the deliveries come first; the acks follow the sync)
+/// if that writer waits for frames: that one runs next on this worker, and wakes the rest
+/// once it has taken its frames ([`Outlet::wake_then`]), so a publish answered with one
+/// delivery and one ack wakes no other worker at all. Otherwise it wakes them all, the
+/// first last, so it still runs next here. The node's own thread is not a worker: its wakes
+/// all go to the run queue, in order, and it wakes each batch at once, before the sync, so
+/// deliveries never wait for the disk.
+#[derive(Default)]
+struct Wakes {
+    outlets: Vec<Arc<dyn Outlet>>,
+    /// Held for [`Wakes::hand_on`] at the end of the turn (an inline turn).
+    hold: bool,
+}
+
+impl Wakes {
+    /// Wakes what was handed frames so far, first-first, unless the turn holds its wakes.
+    fn now(&mut self) {
+        if !self.hold {
+            self.outlets.drain(..).for_each(|out| out.wake());
+        }
+    }
+
+    /// Wakes what was handed frames this turn, the last handed first.
+    fn last_first(&mut self) {
+        self.outlets.drain(..).rev().for_each(|out| out.wake());
+    }
+
+    /// Wakes the first writer handed frames and leaves the rest to it, if it waits for
+    /// frames; otherwise wakes them all, the first last.
+    fn hand_on(&mut self) {
+        let mut outlets = self.outlets.drain(..);
+        let Some(first) = outlets.next() else { return };
+        let rest: Vec<_> = outlets.collect();
+        if rest.is_empty() {
+            first.wake();
+        } else if let Err(rest) = first.wake_then(rest) {
+            rest.iter().rev().for_each(|out| out.wake());
+            first.wake();
+        }
+    }
+}
+
 struct Core<S: Store> {
     node: Node<S>,
     outs: HashMap<LinkId, Arc<dyn Outlet>>,
@@ -130,6 +181,8 @@ struct Core<S: Store> {
     room: Arc<Notify>,
     snapshot: Arc<Mutex<RelayMetrics>>,
     sync_interval: Option<Duration>,
+    /// The outlets this turn handed frames to, to wake.
+    wakes: Wakes,
     /// With a sync interval: a timed sync is due.
     sync_due: bool,
     /// `None`: sync on this thread (no syncer, or the sync thread died).
@@ -143,8 +196,11 @@ impl<S: Store + Send + 'static> Turns for Shared<S> {
         if out.in_inbox() > 0 {
             return Err(frames);
         }
+        core.wakes.hold = true;
         let congested = core.apply(ToNode::Frames { link, frames }, now_ms());
         core.end_turn(None);
+        core.wakes.hand_on();
+        core.wakes.hold = false;
         Ok(congested)
     }
 }
@@ -173,6 +229,7 @@ pub(crate) fn spawn<S: Store + Send + 'static>(
         room: parts.room.clone(),
         snapshot: parts.snapshot.clone(),
         sync_interval: parts.sync_interval,
+        wakes: Wakes::default(),
         sync_due: false,
         sync,
     };
@@ -227,7 +284,8 @@ impl<S: Store> Core<S> {
         if let Err(err) = node.release_written() {
             tracing::error!(%err, "writing the store failed; acks are held");
         }
-        push_ready(node, &self.outs, &self.room, &mut self.ready);
+        push_ready(node, &self.outs, &self.room, &mut self.ready, &mut self.wakes);
+        self.wakes.now();
         // Sync when publishes wait for their acks, when a timed sync is due, or when a child
         // relay waits for chunks.
         let want = match self.sync_interval {
@@ -266,14 +324,15 @@ impl<S: Store> Core<S> {
             }
             node.link_closed(link);
         }
-        push_ready(node, &self.outs, &self.room, &mut self.ready);
+        push_ready(node, &self.outs, &self.room, &mut self.ready, &mut self.wakes);
+        self.wakes.now();
         *self.snapshot.lock().expect("metrics lock") = snapshot(node, frontend.as_deref());
     }
 
     /// Hands one message to the node; returns whether a queue crossed half its bound and
     /// its writer could not take all of it (the turn should let writers catch up).
     fn apply(&mut self, msg: ToNode, now: u64) -> bool {
-        apply(&mut self.node, &mut self.outs, &self.room, msg, now)
+        apply(&mut self.node, &mut self.outs, &self.room, &mut self.wakes, msg, now)
     }
 
     /// [`Core::apply`] for a message taken from the inbox: the link's count of messages
@@ -410,22 +469,23 @@ async fn run<S: Store>(shared: &Shared<S>, mut parts: ActorParts, mut sync_done:
 }
 
 /// Hands each link with frames waiting as many as its outlet has room for.
-fn push_ready<S: Store>(node: &mut Node<S>, outs: &HashMap<LinkId, Arc<dyn Outlet>>, room: &Notify, ready: &mut Vec<LinkId>) {
+fn push_ready<S: Store>(node: &mut Node<S>, outs: &HashMap<LinkId, Arc<dyn Outlet>>, room: &Notify, ready: &mut Vec<LinkId>, wakes: &mut Wakes) {
     let now = now_ms();
     node.ready_links_into(ready);
     for &link in ready.iter() {
         if let Some(out) = outs.get(&link) {
-            hand_over(node, link, out.as_ref(), room, now);
+            hand_over(node, link, out, room, now, wakes);
         }
     }
 }
 
-/// Moves as many of `link`'s queued frames into its outlet as it has room for; if some are
-/// left, the outlet notifies `room` once it has room again. Returns whether some are left.
-fn hand_over<S: Store>(node: &mut Node<S>, link: LinkId, out: &dyn Outlet, room: &Notify, now: u64) -> bool {
+/// Moves as many of `link`'s queued frames into its outlet as it has room for (the outlet
+/// goes on `wakes`); if some are left, the outlet notifies `room` once it has room again.
+/// Returns whether some are left.
+fn hand_over<S: Store>(node: &mut Node<S>, link: LinkId, out: &Arc<dyn Outlet>, room: &Notify, now: u64, wakes: &mut Wakes) -> bool {
     let space = out.room();
-    if space > 0 {
-        out.push(node.drain(link, space, now));
+    if space > 0 && out.queue(node.drain(link, space, now)) {
+        wakes.outlets.push(out.clone());
     }
     let left = node.queued(link) > 0;
     if left {
@@ -436,7 +496,7 @@ fn hand_over<S: Store>(node: &mut Node<S>, link: LinkId, out: &dyn Outlet, room:
 
 /// Hands one message to the node; returns whether a queue crossed half its bound and its
 /// writer could not take all of it (the turn should let writers catch up).
-fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet>>, room: &Notify, msg: ToNode, now: u64) -> bool {
+fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet>>, room: &Notify, wakes: &mut Wakes, msg: ToNode, now: u64) -> bool {
     let mut congested = false;
     match msg {
         ToNode::Accepted { link, out } => {
@@ -459,9 +519,11 @@ fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet
                 node.take_urgent(&mut urgent);
                 for link in urgent.drain(..) {
                     if let Some(out) = outs.get(&link) {
-                        congested |= hand_over(node, link, out.as_ref(), room, now);
+                        congested |= hand_over(node, link, out, room, now, wakes);
                     }
                 }
+                // Those writers are to drain now, inline turn or not.
+                wakes.last_first();
             }
         }
         ToNode::Closed { link } => {
@@ -538,12 +600,77 @@ mod tests {
         fn room(&self) -> usize {
             1024
         }
-        fn push(&self, frames: Vec<Frame>) {
+        fn queue(&self, frames: Vec<Frame>) -> bool {
             frames.into_iter().for_each(|f| drop(self.0.send(f)));
+            false
         }
+        fn wake(&self) {}
         fn close(&self, frames: Vec<Frame>, _: ErrorCode) {
-            self.push(frames);
+            self.queue(frames);
         }
+    }
+
+    /// An outlet that logs its wakes by name, and takes the writers left to it while `idle`.
+    struct Probe {
+        name: &'static str,
+        idle: bool,
+        log: Arc<Mutex<Vec<&'static str>>>,
+        then: Mutex<Vec<Arc<dyn Outlet>>>,
+    }
+
+    impl Outlet for Probe {
+        fn room(&self) -> usize {
+            1024
+        }
+        fn queue(&self, _: Vec<Frame>) -> bool {
+            true
+        }
+        fn wake(&self) {
+            self.log.lock().unwrap().push(self.name);
+        }
+        fn wake_then(&self, next: Vec<Arc<dyn Outlet>>) -> Result<(), Vec<Arc<dyn Outlet>>> {
+            if !self.idle {
+                return Err(next);
+            }
+            self.then.lock().unwrap().extend(next);
+            self.wake();
+            Ok(())
+        }
+        fn close(&self, _: Vec<Frame>, _: ErrorCode) {}
+    }
+
+    #[test]
+    fn an_inline_turn_wakes_one_waiting_writer_and_leaves_the_rest_to_it() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let probe = |name, idle| Arc::new(Probe { name, idle, log: log.clone(), then: Mutex::new(Vec::new()) });
+        let woken = || std::mem::take(&mut *log.lock().unwrap());
+        let mut wakes = Wakes { hold: true, ..Wakes::default() };
+
+        // The delivery's writer waits for frames: only it is woken, and it holds the ack's.
+        let (delivery, ack) = (probe("delivery", true), probe("ack", false));
+        wakes.outlets = vec![delivery.clone(), ack.clone()];
+        wakes.now();
+        assert_eq!(woken(), Vec::<&str>::new(), "an inline turn holds its wakes to the end");
+        wakes.hand_on();
+        assert_eq!(woken(), ["delivery"]);
+        assert_eq!(delivery.then.lock().unwrap().len(), 1);
+
+        // The first writer is busy: all are woken, the first last (so it runs next here).
+        let (busy, a, b) = (probe("busy", false), probe("a", true), probe("b", true));
+        wakes.outlets = vec![busy, a, b];
+        wakes.hand_on();
+        assert_eq!(woken(), ["b", "a", "busy"]);
+
+        // One writer: woken, nothing left to it.
+        wakes.outlets = vec![probe("one", true)];
+        wakes.hand_on();
+        assert_eq!(woken(), ["one"]);
+
+        // The node's own thread wakes at once, in order.
+        wakes.hold = false;
+        wakes.outlets = vec![probe("x", true), probe("y", true)];
+        wakes.now();
+        assert_eq!(woken(), ["x", "y"]);
     }
 
     fn next(rx: &std_mpsc::Receiver<Frame>, what: &str, mut want: impl FnMut(&Frame) -> bool) -> Frame {
@@ -565,6 +692,7 @@ mod tests {
             room: Arc::new(Notify::new()),
             snapshot: Arc::new(Mutex::new(RelayMetrics::default())),
             sync_interval: None,
+            wakes: Wakes::default(),
             sync_due: false,
             sync: None,
         };

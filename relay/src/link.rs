@@ -39,6 +39,12 @@ struct OutState {
     /// wakes the node when it takes frames. Otherwise it does not, so a link that keeps up
     /// costs the node no wake-up per write.
     node_waiting: bool,
+    /// The writer found no frames and waits for some: woken, it runs at once.
+    writer_idle: bool,
+    /// Outlets the writer is to wake once it has taken its frames ([`Outlet::wake_then`]).
+    then_wake: Vec<Arc<dyn Outlet>>,
+    /// The writer has ended: it wakes nothing any more.
+    writer_ended: bool,
 }
 
 /// Where the node actor puts the frames of one link: a QUIC writer's buffer ([`LinkOut`]) or
@@ -46,8 +52,19 @@ struct OutState {
 pub(crate) trait Outlet: Send + Sync {
     /// How many more frames it takes now (0 once closing).
     fn room(&self) -> usize;
-    /// Queues frames (dropped if the link is closing).
-    fn push(&self, frames: Vec<Frame>);
+    /// Queues frames (dropped if the link is closing) without waking whoever takes them;
+    /// returns whether they are to be woken ([`Outlet::wake`]). The node wakes the writers
+    /// a turn handed frames to together, in the order it chooses (see `actor::Wakes`).
+    fn queue(&self, frames: Vec<Frame>) -> bool;
+    /// Wakes whoever takes the frames, after [`Outlet::queue`].
+    fn wake(&self);
+    /// If whoever takes the frames waits for them now, wakes it and has it wake `next`
+    /// once it has taken them (before it writes them); otherwise does nothing and hands
+    /// `next` back. This lets a turn wake one writer on its worker thread and leave the rest
+    /// to that writer, instead of waking an idle worker (see `actor::Wakes`).
+    fn wake_then(&self, next: Vec<Arc<dyn Outlet>>) -> Result<(), Vec<Arc<dyn Outlet>>> {
+        Err(next)
+    }
     /// Queues the last frames and closes the link after them. Only the first call counts.
     fn close(&self, frames: Vec<Frame>, code: ErrorCode);
     /// The node holds more frames for this link than it could push: `room` is to be
@@ -63,8 +80,23 @@ impl Outlet for LinkOut {
     fn room(&self) -> usize {
         LinkOut::room(self)
     }
-    fn push(&self, frames: Vec<Frame>) {
-        LinkOut::push(self, frames)
+    fn queue(&self, frames: Vec<Frame>) -> bool {
+        LinkOut::queue(self, frames)
+    }
+    fn wake(&self) {
+        self.wake.notify_one();
+    }
+    fn wake_then(&self, next: Vec<Arc<dyn Outlet>>) -> Result<(), Vec<Arc<dyn Outlet>>> {
+        let mut state = self.state.lock().expect("link buffer lock");
+        if !state.writer_idle || state.writer_ended {
+            return Err(next);
+        }
+        // Under the lock the writer takes its frames with, so whoever takes these frames
+        // takes `next` too.
+        state.then_wake.extend(next);
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
     }
     fn close(&self, frames: Vec<Frame>, code: ErrorCode) {
         LinkOut::close(self, frames, code)
@@ -85,6 +117,14 @@ impl Outlet for LinkOut {
             state.node_waiting = true;
         }
     }
+}
+
+/// What the writer takes from [`LinkOut`] at once.
+struct Taken {
+    frames: VecDeque<Frame>,
+    closing: Option<ErrorCode>,
+    node_waiting: bool,
+    then_wake: Vec<Arc<dyn Outlet>>,
 }
 
 /// The buffer between the node actor and one link's writer task.
@@ -128,25 +168,50 @@ impl LinkOut {
         state.closing.is_none() && state.frames.len() >= WRITER_CAPACITY
     }
 
-    /// Takes every queued frame for the writer, with the closing code if the link is closing
-    /// and whether the node was waiting for room (it is to be woken, and stops waiting).
-    fn take(&self) -> (VecDeque<Frame>, Option<ErrorCode>, bool) {
+    /// Takes every queued frame for the writer, with the closing code if the link is closing,
+    /// whether the node was waiting for room (it is to be woken, and stops waiting) and the
+    /// outlets to wake now ([`Outlet::wake_then`]). With no frames, the writer is idle.
+    fn take(&self) -> Taken {
         let mut state = self.state.lock().expect("link buffer lock");
-        (std::mem::take(&mut state.frames), state.closing, std::mem::take(&mut state.node_waiting))
+        let frames = std::mem::take(&mut state.frames);
+        state.writer_idle = frames.is_empty();
+        Taken {
+            frames,
+            closing: state.closing,
+            node_waiting: std::mem::take(&mut state.node_waiting),
+            then_wake: std::mem::take(&mut state.then_wake),
+        }
     }
 
-    /// Queues frames for the writer (dropped if the link is closing).
+    /// The writer has ended: wakes what it was to wake, and takes no more.
+    fn writer_ended(&self) {
+        let mut state = self.state.lock().expect("link buffer lock");
+        state.writer_ended = true;
+        state.writer_idle = false;
+        let then_wake = std::mem::take(&mut state.then_wake);
+        drop(state);
+        then_wake.iter().for_each(|out| out.wake());
+    }
+
+    /// Queues frames for the writer (dropped if the link is closing) and wakes it.
     pub(crate) fn push(&self, frames: Vec<Frame>) {
+        if self.queue(frames) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Queues frames for the writer (dropped if the link is closing) without waking it;
+    /// returns whether it is to be woken.
+    fn queue(&self, frames: Vec<Frame>) -> bool {
         if frames.is_empty() {
-            return;
+            return false;
         }
         let mut state = self.state.lock().expect("link buffer lock");
         if state.closing.is_some() {
-            return;
+            return false;
         }
         state.frames.extend(frames);
-        drop(state);
-        self.wake.notify_one();
+        true
     }
 
     /// Queues the last frames (whatever the room) and asks the writer to close the link after
@@ -346,12 +411,24 @@ impl ReadBuf {
 
 /// Encodes and writes frames from `out` until the link closes; then ends the link with
 /// [`LinkSend::finish`].
-pub(crate) async fn writer<W: LinkSend>(mut send: W, out: Arc<LinkOut>, room: Arc<Notify>) {
+pub(crate) async fn writer<W: LinkSend>(send: W, out: Arc<LinkOut>, room: Arc<Notify>) {
+    /// However the writer ends (or is dropped), what it was to wake is woken.
+    struct Ended<'a>(&'a LinkOut);
+    impl Drop for Ended<'_> {
+        fn drop(&mut self) {
+            self.0.writer_ended();
+        }
+    }
+    let _ended = Ended(&out);
+    write_frames(send, &out, &room).await;
+}
+
+async fn write_frames<W: LinkSend>(mut send: W, out: &LinkOut, room: &Notify) {
     // Grown by the batches it encodes and given back after a small one: a thousand idle
     // links should not each hold the buffer of their busiest moment.
     let mut buf = Vec::new();
     let code = loop {
-        let (batch, closing, node_waiting) = out.take();
+        let Taken { frames: batch, closing, node_waiting, then_wake } = out.take();
         if batch.is_empty() {
             if let Some(code) = closing {
                 break code;
@@ -367,6 +444,8 @@ pub(crate) async fn writer<W: LinkSend>(mut send: W, out: Arc<LinkOut>, room: Ar
                 tracing::error!(%err, ?frame, "a frame could not be encoded; dropped");
             }
         }
+        // Writers the turn left to this one run next on this thread, after this write.
+        then_wake.iter().for_each(|next| next.wake());
         // The node may drain more into the buffer now (if it has more for this link), and
         // the reader read more.
         if node_waiting {
@@ -504,6 +583,7 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::{LinkOut, Outlet, ReadBuf, WRITER_CAPACITY};
+    use std::sync::Arc;
 
     /// Whether `room` holds a wake-up (a `notify_one` with nobody waiting).
     fn woken(room: &Notify) -> bool {
@@ -519,8 +599,8 @@ mod tests {
         let ack = |seq| Frame::Ack { seq };
         // Frames the buffer had room for: taking them wakes no one.
         out.push(vec![ack(1), ack(2)]);
-        let (frames, closing, node_waiting) = out.take();
-        assert_eq!((frames.len(), closing, node_waiting), (2, None, false));
+        let taken = out.take();
+        assert_eq!((taken.frames.len(), taken.closing, taken.node_waiting), (2, None, false));
         assert!(!woken(&room));
 
         // The node has more than the buffer takes: it waits, and the writer's next take
@@ -529,17 +609,47 @@ mod tests {
         assert_eq!(out.room(), 0);
         out.wait_for_room(&room);
         assert!(!woken(&room), "no room yet");
-        let (frames, _, node_waiting) = out.take();
-        assert_eq!((frames.len(), node_waiting), (WRITER_CAPACITY, true));
+        let taken = out.take();
+        assert_eq!((taken.frames.len(), taken.node_waiting), (WRITER_CAPACITY, true));
         out.push(vec![ack(9)]);
-        assert!(!out.take().2, "woken once per wait");
+        assert!(!out.take().node_waiting, "woken once per wait");
 
         // The writer took frames between the node's look at the room and its wait: the wait
         // wakes at once rather than never.
         out.push(vec![ack(10)]);
         out.wait_for_room(&room);
         assert!(woken(&room));
-        assert!(!out.take().2);
+        assert!(!out.take().node_waiting);
+    }
+
+    #[test]
+    fn a_writer_that_waits_for_frames_takes_the_writers_to_wake_after_it_with_them() {
+        let first = LinkOut::new();
+        let (a, b) = (LinkOut::new(), LinkOut::new());
+        let next = || vec![a.clone() as Arc<dyn Outlet>, b.clone() as Arc<dyn Outlet>];
+        let handed_back = |r: Result<(), Vec<Arc<dyn Outlet>>>| r.err().map(|n| n.len());
+        // A writer that has not looked for frames yet may not run soon: nothing is left to it.
+        assert_eq!(handed_back(first.wake_then(next())), Some(2));
+        assert!(!woken(&first.wake));
+
+        // It found none and waits: it is woken, and takes the others with its frames.
+        assert!(first.take().frames.is_empty());
+        assert!(Outlet::queue(&*first, vec![Frame::Ack { seq: 1 }]));
+        assert_eq!(handed_back(first.wake_then(next())), None);
+        assert!(woken(&first.wake));
+        let taken = first.take();
+        assert_eq!((taken.frames.len(), taken.then_wake.len()), (1, 2));
+        assert!(!woken(&a.wake) && !woken(&b.wake), "the writer wakes them, once it has its frames");
+
+        // Busy with what it took: nothing is left to it.
+        assert_eq!(handed_back(first.wake_then(next())), Some(2));
+
+        // Idle again, then it ends before it takes them: ending wakes them, and it takes no more.
+        assert!(first.take().frames.is_empty());
+        assert_eq!(handed_back(first.wake_then(next())), None);
+        first.writer_ended();
+        assert!(woken(&a.wake) && woken(&b.wake));
+        assert_eq!(handed_back(first.wake_then(next())), Some(2), "an ended writer takes no more");
     }
 
     #[test]

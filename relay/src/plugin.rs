@@ -102,13 +102,17 @@ impl Outlet for PluginOut {
         if inbox.closing { 0 } else { INBOX_CAPACITY.saturating_sub(inbox.frames.len()) }
     }
 
-    fn push(&self, frames: Vec<Frame>) {
+    fn queue(&self, frames: Vec<Frame>) -> bool {
         let mut inbox = self.lock();
-        if !inbox.closing && !frames.is_empty() {
-            inbox.frames.extend(frames);
-            drop(inbox);
-            self.wake.notify_one();
+        if inbox.closing || frames.is_empty() {
+            return false;
         }
+        inbox.frames.extend(frames);
+        true
+    }
+
+    fn wake(&self) {
+        self.wake.notify_one();
     }
 
     fn close(&self, frames: Vec<Frame>, code: ErrorCode) {
