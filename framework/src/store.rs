@@ -292,6 +292,23 @@ impl Default for MemoryStore {
 
 impl Store for MemoryStore {
     fn insert(&mut self, chunk: &Chunk) -> Result<InsertOutcome, StoreError> {
+        let size = stored_size(chunk);
+        // The common case, room without evicting: one walk down the tree finds a duplicate
+        // or the place to insert.
+        if self.stats.bytes.saturating_add(size) <= self.stats.capacity {
+            match self.chunks.entry(chunk.name()) {
+                std::collections::btree_map::Entry::Occupied(existing) => {
+                    return Ok(if existing.get() == chunk { InsertOutcome::Duplicate } else { InsertOutcome::Conflict });
+                }
+                std::collections::btree_map::Entry::Vacant(place) => {
+                    place.insert(chunk.clone());
+                }
+            }
+            self.by_expiry.insert((chunk.expiry(), chunk.name()));
+            self.stats.chunks += 1;
+            self.stats.bytes += size;
+            return Ok(InsertOutcome::Inserted);
+        }
         if let Some(existing) = self.chunks.get(&chunk.name()) {
             return Ok(if existing == chunk {
                 InsertOutcome::Duplicate

@@ -431,3 +431,29 @@ fn decoder_gives_a_bursts_buffer_back_once_drained() {
     assert_eq!(decoder.buffered(), 0);
     assert!(decoder.capacity() <= 16 * 1024, "kept {} bytes", decoder.capacity());
 }
+
+#[test]
+fn decoder_read_into_directly_reuses_its_buffer_read_after_read() {
+    // A stream of publishes, arriving in reads that split frames, each read going straight
+    // into the decoder's buffer (as `AsyncReadExt::read_buf` does).
+    let mut stream = Vec::new();
+    while stream.len() < 256 * 1024 {
+        stream.extend_from_slice(GOLDEN_PUBLISH);
+    }
+    let mut decoder = FrameDecoder::new();
+    let mut frames = 0;
+    for read in stream.chunks(7_001) {
+        let buf = decoder.buffer_for(16 * 1024);
+        assert!(buf.capacity() - buf.len() >= FrameDecoder::MIN_ROOM);
+        buf.extend_from_slice(read);
+        while let Some(frame) = decoder.next_frame().unwrap() {
+            assert_eq!(frame, golden_publish());
+            frames += 1;
+        }
+        // Room is counted with what the buffer holds: it keeps its size instead of growing
+        // by a read's size on every read.
+        assert!(decoder.capacity() < 32 * 1024, "grew to {} bytes", decoder.capacity());
+    }
+    assert_eq!(frames, stream.len() / GOLDEN_PUBLISH.len());
+    assert_eq!(decoder.buffered(), 0);
+}

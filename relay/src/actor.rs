@@ -99,22 +99,32 @@ impl SyncThread {
     }
 }
 
-/// Frames a reader's batch holds at most to be routed on the reader's own thread
-/// ([`Turns`]); larger batches go to the node's thread, so reading and routing overlap.
+/// Frames a reader's batch holds at most to be a small turn ([`Turns`]): its writers are
+/// woken so that the first runs next on the reader's thread ([`Wakes::hand_on`]).
 pub(crate) const INLINE_FRAMES: usize = 8;
+
+/// What a turn a link reader ran did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Turn {
+    /// A subscriber's queue is filling faster than its writer drains it.
+    pub(crate) congested: bool,
+    /// Frames the turn handed to writers (deliveries, acks, answers).
+    pub(crate) handed: usize,
+}
 
 /// Runs a turn of the node for a link reader's frames on the reader's own thread.
 ///
 /// Handing a chunk to the node's thread wakes that thread, and on an idle machine the
 /// scheduler puts it on another, idle, CPU, which takes tens of microseconds to wake (a
-/// third of a delivery's latency on a 2-vCPU VM, docs/performance.md). A reader with a small
-/// batch, while the node is free, routes it itself instead: the chunk goes from the
-/// publisher's socket to the subscriber's writer on one thread.
+/// third of a delivery's latency on a 2-vCPU VM, docs/performance.md), and under load the
+/// hand-over costs a context switch and a futex wake per batch. A reader routes its batch
+/// itself instead while the node is free: the chunk goes from the publisher's socket to the
+/// subscriber's writer on one thread. The reader decides which batches ([`Turn::handed`]):
+/// chunks that fan out wide go to the node's thread, so their routing overlaps the reading.
 pub(crate) trait Turns: Send + Sync {
     /// Runs the turn if the node is free and nothing this link sent earlier waits in the
     /// inbox (so frames stay in order); otherwise gives the frames back for the inbox.
-    /// `Ok(true)`: a subscriber's queue is filling faster than its writer drains it.
-    fn try_turn(&self, link: LinkId, out: &LinkOut, frames: Vec<Frame>) -> Result<bool, Vec<Frame>>;
+    fn try_turn(&self, link: LinkId, out: &LinkOut, frames: Vec<Frame>) -> Result<Turn, Vec<Frame>>;
 }
 
 /// The node and what a turn needs. The actor's thread holds it for its turns; a link reader
@@ -143,6 +153,8 @@ struct Wakes {
     outlets: Vec<Arc<dyn Outlet>>,
     /// Held for [`Wakes::hand_on`] at the end of the turn (an inline turn).
     hold: bool,
+    /// Frames handed over since the count was last reset.
+    handed: usize,
 }
 
 impl Wakes {
@@ -190,18 +202,22 @@ struct Core<S: Store> {
 }
 
 impl<S: Store + Send + 'static> Turns for Shared<S> {
-    fn try_turn(&self, link: LinkId, out: &LinkOut, frames: Vec<Frame>) -> Result<bool, Vec<Frame>> {
+    fn try_turn(&self, link: LinkId, out: &LinkOut, frames: Vec<Frame>) -> Result<Turn, Vec<Frame>> {
         let Ok(mut guard) = self.try_lock() else { return Err(frames) };
         let Some(core) = guard.as_mut() else { return Err(frames) };
         if out.in_inbox() > 0 {
             return Err(frames);
         }
-        core.wakes.hold = true;
+        // A small turn (a paced publish) holds its wakes for `hand_on`; a large one wakes
+        // its writers as the node's thread would, so other workers take some of them.
+        let small = frames.len() <= INLINE_FRAMES;
+        core.wakes.hold = small;
+        core.wakes.handed = 0;
         let congested = core.apply(ToNode::Frames { link, frames }, now_ms());
         core.end_turn(None);
         core.wakes.hand_on();
         core.wakes.hold = false;
-        Ok(congested)
+        Ok(Turn { congested, handed: core.wakes.handed })
     }
 }
 
@@ -484,8 +500,12 @@ fn push_ready<S: Store>(node: &mut Node<S>, outs: &HashMap<LinkId, Arc<dyn Outle
 /// Returns whether some are left.
 fn hand_over<S: Store>(node: &mut Node<S>, link: LinkId, out: &Arc<dyn Outlet>, room: &Notify, now: u64, wakes: &mut Wakes) -> bool {
     let space = out.room();
-    if space > 0 && out.queue(node.drain(link, space, now)) {
-        wakes.outlets.push(out.clone());
+    if space > 0 {
+        let frames = node.drain(link, space, now);
+        wakes.handed += frames.len();
+        if out.queue(frames) {
+            wakes.outlets.push(out.clone());
+        }
     }
     let left = node.queued(link) > 0;
     if left {
@@ -724,7 +744,8 @@ mod tests {
         // Now it routes on its own thread: the subscriber's outlet has the chunk and the
         // publisher's writer its hello and ack, with no actor running.
         let room = publisher.room();
-        assert_eq!(shared.try_turn(2, &publisher, vec![hello(), Frame::Publish { seq: 1, chunk: chunk(42) }]), Ok(false));
+        let turn = shared.try_turn(2, &publisher, vec![hello(), Frame::Publish { seq: 1, chunk: chunk(42) }]);
+        assert_eq!(turn, Ok(Turn { congested: false, handed: 3 }), "the delivery, the hello and the ack");
         let delivered = next(&sub, "delivery", |f| matches!(f, Frame::Deliver { .. }));
         assert!(matches!(delivered, Frame::Deliver { id: 7, chunk: c } if c == chunk(42)));
         assert_eq!(publisher.room(), room - 2, "hello and ack queued for the publisher's writer");
