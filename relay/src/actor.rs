@@ -48,8 +48,40 @@ pub(crate) enum Stop {
 
 /// Messages taken per turn at most, so writers get served under a flood.
 const BATCH: usize = 512;
-/// How long a turn that left a filling queue with a full writer waits for that writer.
-pub(crate) const CONGESTION_WAIT: Duration = Duration::from_millis(2);
+/// How long the node waits for a congested link's writer to take frames before it stops
+/// waiting for it: a reader that stopped (see [`wait_out_congestion`]). Long enough for a
+/// reader on a busy machine: at 2 ms, a reader that kept up was given up on between two
+/// writes when three relays and their clients shared two cores.
+pub(crate) const CONGESTION_WAIT: Duration = Duration::from_millis(20);
+/// The longest the node holds back new input for congested links at a time, however steadily
+/// their writers drain: a reader that keeps up on average is carried through a burst, and
+/// one slower than its publishers for longer ends as a slow consumer.
+pub(crate) const CONGESTION_PAUSE: Duration = Duration::from_millis(100);
+
+/// After a turn that left a link congested (its queue crossed half its bound and its writer
+/// had no room for it): holds back new input (the caller reads nothing meanwhile, so the
+/// bounded inbox and QUIC or TCP flow control push back on the publishers) while the
+/// congested links' writers keep taking frames and some congested link still holds half
+/// its bound or more, at most [`CONGESTION_PAUSE`]. `relieve(false)` hands the writers what
+/// they have room for and says whether a congested link is still that full;
+/// `relieve(true)` gives up on them. A writer that takes nothing for [`CONGESTION_WAIT`] is
+/// not waited for: its reader stopped, and its queue, which stays full and so never crosses
+/// half its bound again, ends it as a slow consumer.
+///
+/// Waiting only until the first frames were taken, as before, let the next turn route up
+/// to [`BATCH`] messages into a queue already past half its bound, which ended readers
+/// that kept up but drained a burst more slowly than it arrived (`relay/tests/slow_consumer.rs`,
+/// pipelined, failed one run in four).
+pub(crate) async fn wait_out_congestion(room: &Notify, mut relieve: impl FnMut(bool) -> bool) {
+    let give_up = tokio::time::Instant::now() + CONGESTION_PAUSE;
+    loop {
+        let deadline = (tokio::time::Instant::now() + CONGESTION_WAIT).min(give_up);
+        let stalled = tokio::time::timeout_at(deadline, room.notified()).await.is_err();
+        if !relieve(stalled) || stalled {
+            return;
+        }
+    }
+}
 
 /// Unix time in milliseconds.
 pub(crate) fn now_ms() -> u64 {
@@ -125,6 +157,9 @@ pub(crate) trait Turns: Send + Sync {
     /// Runs the turn if the node is free and nothing this link sent earlier waits in the
     /// inbox (so frames stay in order); otherwise gives the frames back for the inbox.
     fn try_turn(&self, link: LinkId, out: &LinkOut, frames: Vec<Frame>) -> Result<Turn, Vec<Frame>>;
+    /// For [`wait_out_congestion`] after a congested turn; `true` (keep waiting) while the
+    /// node's thread holds the node, which hands the writers their frames itself then.
+    fn relieve(&self, give_up: bool) -> bool;
 }
 
 /// The node and what a turn needs. The actor's thread holds it for its turns; a link reader
@@ -195,6 +230,9 @@ struct Core<S: Store> {
     sync_interval: Option<Duration>,
     /// The outlets this turn handed frames to, to wake.
     wakes: Wakes,
+    /// Links whose queue crossed half its bound while their writer had no room for it, not
+    /// yet relieved (see [`wait_out_congestion`]).
+    congested: Vec<LinkId>,
     /// With a sync interval: a timed sync is due.
     sync_due: bool,
     /// `None`: sync on this thread (no syncer, or the sync thread died).
@@ -205,7 +243,9 @@ impl<S: Store + Send + 'static> Turns for Shared<S> {
     fn try_turn(&self, link: LinkId, out: &LinkOut, frames: Vec<Frame>) -> Result<Turn, Vec<Frame>> {
         let Ok(mut guard) = self.try_lock() else { return Err(frames) };
         let Some(core) = guard.as_mut() else { return Err(frames) };
-        if out.in_inbox() > 0 {
+        // While the node waits out congestion, input waits in the inbox (and, once that is
+        // full, in the transport), not in the congested queues.
+        if out.in_inbox() > 0 || !core.congested.is_empty() {
             return Err(frames);
         }
         // A small turn (a paced publish) holds its wakes for `hand_on`; a large one wakes
@@ -218,6 +258,11 @@ impl<S: Store + Send + 'static> Turns for Shared<S> {
         core.wakes.hand_on();
         core.wakes.hold = false;
         Ok(Turn { congested, handed: core.wakes.handed })
+    }
+
+    fn relieve(&self, give_up: bool) -> bool {
+        let Ok(mut guard) = self.try_lock() else { return !give_up };
+        guard.as_mut().is_some_and(|core| core.relieve(give_up))
     }
 }
 
@@ -246,6 +291,7 @@ pub(crate) fn spawn<S: Store + Send + 'static>(
         snapshot: parts.snapshot.clone(),
         sync_interval: parts.sync_interval,
         wakes: Wakes::default(),
+        congested: Vec::new(),
         sync_due: false,
         sync,
     };
@@ -348,7 +394,21 @@ impl<S: Store> Core<S> {
     /// Hands one message to the node; returns whether a queue crossed half its bound and
     /// its writer could not take all of it (the turn should let writers catch up).
     fn apply(&mut self, msg: ToNode, now: u64) -> bool {
-        apply(&mut self.node, &mut self.outs, &self.room, &mut self.wakes, msg, now)
+        apply(&mut self.node, &mut self.outs, &self.room, &mut self.wakes, &mut self.congested, msg, now)
+    }
+
+    /// Hands the writers what they have room for now; returns whether a congested link
+    /// still holds half its bound or more. With `give_up`, stops waiting for them instead.
+    fn relieve(&mut self, give_up: bool) -> bool {
+        if give_up {
+            self.congested.clear();
+            return false;
+        }
+        push_ready(&mut self.node, &self.outs, &self.room, &mut self.ready, &mut self.wakes);
+        self.wakes.now();
+        let (node, half) = (&self.node, self.node.config().max_queue.div_ceil(2));
+        self.congested.retain(|&link| node.queued(link) >= half);
+        !self.congested.is_empty()
     }
 
     /// [`Core::apply`] for a message taken from the inbox: the link's count of messages
@@ -472,14 +532,11 @@ async fn run<S: Store>(shared: &Shared<S>, mut parts: ActorParts, mut sync_done:
             }
         }
         lock(shared).as_mut().expect("held until the actor ends").end_turn(frontend.as_mut());
-        // A subscriber's queue is filling faster than its writer drains it: give the writer a
-        // moment (until it takes frames, at most `CONGESTION_WAIT`) before reading more, so a
-        // burst arriving faster than a reader's path carries it pushes back on the publishers
-        // (through the bounded inbox and QUIC flow control) instead of ending a reader that
-        // keeps up. A reader that stopped is not waited for again: its queue stays full and
-        // never crosses half its bound a second time, so it ends as a slow consumer.
+        // A subscriber's queue is filling faster than its writer drains it: read no more
+        // while it drains, so a burst arriving faster than a reader's path carries it pushes
+        // back on the publishers instead of ending a reader that keeps up.
         if std::mem::take(&mut congested) {
-            let _ = tokio::time::timeout(CONGESTION_WAIT, parts.room.notified()).await;
+            wait_out_congestion(&parts.room, |give_up| lock(shared).as_mut().is_some_and(|core| core.relieve(give_up))).await;
         }
     }
 }
@@ -516,7 +573,15 @@ fn hand_over<S: Store>(node: &mut Node<S>, link: LinkId, out: &Arc<dyn Outlet>, 
 
 /// Hands one message to the node; returns whether a queue crossed half its bound and its
 /// writer could not take all of it (the turn should let writers catch up).
-fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet>>, room: &Notify, wakes: &mut Wakes, msg: ToNode, now: u64) -> bool {
+fn apply<S: Store>(
+    node: &mut Node<S>,
+    outs: &mut HashMap<LinkId, Arc<dyn Outlet>>,
+    room: &Notify,
+    wakes: &mut Wakes,
+    congested_links: &mut Vec<LinkId>,
+    msg: ToNode,
+    now: u64,
+) -> bool {
     let mut congested = false;
     match msg {
         ToNode::Accepted { link, out } => {
@@ -538,8 +603,11 @@ fn apply<S: Store>(node: &mut Node<S>, outs: &mut HashMap<LinkId, Arc<dyn Outlet
                 // end of the turn, which may be tens of thousands of frames away.
                 node.take_urgent(&mut urgent);
                 for link in urgent.drain(..) {
-                    if let Some(out) = outs.get(&link) {
-                        congested |= hand_over(node, link, out, room, now, wakes);
+                    if let Some(out) = outs.get(&link)
+                        && hand_over(node, link, out, room, now, wakes)
+                    {
+                        congested = true;
+                        congested_links.push(link);
                     }
                 }
                 // Those writers are to drain now, inline turn or not.
@@ -659,6 +727,55 @@ mod tests {
         fn close(&self, _: Vec<Frame>, _: ErrorCode) {}
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn congestion_holds_input_while_writers_drain_and_not_for_a_stalled_one() {
+        use tokio::time::Instant;
+        // Relieved at the first frames a writer takes: one look, and done.
+        let room = Notify::new();
+        room.notify_one();
+        let mut looks = Vec::new();
+        wait_out_congestion(&room, |give_up| {
+            looks.push(give_up);
+            false
+        })
+        .await;
+        assert_eq!(looks, [false]);
+
+        // Writers keep taking frames but a queue stays over half its bound: input is held,
+        // but for no longer than CONGESTION_PAUSE.
+        let room = Arc::new(Notify::new());
+        let writer = tokio::spawn({
+            let room = room.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(CONGESTION_WAIT / 4).await;
+                    room.notify_one();
+                }
+            }
+        });
+        let start = Instant::now();
+        let mut looks = 0;
+        wait_out_congestion(&room, |give_up| {
+            looks += 1;
+            !give_up
+        })
+        .await;
+        writer.abort();
+        assert_eq!(start.elapsed(), CONGESTION_PAUSE);
+        assert!(looks > 10, "waited through many writes: {looks}");
+
+        // A writer that takes nothing: given up on (`relieve(true)`) after CONGESTION_WAIT.
+        let room = Notify::new();
+        let start = Instant::now();
+        let mut looks = Vec::new();
+        wait_out_congestion(&room, |give_up| {
+            looks.push(give_up);
+            true
+        })
+        .await;
+        assert_eq!((looks, start.elapsed()), (vec![true], CONGESTION_WAIT));
+    }
+
     #[test]
     fn an_inline_turn_wakes_one_waiting_writer_and_leaves_the_rest_to_it() {
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -713,6 +830,7 @@ mod tests {
             snapshot: Arc::new(Mutex::new(RelayMetrics::default())),
             sync_interval: None,
             wakes: Wakes::default(),
+            congested: Vec::new(),
             sync_due: false,
             sync: None,
         };
@@ -761,12 +879,19 @@ mod tests {
             assert!(matches!(delivered, Frame::Deliver { chunk: c, .. } if c == chunk(name)), "in order");
         }
 
+        // While the node waits out a congested link, frames go back (to wait in the inbox);
+        // once it gives up on it, they are routed here again.
+        lock(&shared).as_mut().unwrap().congested.push(1);
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 4, chunk: chunk(45) }]).is_err());
+        assert!(!shared.relieve(true), "given up on");
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 4, chunk: chunk(45) }]).is_ok());
+
         // While the actor's thread holds the node, and once it has stopped, frames go back.
         let guard = lock(&shared);
-        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 4, chunk: chunk(45) }]).is_err());
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 5, chunk: chunk(46) }]).is_err());
         drop(guard);
         *lock(&shared) = None;
-        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 4, chunk: chunk(45) }]).is_err());
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 5, chunk: chunk(46) }]).is_err());
     }
 
     #[test]

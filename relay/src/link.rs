@@ -576,10 +576,10 @@ pub(crate) async fn reader<R: AsyncRead + Unpin>(
                                     fanout.routed(count, handed);
                                 }
                                 if congested {
-                                    // As the node's thread does after such a turn: give the
-                                    // writers a moment before reading more, then pass the
+                                    // As the node's thread does after such a turn: read no
+                                    // more while the writers drain, then pass the last
                                     // wake-up on to the node, which may be waiting for it too.
-                                    let _ = tokio::time::timeout(crate::actor::CONGESTION_WAIT, room.notified()).await;
+                                    crate::actor::wait_out_congestion(room, |give_up| turns.relieve(give_up)).await;
                                     room.notify_one();
                                 }
                                 Vec::new()
