@@ -640,10 +640,9 @@ impl FrameDecoder {
     /// bytes it holds (and never less than [`FrameDecoder::MIN_ROOM`] of room). Only
     /// append to it.
     ///
-    /// Room is counted that way so the buffer is not reallocated on every read: its space
-    /// is reused once the frames in it are taken. Asking for `size` bytes more each time
-    /// would double it on every full read, past the allocator's threshold for mapping
-    /// fresh, zeroed pages (measured: a third of a relay's CPU zeroing pages).
+    /// Room is counted that way so the buffer keeps its size from read to read, its space
+    /// reused once the frames in it are taken: asking for `size` bytes more each time would
+    /// grow it by a read's size whenever a read left part of a frame behind.
     pub fn buffer_for(&mut self, size: usize) -> &mut BytesMut {
         self.buf.reserve(size.saturating_sub(self.buf.len()).max(Self::MIN_ROOM));
         &mut self.buf

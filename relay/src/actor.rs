@@ -271,7 +271,7 @@ fn lock<S: Store>(shared: &Shared<S>) -> std::sync::MutexGuard<'_, Option<Core<S
     shared.lock().expect("node lock")
 }
 
-/// Starts the actor on its own thread. With `inline`, link readers may run small turns
+/// Starts the actor on its own thread. With `inline`, link readers may run turns
 /// themselves ([`Turns`], returned); only for stores whose writes do not block.
 pub(crate) fn spawn<S: Store + Send + 'static>(
     node: Node<S>,
@@ -310,7 +310,7 @@ pub(crate) fn spawn<S: Store + Send + 'static>(
 pub(crate) struct Started {
     /// Fires when the actor has stopped and dropped the node (and so closed the store).
     pub(crate) done: oneshot::Receiver<()>,
-    /// For link readers to run small turns themselves; `None` unless asked for.
+    /// For link readers to run turns themselves; `None` unless asked for.
     pub(crate) turns: Option<Arc<dyn Turns>>,
 }
 

@@ -5,8 +5,9 @@
 //!
 //! Data flows one way. Each link's reader task (a QUIC connection's control stream, or a
 //! connection on the Unix socket, see [`RelayConfig::unix_listen`]) decodes frames and sends them to the **node actor**, the single task that owns the `Node` and its
-//! store (a reader with a small batch runs the actor's turn itself when the node is free, with
-//! the memory store). The actor handles a batch of frames, syncs the store once for the batch (releasing
+//! store (with the memory store, a reader runs the actor's turn for what it read itself when
+//! the node is free, unless its chunks fan out wide, and wakes one writer on its own thread,
+//! which wakes the rest once it has its frames). The actor handles a batch of frames, syncs the store once for the batch (releasing
 //! the acks), and moves the frames the node queued into each link's writer buffer as far as
 //! the writer has room; writer tasks encode them onto the stream. A parent task keeps the
 //! connection to the parent relay up, reconnecting with capped exponential backoff; the node
@@ -109,7 +110,7 @@ struct Shared {
     next_link: AtomicU64,
     /// The largest UDP payload the QUIC endpoints accept and probe for.
     max_udp_payload: u16,
-    /// Small turns run on link readers' threads (memory store); set once the actor runs.
+    /// Turns run on link readers' threads (memory store); set once the actor runs.
     turns: std::sync::OnceLock<Arc<dyn actor::Turns>>,
 }
 

@@ -86,14 +86,13 @@
 //!
 //! ## Latency
 //!
-//! The client's background task runs on the application's tokio runtime. For the lowest
-//! delivery latency at low and moderate rates, run the client on a current-thread runtime
-//! (or one with a single worker). A multi-threaded runtime wakes idle workers to look for
-//! work, and on a quiet machine each such wake lands on an idle CPU, which can take tens of
-//! microseconds. With one worker thread in the client and in the relay (`TOKIO_WORKER_THREADS=1`;
-//! the relay's docs, *Network threads and latency*), a paced 1 KiB chunk over TLS on TCP took
-//! 48 µs at the median on a 2-vCPU machine, against 182 µs with the defaults
-//! (docs/performance.md, "Wake-ups across CPUs"). For the most chunks per second from one
+//! The client's background task runs on the application's tokio runtime. With each process
+//! at its defaults (a multi-threaded runtime in the client), a paced 1 KiB chunk over TLS on
+//! TCP took 45 µs from publish to delivery at the median on a 2-vCPU machine, against 81 µs
+//! for NATS core (docs/performance.md, "One thread per paced chunk"). A multi-threaded
+//! runtime can still wake idle workers to look for work, and on a quiet machine each such
+//! wake lands on an idle CPU, which can take tens of microseconds; a current-thread runtime
+//! (or one with a single worker) never does. For the most chunks per second from one
 //! publisher, keep many publishes in flight: each waits for its own ack.
 
 mod client;
