@@ -636,9 +636,9 @@ impl FrameDecoder {
 
     /// The buffer, with room to receive into directly (with
     /// `tokio::io::AsyncReadExt::read_buf`, say) rather than copy each byte in from a buffer
-    /// of one's own with [`FrameDecoder::extend`]: it is made `size` bytes long, counting the
-    /// bytes it holds (and never less than [`FrameDecoder::MIN_ROOM`] of room). Only
-    /// append to it.
+    /// of one's own with [`FrameDecoder::extend`]: it is made at least `size` bytes long,
+    /// counting the bytes it holds, with at least [`FrameDecoder::MIN_ROOM`] of room (a read
+    /// may fill all of its spare capacity, which can be more). Only append to it.
     ///
     /// Room is counted that way so the buffer keeps its size from read to read, its space
     /// reused once the frames in it are taken: asking for `size` bytes more each time would

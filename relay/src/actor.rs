@@ -2,15 +2,15 @@
 //!
 //! It runs on a thread of its own (with a single-threaded tokio runtime), so the store's
 //! blocking writes and fsyncs never stall the network tasks. The node sits behind a lock:
-//! with the memory store, a link reader with a small batch runs the turn itself when the
-//! node is free ([`Turns`]), which saves a chunk a wake-up of this thread. Each turn it takes a batch of
+//! with the memory store, a link reader runs the turn for what it read itself when the node
+//! is free ([`Turns`]), which saves a chunk a wake-up of this thread. Each turn it takes a batch of
 //! messages from the connection tasks, hands the frames to the node, flushes once (one fsync
 //! per batch releases all the acks of the batch), closes links the node asked to close, and
 //! moves queued frames into the writers' buffers as far as they have room.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use canopy::node::{Event, LinkId, Node, ParentRefusal, SyncTicket};
 use canopy::wire::Frame;
@@ -48,8 +48,8 @@ pub(crate) enum Stop {
 
 /// Messages taken per turn at most, so writers get served under a flood.
 const BATCH: usize = 512;
-/// How long the node waits for a congested link's writer to take frames before it stops
-/// waiting for it: a reader that stopped (see [`wait_out_congestion`]). Long enough for a
+/// How long the node waits for the writers to take frames, while a link is congested,
+/// before it stops waiting: a reader that stopped (see [`wait_out_congestion`]). Long enough for a
 /// reader on a busy machine: at 2 ms, a reader that kept up was given up on between two
 /// writes when three relays and their clients shared two cores.
 pub(crate) const CONGESTION_WAIT: Duration = Duration::from_millis(20);
@@ -64,9 +64,9 @@ pub(crate) const CONGESTION_PAUSE: Duration = Duration::from_millis(100);
 /// congested links' writers keep taking frames and some congested link still holds half
 /// its bound or more, at most [`CONGESTION_PAUSE`]. `relieve(false)` hands the writers what
 /// they have room for and says whether a congested link is still that full;
-/// `relieve(true)` gives up on them. A writer that takes nothing for [`CONGESTION_WAIT`] is
-/// not waited for: its reader stopped, and its queue, which stays full and so never crosses
-/// half its bound again, ends it as a slow consumer.
+/// `relieve(true)` gives up on them. When no writer takes anything for [`CONGESTION_WAIT`],
+/// the congested link's reader stopped: it is not waited for, and its queue, which stays
+/// full and so never crosses half its bound again, ends it as a slow consumer.
 ///
 /// Waiting only until the first frames were taken, as before, let the next turn route up
 /// to [`BATCH`] messages into a queue already past half its bound, which ended readers
@@ -75,9 +75,17 @@ pub(crate) const CONGESTION_PAUSE: Duration = Duration::from_millis(100);
 pub(crate) async fn wait_out_congestion(room: &Notify, mut relieve: impl FnMut(bool) -> bool) {
     let give_up = tokio::time::Instant::now() + CONGESTION_PAUSE;
     loop {
-        let deadline = (tokio::time::Instant::now() + CONGESTION_WAIT).min(give_up);
-        let stalled = tokio::time::timeout_at(deadline, room.notified()).await.is_err();
-        if !relieve(stalled) || stalled {
+        let now = tokio::time::Instant::now();
+        if now >= give_up {
+            relieve(true);
+            return;
+        }
+        // (A wake-up already stored counts even past the deadline: hence the check above.)
+        if tokio::time::timeout_at((now + CONGESTION_WAIT).min(give_up), room.notified()).await.is_err() {
+            relieve(true);
+            return;
+        }
+        if !relieve(false) {
             return;
         }
     }
@@ -154,11 +162,14 @@ pub(crate) struct Turn {
 /// subscriber's writer on one thread. The reader decides which batches ([`Turn::handed`]):
 /// chunks that fan out wide go to the node's thread, so their routing overlaps the reading.
 pub(crate) trait Turns: Send + Sync {
-    /// Runs the turn if the node is free and nothing this link sent earlier waits in the
-    /// inbox (so frames stay in order); otherwise gives the frames back for the inbox.
+    /// Runs the turn if the node is free, nothing this link sent earlier waits in the inbox
+    /// (so frames stay in order) and no link is congested; otherwise gives the frames back
+    /// for the inbox.
     fn try_turn(&self, link: LinkId, out: &LinkOut, frames: Vec<Frame>) -> Result<Turn, Vec<Frame>>;
     /// For [`wait_out_congestion`] after a congested turn; `true` (keep waiting) while the
-    /// node's thread holds the node, which hands the writers their frames itself then.
+    /// node's thread holds the node, which hands the writers their frames itself then. A
+    /// give-up that finds the node held is left undone: congestion older than
+    /// [`CONGESTION_PAUSE`] is dropped by the next turn anyway.
     fn relieve(&self, give_up: bool) -> bool;
 }
 
@@ -233,6 +244,8 @@ struct Core<S: Store> {
     /// Links whose queue crossed half its bound while their writer had no room for it, not
     /// yet relieved (see [`wait_out_congestion`]).
     congested: Vec<LinkId>,
+    /// When `congested` last went from empty to not.
+    congested_since: Instant,
     /// With a sync interval: a timed sync is due.
     sync_due: bool,
     /// `None`: sync on this thread (no syncer, or the sync thread died).
@@ -245,7 +258,7 @@ impl<S: Store + Send + 'static> Turns for Shared<S> {
         let Some(core) = guard.as_mut() else { return Err(frames) };
         // While the node waits out congestion, input waits in the inbox (and, once that is
         // full, in the transport), not in the congested queues.
-        if out.in_inbox() > 0 || !core.congested.is_empty() {
+        if out.in_inbox() > 0 || core.is_congested() {
             return Err(frames);
         }
         // A small turn (a paced publish) holds its wakes for `hand_on`; a large one wakes
@@ -292,6 +305,7 @@ pub(crate) fn spawn<S: Store + Send + 'static>(
         sync_interval: parts.sync_interval,
         wakes: Wakes::default(),
         congested: Vec::new(),
+        congested_since: Instant::now(),
         sync_due: false,
         sync,
     };
@@ -394,7 +408,22 @@ impl<S: Store> Core<S> {
     /// Hands one message to the node; returns whether a queue crossed half its bound and
     /// its writer could not take all of it (the turn should let writers catch up).
     fn apply(&mut self, msg: ToNode, now: u64) -> bool {
-        apply(&mut self.node, &mut self.outs, &self.room, &mut self.wakes, &mut self.congested, msg, now)
+        let was = !self.congested.is_empty();
+        let congested = apply(&mut self.node, &mut self.outs, &self.room, &mut self.wakes, &mut self.congested, msg, now);
+        if !was && !self.congested.is_empty() {
+            self.congested_since = Instant::now();
+        }
+        congested
+    }
+
+    /// Whether a link is congested: input waits until its writer drains it. Congestion
+    /// older than [`CONGESTION_PAUSE`] is dropped here, should its waiter have stopped
+    /// without giving it up (a reader that ended, or found the node held).
+    fn is_congested(&mut self) -> bool {
+        if !self.congested.is_empty() && self.congested_since.elapsed() >= CONGESTION_PAUSE {
+            self.congested.clear();
+        }
+        !self.congested.is_empty()
     }
 
     /// Hands the writers what they have room for now; returns whether a congested link
@@ -502,6 +531,11 @@ async fn run<S: Store>(shared: &Shared<S>, mut parts: ActorParts, mut sync_done:
             }
             msg = parts.inbox.recv(), if !store_full => {
                 let Some(msg) = msg else { return };
+                // A reader's own turn found a link congested: its writer drains before more
+                // is routed into it (the readers send their frames here meanwhile).
+                if lock(shared).as_mut().is_some_and(|core| core.is_congested()) {
+                    wait_out_congestion(&parts.room, |give_up| lock(shared).as_mut().is_some_and(|core| core.relieve(give_up))).await;
+                }
                 let mut guard = lock(shared);
                 let core = guard.as_mut().expect("held until the actor ends");
                 let now = now_ms();
@@ -560,7 +594,9 @@ fn hand_over<S: Store>(node: &mut Node<S>, link: LinkId, out: &Arc<dyn Outlet>, 
     if space > 0 {
         let frames = node.drain(link, space, now);
         wakes.handed += frames.len();
-        if out.queue(frames) {
+        // (A link handed frames twice in a row, say a hello's answer and then an ack, is
+        // woken once.)
+        if out.queue(frames) && !wakes.outlets.last().is_some_and(|last| std::ptr::addr_eq(Arc::as_ptr(last), Arc::as_ptr(out))) {
             wakes.outlets.push(out.clone());
         }
     }
@@ -831,6 +867,7 @@ mod tests {
             sync_interval: None,
             wakes: Wakes::default(),
             congested: Vec::new(),
+            congested_since: Instant::now(),
             sync_due: false,
             sync: None,
         };
@@ -881,17 +918,26 @@ mod tests {
 
         // While the node waits out a congested link, frames go back (to wait in the inbox);
         // once it gives up on it, they are routed here again.
-        lock(&shared).as_mut().unwrap().congested.push(1);
+        let congest = |since: Instant| {
+            let mut guard = lock(&shared);
+            let core = guard.as_mut().unwrap();
+            core.congested.push(1);
+            core.congested_since = since;
+        };
+        congest(Instant::now());
         assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 4, chunk: chunk(45) }]).is_err());
         assert!(!shared.relieve(true), "given up on");
         assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 4, chunk: chunk(45) }]).is_ok());
+        // Congestion nobody gave up on (its waiter ended) lapses after CONGESTION_PAUSE.
+        congest(Instant::now() - CONGESTION_PAUSE);
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 5, chunk: chunk(46) }]).is_ok());
 
         // While the actor's thread holds the node, and once it has stopped, frames go back.
         let guard = lock(&shared);
-        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 5, chunk: chunk(46) }]).is_err());
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 6, chunk: chunk(47) }]).is_err());
         drop(guard);
         *lock(&shared) = None;
-        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 5, chunk: chunk(46) }]).is_err());
+        assert!(shared.try_turn(2, &publisher, vec![Frame::Publish { seq: 6, chunk: chunk(47) }]).is_err());
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl Outlet for LinkOut {
     }
     fn wake_then(&self, next: Vec<Arc<dyn Outlet>>) -> Result<(), Vec<Arc<dyn Outlet>>> {
         let mut state = self.state.lock().expect("link buffer lock");
-        if !state.writer_idle || state.writer_ended {
+        if !state.writer_idle || state.writer_ended || state.closing.is_some() {
             return Err(next);
         }
         // Under the lock the writer takes its frames with, so whoever takes these frames
@@ -174,7 +174,9 @@ impl LinkOut {
     fn take(&self) -> Taken {
         let mut state = self.state.lock().expect("link buffer lock");
         let frames = std::mem::take(&mut state.frames);
-        state.writer_idle = frames.is_empty();
+        // A closing writer that found nothing left goes on to end the link (which may take
+        // `LINGER`): it is not waiting for frames.
+        state.writer_idle = frames.is_empty() && state.closing.is_none();
         Taken {
             frames,
             closing: state.closing,
@@ -358,7 +360,7 @@ where
     }
 }
 
-/// What a link reader needs to route small batches itself ([`Turns`]).
+/// What a link reader needs to route its batches itself ([`Turns`]).
 pub(crate) struct Inline {
     pub(crate) turns: Arc<dyn Turns>,
     /// Notified when a writer takes frames the node waits to hand it.
@@ -469,6 +471,9 @@ async fn write_frames<W: LinkSend>(mut send: W, out: &LinkOut, room: &Notify) {
     let mut buf = Vec::new();
     let code = loop {
         let Taken { frames: batch, closing, node_waiting, then_wake } = out.take();
+        // Writers a turn left to this one run next on this thread, after this write (or at
+        // once, if there is nothing to write: they must never be dropped).
+        then_wake.iter().for_each(|next| next.wake());
         if batch.is_empty() {
             if let Some(code) = closing {
                 break code;
@@ -484,8 +489,6 @@ async fn write_frames<W: LinkSend>(mut send: W, out: &LinkOut, room: &Notify) {
                 tracing::error!(%err, ?frame, "a frame could not be encoded; dropped");
             }
         }
-        // Writers the turn left to this one run next on this thread, after this write.
-        then_wake.iter().for_each(|next| next.wake());
         // The node may drain more into the buffer now (if it has more for this link), and
         // the reader read more.
         if node_waiting {
@@ -669,6 +672,27 @@ mod tests {
         assert!(!out.take().node_waiting);
     }
 
+    #[tokio::test]
+    async fn a_writer_with_nothing_to_write_still_wakes_the_writers_left_to_it() {
+        let (socket, _peer) = tokio::net::UnixStream::pair().unwrap();
+        let (_read, write) = socket.into_split();
+        let (out, next) = (LinkOut::new(), LinkOut::new());
+        let task = tokio::spawn(super::writer(write, out.clone(), Arc::new(Notify::new())));
+        // Once the writer waits for frames, a turn leaves `next` to it, and then the frames
+        // meant for it are gone before it looks (taken by a run it was already making).
+        let mut tries = 0;
+        while out.wake_then(vec![next.clone() as Arc<dyn Outlet>]).is_err() {
+            tries += 1;
+            assert!(tries < 100_000, "the writer never waited for frames");
+            tokio::task::yield_now().await;
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), next.wake.notified())
+            .await
+            .expect("the writer found nothing to write and woke `next` all the same");
+        out.close(Vec::new(), super::NORMAL);
+        task.await.unwrap();
+    }
+
     #[test]
     fn large_batches_of_a_link_whose_chunks_fan_out_wide_go_to_the_node_thread_but_for_a_probe() {
         let mut fanout = Fanout::default();
@@ -710,6 +734,13 @@ mod tests {
         first.writer_ended();
         assert!(woken(&a.wake) && woken(&b.wake));
         assert_eq!(handed_back(first.wake_then(next())), Some(2), "an ended writer takes no more");
+
+        // A closing writer that found its last frames sent goes on to end the link (which may
+        // take seconds): nothing is left to it.
+        let closing = LinkOut::new();
+        closing.close(Vec::new(), super::NORMAL);
+        assert!(closing.take().frames.is_empty());
+        assert_eq!(handed_back(closing.wake_then(next())), Some(2));
     }
 
     #[test]
