@@ -16,7 +16,9 @@
 //!   connection with its id: one that finished its replay comes back as `CachedAndLive` (or
 //!   `LiveOnly`), so the relay replays what was missed; one still replaying keeps its mode.
 //! - **Each name once.** Names delivered on a subscription are remembered until they expire,
-//!   so a replay after a reconnect does not repeat them; `ReplayDone` is reported once.
+//!   so a replay after a reconnect does not repeat them; `ReplayDone` is reported once. (One
+//!   connection never repeats a chunk on a subscription, so until a subscription spans a
+//!   reconnect its names are only listed, and looked up only after one: see [`Delivered`].)
 //! - **Gaps are reported.** A `LiveOnly` subscription that spanned a reconnect may have
 //!   missed chunks; it gets a [`SubEvent::Gap`].
 //! - **Bounded buffers.** Each subscription has a window of `window` chunks: the relay may
@@ -121,8 +123,68 @@ struct Sub {
     /// Credit freed (consumed, or a duplicate dropped) and not yet granted to the relay.
     freed: u32,
     /// Names delivered so far, with their expiry, to drop repeats after a reconnect.
-    seen: HashMap<Name, u64>,
+    seen: Delivered,
     prune_at: usize,
+}
+
+/// The names delivered on a subscription, each with its expiry: what a replay after a
+/// reconnect must not repeat.
+///
+/// One connection delivers each chunk of a subscription once (the relay holds live chunks
+/// at names its replay has yet to pass until the replay passes them, `docs/protocol.md`), so
+/// until the subscription is sent again on a new connection nothing can repeat, and names
+/// only go on the end of a list. Checking each delivery in a map of every name delivered
+/// instead costs a cache miss per delivery once the map outgrows the CPU's caches: the
+/// costliest step of handling a delivery (`docs/performance.md`). Once the subscription is
+/// sent on a second connection, the list becomes a map, and each delivery is checked.
+#[derive(Debug)]
+enum Delivered {
+    /// In delivery order; nothing has been sent twice yet.
+    List(Vec<(Name, u64)>),
+    /// Looked up on every delivery.
+    Map(HashMap<Name, u64>),
+}
+
+impl Delivered {
+    /// Records a delivery of `name`: `false` if it was delivered before (a repeat to drop).
+    fn insert(&mut self, name: Name, expiry: u64) -> bool {
+        match self {
+            Delivered::List(list) => {
+                list.push((name, expiry));
+                true
+            }
+            Delivered::Map(map) => match map.entry(name) {
+                Entry::Occupied(_) => false,
+                Entry::Vacant(v) => {
+                    v.insert(expiry);
+                    true
+                }
+            },
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Delivered::List(list) => list.len(),
+            Delivered::Map(map) => map.len(),
+        }
+    }
+
+    /// Forgets the names expired at `now`: their chunks are gone from every cache, so no
+    /// replay can bring them again.
+    fn prune(&mut self, now: u64) {
+        match self {
+            Delivered::List(list) => list.retain(|&(_, expiry)| expiry > now),
+            Delivered::Map(map) => map.retain(|_, expiry| *expiry > now),
+        }
+    }
+
+    /// From now on, deliveries may repeat (the subscription goes out on another connection).
+    fn look_up_from_now(&mut self) {
+        if let Delivered::List(list) = self {
+            *self = Delivered::Map(std::mem::take(list).into_iter().collect());
+        }
+    }
 }
 
 impl Sub {
@@ -136,7 +198,7 @@ impl Sub {
     }
 
     fn prune_seen(&mut self, now: u64) {
-        self.seen.retain(|_, expiry| *expiry > now);
+        self.seen.prune(now);
         self.prune_at = (self.seen.len() * 2).max(1024);
     }
 }
@@ -193,6 +255,9 @@ impl ClientSession {
                 self.events.push_back(SessionEvent::Sub { id, event: SubEvent::Gap });
             }
             sub.prune_seen(now);
+            if sub.sent {
+                sub.seen.look_up_from_now();
+            }
             let credit = sub.window.saturating_sub(sub.buffered);
             self.out.push_back(Frame::Subscribe { id, filter: sub.filter, mode: sub.wire_mode(), credit });
             sub.sent = true;
@@ -237,7 +302,7 @@ impl ClientSession {
             replay_done: false,
             buffered: 0,
             freed: 0,
-            seen: HashMap::new(),
+            seen: Delivered::List(Vec::new()),
             prune_at: 1024,
         };
         if self.connected {
@@ -289,16 +354,11 @@ impl ClientSession {
             }
             Frame::Deliver { id, chunk } => {
                 let Some(sub) = self.subs.get_mut(&id) else { return };
-                match sub.seen.entry(chunk.name()) {
-                    Entry::Occupied(_) => {
-                        // Delivered before a reconnect: drop it, and give its room back.
-                        sub.freed += 1;
-                        self.grant(id);
-                        return;
-                    }
-                    Entry::Vacant(v) => {
-                        v.insert(chunk.expiry());
-                    }
+                if !sub.seen.insert(chunk.name(), chunk.expiry()) {
+                    // Delivered before a reconnect: drop it, and give its room back.
+                    sub.freed += 1;
+                    self.grant(id);
+                    return;
                 }
                 if sub.seen.len() > sub.prune_at {
                     sub.prune_seen(now);
@@ -413,6 +473,38 @@ mod tests {
                 SessionEvent::Sub { id: 2, event: SubEvent::Gap },
             ]
         );
+    }
+
+    #[test]
+    fn a_subscription_first_sent_on_a_later_connection_drops_repeats_once_it_spans_a_reconnect() {
+        let mut s = ClientSession::new();
+        s.subscribe(1, Filter::ALL, ReplayMode::CachedAndLive, 10);
+        s.connected(0);
+        drain(&mut s);
+        let expiring = Chunk::new(Name::new(8), 50, &b"x"[..]).unwrap();
+        s.handle(Frame::Deliver { id: 1, chunk: chunk(7) }, 0);
+        s.handle(Frame::Deliver { id: 1, chunk: expiring.clone() }, 0);
+        s.handle(Frame::ReplayDone { id: 1 }, 0);
+        let first: Vec<SessionEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert_eq!(first.len(), 3);
+        // Two reconnects, the second after chunk 8 expired: 7 is still a repeat on both, 8 is
+        // forgotten (a chunk at that name now is a new one), 9 is new and then a repeat.
+        for (round, now) in [(0, 10), (1, 60)] {
+            s.disconnected();
+            s.connected(now);
+            drain(&mut s);
+            s.handle(Frame::Deliver { id: 1, chunk: chunk(7) }, now);
+            s.handle(Frame::Deliver { id: 1, chunk: chunk(9) }, now);
+            s.handle(Frame::Deliver { id: 1, chunk: expiring.clone() }, now);
+            let events: Vec<SessionEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+            let mut want = Vec::new();
+            if round == 0 {
+                want.push(SessionEvent::Sub { id: 1, event: SubEvent::Chunk(chunk(9)) });
+            } else {
+                want.push(SessionEvent::Sub { id: 1, event: SubEvent::Chunk(expiring.clone()) });
+            }
+            assert_eq!(events, want, "round {round}");
+        }
     }
 
     #[test]
