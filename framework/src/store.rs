@@ -292,47 +292,38 @@ impl Default for MemoryStore {
 
 impl Store for MemoryStore {
     fn insert(&mut self, chunk: &Chunk) -> Result<InsertOutcome, StoreError> {
+        let same = |existing: &Chunk| if existing == chunk { InsertOutcome::Duplicate } else { InsertOutcome::Conflict };
         let size = stored_size(chunk);
-        // The common case, room without evicting: one walk down the tree finds a duplicate
-        // or the place to insert.
-        if self.stats.bytes.saturating_add(size) <= self.stats.capacity {
-            match self.chunks.entry(chunk.name()) {
-                std::collections::btree_map::Entry::Occupied(existing) => {
-                    return Ok(if existing.get() == chunk { InsertOutcome::Duplicate } else { InsertOutcome::Conflict });
-                }
-                std::collections::btree_map::Entry::Vacant(place) => {
-                    place.insert(chunk.clone());
+        if self.stats.bytes.saturating_add(size) > self.stats.capacity {
+            // Full: a chunk already at the name needs no room, so look before evicting.
+            if let Some(existing) = self.chunks.get(&chunk.name()) {
+                return Ok(same(existing));
+            }
+            let candidates = self.by_expiry.iter().map(|&(expiry, name)| {
+                Ok(Victim {
+                    expiry,
+                    name,
+                    size: self.chunks.get(&name).map(stored_size),
+                })
+            });
+            let victims = plan_capacity_eviction(&self.stats, chunk, candidates)?;
+            for victim in victims {
+                if self.remove_chunk(victim.expiry, victim.name) {
+                    self.stats.evicted_capacity += 1;
                 }
             }
-            self.by_expiry.insert((chunk.expiry(), chunk.name()));
-            self.stats.chunks += 1;
-            self.stats.bytes += size;
-            return Ok(InsertOutcome::Inserted);
         }
-        if let Some(existing) = self.chunks.get(&chunk.name()) {
-            return Ok(if existing == chunk {
-                InsertOutcome::Duplicate
-            } else {
-                InsertOutcome::Conflict
-            });
-        }
-        let candidates = self.by_expiry.iter().map(|&(expiry, name)| {
-            Ok(Victim {
-                expiry,
-                name,
-                size: self.chunks.get(&name).map(stored_size),
-            })
-        });
-        let victims = plan_capacity_eviction(&self.stats, chunk, candidates)?;
-        for victim in victims {
-            if self.remove_chunk(victim.expiry, victim.name) {
-                self.stats.evicted_capacity += 1;
+        // The common case, room without evicting, walks down the tree once: to a chunk
+        // already at the name, or to the place to insert.
+        match self.chunks.entry(chunk.name()) {
+            std::collections::btree_map::Entry::Occupied(existing) => return Ok(same(existing.get())),
+            std::collections::btree_map::Entry::Vacant(place) => {
+                place.insert(chunk.clone());
             }
         }
         self.by_expiry.insert((chunk.expiry(), chunk.name()));
-        self.chunks.insert(chunk.name(), chunk.clone());
         self.stats.chunks += 1;
-        self.stats.bytes += stored_size(chunk);
+        self.stats.bytes += size;
         Ok(InsertOutcome::Inserted)
     }
 

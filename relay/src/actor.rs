@@ -284,6 +284,12 @@ fn lock<S: Store>(shared: &Shared<S>) -> std::sync::MutexGuard<'_, Option<Core<S
     shared.lock().expect("node lock")
 }
 
+/// [`Core::relieve`] from the node's own thread, which waits for the lock (a reader's
+/// [`Turns::relieve`] does not).
+fn relieve<S: Store>(shared: &Shared<S>, give_up: bool) -> bool {
+    lock(shared).as_mut().is_some_and(|core| core.relieve(give_up))
+}
+
 /// Starts the actor on its own thread. With `inline`, link readers may run turns
 /// themselves ([`Turns`], returned); only for stores whose writes do not block.
 pub(crate) fn spawn<S: Store + Send + 'static>(
@@ -534,7 +540,7 @@ async fn run<S: Store>(shared: &Shared<S>, mut parts: ActorParts, mut sync_done:
                 // A reader's own turn found a link congested: its writer drains before more
                 // is routed into it (the readers send their frames here meanwhile).
                 if lock(shared).as_mut().is_some_and(|core| core.is_congested()) {
-                    wait_out_congestion(&parts.room, |give_up| lock(shared).as_mut().is_some_and(|core| core.relieve(give_up))).await;
+                    wait_out_congestion(&parts.room, |give_up| relieve(shared, give_up)).await;
                 }
                 let mut guard = lock(shared);
                 let core = guard.as_mut().expect("held until the actor ends");
@@ -570,7 +576,7 @@ async fn run<S: Store>(shared: &Shared<S>, mut parts: ActorParts, mut sync_done:
         // while it drains, so a burst arriving faster than a reader's path carries it pushes
         // back on the publishers instead of ending a reader that keeps up.
         if std::mem::take(&mut congested) {
-            wait_out_congestion(&parts.room, |give_up| lock(shared).as_mut().is_some_and(|core| core.relieve(give_up))).await;
+            wait_out_congestion(&parts.room, |give_up| relieve(shared, give_up)).await;
         }
     }
 }
