@@ -247,8 +247,9 @@ pub enum StoreReply {
 
 /// What the node does once a store request is done.
 enum Pending {
-    /// Finish a publish from a downstream link: ack, conflict or error; forward and deliver.
-    Publish { link: LinkId, seq: u64, chunk: Chunk },
+    /// Finish a publish from a downstream link: ack (unless `acked` is false: a
+    /// [`Frame::PublishUnacked`]), conflict or error; forward and deliver.
+    Publish { link: LinkId, seq: u64, chunk: Chunk, acked: bool },
     /// Finish a chunk the parent delivered on upstream subscription `id`: deliver it, and
     /// hand back the credit it spent.
     FromParent { link: LinkId, id: u64, chunk: Chunk },
@@ -680,8 +681,8 @@ impl<S: Store> Node<S> {
         self.now = self.now.max(now);
         let Some(pending) = self.requests.pending.remove(&ticket.0) else { return };
         match (pending, reply) {
-            (Pending::Publish { link, seq, chunk }, StoreReply::Insert(outcome)) => {
-                self.publish_stored(link, seq, &chunk, outcome, None)
+            (Pending::Publish { link, seq, chunk, acked }, StoreReply::Insert(outcome)) => {
+                self.publish_stored(link, seq, &chunk, outcome, None, acked)
             }
             (Pending::FromParent { link, id, chunk }, StoreReply::Insert(outcome)) => {
                 self.spend_upstream_credit(link, id);
@@ -1105,7 +1106,10 @@ impl<S: Store> Node<S> {
             }
             (Peer::Downstream, Frame::Credit { id, credit }) => self.on_credit(link, id, credit),
             (Peer::Downstream, Frame::Unsubscribe { id }) => self.on_unsubscribe(link, id),
-            (Peer::Downstream, Frame::Publish { seq, chunk }) => self.on_publish(link, seq, &chunk, now, None),
+            (Peer::Downstream, Frame::Publish { seq, chunk }) => self.on_publish(link, seq, &chunk, now, None, true),
+            (Peer::Downstream, Frame::PublishUnacked { seq, chunk }) => {
+                self.on_publish(link, seq, &chunk, now, None, false)
+            }
             (Peer::Parent, Frame::Deliver { id, chunk }) => self.on_chunk_from_parent(link, id, &chunk, now, None),
             // An answer about a number still in our queue is not about anything the parent
             // received: ignored, like an unknown number. Otherwise a parent acking (or ending)
@@ -1186,7 +1190,8 @@ impl<S: Store> Node<S> {
                 let frame = frames.pop_front().expect("counted in the run");
                 let targets = Some(buffers.targets(i));
                 match frame {
-                    Frame::Publish { seq, chunk } => self.on_publish(link, seq, &chunk, now, targets),
+                    Frame::Publish { seq, chunk } => self.on_publish(link, seq, &chunk, now, targets, true),
+                    Frame::PublishUnacked { seq, chunk } => self.on_publish(link, seq, &chunk, now, targets, false),
                     Frame::Deliver { id, chunk } => self.on_chunk_from_parent(link, id, &chunk, now, targets),
                     _ => unreachable!("a run holds only chunks"),
                 }
@@ -1372,7 +1377,17 @@ impl<S: Store> Node<S> {
     /// Stores a chunk a client or a child published, forwards it up and queues it to the
     /// covering subscriptions: those in `matched` if the caller looked them up already (see
     /// [`handle_batch`](Self::handle_batch)), else looked up here.
-    fn on_publish(&mut self, link: LinkId, seq: u64, chunk: &Chunk, now: u64, matched: Option<&[(LinkId, u64)]>) {
+    ///
+    /// `acked` is false for a [`Frame::PublishUnacked`]: it is answered only if refused.
+    fn on_publish(
+        &mut self,
+        link: LinkId,
+        seq: u64,
+        chunk: &Chunk,
+        now: u64,
+        matched: Option<&[(LinkId, u64)]>,
+        acked: bool,
+    ) {
         self.metrics.chunks_in += 1;
         let name = chunk.name();
         if !self.links[&link].grant.may_publish(name) {
@@ -1385,11 +1400,11 @@ impl<S: Store> Node<S> {
             return self.error(link, Some(seq), ErrorCode::Expired, &msg);
         }
         if self.config.store_requests {
-            self.requests.push(StoreOp::Insert(chunk.clone()), Pending::Publish { link, seq, chunk: chunk.clone() });
+            self.requests.push(StoreOp::Insert(chunk.clone()), Pending::Publish { link, seq, chunk: chunk.clone(), acked });
             return;
         }
         let outcome = self.store.insert(chunk);
-        self.publish_stored(link, seq, chunk, outcome, matched);
+        self.publish_stored(link, seq, chunk, outcome, matched, acked);
     }
 
     /// Finishes a publish once the store has decided what it is: acks it (once synced),
@@ -1401,6 +1416,7 @@ impl<S: Store> Node<S> {
         chunk: &Chunk,
         outcome: Result<InsertOutcome, StoreError>,
         matched: Option<&[(LinkId, u64)]>,
+        acked: bool,
     ) {
         let name = chunk.name();
         match outcome {
@@ -1414,7 +1430,9 @@ impl<S: Store> Node<S> {
                 }
                 self.deliver(chunk, link, matched);
                 self.unsynced = true;
-                self.ack(link, seq);
+                if acked {
+                    self.ack(link, seq);
+                }
             }
             Ok(InsertOutcome::Duplicate) => {
                 self.metrics.duplicates += 1;
@@ -1430,7 +1448,9 @@ impl<S: Store> Node<S> {
                         self.send_up(chunk);
                     }
                 }
-                self.ack(link, seq);
+                if acked {
+                    self.ack(link, seq);
+                }
             }
             Ok(InsertOutcome::Conflict) => {
                 self.metrics.conflicts += 1;
@@ -2040,11 +2060,12 @@ fn settle_page(next: &mut Option<Name>, backlog: &mut VecDeque<Chunk>, page: &[C
 }
 
 /// The chunk of `frame` if, arriving from a peer of kind `peer`, it is one that
-/// [`Node::handle_batch`] matches in a run: a client's or child's `Publish`, the parent's
-/// `Deliver`.
+/// [`Node::handle_batch`] matches in a run: a client's or child's `Publish` or
+/// `PublishUnacked`, the parent's `Deliver`.
 fn run_chunk(peer: Peer, frame: &Frame) -> Option<&Chunk> {
     match (peer, frame) {
-        (Peer::Downstream, Frame::Publish { chunk, .. }) | (Peer::Parent, Frame::Deliver { chunk, .. }) => Some(chunk),
+        (Peer::Downstream, Frame::Publish { chunk, .. } | Frame::PublishUnacked { chunk, .. })
+        | (Peer::Parent, Frame::Deliver { chunk, .. }) => Some(chunk),
         _ => None,
     }
 }
@@ -2360,6 +2381,61 @@ mod tests {
         assert_eq!(node.drain(4, usize::MAX, 0), vec![Frame::ReplayDone { id: 2 }]);
     }
 
+    /// A `PublishUnacked` is stored, synced and delivered like a `Publish` (to a child relay
+    /// once synced), but never acknowledged: only a refusal answers it, with its `seq`. In a
+    /// batch it is matched with the run like any publish.
+    #[test]
+    fn an_unacked_publish_is_answered_only_when_refused() {
+        let mut node = origin_with_child_relay(NodeConfig::new(RelayId(1)));
+        node.handle(2, Frame::PublishUnacked { seq: 1, chunk: chunk(TEN) }, 0);
+        assert_eq!(delivered(&node.drain(3, usize::MAX, 0)), vec![TEN]);
+        assert!(node.needs_sync(), "stored, so a sync is owed");
+        node.flush().unwrap();
+        assert_eq!(node.drain(2, usize::MAX, 0), vec![], "no ack, even once synced");
+        assert_eq!(delivered(&node.drain(4, usize::MAX, 0)), vec![TEN], "the child gets it once synced");
+
+        // A duplicate is not answered either; a conflict, an expired chunk and a batch.
+        let other = Chunk::new(Name::new(TEN), u64::MAX, vec![2]).unwrap();
+        let expired = Chunk::new(Name::new(TEN + 5), 1, vec![1]).unwrap();
+        let mut batch: VecDeque<Frame> = [
+            Frame::PublishUnacked { seq: 2, chunk: chunk(TEN) },
+            Frame::PublishUnacked { seq: 3, chunk: other },
+            Frame::PublishUnacked { seq: 4, chunk: chunk(TEN + 1) },
+            Frame::Publish { seq: 5, chunk: chunk(TEN + 2) },
+            Frame::PublishUnacked { seq: 6, chunk: chunk(TEN + 3) },
+            Frame::PublishUnacked { seq: 7, chunk: expired },
+        ]
+        .into();
+        node.handle_batch(2, &mut batch, 10);
+        node.flush().unwrap();
+        let answers = node.drain(2, usize::MAX, 10);
+        assert_eq!(answers.len(), 3, "{answers:?}");
+        assert!(matches!(answers[0], Frame::Error { code: ErrorCode::Conflict, about: Some(3), .. }), "{answers:?}");
+        assert!(matches!(answers[1], Frame::Error { code: ErrorCode::Expired, about: Some(7), .. }), "{answers:?}");
+        assert_eq!(answers[2], Frame::Ack { seq: 5 }, "an acked publish in the same batch still is");
+        assert_eq!(delivered(&node.drain(3, usize::MAX, 10)), vec![TEN + 1, TEN + 2, TEN + 3]);
+        let m = node.metrics();
+        assert_eq!((m.stored, m.duplicates, m.conflicts), (4, 1, 1));
+    }
+
+    /// The same through store requests: the store's answer finishes an unacked publish
+    /// without an ack.
+    #[test]
+    fn with_store_requests_an_unacked_publish_is_not_acknowledged() {
+        let mut node = origin_with_store_requests(64);
+        let other = Chunk::new(Name::new(TEN), u64::MAX, vec![2]).unwrap();
+        node.handle(2, Frame::PublishUnacked { seq: 1, chunk: chunk(TEN) }, 0);
+        node.handle(2, Frame::PublishUnacked { seq: 2, chunk: other }, 0);
+        for request in take_requests(&mut node) {
+            run(&mut node, request);
+        }
+        node.flush().unwrap();
+        let answers = node.drain(2, usize::MAX, 0);
+        assert_eq!(answers.len(), 1, "{answers:?}");
+        assert!(matches!(answers[0], Frame::Error { code: ErrorCode::Conflict, about: Some(2), .. }), "{answers:?}");
+        assert_eq!(node.metrics().stored, 1);
+    }
+
     /// With `ack_before_sync` (a relay run with a sync interval) the ack leaves once the write
     /// is handed to the OS, before the sync; the child relay still waits for the sync.
     #[test]
@@ -2481,7 +2557,12 @@ mod tests {
             match rng.below(100) {
                 0..72 => {
                     *seq += 1;
-                    Frame::Publish { seq: *seq, chunk: chunk(rng, names) }
+                    let chunk = chunk(rng, names);
+                    if rng.chance(25) {
+                        Frame::PublishUnacked { seq: *seq, chunk }
+                    } else {
+                        Frame::Publish { seq: *seq, chunk }
+                    }
                 }
                 72..84 => {
                     let filter = match rng.below(4) {

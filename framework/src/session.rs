@@ -109,6 +109,24 @@ pub enum SessionEvent {
         /// The relay's message.
         message: String,
     },
+    /// The relay refused publish `seq`, sent without an ack
+    /// ([`ClientSession::publish_unacked`]). The session keeps nothing per unacked publish,
+    /// so the chunk is known only from the relay's message, which names it.
+    UnackedRefused {
+        /// The publish, as numbered by [`ClientSession::publish_unacked`]'s caller.
+        seq: u64,
+        /// The relay's error code.
+        code: ErrorCode,
+        /// The relay's message.
+        message: String,
+    },
+    /// Publish `seq`, to be sent without an ack, was not sent: there was no connection.
+    UnackedNotSent {
+        /// The publish.
+        seq: u64,
+        /// The chunk's name.
+        name: Name,
+    },
 }
 
 struct Sub {
@@ -290,6 +308,19 @@ impl ClientSession {
         self.out.push_back(Frame::Publish { seq, chunk });
     }
 
+    /// Publishes `chunk` as `seq` without asking for an ack ([`Frame::PublishUnacked`]):
+    /// nothing is kept for it, and only a refusal comes back, as
+    /// [`SessionEvent::UnackedRefused`]. Delivery is at most once: a chunk in flight when the
+    /// connection drops may be lost unseen. Without a connection it is not sent, and
+    /// [`SessionEvent::UnackedNotSent`] says so.
+    pub fn publish_unacked(&mut self, seq: u64, chunk: Chunk) {
+        if !self.connected {
+            self.events.push_back(SessionEvent::UnackedNotSent { seq, name: chunk.name() });
+            return;
+        }
+        self.out.push_back(Frame::PublishUnacked { seq, chunk });
+    }
+
     /// Opens subscription `id` with room for `window` undelivered chunks (at least 1). It is
     /// sent now if connected, else on the next connection.
     pub fn subscribe(&mut self, id: u64, filter: Filter, mode: ReplayMode, window: u32) {
@@ -388,6 +419,11 @@ impl ClientSession {
                     let event = SubEvent::Error { code, message };
                     self.events.push_back(SessionEvent::Sub { id: about, event });
                     self.events.push_back(SessionEvent::Ended { id: about });
+                } else if refuses_a_publish(code) {
+                    // Neither pending nor a subscription: an unacked publish, of which
+                    // nothing is kept. (A subscription ended already hears only
+                    // subscription errors.)
+                    self.events.push_back(SessionEvent::UnackedRefused { seq: about, code, message });
                 }
             }
             Frame::Error { code, about: None, message } => {
@@ -407,6 +443,19 @@ impl ClientSession {
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         self.events.pop_front()
     }
+}
+
+/// Whether `code` is one the relay refuses a publish with (and never a subscription).
+fn refuses_a_publish(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::ChunkTooLarge
+            | ErrorCode::Conflict
+            | ErrorCode::PublishDenied
+            | ErrorCode::Expired
+            | ErrorCode::StoreFull
+            | ErrorCode::Internal
+    )
 }
 
 #[cfg(test)]

@@ -39,10 +39,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::{Chunk, Filter, MAX_CHUNK_DATA};
 
 /// The protocol version this crate speaks, carried in [`Frame::Hello`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The TLS ALPN protocol id for this version of the protocol.
-pub const ALPN: &[u8] = b"canopy/2";
+pub const ALPN: &[u8] = b"canopy/3";
 
 /// The largest frame payload, in bytes, not counting the 4-byte length prefix.
 ///
@@ -322,6 +322,16 @@ pub enum Frame {
         /// How many more deliveries the relay may send.
         credit: u32,
     },
+    /// Tag 9. Publishes a chunk as [`Frame::Publish`] does, except that the relay answers
+    /// only a refusal ([`Frame::Error`] with this `seq`), never an [`Frame::Ack`]: the
+    /// publisher does not wait, and learns of a chunk only if it was refused (at most once,
+    /// as core NATS's or MQTT QoS 0's publishes; see `docs/protocol.md`, *Publishing*).
+    PublishUnacked {
+        /// The publisher's sequence number for matching a refusal.
+        seq: u64,
+        /// The chunk to store and fan out.
+        chunk: Chunk,
+    },
 }
 
 /// Serde glue for the relay path: a plain sequence, but decoding refuses more than
@@ -397,7 +407,7 @@ pub enum WireError {
     /// delivered chunk over the size limit, a relay path over the limit, ...).
     #[error("malformed frame: {0}")]
     Malformed(String),
-    /// A [`Frame::Publish`] that is well formed except that its chunk carries more than
+    /// A [`Frame::Publish`] (or [`Frame::PublishUnacked`]) that is well formed except that its chunk carries more than
     /// [`MAX_CHUNK_DATA`] bytes. Not fatal: the frame's boundary is intact, so the stream
     /// stays in sync ([`FrameDecoder`] has already skipped the frame); answer
     /// `Error{ChunkTooLarge, about: seq}` and go on.
@@ -474,7 +484,7 @@ impl From<DecodeError> for WireError {
 /// ```
 /// use canopy::wire::{check_version, Frame, Role, WireError};
 /// let hello = Frame::Hello { version: 9, role: Role::Client, relay_path: vec![], token: None };
-/// assert_eq!(check_version(&hello), Err(WireError::UnsupportedVersion { got: 9, supported: 2 }));
+/// assert_eq!(check_version(&hello), Err(WireError::UnsupportedVersion { got: 9, supported: 3 }));
 /// ```
 pub fn check_version(frame: &Frame) -> Result<(), WireError> {
     match frame {
@@ -595,16 +605,16 @@ pub fn decode_payload(payload: &[u8]) -> Result<Frame, WireError> {
     }
 }
 
-/// The `seq` and data length of a payload that is a [`Frame::Publish`] in every respect but
-/// a chunk over [`MAX_CHUNK_DATA`] bytes: tag 3, then `seq`, name, expiry, and a data
-/// length that is exactly the rest of the payload.
+/// The `seq` and data length of a payload that is a [`Frame::Publish`] or
+/// [`Frame::PublishUnacked`] in every respect but a chunk over [`MAX_CHUNK_DATA`] bytes: tag 3
+/// or 9, then `seq`, name, expiry, and a data length that is exactly the rest of the payload.
 fn oversized_publish(payload: &[u8]) -> Option<(u64, u64)> {
     const HEADER: usize = 4 + 8 + 16 + 8 + 8;
     let header = payload.first_chunk::<HEADER>()?;
     let word = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap_or_default());
     let (tag, seq, len) = (&header[..4], word(4), word(36));
     let rest = u64::try_from(payload.len() - HEADER).ok()?;
-    (tag == [0, 0, 0, 3] && len == rest && len > MAX_CHUNK_DATA as u64).then_some((seq, len))
+    ((tag == [0, 0, 0, 3] || tag == [0, 0, 0, 9]) && len == rest && len > MAX_CHUNK_DATA as u64).then_some((seq, len))
 }
 
 /// Reassembles frames from bytes that arrive in arbitrary pieces.

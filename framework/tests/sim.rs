@@ -310,6 +310,8 @@ struct Tally {
     link_drops: u64,
     crashes: u64,
     publishes: u64,
+    /// Of `publishes`, those sent without an ack.
+    unacked: u64,
     acked: u64,
     conflicts_published: u64,
     subscribes: u64,
@@ -322,6 +324,7 @@ impl std::ops::AddAssign for Tally {
         self.link_drops += o.link_drops;
         self.crashes += o.crashes;
         self.publishes += o.publishes;
+        self.unacked += o.unacked;
         self.acked += o.acked;
         self.conflicts_published += o.conflicts_published;
         self.subscribes += o.subscribes;
@@ -341,6 +344,9 @@ struct World<S> {
     acked: BTreeMap<Name, Vec<(Chunk, usize, usize)>>,
     /// Every value ever published.
     published: BTreeMap<Name, BTreeSet<Vec<u8>>>,
+    /// The clients that published each name without an ack: a relay never sends a chunk
+    /// back to the connection it came from, and whether it arrived nobody knows.
+    unacked_by: BTreeMap<Name, BTreeSet<usize>>,
     /// Per (connection, subscription id), the names delivered on it.
     per_conn: HashMap<(usize, u64), BTreeSet<Name>>,
     /// Per (connection, subscription id), whether `ReplayDone` went out on it.
@@ -418,6 +424,7 @@ impl<S: Crashable> World<S> {
             next_link: 0,
             acked: BTreeMap::new(),
             published: BTreeMap::new(),
+            unacked_by: BTreeMap::new(),
             per_conn: HashMap::new(),
             done_on_conn: HashMap::new(),
             tally: Tally::default(),
@@ -586,8 +593,16 @@ impl<S: Crashable> World<S> {
         let seq = client.next;
         client.next += 1;
         self.published.entry(name).or_default().insert(chunk.data().to_vec());
-        client.publishing.insert(seq, chunk.clone());
-        client.session.publish(seq, chunk);
+        // One in five is sent without an ack (at most once): it may be stored and delivered
+        // like any other, or lost with its connection, and is never acknowledged.
+        if self.rng.random_bool(0.2) {
+            self.unacked_by.entry(name).or_default().insert(c);
+            client.session.publish_unacked(seq, chunk);
+            self.tally.unacked += 1;
+        } else {
+            client.publishing.insert(seq, chunk.clone());
+            client.session.publish(seq, chunk);
+        }
         self.tally.publishes += 1;
         self.log(|| format!("client {c} publishes {name} as {seq}"));
         self.client_events(c);
@@ -701,6 +716,11 @@ impl<S: Crashable> World<S> {
                         }
                     }
                 }
+                SessionEvent::UnackedRefused { seq, code, .. } => {
+                    assert!(!client.publishing.contains_key(&seq), "publish {seq} was sent with an ack");
+                    assert!(matches!(code, ErrorCode::Conflict | ErrorCode::Expired), "unacked publish refused with {code}");
+                }
+                SessionEvent::UnackedNotSent { .. } => {}
                 SessionEvent::Sub { id, event } => {
                     let Some(sub) = client.subs.get_mut(&id) else { continue };
                     match &event {
@@ -759,7 +779,9 @@ impl<S: Crashable> World<S> {
         }
         // What the simulator needs to know about this frame, seen from outside the node.
         let (name, sub_open) = match &frame {
-            Frame::Publish { chunk, .. } | Frame::Deliver { chunk, .. } => (Some(chunk.name()), None),
+            Frame::Publish { chunk, .. } | Frame::PublishUnacked { chunk, .. } | Frame::Deliver { chunk, .. } => {
+                (Some(chunk.name()), None)
+            }
             Frame::Subscribe { id, filter, mode, .. } => (None, Some((*id, *filter, *mode))),
             _ => (None, None),
         };
@@ -1322,9 +1344,12 @@ impl<S: Crashable> World<S> {
                     }
                     ReplayMode::CachedAndLive => {
                         check!(sub.replay_done, "{what}: no ReplayDone");
-                        // Its own client's publishes are not echoed back to it.
-                        for (name, _) in
-                            acked.iter().filter(|(n, (_, from))| sub.filter.matches(**n) && !from.contains(&c))
+                        // Its own client's publishes are not echoed back to it, nor those it
+                        // sent without an ack (which may be what its relay stored).
+                        let own_unacked = |n: &Name| self.unacked_by.get(n).is_some_and(|by| by.contains(&c));
+                        for (name, _) in acked
+                            .iter()
+                            .filter(|(n, (_, from))| sub.filter.matches(**n) && !from.contains(&c) && !own_unacked(n))
                         {
                             check!(names.contains(name), "{what}: acked {name} never arrived");
                         }

@@ -23,7 +23,7 @@ const GOLDEN_PUBLISH: &[u8] = &[
 const GOLDEN_HELLO: &[u8] = &[
     0x00, 0x00, 0x00, 0x2c, // payload length 44
     0x00, 0x00, 0x00, 0x00, // tag 0 = Hello
-    0x00, 0x02, // version 2
+    0x00, 0x03, // version 3
     0x00, 0x00, 0x00, 0x01, // role: tag 1 = Relay
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, // relay_path: 1 entry
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // RelayId 0xaa, 16 bytes
@@ -40,7 +40,7 @@ fn golden_publish() -> Frame {
 
 fn golden_hello() -> Frame {
     Frame::Hello {
-        version: 2,
+        version: 3,
         role: Role::Relay,
         relay_path: vec![RelayId(0xaa)],
         token: Some("t".to_owned()),
@@ -111,7 +111,7 @@ fn golden_publish_bytes() {
 fn golden_hello_bytes() {
     assert_eq!(wire::encode_to_vec(&golden_hello()).unwrap(), GOLDEN_HELLO);
     assert_eq!(wire::decode(GOLDEN_HELLO).unwrap(), Some((golden_hello(), GOLDEN_HELLO.len())));
-    assert_eq!(wire::peek_hello_version(&GOLDEN_HELLO[LEN_PREFIX..]), Some(2));
+    assert_eq!(wire::peek_hello_version(&GOLDEN_HELLO[LEN_PREFIX..]), Some(3));
 }
 
 #[test]
@@ -143,6 +143,18 @@ fn golden_small_frames() {
         ),
         (Frame::Unsubscribe { id: 3 }, [&[0, 0, 0, 2][..], &3u64.to_be_bytes()].concat()),
         (Frame::Ack { seq: 4 }, [&[0, 0, 0, 4][..], &4u64.to_be_bytes()].concat()),
+        (
+            Frame::PublishUnacked { seq: 6, chunk: Chunk::new(Name::new(1), 2, &b"z"[..]).unwrap() },
+            [
+                &[0, 0, 0, 9][..],
+                &6u64.to_be_bytes(),
+                &1u128.to_be_bytes(),
+                &2u64.to_be_bytes(),
+                &1u64.to_be_bytes(),
+                b"z",
+            ]
+            .concat(),
+        ),
         (
             Frame::Deliver { id: 5, chunk: Chunk::new(Name::new(1), 2, &b""[..]).unwrap() },
             [
@@ -235,18 +247,18 @@ fn relay_path_limit() {
         Err(WireError::PathTooLong { len: 65, max: 64 })
     );
     // Crafted by hand: 65 real entries, and a declared length far beyond the frame.
-    assert_malformed(wire::decode_payload(&hello_payload(2, 65, 65)));
-    assert_malformed(wire::decode_payload(&hello_payload(2, u64::MAX, 1)));
-    assert_eq!(wire::decode_payload(&hello_payload(2, 64, 64)).map(|_| ()), Ok(()));
+    assert_malformed(wire::decode_payload(&hello_payload(PROTOCOL_VERSION, 65, 65)));
+    assert_malformed(wire::decode_payload(&hello_payload(PROTOCOL_VERSION, u64::MAX, 1)));
+    assert_eq!(wire::decode_payload(&hello_payload(PROTOCOL_VERSION, 64, 64)).map(|_| ()), Ok(()));
 }
 
 #[test]
 fn unknown_tags_are_malformed() {
-    // Frame tag 9 does not exist.
-    assert_malformed(wire::decode_payload(&[0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0]));
+    // Frame tag 10 does not exist.
+    assert_malformed(wire::decode_payload(&[0, 0, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0]));
     assert_malformed(wire::decode_payload(&[0xff, 0xff, 0xff, 0xff]));
     // Role tag 2.
-    let mut hello = hello_payload(2, 0, 0);
+    let mut hello = hello_payload(PROTOCOL_VERSION, 0, 0);
     hello[9] = 2;
     assert_malformed(wire::decode_payload(&hello));
     // ReplayMode tag 4.
@@ -255,38 +267,38 @@ fn unknown_tags_are_malformed() {
     sub[at] = 4;
     assert_malformed(wire::decode_payload(&sub));
     // Option tag 2 for the token.
-    let mut hello = hello_payload(2, 0, 0);
+    let mut hello = hello_payload(PROTOCOL_VERSION, 0, 0);
     *hello.last_mut().unwrap() = 2;
     assert_malformed(wire::decode_payload(&hello));
     // And through the stream decoder.
-    assert!(matches!(wire::decode(&framed(&[0, 0, 0, 9])), Err(WireError::Malformed(_))));
+    assert!(matches!(wire::decode(&framed(&[0, 0, 0, 10])), Err(WireError::Malformed(_))));
 }
 
 #[test]
 fn unknown_version() {
     // Same layout, other version: decodes, and check_version refuses it.
-    let frame = wire::decode_payload(&hello_payload(3, 0, 0)).unwrap();
+    let frame = wire::decode_payload(&hello_payload(2, 0, 0)).unwrap();
     assert_eq!(
         wire::check_version(&frame),
-        Err(WireError::UnsupportedVersion { got: 3, supported: PROTOCOL_VERSION })
+        Err(WireError::UnsupportedVersion { got: 2, supported: PROTOCOL_VERSION })
     );
     assert_eq!(wire::check_version(&golden_hello()), Ok(()));
     assert_eq!(wire::check_version(&Frame::Ack { seq: 1 }), Ok(()));
     // A future hello with a layout this version cannot read still yields the version.
-    let mut future = vec![0, 0, 0, 0, 0, 3, 0xde, 0xad];
+    let mut future = vec![0, 0, 0, 0, 0, 4, 0xde, 0xad];
     assert_eq!(
         wire::decode_payload(&future),
-        Err(WireError::UnsupportedVersion { got: 3, supported: 2 })
+        Err(WireError::UnsupportedVersion { got: 4, supported: 3 })
     );
     future.extend_from_slice(&[0; 64]);
     assert_eq!(
         wire::decode(&framed(&future)),
-        Err(WireError::UnsupportedVersion { got: 3, supported: 2 })
+        Err(WireError::UnsupportedVersion { got: 4, supported: 3 })
     );
     // A hello of this version that does not decode is just malformed.
-    assert_malformed(wire::decode_payload(&[0, 0, 0, 0, 0, 2, 0, 0, 0, 7]));
+    assert_malformed(wire::decode_payload(&[0, 0, 0, 0, 0, 3, 0, 0, 0, 7]));
     assert_eq!(
-        WireError::UnsupportedVersion { got: 3, supported: 2 }.error_code(),
+        WireError::UnsupportedVersion { got: 4, supported: 3 }.error_code(),
         ErrorCode::UnsupportedVersion
     );
 }
@@ -314,6 +326,13 @@ fn chunk_over_the_limit_is_refused() {
         wire::decode_payload(&publish_payload([1; 16], max as u64, &vec![0; max])),
         Err(WireError::ChunkTooLarge { seq: 7, len: max as u64 })
     );
+    // The same for a PublishUnacked (tag 9), which has the same layout.
+    let mut unacked = publish_payload([1; 16], 1025, &[0xab; 1025]);
+    unacked[3] = 9;
+    assert_eq!(wire::decode_payload(&unacked), Err(too_large.clone()));
+    unacked = publish_payload([1; 16], 3, b"abc");
+    unacked[3] = 9;
+    assert!(matches!(wire::decode_payload(&unacked), Ok(Frame::PublishUnacked { seq: 7, .. })));
     // Anywhere else an oversized chunk is malformed: in a Deliver, or with a declared length
     // that disagrees with the payload.
     let mut deliver = publish_payload([1; 16], 1025, &[0; 1025]);

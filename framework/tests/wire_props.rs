@@ -61,6 +61,7 @@ fn frame_strategy() -> impl Strategy<Value = Frame> {
         (any::<u64>(), any::<u32>()).prop_map(|(id, credit)| Frame::Credit { id, credit }),
         any::<u64>().prop_map(|id| Frame::Unsubscribe { id }),
         (any::<u64>(), chunk_strategy()).prop_map(|(seq, chunk)| Frame::Publish { seq, chunk }),
+        (any::<u64>(), chunk_strategy()).prop_map(|(seq, chunk)| Frame::PublishUnacked { seq, chunk }),
         any::<u64>().prop_map(|seq| Frame::Ack { seq }),
         (any::<u64>(), chunk_strategy()).prop_map(|(id, chunk)| Frame::Deliver { id, chunk }),
         any::<u64>().prop_map(|id| Frame::ReplayDone { id }),

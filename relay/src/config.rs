@@ -174,7 +174,7 @@ pub struct RelayConfig {
     /// by a relay that is gone, and is removed at shutdown. Default none.
     pub unix_listen: Option<PathBuf>,
     /// A TCP address to accept links on as well, over TLS 1.3 with the same certificate as
-    /// QUIC (ALPN `canopy/2`): the same frames and framing as the QUIC control stream, for
+    /// QUIC (ALPN `canopy/3`): the same frames and framing as the QUIC control stream, for
     /// networks that block UDP and for clients that want TCP's cheaper per-message path
     /// (SDK address `tcp://HOST:PORT`). Port 0 picks a free port (the binary prints
     /// `listening on tcp://ADDR`). Default none.

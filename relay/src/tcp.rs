@@ -4,7 +4,7 @@
 //! sends and acknowledges each ~1 KiB chunk as a packet of its own; see docs/performance.md).
 //!
 //! Each accepted connection is a link exactly like a QUIC client connection's control stream:
-//! TLS 1.3 with the relay's own certificate and ALPN `canopy/2`, then the same reader and
+//! TLS 1.3 with the relay's own certificate and ALPN `canopy/3`, then the same reader and
 //! writer ([`crate::link`]), the same `Hello` (version, role, token and access rules), the
 //! same frame size limit and flow control.
 

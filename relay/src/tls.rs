@@ -101,7 +101,7 @@ fn transport(max_udp_payload: u16) -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
-/// The TLS 1.3 server config for `identity`, offering ALPN `canopy/2`: QUIC's, and the TCP
+/// The TLS 1.3 server config for `identity`, offering ALPN `canopy/3`: QUIC's, and the TCP
 /// listener's (`tcp_listen`) as it is.
 pub fn tls_server_config(identity: &Identity) -> anyhow::Result<rustls::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
@@ -113,7 +113,7 @@ pub fn tls_server_config(identity: &Identity) -> anyhow::Result<rustls::ServerCo
     Ok(tls)
 }
 
-/// The QUIC server config for `identity`, offering ALPN `canopy/2`, probing paths up to
+/// The QUIC server config for `identity`, offering ALPN `canopy/3`, probing paths up to
 /// `max_udp_payload` bytes.
 pub fn server_config(identity: &Identity, max_udp_payload: u16) -> anyhow::Result<quinn::ServerConfig> {
     let tls = tls_server_config(identity)?;

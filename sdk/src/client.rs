@@ -67,7 +67,7 @@ use canopy::session::{ClientSession, PublishFailure, SessionEvent};
 use canopy::wire::{self, ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION, ReplayMode, Role};
 use canopy::{Chunk, Filter, MAX_CHUNK_DATA, Name};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::Trust;
@@ -310,12 +310,32 @@ pub enum ConnectionEvent {
         /// The relay it uses now.
         to: String,
     },
+    /// The relay refused a chunk published with [`Client::publish_unacked`] (conflict,
+    /// expired, denied, store full…). Nothing is kept per unacked publish, so the chunk is
+    /// known from the relay's message, which names it.
+    UnackedRefused {
+        /// The relay's error code.
+        code: ErrorCode,
+        /// The relay's message.
+        message: String,
+    },
+    /// A chunk given to [`Client::publish_unacked`] was not sent: the connection was lost
+    /// before the driver took it.
+    UnackedNotSent {
+        /// The chunk's name.
+        name: Name,
+    },
 }
 
 enum Command {
     Publish {
         chunk: Chunk,
         reply: oneshot::Sender<Result<(), PublishError>>,
+    },
+    /// A publish without an ack: its place among [`UNACKED_COMMANDS`] is freed once the
+    /// driver takes it.
+    PublishUnacked {
+        chunk: Chunk,
     },
     Subscribe {
         id: u64,
@@ -365,6 +385,82 @@ pub struct Client {
     buffer: u32,
     events: broadcast::Sender<ConnectionEvent>,
     connected: watch::Receiver<bool>,
+    unacked: Arc<Unacked>,
+}
+
+/// How many [`Client::publish_unacked`] calls may wait for the driver at once.
+const UNACKED_COMMANDS: usize = 1024;
+/// How many encoded bytes may wait to be written to the connection before
+/// [`Client::publish_unacked`] waits: about a thousand full chunks, as core NATS's client
+/// queues 2 048 messages.
+const BACKLOG_LIMIT: usize = 1 << 20;
+
+/// Flow control for publishes that are not acknowledged, which the application does not
+/// wait for: a place among [`UNACKED_COMMANDS`] until the driver takes the chunk, then room
+/// under [`BACKLOG_LIMIT`] in the connection's unwritten bytes.
+struct Unacked {
+    commands: Semaphore,
+    /// The backlog of the connection in use (each connection has its own).
+    backlog: Mutex<Arc<Backlog>>,
+}
+
+impl Unacked {
+    fn backlog(&self) -> Arc<Backlog> {
+        self.backlog.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// Bytes encoded for the connection and not yet written to it (the TCP buffer, or the QUIC
+/// writer task's queue).
+#[derive(Default)]
+struct Backlog {
+    bytes: AtomicUsize,
+    /// Set once the connection is gone: nothing waits on it any more.
+    closed: AtomicBool,
+    /// Woken when `bytes` falls below [`BACKLOG_LIMIT`], or the connection is gone.
+    room: Notify,
+}
+
+/// Closes a connection's backlog when the driver is done with the connection.
+struct EndsBacklog(Arc<Backlog>);
+
+impl Drop for EndsBacklog {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+impl Backlog {
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// `n` bytes were written (or dropped with their connection).
+    fn remove(&self, n: usize) {
+        let before = self.bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(n)));
+        let before = before.unwrap_or_else(|b| b);
+        if before >= BACKLOG_LIMIT && before.saturating_sub(n) < BACKLOG_LIMIT {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// The connection is gone, and what it had not written with it.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.room.notify_waiters();
+    }
+
+    /// Waits until fewer than [`BACKLOG_LIMIT`] bytes are unwritten, or the connection is
+    /// gone (the next one has a backlog of its own).
+    async fn room(&self) {
+        loop {
+            let room = self.room.notified();
+            if self.closed.load(Ordering::Acquire) || self.bytes.load(Ordering::Acquire) < BACKLOG_LIMIT {
+                return;
+            }
+            room.await;
+        }
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -374,7 +470,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to a relay: QUIC + TLS 1.3 (ALPN `canopy/2`), control stream, `Hello`
+    /// Connects to a relay: QUIC + TLS 1.3 (ALPN `canopy/3`), control stream, `Hello`
     /// exchange. Returns once the relay has answered the `Hello`; later connection losses
     /// are repaired in the background (see the [crate docs](crate#reconnect)).
     ///
@@ -416,6 +512,7 @@ impl Client {
         let buffer = u32::try_from(connector.opts.subscription_buffer.max(1)).unwrap_or(u32::MAX);
         let (events, _) = broadcast::channel(64);
         let (connected_tx, connected) = watch::channel(true);
+        let unacked = Arc::new(Unacked { commands: Semaphore::new(UNACKED_COMMANDS), backlog: Mutex::new(session.link.backlog.clone()) });
         let driver = Driver {
             connector,
             candidates,
@@ -430,9 +527,10 @@ impl Client {
             connected: connected_tx,
             sessions: 0,
             outgoing: Vec::new(),
+            unacked: unacked.clone(),
         };
         tokio::spawn(driver.run(session));
-        Ok(Client { cmd, ids, buffer, events, connected })
+        Ok(Client { cmd, ids, buffer, events, connected, unacked })
     }
 
     /// Connection events from now on: disconnected, connected, resubscribed. A receiver that
@@ -479,6 +577,60 @@ impl Client {
         let (reply, answer) = oneshot::channel();
         self.cmd.send(Command::Publish { chunk, reply }).map_err(|_| PublishError::Disconnected)?;
         answer.await.unwrap_or(Err(PublishError::Disconnected))
+    }
+
+    /// Publishes a chunk without asking for the relay's answer, as core NATS and MQTT QoS 0
+    /// do: returns once the chunk is queued for the connection, and the relay sends nothing
+    /// back unless it refuses the chunk, which arrives as
+    /// [`ConnectionEvent::UnackedRefused`]. Delivery is at most once: a chunk still in flight
+    /// when the connection drops may be lost without a word (one the driver had not taken yet
+    /// is reported as [`ConnectionEvent::UnackedNotSent`]). Use [`publish`](Self::publish)
+    /// when the chunk must be known stored.
+    ///
+    /// It waits, rather than queue without bound, while the connection has about a megabyte
+    /// unwritten or a thousand such publishes wait for the driver: a publisher faster than
+    /// the relay is slowed to the relay's pace. Fails at once with
+    /// [`PublishError::Disconnected`] when there is no connection (nothing is sent) and with
+    /// [`PublishError::TooLarge`] for data over [`MAX_CHUNK_DATA`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: canopy_sdk::Client) -> Result<(), canopy_sdk::PublishError> {
+    /// use canopy_sdk::{Chunk, Name};
+    /// let expiry = canopy_sdk::now_ms() + 60_000;
+    /// for i in 0..1_000u128 {
+    ///     client.publish_unacked(Chunk::new(Name::new(i), expiry, &b"reading"[..]).unwrap()).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish_unacked(&self, chunk: Chunk) -> Result<(), PublishError> {
+        if chunk.data().len() > MAX_CHUNK_DATA {
+            return Err(PublishError::TooLarge { len: chunk.data().len() });
+        }
+        if !self.is_connected() {
+            return Err(PublishError::Disconnected);
+        }
+        let unacked = &*self.unacked;
+        tokio::select! {
+            permit = unacked.commands.acquire() => match permit {
+                // Given back by the driver when it takes the chunk.
+                Ok(permit) => permit.forget(),
+                Err(_) => return Err(PublishError::Disconnected),
+            },
+            () = self.cmd.closed() => return Err(PublishError::Disconnected),
+        }
+        let backlog = unacked.backlog();
+        tokio::select! {
+            () = backlog.room() => {}
+            () = self.cmd.closed() => {
+                unacked.commands.add_permits(1);
+                return Err(PublishError::Disconnected);
+            }
+        }
+        if self.cmd.send(Command::PublishUnacked { chunk }).is_err() {
+            unacked.commands.add_permits(1);
+            return Err(PublishError::Disconnected);
+        }
+        Ok(())
     }
 
     /// Opens a subscription. Events arrive on the returned [`Subscription`]: the cached
@@ -572,6 +724,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Publish { chunk, .. } => write!(f, "Publish({})", chunk.name()),
+            Command::PublishUnacked { chunk } => write!(f, "PublishUnacked({})", chunk.name()),
             Command::Subscribe { id, filter, .. } => write!(f, "Subscribe({id}, {filter})"),
             Command::Unsubscribe { id } => write!(f, "Unsubscribe({id})"),
             Command::Consumed { id, n } => write!(f, "Consumed({id}, {n})"),
@@ -793,6 +946,7 @@ impl Connector {
             .next()
             .ok_or_else(|| addr_err("no addresses".into()))?;
         let connect_err = |message: String| ClientError::Connect { addr: shown.clone(), message };
+        let backlog = Arc::new(Backlog::default());
         let (conn, mut send, mut recv) = match &self.dialer {
             Dialer::Quic { endpoint, config } => {
                 // A dual-stack socket needs IPv4 peers in their IPv6-mapped form.
@@ -817,7 +971,14 @@ impl Connector {
                     .map_err(|e| ClientError::Config(format!("server name {:?}: {e}", opts.server_name)))?;
                 let stream = tls.connect(server_name, stream).await.map_err(|e| connect_err(e.to_string()))?;
                 let out = Arc::new(Mutex::new(Vec::new()));
-                let io = TcpIo { stream: Some(stream), out: out.clone(), sending: Vec::new(), sent: 0, write_error: None };
+                let io = TcpIo {
+                    stream: Some(stream),
+                    out: out.clone(),
+                    sending: Vec::new(),
+                    sent: 0,
+                    write_error: None,
+                    backlog: backlog.clone(),
+                };
                 (Conn::Tcp, SendHalf::Tcp(out), RecvHalf::Tcp(Box::new(io)))
             }
         };
@@ -859,12 +1020,12 @@ impl Connector {
         let writer = match send {
             SendHalf::Quic(send) => {
                 let (writer, frames) = mpsc::unbounded_channel::<Vec<u8>>();
-                tokio::spawn(write_quic(send, frames));
+                tokio::spawn(write_quic(send, frames, backlog.clone()));
                 Writer::Task(writer)
             }
             SendHalf::Tcp(out) => Writer::Buffer(out),
         };
-        Ok(Session { link: Link { conn, writer }, recv, decoder })
+        Ok(Session { link: Link { conn, writer, backlog }, recv, decoder })
     }
 }
 
@@ -890,20 +1051,22 @@ impl SendHalf {
 
 /// The QUIC writer task: sends what the driver queues until the queue closes, then finishes
 /// the stream.
-async fn write_quic(mut send: quinn::SendStream, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn write_quic(mut send: quinn::SendStream, mut frames: mpsc::UnboundedReceiver<Vec<u8>>, backlog: Arc<Backlog>) {
     // What piled up while the last write was under way goes out as one write, so a burst of
     // publishes fills whole packets instead of one packet per chunk.
     let mut pending = Vec::new();
     while frames.recv_many(&mut pending, WRITE_BATCH).await > 0 {
+        let len = pending.iter().map(Vec::len).sum();
         let result = if pending.len() == 1 {
             send.write_all(&pending[0]).await
         } else {
-            let mut joined = Vec::with_capacity(pending.iter().map(Vec::len).sum());
+            let mut joined = Vec::with_capacity(len);
             for bytes in &pending {
                 joined.extend_from_slice(bytes);
             }
             send.write_all(&joined).await
         };
+        backlog.remove(len);
         pending.clear();
         if let Err(e) = result {
             debug!("control stream write failed: {e}");
@@ -927,6 +1090,8 @@ struct TcpIo {
     sent: usize,
     /// A write failed: reported once what can still be read is read.
     write_error: Option<std::io::Error>,
+    /// Counts down as the queued bytes are written.
+    backlog: Arc<Backlog>,
 }
 
 impl TcpIo {
@@ -938,7 +1103,10 @@ impl TcpIo {
         use std::task::Poll;
         let stream = self.stream.as_mut().expect("open while the session runs");
         if self.write_error.is_none() {
-            self.write_error = Self::poll_send(stream, &mut self.sending, &mut self.sent, &self.out, cx).err();
+            let mut written = 0;
+            let result = Self::poll_send(stream, &mut self.sending, &mut self.sent, &self.out, &mut written, cx);
+            self.write_error = result.err();
+            self.backlog.remove(written);
         }
         // Reads go on after a failed write: what the relay sent before it went (its `Error`
         // frame, say) is read first, and the failure reported after it.
@@ -961,6 +1129,7 @@ impl TcpIo {
         sending: &mut Vec<u8>,
         sent: &mut usize,
         out: &Mutex<Vec<u8>>,
+        written: &mut usize,
         cx: &mut std::task::Context<'_>,
     ) -> std::io::Result<()> {
         use std::pin::Pin;
@@ -976,7 +1145,10 @@ impl TcpIo {
             }
             match Pin::new(&mut *stream).poll_write(cx, &sending[*sent..]) {
                 Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => *sent += n,
+                Poll::Ready(Ok(n)) => {
+                    *sent += n;
+                    *written += n;
+                }
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => break,
             }
@@ -1066,6 +1238,8 @@ struct Session {
 struct Link {
     conn: Conn,
     writer: Writer,
+    /// What is encoded and not yet written ([`Client::publish_unacked`] waits on it).
+    backlog: Arc<Backlog>,
 }
 
 impl Link {
@@ -1088,11 +1262,17 @@ impl Link {
                 let mut bytes = Vec::new();
                 encode(&mut bytes, frames);
                 if !bytes.is_empty() {
+                    self.backlog.add(bytes.len());
                     // If the writer has stopped the connection is broken; the reader will notice.
                     let _ = writer.send(bytes);
                 }
             }
-            Writer::Buffer(out) => encode(&mut out.lock().unwrap_or_else(PoisonError::into_inner), frames),
+            Writer::Buffer(out) => {
+                let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
+                let before = out.len();
+                encode(&mut out, frames);
+                self.backlog.add(out.len() - before);
+            }
         }
     }
 }
@@ -1172,6 +1352,8 @@ struct Driver {
     sessions: u64,
     /// Frames being gathered for one write, kept between flushes for its buffer.
     outgoing: Vec<Frame>,
+    /// Flow control of unacked publishes, shared with the [`Client`]s.
+    unacked: Arc<Unacked>,
 }
 
 /// Commands the driver takes per turn at most before it sends what they queued.
@@ -1258,6 +1440,9 @@ impl Driver {
 
     async fn run_session(&mut self, session: Session) -> SessionEnd {
         let Session { link: s, mut recv, mut decoder } = session;
+        // Unacked publishes wait on this connection's backlog until it ends.
+        *self.unacked.backlog.lock().unwrap_or_else(PoisonError::into_inner) = s.backlog.clone();
+        let _ended = EndsBacklog(s.backlog.clone());
         let mut buf = vec![0u8; 64 * 1024];
         let subscriptions = self.session.connected(now_ms());
         let _ = self.connected.send(true);
@@ -1359,6 +1544,11 @@ impl Driver {
                 self.waiters.insert(seq, reply);
                 self.session.publish(seq, chunk);
             }
+            Command::PublishUnacked { chunk } => {
+                self.unacked.commands.add_permits(1);
+                let seq = self.ids.fetch_add(1, Ordering::Relaxed);
+                self.session.publish_unacked(seq, chunk);
+            }
             Command::Subscribe { id, filter, mode, tx, shared } => {
                 let window = u32::try_from(self.connector.opts.subscription_buffer.max(1)).unwrap_or(u32::MAX);
                 self.session.subscribe(id, filter, mode, window);
@@ -1405,8 +1595,56 @@ impl Driver {
                     warn!(%code, "relay error: {message}");
                     connection_error = Some(format!("relay error {code}: {message}"));
                 }
+                SessionEvent::UnackedRefused { code, message, .. } => {
+                    debug!(%code, "unacked publish refused: {message}");
+                    let _ = self.events.send(ConnectionEvent::UnackedRefused { code, message });
+                }
+                SessionEvent::UnackedNotSent { name, .. } => {
+                    let _ = self.events.send(ConnectionEvent::UnackedNotSent { name });
+                }
             }
         }
         connection_error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A publisher without acks waits while the connection holds `BACKLOG_LIMIT` bytes or
+    /// more unwritten, and goes on when writes bring it below, or when the connection ends.
+    #[tokio::test]
+    async fn the_backlog_holds_publishers_back_until_it_drains_or_closes() {
+        let backlog = Arc::new(Backlog::default());
+        backlog.add(BACKLOG_LIMIT - 1);
+        backlog.room().await; // below the limit: no wait
+        backlog.add(10);
+        let waiter = tokio::spawn({
+            let backlog = backlog.clone();
+            async move { backlog.room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "at the limit it waits");
+        backlog.remove(5);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "still at the limit");
+        backlog.remove(5);
+        tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("woken once below").unwrap();
+        // Removing more than was added (a write counted after its connection was cleared)
+        // leaves zero, not a wrapped count.
+        backlog.remove(usize::MAX);
+        assert_eq!(backlog.bytes.load(Ordering::Acquire), 0);
+
+        backlog.add(BACKLOG_LIMIT);
+        let waiter = tokio::spawn({
+            let backlog = backlog.clone();
+            async move { backlog.room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        backlog.close();
+        tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("woken when closed").unwrap();
+        backlog.room().await; // closed: never waits again
     }
 }

@@ -86,7 +86,7 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The QUIC client configuration for connecting to a relay: TLS 1.3 with ALPN `canopy/2`,
+/// The QUIC client configuration for connecting to a relay: TLS 1.3 with ALPN `canopy/3`,
 /// trusting the relay as `trust` says, with keep-alives so a vanished relay is noticed.
 ///
 /// [`Client`](crate::Client) uses it; so does a relay connecting to its parent.
@@ -186,7 +186,7 @@ pub fn tune_tcp(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Builds the rustls client configuration (TLS 1.3 only, ALPN `canopy/2`).
+/// Builds the rustls client configuration (TLS 1.3 only, ALPN `canopy/3`).
 pub(crate) fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())

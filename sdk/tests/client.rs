@@ -381,3 +381,65 @@ async fn a_large_replay_arrives_whole_over_tcp() {
     assert_eq!(next_chunk(&mut sub).await.name(), Name::new(N));
     relay.shutdown().await;
 }
+
+/// Publishes without acks, over QUIC and over TCP: a burst several times the SDK's backlog
+/// limit arrives whole and in order (the publisher is slowed, not cut off, and nothing is
+/// lost); an identical re-publish is silent; a conflict comes back as an event naming the
+/// chunk; acked publishes on the same connection are unaffected; and without a connection
+/// the publish fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_publishes_arrive_and_only_refusals_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let relay = relay_with_tcp(dir.path(), any, any, StoreKind::Memory).await;
+    let subscriber = client(&relay).await;
+    let mut sub = subscriber.subscribe(Filter::ALL, ReplayMode::CachedAndLive).await.unwrap();
+    assert_eq!(next(&mut sub).await, SubEvent::ReplayDone);
+    let quic = client(&relay).await;
+    let tcp = within("connect over TCP", Client::connect(tcp_options(&relay))).await.unwrap();
+    let data = "u".repeat(1000);
+    const BURST: u128 = 3_000;
+    for (base, publisher) in [(1u128 << 64, &quic), (2 << 64, &tcp)] {
+        let mut events = publisher.connection_events();
+        let reader = async {
+            for n in 0..BURST {
+                let c = next_chunk(&mut sub).await;
+                assert_eq!(c.name(), Name::new(base + n), "in publish order");
+            }
+        };
+        let first = chunk(base, &data);
+        let writer = async {
+            publisher.publish_unacked(first.clone()).await.unwrap();
+            for n in 1..BURST {
+                publisher.publish_unacked(chunk(base + n, &data)).await.unwrap();
+            }
+        };
+        within("the burst", async { tokio::join!(reader, writer) }).await;
+
+        // Only refusals come back: the identical re-publish says nothing, the conflict does.
+        publisher.publish_unacked(first).await.unwrap();
+        publisher.publish_unacked(chunk(base, "other data")).await.unwrap();
+        match within("the refusal", events.recv()).await.unwrap() {
+            ConnectionEvent::UnackedRefused { code, message } => {
+                assert_eq!(code, canopy_sdk::ErrorCode::Conflict);
+                assert!(message.contains(&Name::new(base).to_string()), "{message}");
+            }
+            other => panic!("expected the refusal, got {other:?}"),
+        }
+        // An acked publish after them is answered, and nothing else came back meanwhile.
+        within("ack", publisher.publish(chunk(base + BURST, "acked"))).await.unwrap();
+        assert_eq!(next_chunk(&mut sub).await.name(), Name::new(base + BURST));
+        let extra = events.try_recv();
+        assert!(extra.is_err(), "only the conflict is reported: {extra:?}");
+    }
+
+    // Without a connection nothing is sent, and the publisher hears so at once.
+    let mut events = tcp.connection_events();
+    relay.shutdown().await;
+    loop {
+        if let ConnectionEvent::Disconnected { .. } = within("the loss", events.recv()).await.unwrap() {
+            break;
+        }
+    }
+    assert!(matches!(tcp.publish_unacked(chunk(9, "lost")).await, Err(PublishError::Disconnected)));
+}

@@ -46,6 +46,10 @@
 //! - `canopy-tcp`: `canopy-memory` with the relay's `--tcp-listen` and the clients on
 //!   `tcp://` (TLS 1.3 over TCP, the transport NATS and MQTT use here), everything else the
 //!   same.
+//! - `canopy-tcp-unacked`: `canopy-tcp` whose publishers use `Client::publish_unacked`: no
+//!   ack is asked for (the relay answers only a refusal), so, like core NATS's, they never
+//!   wait for an answer; the SDK's back-pressure (about 1 MiB unwritten) is their only limit.
+//!   The like-for-like peer of `nats`.
 //! - `nats`: nats-server core publish, fire and forget (the client's buffer is the only
 //!   back-pressure), one `flush` (PING/PONG) at the end.
 //! - `nats-flush`: the same with a `flush` after every `--window` publishes: the publisher
@@ -132,6 +136,7 @@ const JETSTREAM_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 enum System {
     CanopyMemory,
     CanopyTcp,
+    CanopyTcpUnacked,
     CanopyFjall,
     CanopyFjallInterval,
     Nats,
@@ -141,9 +146,10 @@ enum System {
 }
 
 impl System {
-    const ALL: [System; 8] = [
+    const ALL: [System; 9] = [
         System::CanopyMemory,
         System::CanopyTcp,
+        System::CanopyTcpUnacked,
         System::CanopyFjall,
         System::CanopyFjallInterval,
         System::Nats,
@@ -156,6 +162,7 @@ impl System {
         match self {
             System::CanopyMemory => "canopy-memory",
             System::CanopyTcp => "canopy-tcp",
+            System::CanopyTcpUnacked => "canopy-tcp-unacked",
             System::CanopyFjall => "canopy-fjall",
             System::CanopyFjallInterval => "canopy-fjall-interval",
             System::Nats => "nats",
@@ -170,6 +177,7 @@ impl System {
         match self {
             System::CanopyMemory => "relay Ack: stored in memory and routed".into(),
             System::CanopyTcp => "as canopy-memory, clients over TLS on TCP (tcp_listen)".into(),
+            System::CanopyTcpUnacked => "as canopy-tcp, publish_unacked: no ack asked, fire and forget".into(),
             System::CanopyFjall => "relay Ack after the fsync of the chunk's batch (fsync per batch)".into(),
             System::CanopyFjallInterval => {
                 format!("relay Ack once written; fsync every {sync_interval_ms} ms (--sync-interval-ms)")
@@ -182,7 +190,14 @@ impl System {
     }
 
     fn is_canopy(self) -> bool {
-        matches!(self, System::CanopyMemory | System::CanopyTcp | System::CanopyFjall | System::CanopyFjallInterval)
+        matches!(
+            self,
+            System::CanopyMemory
+                | System::CanopyTcp
+                | System::CanopyTcpUnacked
+                | System::CanopyFjall
+                | System::CanopyFjallInterval
+        )
     }
 
     fn is_nats(self) -> bool {
@@ -293,7 +308,13 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.messages = 200;
                 args.warmup = 50;
                 args.cases = vec![Case { pubs: 1, subs: 1 }, Case { pubs: 10, subs: 10 }];
-                args.systems = vec![System::CanopyMemory, System::CanopyTcp, System::CanopyFjall, System::CanopyFjallInterval];
+                args.systems = vec![
+                    System::CanopyMemory,
+                    System::CanopyTcp,
+                    System::CanopyTcpUnacked,
+                    System::CanopyFjall,
+                    System::CanopyFjallInterval,
+                ];
                 args.publish_timeout = Duration::from_secs(30);
                 args.paced_rate = 1_000;
                 args.paced_messages = 100;
@@ -651,7 +672,7 @@ fn start_system(system: System, args: &Args, relay: Option<&Path>, dir: &Path) -
     let q = args.relay_max_queue;
     match system {
         System::CanopyMemory => start_relay(relay()?, "memory", &[], q, dir),
-        System::CanopyTcp => {
+        System::CanopyTcp | System::CanopyTcpUnacked => {
             let extra = ["--tcp-listen".to_string(), "127.0.0.1:0".to_string()];
             start_relay(relay()?, "memory", &extra, q, dir)
         }
@@ -832,7 +853,7 @@ enum Sub {
 
 async fn subscriber(system: System, s: &Started, index: usize) -> anyhow::Result<Sub> {
     match system {
-        System::CanopyMemory | System::CanopyTcp | System::CanopyFjall | System::CanopyFjallInterval => {
+        System::CanopyMemory | System::CanopyTcp | System::CanopyTcpUnacked | System::CanopyFjall | System::CanopyFjallInterval => {
             let client = canopy_client(s).await?;
             let filter = Filter::new(Name::new(NAME_BASE), 8)?;
             let mut sub = client.subscribe(filter, ReplayMode::LiveOnly).await?;
@@ -978,6 +999,8 @@ impl<A: Future<Output = anyhow::Result<()>>> AckQueue<A> {
 /// The publishing side of one system (one connection).
 enum Publisher {
     Canopy(Client),
+    /// `Client::publish_unacked`: nothing to wait for but the SDK's back-pressure.
+    CanopyUnacked(Client),
     Nats {
         client: async_nats::Client,
         flush_every: Option<u64>,
@@ -997,6 +1020,7 @@ enum Publisher {
 impl Publisher {
     async fn connect(system: System, s: &Started, window: usize, index: usize) -> anyhow::Result<Publisher> {
         Ok(match system {
+            System::CanopyTcpUnacked => Publisher::CanopyUnacked(canopy_client(s).await?),
             System::CanopyMemory | System::CanopyTcp | System::CanopyFjall | System::CanopyFjallInterval => {
                 Publisher::Canopy(canopy_client(s).await?)
             }
@@ -1053,6 +1077,21 @@ impl Publisher {
                     Ok(client.publish(chunk).map_err(anyhow::Error::from))
                 })
                 .await?;
+            }
+            Publisher::CanopyUnacked(client) => {
+                let expiry = canopy_sdk::now_ms() + 3_600_000;
+                let mut events = client.connection_events();
+                for seq in seqs {
+                    if let Some(pace) = pace {
+                        tokio::time::sleep_until(pace.due(seq - first)).await;
+                    }
+                    let chunk = Chunk::new(Name::new(NAME_BASE | u128::from(seq)), expiry, payload(seq, epoch))?;
+                    client.publish_unacked(chunk).await?;
+                }
+                // Nothing is acknowledged; a refusal or a chunk not sent would be reported.
+                if let Ok(event) = events.try_recv() {
+                    bail!("unacked publish: {event:?}");
+                }
             }
             Publisher::JetStream(context) => {
                 windowed(seqs, window, pace, |seq| async move {
@@ -1408,9 +1447,10 @@ fn error_summary(errors: &[String]) -> String {
 }
 
 /// The comparisons of the ratio table: Canopy system, peer, what the pair means.
-const PAIRS: [(System, System, &str); 7] = [
+const PAIRS: [(System, System, &str); 8] = [
     (System::CanopyMemory, System::Nats, "core NATS, fire and forget"),
     (System::CanopyTcp, System::Nats, "core NATS; Canopy's clients over TLS/TCP too"),
+    (System::CanopyTcpUnacked, System::Nats, "like for like: both fire and forget over TLS/TCP"),
     (System::CanopyTcp, System::NatsFlush, "core NATS, flush per window; both over TLS/TCP"),
     (System::CanopyMemory, System::NatsFlush, "core NATS, flush per window"),
     (System::CanopyMemory, System::Mosquitto, "MQTT QoS 1 publish"),
@@ -1489,12 +1529,16 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     }
     // Likewise a relay from before `--tcp-listen`, for canopy-tcp and --canopy-tcp.
     if let Some(relay) = &relay
-        && (args.canopy_tcp || args.systems.contains(&System::CanopyTcp))
+        && (args.canopy_tcp || args.systems.iter().any(|s| matches!(s, System::CanopyTcp | System::CanopyTcpUnacked)))
         && !relay_has_flag(relay, "--tcp-listen")
     {
         let why = format!("TLS over TCP SKIPPED: {} has no --tcp-listen (its --help does not list it); rebuild the relay", relay.display());
         println!("{why}");
-        args.systems.retain(|&s| s != System::CanopyTcp && !(args.canopy_tcp && matches!(s, System::CanopyFjall | System::CanopyFjallInterval)));
+        let over_tcp = |s: System| {
+            matches!(s, System::CanopyTcp | System::CanopyTcpUnacked)
+                || (args.canopy_tcp && matches!(s, System::CanopyFjall | System::CanopyFjallInterval))
+        };
+        args.systems.retain(|&s| !over_tcp(s));
         skipped = Some(why);
     }
     let mut passes = vec![Pass::Throughput];

@@ -238,9 +238,9 @@ impl Harness {
     fn frame(&self, u: &mut Unstructured<'_>, side: Side) -> Result<Frame> {
         // Mostly what the peer on this side sends; sometimes anything at all.
         let tag = match (side, u.ratio(7, 8)?) {
-            (Side::Downstream, true) => *u.choose(&[0, 1, 1, 1, 2, 3, 3, 3, 8, 8])?,
+            (Side::Downstream, true) => *u.choose(&[0, 1, 1, 1, 2, 3, 3, 3, 8, 8, 9])?,
             (Side::Parent, true) => *u.choose(&[0, 4, 5, 5, 5, 6, 7])?,
-            (_, false) => u.int_in_range(0..=8)?,
+            (_, false) => u.int_in_range(0..=9)?,
         };
         Ok(match tag {
             0 => Frame::Hello {
@@ -280,7 +280,8 @@ impl Harness {
                 about: if u.ratio(1, 8)? { None } else { Some(upstream_seq(u)?) },
                 message: String::new(),
             },
-            _ => Frame::Credit { id: small_id(u)?, credit: credit(u)? },
+            8 => Frame::Credit { id: small_id(u)?, credit: credit(u)? },
+            _ => Frame::PublishUnacked { seq: small_id(u)?, chunk: self.chunk(u)? },
         })
     }
 

@@ -1,4 +1,4 @@
-//! A minimal raw test client (quinn, ALPN `canopy/2`, one control stream) and helpers to run
+//! A minimal raw test client (quinn, ALPN `canopy/3`, one control stream) and helpers to run
 //! relays in-process. Deliberately independent of the SDK.
 
 #![allow(dead_code, missing_docs)]

@@ -329,6 +329,10 @@ fn network_events(service: &Shared, link: &Link, clock: &Clock, followers: &Foll
                     }
                 }
                 Event::Session(SessionEvent::ConnectionError { code, message }) => tracing::warn!("Network: {code:?} {message}"),
+                // Secure publishes every chunk with an ack: these never come.
+                Event::Session(event @ (SessionEvent::UnackedRefused { .. } | SessionEvent::UnackedNotSent { .. })) => {
+                    tracing::warn!("unexpected {event:?}");
+                }
             }
         }
         if !chunks.is_empty() {
