@@ -79,6 +79,10 @@ pub enum PublishFailure {
     Disconnected,
 }
 
+/// The bit that marks an unacked publish's number on the wire
+/// ([`ClientSession::publish_unacked`]); the numbers callers give the session stay below it.
+pub const UNACKED_SEQ: u64 = 1 << 63;
+
 /// Something the application should hear about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
@@ -110,8 +114,8 @@ pub enum SessionEvent {
         message: String,
     },
     /// The relay refused publish `seq`, sent without an ack
-    /// ([`ClientSession::publish_unacked`]). The session keeps nothing per unacked publish,
-    /// so the chunk is known only from the relay's message, which names it.
+    /// ([`ClientSession::publish_unacked`]). The session keeps nothing per unacked publish:
+    /// `seq` is the number its caller gave it.
     UnackedRefused {
         /// The publish, as numbered by [`ClientSession::publish_unacked`]'s caller.
         seq: u64,
@@ -308,17 +312,21 @@ impl ClientSession {
         self.out.push_back(Frame::Publish { seq, chunk });
     }
 
-    /// Publishes `chunk` as `seq` without asking for an ack ([`Frame::PublishUnacked`]):
+    /// Publishes `chunk` as `seq` (below [`UNACKED_SEQ`], unique like
+    /// [`publish`](Self::publish)'s) without asking for an ack ([`Frame::PublishUnacked`]):
     /// nothing is kept for it, and only a refusal comes back, as
     /// [`SessionEvent::UnackedRefused`]. Delivery is at most once: a chunk in flight when the
     /// connection drops may be lost unseen. Without a connection it is not sent, and
     /// [`SessionEvent::UnackedNotSent`] says so.
+    ///
+    /// On the wire its number is `seq | UNACKED_SEQ`, so a refusal is told from an error
+    /// about a subscription (even one that has ended) without keeping anything per publish.
     pub fn publish_unacked(&mut self, seq: u64, chunk: Chunk) {
         if !self.connected {
             self.events.push_back(SessionEvent::UnackedNotSent { seq, name: chunk.name() });
             return;
         }
-        self.out.push_back(Frame::PublishUnacked { seq, chunk });
+        self.out.push_back(Frame::PublishUnacked { seq: seq | UNACKED_SEQ, chunk });
     }
 
     /// Opens subscription `id` with room for `window` undelivered chunks (at least 1). It is
@@ -410,7 +418,11 @@ impl ClientSession {
                 }
             }
             Frame::Error { code, about: Some(about), message } => {
-                if let Some((name, len)) = self.pending.remove(&about) {
+                if about & UNACKED_SEQ != 0 {
+                    // An unacked publish, of which nothing is kept (see `publish_unacked`).
+                    let seq = about & !UNACKED_SEQ;
+                    self.events.push_back(SessionEvent::UnackedRefused { seq, code, message });
+                } else if let Some((name, len)) = self.pending.remove(&about) {
                     let result = Err(PublishFailure::Refused { code, message, name, len });
                     self.events.push_back(SessionEvent::Published { seq: about, result });
                 } else if code == ErrorCode::UnknownSubscription {
@@ -419,11 +431,6 @@ impl ClientSession {
                     let event = SubEvent::Error { code, message };
                     self.events.push_back(SessionEvent::Sub { id: about, event });
                     self.events.push_back(SessionEvent::Ended { id: about });
-                } else if refuses_a_publish(code) {
-                    // Neither pending nor a subscription: an unacked publish, of which
-                    // nothing is kept. (A subscription ended already hears only
-                    // subscription errors.)
-                    self.events.push_back(SessionEvent::UnackedRefused { seq: about, code, message });
                 }
             }
             Frame::Error { code, about: None, message } => {
@@ -443,19 +450,6 @@ impl ClientSession {
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         self.events.pop_front()
     }
-}
-
-/// Whether `code` is one the relay refuses a publish with (and never a subscription).
-fn refuses_a_publish(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::ChunkTooLarge
-            | ErrorCode::Conflict
-            | ErrorCode::PublishDenied
-            | ErrorCode::Expired
-            | ErrorCode::StoreFull
-            | ErrorCode::Internal
-    )
 }
 
 #[cfg(test)]
@@ -488,6 +482,37 @@ mod tests {
         s.consumed(1, 1);
         assert_eq!(drain(&mut s), [Frame::Credit { id: 1, credit: 2 }]);
         assert_eq!(s.buffered(1), Some(2));
+    }
+
+    /// An unacked publish goes out with `UNACKED_SEQ` set and keeps nothing; a refusal
+    /// about it comes back under the caller's number. An error about a subscription that
+    /// has ended is not taken for one, whatever its code; without a connection nothing is
+    /// sent and the caller hears so.
+    #[test]
+    fn unacked_publishes_keep_nothing_and_only_their_refusals_come_back() {
+        let mut s = ClientSession::new();
+        s.publish_unacked(4, chunk(1));
+        assert_eq!(s.poll_event(), Some(SessionEvent::UnackedNotSent { seq: 4, name: Name::new(1) }));
+        s.connected(0);
+        s.subscribe(1, Filter::ALL, ReplayMode::LiveOnly, 4);
+        s.publish_unacked(5, chunk(2));
+        assert_eq!(
+            drain(&mut s)[1..],
+            [Frame::PublishUnacked { seq: 5 | UNACKED_SEQ, chunk: chunk(2) }]
+        );
+        assert_eq!(s.pending_publishes(), 0);
+        let error = |code, about| Frame::Error { code, about: Some(about), message: "m".into() };
+        s.handle(error(ErrorCode::Conflict, 5 | UNACKED_SEQ), 0);
+        assert_eq!(
+            s.poll_event(),
+            Some(SessionEvent::UnackedRefused { seq: 5, code: ErrorCode::Conflict, message: "m".into() })
+        );
+        // The subscription ends on its first error; a second one about it is dropped.
+        s.handle(error(ErrorCode::Internal, 1), 0);
+        assert!(matches!(s.poll_event(), Some(SessionEvent::Sub { id: 1, .. })));
+        assert_eq!(s.poll_event(), Some(SessionEvent::Ended { id: 1 }));
+        s.handle(error(ErrorCode::Internal, 1), 0);
+        assert_eq!(s.poll_event(), None);
     }
 
     #[test]

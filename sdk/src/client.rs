@@ -311,9 +311,12 @@ pub enum ConnectionEvent {
         to: String,
     },
     /// The relay refused a chunk published with [`Client::publish_unacked`] (conflict,
-    /// expired, denied, store full…). Nothing is kept per unacked publish, so the chunk is
-    /// known from the relay's message, which names it.
+    /// expired, denied, store full…). Nothing is kept per unacked publish: `seq` is the
+    /// number `publish_unacked` returned for it. Every refusal is also counted
+    /// ([`Client::unacked_refusals`]), which a receiver that lags cannot miss.
     UnackedRefused {
+        /// The publish, as numbered by [`Client::publish_unacked`].
+        seq: u64,
         /// The relay's error code.
         code: ErrorCode,
         /// The relay's message.
@@ -322,6 +325,8 @@ pub enum ConnectionEvent {
     /// A chunk given to [`Client::publish_unacked`] was not sent: the connection was lost
     /// before the driver took it.
     UnackedNotSent {
+        /// The publish, as numbered by [`Client::publish_unacked`].
+        seq: u64,
         /// The chunk's name.
         name: Name,
     },
@@ -332,9 +337,10 @@ enum Command {
         chunk: Chunk,
         reply: oneshot::Sender<Result<(), PublishError>>,
     },
-    /// A publish without an ack: its place among [`UNACKED_COMMANDS`] is freed once the
-    /// driver takes it.
+    /// A publish without an ack, numbered `seq`: its place among [`UNACKED_COMMANDS`] is
+    /// freed once the driver takes it.
     PublishUnacked {
+        seq: u64,
         chunk: Chunk,
     },
     Subscribe {
@@ -400,6 +406,8 @@ const BACKLOG_LIMIT: usize = 1 << 20;
 /// under [`BACKLOG_LIMIT`] in the connection's unwritten bytes.
 struct Unacked {
     commands: Semaphore,
+    /// Refusals so far ([`Client::unacked_refusals`]).
+    refused: AtomicU64,
     /// The backlog of the connection in use (each connection has its own).
     backlog: Mutex<Arc<Backlog>>,
 }
@@ -512,7 +520,11 @@ impl Client {
         let buffer = u32::try_from(connector.opts.subscription_buffer.max(1)).unwrap_or(u32::MAX);
         let (events, _) = broadcast::channel(64);
         let (connected_tx, connected) = watch::channel(true);
-        let unacked = Arc::new(Unacked { commands: Semaphore::new(UNACKED_COMMANDS), backlog: Mutex::new(session.link.backlog.clone()) });
+        let unacked = Arc::new(Unacked {
+            commands: Semaphore::new(UNACKED_COMMANDS),
+            refused: AtomicU64::new(0),
+            backlog: Mutex::new(session.link.backlog.clone()),
+        });
         let driver = Driver {
             connector,
             candidates,
@@ -593,6 +605,9 @@ impl Client {
     /// [`PublishError::Disconnected`] when there is no connection (nothing is sent) and with
     /// [`PublishError::TooLarge`] for data over [`MAX_CHUNK_DATA`].
     ///
+    /// Returns the publish's number, which a refusal names. Cancelling the call (dropping
+    /// its future) before it returns sends nothing.
+    ///
     /// ```no_run
     /// # async fn demo(client: canopy_sdk::Client) -> Result<(), canopy_sdk::PublishError> {
     /// use canopy_sdk::{Chunk, Name};
@@ -602,7 +617,7 @@ impl Client {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn publish_unacked(&self, chunk: Chunk) -> Result<(), PublishError> {
+    pub async fn publish_unacked(&self, chunk: Chunk) -> Result<u64, PublishError> {
         if chunk.data().len() > MAX_CHUNK_DATA {
             return Err(PublishError::TooLarge { len: chunk.data().len() });
         }
@@ -610,27 +625,27 @@ impl Client {
             return Err(PublishError::Disconnected);
         }
         let unacked = &*self.unacked;
-        tokio::select! {
-            permit = unacked.commands.acquire() => match permit {
-                // Given back by the driver when it takes the chunk.
-                Ok(permit) => permit.forget(),
-                Err(_) => return Err(PublishError::Disconnected),
-            },
+        // Held until the command is sent (so a cancelled call gives it back), then given
+        // back by the driver when it takes the chunk.
+        let permit = tokio::select! {
+            permit = unacked.commands.acquire() => permit.map_err(|_| PublishError::Disconnected)?,
             () = self.cmd.closed() => return Err(PublishError::Disconnected),
-        }
+        };
         let backlog = unacked.backlog();
         tokio::select! {
             () = backlog.room() => {}
-            () = self.cmd.closed() => {
-                unacked.commands.add_permits(1);
-                return Err(PublishError::Disconnected);
-            }
+            () = self.cmd.closed() => return Err(PublishError::Disconnected),
         }
-        if self.cmd.send(Command::PublishUnacked { chunk }).is_err() {
-            unacked.commands.add_permits(1);
-            return Err(PublishError::Disconnected);
-        }
-        Ok(())
+        let seq = self.ids.fetch_add(1, Ordering::Relaxed);
+        self.cmd.send(Command::PublishUnacked { seq, chunk }).map_err(|_| PublishError::Disconnected)?;
+        permit.forget();
+        Ok(seq)
+    }
+
+    /// How many chunks published with [`publish_unacked`](Self::publish_unacked) the relay
+    /// has refused so far, each also reported as [`ConnectionEvent::UnackedRefused`].
+    pub fn unacked_refusals(&self) -> u64 {
+        self.unacked.refused.load(Ordering::Relaxed)
     }
 
     /// Opens a subscription. Events arrive on the returned [`Subscription`]: the cached
@@ -665,7 +680,9 @@ impl Client {
     /// Closes the connection now: pending publishes fail with
     /// [`PublishError::Disconnected`], every subscription ends (`next` returns `None`), and
     /// later calls fail. Dropping every clone of the client and every subscription does the
-    /// same.
+    /// same. What was already queued for the relay (chunks given to
+    /// [`publish_unacked`](Self::publish_unacked), say) is still sent, in the background and
+    /// for 3 s at most, before the connection closes.
     ///
     /// ```no_run
     /// # async fn demo(client: canopy_sdk::Client) {
@@ -724,7 +741,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Publish { chunk, .. } => write!(f, "Publish({})", chunk.name()),
-            Command::PublishUnacked { chunk } => write!(f, "PublishUnacked({})", chunk.name()),
+            Command::PublishUnacked { chunk, .. } => write!(f, "PublishUnacked({})", chunk.name()),
             Command::Subscribe { id, filter, .. } => write!(f, "Subscribe({id}, {filter})"),
             Command::Unsubscribe { id } => write!(f, "Unsubscribe({id})"),
             Command::Consumed { id, n } => write!(f, "Consumed({id}, {n})"),
@@ -1020,8 +1037,8 @@ impl Connector {
         let writer = match send {
             SendHalf::Quic(send) => {
                 let (writer, frames) = mpsc::unbounded_channel::<Vec<u8>>();
-                tokio::spawn(write_quic(send, frames, backlog.clone()));
-                Writer::Task(writer)
+                let task = tokio::spawn(write_quic(send, frames, backlog.clone()));
+                Writer::Task(writer, task)
             }
             SendHalf::Tcp(out) => Writer::Buffer(out),
         };
@@ -1073,7 +1090,11 @@ async fn write_quic(mut send: quinn::SendStream, mut frames: mpsc::UnboundedRece
             return;
         }
     }
-    let _ = send.finish();
+    if send.finish().is_ok() {
+        // Until the relay has every byte: the connection is closed only then (or after
+        // `LINGER`), so what was queued before a close is not thrown away with it.
+        let _ = send.stopped().await;
+    }
 }
 
 /// A TCP link's TLS stream, read and written by the driver task itself: each read first
@@ -1206,7 +1227,7 @@ enum Conn {
     Tcp,
 }
 
-/// How long a TCP link may go on sending what was queued after it is closed.
+/// How long a link may go on sending what was queued after it is closed.
 const LINGER: Duration = Duration::from_secs(3);
 
 impl Conn {
@@ -1221,8 +1242,8 @@ impl Conn {
 
 /// Where a [`Link`]'s encoded frames go.
 enum Writer {
-    /// The QUIC writer task.
-    Task(mpsc::UnboundedSender<Vec<u8>>),
+    /// The QUIC writer task, and its handle.
+    Task(mpsc::UnboundedSender<Vec<u8>>, tokio::task::JoinHandle<()>),
     /// The TCP buffer the driver's next read writes out.
     Buffer(Arc<Mutex<Vec<u8>>>),
 }
@@ -1243,6 +1264,26 @@ struct Link {
 }
 
 impl Link {
+    /// Closes the connection once what was queued on it is sent, for [`LINGER`] at most, in
+    /// a task of its own: chunks published without an ack just before are not thrown away
+    /// with the connection. (A TCP link does the same as its [`TcpIo`] is dropped.)
+    fn close_after_sending(self, reason: &'static [u8]) {
+        let Link { conn, writer, .. } = self;
+        let (Conn::Quic(conn), Writer::Task(frames, task)) = (conn, writer) else { return };
+        // The writer task writes what it holds, finishes the stream and waits for the relay
+        // to have it all.
+        drop(frames);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = tokio::time::timeout(LINGER, task).await;
+                    conn.close(0u32.into(), reason);
+                });
+            }
+            Err(_) => conn.close(0u32.into(), reason),
+        }
+    }
+
     fn send(&self, frame: &Frame) {
         self.send_all(&mut vec![frame.clone()]);
     }
@@ -1258,7 +1299,7 @@ impl Link {
             }
         };
         match &self.writer {
-            Writer::Task(writer) => {
+            Writer::Task(writer, _) => {
                 let mut bytes = Vec::new();
                 encode(&mut bytes, frames);
                 if !bytes.is_empty() {
@@ -1469,13 +1510,13 @@ impl Driver {
                 done = async { probe.0.as_mut().expect("guarded").await }, if probe.0.is_some() => {
                     probe.0 = None;
                     if let Ok(Ok((next, index))) = done {
-                        s.conn.close(0, b"moving to a preferred relay");
+                        s.close_after_sending(b"moving to a preferred relay");
                         return SessionEnd::Preferred(next, index);
                     }
                 }
                 cmd = self.cmd_rx.recv() => match cmd {
                     None | Some(Command::Close) => {
-                        s.conn.close(0, b"client closed");
+                        s.close_after_sending(b"client closed");
                         return SessionEnd::Closed;
                     }
                     Some(cmd) => {
@@ -1486,7 +1527,7 @@ impl Driver {
                             match self.cmd_rx.try_recv() {
                                 Ok(Command::Close) => {
                                     self.flush(&s);
-                                    s.conn.close(0, b"client closed");
+                                    s.close_after_sending(b"client closed");
                                     return SessionEnd::Closed;
                                 }
                                 Ok(cmd) => self.command(cmd),
@@ -1544,9 +1585,8 @@ impl Driver {
                 self.waiters.insert(seq, reply);
                 self.session.publish(seq, chunk);
             }
-            Command::PublishUnacked { chunk } => {
+            Command::PublishUnacked { seq, chunk } => {
                 self.unacked.commands.add_permits(1);
-                let seq = self.ids.fetch_add(1, Ordering::Relaxed);
                 self.session.publish_unacked(seq, chunk);
             }
             Command::Subscribe { id, filter, mode, tx, shared } => {
@@ -1595,12 +1635,13 @@ impl Driver {
                     warn!(%code, "relay error: {message}");
                     connection_error = Some(format!("relay error {code}: {message}"));
                 }
-                SessionEvent::UnackedRefused { code, message, .. } => {
-                    debug!(%code, "unacked publish refused: {message}");
-                    let _ = self.events.send(ConnectionEvent::UnackedRefused { code, message });
+                SessionEvent::UnackedRefused { seq, code, message } => {
+                    debug!(%code, "unacked publish {seq} refused: {message}");
+                    self.unacked.refused.fetch_add(1, Ordering::Relaxed);
+                    let _ = self.events.send(ConnectionEvent::UnackedRefused { seq, code, message });
                 }
-                SessionEvent::UnackedNotSent { name, .. } => {
-                    let _ = self.events.send(ConnectionEvent::UnackedNotSent { name });
+                SessionEvent::UnackedNotSent { seq, name } => {
+                    let _ = self.events.send(ConnectionEvent::UnackedNotSent { seq, name });
                 }
             }
         }

@@ -25,7 +25,8 @@
 //! at a name wins: publishing the identical chunk again succeeds, different data at a stored
 //! name is a [`PublishError::Conflict`]. [`Client::publish_unacked`] asks for no answer at
 //! all (at most once, like core NATS or MQTT QoS 0): for readings where the next one replaces
-//! a lost one; only a refusal comes back, as [`ConnectionEvent::UnackedRefused`].
+//! a lost one; only a refusal comes back, as [`ConnectionEvent::UnackedRefused`] naming the number
+//! `publish_unacked` returned.
 //!
 //! ```no_run
 //! # async fn demo(client: canopy_sdk::Client) -> Result<(), Box<dyn std::error::Error>> {

@@ -417,20 +417,35 @@ async fn unacked_publishes_arrive_and_only_refusals_come_back() {
         within("the burst", async { tokio::join!(reader, writer) }).await;
 
         // Only refusals come back: the identical re-publish says nothing, the conflict does.
+        let refusals = publisher.unacked_refusals();
         publisher.publish_unacked(first).await.unwrap();
-        publisher.publish_unacked(chunk(base, "other data")).await.unwrap();
+        let conflict = publisher.publish_unacked(chunk(base, "other data")).await.unwrap();
         match within("the refusal", events.recv()).await.unwrap() {
-            ConnectionEvent::UnackedRefused { code, message } => {
-                assert_eq!(code, canopy_sdk::ErrorCode::Conflict);
+            ConnectionEvent::UnackedRefused { seq, code, message } => {
+                assert_eq!((seq, code), (conflict, canopy_sdk::ErrorCode::Conflict));
                 assert!(message.contains(&Name::new(base).to_string()), "{message}");
             }
             other => panic!("expected the refusal, got {other:?}"),
         }
+        assert_eq!(publisher.unacked_refusals(), refusals + 1);
         // An acked publish after them is answered, and nothing else came back meanwhile.
         within("ack", publisher.publish(chunk(base + BURST, "acked"))).await.unwrap();
         assert_eq!(next_chunk(&mut sub).await.name(), Name::new(base + BURST));
         let extra = events.try_recv();
         assert!(extra.is_err(), "only the conflict is reported: {extra:?}");
+    }
+
+    // Published and closed at once: what was queued still reaches the relay, over QUIC as
+    // over TCP, before the connection closes.
+    for (base, options) in [(3u128 << 64, options(&relay)), (4 << 64, tcp_options(&relay))] {
+        let publisher = within("connect", Client::connect(options)).await.unwrap();
+        for n in 0..200 {
+            publisher.publish_unacked(chunk(base + n, &data)).await.unwrap();
+        }
+        publisher.close();
+        for n in 0..200 {
+            assert_eq!(next_chunk(&mut sub).await.name(), Name::new(base + n), "sent before the close");
+        }
     }
 
     // Without a connection nothing is sent, and the publisher hears so at once.
