@@ -601,7 +601,11 @@ impl Client {
     ///
     /// It waits, rather than queue without bound, while the connection has about a megabyte
     /// unwritten or a thousand such publishes wait for the driver: a publisher faster than
-    /// the relay is slowed to the relay's pace. Fails at once with
+    /// the relay is slowed to the relay's pace. The relay holds a publisher back for slow
+    /// subscribers only briefly, so one that keeps publishing faster than a subscriber reads
+    /// gets that subscriber ended as a slow consumer (it recovers from the cache); use
+    /// [`publish`](Self::publish) with a bounded number in flight to go at the pace of the
+    /// slowest subscriber. Fails at once with
     /// [`PublishError::Disconnected`] when there is no connection (nothing is sent) and with
     /// [`PublishError::TooLarge`] for data over [`MAX_CHUNK_DATA`].
     ///
